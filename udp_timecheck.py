@@ -1,0 +1,1122 @@
+#!/usr/bin/env python3
+"""udp-timecheck: UDP round-trip time, loss and clock offset, in one file.
+
+Copy this file to both machines (standard library only, Python 3.8+) and run::
+
+    python3 udp_timecheck.py server 0.0.0.0 1060
+    python3 udp_timecheck.py client SERVER-ADDRESS 1060 --measure-delay
+
+It speaks the protocol of the tutorial "udp server & client in python": the
+client sends ``[request_id, "The time is <client time>"]`` as JSON and the
+server answers ``[request_id, "The time is <server time>"]``.  It works with the
+tutorial's own client and server in both directions: what it adds (server
+timestamps, padding, authentication) travels in extra array elements, which
+the tutorial's code ignores.  README.md documents the datagrams.
+"""
+
+import argparse
+import contextlib
+import csv
+import datetime
+import errno
+import hashlib
+import hmac
+import json
+import os
+import random
+import secrets
+import select
+import signal
+import socket
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import (Callable, Dict, Iterator, List, Mapping, NamedTuple, NoReturn,
+                    Optional, Sequence, Tuple)
+
+__version__ = "1.0.0"
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 1060                 # the tutorial's declared default
+MAX_DATAGRAM = 65535                # receive buffer, the tutorial's MAX_BYTES
+MAX_UDP_PAYLOAD = {socket.AF_INET: 65507, socket.AF_INET6: 65527}
+FAULTY_PROBABILITY = 0.5            # how often the tutorial's FAULTY_SERVER lies
+DEFAULT_COUNT = 1000                # the tutorial's measuring loop
+DEFAULT_TIMEOUT = 1.0
+DEMO_ARGS = ("--measure-delay", "-c", "50", "-i", "0.02")
+LOG_LINES_PER_SECOND = 10
+LOG_TEXT_LIMIT = 200                # characters of client text shown per log line
+RATE_TABLE_SIZE = 4096              # source addresses tracked by --max-rate
+ID_BITS = 63                        # request ids: secrets.randbits(63)
+ID_LIMIT = 2 ** 64                  # larger ids and timestamps are malformed
+TIMESTAMP_DIGITS = 20               # room for any time_ns() value until 5138 AD
+SAMPLE_TEXT = "The time is 2000-01-01 00:00:00.000000"
+KEY_ENV = "UDP_TIMECHECK_KEY"
+ZERO_MAC = b"0" * 64                # placeholder for the hex HMAC-SHA256 while it is computed
+MAC_TRAILER = len(ZERO_MAC) + 2     # the MAC, its closing quote and the closing bracket
+REQUEST_LABEL = b"udp-timecheck/1 request\n"
+REPLY_LABEL = b"udp-timecheck/1 reply\n"
+PAD_OVERHEAD = len(b', "pad": ""')
+JSON_WHITESPACE = " \t\n\r"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+OK, LOST, MISMATCHED, PENDING = "ok", "lost", "mismatched", "pending"
+NS_PER_S = 1_000_000_000
+
+
+class TimecheckError(Exception):
+    """An error for the user: main() prints it as one line and exits with exit_code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ---------------------------------------------------------------------------
+# Wire format: pure functions, no I/O
+# ---------------------------------------------------------------------------
+
+class WireError(TimecheckError):
+    """A datagram that is not a well-formed udp-timecheck message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_FAILED)
+
+
+class Message(NamedTuple):
+    """A decoded request or reply: ``[id, text, ext?, mac?]``."""
+    message_id: int
+    text: str
+    ext: Optional[Dict[str, object]]   # our extension object; None in the tutorial's form
+    mac: Optional[str]                 # hex HMAC-SHA256, present when a key is in use
+
+
+def _bounded_int(digits: str) -> int:
+    # Interpreters before 3.8.14 parse huge integers in quadratic time.
+    if len(digits) > 40:
+        raise ValueError("integer too long")
+    return int(digits)
+
+
+_JSON = (json.JSONDecoder() if hasattr(sys, "get_int_max_str_digits")
+         else json.JSONDecoder(parse_int=_bounded_int))
+_EXT_INTS = ("seq", "size", "t2", "t3")
+
+
+def decode_message(data: bytes) -> Message:
+    """Decode a datagram, or raise WireError; nothing else escapes, whatever the bytes."""
+    try:
+        text = data.decode("utf-8").strip(JSON_WHITESPACE)
+        obj, end = _JSON.raw_decode(text)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, too deep, too long
+        raise WireError("not a JSON datagram: {}".format(type(exc).__name__)) from None
+    if end != len(text) or type(obj) is not list or len(obj) < 2:
+        raise WireError("not an [id, text, ...] array")
+    message_id, message_text = obj[0], obj[1]
+    if type(message_id) is not int or not -ID_LIMIT < message_id < ID_LIMIT:
+        raise WireError("the id is not an integer of at most 64 bits")
+    if type(message_text) is not str:
+        raise WireError("the text is not a string")
+    ext = obj[2] if len(obj) > 2 and type(obj[2]) is dict else None
+    if ext is not None:
+        for name in _EXT_INTS:
+            value = ext.get(name)
+            if value is not None and (type(value) is not int or not 0 <= value < ID_LIMIT):
+                raise WireError("{!r} is not a non-negative integer".format(name))
+        if not isinstance(ext.get("pad", ""), str):
+            raise WireError("'pad' is not a string")
+    mac = obj[3] if len(obj) > 3 and type(obj[3]) is str else None
+    return Message(message_id, message_text, ext, mac)
+
+
+def seal(key: bytes, context: bytes, unsigned: bytes) -> bytes:
+    """Fill in the MAC of a datagram that ends with ``"<64 zeros>"]``."""
+    mac = hmac.new(key, context + unsigned, hashlib.sha256).hexdigest().encode("ascii")
+    return unsigned[:-MAC_TRAILER] + mac + b'"]'
+
+
+def mac_matches(key: bytes, context: bytes, data: bytes) -> bool:
+    """True if the datagram ends with the right MAC of itself (MAC zeroed) under context."""
+    if len(data) <= MAC_TRAILER or not data.endswith(b'"]'):
+        return False
+    unsigned = data[:-MAC_TRAILER] + ZERO_MAC + b'"]'
+    expected = hmac.new(key, context + unsigned, hashlib.sha256).hexdigest().encode("ascii")
+    return hmac.compare_digest(expected, data[-MAC_TRAILER:-2])
+
+
+def reply_context(request_id: int, request_mac: bytes) -> bytes:
+    """What a reply's MAC covers besides the reply: the request it answers."""
+    return REPLY_LABEL + b"%d\n%b\n" % (request_id, request_mac)
+
+
+def encode_request(request_id: int, text: str, seq: Optional[int] = None, *,
+                   size: int = 0, pad_to: int = 0, key: Optional[bytes] = None) -> bytes:
+    """A request datagram; without seq it is the tutorial's two-element form.
+
+    With seq it carries our extension object, padded with a "pad" string to at
+    least pad_to bytes (exactly, when pad_to leaves room for the pad field);
+    size asks the server to pad its reply to that many bytes.  With a key the
+    MAC is appended as the last element.
+    """
+    if seq is None:
+        return json.dumps([request_id, text]).encode()
+    ext: Dict[str, object] = {"seq": seq}
+    if size:
+        ext["size"] = size
+    items = [request_id, text, ext] + ([ZERO_MAC.decode()] if key is not None else [])
+    data = json.dumps(items).encode()
+    if pad_to > len(data):
+        ext["pad"] = " " * max(0, pad_to - len(data) - PAD_OVERHEAD)
+        data = json.dumps(items).encode()
+    return data if key is None else seal(key, REQUEST_LABEL, data)
+
+
+def reply_parts(reply_id: int, time_text: bytes, request: Message, request_size: int,
+                server_recv_ns: int, keyed: bool) -> Tuple[bytes, Optional[bytes]]:
+    """The reply to request, split where the send timestamp T3 goes.
+
+    A request in the tutorial's two-element form gets the tutorial's reply,
+    whole (tail None).  Otherwise the reply is head + str(T3) + tail, built
+    before T3 is read so that reading it is the last thing before sendto.
+    """
+    if request.ext is None:
+        return b'[%d, "%b"]' % (reply_id, time_text), None
+    seq = request.ext.get("seq")
+    echo = b"" if seq is None else b'"seq": %d, ' % seq
+    head = b'[%d, "%b", {%b"t2": %d, "t3": ' % (reply_id, time_text, echo, server_recv_ns)
+    tail = b'}, "' + ZERO_MAC + b'"]' if keyed else b"}]"
+    size = request.ext.get("size")
+    if size:
+        room = (min(size, request_size) - len(head) - len(b"%d" % server_recv_ns)
+                - len(tail) - PAD_OVERHEAD)
+        if room >= 0:
+            tail = b', "pad": "' + b" " * room + b'"' + tail
+    return head, tail
+
+
+def printable(text: str) -> str:
+    """Network text made safe for a terminal: control and format characters escaped."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
+def format_address(host: str, port: int) -> str:
+    return "[{}]:{}".format(host, port) if ":" in host else "{}:{}".format(host, port)
+
+
+# ---------------------------------------------------------------------------
+# Statistics: pure functions over samples
+# ---------------------------------------------------------------------------
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Linear interpolation between closest ranks (NumPy's default, Excel's PERCENTILE.INC)."""
+    if not sorted_values:
+        raise ValueError("percentile of no values")
+    position = (len(sorted_values) - 1) * fraction
+    lower = int(position)
+    upper = min(lower + 1, len(sorted_values) - 1)
+    return sorted_values[lower] + (sorted_values[upper] - sorted_values[lower]) * (position - lower)
+
+
+def rtt_summary(values: Sequence[float]) -> Dict[str, Optional[float]]:
+    """min/avg/median/p90/p99/max and ping's mdev (population standard deviation)."""
+    if not values:
+        return dict.fromkeys(("min", "avg", "median", "p90", "p99", "max", "mdev"))
+    ordered = sorted(values)
+    return {"min": ordered[0], "avg": statistics.fmean(ordered),
+            "median": percentile(ordered, 0.5), "p90": percentile(ordered, 0.9),
+            "p99": percentile(ordered, 0.99), "max": ordered[-1],
+            "mdev": statistics.pstdev(ordered)}
+
+
+def mean_abs_difference(values: Sequence[float]) -> Optional[float]:
+    """Jitter: the mean |difference| between consecutive values (IPDV, as irtt reports)."""
+    if len(values) < 2:
+        return None
+    return sum(abs(later - earlier) for earlier, later in zip(values, values[1:])) / (len(values) - 1)
+
+
+def median(values: Sequence[float]) -> Optional[float]:
+    return statistics.median(values) if values else None
+
+
+def histogram(values: Sequence[float], bins: int = 10) -> List[Tuple[float, float, int]]:
+    """Counts in equal bins from the minimum to the 99th percentile, plus one bin above it.
+
+    The open top bin keeps one outlier from squeezing everything else into one row.
+    """
+    if not values:
+        return []
+    ordered = sorted(values)
+    low, high = ordered[0], percentile(ordered, 0.99)
+    if high <= low:
+        return [(low, ordered[-1], len(ordered))]
+    width = (high - low) / bins
+    counts = [0] * bins
+    above = 0
+    for value in ordered:
+        if value > high:
+            above += 1
+        else:
+            counts[min(int((value - low) / width), bins - 1)] += 1
+    rows = [(low + index * width, low + (index + 1) * width, count)
+            for index, count in enumerate(counts)]
+    if above:
+        rows.append((high, ordered[-1], above))
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Server
+# ---------------------------------------------------------------------------
+
+def resolve(host: str, port: int, passive: bool = False) -> Tuple[int, tuple]:
+    """(family, sockaddr) for host and port, IPv4 or IPv6, or a usage error."""
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0,
+                                   socket.AI_PASSIVE if passive else 0)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise TimecheckError("cannot resolve host {!r}: {}".format(
+            host, getattr(exc, "strerror", None) or exc)) from None
+    for family, _, _, _, address in infos:
+        if family in MAX_UDP_PAYLOAD:
+            return family, address
+    raise TimecheckError("host {!r} has no IPv4 or IPv6 address".format(host))
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> TimecheckError:
+    if exc.errno == errno.EADDRNOTAVAIL:
+        reason = ("{} is not an address of this machine (on a cloud VM the public IP "
+                  "usually is not); bind 0.0.0.0 to listen on all IPv4 interfaces, "
+                  "or :: for IPv6".format(host))
+    elif exc.errno == errno.EADDRINUSE:
+        reason = "port {} is already in use".format(port)
+    elif exc.errno == errno.EACCES:
+        reason = "permission denied (ports below 1024 need root)"
+    else:
+        reason = exc.strerror or str(exc)
+    return TimecheckError("cannot bind {}: {}".format(format_address(host, port), reason))
+
+
+class RateLimiter:
+    """Token buckets per source address: rate replies a second, bursts of rate.
+
+    The table holds at most max_entries addresses; the least recently seen goes
+    first, so memory stays flat under traffic from any number of sources.
+    """
+
+    def __init__(self, rate: float, max_entries: int = RATE_TABLE_SIZE) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate)
+        self.max_entries = max_entries
+        self._buckets: Dict[str, Tuple[float, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, source: str, now_ns: int) -> bool:
+        bucket = self._buckets.pop(source, None)
+        if bucket is None:
+            if len(self._buckets) >= self.max_entries:
+                del self._buckets[next(iter(self._buckets))]
+            tokens = self.burst
+        else:
+            # max(0, ...): a clock stepped backwards refills nothing and drains nothing
+            tokens = min(self.burst, bucket[0] + max(0, now_ns - bucket[1]) * self.rate / NS_PER_S)
+        allowed = tokens >= 1.0
+        self._buckets[source] = (tokens - 1.0 if allowed else tokens, now_ns)
+        return allowed
+
+
+@dataclass
+class ServerStats:
+    served: int = 0
+    malformed: int = 0
+    unauthenticated: int = 0
+    rate_limited: int = 0
+    too_short: int = 0
+    errors: int = 0
+    not_logged: int = 0
+
+    def __str__(self) -> str:
+        return ("served {0.served}, malformed {0.malformed}, unauthenticated {0.unauthenticated}, "
+                "rate-limited {0.rate_limited}, too short to answer {0.too_short}, "
+                "send/receive errors {0.errors}".format(self))
+
+
+class TimeServer:
+    """The time server: bind on construction (port 0 for any), then serve.
+
+    serve_forever() answers in the calling thread, start() in a background
+    thread; shutdown() stops either from another thread; as a context manager
+    it shuts down and closes on exit.  clock returns wall-clock nanoseconds
+    since the epoch (tests inject a shifted one); log receives one line per
+    request, at most log_limit a second (None: no limit).
+    """
+
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
+                 faulty: float = 0.0, key: Optional[bytes] = None,
+                 max_rate: Optional[float] = None,
+                 log: Optional[Callable[[str], None]] = None,
+                 log_limit: Optional[int] = LOG_LINES_PER_SECOND,
+                 clock: Callable[[], int] = time.time_ns,
+                 rng: Callable[[], float] = random.random) -> None:
+        family, address = resolve(host, port, passive=True)
+        self.socket = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.socket.bind(address)
+        except OSError as exc:
+            self.socket.close()
+            raise _bind_error(address[0], port, exc) from None
+        self.address = self.socket.getsockname()
+        self.stats = ServerStats()
+        self._faulty, self._key, self._clock, self._rng = faulty, key, clock, rng
+        self._limiter = RateLimiter(max_rate) if max_rate else None
+        self._log, self._log_limit = log, log_limit
+        self._log_second = self._log_lines = self._log_hidden = 0
+        self._text_second, self._text_prefix = -1, b""
+        self._stopping = False
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "TimeServer":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+        self.close()
+
+    def serve_forever(self) -> None:
+        """Answer requests until shutdown(); a bad datagram is counted, never fatal."""
+        recvfrom, sendto, clock = self.socket.recvfrom, self.socket.sendto, self._clock
+        reply_for, stats = self._reply_for, self.stats
+        log = self._log_request if self._log is not None else None
+        self._idle.clear()
+        try:
+            while not self._stopping:
+                try:
+                    data, source = recvfrom(MAX_DATAGRAM)
+                except OSError:  # Windows reports an earlier reply's ICMP error here
+                    if self.socket.fileno() < 0:
+                        break
+                    stats.errors += 1
+                    continue
+                server_recv_ns = clock()
+                if self._stopping:
+                    break
+                answer = reply_for(data, source, server_recv_ns)
+                if answer is None:
+                    continue
+                try:
+                    sendto(answer[0], source)
+                except OSError:  # e.g. a spoofed source port 0, or no route back
+                    stats.errors += 1
+                    continue
+                stats.served += 1
+                if log is not None:
+                    log(answer[1], server_recv_ns)
+        finally:
+            self._flush_log()
+            self._idle.set()
+
+    def respond(self, data: bytes, source: tuple = ("127.0.0.1", 9)) -> Optional[bytes]:
+        """The reply serve_forever() would send to data from source, or None; no I/O."""
+        answer = self._reply_for(data, source, self._clock())
+        return None if answer is None else answer[0]
+
+    def _reply_for(self, data: bytes, source: tuple,
+                   server_recv_ns: int) -> Optional[Tuple[bytes, Message]]:
+        stats = self.stats
+        if self._limiter is not None and not self._limiter.allow(source[0], server_recv_ns):
+            stats.rate_limited += 1
+            return None
+        try:
+            request = decode_message(data)
+        except WireError:
+            stats.malformed += 1
+            return None
+        key = self._key
+        if key is not None and (request.ext is None or request.mac is None
+                                or not mac_matches(key, REQUEST_LABEL, data)):
+            stats.unauthenticated += 1  # silence: a keyed server cannot be used to probe or reflect
+            return None
+        reply_id = request.message_id
+        if self._faulty and self._rng() < self._faulty:
+            reply_id += 1  # the tutorial's FAULTY_SERVER: a wrong id the client must catch
+        head, tail = reply_parts(reply_id, self._time_text(server_recv_ns), request, len(data),
+                                 server_recv_ns, key is not None)
+        if tail is None:
+            reply = head
+        else:
+            context = None if key is None else reply_context(request.message_id, data[-MAC_TRAILER:-2])
+            reply = head + b"%d" % self._clock() + tail  # T3: as late as the reply allows
+            if context is not None:
+                reply = seal(key, context, reply)
+        if len(reply) > len(data):  # no reply is ever larger than its request
+            stats.too_short += 1
+            return None
+        return reply, request
+
+    def _time_text(self, ns: int) -> bytes:
+        """b"The time is <local time>", as the tutorial's datetime.now() prints it."""
+        second, fraction = divmod(ns, NS_PER_S)
+        if second != self._text_second:  # formatting the date once a second is enough
+            self._text_second = second
+            self._text_prefix = datetime.datetime.fromtimestamp(second).strftime(
+                "The time is %Y-%m-%d %H:%M:%S").encode("ascii")
+        return b"%b.%06d" % (self._text_prefix, fraction // 1000)
+
+    def _log_request(self, request: Message, server_recv_ns: int) -> None:
+        second = server_recv_ns // NS_PER_S
+        if second != self._log_second:
+            self._flush_log()
+            self._log_second, self._log_lines = second, 0
+        if self._log_limit is not None and self._log_lines >= self._log_limit:
+            self._log_hidden += 1
+            return
+        self._log_lines += 1
+        text = request.text
+        if len(text) > LOG_TEXT_LIMIT:
+            text = "{}... ({} more characters)".format(text[:LOG_TEXT_LIMIT], len(text) - LOG_TEXT_LIMIT)
+        self._log("Request ID: {}. Client request, {}".format(request.message_id, printable(text)))
+
+    def _flush_log(self) -> None:
+        if self._log_hidden:
+            self._log("... {} more requests not shown".format(self._log_hidden))
+            self.stats.not_logged += self._log_hidden
+            self._log_hidden = 0
+
+    def start(self) -> "TimeServer":
+        """Serve in a daemon thread; returns self."""
+        self._idle.clear()
+        self._thread = threading.Thread(target=self.serve_forever, name="udp-timecheck-server",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Stop serving and wait for the loop to end (call from another thread)."""
+        self._stopping = True
+        host, port = self.address[:2]
+        wake_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        for _ in range(50):  # the wake-up datagram can be dropped by a full buffer: resend
+            if self._idle.is_set() or self.socket.fileno() < 0:
+                break
+            with socket.socket(self.socket.family, socket.SOCK_DGRAM) as waker:
+                with contextlib.suppress(OSError):
+                    waker.sendto(b"", (wake_host, port))
+            self._idle.wait(0.1)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+# ---------------------------------------------------------------------------
+# Client: the prober
+# ---------------------------------------------------------------------------
+
+def _ms(ns: Optional[float]) -> Optional[float]:
+    return None if ns is None else round(ns / 1e6, 6)
+
+
+@dataclass
+class Sample:
+    """One probe.  *_ns on the perf counter for RTT, wall clock for T1..T4."""
+    seq: int
+    request_id: int
+    request_mac: bytes = b""
+    status: str = PENDING
+    send_ns: int = 0                            # perf_counter_ns() right before send
+    recv_ns: Optional[int] = None               # perf_counter_ns() right after recv
+    client_send_ns: int = 0                     # T1, wall clock
+    client_recv_ns: Optional[int] = None        # T4, wall clock
+    server_recv_ns: Optional[int] = None        # T2, server's wall clock
+    server_send_ns: Optional[int] = None        # T3, server's wall clock
+    reply_id: Optional[int] = None
+    reply_text: Optional[str] = None
+    reply_size: int = 0
+
+    @property
+    def raw_rtt_ns(self) -> Optional[int]:
+        return None if self.recv_ns is None else self.recv_ns - self.send_ns
+
+    @property
+    def server_proc_ns(self) -> Optional[int]:
+        """T3 - T2, when plausible (a server clock step can make it negative or huge)."""
+        raw = self.raw_rtt_ns
+        if raw is None or self.server_recv_ns is None or self.server_send_ns is None:
+            return None
+        proc = self.server_send_ns - self.server_recv_ns
+        return proc if 0 <= proc <= raw else None
+
+    @property
+    def rtt_ns(self) -> Optional[int]:
+        """The round trip without the server's processing time, as irtt and NTP's delay."""
+        raw = self.raw_rtt_ns
+        return None if raw is None else raw - (self.server_proc_ns or 0)
+
+    @property
+    def offset_ns(self) -> Optional[float]:
+        """NTP's offset ((T2 - T1) + (T3 - T4)) / 2: positive when the server is ahead."""
+        if self.client_recv_ns is None or self.server_recv_ns is None or self.server_send_ns is None:
+            return None
+        return ((self.server_recv_ns - self.client_send_ns)
+                + (self.server_send_ns - self.client_recv_ns)) / 2
+
+    @property
+    def offset_err_ns(self) -> Optional[float]:
+        return None if self.offset_ns is None else self.rtt_ns / 2
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"seq": self.seq, "id": self.request_id, "status": self.status,
+                "rtt_ms": _ms(self.rtt_ns), "raw_rtt_ms": _ms(self.raw_rtt_ns),
+                "server_proc_ms": _ms(self.server_proc_ns), "offset_ms": _ms(self.offset_ns),
+                "offset_err_ms": _ms(self.offset_err_ns), "reply_id": self.reply_id,
+                "t1_ns": self.client_send_ns, "t2_ns": self.server_recv_ns,
+                "t3_ns": self.server_send_ns, "t4_ns": self.client_recv_ns}
+
+
+@dataclass
+class Measurement:
+    """What a run of probes found; summary() is the --json object."""
+    target: str
+    address: str
+    request_size: int
+    keyed: bool
+    samples: List[Sample] = field(default_factory=list)
+    duplicates: int = 0     # a second reply to an answered probe
+    late: int = 0           # a reply after its probe timed out (the probe stays lost)
+    mismatched: int = 0     # a reply whose id matches no probe: the server lied
+    forged: int = 0         # a reply that failed authentication
+    unsigned: int = 0       # ... because it carried no MAC at all
+    refused: int = 0        # ICMP port unreachable
+    errors: int = 0         # probes the kernel refused to send
+    interrupted: bool = False
+    stop_reason: Optional[str] = None
+    last_error: Optional[str] = None
+
+    def count(self, status: str) -> int:
+        return sum(1 for sample in self.samples if sample.status == status)
+
+    @property
+    def received(self) -> int:
+        return self.count(OK)
+
+    def summary(self) -> Dict[str, object]:
+        answered = [sample for sample in self.samples if sample.status == OK]
+        rtts = [sample.rtt_ns / 1e6 for sample in answered]
+        procs = [sample.server_proc_ns / 1e6 for sample in answered if sample.server_proc_ns is not None]
+        # NTP's clock filter: the offset of the lowest-delay sample has the smallest error
+        best = min((sample for sample in answered if sample.offset_ns is not None),
+                   key=lambda sample: sample.rtt_ns, default=None)
+        sent, lost = len(self.samples), self.count(LOST)
+        return {"target": self.target, "address": self.address, "request_bytes": self.request_size,
+                "sent": sent, "received": len(answered), "lost": lost,
+                "loss_pct": round(100.0 * lost / sent, 3) if sent else None,
+                "duplicates": self.duplicates, "late": self.late, "mismatched": self.mismatched,
+                "forged": self.forged, "refused": self.refused, "errors": self.errors,
+                "interrupted": self.interrupted,
+                "rtt_ms": {name: None if value is None else round(value, 6)
+                           for name, value in rtt_summary(rtts).items()},
+                "jitter_ms": _ms(None if len(rtts) < 2 else mean_abs_difference(rtts) * 1e6),
+                "server_proc_ms": _ms(None if not procs else median(procs) * 1e6),
+                "offset_ms": _ms(best and best.offset_ns), "offset_err_ms": _ms(best and best.offset_err_ns),
+                "offset_seq": best and best.seq,
+                "histogram_ms": [[round(low, 6), round(high, 6), count]
+                                 for low, high, count in histogram(rtts)],
+                "samples": [sample.as_dict() for sample in self.samples]}
+
+
+class Prober:
+    """Sends count probes to one server and matches the replies; run() returns a Measurement.
+
+    interval 0 is the tutorial's loop: the next probe goes when the last is
+    answered or timed out.  interval > 0 sends isochronously, like ping and
+    irtt, with replies matched by their random id.  on_sample is called as
+    each probe ends (ok, lost or mismatched).
+    """
+
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, count: int = 1,
+                 interval: float = 0.0, timeout: float = DEFAULT_TIMEOUT, size: int = 0,
+                 key: Optional[bytes] = None,
+                 on_sample: Optional[Callable[[Sample], None]] = None) -> None:
+        self.family, self.address = resolve(host, port)
+        self.target = format_address(host, port)
+        self.count, self.interval, self.timeout = count, interval, timeout
+        self.size, self.key, self.on_sample = size, key, on_sample
+        # Pad every request so the server's reply fits: it never answers with more bytes.
+        worst_id = ID_LIMIT - 1
+        head, tail = reply_parts(worst_id, SAMPLE_TEXT.encode(), Message(worst_id, "", {"seq": count}, None),
+                                 0, 10 ** (TIMESTAMP_DIGITS - 1), key is not None)
+        smallest = max(len(head) + TIMESTAMP_DIGITS + len(tail),
+                       len(encode_request(worst_id, SAMPLE_TEXT, count, size=size, key=key)) + PAD_OVERHEAD)
+        largest = MAX_UDP_PAYLOAD[self.family]
+        if size and not smallest <= size <= largest:
+            raise TimecheckError("--size must be from {} to {} bytes".format(smallest, largest))
+        self.request_size = size or smallest
+        self._pending: Dict[int, Sample] = {}    # request id -> probe awaiting its reply, oldest first
+        self._by_id: Dict[int, Sample] = {}
+
+    def run(self) -> Measurement:
+        """Probe until every probe has ended; Ctrl-C ends the run early with what it has."""
+        measurement = Measurement(self.target, self.address[0], self.request_size, self.key is not None)
+        self._pending.clear()
+        self._by_id.clear()
+        with socket.socket(self.family, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.connect(self.address)  # replies from anyone else are dropped by the kernel
+            except OSError as exc:
+                raise TimecheckError("cannot reach {}: {}".format(self.target, exc.strerror or exc)) from None
+            sock.setblocking(False)
+            try:
+                self._loop(sock, measurement)
+            except KeyboardInterrupt:
+                measurement.interrupted = True
+        for sample in list(self._pending.values()):
+            self._finish(sample, LOST)
+        return measurement
+
+    def _new_probe(self, seq: int) -> Tuple[Sample, bytes]:
+        request_id = secrets.randbits(ID_BITS)  # unguessable, unlike the tutorial's 0..1000
+        data = encode_request(request_id, "The time is {}".format(datetime.datetime.now()), seq,
+                              size=self.size, pad_to=self.request_size, key=self.key)
+        mac = data[-MAC_TRAILER:-2] if self.key is not None else b""
+        return Sample(seq, request_id, mac), data
+
+    def _loop(self, sock: socket.socket, measurement: Measurement) -> None:
+        send, recv, perf, wall = sock.send, sock.recv, time.perf_counter_ns, time.time_ns
+        timeout_ns, interval_ns = int(self.timeout * NS_PER_S), int(self.interval * NS_PER_S)
+        pending, samples = self._pending, measurement.samples
+        next_send_ns = perf()
+        while measurement.stop_reason is None:
+            now = perf()
+            while pending:
+                oldest = next(iter(pending.values()))
+                if now - oldest.send_ns < timeout_ns:
+                    break
+                self._finish(oldest, LOST)
+            may_send = len(samples) < self.count and (interval_ns or not pending)
+            if may_send and now >= next_send_ns:
+                sample, data = self._new_probe(len(samples))
+                sample.client_send_ns = wall()
+                send_ns = perf()
+                failure = None
+                try:
+                    send(data)
+                except ConnectionRefusedError:  # an earlier probe's ICMP error; this one was not sent
+                    self._refused(measurement)
+                    continue
+                except OSError as exc:
+                    failure = exc
+                sample.send_ns = send_ns
+                samples.append(sample)
+                self._by_id[sample.request_id] = pending[sample.request_id] = sample
+                if failure is not None:  # no route, a firewall...: like ping, sent and lost
+                    measurement.errors += 1
+                    measurement.last_error = failure.strerror or str(failure)
+                    self._finish(sample, LOST)
+                next_send_ns = max(next_send_ns + interval_ns, now)
+                continue
+            if not may_send and not pending:
+                break
+            wake_ns = next_send_ns if may_send else now + timeout_ns
+            if pending:
+                wake_ns = min(wake_ns, next(iter(pending.values())).send_ns + timeout_ns)
+            if not select.select([sock], [], [], max(0, wake_ns - now) / NS_PER_S)[0]:
+                continue
+            try:
+                data = recv(MAX_DATAGRAM)
+                recv_ns = perf()
+            except BlockingIOError:
+                continue
+            except ConnectionRefusedError:
+                self._refused(measurement)
+                continue
+            except OSError:
+                measurement.errors += 1
+                continue
+            self._on_reply(measurement, data, recv_ns, wall())
+
+    def _finish(self, sample: Sample, status: str) -> None:
+        self._pending.pop(sample.request_id, None)
+        sample.status = status
+        if self.on_sample is not None:
+            self.on_sample(sample)
+
+    def _refused(self, measurement: Measurement) -> None:
+        measurement.refused += 1
+        if self._pending:
+            self._finish(next(iter(self._pending.values())), LOST)
+        if not measurement.received:  # nobody is listening: waiting longer tells nothing more
+            measurement.stop_reason = "refused"
+
+    def _on_reply(self, measurement: Measurement, data: bytes, recv_ns: int, recv_wall_ns: int) -> None:
+        try:
+            reply: Optional[Message] = decode_message(data)
+        except WireError:
+            reply = None
+        sample = self._by_id.get(reply.message_id) if reply is not None else None
+        claimed = sample or self._attributable(reply, measurement)
+        if self.key is not None:
+            if reply is None or reply.mac is None:
+                measurement.forged += 1
+                measurement.unsigned += reply is not None
+                return
+            if claimed is None or not mac_matches(
+                    self.key, reply_context(claimed.request_id, claimed.request_mac), data):
+                measurement.forged += 1  # tampered with, re-addressed, or replayed
+                return
+        if sample is None:
+            measurement.mismatched += 1
+            if reply is not None and claimed is not None and claimed.status == PENDING:
+                self._record(claimed, reply, data, recv_ns, recv_wall_ns)
+                self._finish(claimed, MISMATCHED)
+            return
+        if sample.status == PENDING:
+            self._record(sample, reply, data, recv_ns, recv_wall_ns)
+            self._finish(sample, OK)
+        elif sample.status == LOST:
+            measurement.late += 1
+        else:
+            measurement.duplicates += 1
+
+    def _attributable(self, reply: Optional[Message], measurement: Measurement) -> Optional[Sample]:
+        """The probe a reply with a wrong id answers: by its echoed seq, or the only one waiting."""
+        seq = reply.ext.get("seq") if reply is not None and reply.ext is not None else None
+        if seq is not None:
+            return measurement.samples[seq] if seq < len(measurement.samples) else None
+        return next(iter(self._pending.values())) if len(self._pending) == 1 else None
+
+    @staticmethod
+    def _record(sample: Sample, reply: Message, data: bytes, recv_ns: int, recv_wall_ns: int) -> None:
+        sample.recv_ns, sample.client_recv_ns = recv_ns, recv_wall_ns
+        sample.reply_id, sample.reply_text, sample.reply_size = reply.message_id, reply.text, len(data)
+        if reply.ext is not None:
+            sample.server_recv_ns, sample.server_send_ns = reply.ext.get("t2"), reply.ext.get("t3")
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def load_key(path: Optional[str],
+             environ: Mapping[str, str] = os.environ) -> Tuple[Optional[bytes], List[str]]:
+    """The shared key from a key file or $UDP_TIMECHECK_KEY (None: no key), and warnings.
+
+    The key is the file's bytes (or the variable's UTF-8) without surrounding white space.
+    """
+    warnings: List[str] = []
+    if path is not None:
+        try:
+            with open(path, "rb") as key_file:
+                key = key_file.read().strip()
+                mode = os.fstat(key_file.fileno()).st_mode
+        except OSError as exc:
+            raise TimecheckError("cannot read key file {}: {}".format(path, exc.strerror or exc)) from None
+        if os.name == "posix" and mode & 0o077:  # as ssh warns about private keys
+            warnings.append("warning: key file {} is accessible by group or others (mode {:03o}); "
+                            "run: chmod 600 {}".format(path, mode & 0o777, path))
+        source = "key file " + path
+    elif environ.get(KEY_ENV):
+        key = environ[KEY_ENV].strip().encode("utf-8", "surrogateescape")
+        source = KEY_ENV
+    else:
+        return None, warnings
+    if not key:
+        raise TimecheckError("{} is empty".format(source))
+    return key, warnings
+
+
+def format_sample(sample: Sample, target: str, timeout: float) -> str:
+    """A ping-like line for one probe."""
+    if sample.status == OK:
+        line = "{} bytes from {}: seq={} rtt={:.3f} ms".format(
+            sample.reply_size, target, sample.seq, sample.rtt_ns / 1e6)
+        if sample.offset_ns is not None:
+            line += " offset={:+.3f} ms".format(sample.offset_ns / 1e6)
+        return line
+    if sample.status == MISMATCHED:
+        return "seq={}: Server is a liar! (reply id {} for request id {})".format(
+            sample.seq, sample.reply_id, sample.request_id)
+    return "seq={}: lost, no reply within {:g} s".format(sample.seq, timeout)
+
+
+def format_summary(summary: Mapping) -> List[str]:
+    """The human summary of Measurement.summary(), like ping's."""
+    lines = ["", "--- {} udp-timecheck statistics ---".format(summary["target"]),
+             "{sent} probes sent, {received} received, {loss:g}% loss, {duplicates} duplicates, "
+             "{late} late, {mismatched} mismatched, {forged} forged".format(
+                 loss=summary["loss_pct"] or 0, **summary)]
+    if summary["refused"] or summary["errors"]:
+        lines.append("{refused} refused by the server's host, {errors} could not be sent".format(**summary))
+    rtt = summary["rtt_ms"]
+    if rtt["min"] is None:
+        return lines
+    lines.append("rtt min/avg/max/mdev = {min:.3f}/{avg:.3f}/{max:.3f}/{mdev:.3f} ms".format(**rtt))
+    lines.append("rtt median/p90/p99 = {median:.3f}/{p90:.3f}/{p99:.3f} ms".format(**rtt))
+    jitter = summary["jitter_ms"]
+    lines.append("jitter {}".format("n/a (one reply)" if jitter is None else "{:.3f} ms".format(jitter)))
+    if summary["server_proc_ms"] is None:
+        lines.append("server processing time: not reported, so it is part of each rtt")
+        lines.append("server clock offset: unavailable (the server sends no timestamps: "
+                     "the tutorial's server?)")
+    else:
+        offset = summary["offset_ms"]
+        lines.append("server processing median {:.3f} ms (subtracted from each rtt)".format(
+            summary["server_proc_ms"]))
+        lines.append("server clock offset {:+.3f} ms \u00b1 {:.3f} ms (server {} this machine; "
+                     "from seq {}, the lowest-rtt probe)".format(
+                         offset, summary["offset_err_ms"], "ahead of" if offset >= 0 else "behind",
+                         summary["offset_seq"]))
+    rows = summary["histogram_ms"]
+    widest = max(count for _, _, count in rows)
+    lines.append("rtt histogram:")
+    for low, high, count in rows:
+        bar = "#" * max(1 if count else 0, round(40 * count / widest))
+        lines.append("  {:9.3f} - {:9.3f} ms |{:<40} {}".format(low, high, bar, count))
+    return lines
+
+
+def failure_reason(measurement: Measurement, timeout: float) -> str:
+    """Why a run failed, in one line, with what to check."""
+    target = measurement.target
+    if measurement.stop_reason == "refused":
+        return "connection refused by {}: no server is listening on that port".format(target)
+    if measurement.unsigned and not measurement.received:
+        return "replies are not authenticated: is the server running with the same key?"
+    if measurement.forged:
+        return "{} replies failed authentication (tampered with, replayed, or another key)".format(
+            measurement.forged)
+    if measurement.mismatched:
+        return "the server is a liar: {} replies did not match a request id".format(measurement.mismatched)
+    if measurement.errors and not measurement.received:
+        return "cannot send to {}: {}".format(target, measurement.last_error)
+    return ("no reply from {} within {:g} s (is the server running{}, and is its UDP port "
+            "open to you?)".format(target, timeout, " with the same key" if measurement.keyed else ""))
+
+
+def _out(line: str = "") -> None:
+    # One write per line, so the demo's two threads never split each other's lines.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _err(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _interrupts() -> Iterator[None]:
+    """Make Ctrl-C and SIGTERM raise KeyboardInterrupt, even if SIGINT was inherited ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+def _key_for(args: argparse.Namespace) -> Optional[bytes]:
+    key, warnings = load_key(args.key_file)
+    for warning in warnings:
+        _err(warning)
+    return key
+
+
+def _check_host(host: str) -> None:
+    if host.isdigit():  # getaddrinfo would take "8080" for the address 0.0.31.144
+        raise TimecheckError("{0!r} is not a host; give the host before the port, "
+                             "as in: 127.0.0.1 {0}".format(host))
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    _check_host(args.host)
+    server = TimeServer(args.host, args.port, faulty=args.faulty, key=_key_for(args),
+                        max_rate=args.max_rate, log=None if args.quiet else _out,
+                        log_limit=None if args.verbose else LOG_LINES_PER_SECOND)
+    with server:
+        _out("Server listening at {}".format(server.address))
+        with _interrupts():
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                pass
+    _out("Server stopped: {}".format(server.stats))
+    return EXIT_OK
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    _check_host(args.host)
+    measuring = (args.measure_delay or args.quiet or args.json or args.csv is not None
+                 or args.count is not None or args.interval is not None)
+    prober = Prober(args.host, args.port, count=args.count or (DEFAULT_COUNT if measuring else 1),
+                    interval=args.interval or 0.0, timeout=args.timeout, size=args.size or 0,
+                    key=_key_for(args))
+    if measuring and not (args.quiet or args.json):
+        prober.on_sample = lambda sample: _out(format_sample(sample, prober.target, args.timeout))
+    with contextlib.ExitStack() as stack:
+        rows = None
+        if args.csv is not None:  # open it first: a bad path is a usage error, not a lost run
+            try:
+                rows = csv.writer(stack.enter_context(open(args.csv, "w", newline="")))
+            except OSError as exc:
+                raise TimecheckError("cannot write {}: {}".format(args.csv, exc.strerror or exc)) from None
+        if measuring and not args.json:
+            _out("UDP-TIMECHECK {} ({}): {} probes of {} bytes, interval {:g} s, timeout {:g} s{}".format(
+                prober.target, prober.address[0], prober.count, prober.request_size, prober.interval,
+                prober.timeout, ", HMAC-SHA256" if prober.key else ""))
+        with _interrupts():
+            measurement = prober.run()
+        summary = measurement.summary()
+        if rows is not None:
+            rows.writerow(Sample(0, 0).as_dict())
+            rows.writerows(sample.values() for sample in summary["samples"])
+    if args.json:
+        _out(json.dumps(summary))
+    elif measuring:
+        for line in format_summary(summary):
+            _out(line)
+    else:  # the tutorial's single round trip: the server's text, or its verdict
+        sample = measurement.samples[0] if measurement.samples else None
+        if sample is not None and sample.status == OK:
+            _out(printable(sample.reply_text))
+        elif sample is not None and sample.status == MISMATCHED:
+            _out("Server is a liar!")
+    if measurement.received and not measurement.mismatched and not measurement.forged:
+        return EXIT_OK
+    raise TimecheckError(failure_reason(measurement, args.timeout), EXIT_FAILED)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    with TimeServer("127.0.0.1", 0, log=lambda line: _out("  server | " + line)) as server:
+        host, port = server.address[:2]
+        _out("$ python3 udp_timecheck.py server {} {}".format(host, port))
+        _out("  server | Server listening at {}".format(server.address))
+        server.start()
+        for extra in ((), DEMO_ARGS):
+            command = ["client", host, str(port)] + list(extra)
+            _out("\n$ python3 udp_timecheck.py " + " ".join(command))
+            status = max(status, main(command))
+    _out("  server | Server stopped: {}".format(server.stats))
+    return status
+
+
+def _ranged(convert: Callable[[str], float], low: float, high: float, what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:  # NaN fails too
+            raise argparse.ArgumentTypeError("expected {}, got {!r}".format(what, text))
+        return value
+    return parse
+
+
+def _truthy(text: str) -> bool:
+    if text.lower() in ("1", "true", "t", "yes", "y"):
+        return True
+    if text.lower() in ("0", "false", "f", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError("expected 1/true/yes or 0/false/no, got {!r}".format(text))
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line through main(), exit code 2
+        raise TimecheckError("{} (see: {} --help)".format(message, self.prog))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="udp_timecheck.py", description=(
+        "UDP latency and clock check: a time server, and a client that measures round-trip "
+        "time, loss and the server's clock offset."))
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="{server,client,demo}")
+    commands.required = True
+    server = commands.add_parser("server", help="answer time requests")
+    client = commands.add_parser("client", help="ask the time once, or measure with --measure-delay")
+    demo = commands.add_parser("demo", help="run a server and a client on loopback, show both")
+    for sub, role in ((server, "address to listen on; 0.0.0.0 for all IPv4 interfaces, :: for IPv6"),
+                      (client, "server to ask")):
+        sub.add_argument("host", nargs="?", default=DEFAULT_HOST, metavar="HOST",
+                         help="{} (default %(default)s)".format(role))
+        sub.add_argument("port", nargs="?", default=DEFAULT_PORT, metavar="PORT",
+                         type=_ranged(int, 0, 65535, "a port number from 0 to 65535"),
+                         help="UDP port (default %(default)s)")
+        sub.add_argument("--key-file", metavar="PATH", help="shared secret for HMAC-SHA256 "
+                         "authentication; or set {} (never a key on the command line)".format(KEY_ENV))
+        sub.add_argument("--measure_delay", "-measure_delay", type=_truthy, default=False, metavar="BOOL",
+                         help="the tutorial's spelling (1/true/yes or 0/false/no)" + (
+                             "; the server accepts and ignores it" if sub is server else ""))
+    server.add_argument("-q", "--quiet", action="store_true", help="no line per request")
+    server.add_argument("-v", "--verbose", action="store_true",
+                        help="a line for every request (default: at most {} a second)".format(
+                            LOG_LINES_PER_SECOND))
+    server.add_argument("--faulty", nargs="?", const=FAULTY_PROBABILITY, default=0.0, metavar="P",
+                        type=_ranged(float, 0, 1, "a probability from 0 to 1"),
+                        help="answer with a wrong id with probability P (default %(const)s), "
+                             "as the tutorial's FAULTY_SERVER")
+    server.add_argument("--max-rate", type=_ranged(float, 0.01, 1e9, "replies a second, above 0"),
+                        metavar="N", help="answer at most N requests a second per source address")
+    client.add_argument("--measure-delay", action="store_true",
+                        help="measure: many probes, then statistics (implied by the options below)")
+    client.add_argument("-c", "--count", type=_ranged(int, 1, 10 ** 9, "a whole number from 1"),
+                        help="probes to send (default {})".format(DEFAULT_COUNT))
+    client.add_argument("-i", "--interval", type=_ranged(float, 0, 3600, "seconds from 0 to 3600"),
+                        help="seconds between probes; 0 (default) sends the next as soon as the last "
+                             "is answered or timed out")
+    client.add_argument("-W", "--timeout", type=_ranged(float, 0.001, 3600, "seconds from 0.001 to 3600"),
+                        default=DEFAULT_TIMEOUT, help="seconds to wait for a reply (default %(default)s)")
+    client.add_argument("-q", "--quiet", action="store_true", help="the summary only")
+    client.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    client.add_argument("--csv", metavar="FILE", help="also write one row per probe to FILE")
+    client.add_argument("--size", type=_ranged(int, 1, 65527, "bytes from 1 to 65527"),
+                        help="pad requests and replies to SIZE bytes (MTU and fragmentation tests)")
+    server.set_defaults(func=cmd_server)
+    client.set_defaults(func=cmd_client)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line with argv (default sys.argv[1:]); returns the exit code."""
+    for stream in (sys.stdout, sys.stderr):  # network text must never crash the output
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except TimecheckError as exc:
+        _err("udp-timecheck: {}".format(exc))
+        return exc.exit_code
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. piped into head: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
