@@ -122,6 +122,11 @@ def decode_message(data: bytes) -> Message:
         raise WireError("the id is not an integer of at most 64 bits")
     if type(message_text) is not str:
         raise WireError("the text is not a string")
+    if "\\u" in text:  # a JSON escape can smuggle in an unpaired surrogate, which is not text
+        try:
+            message_text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise WireError("the text holds an unpaired surrogate") from None
     ext = obj[2] if len(obj) > 2 and type(obj[2]) is dict else None
     if ext is not None:
         for name in _EXT_INTS:
@@ -681,8 +686,9 @@ class Prober:
                 self._loop(sock, measurement)
             except KeyboardInterrupt:
                 measurement.interrupted = True
-        for sample in list(self._pending.values()):
-            self._finish(sample, LOST)
+        for sample in measurement.samples:  # all, not just _pending: Ctrl-C can strike anywhere
+            if sample.status == PENDING:
+                self._finish(sample, LOST)
         return measurement
 
     def _new_probe(self, seq: int) -> Tuple[Sample, bytes]:
@@ -707,23 +713,19 @@ class Prober:
             may_send = len(samples) < self.count and (interval_ns or not pending)
             if may_send and now >= next_send_ns:
                 sample, data = self._new_probe(len(samples))
+                samples.append(sample)  # registered before it goes: Ctrl-C from here on still counts it
+                self._by_id[sample.request_id] = pending[sample.request_id] = sample
                 sample.client_send_ns = wall()
                 send_ns = perf()
-                failure = None
                 try:
                     send(data)
-                except ConnectionRefusedError:  # an earlier probe's ICMP error; this one was not sent
-                    self._refused(measurement)
-                    continue
-                except OSError as exc:
-                    failure = exc
-                sample.send_ns = send_ns
-                samples.append(sample)
-                self._by_id[sample.request_id] = pending[sample.request_id] = sample
-                if failure is not None:  # no route, a firewall...: like ping, sent and lost
+                except ConnectionRefusedError:  # an earlier probe's ICMP error, reported here
+                    self._refused(measurement, sample)
+                except OSError as exc:  # no route, a firewall...: like ping, sent and lost
                     measurement.errors += 1
-                    measurement.last_error = failure.strerror or str(failure)
+                    measurement.last_error = exc.strerror or str(exc)
                     self._finish(sample, LOST)
+                sample.send_ns = send_ns
                 next_send_ns = max(next_send_ns + interval_ns, now)
                 continue
             if not may_send and not pending:
@@ -752,10 +754,13 @@ class Prober:
         if self.on_sample is not None:
             self.on_sample(sample)
 
-    def _refused(self, measurement: Measurement) -> None:
+    def _refused(self, measurement: Measurement, sample: Optional[Sample] = None) -> None:
+        """ICMP port unreachable: that probe (default: the oldest waiting) is lost."""
         measurement.refused += 1
-        if self._pending:
-            self._finish(next(iter(self._pending.values())), LOST)
+        if sample is None and self._pending:
+            sample = next(iter(self._pending.values()))
+        if sample is not None:
+            self._finish(sample, LOST)
         if not measurement.received:  # nobody is listening: waiting longer tells nothing more
             measurement.stop_reason = "refused"
 
