@@ -1,0 +1,335 @@
+"""Shared test helpers: servers on port 0, a fault-injecting relay, subprocess peers.
+
+Everything here talks only to 127.0.0.1 (or ::1), to servers the tests start,
+and every loop is bounded in count and in time.
+"""
+
+import heapq
+import os
+import queue
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import udp_timecheck as utc
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULE = ROOT / "udp_timecheck.py"
+REFERENCE = Path(__file__).resolve().parent / "reference"
+LIFETIME = 120  # seconds any helper thread or process may live
+
+
+class LineReader:
+    """Collects a subprocess's output lines in a thread, so waits are bounded."""
+
+    def __init__(self, stream):
+        self.lines = []
+        self._queue = queue.Queue()
+        thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        thread.start()
+
+    def _pump(self, stream):
+        for line in stream:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def expect(self, pattern, timeout=15.0):
+        """The first new line matching pattern (a regex); fails after timeout seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("no line matching {!r} in {}".format(pattern, self.lines))
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError("output ended without {!r}: {}".format(pattern, self.lines))
+            self.lines.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+
+class Process:
+    """A subprocess with line readers on stdout and stderr, killed at the end of the test."""
+
+    def __init__(self, argv, **kwargs):
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, **kwargs)
+        self.stdout = LineReader(self.proc.stdout)
+        self.stderr = LineReader(self.proc.stderr)
+
+    def signal(self, signum):
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout=15.0):
+        return self.proc.wait(timeout=timeout)
+
+    def rest(self, reader, timeout=15.0):
+        """All remaining lines of reader, once the stream has ended."""
+        lines = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = reader._queue.get(timeout=deadline - time.monotonic())
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            reader.lines.append(line)
+            lines.append(line)
+        return lines
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=15)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()
+
+
+@pytest.fixture
+def processes():
+    started = []
+
+    def start(argv, **kwargs):
+        process = Process(argv, **kwargs)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def cli(*args):
+    """argv running our module as a script, the way users run it."""
+    return [sys.executable, str(MODULE)] + [str(arg) for arg in args]
+
+
+def run_cli(*args, timeout=60, **kwargs):
+    return subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture
+def start_server():
+    """Start a TimeServer on 127.0.0.1 port 0 in a thread; .logs holds its log lines."""
+    servers = []
+
+    def start(host="127.0.0.1", **kwargs):
+        logs = []
+        kwargs.setdefault("log", logs.append)
+        server = utc.TimeServer(host, 0, **kwargs)
+        server.logs = logs
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.close()
+
+
+class FakeClock:
+    """A wall clock the test moves by hand: every request sees the same time until it does."""
+
+    def __init__(self, now_ns=1_764_000_000 * utc.NS_PER_S):
+        self.now_ns = now_ns
+
+    def __call__(self):
+        return self.now_ns
+
+    def advance(self, seconds):
+        self.now_ns += int(seconds * utc.NS_PER_S)
+
+
+def ask(address, data, timeout=10.0):
+    """Send one datagram and return the first reply, or None after timeout seconds."""
+    with socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(address[:2])
+        sock.send(data)
+        try:
+            return sock.recv(65535)
+        except socket.timeout:
+            return None
+
+
+def request(request_id=491, seq=None, **kwargs):
+    return utc.encode_request(request_id, "The time is 2019-05-04 16:20:56.975068", seq, **kwargs)
+
+
+# Datagrams no well-formed peer sends; decode_message must refuse every one.
+HOSTILE = {
+    "empty": b"",
+    "not utf-8": b"\xff\xfe[1, \"x\"]",
+    "utf-16": '[1, "x"]'.encode("utf-16"),
+    "utf-8 bom": b"\xef\xbb\xbf[1, \"x\"]",
+    "not json": b"hello",
+    "truncated": b'[1, "The time is',
+    "trailing garbage": b'[1, "x"] [2, "y"]',
+    "object": b'{"id": 1, "text": "x"}',
+    "one element": b"[1]",
+    "string id": b'["1", "x"]',
+    "bool id": b'[true, "x"]',
+    "float id": b'[1.5, "x"]',
+    "huge float id": b'[1e400, "x"]',
+    "nan id": b'[NaN, "x"]',
+    "id of 65 bits": b'[36893488147419103232, "x"]',
+    "huge id": b"[" + b"9" * 5000 + b', "x"]',
+    "huge negative id": b"[-" + b"9" * 60000 + b', "x"]',
+    "number text": b"[1, 2]",
+    "null text": b"[1, null]",
+    "deep nesting": b"[" * 60000 + b"]" * 60000,
+    "deep nesting in text": b"[1, " + b"[" * 30000 + b"]" * 30000 + b"]",
+    "lone surrogate": b'[1, "The time is \\ud800"]',
+    "bad seq": b'[1, "x", {"seq": "0"}]',
+    "negative seq": b'[1, "x", {"seq": -1}]',
+    "huge size": b'[1, "x", {"size": 18446744073709551616}]',
+    "pad not a string": b'[1, "x", {"pad": 5}]',
+    "bool t2": b'[1, "x", {"t2": true}]',
+}
+
+
+# --- a relay that drops, delays, duplicates, reorders and rewrites replies -----------
+
+def deliver(index, data):
+    """The default policy: every reply passes at once."""
+    return [(0.0, data)]
+
+
+class Relay:
+    """client -> relay -> server; replies come back through policy(index, data).
+
+    policy returns a list of (delay in seconds, datagram) to deliver; an empty
+    list drops the reply.  index counts the server's replies from 0.
+    """
+
+    def __init__(self, upstream, policy=deliver):
+        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.front.bind(("127.0.0.1", 0))
+        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.back.connect(upstream[:2])
+        self.address = self.front.getsockname()
+        self.policy = policy
+        self.requests, self.replies = [], []
+        self._client = None
+        self._due = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join(timeout=15)
+        self.front.close()
+        self.back.close()
+
+    def _run(self):
+        deadline = time.monotonic() + LIFETIME
+        counter = 0
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            now = time.monotonic()
+            while self._due and self._due[0][0] <= now:
+                _, _, data = heapq.heappop(self._due)
+                self.front.sendto(data, self._client)
+            wait = min(0.05, self._due[0][0] - now) if self._due else 0.05
+            for sock in select.select([self.front, self.back], [], [], max(0.0, wait))[0]:
+                try:
+                    if sock is self.front:
+                        data, self._client = self.front.recvfrom(65535)
+                        self.requests.append(data)
+                        self.back.send(data)
+                    else:
+                        data = self.back.recv(65535)
+                        index = len(self.replies)
+                        self.replies.append(data)
+                        for delay, out in self.policy(index, data):
+                            counter += 1
+                            heapq.heappush(self._due, (time.monotonic() + delay, counter, out))
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def relay():
+    relays = []
+
+    def make(upstream, policy=deliver):
+        made = Relay(upstream, policy).__enter__()
+        relays.append(made)
+        return made
+
+    yield make
+    for made in relays:
+        made.__exit__(None, None, None)
+
+
+# --- the tutorial's own code as the reference peer ------------------------------
+
+def _reference_code(body, faulty=False):
+    lines = ["import sys", "sys.path.insert(0, {!r})".format(str(REFERENCE)), "import cs_example as o"]
+    if faulty:  # the tutorial sets FAULTY_SERVER by editing the file; lie every time
+        lines += ["o.FAULTY_SERVER = True", "o.randomVal = lambda upperbound=1000: upperbound"]
+    return "\n".join(lines + [body])
+
+
+@pytest.fixture
+def reference_server(processes):
+    """Start the tutorial's server() on 127.0.0.1 port 0; returns (process, port)."""
+
+    def start(faulty=False):
+        process = processes([sys.executable, "-u", "-c",
+                             _reference_code("o.server('127.0.0.1', 0)", faulty)])
+        match = process.stdout.expect(r"Server listening at \('127\.0\.0\.1', (\d+)\)")
+        return process, int(match.group(1))
+
+    return start
+
+
+def run_reference_client(port, log=False, timeout=20):
+    """The tutorial's client() against 127.0.0.1:port; it would wait forever, so bounded here."""
+    code = _reference_code("o.client('127.0.0.1', {}, log={})".format(port, log))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+def ipv6_loopback_available():
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def silent_port():
+    """A bound UDP socket that never answers (the caller closes it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def closed_port():
+    """A loopback port with nothing bound to it, so the kernel answers port unreachable."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM}
+POSIX_ONLY = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")

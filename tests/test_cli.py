@@ -1,0 +1,156 @@
+"""The command line as users run it: exit codes, messages, signals, the demo."""
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import udp_timecheck as utc
+from conftest import MODULE, POSIX_ONLY, cli, run_cli, silent_port
+
+LISTENING = r"Server listening at \('127\.0\.0\.1', (\d+)\)"
+
+
+def start_cli_server(processes, *args):
+    server = processes(cli("server", "127.0.0.1", "0", *args))
+    port = int(server.stdout.expect(LISTENING).group(1))
+    return server, port
+
+
+@POSIX_ONLY
+def test_tutorial_server_command_serves_and_sigterm_exits_0_with_counters(processes):
+    # the tutorial's own server command line, with port 0 instead of 8080
+    server, port = start_cli_server(processes, "--measure_delay", "1", "--measure_delay", "1")
+    client = run_cli("client", "127.0.0.1", port, "--measure_delay", "1", "-c", "5", timeout=60)
+    assert client.returncode == 0, client.stderr
+    assert "5 probes sent, 5 received, 0% loss" in client.stdout
+    assert run_cli("client", "127.0.0.1", port, timeout=60).returncode == 0
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert any(line.startswith("Server stopped: served 6, malformed 0, unauthenticated 0, rate-limited 0, "
+                               "too short to answer 0") for line in server.rest(server.stdout))
+    assert server.rest(server.stderr) == []
+
+
+@POSIX_ONLY
+def test_ctrl_c_stops_the_server_cleanly(processes):
+    server, _ = start_cli_server(processes, "-q")
+    server.signal(signal.SIGINT)
+    assert server.wait() == 0
+    assert server.rest(server.stdout)[-1].startswith("Server stopped: served 0")
+    assert server.rest(server.stderr) == []
+
+
+@POSIX_ONLY
+def test_ctrl_c_ends_a_measurement_with_its_summary(processes):
+    _, port = start_cli_server(processes, "-q")
+    client = processes(cli("client", "127.0.0.1", port, "-i", "0.01", "-c", "1000000"))
+    client.stdout.expect(r"seq=5 rtt=")
+    client.signal(signal.SIGINT)
+    assert client.wait() == 0
+    rest = client.rest(client.stdout)
+    summary = [line for line in rest if " probes sent, " in line]
+    assert len(summary) == 1 and "rtt min/avg/max/mdev" in "\n".join(rest)
+    sent, received = (int(word) for word in summary[0].split()[0:4:3])
+    assert 6 <= sent < 1000000 and received >= 6
+    assert client.rest(client.stderr) == []
+
+
+@POSIX_ONLY
+def test_ctrl_c_with_nothing_answered_exits_1(processes):
+    with silent_port() as sock:
+        client = processes(cli("client", *sock.getsockname(), "-i", "0.05", "-c", "1000000"))
+        client.stdout.expect(r"^UDP-TIMECHECK ")
+        sock.recv(65535)  # a probe is out: the client is in its loop
+        client.signal(signal.SIGINT)
+        assert client.wait() == 1
+    out = client.rest(client.stdout)
+    assert any(" received, 100% loss" in line for line in out), (client.stdout.lines, client.stderr.lines)
+    assert "no reply" in client.rest(client.stderr)[-1]
+
+
+def test_client_and_exit_codes_as_a_process(processes):
+    _, port = start_cli_server(processes)
+    ok = run_cli("client", "127.0.0.1", port)
+    assert ok.returncode == 0 and ok.stdout.startswith("The time is ") and ok.stderr == ""
+    with silent_port() as sock:
+        silent = run_cli("client", *sock.getsockname(), "-W", "0.2")
+    assert silent.returncode == 1 and silent.stdout == ""
+    assert silent.stderr.count("\n") == 1 and "no reply" in silent.stderr
+    usage = run_cli("client", "127.0.0.1", "70000")
+    assert usage.returncode == 2 and usage.stderr.count("\n") == 1 and "Traceback" not in usage.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["client", "127.0.0.1", "99999"], "port number from 0 to 65535"),
+    (["client", "127.0.0.1", "http"], "port number"),
+    (["client", "-c", "0"], "whole number from 1"),
+    (["client", "-i", "-1"], "seconds from 0"),
+    (["client", "-i", "nan"], "seconds from 0"),
+    (["client", "-W", "0"], "seconds from 0.001"),
+    (["client", "no-such-host.invalid", "1060"], "cannot resolve host"),
+    (["client", "8080"], "give the host before the port"),
+    (["client", "--measure_delay", "maybe"], "expected 1/true/yes or 0/false/no"),
+    (["client", "--key-file", "/nonexistent/key"], "cannot read key file"),
+    (["server", "--faulty", "2"], "probability from 0 to 1"),
+    (["server", "--max-rate", "0"], "replies a second"),
+    (["server", "192.0.2.1", "0"], "bind 0.0.0.0"),
+    (["bogus"], "invalid choice"),
+    ([], "required"),
+])
+def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
+    assert utc.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and message in captured.err
+    assert captured.err.startswith("udp-timecheck: ")
+
+
+def test_help_and_version_exit_0(capsys):
+    assert utc.main(["--help"]) == 0
+    assert "server" in capsys.readouterr().out
+    assert utc.main(["client", "--help"]) == 0
+    assert "--measure-delay" in capsys.readouterr().out
+    assert utc.main(["--version"]) == 0
+    assert utc.__version__ in capsys.readouterr().out
+
+
+def test_measure_delay_spellings(start_server, capsys):
+    server = start_server()
+    port = str(server.address[1])
+    for spelling in (["--measure-delay"], ["--measure_delay", "1"], ["--measure_delay", "yes"],
+                     ["-measure_delay", "true"]):
+        assert utc.main(["client", "127.0.0.1", port, *spelling, "-c", "3"]) == 0
+        assert "3 probes sent, 3 received" in capsys.readouterr().out
+    assert utc.main(["client", "127.0.0.1", port, "--measure_delay", "0"]) == 0
+    assert capsys.readouterr().out.startswith("The time is ")  # off: the single round trip
+
+
+def test_demo_runs_end_to_end():
+    demo = run_cli("demo", timeout=60)
+    assert demo.returncode == 0, demo.stderr
+    assert "  server | Server listening at ('127.0.0.1', " in demo.stdout
+    assert "\nThe time is " in demo.stdout
+    assert "50 probes sent, 50 received, 0% loss" in demo.stdout
+    assert "server clock offset " in demo.stdout and "  server | Server stopped: served 51" in demo.stdout
+
+
+def test_import_has_no_side_effects():
+    code = ("import socket, sys\n"
+            "def refuse(*args, **kwargs): raise AssertionError('socket at import')\n"
+            "socket.socket = refuse\n"
+            "sys.argv = ['x', 'client', 'no-such-host.invalid']\n"
+            "import udp_timecheck\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                            cwd=str(MODULE.parent))
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
+
+
+def test_console_script_is_declared():
+    from importlib import metadata
+    try:
+        scripts = metadata.distribution("udp-timecheck").entry_points
+    except metadata.PackageNotFoundError:
+        pytest.skip("the package is not installed (pip install -e .)")
+    assert [entry.value for entry in scripts if entry.name == "udp-timecheck"] == ["udp_timecheck:main"]

@@ -1,0 +1,109 @@
+"""The wire format: pure encode/decode functions, and what they refuse."""
+
+import json
+
+import pytest
+
+import udp_timecheck as utc
+from conftest import HOSTILE
+
+TEXT = "The time is 2019-05-04 16:20:56.975068"
+
+
+def test_two_element_request_is_byte_for_byte_the_tutorials():
+    # the tutorial sends json.dumps([request_ID, client_time]).encode()
+    assert utc.encode_request(491, TEXT) == json.dumps([491, TEXT]).encode()
+
+
+def test_extended_request_round_trips():
+    data = utc.encode_request(2 ** 62 + 5, TEXT, 7, size=300)
+    message = utc.decode_message(data)
+    assert message.message_id == 2 ** 62 + 5
+    assert message.text == TEXT
+    assert message.ext["seq"] == 7 and message.ext["size"] == 300
+    assert message.mac is None
+    # the tutorial's server reads only [0] and [1]
+    assert json.loads(data.decode())[:2] == [2 ** 62 + 5, TEXT]
+
+
+@pytest.mark.parametrize("pad_to", [200, 333, 1500, 65507])
+def test_padding_reaches_the_exact_size(pad_to):
+    data = utc.encode_request(12345, TEXT, 3, pad_to=pad_to)
+    assert len(data) == pad_to
+    assert utc.decode_message(data).ext["pad"].strip() == ""
+
+
+def test_padding_never_shrinks_a_request():
+    unpadded = utc.encode_request(12345, TEXT, 3)
+    assert utc.encode_request(12345, TEXT, 3, pad_to=10) == unpadded
+
+
+def test_reply_parts_put_t3_last_and_round_trip():
+    request = utc.decode_message(utc.encode_request(99, TEXT, 4, pad_to=400))
+    head, tail = utc.reply_parts(99, b"The time is 2026-01-01 00:00:00.000001", request, 400,
+                                 1_700_000_000_123_456_789, keyed=False)
+    reply = utc.decode_message(head + b"1700000000123999999" + tail)
+    assert reply.message_id == 99
+    assert reply.ext == {"seq": 4, "t2": 1_700_000_000_123_456_789, "t3": 1_700_000_000_123_999_999}
+
+
+def test_two_element_request_gets_the_tutorials_reply_form():
+    request = utc.decode_message(json.dumps([5, TEXT]).encode())
+    head, tail = utc.reply_parts(5, b"The time is 2026-01-01 00:00:00.000001", request, 100, 1, False)
+    assert tail is None
+    assert json.loads(head) == [5, "The time is 2026-01-01 00:00:00.000001"]
+    # the same bytes json.dumps would give, as the tutorial's server sends
+    assert head == json.dumps(json.loads(head)).encode()
+
+
+def test_requested_size_pads_the_reply_but_never_beyond_the_request():
+    data = utc.encode_request(99, TEXT, 4, size=1000, pad_to=1000)
+    request = utc.decode_message(data)
+    t2 = 1_700_000_000_123_456_789
+    head, tail = utc.reply_parts(99, b"The time is 2026-01-01 00:00:00.000001", request, len(data), t2, False)
+    assert len(head) + len(str(t2)) + len(tail) == 1000
+    # a request that asks for more than it carries gets a reply of its own size at most
+    head, tail = utc.reply_parts(99, b"The time is 2026-01-01 00:00:00.000001", request, 500, t2, False)
+    assert len(head) + len(str(t2)) + len(tail) <= 500
+
+
+
+
+@pytest.mark.parametrize("data", HOSTILE.values(), ids=list(HOSTILE))
+def test_hostile_datagrams_raise_only_wire_error(data):
+    with pytest.raises(utc.WireError):
+        utc.decode_message(data)
+
+
+def test_surrogate_pairs_are_fine():
+    message = utc.decode_message(b'[1, "\\ud83d\\ude00 ok"]')
+    assert message.text == "\U0001F600 ok"
+
+
+def test_leading_and_trailing_json_whitespace_is_accepted_as_json_loads_does():
+    assert utc.decode_message(b' \n[1, "x"]\r\n').message_id == 1
+
+
+def test_mac_seal_and_verify():
+    key = b"k" * 32
+    data = utc.encode_request(77, TEXT, 1, key=key)
+    assert data.endswith(b'"]') and utc.decode_message(data).mac == data[-66:-2].decode()
+    assert utc.mac_matches(key, utc.REQUEST_LABEL, data)
+    assert not utc.mac_matches(b"other key", utc.REQUEST_LABEL, data)
+    assert not utc.mac_matches(key, utc.REPLY_LABEL, data)  # a request MAC never passes as a reply's
+    tampered = data.replace(b"77", b"78", 1)
+    assert not utc.mac_matches(key, utc.REQUEST_LABEL, tampered)
+    assert not utc.mac_matches(key, utc.REQUEST_LABEL, data + b" ")
+
+
+def test_printable_escapes_terminal_controls():
+    assert utc.printable("The time is 12:00") == "The time is 12:00"
+    shown = utc.printable("evil \x1b[2J\x1b]0;title\x07 \x9b31m \u202e \ud800 done")
+    assert "\x1b" not in shown and "\x07" not in shown and "\x9b" not in shown
+    assert "\u202e" not in shown and "\ud800" not in shown
+    assert "\\x1b[2J" in shown and shown.endswith(" done")
+
+
+def test_format_address():
+    assert utc.format_address("127.0.0.1", 1060) == "127.0.0.1:1060"
+    assert utc.format_address("::1", 1060) == "[::1]:1060"
