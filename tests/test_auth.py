@@ -1,0 +1,194 @@
+"""Shared-key authentication: HMAC-SHA256 on requests and on replies bound to them."""
+
+import json
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import udp_timecheck as utc
+from conftest import ask, cli, request, run_cli
+
+KEY = b"0123456789abcdef0123456789abcdef"
+
+
+def probe(address, **kwargs):
+    kwargs.setdefault("key", KEY)
+    return utc.Prober(address[0], address[1], **kwargs).run()
+
+
+def key_file(tmp_path, mode=0o600, content=KEY + b"\n"):
+    path = tmp_path / "key"
+    path.write_bytes(content)
+    path.chmod(mode)
+    return str(path)
+
+
+def test_same_key_on_both_ends_works(start_server):
+    server = start_server(key=KEY)
+    measurement = probe(server.address, count=10, interval=0.005)
+    summary = measurement.summary()
+    assert summary["received"] == 10 and summary["forged"] == 0 and summary["offset_ms"] is not None
+
+
+def test_keyed_server_is_silent_to_everything_unauthenticated(start_server):
+    server = start_server(key=KEY)
+    unauthenticated = [
+        json.dumps([491, "The time is 2019-05-04 16:20:56.975068"]).encode(),  # the tutorial's form
+        request(1, seq=0, pad_to=300),                                        # ours, no MAC
+        request(2, seq=0, pad_to=300, key=b"another key entirely, 32 bytes!"),  # wrong key
+        request(3, seq=0, pad_to=300, key=KEY)[:-3] + b'0"]',                  # a MAC digit changed
+    ]
+    for data in unauthenticated:
+        assert server.respond(data) is None
+    assert server.stats.unauthenticated == len(unauthenticated) and server.stats.malformed == 0
+    assert ask(server.address, request(4, seq=0, pad_to=300, key=KEY)) is not None
+
+
+def test_unkeyed_client_gets_silence_from_a_keyed_server(start_server, capsys):
+    server = start_server(key=KEY)
+    assert utc.main(["client", *map(str, server.address), "-W", "0.3"]) == 1
+    assert "no reply" in capsys.readouterr().err
+
+
+def test_keyed_client_rejects_an_unkeyed_server(start_server, tmp_path, capsys):
+    server = start_server()
+    assert utc.main(["client", *map(str, server.address), "--key-file", key_file(tmp_path),
+                     "-c", "3", "--json"]) == 1
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["received"] == 0 and summary["forged"] == 3
+    assert "replies are not authenticated: is the server running with the same key?" in captured.err
+
+
+def _rewrite_digit_of_t2(data):
+    at = data.index(b'"t2": ') + 10
+    return data[:at] + (b"1" if data[at:at + 1] != b"1" else b"2") + data[at + 1:]
+
+
+def tamper_second_reply(index, data):
+    return [(0.0, _rewrite_digit_of_t2(data) if index == 1 else data)]
+
+
+def test_tampered_reply_is_forged(start_server, relay):
+    server = start_server(key=KEY)
+    hop = relay(server.address, tamper_second_reply)
+    measurement = probe(hop.address, count=3, timeout=0.5)
+    assert [sample.status for sample in measurement.samples] == [utc.OK, utc.LOST, utc.OK]
+    assert measurement.forged == 1
+
+
+def test_tampering_is_what_the_key_catches(start_server, relay):
+    """The same tampering, unkeyed: nothing can tell, which is why the key exists."""
+    server = start_server()
+    hop = relay(server.address, tamper_second_reply)
+    measurement = utc.Prober(*hop.address, count=3, timeout=0.5).run()
+    assert measurement.received == 3 and measurement.forged == 0
+
+
+def test_reply_readdressed_to_another_request_is_forged(start_server, relay):
+    server = start_server(key=KEY)
+
+    def readdress(index, data):
+        if index != 3:
+            return [(0.0, data)]
+        other_id = utc.decode_message(hop.requests[2]).message_id
+        this_id = utc.decode_message(data).message_id
+        return [(0.0, data.replace(b"[%d, " % this_id, b"[%d, " % other_id, 1))]
+
+    hop = relay(server.address, readdress)
+    measurement = probe(hop.address, count=5, timeout=0.5)
+    assert measurement.forged == 1 and measurement.duplicates == 0
+    assert [sample.status for sample in measurement.samples] == [utc.OK] * 3 + [utc.LOST, utc.OK]
+
+
+def test_old_replies_replayed_to_new_requests_are_forged(start_server, relay, monkeypatch, capsys):
+    server = start_server(key=KEY)
+    recorder = relay(server.address)
+    assert probe(recorder.address, count=5).received == 5
+    old = list(recorder.replies)
+    replayer = relay(server.address, lambda index, data: [(0.0, old[index % len(old)])])
+    measurement = probe(replayer.address, count=5, timeout=0.3)
+    assert measurement.received == 0 and measurement.forged == 5
+    monkeypatch.setenv(utc.KEY_ENV, KEY.decode())
+    assert utc.main(["client", *map(str, replayer.address), "-c", "5", "-W", "0.3", "-q"]) == 1
+    captured = capsys.readouterr()
+    assert "5 probes sent, 0 received, 100% loss" in captured.out and ", 5 forged" in captured.out
+    assert "5 replies failed authentication" in captured.err
+
+
+def test_any_forged_reply_fails_the_run(start_server, relay, tmp_path, monkeypatch, capsys):
+    server = start_server(key=KEY)
+    hop = relay(server.address, lambda index, data: [(0.0, data), (0.0, _rewrite_digit_of_t2(data))]
+                if index == 0 else [(0.0, data)])
+    monkeypatch.setenv(utc.KEY_ENV, KEY.decode())
+    assert utc.main(["client", *map(str, hop.address), "-c", "3", "--json"]) == 1
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["received"] == 3 and summary["forged"] == 1
+    assert "1 replies failed authentication" in captured.err
+
+
+def test_keyed_faulty_server_is_a_liar_not_a_forger(start_server):
+    server = start_server(key=KEY, faulty=1.0)
+    measurement = probe(server.address, count=3)
+    assert measurement.mismatched == 3 and measurement.forged == 0
+
+
+def test_size_with_a_key(start_server, relay):
+    server = start_server(key=KEY)
+    hop = relay(server.address)
+    measurement = probe(hop.address, count=2, size=900)
+    assert measurement.received == 2 and [len(data) for data in hop.replies] == [900, 900]
+
+
+def test_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv(utc.KEY_ENV, "  secret from env \n")
+    assert utc.load_key(None) == (b"secret from env", [])
+    monkeypatch.delenv(utc.KEY_ENV)
+    assert utc.load_key(None) == (None, [])
+
+
+def test_key_file_wins_over_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(utc.KEY_ENV, "from env")
+    assert utc.load_key(key_file(tmp_path))[0] == KEY
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_key_file_readable_by_others_is_warned_about(tmp_path):
+    key, warnings = utc.load_key(key_file(tmp_path, mode=0o644))
+    assert key == KEY and len(warnings) == 1 and "chmod 600" in warnings[0]
+    assert utc.load_key(key_file(tmp_path, mode=0o600))[1] == []
+
+
+@pytest.mark.parametrize("content", [b"", b"  \n\t"])
+def test_empty_key_is_a_usage_error(tmp_path, content):
+    with pytest.raises(utc.TimecheckError, match="empty") as caught:
+        utc.load_key(key_file(tmp_path, content=content))
+    assert caught.value.exit_code == 2
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_keyed_processes_end_to_end(processes, tmp_path):
+    path = key_file(tmp_path)
+    server = processes(cli("server", "127.0.0.1", "0", "--key-file", path))
+    port = server.stdout.expect(r"Server listening at \('127\.0\.0\.1', (\d+)\)").group(1)
+    keyed = run_cli("client", "127.0.0.1", port, "--key-file", path)
+    assert keyed.returncode == 0 and keyed.stdout.startswith("The time is ")
+    os.chmod(path, 0o644)
+    warned = run_cli("client", "127.0.0.1", port, "--key-file", path, "-c", "2")
+    assert warned.returncode == 0 and "warning: key file" in warned.stderr
+    unkeyed = run_cli("client", "127.0.0.1", port, "-W", "0.3")
+    assert unkeyed.returncode == 1
+
+
+@given(st.binary(min_size=1, max_size=64), st.integers(0, 2 ** 63 - 1), st.text(max_size=50),
+       st.integers(0, 10 ** 6), st.data())
+def test_mac_round_trips_and_any_flipped_byte_breaks_it(key, request_id, text, seq, data):
+    datagram = utc.encode_request(request_id, text, seq, key=key)
+    assert utc.mac_matches(key, utc.REQUEST_LABEL, datagram)
+    position = data.draw(st.integers(0, len(datagram) - 1))
+    flipped = bytearray(datagram)
+    flipped[position] ^= data.draw(st.integers(1, 255))
+    assert not utc.mac_matches(key, utc.REQUEST_LABEL, bytes(flipped))
