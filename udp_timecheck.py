@@ -19,11 +19,14 @@ import contextlib
 import csv
 import datetime
 import errno
+import functools
 import hashlib
 import hmac
 import json
+import json.scanner
 import os
 import random
+import re
 import secrets
 import select
 import signal
@@ -103,40 +106,40 @@ def _bounded_int(digits: str) -> int:
     return int(digits)
 
 
-_JSON = (json.JSONDecoder() if hasattr(sys, "get_int_max_str_digits")
-         else json.JSONDecoder(parse_int=_bounded_int))
-_EXT_INTS = ("seq", "size", "t2", "t3")
+# The C scanner behind json.loads, called without its Python wrappers: the server's
+# hot path.  It raises StopIteration where json.loads says "Expecting value".
+_scan_json = json.scanner.make_scanner(json.JSONDecoder() if hasattr(sys, "get_int_max_str_digits")
+                                       else json.JSONDecoder(parse_int=_bounded_int))
+_new_message = functools.partial(tuple.__new__, Message)  # Message(...) without a Python frame
+_EXT_INTS = frozenset(("seq", "size", "t2", "t3"))
 
 
 def decode_message(data: bytes) -> Message:
     """Decode a datagram, or raise WireError; nothing else escapes, whatever the bytes."""
     try:
         text = data.decode("utf-8").strip(JSON_WHITESPACE)
-        obj, end = _JSON.raw_decode(text)
-    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, too deep, too long
+        obj, end = _scan_json(text, 0)
+    except (ValueError, RecursionError, StopIteration) as exc:  # bad UTF-8 or JSON, too deep or long
         raise WireError("not a JSON datagram: {}".format(type(exc).__name__)) from None
     if end != len(text) or type(obj) is not list or len(obj) < 2:
         raise WireError("not an [id, text, ...] array")
     message_id, message_text = obj[0], obj[1]
-    if type(message_id) is not int or not -ID_LIMIT < message_id < ID_LIMIT:
-        raise WireError("the id is not an integer of at most 64 bits")
-    if type(message_text) is not str:
-        raise WireError("the text is not a string")
-    if "\\u" in text:  # a JSON escape can smuggle in an unpaired surrogate, which is not text
+    if type(message_id) is not int or not -ID_LIMIT < message_id < ID_LIMIT or type(message_text) is not str:
+        raise WireError("not an id of at most 64 bits and a text")
+    if not message_text.isascii():  # a JSON escape can smuggle in an unpaired surrogate: not text
         try:
             message_text.encode("utf-8")
         except UnicodeEncodeError:
             raise WireError("the text holds an unpaired surrogate") from None
     ext = obj[2] if len(obj) > 2 and type(obj[2]) is dict else None
-    if ext is not None:
-        for name in _EXT_INTS:
-            value = ext.get(name)
-            if value is not None and (type(value) is not int or not 0 <= value < ID_LIMIT):
+    if ext:
+        for name, value in ext.items():  # unknown names pass: room for later extensions
+            if name in _EXT_INTS and (type(value) is not int or not 0 <= value < ID_LIMIT):
                 raise WireError("{!r} is not a non-negative integer".format(name))
-        if not isinstance(ext.get("pad", ""), str):
-            raise WireError("'pad' is not a string")
+            if name == "pad" and type(value) is not str:
+                raise WireError("'pad' is not a string")
     mac = obj[3] if len(obj) > 3 and type(obj[3]) is str else None
-    return Message(message_id, message_text, ext, mac)
+    return _new_message((message_id, message_text, ext, mac))
 
 
 def seal(key: bytes, context: bytes, unsigned: bytes) -> bytes:
@@ -154,9 +157,9 @@ def mac_matches(key: bytes, context: bytes, data: bytes) -> bool:
     return hmac.compare_digest(expected, data[-MAC_TRAILER:-2])
 
 
-def reply_context(request_id: int, request_mac: bytes) -> bytes:
-    """What a reply's MAC covers besides the reply: the request it answers."""
-    return REPLY_LABEL + b"%d\n%b\n" % (request_id, request_mac)
+def reply_context(request_id: bytes, request_mac: bytes) -> bytes:
+    """What a reply's MAC covers besides the reply: the request it answers (id as decimal digits)."""
+    return REPLY_LABEL + b"%b\n%b\n" % (request_id, request_mac)
 
 
 def encode_request(request_id: int, text: str, seq: Optional[int] = None, *,
@@ -181,21 +184,47 @@ def encode_request(request_id: int, text: str, seq: Optional[int] = None, *,
     return data if key is None else seal(key, REQUEST_LABEL, data)
 
 
-def reply_parts(reply_id: int, time_text: bytes, request: Message, request_size: int,
-                server_recv_ns: int, keyed: bool) -> Tuple[bytes, Optional[bytes]]:
-    """The reply to request, split where the send timestamp T3 goes.
+# The layout json.dumps gives our client's requests and the tutorial's: one regex
+# finds the digits a reply copies, without decoding any JSON.  Anything else (other
+# spacing, escapes, other keys) goes through decode_message to the same fields.
+_CANONICAL_REQUEST = re.compile(
+    rb'\[(0|-?[1-9][0-9]{0,18}), "[ !#-\[\]-~]*"'
+    rb'(?:, \{"seq": (0|[1-9][0-9]{0,18})(?:, "size": ([1-9][0-9]{0,4}))?(?:, "pad": " *")?\}'
+    rb'(?:, "[0-9a-f]{64}")?)?\]')
 
-    A request in the tutorial's two-element form gets the tutorial's reply,
-    whole (tail None).  Otherwise the reply is head + str(T3) + tail, built
-    before T3 is read so that reading it is the last thing before sendto.
+
+def fields_of(request: Message) -> Tuple[bytes, Optional[bytes], int]:
+    """What a reply needs of a request: its id and seq as decimal digits, and the size asked for.
+
+    seq is None for the tutorial's form: no extension object, or one without a seq.
     """
-    if request.ext is None:
-        return b'[%d, "%b"]' % (reply_id, time_text), None
-    seq = request.ext.get("seq")
-    echo = b"" if seq is None else b'"seq": %d, ' % seq
-    head = b'[%d, "%b", {%b"t2": %d, "t3": ' % (reply_id, time_text, echo, server_recv_ns)
+    seq = request.ext.get("seq") if request.ext is not None else None
+    if seq is None:
+        return b"%d" % request.message_id, None, 0
+    return b"%d" % request.message_id, b"%d" % seq, request.ext.get("size") or 0
+
+
+def request_fields(data: bytes) -> Tuple[bytes, Optional[bytes], int]:
+    """fields_of(decode_message(data)), the quick way for requests in json.dumps' layout."""
+    match = _CANONICAL_REQUEST.fullmatch(data)
+    if match is None:
+        return fields_of(decode_message(data))
+    request_id, seq, size = match.groups()
+    return request_id, seq, int(size) if size else 0
+
+
+def reply_parts(reply_id: bytes, time_text: bytes, seq: Optional[bytes], size: int, request_size: int,
+                server_recv_ns: int, keyed: bool) -> Tuple[bytes, Optional[bytes]]:
+    """The reply, split where the send timestamp T3 goes; ids and seq as decimal digits.
+
+    A request in the tutorial's form (seq None) gets the tutorial's reply, whole
+    (tail None).  Otherwise the reply is head + str(T3) + tail, built before T3
+    is read so that reading it is the last thing before sendto.
+    """
+    if seq is None:
+        return b'[%b, "%b"]' % (reply_id, time_text), None
+    head = b'[%b, "%b", {"seq": %b, "t2": %d, "t3": ' % (reply_id, time_text, seq, server_recv_ns)
     tail = b'}, "' + ZERO_MAC + b'"]' if keyed else b"}]"
-    size = request.ext.get("size")
     if size:
         room = (min(size, request_size) - len(head) - len(b"%d" % server_recv_ns)
                 - len(tail) - PAD_OVERHEAD)
@@ -293,6 +322,12 @@ def resolve(host: str, port: int, passive: bool = False) -> Tuple[int, tuple]:
         if family in MAX_UDP_PAYLOAD:
             return family, address
     raise TimecheckError("host {!r} has no IPv4 or IPv6 address".format(host))
+
+
+def _time_prefix(second: int) -> bytes:
+    """b"The time is <local date and time>"; the server appends the microseconds, as
+    the tutorial's datetime.now() prints them."""
+    return datetime.datetime.fromtimestamp(second).strftime("The time is %Y-%m-%d %H:%M:%S").encode("ascii")
 
 
 def _bind_error(host: str, port: int, exc: OSError) -> TimecheckError:
@@ -416,69 +451,61 @@ class TimeServer:
                 server_recv_ns = clock()
                 if self._stopping:
                     break
-                answer = reply_for(data, source, server_recv_ns)
-                if answer is None:
+                reply = reply_for(data, source, server_recv_ns)
+                if reply is None:
                     continue
                 try:
-                    sendto(answer[0], source)
+                    sendto(reply, source)
                 except OSError:  # e.g. a spoofed source port 0, or no route back
                     stats.errors += 1
                     continue
                 stats.served += 1
                 if log is not None:
-                    log(answer[1], server_recv_ns)
+                    log(data, server_recv_ns)
         finally:
             self._flush_log()
             self._idle.set()
 
     def respond(self, data: bytes, source: tuple = ("127.0.0.1", 9)) -> Optional[bytes]:
         """The reply serve_forever() would send to data from source, or None; no I/O."""
-        answer = self._reply_for(data, source, self._clock())
-        return None if answer is None else answer[0]
+        return self._reply_for(data, source, self._clock())
 
-    def _reply_for(self, data: bytes, source: tuple,
-                   server_recv_ns: int) -> Optional[Tuple[bytes, Message]]:
+    def _reply_for(self, data: bytes, source: tuple, server_recv_ns: int) -> Optional[bytes]:
         stats = self.stats
         if self._limiter is not None and not self._limiter.allow(source[0], server_recv_ns):
             stats.rate_limited += 1
             return None
         try:
-            request = decode_message(data)
+            request_id, seq, size = request_fields(data)
         except WireError:
             stats.malformed += 1
             return None
         key = self._key
-        if key is not None and (request.ext is None or request.mac is None
-                                or not mac_matches(key, REQUEST_LABEL, data)):
+        if key is not None and (seq is None or not mac_matches(key, REQUEST_LABEL, data)):
             stats.unauthenticated += 1  # silence: a keyed server cannot be used to probe or reflect
             return None
-        reply_id = request.message_id
+        reply_id = request_id
         if self._faulty and self._rng() < self._faulty:
-            reply_id += 1  # the tutorial's FAULTY_SERVER: a wrong id the client must catch
-        head, tail = reply_parts(reply_id, self._time_text(server_recv_ns), request, len(data),
-                                 server_recv_ns, key is not None)
+            reply_id = b"%d" % (int(request_id) + 1)  # the tutorial's FAULTY_SERVER: a wrong id
+        second, fraction = divmod(server_recv_ns, NS_PER_S)
+        if second != self._text_second:  # formatting the date once a second is enough
+            self._text_second, self._text_prefix = second, _time_prefix(second)
+        head, tail = reply_parts(reply_id, b"%b.%06d" % (self._text_prefix, fraction // 1000), seq, size,
+                                 len(data), server_recv_ns, key is not None)
         if tail is None:
             reply = head
+        elif key is None:
+            reply = b"%b%d%b" % (head, self._clock(), tail)  # T3: as late as the reply allows
         else:
-            context = None if key is None else reply_context(request.message_id, data[-MAC_TRAILER:-2])
-            reply = head + b"%d" % self._clock() + tail  # T3: as late as the reply allows
-            if context is not None:
-                reply = seal(key, context, reply)
+            context = reply_context(request_id, data[-MAC_TRAILER:-2])
+            reply = seal(key, context, b"%b%d%b" % (head, self._clock(), tail))
         if len(reply) > len(data):  # no reply is ever larger than its request
             stats.too_short += 1
             return None
-        return reply, request
+        return reply
 
-    def _time_text(self, ns: int) -> bytes:
-        """b"The time is <local time>", as the tutorial's datetime.now() prints it."""
-        second, fraction = divmod(ns, NS_PER_S)
-        if second != self._text_second:  # formatting the date once a second is enough
-            self._text_second = second
-            self._text_prefix = datetime.datetime.fromtimestamp(second).strftime(
-                "The time is %Y-%m-%d %H:%M:%S").encode("ascii")
-        return b"%b.%06d" % (self._text_prefix, fraction // 1000)
-
-    def _log_request(self, request: Message, server_recv_ns: int) -> None:
+    def _log_request(self, data: bytes, server_recv_ns: int) -> None:
+        """The tutorial's line for an answered request, at most log_limit a second."""
         second = server_recv_ns // NS_PER_S
         if second != self._log_second:
             self._flush_log()
@@ -487,6 +514,7 @@ class TimeServer:
             self._log_hidden += 1
             return
         self._log_lines += 1
+        request = decode_message(data)  # only for the lines shown: the hot path never decodes
         text = request.text
         if len(text) > LOG_TEXT_LIMIT:
             text = "{}... ({} more characters)".format(text[:LOG_TEXT_LIMIT], len(text) - LOG_TEXT_LIMIT)
@@ -660,8 +688,8 @@ class Prober:
         self.size, self.key, self.on_sample = size, key, on_sample
         # Pad every request so the server's reply fits: it never answers with more bytes.
         worst_id = ID_LIMIT - 1
-        head, tail = reply_parts(worst_id, SAMPLE_TEXT.encode(), Message(worst_id, "", {"seq": count}, None),
-                                 0, 10 ** (TIMESTAMP_DIGITS - 1), key is not None)
+        head, tail = reply_parts(b"%d" % worst_id, SAMPLE_TEXT.encode(), b"%d" % count, 0, 0,
+                                 10 ** (TIMESTAMP_DIGITS - 1), key is not None)
         smallest = max(len(head) + TIMESTAMP_DIGITS + len(tail),
                        len(encode_request(worst_id, SAMPLE_TEXT, count, size=size, key=key)) + PAD_OVERHEAD)
         largest = MAX_UDP_PAYLOAD[self.family]
@@ -777,7 +805,7 @@ class Prober:
                 measurement.unsigned += reply is not None
                 return
             if claimed is None or not mac_matches(
-                    self.key, reply_context(claimed.request_id, claimed.request_mac), data):
+                    self.key, reply_context(b"%d" % claimed.request_id, claimed.request_mac), data):
                 measurement.forged += 1  # tampered with, re-addressed, or replayed
                 return
         if sample is None:

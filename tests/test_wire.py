@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import udp_timecheck as utc
 from conftest import HOSTILE
@@ -38,35 +40,95 @@ def test_padding_never_shrinks_a_request():
     assert utc.encode_request(12345, TEXT, 3, pad_to=10) == unpadded
 
 
+SERVER_TEXT = b"The time is 2026-01-01 00:00:00.000001"
+
+
 def test_reply_parts_put_t3_last_and_round_trip():
-    request = utc.decode_message(utc.encode_request(99, TEXT, 4, pad_to=400))
-    head, tail = utc.reply_parts(99, b"The time is 2026-01-01 00:00:00.000001", request, 400,
-                                 1_700_000_000_123_456_789, keyed=False)
+    head, tail = utc.reply_parts(b"99", SERVER_TEXT, b"4", 0, 400, 1_700_000_000_123_456_789, keyed=False)
     reply = utc.decode_message(head + b"1700000000123999999" + tail)
     assert reply.message_id == 99
     assert reply.ext == {"seq": 4, "t2": 1_700_000_000_123_456_789, "t3": 1_700_000_000_123_999_999}
 
 
 def test_two_element_request_gets_the_tutorials_reply_form():
-    request = utc.decode_message(json.dumps([5, TEXT]).encode())
-    head, tail = utc.reply_parts(5, b"The time is 2026-01-01 00:00:00.000001", request, 100, 1, False)
+    fields = utc.request_fields(json.dumps([5, TEXT]).encode())
+    assert fields == (b"5", None, 0)
+    head, tail = utc.reply_parts(fields[0], SERVER_TEXT, fields[1], fields[2], 100, 1, False)
     assert tail is None
-    assert json.loads(head) == [5, "The time is 2026-01-01 00:00:00.000001"]
+    assert json.loads(head) == [5, SERVER_TEXT.decode()]
     # the same bytes json.dumps would give, as the tutorial's server sends
     assert head == json.dumps(json.loads(head)).encode()
 
 
 def test_requested_size_pads_the_reply_but_never_beyond_the_request():
     data = utc.encode_request(99, TEXT, 4, size=1000, pad_to=1000)
-    request = utc.decode_message(data)
+    request_id, seq, size = utc.request_fields(data)
+    assert (request_id, seq, size) == (b"99", b"4", 1000)
     t2 = 1_700_000_000_123_456_789
-    head, tail = utc.reply_parts(99, b"The time is 2026-01-01 00:00:00.000001", request, len(data), t2, False)
+    head, tail = utc.reply_parts(request_id, SERVER_TEXT, seq, size, len(data), t2, False)
     assert len(head) + len(str(t2)) + len(tail) == 1000
     # a request that asks for more than it carries gets a reply of its own size at most
-    head, tail = utc.reply_parts(99, b"The time is 2026-01-01 00:00:00.000001", request, 500, t2, False)
+    head, tail = utc.reply_parts(request_id, SERVER_TEXT, seq, size, 500, t2, False)
     assert len(head) + len(str(t2)) + len(tail) <= 500
 
 
+@pytest.mark.parametrize("data, fields", [
+    (b'[491, "The time is 2019-05-04 16:20:56.975068"]', (b"491", None, 0)),
+    (b'[-7, "x", {"seq": 0, "size": 300, "pad": "   "}, "' + b"a" * 64 + b'"]', (b"-7", b"0", 300)),
+    (b'  [491 ,"x"]\n', (b"491", None, 0)),                  # other spacing: the JSON route
+    (b'[491, "caf\\u00e9", {"seq": 3}]', (b"491", b"3", 0)),  # an escape: the JSON route
+    (b'[491, "x", {"pad": "", "seq": 3}]', (b"491", b"3", 0)),  # other key order
+    (b'[491, "x", {"size": 300}]', (b"491", None, 0)),         # no seq: the tutorial's form
+    (b'[491, "x", 7]', (b"491", None, 0)),                     # extra elements are ignored
+    (b'[18446744073709551615, "x", {"seq": 18446744073709551615}]',
+     (b"18446744073709551615", b"18446744073709551615", 0)),   # 20 digits: the JSON route
+])
+def test_request_fields(data, fields):
+    assert utc.request_fields(data) == fields
+
+
+@pytest.mark.parametrize("data", [b'[18446744073709551616, "x"]', b'[01, "x"]', b'[1, "x", {"seq": -1}]'])
+def test_request_fields_refuses_what_decode_refuses(data):
+    with pytest.raises(utc.WireError):
+        utc.request_fields(data)
+
+
+def test_real_requests_take_the_quick_route():
+    """The server's speed rests on this: what clients really send never needs the JSON decoder."""
+    for prober in (utc.Prober("127.0.0.1", 9, count=1000), utc.Prober("127.0.0.1", 9, key=b"k" * 32),
+                   utc.Prober("127.0.0.1", 9, size=1400, key=b"k" * 32)):
+        assert utc._CANONICAL_REQUEST.fullmatch(prober._new_probe(999)[1])
+    assert utc._CANONICAL_REQUEST.fullmatch(json.dumps([491, TEXT]).encode())  # the tutorial's client
+
+
+CANONICAL_PIECES = st.tuples(
+    st.integers(-(10 ** 20), 10 ** 20), st.text(max_size=40), st.none() | st.integers(-3, 10 ** 20),
+    st.sampled_from([0, 0, 1, 250, 99999, 100000]), st.integers(0, 300), st.booleans())
+
+
+@settings(max_examples=500, deadline=None)
+@given(CANONICAL_PIECES)
+def test_quick_and_json_routes_agree(pieces):
+    """Requests as json.dumps lays them out, which the regex route takes when it can."""
+    request_id, text, seq, size, pad, keyed = pieces
+    items = [request_id, text]
+    if seq is not None:
+        ext = {"seq": seq}
+        if size:
+            ext["size"] = size
+        if pad:
+            ext["pad"] = " " * pad
+        items.append(ext)
+        if keyed:
+            items.append("f" * 64)
+    data = json.dumps(items).encode()
+    try:
+        expected = utc.fields_of(utc.decode_message(data))
+    except utc.WireError:
+        with pytest.raises(utc.WireError):
+            utc.request_fields(data)
+    else:
+        assert utc.request_fields(data) == expected
 
 
 @pytest.mark.parametrize("data", HOSTILE.values(), ids=list(HOSTILE))
