@@ -70,6 +70,17 @@ def test_ctrl_c_with_nothing_answered_exits_1(processes):
     assert "no reply" in client.rest(client.stderr)[-1]
 
 
+@POSIX_ONLY
+def test_max_rate_limits_a_source_and_counts_it(processes):
+    server, port = start_cli_server(processes, "--max-rate", "1", "-q")
+    client = run_cli("client", "127.0.0.1", port, "-c", "5", "-i", "0.001", "-W", "0.5", "-q")
+    assert client.returncode == 0  # one answered: a bucket of one, refilled once a second
+    assert "5 probes sent, 1 received, 80% loss" in client.stdout
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert "rate-limited 4," in server.rest(server.stdout)[-1]
+
+
 def test_client_and_exit_codes_as_a_process(processes):
     _, port = start_cli_server(processes)
     ok = run_cli("client", "127.0.0.1", port)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import udp_timecheck as utc
-from conftest import FakeClock, closed_port, silent_port
+from conftest import FakeClock, closed_port, ipv6_loopback_available, silent_port
 
 SECOND = utc.NS_PER_S
 
@@ -121,6 +121,26 @@ def test_size_pads_both_directions(start_server, relay):
     measurement = probe(hop.address, count=3, size=1400)
     assert [len(data) for data in hop.requests] == [1400] * 3
     assert [sample.reply_size for sample in measurement.samples] == [1400] * 3
+
+
+def test_the_largest_udp_datagram_both_ways(start_server, relay):
+    server = start_server()
+    hop = relay(server.address)
+    measurement = probe(hop.address, count=2, size=65507)
+    assert measurement.received == 2
+    assert [len(data) for data in hop.requests] == [65507] * 2
+    assert [len(data) for data in hop.replies] == [65507] * 2
+
+
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="this machine has no ::1")
+@pytest.mark.parametrize("bind", ["::1", "::"])
+def test_measurement_over_ipv6(start_server, bind, capsys):
+    server = start_server(host=bind)
+    port = str(server.address[1])
+    assert utc.main(["client", "::1", port, "-c", "5", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("UDP-TIMECHECK [::1]:{} (::1): 5 probes".format(port))
+    assert "5 probes sent, 5 received" in out
 
 
 @pytest.mark.parametrize("size, message", [("50", "--size must be from 1"), ("70000", "argument --size")])
