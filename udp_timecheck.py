@@ -280,13 +280,15 @@ def median(values: Sequence[float]) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def histogram(values: Sequence[float], bins: int = 10) -> List[Tuple[float, float, int]]:
+def histogram(values: Sequence[float], bins: Optional[int] = None) -> List[Tuple[float, float, int]]:
     """Counts in equal bins from the minimum to the 99th percentile, plus one bin above it.
 
     The open top bin keeps one outlier from squeezing everything else into one row.
+    bins defaults to about the square root of the count, at most 10.
     """
     if not values:
         return []
+    bins = bins or max(1, min(10, round(len(values) ** 0.5)))
     ordered = sorted(values)
     low, high = ordered[0], percentile(ordered, 0.99)
     if high <= low:

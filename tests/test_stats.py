@@ -59,6 +59,12 @@ def test_histogram_counts_everything_once():
     assert len(widths) == 1
 
 
+def test_histogram_has_fewer_bins_for_fewer_values():
+    rows = utc.histogram([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert len(rows) <= 3 and sum(count for _, _, count in rows) == 5
+    assert len(utc.histogram([float(v) for v in range(10000)])) == 11
+
+
 def test_histogram_of_equal_values_is_one_row():
     assert utc.histogram([2.0, 2.0, 2.0]) == [(2.0, 2.0, 3)]
     assert utc.histogram([]) == []
