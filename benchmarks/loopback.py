@@ -18,6 +18,8 @@ what to compare across machines; absolute figures depend on the machine.
 import argparse
 import json
 import os
+import platform
+import shutil
 import socket
 import statistics
 import struct
@@ -98,6 +100,17 @@ def role_pingpong(args):
 
 # --- the conductor ------------------------------------------------------------------
 
+def cpu_model():
+    """ " (the CPU's model name)" from /proc/cpuinfo, or nothing."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ({})".format(line.split(":", 1)[1].strip())
+    except OSError:
+        pass
+    return ""
+
+
 def cpu_seconds(pid):
     """User + system CPU seconds of a process, from /proc (None where there is no /proc)."""
     try:
@@ -168,8 +181,9 @@ def conduct(args):
     key_path = tmp / "key"
     key_path.write_bytes(KEY)
     key_path.chmod(0o600)
-    print("udp-timecheck loopback benchmark: Python {}, {} CPUs, {}".format(
-        sys.version.split()[0], os.cpu_count(), " ".join(os.uname()[2:4]) if hasattr(os, "uname") else ""))
+    print("udp-timecheck loopback benchmark: Python {} on {} {} {}, {} CPUs{}".format(
+        platform.python_version(), platform.system(), platform.release().split("-")[0], platform.machine(),
+        os.cpu_count(), cpu_model()))
     print("load generator: one Python process keeping {} requests in flight; measured {:g} s "
           "after {:g} s of warm-up".format(WINDOW, seconds, warmup))
     print("requests: {} bytes as our client sends them ({} bytes with a key)\n".format(
@@ -213,8 +227,10 @@ def conduct(args):
     finally:
         for server in (echo, ours, keyed):
             server.stop()
-    print("\nserver log at default verbosity: {} lines for {:,.0f} requests ({})".format(
-        sum(1 for _ in open(tmp / "server.log")), rows[1][1] * seconds, tmp / "server.log"))
+        log_lines = sum(1 for _ in open(tmp / "server.log"))
+        shutil.rmtree(tmp)
+    print("\nour server's log at default verbosity: {} lines for about {:,.0f} requests".format(
+        log_lines, rows[1][1] * (seconds + warmup)))
 
 
 ROLES = {"conduct": conduct, "_echo": role_echo, "_load": role_load, "_pingpong": role_pingpong}
