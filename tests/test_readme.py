@@ -1,0 +1,78 @@
+"""The README's commands and code, checked against the program they describe."""
+
+import re
+import shlex
+import socket
+import subprocess
+import sys
+
+import udp_timecheck as utc
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, re.S)
+
+
+def shell_lines():
+    for language, body in BLOCKS:
+        if language == "sh":
+            yield from (line.split("  #")[0].strip() for line in body.replace("\\\n", " ").splitlines()
+                        if line.strip())
+
+
+def test_the_two_commands_come_first_and_ci_runs_the_same_tests():
+    lines = list(shell_lines())
+    assert lines[0] == "python3 udp_timecheck.py demo"
+    assert lines[1] == ("python3 -m venv .venv && .venv/bin/python -m pip install -e '.[test]' "
+                        "&& .venv/bin/python -m pytest")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "-m pip install --quiet -e '.[test]'" in ci and '"$py" -m pytest' in ci
+
+
+def test_every_udp_timecheck_command_parses():
+    commands = [line for line in shell_lines() if "python3 udp_timecheck.py " in line]
+    assert len(commands) >= 10
+    parser = utc.build_parser()
+    for line in commands:
+        words = shlex.split(line.replace('"$(cat key)"', "secret").replace("PUBLIC-IP", "203.0.113.7"))
+        argv = words[words.index("udp_timecheck.py") + 1:]
+        args = parser.parse_args(argv)  # raises TimecheckError (exit 2) on anything wrong
+        assert args.func.__name__ == "cmd_" + argv[0], line
+
+
+def test_key_generation_command_makes_a_usable_key(tmp_path):
+    (line,) = [line for line in shell_lines() if "token_hex" in line]
+    subprocess.run(line.replace("python3", shlex.quote(sys.executable), 1), shell=True, cwd=tmp_path,
+                   check=True, timeout=30)
+    key, warnings = utc.load_key(str(tmp_path / "key"))
+    assert len(key) == 64 and warnings == []
+
+
+def test_mac_snippet_verifies_real_datagrams():
+    (snippet,) = [body for language, body in BLOCKS if language == "python"]
+    namespace = {}
+    exec(snippet, namespace)
+    mac_of = namespace["mac_of"]
+    key = b"the README's key"
+    with utc.TimeServer("127.0.0.1", 0, key=key) as server:
+        server.start()
+        request = utc.encode_request(1234567, "The time is now", 0, pad_to=300, key=key)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(10)
+            sock.connect(server.address)
+            sock.send(request)
+            reply = sock.recv(65535)
+    assert mac_of(key, b"udp-timecheck/1 request\n", request) == request[-66:-2]
+    assert mac_of(key, b"udp-timecheck/1 reply\n%d\n%b\n" % (1234567, request[-66:-2]), reply) == reply[-66:-2]
+    assert mac_of(b"another key", b"udp-timecheck/1 request\n", request) != request[-66:-2]
+
+
+def test_protocol_examples_are_what_the_code_sends():
+    request = re.search(r"request  (\d+) bytes  (\[.*\])", README)
+    reply = re.search(r"reply    (\d+) bytes  (\[.*\])", README)
+    for match in (request, reply):
+        assert int(match.group(1)) == len(match.group(2).encode())
+        utc.decode_message(match.group(2).encode())
+    request_id, seq, size = utc.request_fields(request.group(2).encode())
+    assert utc.decode_message(reply.group(2).encode()).message_id == int(request_id)
+    assert int(reply.group(1)) <= int(request.group(1))
