@@ -142,18 +142,20 @@ def decode_message(data: bytes) -> Message:
     return _new_message((message_id, message_text, ext, mac))
 
 
+def _mac(key: bytes, context: bytes, unsigned: bytes) -> bytes:
+    return hmac.new(key, context + unsigned, hashlib.sha256).hexdigest().encode("ascii")
+
+
 def seal(key: bytes, context: bytes, unsigned: bytes) -> bytes:
     """Fill in the MAC of a datagram that ends with ``"<64 zeros>"]``."""
-    mac = hmac.new(key, context + unsigned, hashlib.sha256).hexdigest().encode("ascii")
-    return unsigned[:-MAC_TRAILER] + mac + b'"]'
+    return unsigned[:-MAC_TRAILER] + _mac(key, context, unsigned) + b'"]'
 
 
 def mac_matches(key: bytes, context: bytes, data: bytes) -> bool:
     """True if the datagram ends with the right MAC of itself (MAC zeroed) under context."""
     if len(data) <= MAC_TRAILER or not data.endswith(b'"]'):
         return False
-    unsigned = data[:-MAC_TRAILER] + ZERO_MAC + b'"]'
-    expected = hmac.new(key, context + unsigned, hashlib.sha256).hexdigest().encode("ascii")
+    expected = _mac(key, context, data[:-MAC_TRAILER] + ZERO_MAC + b'"]')
     return hmac.compare_digest(expected, data[-MAC_TRAILER:-2])
 
 
@@ -648,8 +650,8 @@ class Measurement:
 
     def summary(self) -> Dict[str, object]:
         answered = [sample for sample in self.samples if sample.status == OK]
-        rtts = [sample.rtt_ns / 1e6 for sample in answered]
-        procs = [sample.server_proc_ns / 1e6 for sample in answered if sample.server_proc_ns is not None]
+        rtts = [sample.rtt_ns for sample in answered]
+        procs = [sample.server_proc_ns for sample in answered if sample.server_proc_ns is not None]
         # NTP's clock filter: the offset of the lowest-delay sample has the smallest error
         best = min((sample for sample in answered if sample.offset_ns is not None),
                    key=lambda sample: sample.rtt_ns, default=None)
@@ -660,14 +662,11 @@ class Measurement:
                 "duplicates": self.duplicates, "late": self.late, "mismatched": self.mismatched,
                 "forged": self.forged, "refused": self.refused, "errors": self.errors,
                 "interrupted": self.interrupted,
-                "rtt_ms": {name: None if value is None else round(value, 6)
-                           for name, value in rtt_summary(rtts).items()},
-                "jitter_ms": _ms(None if len(rtts) < 2 else mean_abs_difference(rtts) * 1e6),
-                "server_proc_ms": _ms(None if not procs else median(procs) * 1e6),
+                "rtt_ms": {name: _ms(value) for name, value in rtt_summary(rtts).items()},
+                "jitter_ms": _ms(mean_abs_difference(rtts)), "server_proc_ms": _ms(median(procs)),
                 "offset_ms": _ms(best and best.offset_ns), "offset_err_ms": _ms(best and best.offset_err_ns),
                 "offset_seq": best and best.seq,
-                "histogram_ms": [[round(low, 6), round(high, 6), count]
-                                 for low, high, count in histogram(rtts)],
+                "histogram_ms": [[_ms(low), _ms(high), count] for low, high, count in histogram(rtts)],
                 "samples": [sample.as_dict() for sample in self.samples]}
 
 
@@ -1012,7 +1011,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         rows = None
         if args.csv is not None:  # open it first: a bad path is a usage error, not a lost run
             try:
-                rows = csv.writer(stack.enter_context(open(args.csv, "w", newline="")))
+                rows = csv.DictWriter(stack.enter_context(open(args.csv, "w", newline="")),
+                                      fieldnames=list(Sample(0, 0).as_dict()))
             except OSError as exc:
                 raise TimecheckError("cannot write {}: {}".format(args.csv, exc.strerror or exc)) from None
         if measuring and not args.json:
@@ -1023,8 +1023,8 @@ def cmd_client(args: argparse.Namespace) -> int:
             measurement = prober.run()
         summary = measurement.summary()
         if rows is not None:
-            rows.writerow(Sample(0, 0).as_dict())
-            rows.writerows(sample.values() for sample in summary["samples"])
+            rows.writeheader()
+            rows.writerows(summary["samples"])
     if args.json:
         _out(json.dumps(summary))
     elif measuring:

@@ -62,8 +62,9 @@ def test_mac_snippet_verifies_real_datagrams():
             sock.connect(server.address)
             sock.send(request)
             reply = sock.recv(65535)
-    assert mac_of(key, b"udp-timecheck/1 request\n", request) == request[-66:-2]
-    assert mac_of(key, b"udp-timecheck/1 reply\n%d\n%b\n" % (1234567, request[-66:-2]), reply) == reply[-66:-2]
+    request_mac = request[-66:-2]
+    assert mac_of(key, b"udp-timecheck/1 request\n", request) == request_mac
+    assert mac_of(key, b"udp-timecheck/1 reply\n%d\n%b\n" % (1234567, request_mac), reply) == reply[-66:-2]
     assert mac_of(b"another key", b"udp-timecheck/1 request\n", request) != request[-66:-2]
 
 
