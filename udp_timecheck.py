@@ -987,13 +987,12 @@ def cmd_server(args: argparse.Namespace) -> int:
     server = TimeServer(args.host, args.port, faulty=args.faulty, key=_key_for(args),
                         max_rate=args.max_rate, log=None if args.quiet else _out,
                         log_limit=None if args.verbose else LOG_LINES_PER_SECOND)
-    with server:
-        _out("Server listening at {}".format(server.address))
-        with _interrupts():
-            try:
-                server.serve_forever()
-            except KeyboardInterrupt:
-                pass
+    with server, _interrupts():  # handlers first: a signal right after the first line stops cleanly
+        try:
+            _out("Server listening at {}".format(server.address))
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
     _out("Server stopped: {}".format(server.stats))
     return EXIT_OK
 
