@@ -25,6 +25,7 @@ import hmac
 import json
 import json.scanner
 import os
+import platform
 import random
 import re
 import secrets
@@ -32,10 +33,10 @@ import select
 import signal
 import socket
 import statistics
+import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import (Callable, Dict, Iterator, List, Mapping, NamedTuple, NoReturn,
                     Optional, Sequence, Tuple)
 
@@ -70,6 +71,37 @@ JSON_WHITESPACE = " \t\n\r"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 OK, LOST, MISMATCHED, PENDING = "ok", "lost", "mismatched", "pending"
 NS_PER_S = 1_000_000_000
+
+# Timestamps.  The kernel stamps each datagram as it arrives (SO_TIMESTAMPNS, on
+# CLOCK_REALTIME): with it, a round trip no longer includes the time our own two
+# processes take to wake up.  The socket module exports none of these constants.
+KERNEL, USER = "kernel", "user"
+# (SO_TIMESTAMPNS, SO_TIMESTAMPING) by architecture; most share asm-generic's values.
+SO_TIMESTAMPNS, SO_TIMESTAMPING = (
+    {"sparc": (0x21, 0x23), "sparc64": (0x21, 0x23), "parisc": (0x4013, 0x4014),
+     "parisc64": (0x4013, 0x4014)}.get(platform.machine(), (35, 37))
+    if sys.platform.startswith("linux") else (None, None))
+# SO_TIMESTAMPING: software transmit stamps, reported without the datagram's bytes
+TRANSMIT_STAMPS = (1 << 1) | (1 << 4) | (1 << 11)
+MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8 if sys.platform.startswith("linux") else None)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", None)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", None)
+TIMESPEC = struct.Struct("@ll")     # struct timespec: the payload of SO_TIMESTAMPNS
+ANCILLARY_SPACE = 256               # room for a timestamp and a packet-info message
+MAX_QUEUE_WAIT_NS = NS_PER_S        # an older kernel timestamp means the clocks disagree
+WALL_STEP_TOLERANCE_NS = 50_000     # wall vs monotonic over one round trip, beyond read gaps
+
+
+try:  # nanosecond clocks; Python 3.6 has only the float ones
+    wall_ns = time.time_ns
+    monotonic_ns = time.perf_counter_ns
+except AttributeError:  # pragma: no cover - Python 3.6
+    def wall_ns() -> int:
+        return int(time.time() * NS_PER_S)
+
+    def monotonic_ns() -> int:
+        return int(time.perf_counter() * NS_PER_S)
 
 
 class TimecheckError(Exception):
@@ -215,17 +247,20 @@ def request_fields(data: bytes) -> Tuple[bytes, Optional[bytes], int]:
     return request_id, seq, int(size) if size else 0
 
 
-def reply_parts(reply_id: bytes, time_text: bytes, seq: Optional[bytes], size: int, request_size: int,
-                server_recv_ns: int, keyed: bool) -> Tuple[bytes, Optional[bytes]]:
+def reply_parts(reply_id: bytes, time_text: bytes, *, seq: Optional[bytes], server_recv_ns: int,
+                stamp: bytes = KERNEL.encode(), size: int = 0, request_size: int = 0,
+                keyed: bool = False) -> Tuple[bytes, Optional[bytes]]:
     """The reply, split where the send timestamp T3 goes; ids and seq as decimal digits.
 
     A request in the tutorial's form (seq None) gets the tutorial's reply, whole
     (tail None).  Otherwise the reply is head + str(T3) + tail, built before T3
-    is read so that reading it is the last thing before sendto.
+    is read so that reading it is the last thing before the send.  stamp says
+    where T2 came from: b"kernel" or b"user".
     """
     if seq is None:
         return b'[%b, "%b"]' % (reply_id, time_text), None
-    head = b'[%b, "%b", {"seq": %b, "t2": %d, "t3": ' % (reply_id, time_text, seq, server_recv_ns)
+    head = b'[%b, "%b", {"seq": %b, "ts": "%b", "t2": %d, "t3": ' % (
+        reply_id, time_text, seq, stamp, server_recv_ns)
     tail = b'}, "' + ZERO_MAC + b'"]' if keyed else b"}]"
     if size:
         room = (min(size, request_size) - len(head) - len(b"%d" % server_recv_ns)
@@ -233,6 +268,22 @@ def reply_parts(reply_id: bytes, time_text: bytes, seq: Optional[bytes], size: i
         if room >= 0:
             tail = b', "pad": "' + b" " * room + b'"' + tail
     return head, tail
+
+
+def min_request_size(highest_seq: int, *, size: int = 0, keyed: bool = False) -> int:
+    """The smallest request our server can answer whole, for any id and time.
+
+    A reply is never larger than its request, so requests are padded to the
+    longest reply they can get: the largest id, T2 and T3 of TIMESTAMP_DIGITS
+    digits, and the longer stamp.
+    """
+    worst_id = ID_LIMIT - 1
+    head, tail = reply_parts(b"%d" % worst_id, SAMPLE_TEXT.encode(), seq=b"%d" % highest_seq,
+                             server_recv_ns=10 ** (TIMESTAMP_DIGITS - 1), stamp=KERNEL.encode(),
+                             keyed=keyed)
+    request = encode_request(worst_id, SAMPLE_TEXT, highest_seq, size=size,
+                             key=b"k" if keyed else None)
+    return max(len(head) + TIMESTAMP_DIGITS + len(tail), len(request) + PAD_OVERHEAD)
 
 
 def printable(text: str) -> str:
@@ -310,6 +361,52 @@ def histogram(values: Sequence[float], bins: Optional[int] = None) -> List[Tuple
     return rows
 
 
+def arrival_ns(kernel_ns: Optional[int], clock_ns: int, real_ns: int, max_age_ns: int) -> Optional[int]:
+    """When a datagram arrived, on the clock that read clock_ns, from the kernel's stamp.
+
+    The kernel stamps on CLOCK_REALTIME; real_ns is that clock, read with
+    clock_ns (the same reading when they are one clock), so the stamp's age
+    carries over to any clock.  A stamp later than that reading, or older than
+    max_age_ns (the longest the datagram can have waited), is implausible: None.
+    """
+    if kernel_ns is None:
+        return None
+    age = real_ns - kernel_ns
+    return clock_ns - age if 0 <= age <= max_age_ns else None
+
+
+class Timing(NamedTuple):
+    """What one answered probe measured; see probe_timing()."""
+    rtt_ns: int                 # the round trip, without the server's processing time
+    proc_ns: Optional[int]      # the server's T3 - T2, when plausible
+    offset_ns: Optional[float]  # NTP's offset: positive when the server's clock is ahead
+    trusted: bool               # the wall clock held steady: the offset can be used
+    kernel: bool                # rtt_ns came from kernel timestamps, not from wake-ups
+
+
+def probe_timing(t1: int, t2: Optional[int], t3: Optional[int], t4: int, *, raw_ns: int, span_ns: int,
+                 kernel: bool) -> Timing:
+    """RTT, server processing time and clock offset of one probe, NTP's way.
+
+    raw_ns is the monotonic time from before the send to after the receive, and
+    span_ns the wall clock over the same interval, read next to it: when the two
+    disagree, the wall clock stepped, and neither (T4 - T1) nor the offset can be
+    trusted.  With kernel stamps (t4 from the kernel), the RTT is
+    (T4 - T1) - (T3 - T2) when that is positive and no longer than raw_ns; else,
+    and with user-space stamps, it is raw_ns - (T3 - T2), wake-ups included.
+    """
+    proc = t3 - t2 if t2 is not None and t3 is not None and 0 <= t3 - t2 <= raw_ns else None
+    steady = abs(span_ns - raw_ns) <= WALL_STEP_TOLERANCE_NS + raw_ns // 1000
+    rtt, trusted = raw_ns - (proc or 0), steady
+    if kernel:
+        kernel_rtt = t4 - t1 - (proc or 0)
+        kernel = trusted = steady and 0 < kernel_rtt <= raw_ns
+        if kernel:
+            rtt = kernel_rtt
+    offset = None if t2 is None or t3 is None else ((t2 - t1) + (t3 - t4)) / 2
+    return Timing(rtt, proc, offset, trusted, kernel)
+
+
 # ---------------------------------------------------------------------------
 # Server
 # ---------------------------------------------------------------------------
@@ -378,15 +475,95 @@ class RateLimiter:
         return allowed
 
 
-@dataclass
+def enable_kernel_timestamps(sock: socket.socket) -> bool:
+    """Ask the kernel to stamp each datagram as it arrives; False where it cannot."""
+    if SO_TIMESTAMPNS is None or not hasattr(sock, "recvmsg"):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    except OSError:
+        return False
+    return True
+
+
+def enable_transmit_timestamps(sock: socket.socket) -> bool:
+    """Ask the kernel to stamp each datagram as it leaves, on the socket's error queue."""
+    if SO_TIMESTAMPING is None or not hasattr(sock, "recvmsg"):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, TRANSMIT_STAMPS)
+    except OSError:
+        return False
+    return True
+
+
+def read_transmit_stamp(sock: socket.socket, not_before_ns: int) -> Optional[int]:
+    """The kernel's stamp, in ns, of the datagram just sent on non-blocking sock, or None.
+
+    Stamps queue up in the order the datagrams left; one earlier than
+    not_before_ns (CLOCK_REALTIME before the send) belongs to an earlier one.
+    """
+    for _ in range(4):
+        try:
+            _, ancillary, _, _ = sock.recvmsg(1, ANCILLARY_SPACE, MSG_ERRQUEUE)
+        except OSError:  # BlockingIOError: nothing (more) queued
+            return None
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPING and len(payload) >= TIMESPEC.size:
+                seconds, nanoseconds = TIMESPEC.unpack_from(payload)  # the first of three: software
+                stamp_ns = seconds * NS_PER_S + nanoseconds
+                if stamp_ns >= not_before_ns:
+                    return stamp_ns
+    return None
+
+
+def enable_packet_info(sock: socket.socket) -> bool:
+    """Ask for each datagram's destination address, so that the reply can come from it."""
+    if sock.family == socket.AF_INET6:
+        level, option = socket.IPPROTO_IPV6, IPV6_RECVPKTINFO
+    else:
+        level, option = socket.IPPROTO_IP, IP_PKTINFO
+    if option is None or not hasattr(sock, "sendmsg"):
+        return False
+    try:
+        sock.setsockopt(level, option, 1)
+    except OSError:
+        return False
+    return True
+
+
+_PACKET_INFO_LEVELS = frozenset((socket.IPPROTO_IP, socket.IPPROTO_IPV6))
+
+
+def read_ancillary(ancillary: Sequence[Tuple[int, int, bytes]]) -> Tuple[Optional[int], Sequence[tuple]]:
+    """(the kernel's receive time in ns or None, the packet info to send the reply with)."""
+    level, kind, payload = ancillary[0]
+    rest = ancillary[1:]
+    if kind == SO_TIMESTAMPNS and level == socket.SOL_SOCKET and len(payload) == TIMESPEC.size \
+            and (not rest or len(rest) == 1 and rest[0][0] in _PACKET_INFO_LEVELS):  # the kernel's order
+        seconds, nanoseconds = TIMESPEC.unpack(payload)
+        return seconds * NS_PER_S + nanoseconds, rest
+    kernel_ns, control = None, []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) == TIMESPEC.size:
+            seconds, nanoseconds = TIMESPEC.unpack(payload)
+            kernel_ns = seconds * NS_PER_S + nanoseconds
+        elif level in _PACKET_INFO_LEVELS:  # in_pktinfo or in6_pktinfo: sent back as it came
+            control.append((level, kind, payload))
+    return kernel_ns, control
+
+
 class ServerStats:
-    served: int = 0
-    malformed: int = 0
-    unauthenticated: int = 0
-    rate_limited: int = 0
-    too_short: int = 0
-    errors: int = 0
-    not_logged: int = 0
+    """What the server did with the datagrams it received."""
+    __slots__ = ("served", "malformed", "unauthenticated", "rate_limited", "too_short", "errors",
+                 "not_logged", "user_stamps")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> Dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
     def __str__(self) -> str:
         return ("served {0.served}, malformed {0.malformed}, unauthenticated {0.unauthenticated}, "
@@ -400,8 +577,10 @@ class TimeServer:
     serve_forever() answers in the calling thread, start() in a background
     thread; shutdown() stops either from another thread; as a context manager
     it shuts down and closes on exit.  clock returns wall-clock nanoseconds
-    since the epoch (tests inject a shifted one); log receives one line per
-    request, at most log_limit a second (None: no limit).
+    since the epoch (tests inject a shifted one; the kernel's receive stamps
+    are carried over to it by their age); timestamps is KERNEL where the
+    platform has it, else USER; log receives one line per request, at most
+    log_limit a second (None: no limit).
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
@@ -409,7 +588,7 @@ class TimeServer:
                  max_rate: Optional[float] = None,
                  log: Optional[Callable[[str], None]] = None,
                  log_limit: Optional[int] = LOG_LINES_PER_SECOND,
-                 clock: Callable[[], int] = time.time_ns,
+                 clock: Optional[Callable[[], int]] = None, timestamps: str = KERNEL,
                  rng: Callable[[], float] = random.random) -> None:
         family, address = resolve(host, port, passive=True)
         self.socket = socket.socket(family, socket.SOCK_DGRAM)
@@ -419,8 +598,13 @@ class TimeServer:
             self.socket.close()
             raise _bind_error(address[0], port, exc) from None
         self.address = self.socket.getsockname()
+        self.timestamps = KERNEL if timestamps == KERNEL and enable_kernel_timestamps(self.socket) else USER
+        # A wildcard server answers from the address each request was sent to: the
+        # kernel's own choice can differ on a host with several, and clients drop that.
+        self.packet_info = self.address[0] in ("0.0.0.0", "::") and enable_packet_info(self.socket)
         self.stats = ServerStats()
-        self._faulty, self._key, self._clock, self._rng = faulty, key, clock, rng
+        self._faulty, self._key, self._rng = faulty, key, rng
+        self._clock, self._real_clock = clock or wall_ns, clock is None
         self._limiter = RateLimiter(max_rate) if max_rate else None
         self._log, self._log_limit = log, log_limit
         self._log_second = self._log_lines = self._log_hidden = 0
@@ -428,7 +612,7 @@ class TimeServer:
         self._stopping = False
         self._idle = threading.Event()
         self._idle.set()
-        self._thread: Optional[threading.Thread] = None
+        self._thread = None  # type: Optional[threading.Thread]
 
     def __enter__(self) -> "TimeServer":
         return self
@@ -439,27 +623,29 @@ class TimeServer:
 
     def serve_forever(self) -> None:
         """Answer requests until shutdown(); a bad datagram is counted, never fatal."""
-        recvfrom, sendto, clock = self.socket.recvfrom, self.socket.sendto, self._clock
-        reply_for, stats = self._reply_for, self.stats
+        recvmsg, sendmsg = self._socket_calls()
+        clock, arrival, reply_for, stats = self._clock, self._arrival, self._reply_for, self.stats
         log = self._log_request if self._log is not None else None
         self._idle.clear()
         try:
             while not self._stopping:
                 try:
-                    data, source = recvfrom(MAX_DATAGRAM)
+                    data, ancillary, _, source = recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
                 except OSError:  # Windows reports an earlier reply's ICMP error here
                     if self.socket.fileno() < 0:
                         break
                     stats.errors += 1
                     continue
-                server_recv_ns = clock()
+                user_ns = clock()
                 if self._stopping:
                     break
-                reply = reply_for(data, source, server_recv_ns)
+                server_recv_ns, stamp, control = arrival(ancillary, user_ns) if ancillary \
+                    else (user_ns, b"user", ())
+                reply = reply_for(data, source, server_recv_ns, stamp)
                 if reply is None:
                     continue
                 try:
-                    sendto(reply, source)
+                    sendmsg((reply,), control, 0, source)
                 except OSError:  # e.g. a spoofed source port 0, or no route back
                     stats.errors += 1
                     continue
@@ -470,11 +656,36 @@ class TimeServer:
             self._flush_log()
             self._idle.set()
 
+    def _socket_calls(self) -> Tuple[Callable, Callable]:
+        """recvmsg and sendmsg, or stand-ins where the platform has neither (Windows)."""
+        sock = self.socket
+        if hasattr(sock, "recvmsg") and hasattr(sock, "sendmsg"):
+            return sock.recvmsg, sock.sendmsg
+
+        def recvmsg(size: int, _ancillary_size: int) -> Tuple[bytes, list, int, tuple]:
+            data, source = sock.recvfrom(size)
+            return data, [], 0, source
+
+        def sendmsg(buffers: Sequence[bytes], _control: object, _flags: int, target: tuple) -> int:
+            return sock.sendto(b"".join(buffers), target)
+        return recvmsg, sendmsg
+
+    def _arrival(self, ancillary: list, user_ns: int) -> Tuple[int, bytes, Sequence[tuple]]:
+        """T2, where it came from (b"kernel" or b"user"), and the packet info to reply with."""
+        kernel_ns, control = read_ancillary(ancillary)
+        server_recv_ns = arrival_ns(kernel_ns, user_ns, user_ns if self._real_clock else wall_ns(),
+                                    MAX_QUEUE_WAIT_NS)
+        if server_recv_ns is not None:
+            return server_recv_ns, b"kernel", control
+        if self.timestamps == KERNEL:
+            self.stats.user_stamps += 1
+        return user_ns, b"user", control
+
     def respond(self, data: bytes, source: tuple = ("127.0.0.1", 9)) -> Optional[bytes]:
         """The reply serve_forever() would send to data from source, or None; no I/O."""
-        return self._reply_for(data, source, self._clock())
+        return self._reply_for(data, source, self._clock(), b"user")
 
-    def _reply_for(self, data: bytes, source: tuple, server_recv_ns: int) -> Optional[bytes]:
+    def _reply_for(self, data: bytes, source: tuple, server_recv_ns: int, stamp: bytes) -> Optional[bytes]:
         stats = self.stats
         if self._limiter is not None and not self._limiter.allow(source[0], server_recv_ns):
             stats.rate_limited += 1
@@ -494,8 +705,9 @@ class TimeServer:
         second, fraction = divmod(server_recv_ns, NS_PER_S)
         if second != self._text_second:  # formatting the date once a second is enough
             self._text_second, self._text_prefix = second, _time_prefix(second)
-        head, tail = reply_parts(reply_id, b"%b.%06d" % (self._text_prefix, fraction // 1000), seq, size,
-                                 len(data), server_recv_ns, key is not None)
+        head, tail = reply_parts(reply_id, b"%b.%06d" % (self._text_prefix, fraction // 1000), seq=seq,
+                                 server_recv_ns=server_recv_ns, stamp=stamp, size=size,
+                                 request_size=len(data), keyed=key is not None)
         if tail is None:
             reply = head
         elif key is None:
@@ -565,81 +777,93 @@ def _ms(ns: Optional[float]) -> Optional[float]:
     return None if ns is None else round(ns / 1e6, 6)
 
 
-@dataclass
 class Sample:
-    """One probe.  *_ns on the perf counter for RTT, wall clock for T1..T4."""
-    seq: int
-    request_id: int
-    request_mac: bytes = b""
-    status: str = PENDING
-    send_ns: int = 0                            # perf_counter_ns() right before send
-    recv_ns: Optional[int] = None               # perf_counter_ns() right after recv
-    client_send_ns: int = 0                     # T1, wall clock
-    client_recv_ns: Optional[int] = None        # T4, wall clock
-    server_recv_ns: Optional[int] = None        # T2, server's wall clock
-    server_send_ns: Optional[int] = None        # T3, server's wall clock
-    reply_id: Optional[int] = None
-    reply_text: Optional[str] = None
-    reply_size: int = 0
+    """One probe: its request, its timestamps and, once answered, what it measured.
+
+    t1 and t4 are this machine's wall clock at send and receive, t2 and t3 the
+    server's at receive and send (NTP's names).  send_mono_ns and recv_mono_ns
+    are the monotonic clock around the same send and receive.
+    """
+    __slots__ = ("seq", "request_id", "request_mac", "status", "send_mono_ns", "recv_mono_ns",
+                 "t1", "t1_user", "t1_kernel", "t2", "t3", "t4", "t4_kernel", "server_stamp", "reply_id",
+                 "reply_text",
+                 "reply_size", "timing")
+
+    def __init__(self, seq: int, request_id: int, request_mac: bytes = b"") -> None:
+        self.seq, self.request_id, self.request_mac = seq, request_id, request_mac
+        self.status = PENDING
+        self.send_mono_ns = self.t1 = self.t1_user = 0
+        self.recv_mono_ns = self.t2 = self.t3 = self.t4 = None  # type: Optional[int]
+        self.t1_kernel = self.t4_kernel = False
+        self.server_stamp = self.reply_id = self.reply_text = None  # type: Optional[object]
+        self.reply_size = 0
+        self.timing = None  # type: Optional[Timing]
 
     @property
     def raw_rtt_ns(self) -> Optional[int]:
-        return None if self.recv_ns is None else self.recv_ns - self.send_ns
-
-    @property
-    def server_proc_ns(self) -> Optional[int]:
-        """T3 - T2, when plausible (a server clock step can make it negative or huge)."""
-        raw = self.raw_rtt_ns
-        if raw is None or self.server_recv_ns is None or self.server_send_ns is None:
-            return None
-        proc = self.server_send_ns - self.server_recv_ns
-        return proc if 0 <= proc <= raw else None
+        return None if self.recv_mono_ns is None else self.recv_mono_ns - self.send_mono_ns
 
     @property
     def rtt_ns(self) -> Optional[int]:
-        """The round trip without the server's processing time, as irtt and NTP's delay."""
-        raw = self.raw_rtt_ns
-        return None if raw is None else raw - (self.server_proc_ns or 0)
+        return self.timing and self.timing.rtt_ns
+
+    @property
+    def server_proc_ns(self) -> Optional[int]:
+        return self.timing and self.timing.proc_ns
 
     @property
     def offset_ns(self) -> Optional[float]:
-        """NTP's offset ((T2 - T1) + (T3 - T4)) / 2: positive when the server is ahead."""
-        if self.client_recv_ns is None or self.server_recv_ns is None or self.server_send_ns is None:
-            return None
-        return ((self.server_recv_ns - self.client_send_ns)
-                + (self.server_send_ns - self.client_recv_ns)) / 2
+        return self.timing and self.timing.offset_ns
 
     @property
     def offset_err_ns(self) -> Optional[float]:
-        return None if self.offset_ns is None else self.rtt_ns / 2
+        return None if self.offset_ns is None else self.timing.rtt_ns / 2
+
+    def settle(self, user_t4: int, *, kernel_mode: bool) -> None:
+        """Work out what the probe measured, once its reply is recorded."""
+        self.timing = probe_timing(self.t1, self.t2, self.t3, self.t4, raw_ns=self.raw_rtt_ns,
+                                   span_ns=user_t4 - self.t1_user, kernel=kernel_mode and self.t4_kernel)
 
     def as_dict(self) -> Dict[str, object]:
+        timing = self.timing
         return {"seq": self.seq, "id": self.request_id, "status": self.status,
                 "rtt_ms": _ms(self.rtt_ns), "raw_rtt_ms": _ms(self.raw_rtt_ns),
                 "server_proc_ms": _ms(self.server_proc_ns), "offset_ms": _ms(self.offset_ns),
                 "offset_err_ms": _ms(self.offset_err_ns), "reply_id": self.reply_id,
-                "t1_ns": self.client_send_ns, "t2_ns": self.server_recv_ns,
-                "t3_ns": self.server_send_ns, "t4_ns": self.client_recv_ns}
+                "t1_ns": self.t1, "t2_ns": self.t2, "t3_ns": self.t3, "t4_ns": self.t4,
+                "t1_from": KERNEL if self.t1_kernel else USER, "t4_from": KERNEL if self.t4_kernel else USER,
+                "timestamps": None if timing is None else (KERNEL if timing.kernel else USER),
+                "server_timestamps": self.server_stamp,
+                "trusted": None if timing is None else timing.trusted}
 
 
-@dataclass
+def describe_timestamps(client: str, server: Optional[str]) -> str:
+    """Which timestamps each end used, in words: "kernel (both ends)", ..."""
+    here = "user-space" if client == USER else client
+    if server is None:
+        return "{} here; the server sends none".format(here)
+    there = {USER: "user-space", "mixed": "kernel and user-space"}.get(server, server)
+    return "{} (both ends)".format(here) if here == there else "{} here, {} at the server".format(here, there)
+
+
 class Measurement:
     """What a run of probes found; summary() is the --json object."""
-    target: str
-    address: str
-    request_size: int
-    keyed: bool
-    samples: List[Sample] = field(default_factory=list)
-    duplicates: int = 0     # a second reply to an answered probe
-    late: int = 0           # a reply after its probe timed out (the probe stays lost)
-    mismatched: int = 0     # a reply whose id matches no probe: the server lied
-    forged: int = 0         # a reply that failed authentication
-    unsigned: int = 0       # ... because it carried no MAC at all
-    refused: int = 0        # ICMP port unreachable
-    errors: int = 0         # probes the kernel refused to send
-    interrupted: bool = False
-    stop_reason: Optional[str] = None
-    last_error: Optional[str] = None
+
+    def __init__(self, target: str, address: str, request_size: int, keyed: bool, timestamps: str) -> None:
+        self.target, self.address, self.request_size, self.keyed = target, address, request_size, keyed
+        self.timestamps = timestamps
+        self.transmit_stamps = False  # T1 from the kernel's transmit stamps
+        self.samples = []  # type: List[Sample]
+        self.duplicates = 0     # a second reply to an answered probe
+        self.late = 0           # a reply after its probe timed out (the probe stays lost)
+        self.mismatched = 0     # a reply whose id matches no probe: the server lied
+        self.forged = 0         # a reply that failed authentication
+        self.unsigned = 0       # ... because it carried no MAC at all
+        self.refused = 0        # ICMP port unreachable
+        self.errors = 0         # probes the kernel refused to send
+        self.interrupted = False
+        self.stop_reason = None  # type: Optional[str]
+        self.last_error = None  # type: Optional[str]
 
     def count(self, status: str) -> int:
         return sum(1 for sample in self.samples if sample.status == status)
@@ -648,12 +872,24 @@ class Measurement:
     def received(self) -> int:
         return self.count(OK)
 
+    def timestamp_summary(self, answered: Sequence[Sample]) -> Dict[str, object]:
+        stamps = {sample.server_stamp for sample in answered if sample.server_stamp is not None}
+        server = stamps.pop() if len(stamps) == 1 else ("mixed" if stamps else None)
+        kernel = self.timestamps == KERNEL
+        return {"client": self.timestamps, "server": server, "transmit": self.transmit_stamps,
+                "user_fallbacks": sum(1 for sample in answered if kernel and not sample.timing.kernel),
+                "transmit_fallbacks": sum(1 for sample in answered
+                                          if self.transmit_stamps and not sample.t1_kernel),
+                "untrusted": sum(1 for sample in answered if not sample.timing.trusted),
+                "described": describe_timestamps(self.timestamps, server)}
+
     def summary(self) -> Dict[str, object]:
         answered = [sample for sample in self.samples if sample.status == OK]
         rtts = [sample.rtt_ns for sample in answered]
         procs = [sample.server_proc_ns for sample in answered if sample.server_proc_ns is not None]
-        # NTP's clock filter: the offset of the lowest-delay sample has the smallest error
-        best = min((sample for sample in answered if sample.offset_ns is not None),
+        # NTP's clock filter: the offset of the lowest-delay sample has the smallest error,
+        # and only a sample over which the wall clock held steady can be that sample.
+        best = min((sample for sample in answered if sample.offset_ns is not None and sample.timing.trusted),
                    key=lambda sample: sample.rtt_ns, default=None)
         sent, lost = len(self.samples), self.count(LOST)
         return {"target": self.target, "address": self.address, "request_bytes": self.request_size,
@@ -661,7 +897,7 @@ class Measurement:
                 "loss_pct": round(100.0 * lost / sent, 3) if sent else None,
                 "duplicates": self.duplicates, "late": self.late, "mismatched": self.mismatched,
                 "forged": self.forged, "refused": self.refused, "errors": self.errors,
-                "interrupted": self.interrupted,
+                "interrupted": self.interrupted, "timestamps": self.timestamp_summary(answered),
                 "rtt_ms": {name: _ms(value) for name, value in rtt_summary(rtts).items()},
                 "jitter_ms": _ms(mean_abs_difference(rtts)), "server_proc_ms": _ms(median(procs)),
                 "offset_ms": _ms(best and best.offset_ns), "offset_err_ms": _ms(best and best.offset_err_ns),
@@ -676,33 +912,34 @@ class Prober:
     interval 0 is the tutorial's loop: the next probe goes when the last is
     answered or timed out.  interval > 0 sends isochronously, like ping and
     irtt, with replies matched by their random id.  on_sample is called as
-    each probe ends (ok, lost or mismatched).
+    each probe ends (ok, lost or mismatched).  clock is this machine's wall
+    clock in ns (tests inject a shifted one); timestamps is KERNEL to take T4
+    from the kernel's receive stamp where the platform has it, or USER.
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, count: int = 1,
                  interval: float = 0.0, timeout: float = DEFAULT_TIMEOUT, size: int = 0,
-                 key: Optional[bytes] = None,
+                 key: Optional[bytes] = None, clock: Optional[Callable[[], int]] = None,
+                 timestamps: str = KERNEL,
                  on_sample: Optional[Callable[[Sample], None]] = None) -> None:
         self.family, self.address = resolve(host, port)
         self.target = format_address(host, port)
         self.count, self.interval, self.timeout = count, interval, timeout
         self.size, self.key, self.on_sample = size, key, on_sample
+        self.clock, self._real_clock = clock or wall_ns, clock is None
+        self.timestamps = KERNEL if timestamps == KERNEL and SO_TIMESTAMPNS is not None else USER
         # Pad every request so the server's reply fits: it never answers with more bytes.
-        worst_id = ID_LIMIT - 1
-        head, tail = reply_parts(b"%d" % worst_id, SAMPLE_TEXT.encode(), b"%d" % count, 0, 0,
-                                 10 ** (TIMESTAMP_DIGITS - 1), key is not None)
-        smallest = max(len(head) + TIMESTAMP_DIGITS + len(tail),
-                       len(encode_request(worst_id, SAMPLE_TEXT, count, size=size, key=key)) + PAD_OVERHEAD)
+        smallest = min_request_size(count, size=size, keyed=key is not None)
         largest = MAX_UDP_PAYLOAD[self.family]
         if size and not smallest <= size <= largest:
             raise TimecheckError("--size must be from {} to {} bytes".format(smallest, largest))
         self.request_size = size or smallest
-        self._pending: Dict[int, Sample] = {}    # request id -> probe awaiting its reply, oldest first
-        self._by_id: Dict[int, Sample] = {}
+        self._transmit_stamps = False
+        self._pending = {}  # type: Dict[int, Sample]  # request id -> probe awaiting its reply, oldest first
+        self._by_id = {}  # type: Dict[int, Sample]
 
     def run(self) -> Measurement:
         """Probe until every probe has ended; Ctrl-C ends the run early with what it has."""
-        measurement = Measurement(self.target, self.address[0], self.request_size, self.key is not None)
         self._pending.clear()
         self._by_id.clear()
         with socket.socket(self.family, socket.SOCK_DGRAM) as sock:
@@ -711,6 +948,12 @@ class Prober:
             except OSError as exc:
                 raise TimecheckError("cannot reach {}: {}".format(self.target, exc.strerror or exc)) from None
             sock.setblocking(False)
+            if self.timestamps == KERNEL and not enable_kernel_timestamps(sock):
+                self.timestamps = USER
+            self._transmit_stamps = self.timestamps == KERNEL and enable_transmit_timestamps(sock)
+            measurement = Measurement(self.target, self.address[0], self.request_size, self.key is not None,
+                                      self.timestamps)
+            measurement.transmit_stamps = self._transmit_stamps
             try:
                 self._loop(sock, measurement)
             except KeyboardInterrupt:
@@ -728,7 +971,7 @@ class Prober:
         return Sample(seq, request_id, mac), data
 
     def _loop(self, sock: socket.socket, measurement: Measurement) -> None:
-        send, recv, perf, wall = sock.send, sock.recv, time.perf_counter_ns, time.time_ns
+        perf = monotonic_ns
         timeout_ns, interval_ns = int(self.timeout * NS_PER_S), int(self.interval * NS_PER_S)
         pending, samples = self._pending, measurement.samples
         next_send_ns = perf()
@@ -736,46 +979,71 @@ class Prober:
             now = perf()
             while pending:
                 oldest = next(iter(pending.values()))
-                if now - oldest.send_ns < timeout_ns:
+                if now - oldest.send_mono_ns < timeout_ns:
                     break
                 self._finish(oldest, LOST)
             may_send = len(samples) < self.count and (interval_ns or not pending)
             if may_send and now >= next_send_ns:
-                sample, data = self._new_probe(len(samples))
-                samples.append(sample)  # registered before it goes: Ctrl-C from here on still counts it
-                self._by_id[sample.request_id] = pending[sample.request_id] = sample
-                sample.client_send_ns = wall()
-                send_ns = perf()
-                try:
-                    send(data)
-                except ConnectionRefusedError:  # an earlier probe's ICMP error, reported here
-                    self._refused(measurement, sample)
-                except OSError as exc:  # no route, a firewall...: like ping, sent and lost
-                    measurement.errors += 1
-                    measurement.last_error = exc.strerror or str(exc)
-                    self._finish(sample, LOST)
-                sample.send_ns = send_ns
+                self._send_probe(sock, measurement)
                 next_send_ns = max(next_send_ns + interval_ns, now)
                 continue
             if not may_send and not pending:
                 break
             wake_ns = next_send_ns if may_send else now + timeout_ns
             if pending:
-                wake_ns = min(wake_ns, next(iter(pending.values())).send_ns + timeout_ns)
-            if not select.select([sock], [], [], max(0, wake_ns - now) / NS_PER_S)[0]:
-                continue
-            try:
-                data = recv(MAX_DATAGRAM)
-                recv_ns = perf()
-            except BlockingIOError:
-                continue
-            except ConnectionRefusedError:
-                self._refused(measurement)
-                continue
-            except OSError:
-                measurement.errors += 1
-                continue
-            self._on_reply(measurement, data, recv_ns, wall())
+                wake_ns = min(wake_ns, next(iter(pending.values())).send_mono_ns + timeout_ns)
+            if select.select([sock], [], [], max(0, wake_ns - now) / NS_PER_S)[0]:
+                self._receive_reply(sock, measurement)
+
+    def _send_probe(self, sock: socket.socket, measurement: Measurement) -> None:
+        sample, data = self._new_probe(len(measurement.samples))
+        measurement.samples.append(sample)  # registered before it goes: Ctrl-C from here on still counts it
+        self._by_id[sample.request_id] = self._pending[sample.request_id] = sample
+        send, clock = sock.send, self.clock
+        send_mono_ns = monotonic_ns()  # the monotonic reading first, T1 right before the send
+        t1 = clock()
+        try:
+            send(data)
+        except ConnectionRefusedError:  # an earlier probe's ICMP error, reported here
+            self._refused(measurement, sample)
+        except OSError as exc:  # no route, a firewall...: like ping, sent and lost
+            measurement.errors += 1
+            measurement.last_error = exc.strerror or str(exc)
+            self._finish(sample, LOST)
+        sample.send_mono_ns, sample.t1 = send_mono_ns, t1
+        sample.t1_user = t1
+        kernel_t1 = self._transmit_time(sock, t1) if self._transmit_stamps else None
+        if kernel_t1 is not None:
+            sample.t1, sample.t1_kernel = kernel_t1, True
+
+    def _transmit_time(self, sock: socket.socket, t1: int) -> Optional[int]:
+        """T1 from the kernel's transmit stamp, carried over to our clock, or None.
+
+        The stamp leaves out our own way down through the send call, as the receive
+        stamps leave out wake-ups.  One from before t1 belongs to an earlier probe.
+        """
+        real_t1 = t1 if self._real_clock else wall_ns() - (self.clock() - t1)
+        stamp_ns = read_transmit_stamp(sock, real_t1)
+        return None if stamp_ns is None else t1 + (stamp_ns - real_t1)
+
+    def _receive_reply(self, sock: socket.socket, measurement: Measurement) -> None:
+        try:
+            data, ancillary, _, _ = sock.recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
+            user_t4 = self.clock()  # the wall clock, then the monotonic one: T4 - T1 spans within it
+            recv_mono_ns = monotonic_ns()
+        except BlockingIOError:  # only transmit stamps that came too late: drop them
+            if self._transmit_stamps:
+                read_transmit_stamp(sock, wall_ns() + NS_PER_S)
+            return
+        except ConnectionRefusedError:
+            self._refused(measurement)
+            return
+        except OSError:
+            measurement.errors += 1
+            return
+        real_t4 = user_t4 if self._real_clock else wall_ns()
+        kernel_t4 = read_ancillary(ancillary)[0] if ancillary else None
+        self._on_reply(measurement, data, (kernel_t4, user_t4, real_t4, recv_mono_ns))
 
     def _finish(self, sample: Sample, status: str) -> None:
         self._pending.pop(sample.request_id, None)
@@ -793,9 +1061,10 @@ class Prober:
         if not measurement.received:  # nobody is listening: waiting longer tells nothing more
             measurement.stop_reason = "refused"
 
-    def _on_reply(self, measurement: Measurement, data: bytes, recv_ns: int, recv_wall_ns: int) -> None:
+    def _on_reply(self, measurement: Measurement, data: bytes,
+                  stamps: Tuple[Optional[int], int, int, int]) -> None:
         try:
-            reply: Optional[Message] = decode_message(data)
+            reply = decode_message(data)  # type: Optional[Message]
         except WireError:
             reply = None
         sample = self._by_id.get(reply.message_id) if reply is not None else None
@@ -812,11 +1081,11 @@ class Prober:
         if sample is None:
             measurement.mismatched += 1
             if reply is not None and claimed is not None and claimed.status == PENDING:
-                self._record(claimed, reply, data, recv_ns, recv_wall_ns)
+                self._record(claimed, reply, data, stamps)
                 self._finish(claimed, MISMATCHED)
             return
         if sample.status == PENDING:
-            self._record(sample, reply, data, recv_ns, recv_wall_ns)
+            self._record(sample, reply, data, stamps)
             self._finish(sample, OK)
         elif sample.status == LOST:
             measurement.late += 1
@@ -830,12 +1099,19 @@ class Prober:
             return measurement.samples[seq] if seq < len(measurement.samples) else None
         return next(iter(self._pending.values())) if len(self._pending) == 1 else None
 
-    @staticmethod
-    def _record(sample: Sample, reply: Message, data: bytes, recv_ns: int, recv_wall_ns: int) -> None:
-        sample.recv_ns, sample.client_recv_ns = recv_ns, recv_wall_ns
+    def _record(self, sample: Sample, reply: Message, data: bytes,
+                stamps: Tuple[Optional[int], int, int, int]) -> None:
+        """Keep what the reply says, and when it came: the kernel's T4 if plausible, else ours."""
+        kernel_t4, user_t4, real_t4, sample.recv_mono_ns = stamps
+        kernel_mode = self.timestamps == KERNEL
+        t4 = arrival_ns(kernel_t4, user_t4, real_t4, user_t4 - sample.t1) if kernel_mode else None
+        sample.t4, sample.t4_kernel = (user_t4, False) if t4 is None else (t4, True)
         sample.reply_id, sample.reply_text, sample.reply_size = reply.message_id, reply.text, len(data)
         if reply.ext is not None:
-            sample.server_recv_ns, sample.server_send_ns = reply.ext.get("t2"), reply.ext.get("t3")
+            sample.t2, sample.t3 = reply.ext.get("t2"), reply.ext.get("t3")
+            stamp = reply.ext.get("ts")
+            sample.server_stamp = stamp if stamp in (KERNEL, USER) else None
+        sample.settle(user_t4, kernel_mode=kernel_mode)
 
 
 # ---------------------------------------------------------------------------
@@ -911,6 +1187,10 @@ def format_summary(summary: Mapping) -> List[str]:
                      "from seq {}, the lowest-rtt probe)".format(
                          offset, summary["offset_err_ms"], "ahead of" if offset >= 0 else "behind",
                          summary["offset_seq"]))
+    stamps = summary["timestamps"]
+    fallbacks = ", {} probes timed from user-space readings".format(stamps["user_fallbacks"]) \
+        if stamps["user_fallbacks"] else ""
+    lines.append("timestamps: {}{}".format(stamps["described"], fallbacks))
     rows = summary["histogram_ms"]
     widest = max(count for _, _, count in rows)
     lines.append("rtt histogram:")
@@ -986,7 +1266,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     _check_host(args.host)
     server = TimeServer(args.host, args.port, faulty=args.faulty, key=_key_for(args),
                         max_rate=args.max_rate, log=None if args.quiet else _out,
-                        log_limit=None if args.verbose else LOG_LINES_PER_SECOND)
+                        log_limit=None if args.verbose else LOG_LINES_PER_SECOND, timestamps=args.timestamps)
     with server, _interrupts():  # handlers first: a signal right after the first line stops cleanly
         try:
             _out("Server listening at {}".format(server.address))
@@ -1003,7 +1283,7 @@ def cmd_client(args: argparse.Namespace) -> int:
                  or args.count is not None or args.interval is not None)
     prober = Prober(args.host, args.port, count=args.count or (DEFAULT_COUNT if measuring else 1),
                     interval=args.interval or 0.0, timeout=args.timeout, size=args.size or 0,
-                    key=_key_for(args))
+                    key=_key_for(args), timestamps=args.timestamps)
     if measuring and not (args.quiet or args.json):
         prober.on_sample = lambda sample: _out(format_sample(sample, prober.target, args.timeout))
     with contextlib.ExitStack() as stack:
@@ -1015,9 +1295,10 @@ def cmd_client(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise TimecheckError("cannot write {}: {}".format(args.csv, exc.strerror or exc)) from None
         if measuring and not args.json:
-            _out("UDP-TIMECHECK {} ({}): {} probes of {} bytes, interval {:g} s, timeout {:g} s{}".format(
-                prober.target, prober.address[0], prober.count, prober.request_size, prober.interval,
-                prober.timeout, ", HMAC-SHA256" if prober.key else ""))
+            _out("UDP-TIMECHECK {} ({}): {} probes of {} bytes, interval {:g} s, timeout {:g} s, "
+                 "{} timestamps{}".format(prober.target, prober.address[0], prober.count, prober.request_size,
+                                          prober.interval, prober.timeout, prober.timestamps,
+                                          ", HMAC-SHA256" if prober.key else ""))
         with _interrupts():
             measurement = prober.run()
         summary = measurement.summary()
@@ -1099,6 +1380,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="UDP port (default %(default)s)")
         sub.add_argument("--key-file", metavar="PATH", help="shared secret for HMAC-SHA256 "
                          "authentication; or set {} (never a key on the command line)".format(KEY_ENV))
+        sub.add_argument("--timestamps", choices=(KERNEL, USER), default=KERNEL,
+                         help="take receive times from the kernel (default, where it works) or "
+                              "read them in user space after each wake-up")
         sub.add_argument("--measure_delay", "-measure_delay", type=_truthy, default=False, metavar="BOOL",
                          help="the tutorial's spelling (1/true/yes or 0/false/no)" + (
                              "; the server accepts and ignores it" if sub is server else ""))

@@ -1,15 +1,23 @@
 #!/usr/bin/env python3
-"""Loopback benchmark: udp-timecheck against bare Python baselines, side by side.
+"""Loopback benchmark: udp-timecheck against bare baselines, side by side in one run.
 
-    python3 benchmarks/loopback.py            # about a minute; --quick for a short run
+    python3 benchmarks/loopback.py            # about two minutes; --quick for a short run
+    python3 benchmarks/loopback.py --check    # the same, exit 1 when a target is missed
 
-1. Server throughput: replies a second from `udp_timecheck.py server` (default
-   verbosity, its log going to a file) and from a bare recvfrom/sendto echo
-   loop, each driven by the same load generator: a separate Python process
-   that keeps WINDOW real requests (as our client sends them) in flight.
-2. Client fidelity: the median RTT our client reports against our server,
-   and a bare Python send/recv ping-pong's median against the echo loop.
-3. The same with a shared key (HMAC-SHA256 on both ends), for information.
+1. Server throughput: replies a second from `udp_timecheck.py server 0.0.0.0`
+   at default verbosity (its log drained into a file by a thread), from a bare
+   recvfrom/sendto echo loop, and from a bare recvmsg/sendmsg echo on 0.0.0.0
+   that asks for the same ancillary data as our server (the kernel's receive
+   timestamp and IP_PKTINFO) and replies from the address asked.  Each is
+   driven by the same load generator, a separate Python process keeping WINDOW
+   real requests (as our client sends them) in flight.  The rounds take turns,
+   so that slow drifts of the machine hit all alike.
+2. Fidelity: the median RTT our client reports against our server, beside
+   `ping 127.0.0.1` (where ping is installed) and a bare Python ping-pong that
+   takes its receive times from the kernel on both ends and subtracts the
+   server's time, as NTP does; all at the same interval, in turns.  Also the
+   clock offset our client reports on loopback, where the truth is zero.
+3. The same with a shared key, and with --timestamps user, for information.
 
 Every process runs on 127.0.0.1 and is started and stopped here.  Ratios are
 what to compare across machines; absolute figures depend on the machine.
@@ -19,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -26,6 +35,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,14 +45,20 @@ import udp_timecheck as utc  # noqa: E402 - the module under test, from this che
 
 MODULE = str(ROOT / "udp_timecheck.py")
 WINDOW = 32                 # requests the load generator keeps in flight
-ROUNDS = 5                  # the RTT runs take turns this many times
 KEY = b"benchmark key, 32 bytes long...."
+STAMPS = struct.Struct("@qq")  # the stamped echo's T2 and T3, appended to the request
+TARGETS = {  # name: (what, limit, higher is better)
+    "throughput": ("our server on 0.0.0.0 / bare recvmsg+sendmsg echo", 0.70, True),
+    "rtt_vs_ping": ("our reported median RTT / ping's", 1.5, False),
+    "rtt_vs_bare": ("our reported median RTT / bare kernel-stamped ping-pong's", 2.5, False),
+    "offset_err": ("offset error bound on loopback, microseconds", 5.0, False),
+}
 
 
 # --- roles run in their own processes -------------------------------------------
 
 def role_echo(args):
-    """The baseline server: a bare recvfrom/sendto loop."""
+    """The plain baseline: a bare recvfrom/sendto loop."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     print(sock.getsockname()[1], flush=True)
@@ -50,6 +66,35 @@ def role_echo(args):
     while True:
         data, address = recvfrom(65535)
         sendto(data, address)
+
+
+def _wildcard_socket():
+    """A socket on 0.0.0.0 asking for what our server asks: receive stamps and packet info."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    utc.enable_kernel_timestamps(sock)
+    utc.enable_packet_info(sock)
+    sock.bind(("0.0.0.0", 0))
+    print(sock.getsockname()[1], flush=True)
+    return sock
+
+
+def role_echo_msg(args):
+    """The kernel-features baseline: recvmsg/sendmsg, replying from the address asked."""
+    sock = _wildcard_socket()
+    recvmsg, sendmsg = sock.recvmsg, sock.sendmsg
+    while True:
+        data, ancillary, _, address = recvmsg(65535, 256)
+        sendmsg((data,), ancillary[1:], 0, address)  # [0] is the stamp, [1] the packet info
+
+
+def role_stamped_echo(args):
+    """The fidelity baseline's server: echoes with T2 (the kernel's) and T3 appended."""
+    sock = _wildcard_socket()
+    recvmsg, sendmsg, wall = sock.recvmsg, sock.sendmsg, utc.wall_ns
+    while True:
+        data, ancillary, _, address = recvmsg(65535, 256)
+        t2 = utc.read_ancillary(ancillary)[0]
+        sendmsg((data + STAMPS.pack(t2, wall()),), ancillary[1:], 0, address)
 
 
 def role_load(args):
@@ -84,17 +129,21 @@ def role_load(args):
 
 
 def role_pingpong(args):
-    """The baseline client: blocking send/recv, timed with perf_counter_ns around them."""
+    """The fidelity baseline's client: T1 read before send, T4 from the kernel, less T3 - T2."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    utc.enable_kernel_timestamps(sock)
     sock.connect(("127.0.0.1", args.port))
     request = bytes.fromhex(args.request)
-    send, recv, perf = sock.send, sock.recv, time.perf_counter_ns
+    send, recvmsg, wall = sock.send, sock.recvmsg, utc.wall_ns
     rtts = []
     for _ in range(args.count):
-        send_ns = perf()
+        t1 = wall()
         send(request)
-        recv(65535)
-        rtts.append(perf() - send_ns)
+        reply, ancillary, _, _ = recvmsg(65535, 256)
+        t4 = utc.read_ancillary(ancillary)[0]
+        t2, t3 = STAMPS.unpack(reply[-STAMPS.size:])
+        rtts.append((t4 - t1) - (t3 - t2))
+        time.sleep(args.interval)
     print(json.dumps({"rtt_ms": [rtt / 1e6 for rtt in rtts[args.count // 10:]]}), flush=True)
 
 
@@ -121,38 +170,40 @@ def cpu_seconds(pid):
 
 
 class Server:
-    """A server process on 127.0.0.1 port 0, its output in a file."""
+    """A server process, its first line giving its port, the rest drained into a file by a thread."""
 
     def __init__(self, argv, log_path):
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log,
+                                     universal_newlines=True)
         first = self.proc.stdout.readline()
-        if first.startswith("Server listening at"):
-            self.port = int(first.rsplit(",", 1)[1].strip(" )\n"))
-            # the rest of its output goes on into the log file, as a server's log would
-            self.drain = subprocess.Popen(["cat"], stdin=self.proc.stdout, stdout=self.log)
-        else:
-            self.port, self.drain = int(first), None
+        match = re.search(r"Server listening at \('[^']*', (\d+)\)", first)
+        self.port = int(match.group(1)) if match else int(first)
+        self.drain = threading.Thread(target=self._drain, daemon=True)
+        self.drain.start()
+
+    def _drain(self):
+        for line in self.proc.stdout:  # as a server's log would go on, into its file
+            self.log.write(line)
 
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=10)
-        if self.drain is not None:
-            self.drain.wait(timeout=10)
+        self.drain.join(timeout=10)
         self.log.close()
 
 
-def run_role(role, *args, timeout=120):
+def run_role(role, *args, timeout=300):
     out = subprocess.run([sys.executable, __file__, role] + [str(arg) for arg in args],
-                         capture_output=True, text=True, timeout=timeout, check=True)
+                         stdout=subprocess.PIPE, universal_newlines=True, timeout=timeout, check=True)
     return json.loads(out.stdout)
 
 
 def our_request(key=None):
     """A request exactly as our client builds it (padded so that the reply fits)."""
-    size = utc.Prober("127.0.0.1", 1, count=utc.DEFAULT_COUNT, key=key).request_size
-    return utc.encode_request(utc.secrets.randbits(utc.ID_BITS), "The time is {}".format(
-        utc.datetime.datetime.now()), 0, pad_to=size, key=key)
+    return utc.encode_request(1234567890123456789, "The time is 2026-11-25 18:34:10.123456", 0,
+                              pad_to=utc.min_request_size(utc.DEFAULT_COUNT, keyed=key is not None),
+                              key=key)
 
 
 def throughput(server, request, seconds, warmup):
@@ -160,23 +211,128 @@ def throughput(server, request, seconds, warmup):
     result = run_role("_load", "--port", server.port, "--request", request.hex(),
                       "--seconds", seconds, "--warmup", warmup)
     after = cpu_seconds(server.proc.pid)
-    rate = result["replies"] / seconds
     busy = None if before is None else (after - before) / (seconds + warmup)
-    return rate, busy
+    return result["replies"] / seconds, busy
 
 
-def rtts_ours(port, count, key_path):
-    """(reported, raw) RTTs in ms from our client, the first tenth left out as warm-up."""
-    argv = [sys.executable, MODULE, "client", "127.0.0.1", str(port), "-c", str(count), "--json"]
-    if key_path:
-        argv += ["--key-file", key_path]
-    summary = json.loads(subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True).stdout)
-    answered = [sample for sample in summary["samples"][count // 10:] if sample["status"] == "ok"]
-    return [sample["rtt_ms"] for sample in answered], [sample["raw_rtt_ms"] for sample in answered]
+def client_summary(port, count, interval, *extra):
+    argv = [sys.executable, MODULE, "client", "127.0.0.1", str(port), "-c", str(count),
+            "-i", str(interval), "--json"] + list(extra)
+    return json.loads(subprocess.run(argv, stdout=subprocess.PIPE, universal_newlines=True, timeout=300,
+                                     check=True).stdout)
+
+
+def ping_rtts(count, interval):
+    """ping 127.0.0.1's RTTs in ms, or None where ping is not installed or not allowed."""
+    if shutil.which("ping") is None:
+        return None
+    out = subprocess.run(["ping", "-n", "-c", str(count), "-i", str(interval), "127.0.0.1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                         timeout=300)
+    rtts = [float(value) for value in re.findall(r"time=([0-9.]+) ms", out.stdout)]
+    return rtts[count // 10:] or None
+
+
+def spread(values, unit="", scale=1.0, digits=0):
+    """ "median (min .. max)" of values."""
+    shown = ["{:,.{}f}{}".format(value * scale, digits, unit) for value in
+             (statistics.median(values), min(values), max(values))]
+    return "{} ({} .. {})".format(*shown)
+
+
+def throughput_section(servers, rounds, seconds, warmup):
+    rates = {name: [] for name in servers}
+    for _ in range(rounds):
+        for name, (server, request) in servers.items():
+            rate, busy = throughput(server, request, seconds, warmup)
+            rates[name].append(rate)
+    for name, values in rates.items():
+        print("  {:<40} {} replies/s".format(name, spread(values)))
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    print("  ours / bare recvfrom echo: {:.2f}x    ours / bare recvmsg echo: {:.2f}x    "
+          "recvmsg echo / recvfrom echo: {:.2f}x    with a key / recvmsg echo: {:.2f}x".format(
+              median["udp-timecheck server on 0.0.0.0"] / median["bare recvfrom/sendto echo"],
+              median["udp-timecheck server on 0.0.0.0"] / median["bare recvmsg/sendmsg echo, 0.0.0.0"],
+              median["bare recvmsg/sendmsg echo, 0.0.0.0"] / median["bare recvfrom/sendto echo"],
+              median["udp-timecheck server, key"] / median["bare recvmsg/sendmsg echo, 0.0.0.0"]))
+    return {"throughput": median["udp-timecheck server on 0.0.0.0"]
+            / median["bare recvmsg/sendmsg echo, 0.0.0.0"]}
+
+
+def fidelity_section(ours, keyed, stamped, key_path, rounds, count, interval):
+    samples = {name: [] for name in ("ping", "bare", "ours", "user", "keyed")}
+    offsets = []
+    ping_missing = False
+    for _ in range(rounds):
+        ping = ping_rtts(count, interval)
+        ping_missing = ping is None
+        samples["ping"] += ping or []
+        samples["bare"] += run_role("_pingpong", "--port", stamped.port, "--request", our_request().hex(),
+                                    "--count", count, "--interval", interval)["rtt_ms"]
+        for name, port, extra in (("ours", ours.port, ()), ("user", ours.port, ("--timestamps", "user")),
+                                  ("keyed", keyed.port, ("--key-file", key_path))):
+            summary = client_summary(port, count, interval, *extra)
+            samples[name] += [sample["rtt_ms"] for sample in summary["samples"][count // 10:]
+                              if sample["status"] == "ok"]
+            if name == "ours":
+                offsets.append((summary["offset_ms"], summary["offset_err_ms"]))
+    median = {name: statistics.median(values) for name, values in samples.items() if values}
+    if ping_missing:
+        print("  ping: not installed here (or not allowed), so that comparison is skipped")
+    else:
+        print("  {:<52} {:.4f} ms".format("ping 127.0.0.1 median RTT", median["ping"]))
+    print("  {:<52} {:.4f} ms".format("bare kernel-stamped Python ping-pong median RTT", median["bare"]))
+    print("  {:<52} {:.4f} ms".format("our client's reported median RTT", median["ours"]))
+    print("  {:<52} {:.4f} ms".format("  with --timestamps user (wake-ups included)", median["user"]))
+    print("  {:<52} {:.4f} ms".format("  with a key", median["keyed"]))
+    worst_offset, worst_err = max(offsets, key=lambda pair: pair[1])
+    print("  our offset on loopback (the truth is 0), per round: {}".format(
+        ", ".join("{:+.4f} ms \u00b1 {:.4f} ms".format(*pair) for pair in offsets)))
+    figures = {"rtt_vs_bare": median["ours"] / median["bare"], "offset_err": worst_err * 1000,
+               "offset_within": all(abs(offset) <= err for offset, err in offsets)}
+    if not ping_missing:
+        figures["rtt_vs_ping"] = median["ours"] / median["ping"]
+    print("  ours / ping: {}    ours / bare ping-pong: {:.2f}x    ({} probes each at -i {:g}, {} rounds "
+          "taking turns, the first tenth of each left out as warm-up)".format(
+              "n/a" if ping_missing else "{:.2f}x".format(figures["rtt_vs_ping"]),
+              figures["rtt_vs_bare"], count, interval, rounds))
+    return figures
+
+
+def report_targets(figures):
+    """Print each target and whether it holds; returns the names of those missed."""
+    missed = []
+    for name, (what, limit, higher_better) in TARGETS.items():
+        if name not in figures:
+            print("  {:<64} skipped".format(what))
+            continue
+        value = figures[name]
+        held = value >= limit if higher_better else value <= limit
+        missed += [] if held else [name]
+        print("  {:<64} {:8.2f}  target {} {:g}  {}".format(what, value, ">=" if higher_better else "<=",
+                                                            limit, "ok" if held else "MISSED"))
+    if not figures.get("offset_within", True):
+        missed.append("offset_within")
+        print("  the offset on loopback fell outside its own error bound: MISSED")
+    return missed
+
+
+def start_servers(tmp, key_path):
+    return {
+        "bare recvfrom/sendto echo": Server([sys.executable, __file__, "_echo"], tmp / "echo.log"),
+        "bare recvmsg/sendmsg echo, 0.0.0.0": Server([sys.executable, __file__, "_echo_msg"],
+                                                     tmp / "echo_msg.log"),
+        "udp-timecheck server on 0.0.0.0": Server([sys.executable, MODULE, "server", "0.0.0.0", "0"],
+                                                  tmp / "server.log"),
+        "udp-timecheck server, key": Server([sys.executable, MODULE, "server", "0.0.0.0", "0",
+                                             "--key-file", str(key_path)], tmp / "keyed.log"),
+        "stamped echo": Server([sys.executable, __file__, "_stamped_echo"], tmp / "stamped.log"),
+    }
 
 
 def conduct(args):
-    seconds, warmup, count = (1.5, 0.5, 2000) if args.quick else (4.0, 1.0, 10000)
+    rounds, seconds, warmup, count = (2, 1.0, 0.3, 500) if args.quick else (3, 3.0, 0.5, 1500)
+    interval = 0.002
     tmp = Path(tempfile.mkdtemp(prefix="udp-timecheck-bench-"))
     key_path = tmp / "key"
     key_path.write_bytes(KEY)
@@ -184,67 +340,48 @@ def conduct(args):
     print("udp-timecheck loopback benchmark: Python {} on {} {} {}, {} CPUs{}".format(
         platform.python_version(), platform.system(), platform.release().split("-")[0], platform.machine(),
         os.cpu_count(), cpu_model()))
-    print("load generator: one Python process keeping {} requests in flight; measured {:g} s "
-          "after {:g} s of warm-up".format(WINDOW, seconds, warmup))
+    print("load generator: one Python process keeping {} requests in flight; measured {:g} s after "
+          "{:g} s of warm-up, {} rounds taking turns".format(WINDOW, seconds, warmup, rounds))
     print("requests: {} bytes as our client sends them ({} bytes with a key)\n".format(
         len(our_request()), len(our_request(KEY))))
-
-    echo = Server([sys.executable, __file__, "_echo"], tmp / "echo.log")
-    ours = Server([sys.executable, MODULE, "server", "127.0.0.1", "0"], tmp / "server.log")
-    keyed = Server([sys.executable, MODULE, "server", "127.0.0.1", "0", "--key-file", str(key_path)],
-                   tmp / "keyed.log")
+    servers = start_servers(tmp, key_path)
     try:
-        rows = []
-        for name, server, request in (("bare echo loop", echo, our_request()),
-                                       ("udp-timecheck server", ours, our_request()),
-                                       ("udp-timecheck server, key", keyed, our_request(KEY))):
-            rate, busy = throughput(server, request, seconds, warmup)
-            rows.append((name, rate))
-            print("  {:<28} {:>9,.0f} replies/s   server CPU {}".format(
-                name, rate, "n/a" if busy is None else "{:.0%}".format(busy)))
-        print("  throughput ratio, ours / bare echo: {:.2f}x   (with a key: {:.2f}x; target >= 0.60x)\n"
-              .format(rows[1][1] / rows[0][1], rows[2][1] / rows[0][1]))
-
-        # Rounds taking turns, samples pooled: slow drifts of the machine hit all three alike.
-        samples = {name: [] for name in ("bare", "net", "raw", "net_key", "raw_key")}
-        for _ in range(ROUNDS):
-            samples["bare"] += run_role("_pingpong", "--port", echo.port, "--request", our_request().hex(),
-                                        "--count", count // ROUNDS)["rtt_ms"]
-            net, raw = rtts_ours(ours.port, count // ROUNDS, None)
-            net_key, raw_key = rtts_ours(keyed.port, count // ROUNDS, str(key_path))
-            for name, values in (("net", net), ("raw", raw), ("net_key", net_key), ("raw_key", raw_key)):
-                samples[name] += values
-        bare, net, raw, net_key, raw_key = (statistics.median(samples[name]) for name in samples)
-        print("  {:<44} {:.4f} ms".format("bare ping-pong median RTT", bare))
-        print("  {:<44} {:.4f} ms  (raw {:.4f} ms)".format("our client's reported median RTT", net, raw))
-        print("  {:<44} {:.4f} ms  (raw {:.4f} ms)".format("the same with a key", net_key, raw_key))
-        print("  RTT ratio, ours / bare ping-pong: {:.2f}x reported, {:.2f}x raw   "
-              "(with a key: {:.2f}x, {:.2f}x raw; target <= 1.20x)".format(
-                  net / bare, raw / bare, net_key / bare, raw_key / bare))
-        print("  (reported = raw minus the server's own T3 - T2, as irtt and NTP report it; {} round "
-              "trips each, in {} rounds taking turns, the first tenth of each left out as warm-up)".format(
-                  count, ROUNDS))
+        print("Server throughput, median (min .. max) of the rounds:")
+        figures = throughput_section(
+            {name: (server, our_request(KEY) if "key" in name else our_request())
+             for name, server in servers.items() if name != "stamped echo"}, rounds, seconds, warmup)
+        print("\nFidelity, median RTT on loopback:")
+        figures.update(fidelity_section(servers["udp-timecheck server on 0.0.0.0"],
+                                        servers["udp-timecheck server, key"], servers["stamped echo"],
+                                        str(key_path), rounds, count, interval))
     finally:
-        for server in (echo, ours, keyed):
+        for server in servers.values():
             server.stop()
-        log_lines = sum(1 for _ in open(tmp / "server.log"))
-        shutil.rmtree(tmp)
-    print("\nour server's log at default verbosity: {} lines for about {:,.0f} requests".format(
-        log_lines, rows[1][1] * (seconds + warmup)))
+        log_lines = sum(1 for _ in open(str(tmp / "server.log")))
+        shutil.rmtree(str(tmp))
+    print("\nour server's log at default verbosity: {} lines in the whole run".format(log_lines))
+    print("\nTargets:")
+    missed = report_targets(figures)
+    if args.check and missed:
+        print("benchmark: {} target(s) missed".format(len(missed)), file=sys.stderr)
+        sys.exit(1)
 
 
-ROLES = {"conduct": conduct, "_echo": role_echo, "_load": role_load, "_pingpong": role_pingpong}
+ROLES = {"conduct": conduct, "_echo": role_echo, "_echo_msg": role_echo_msg,
+         "_stamped_echo": role_stamped_echo, "_load": role_load, "_pingpong": role_pingpong}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("role", nargs="?", default="conduct", choices=list(ROLES))
     parser.add_argument("--quick", action="store_true", help="a short run (less stable figures)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--port", type=int)
     parser.add_argument("--request")
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--warmup", type=float)
     parser.add_argument("--count", type=int)
+    parser.add_argument("--interval", type=float, default=0.0)
     args = parser.parse_args()
     ROLES[args.role](args)
 

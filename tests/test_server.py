@@ -56,11 +56,21 @@ def test_tutorial_request_gets_tutorial_reply_and_log_line(start_server):
 
 def test_extended_request_gets_server_timestamps_from_its_clock(start_server):
     clock = FakeClock()
-    server = start_server(clock=clock)
+    server = start_server(clock=clock, timestamps=utc.USER)
     reply = utc.decode_message(ask(server.address, request(5, seq=3, pad_to=200)))
     assert reply.message_id == 5
-    assert reply.ext == {"seq": 3, "t2": clock.now_ns, "t3": clock.now_ns}
+    assert reply.ext == {"seq": 3, "ts": "user", "t2": clock.now_ns, "t3": clock.now_ns}
     assert reply.text.startswith("The time is 2025-11-2")  # the fake clock's date, local time
+
+
+def test_kernel_receive_stamp_is_carried_over_to_the_servers_clock(start_server):
+    clock = FakeClock()  # stopped: any T2 before it is the kernel's stamp, aged on the real clock
+    server = start_server(clock=clock)
+    assert server.timestamps == utc.KERNEL
+    reply = utc.decode_message(ask(server.address, request(5, seq=3, pad_to=200)))
+    assert reply.ext["ts"] == "kernel" and reply.ext["t3"] == clock.now_ns
+    assert 0 < reply.ext["t3"] - reply.ext["t2"] < utc.NS_PER_S
+    assert server.stats.user_stamps == 0
 
 
 def test_hostile_datagrams_are_counted_and_serving_goes_on(start_server):

@@ -70,25 +70,57 @@ def test_histogram_of_equal_values_is_one_row():
     assert utc.histogram([]) == []
 
 
-def test_sample_derives_rtt_offset_and_error():
-    sample = utc.Sample(0, 1, send_ns=1_000, recv_ns=101_000, client_send_ns=10_000_000,
-                        client_recv_ns=10_100_000, server_recv_ns=15_040_000, server_send_ns=15_060_000)
-    assert sample.raw_rtt_ns == 100_000
-    assert sample.server_proc_ns == 20_000
-    assert sample.rtt_ns == 80_000
+def test_probe_timing_derives_rtt_offset_and_error():
+    # user-space stamps: the monotonic round trip less the server's T3 - T2
+    timing = utc.probe_timing(10_000_000, 15_040_000, 15_060_000, 10_100_000, raw_ns=100_000,
+                              span_ns=100_000, kernel=False)
+    assert timing.proc_ns == 20_000
+    assert timing.rtt_ns == 80_000
     # ((T2 - T1) + (T3 - T4)) / 2 = (5_040_000 + 4_960_000) / 2
-    assert sample.offset_ns == 5_000_000
-    assert sample.offset_err_ns == 40_000
+    assert timing.offset_ns == 5_000_000
+    assert timing.trusted and not timing.kernel
+
+
+def test_kernel_timing_leaves_out_the_wake_up():
+    # T4 from the kernel: 70 us after T1; the process woke 30 us later
+    timing = utc.probe_timing(10_000_000, 15_030_000, 15_040_000, 10_070_000, raw_ns=100_000,
+                              span_ns=100_000, kernel=True)
+    assert timing.kernel and timing.trusted
+    assert timing.rtt_ns == 60_000  # (T4 - T1) - (T3 - T2)
+    assert timing.offset_ns == 5_000_000
 
 
 def test_implausible_server_processing_is_not_subtracted():
     # a server clock step: T3 before T2
-    sample = utc.Sample(0, 1, send_ns=0, recv_ns=100, client_send_ns=0, client_recv_ns=100,
-                        server_recv_ns=500, server_send_ns=400)
-    assert sample.server_proc_ns is None
-    assert sample.rtt_ns == 100
+    timing = utc.probe_timing(0, 500, 400, 100, raw_ns=100, span_ns=100, kernel=False)
+    assert timing.proc_ns is None
+    assert timing.rtt_ns == 100
 
 
 def test_no_server_timestamps_means_no_offset():
-    sample = utc.Sample(0, 1, send_ns=0, recv_ns=100, client_send_ns=0, client_recv_ns=100)
-    assert sample.offset_ns is None and sample.offset_err_ns is None and sample.rtt_ns == 100
+    timing = utc.probe_timing(0, None, None, 100, raw_ns=100, span_ns=100, kernel=True)
+    assert timing.offset_ns is None and timing.rtt_ns == 100
+
+
+@pytest.mark.parametrize("step_ns", [-40_000_000, 40_000_000, -80_000, 200_000])
+def test_a_wall_clock_step_never_makes_an_rtt(step_ns):
+    """The wall clock steps between T1 and T4: the RTT is the monotonic one, and untrusted."""
+    timing = utc.probe_timing(1_000_000, 5_000_000, 5_010_000, 1_050_000 + step_ns, raw_ns=60_000,
+                              span_ns=60_000 + step_ns, kernel=True)
+    assert timing.rtt_ns == 50_000  # raw less T3 - T2
+    assert not timing.trusted and not timing.kernel
+
+
+def test_kernel_rtt_longer_than_the_monotonic_one_is_not_used():
+    timing = utc.probe_timing(0, None, None, 90_000, raw_ns=80_000, span_ns=80_000, kernel=True)
+    assert timing.rtt_ns == 80_000 and not timing.kernel and not timing.trusted
+
+
+@pytest.mark.parametrize("kernel_ns, expected", [
+    (999_990, 1_999_990),     # 10 ns old: carried over to the other clock
+    (1_000_001, None),        # later than the reading: implausible
+    (900_000 - 1, None),      # older than the datagram can have waited
+    (None, None),
+])
+def test_arrival_from_the_kernel_stamp(kernel_ns, expected):
+    assert utc.arrival_ns(kernel_ns, 2_000_000, 1_000_000, max_age_ns=100_000) == expected

@@ -44,16 +44,20 @@ SERVER_TEXT = b"The time is 2026-01-01 00:00:00.000001"
 
 
 def test_reply_parts_put_t3_last_and_round_trip():
-    head, tail = utc.reply_parts(b"99", SERVER_TEXT, b"4", 0, 400, 1_700_000_000_123_456_789, keyed=False)
+    head, tail = utc.reply_parts(b"99", SERVER_TEXT, seq=b"4", request_size=400,
+                                 server_recv_ns=1_700_000_000_123_456_789, stamp=b"kernel")
     reply = utc.decode_message(head + b"1700000000123999999" + tail)
     assert reply.message_id == 99
-    assert reply.ext == {"seq": 4, "t2": 1_700_000_000_123_456_789, "t3": 1_700_000_000_123_999_999}
+    assert reply.ext == {"seq": 4, "ts": "kernel", "t2": 1_700_000_000_123_456_789,
+                         "t3": 1_700_000_000_123_999_999}
+    assert list(reply.ext)[-1] == "t3"
 
 
 def test_two_element_request_gets_the_tutorials_reply_form():
     fields = utc.request_fields(json.dumps([5, TEXT]).encode())
     assert fields == (b"5", None, 0)
-    head, tail = utc.reply_parts(fields[0], SERVER_TEXT, fields[1], fields[2], 100, 1, False)
+    head, tail = utc.reply_parts(fields[0], SERVER_TEXT, seq=fields[1], size=fields[2], request_size=100,
+                                 server_recv_ns=1)
     assert tail is None
     assert json.loads(head) == [5, SERVER_TEXT.decode()]
     # the same bytes json.dumps would give, as the tutorial's server sends
@@ -65,10 +69,12 @@ def test_requested_size_pads_the_reply_but_never_beyond_the_request():
     request_id, seq, size = utc.request_fields(data)
     assert (request_id, seq, size) == (b"99", b"4", 1000)
     t2 = 1_700_000_000_123_456_789
-    head, tail = utc.reply_parts(request_id, SERVER_TEXT, seq, size, len(data), t2, False)
+    head, tail = utc.reply_parts(request_id, SERVER_TEXT, seq=seq, size=size, request_size=len(data),
+                                 server_recv_ns=t2)
     assert len(head) + len(str(t2)) + len(tail) == 1000
     # a request that asks for more than it carries gets a reply of its own size at most
-    head, tail = utc.reply_parts(request_id, SERVER_TEXT, seq, size, 500, t2, False)
+    head, tail = utc.reply_parts(request_id, SERVER_TEXT, seq=seq, size=size, request_size=500,
+                                 server_recv_ns=t2)
     assert len(head) + len(str(t2)) + len(tail) <= 500
 
 

@@ -1,0 +1,161 @@
+"""Kernel timestamps on both ends, their fallbacks, and replies from the address asked."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import udp_timecheck as utc
+from conftest import MODULE, ipv6_loopback_available, request
+
+SECOND = utc.NS_PER_S
+LINUX = pytest.mark.skipif(utc.SO_TIMESTAMPNS is None, reason="kernel timestamps are Linux's")
+
+
+def shifted(seconds, base=None):
+    base = base or utc.wall_ns
+    return lambda: base() + int(seconds * SECOND)
+
+
+@LINUX
+def test_kernel_stamps_on_both_ends_by_default(start_server):
+    server = start_server()
+    assert server.timestamps == utc.KERNEL
+    summary = utc.Prober(*server.address[:2], count=20).run().summary()
+    stamps = summary["timestamps"]
+    assert stamps["client"] == stamps["server"] == utc.KERNEL and stamps["transmit"] is True
+    assert stamps["described"] == "kernel (both ends)"
+    assert stamps["user_fallbacks"] == 0 and stamps["transmit_fallbacks"] == 0
+    assert all(sample["t1_from"] == sample["t4_from"] == utc.KERNEL for sample in summary["samples"])
+    assert summary["server_proc_ms"] is not None  # the server's wake-up is in T3 - T2 now
+
+
+@LINUX
+@pytest.mark.parametrize("client_mode", [utc.KERNEL, utc.USER])
+@pytest.mark.parametrize("server_mode", [utc.KERNEL, utc.USER])
+def test_shifted_server_clock_gives_its_offset_on_every_path(start_server, client_mode, server_mode):
+    """The kernel stamps on the real clock; the server's injected clock is 5 s ahead of it."""
+    server = start_server(clock=shifted(5), timestamps=server_mode)
+    summary = utc.Prober(*server.address[:2], count=20, timestamps=client_mode).run().summary()
+    assert summary["received"] == 20
+    assert abs(summary["offset_ms"] - 5000) <= summary["offset_err_ms"] + 0.01
+    assert summary["timestamps"]["client"] == client_mode and summary["timestamps"]["server"] == server_mode
+    assert server.stats.user_stamps == 0
+
+
+@LINUX
+def test_shifted_client_clock_gives_the_opposite_offset(start_server):
+    server = start_server()
+    summary = utc.Prober(*server.address[:2], count=20, clock=shifted(-7)).run().summary()
+    assert abs(summary["offset_ms"] - 7000) <= summary["offset_err_ms"] + 0.01
+    assert summary["timestamps"]["user_fallbacks"] == 0 and summary["timestamps"]["transmit_fallbacks"] == 0
+
+
+@LINUX
+def test_kernel_stamps_the_processes_disagree_with_fall_back_and_are_counted(start_server, monkeypatch):
+    """Our own reading of the kernel's clock is 30 s off: every kernel stamp is implausible."""
+    monkeypatch.setattr(utc, "wall_ns", shifted(30, utc.wall_ns))
+    server = start_server(clock=shifted(5))
+    summary = utc.Prober(*server.address[:2], count=10).run().summary()
+    assert summary["received"] == 10
+    assert server.stats.user_stamps == 10
+    stamps = summary["timestamps"]
+    assert stamps["server"] == utc.USER and stamps["user_fallbacks"] == 10
+    assert stamps["transmit_fallbacks"] == 10
+    assert abs(summary["offset_ms"] - 5000) <= summary["offset_err_ms"] + 0.01
+
+
+@LINUX
+def test_user_timestamps_include_the_wake_ups(start_server):
+    """The same server, both ways: user-space RTTs are never shorter than the kernel's."""
+    server = start_server()
+    kernel = utc.Prober(*server.address[:2], count=200).run().summary()
+    user = utc.Prober(*server.address[:2], count=200, timestamps=utc.USER).run().summary()
+    assert user["timestamps"]["client"] == utc.USER and user["timestamps"]["transmit"] is False
+    assert kernel["rtt_ms"]["min"] <= user["rtt_ms"]["median"]
+    for summary in (kernel, user):
+        assert abs(summary["offset_ms"]) <= summary["offset_err_ms"] + 0.001
+
+
+def test_cli_timestamps_option_on_both_ends(start_server, capsys):
+    server = start_server(timestamps=utc.USER)
+    argv = ["client", *map(str, server.address[:2]), "-c", "3", "--timestamps", "user"]
+    assert utc.main(argv) == 0
+    out = capsys.readouterr().out
+    assert ", user timestamps" in out.splitlines()[0]
+    assert "timestamps: user-space (both ends)" in out
+    assert utc.main(argv[:-2] + ["--json"]) == 0
+    stamps = json.loads(capsys.readouterr().out)["timestamps"]
+    assert stamps["server"] == utc.USER
+    assert stamps["client"] == (utc.KERNEL if utc.SO_TIMESTAMPNS else utc.USER)
+
+
+def test_tutorial_server_sends_no_stamps_and_we_say_so():
+    assert utc.describe_timestamps(utc.KERNEL, None) == "kernel here; the server sends none"
+    assert utc.describe_timestamps(utc.KERNEL, utc.USER) == "kernel here, user-space at the server"
+    assert utc.describe_timestamps(utc.USER, utc.KERNEL) == "user-space here, kernel at the server"
+
+
+@LINUX
+def test_wildcard_server_replies_from_the_address_asked(start_server):
+    server = start_server(host="0.0.0.0")
+    assert server.packet_info
+    port = server.address[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # unconnected: sees the source
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(10)
+        sock.sendto(request(1, seq=0, pad_to=200), ("127.0.0.2", port))
+        reply, source = sock.recvfrom(65535)
+    assert source == ("127.0.0.2", port)  # not 127.0.0.1, the kernel's own choice of source
+    measurement = utc.Prober("127.0.0.2", port, count=5).run()
+    assert measurement.received == 5
+
+
+@LINUX
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="this machine has no ::1")
+def test_dual_stack_wildcard_answers_ipv4_from_the_address_asked(start_server):
+    server = start_server(host="::")
+    measurement = utc.Prober("127.0.0.2", server.address[1], count=5).run()
+    assert measurement.received == 5
+
+
+NAMESPACE_SCRIPT = """
+import socket, sys
+sys.path.insert(0, {root!r})
+import udp_timecheck as utc
+with utc.TimeServer("::", 0) as server:
+    server.start()
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.bind(("::1", 0))  # asks fd00::2 from ::1: the kernel's own choice would be ::1
+        sock.settimeout(10)
+        sock.sendto(utc.encode_request(1, "x", 0, pad_to=250), ("fd00::2", server.address[1]))
+        reply, source = sock.recvfrom(65535)
+    print(source[0], utc.Prober("fd00::2", server.address[1], count=3).run().received)
+"""
+
+
+@LINUX
+@pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("ip") is None,
+                    reason="needs unshare and ip (util-linux, iproute2)")
+def test_ipv6_wildcard_replies_from_the_address_asked_in_a_private_namespace():
+    setup = "ip link set lo up && ip -6 addr add fd00::2/128 dev lo nodad && exec \"$0\" -c \"$1\""
+    result = subprocess.run(["unshare", "-rn", "sh", "-c", setup, sys.executable,
+                             NAMESPACE_SCRIPT.format(root=str(MODULE.parent))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["fd00::2", "3"]
+
+
+@LINUX
+def test_read_ancillary_takes_the_stamp_and_keeps_the_packet_info():
+    stamp = (socket.SOL_SOCKET, utc.SO_TIMESTAMPNS, utc.TIMESPEC.pack(1_700_000_000, 123_456_789))
+    info = (socket.IPPROTO_IP, 8, bytes(12))
+    assert utc.read_ancillary([stamp, info]) == (1_700_000_000_123_456_789, [info])
+    assert utc.read_ancillary([info, stamp]) == (1_700_000_000_123_456_789, [info])
+    assert utc.read_ancillary([info]) == (None, [info])
+    short = (socket.SOL_SOCKET, utc.SO_TIMESTAMPNS, b"\x01\x02")
+    assert utc.read_ancillary([short, info]) == (None, [info])
