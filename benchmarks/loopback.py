@@ -87,6 +87,27 @@ def role_echo_msg(args):
         sendmsg((data,), ancillary[1:], 0, address)  # [0] is the stamp, [1] the packet info
 
 
+def role_minimal_server(args):
+    """The least a Python time server can do: check the request, answer with T2 and T3.
+
+    The kernel's stamp and packet info, one regular expression, one formatted
+    reply: no logging, counting or limits.  How far our server is from this is
+    the cost of its own logic; how far this is from the echo, the cost of Python.
+    """
+    sock = _wildcard_socket()
+    recvmsg, sendmsg, wall = sock.recvmsg, sock.sendmsg, utc.wall_ns
+    request = re.compile(rb'\[(-?[0-9]+), "[ !#-\[\]-~]*", \{"seq": ([0-9]+)(?:, "pad": " *")?\}\]').fullmatch
+    while True:
+        data, ancillary, _, address = recvmsg(65535, 256)
+        seconds, nanoseconds = STAMPS.unpack(ancillary[0][2])
+        t2 = seconds * 1000000000 + nanoseconds
+        match = request(data)
+        if match is not None:
+            reply = b'[%b, "The time is now", {"seq": %b, "t2": %d, "t3": %d}]' % (
+                match.group(1), match.group(2), t2, wall())
+            sendmsg((reply,), ancillary[1:], 0, address)
+
+
 def role_stamped_echo(args):
     """The fidelity baseline's server: echoes with T2 (the kernel's) and T3 appended."""
     sock = _wildcard_socket()
@@ -249,14 +270,15 @@ def throughput_section(servers, rounds, seconds, warmup):
     for name, values in rates.items():
         print("  {:<40} {} replies/s".format(name, spread(values)))
     median = {name: statistics.median(values) for name, values in rates.items()}
-    print("  ours / bare recvfrom echo: {:.2f}x    ours / bare recvmsg echo: {:.2f}x    "
-          "recvmsg echo / recvfrom echo: {:.2f}x    with a key / recvmsg echo: {:.2f}x".format(
-              median["udp-timecheck server on 0.0.0.0"] / median["bare recvfrom/sendto echo"],
-              median["udp-timecheck server on 0.0.0.0"] / median["bare recvmsg/sendmsg echo, 0.0.0.0"],
-              median["bare recvmsg/sendmsg echo, 0.0.0.0"] / median["bare recvfrom/sendto echo"],
-              median["udp-timecheck server, key"] / median["bare recvmsg/sendmsg echo, 0.0.0.0"]))
-    return {"throughput": median["udp-timecheck server on 0.0.0.0"]
-            / median["bare recvmsg/sendmsg echo, 0.0.0.0"]}
+    plain, msg = median["bare recvfrom/sendto echo"], median["bare recvmsg/sendmsg echo, 0.0.0.0"]
+    ours, minimal = median["udp-timecheck server on 0.0.0.0"], median["minimal Python time server, 0.0.0.0"]
+    print("  recvmsg echo / recvfrom echo: {:.2f}x (the kernel features' cost)".format(msg / plain))
+    print("  minimal Python server / recvmsg echo: {:.2f}x (the cost of any Python time server)".format(
+        minimal / msg))
+    print("  ours / minimal Python server: {:.2f}x (the cost of our own logic)".format(ours / minimal))
+    print("  ours / recvmsg echo: {:.2f}x    ours / recvfrom echo: {:.2f}x    with a key / recvmsg echo: "
+          "{:.2f}x".format(ours / msg, ours / plain, median["udp-timecheck server, key"] / msg))
+    return {"throughput": ours / msg}
 
 
 def fidelity_section(ours, keyed, stamped, key_path, rounds, count, interval):
@@ -322,6 +344,8 @@ def start_servers(tmp, key_path):
         "bare recvfrom/sendto echo": Server([sys.executable, __file__, "_echo"], tmp / "echo.log"),
         "bare recvmsg/sendmsg echo, 0.0.0.0": Server([sys.executable, __file__, "_echo_msg"],
                                                      tmp / "echo_msg.log"),
+        "minimal Python time server, 0.0.0.0": Server([sys.executable, __file__, "_minimal_server"],
+                                                      tmp / "minimal.log"),
         "udp-timecheck server on 0.0.0.0": Server([sys.executable, MODULE, "server", "0.0.0.0", "0"],
                                                   tmp / "server.log"),
         "udp-timecheck server, key": Server([sys.executable, MODULE, "server", "0.0.0.0", "0",
@@ -368,7 +392,8 @@ def conduct(args):
 
 
 ROLES = {"conduct": conduct, "_echo": role_echo, "_echo_msg": role_echo_msg,
-         "_stamped_echo": role_stamped_echo, "_load": role_load, "_pingpong": role_pingpong}
+         "_minimal_server": role_minimal_server, "_stamped_echo": role_stamped_echo, "_load": role_load,
+         "_pingpong": role_pingpong}
 
 
 def main():
