@@ -19,26 +19,28 @@ import contextlib
 import csv
 import datetime
 import errno
-import functools
 import hashlib
 import hmac
+import io
 import json
 import json.scanner
 import os
 import platform
+import queue
 import random
 import re
 import secrets
 import select
 import signal
 import socket
+import stat
 import statistics
 import struct
 import sys
 import threading
 import time
 from typing import (Callable, Dict, Iterator, List, Mapping, NamedTuple, NoReturn,
-                    Optional, Sequence, Tuple)
+                    Optional, Sequence, TextIO, Tuple)
 
 __version__ = "1.0.0"
 
@@ -55,20 +57,27 @@ DEFAULT_COUNT = 1000                # the tutorial's measuring loop
 DEFAULT_TIMEOUT = 1.0
 DEMO_ARGS = ("--measure-delay", "-c", "50", "-i", "0.02")
 LOG_LINES_PER_SECOND = 10
-LOG_TEXT_LIMIT = 200                # characters of client text shown per log line
-RATE_TABLE_SIZE = 4096              # source addresses tracked by --max-rate
+LOG_TEXT_BYTES = 180                # of client text per log line, after escaping: lines stay < 320
+LOG_QUEUE_LINES = 1000              # lines waiting for a slow or blocked stdout before they drop
+SOURCE_TABLE_SIZE = 4096            # source addresses --max-rate and the loop guard keep
+PRIVILEGED_PORTS = 1024             # echo, daytime, DNS, NTP...: never answered (loop DoS)
 ID_BITS = 63                        # request ids: secrets.randbits(63)
 ID_LIMIT = 2 ** 64                  # larger ids and timestamps are malformed
 TIMESTAMP_DIGITS = 20               # room for any time_ns() value until 5138 AD
 SAMPLE_TEXT = "The time is 2000-01-01 00:00:00.000000"
 KEY_ENV = "UDP_TIMECHECK_KEY"
+MAX_KEY_FILE = 4096                 # bytes: a key, not a file to read until memory runs out
 ZERO_MAC = b"0" * 64                # placeholder for the hex HMAC-SHA256 while it is computed
 MAC_TRAILER = len(ZERO_MAC) + 2     # the MAC, its closing quote and the closing bracket
 REQUEST_LABEL = b"udp-timecheck/1 request\n"
 REPLY_LABEL = b"udp-timecheck/1 reply\n"
 PAD_OVERHEAD = len(b', "pad": ""')
+TIME_FRACTION = len(".123456")      # what str(datetime) leaves out at microsecond 0
 JSON_WHITESPACE = " \t\n\r"
+MAX_SEPARATORS = 64                 # commas and colons after the text of a datagram to decode
+MAX_ESCAPES = 128                   # backslashes in it: \uXXXX costs ten times its six bytes
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 128 + 2          # what a shell reports for a command ended by SIGINT
 OK, LOST, MISMATCHED, PENDING = "ok", "lost", "mismatched", "pending"
 NS_PER_S = 1_000_000_000
 
@@ -90,6 +99,7 @@ IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", None)
 TIMESPEC = struct.Struct("@ll")     # struct timespec: the payload of SO_TIMESTAMPNS
 ANCILLARY_SPACE = 256               # room for a timestamp and a packet-info message
 MAX_QUEUE_WAIT_NS = NS_PER_S        # an older kernel timestamp means the clocks disagree
+RECEIVE_TIMEOUT = 0.25              # the server looks at its stop flag at least this often
 WALL_STEP_TOLERANCE_NS = 50_000     # wall vs monotonic over one round trip, beyond read gaps
 
 
@@ -116,11 +126,12 @@ class TimecheckError(Exception):
 # Wire format: pure functions, no I/O
 # ---------------------------------------------------------------------------
 
-class WireError(TimecheckError):
+class WireError(ValueError):
     """A datagram that is not a well-formed udp-timecheck message."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, EXIT_FAILED)
+
+class NotARequest(WireError):
+    """A well-formed reply where a request was expected: answering it could start a loop."""
 
 
 class Message(NamedTuple):
@@ -130,6 +141,11 @@ class Message(NamedTuple):
     ext: Optional[Dict[str, object]]   # our extension object; None in the tutorial's form
     mac: Optional[str]                 # hex HMAC-SHA256, present when a key is in use
 
+    @property
+    def seq(self) -> Optional[int]:
+        """The probe's number, or None: a message in the tutorial's form."""
+        return self.ext.get("seq") if self.ext is not None else None
+
 
 def _bounded_int(digits: str) -> int:
     # Interpreters before 3.8.14 parse huge integers in quadratic time.
@@ -138,31 +154,59 @@ def _bounded_int(digits: str) -> int:
     return int(digits)
 
 
-# The C scanner behind json.loads, called without its Python wrappers: the server's
-# hot path.  It raises StopIteration where json.loads says "Expecting value".
-_scan_json = json.scanner.make_scanner(json.JSONDecoder() if hasattr(sys, "get_int_max_str_digits")
-                                       else json.JSONDecoder(parse_int=_bounded_int))
-_new_message = functools.partial(tuple.__new__, Message)  # Message(...) without a Python frame
+def _refuse_number(text: str) -> NoReturn:
+    # No float is ever valid here: refusing the first costs nothing, decoding thousands does.
+    raise ValueError("not an integer: {!r}".format(text[:20]))
+
+
+# The C scanner behind json.loads, called without its Python wrappers.  It raises
+# StopIteration where json.loads says "Expecting value".
+_scan_json = json.scanner.make_scanner(json.JSONDecoder(
+    parse_float=_refuse_number, parse_constant=_refuse_number,
+    parse_int=None if hasattr(sys, "get_int_max_str_digits") else _bounded_int))
 _EXT_INTS = frozenset(("seq", "size", "t2", "t3"))
+_REPLY_ONLY = frozenset(("t2", "t3", "ts"))
+
+
+# An array that starts with an integer and a string: where the separators after the
+# string are counted.  The string's pattern is the unrolled loop, linear in its length.
+_REQUEST_START = re.compile(r'\[[ \t\n\r]*-?[0-9]{1,20}[ \t\n\r]*,[ \t\n\r]*"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _check_shape(text: str) -> None:
+    """Refuse, before decoding, what would cost far more to decode than a request.
+
+    Decoding costs little per byte of a string and much per value or escape:
+    thousands of numbers, keys or escapes in one datagram cost a thousand times
+    a request.
+    """
+    if text.count("\\") > MAX_ESCAPES:
+        raise WireError("more than {} escapes".format(MAX_ESCAPES))
+    start = _REQUEST_START.match(text)
+    if start is None:
+        raise WireError("not an [id, text, ...] array")
+    if text.count(",", start.end()) + text.count(":", start.end()) > MAX_SEPARATORS:
+        raise WireError("more than {} commas and colons after the text".format(MAX_SEPARATORS))
 
 
 def decode_message(data: bytes) -> Message:
     """Decode a datagram, or raise WireError; nothing else escapes, whatever the bytes."""
     try:
         text = data.decode("utf-8").strip(JSON_WHITESPACE)
+        _check_shape(text)
         obj, end = _scan_json(text, 0)
     except (ValueError, RecursionError, StopIteration) as exc:  # bad UTF-8 or JSON, too deep or long
-        raise WireError("not a JSON datagram: {}".format(type(exc).__name__)) from None
+        raise WireError("not a JSON datagram: {}".format(exc if isinstance(exc, WireError)
+                                                         else type(exc).__name__)) from None
     if end != len(text) or type(obj) is not list or len(obj) < 2:
         raise WireError("not an [id, text, ...] array")
     message_id, message_text = obj[0], obj[1]
     if type(message_id) is not int or not -ID_LIMIT < message_id < ID_LIMIT or type(message_text) is not str:
         raise WireError("not an id of at most 64 bits and a text")
-    if not message_text.isascii():  # a JSON escape can smuggle in an unpaired surrogate: not text
-        try:
-            message_text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise WireError("the text holds an unpaired surrogate") from None
+    try:  # a JSON escape can smuggle in an unpaired surrogate: not text
+        message_text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WireError("the text holds an unpaired surrogate") from None
     ext = obj[2] if len(obj) > 2 and type(obj[2]) is dict else None
     if ext:
         for name, value in ext.items():  # unknown names pass: room for later extensions
@@ -171,7 +215,7 @@ def decode_message(data: bytes) -> Message:
             if name == "pad" and type(value) is not str:
                 raise WireError("'pad' is not a string")
     mac = obj[3] if len(obj) > 3 and type(obj[3]) is str else None
-    return _new_message((message_id, message_text, ext, mac))
+    return Message(message_id, message_text, ext, mac)
 
 
 def _mac(key: bytes, context: bytes, unsigned: bytes) -> bytes:
@@ -183,12 +227,17 @@ def seal(key: bytes, context: bytes, unsigned: bytes) -> bytes:
     return unsigned[:-MAC_TRAILER] + _mac(key, context, unsigned) + b'"]'
 
 
+def mac_of_datagram(data: bytes) -> bytes:
+    """The 64 hex digits of a keyed datagram's MAC: it ends with ``"<MAC>"]``."""
+    return data[-MAC_TRAILER:-2]
+
+
 def mac_matches(key: bytes, context: bytes, data: bytes) -> bool:
     """True if the datagram ends with the right MAC of itself (MAC zeroed) under context."""
     if len(data) <= MAC_TRAILER or not data.endswith(b'"]'):
         return False
     expected = _mac(key, context, data[:-MAC_TRAILER] + ZERO_MAC + b'"]')
-    return hmac.compare_digest(expected, data[-MAC_TRAILER:-2])
+    return hmac.compare_digest(expected, mac_of_datagram(data))
 
 
 def reply_context(request_id: bytes, request_mac: bytes) -> bytes:
@@ -231,8 +280,11 @@ def fields_of(request: Message) -> Tuple[bytes, Optional[bytes], int]:
     """What a reply needs of a request: its id and seq as decimal digits, and the size asked for.
 
     seq is None for the tutorial's form: no extension object, or one without a seq.
+    A message carrying a server's timestamps is a reply: NotARequest.
     """
-    seq = request.ext.get("seq") if request.ext is not None else None
+    if request.ext is not None and not _REPLY_ONLY.isdisjoint(request.ext):
+        raise NotARequest("a reply, not a request: it carries server timestamps")
+    seq = request.seq
     if seq is None:
         return b"%d" % request.message_id, None, 0
     return b"%d" % request.message_id, b"%d" % seq, request.ext.get("size") or 0
@@ -270,6 +322,23 @@ def reply_parts(reply_id: bytes, time_text: bytes, *, seq: Optional[bytes], serv
     return head, tail
 
 
+def fit_tutorial_reply(reply: bytes, limit: int) -> Optional[bytes]:
+    """A reply in the tutorial's form cut to at most limit bytes, or None.
+
+    Its text ends with the time's ".ffffff"; the tutorial's client leaves that
+    out when the microsecond is 0, as str(datetime) does, so its request can be
+    7 bytes shorter than the reply, and a --faulty id one digit longer.
+    Fewer digits of the fraction, or none, keep the reply within the request.
+    """
+    excess = len(reply) - limit
+    if excess <= 0:
+        return reply
+    if excess > TIME_FRACTION:
+        return None
+    cut = TIME_FRACTION if excess >= TIME_FRACTION - 1 else excess  # never a bare "."
+    return reply[:-2 - cut] + reply[-2:]
+
+
 def min_request_size(highest_seq: int, *, size: int = 0, keyed: bool = False) -> int:
     """The smallest request our server can answer whole, for any id and time.
 
@@ -291,6 +360,17 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
+def clip(text: str, limit: int) -> str:
+    """Network text made safe to print (see printable) and cut to about limit bytes of UTF-8."""
+    shown = printable(text[:limit])
+    encoded = shown.encode("utf-8")
+    if len(encoded) > limit:
+        shown = encoded[:limit].decode("utf-8", "ignore")
+    elif len(text) <= limit:
+        return shown
+    return "{}... ({} characters in all)".format(shown, len(text))
 
 
 def format_address(host: str, port: int) -> str:
@@ -359,6 +439,23 @@ def histogram(values: Sequence[float], bins: Optional[int] = None) -> List[Tuple
     if above:
         rows.append((high, ordered[-1], above))
     return rows
+
+
+def clock_offset_ns(clock: Callable[[], int]) -> int:
+    """How far clock is ahead of CLOCK_REALTIME, the kernel's stamps' clock.
+
+    Read between two readings of the real clock, three times, keeping the
+    tightest: the time a reading takes (longest the first time round) must not
+    count as offset.
+    """
+    best = None  # type: Optional[Tuple[int, int]]
+    for _ in range(3):
+        before = wall_ns()
+        reading = clock()
+        after = wall_ns()
+        if best is None or after - before < best[0]:
+            best = (after - before, reading - (before + after) // 2)
+    return best[1]
 
 
 def arrival_ns(kernel_ns: Optional[int], clock_ns: int, real_ns: int, max_age_ns: int) -> Optional[int]:
@@ -445,34 +542,75 @@ def _bind_error(host: str, port: int, exc: OSError) -> TimecheckError:
     return TimecheckError("cannot bind {}: {}".format(format_address(host, port), reason))
 
 
-class RateLimiter:
-    """Token buckets per source address: rate replies a second, bursts of rate.
+class RecentTable:
+    """A dict of at most max_entries keys; the least recently stored goes first.
 
-    The table holds at most max_entries addresses; the least recently seen goes
-    first, so memory stays flat under traffic from any number of sources.
+    The server's tables of source addresses, so that memory stays flat under
+    traffic from any number of sources.
     """
 
-    def __init__(self, rate: float, max_entries: int = RATE_TABLE_SIZE) -> None:
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries = {}  # type: Dict[object, object]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def take(self, key: object) -> Optional[object]:
+        """The value stored under key, removed (store it again to keep it)."""
+        return self._entries.pop(key, None)
+
+    def store(self, key: object, value: object) -> None:
+        entries = self._entries
+        if len(entries) >= self.max_entries and key not in entries:
+            del entries[next(iter(entries))]
+        entries[key] = value
+
+
+class RateLimiter:
+    """Token buckets per source address: rate replies a second, bursts of rate."""
+
+    def __init__(self, rate: float, max_entries: int = SOURCE_TABLE_SIZE) -> None:
         self.rate = rate
         self.burst = max(1.0, rate)
-        self.max_entries = max_entries
-        self._buckets: Dict[str, Tuple[float, int]] = {}
+        self._buckets = RecentTable(max_entries)
 
     def __len__(self) -> int:
         return len(self._buckets)
 
     def allow(self, source: str, now_ns: int) -> bool:
-        bucket = self._buckets.pop(source, None)
+        bucket = self._buckets.take(source)
         if bucket is None:
-            if len(self._buckets) >= self.max_entries:
-                del self._buckets[next(iter(self._buckets))]
             tokens = self.burst
         else:
             # max(0, ...): a clock stepped backwards refills nothing and drains nothing
             tokens = min(self.burst, bucket[0] + max(0, now_ns - bucket[1]) * self.rate / NS_PER_S)
         allowed = tokens >= 1.0
-        self._buckets[source] = (tokens - 1.0 if allowed else tokens, now_ns)
+        self._buckets.store(source, (tokens - 1.0 if allowed else tokens, now_ns))
         return allowed
+
+
+class LoopGuard:
+    """Tells a loop between servers from a client, for requests in the tutorial's form.
+
+    There a reply looks just like a request, so a spoofed source can set two
+    servers (or one, with itself) answering each other for ever.  A loop sends
+    back to a source the id just answered to it (or that id plus one, from a
+    --faulty server), where the tutorial's client draws a fresh id from 0..1000,
+    from a fresh port, every time.  So the last id answered to each source
+    address and port is kept, in a bounded table, and a request carrying it, or
+    it plus one, from that source is refused.
+    """
+
+    def __init__(self, max_entries: int = SOURCE_TABLE_SIZE) -> None:
+        self._answered = RecentTable(max_entries)
+
+    def looping(self, source: tuple, request_id: int) -> bool:
+        last = self._answered.take(source)
+        return last is not None and 0 <= request_id - last <= 1
+
+    def answered(self, source: tuple, reply_id: int) -> None:
+        self._answered.store(source, reply_id)
 
 
 def enable_kernel_timestamps(sock: socket.socket) -> bool:
@@ -553,9 +691,18 @@ def read_ancillary(ancillary: Sequence[Tuple[int, int, bytes]]) -> Tuple[Optiona
     return kernel_ns, control
 
 
+def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
+    """A blocking receive that gives up after seconds (EAGAIN), at no cost per call."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("@ll", int(seconds), int(seconds % 1 * 1e6)))
+    except (OSError, struct.error):  # a platform with another timeval: shutdown resends instead
+        pass
+
+
 class ServerStats:
     """What the server did with the datagrams it received."""
-    __slots__ = ("served", "malformed", "unauthenticated", "rate_limited", "too_short", "errors",
+    __slots__ = ("served", "malformed", "unauthenticated", "rate_limited", "too_short", "loops", "errors",
                  "not_logged", "user_stamps")
 
     def __init__(self) -> None:
@@ -568,7 +715,7 @@ class ServerStats:
     def __str__(self) -> str:
         return ("served {0.served}, malformed {0.malformed}, unauthenticated {0.unauthenticated}, "
                 "rate-limited {0.rate_limited}, too short to answer {0.too_short}, "
-                "send/receive errors {0.errors}".format(self))
+                "loops refused {0.loops}, send/receive errors {0.errors}".format(self))
 
 
 class TimeServer:
@@ -598,14 +745,18 @@ class TimeServer:
             self.socket.close()
             raise _bind_error(address[0], port, exc) from None
         self.address = self.socket.getsockname()
+        _set_receive_timeout(self.socket, RECEIVE_TIMEOUT)
         self.timestamps = KERNEL if timestamps == KERNEL and enable_kernel_timestamps(self.socket) else USER
         # A wildcard server answers from the address each request was sent to: the
         # kernel's own choice can differ on a host with several, and clients drop that.
         self.packet_info = self.address[0] in ("0.0.0.0", "::") and enable_packet_info(self.socket)
         self.stats = ServerStats()
+        self.keyed = key is not None
         self._faulty, self._key, self._rng = faulty, key, rng
         self._clock, self._real_clock = clock or wall_ns, clock is None
         self._limiter = RateLimiter(max_rate) if max_rate else None
+        self._loops = LoopGuard()
+        self._wildcard = self.address[0] in ("0.0.0.0", "::")
         self._log, self._log_limit = log, log_limit
         self._log_second = self._log_lines = self._log_hidden = 0
         self._text_second, self._text_prefix = -1, b""
@@ -631,6 +782,8 @@ class TimeServer:
             while not self._stopping:
                 try:
                     data, ancillary, _, source = recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
+                except BlockingIOError:  # SO_RCVTIMEO: a look at _stopping when all is quiet
+                    continue
                 except OSError:  # Windows reports an earlier reply's ICMP error here
                     if self.socket.fileno() < 0:
                         break
@@ -651,7 +804,7 @@ class TimeServer:
                     continue
                 stats.served += 1
                 if log is not None:
-                    log(data, server_recv_ns)
+                    log(data, source, server_recv_ns)
         finally:
             self._flush_log()
             self._idle.set()
@@ -673,25 +826,31 @@ class TimeServer:
     def _arrival(self, ancillary: list, user_ns: int) -> Tuple[int, bytes, Sequence[tuple]]:
         """T2, where it came from (b"kernel" or b"user"), and the packet info to reply with."""
         kernel_ns, control = read_ancillary(ancillary)
-        server_recv_ns = arrival_ns(kernel_ns, user_ns, user_ns if self._real_clock else wall_ns(),
-                                    MAX_QUEUE_WAIT_NS)
+        real_ns = user_ns if self._real_clock else user_ns - clock_offset_ns(self._clock)
+        server_recv_ns = arrival_ns(kernel_ns, user_ns, real_ns, MAX_QUEUE_WAIT_NS)
         if server_recv_ns is not None:
             return server_recv_ns, b"kernel", control
         if self.timestamps == KERNEL:
             self.stats.user_stamps += 1
         return user_ns, b"user", control
 
-    def respond(self, data: bytes, source: tuple = ("127.0.0.1", 9)) -> Optional[bytes]:
+    def respond(self, data: bytes, source: tuple = ("127.0.0.1", 49152)) -> Optional[bytes]:
         """The reply serve_forever() would send to data from source, or None; no I/O."""
         return self._reply_for(data, source, self._clock(), b"user")
 
     def _reply_for(self, data: bytes, source: tuple, server_recv_ns: int, stamp: bytes) -> Optional[bytes]:
         stats = self.stats
+        if self._refused_source(source):
+            stats.loops += 1
+            return None
         if self._limiter is not None and not self._limiter.allow(source[0], server_recv_ns):
             stats.rate_limited += 1
             return None
         try:
             request_id, seq, size = request_fields(data)
+        except NotARequest:
+            stats.loops += 1
+            return None
         except WireError:
             stats.malformed += 1
             return None
@@ -699,28 +858,45 @@ class TimeServer:
         if key is not None and (seq is None or not mac_matches(key, REQUEST_LABEL, data)):
             stats.unauthenticated += 1  # silence: a keyed server cannot be used to probe or reflect
             return None
+        if seq is None and self._loops.looping(source, int(request_id)):
+            stats.loops += 1
+            return None
         reply_id = request_id
         if self._faulty and self._rng() < self._faulty:
             reply_id = b"%d" % (int(request_id) + 1)  # the tutorial's FAULTY_SERVER: a wrong id
+        reply = self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp)
+        if reply is None:
+            stats.too_short += 1
+        elif seq is None:
+            self._loops.answered(source, int(reply_id))
+        return reply
+
+    def _refused_source(self, source: tuple) -> bool:
+        """Privileged ports (echo, daytime, DNS, NTP...) and our own port: a loop in the making."""
+        port = source[1]
+        return port < PRIVILEGED_PORTS or (port == self.address[1] and (self._wildcard or
+                                                                         source[0] == self.address[0]))
+
+    def _build_reply(self, data: bytes, request_id: bytes, reply_id: bytes, seq: Optional[bytes], size: int,
+                     server_recv_ns: int, stamp: bytes) -> Optional[bytes]:
+        """The reply, T3 read last; None if it would be larger than the request."""
         second, fraction = divmod(server_recv_ns, NS_PER_S)
         if second != self._text_second:  # formatting the date once a second is enough
             self._text_second, self._text_prefix = second, _time_prefix(second)
+        key = self._key
         head, tail = reply_parts(reply_id, b"%b.%06d" % (self._text_prefix, fraction // 1000), seq=seq,
                                  server_recv_ns=server_recv_ns, stamp=stamp, size=size,
                                  request_size=len(data), keyed=key is not None)
         if tail is None:
-            reply = head
-        elif key is None:
+            return fit_tutorial_reply(head, len(data))
+        if key is None:
             reply = b"%b%d%b" % (head, self._clock(), tail)  # T3: as late as the reply allows
         else:
-            context = reply_context(request_id, data[-MAC_TRAILER:-2])
+            context = reply_context(request_id, mac_of_datagram(data))
             reply = seal(key, context, b"%b%d%b" % (head, self._clock(), tail))
-        if len(reply) > len(data):  # no reply is ever larger than its request
-            stats.too_short += 1
-            return None
-        return reply
+        return reply if len(reply) <= len(data) else None  # no reply is ever larger than its request
 
-    def _log_request(self, data: bytes, server_recv_ns: int) -> None:
+    def _log_request(self, data: bytes, source: tuple, server_recv_ns: int) -> None:
         """The tutorial's line for an answered request, at most log_limit a second."""
         second = server_recv_ns // NS_PER_S
         if second != self._log_second:
@@ -731,10 +907,8 @@ class TimeServer:
             return
         self._log_lines += 1
         request = decode_message(data)  # only for the lines shown: the hot path never decodes
-        text = request.text
-        if len(text) > LOG_TEXT_LIMIT:
-            text = "{}... ({} more characters)".format(text[:LOG_TEXT_LIMIT], len(text) - LOG_TEXT_LIMIT)
-        self._log("Request ID: {}. Client request, {}".format(request.message_id, printable(text)))
+        self._log("{} Request ID: {}. Client request, {}".format(
+            format_address(*source[:2]), request.message_id, clip(request.text, LOG_TEXT_BYTES)))
 
     def _flush_log(self) -> None:
         if self._log_hidden:
@@ -750,18 +924,26 @@ class TimeServer:
         self._thread.start()
         return self
 
-    def shutdown(self) -> None:
-        """Stop serving and wait for the loop to end (call from another thread)."""
+    def request_stop(self) -> None:
+        """Make serve_forever() return soon; safe in a signal handler, and to call again."""
         self._stopping = True
         host, port = self.address[:2]
         wake_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-        for _ in range(50):  # the wake-up datagram can be dropped by a full buffer: resend
+        try:  # the loop sees _stopping after its next datagram; this one need not arrive
+            with socket.socket(self.socket.family, socket.SOCK_DGRAM) as waker:
+                waker.setblocking(False)
+                waker.sendto(b"", (wake_host, port))
+        except OSError:
+            pass  # a full buffer or no socket left: the receive timeout wakes the loop instead
+
+    def shutdown(self) -> None:
+        """Stop serving and wait for the loop to end (call from another thread)."""
+        for _ in range(30):  # the receive timeout bounds each wait; the wake-up is quicker
             if self._idle.is_set() or self.socket.fileno() < 0:
                 break
-            with socket.socket(self.socket.family, socket.SOCK_DGRAM) as waker:
-                with contextlib.suppress(OSError):
-                    waker.sendto(b"", (wake_host, port))
+            self.request_stop()
             self._idle.wait(0.1)
+        self._stopping = True
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -784,13 +966,14 @@ class Sample:
     server's at receive and send (NTP's names).  send_mono_ns and recv_mono_ns
     are the monotonic clock around the same send and receive.
     """
-    __slots__ = ("seq", "request_id", "request_mac", "status", "send_mono_ns", "recv_mono_ns",
+    __slots__ = ("seq", "request_id", "request_mac", "request", "status", "send_mono_ns", "recv_mono_ns",
                  "t1", "t1_user", "t1_kernel", "t2", "t3", "t4", "t4_kernel", "server_stamp", "reply_id",
                  "reply_text",
                  "reply_size", "timing")
 
     def __init__(self, seq: int, request_id: int, request_mac: bytes = b"") -> None:
         self.seq, self.request_id, self.request_mac = seq, request_id, request_mac
+        self.request = b""  # the datagram sent, kept while it waits: an echo is byte for byte it
         self.status = PENDING
         self.send_mono_ns = self.t1 = self.t1_user = 0
         self.recv_mono_ns = self.t2 = self.t3 = self.t4 = None  # type: Optional[int]
@@ -837,6 +1020,11 @@ class Sample:
                 "trusted": None if timing is None else timing.trusted}
 
 
+SAMPLE_FIELDS = ("seq", "id", "status", "rtt_ms", "raw_rtt_ms", "server_proc_ms", "offset_ms",
+                 "offset_err_ms", "reply_id", "t1_ns", "t2_ns", "t3_ns", "t4_ns", "t1_from", "t4_from",
+                 "timestamps", "server_timestamps", "trusted")  # Sample.as_dict()'s keys: the CSV columns
+
+
 def describe_timestamps(client: str, server: Optional[str]) -> str:
     """Which timestamps each end used, in words: "kernel (both ends)", ..."""
     here = "user-space" if client == USER else client
@@ -858,6 +1046,8 @@ class Measurement:
         self.late = 0           # a reply after its probe timed out (the probe stays lost)
         self.mismatched = 0     # a reply whose id matches no probe: the server lied
         self.forged = 0         # a reply that failed authentication
+        self.malformed = 0      # a reply that is not a udp-timecheck message at all
+        self.echoes = 0         # a reply byte for byte its request: an echo service
         self.unsigned = 0       # ... because it carried no MAC at all
         self.refused = 0        # ICMP port unreachable
         self.errors = 0         # probes the kernel refused to send
@@ -896,7 +1086,8 @@ class Measurement:
                 "sent": sent, "received": len(answered), "lost": lost,
                 "loss_pct": round(100.0 * lost / sent, 3) if sent else None,
                 "duplicates": self.duplicates, "late": self.late, "mismatched": self.mismatched,
-                "forged": self.forged, "refused": self.refused, "errors": self.errors,
+                "forged": self.forged, "malformed": self.malformed, "echoes": self.echoes,
+                "refused": self.refused, "errors": self.errors,
                 "interrupted": self.interrupted, "timestamps": self.timestamp_summary(answered),
                 "rtt_ms": {name: _ms(value) for name, value in rtt_summary(rtts).items()},
                 "jitter_ms": _ms(mean_abs_difference(rtts)), "server_proc_ms": _ms(median(procs)),
@@ -967,8 +1158,9 @@ class Prober:
         request_id = secrets.randbits(ID_BITS)  # unguessable, unlike the tutorial's 0..1000
         data = encode_request(request_id, "The time is {}".format(datetime.datetime.now()), seq,
                               size=self.size, pad_to=self.request_size, key=self.key)
-        mac = data[-MAC_TRAILER:-2] if self.key is not None else b""
-        return Sample(seq, request_id, mac), data
+        sample = Sample(seq, request_id, mac_of_datagram(data) if self.key is not None else b"")
+        sample.request = data
+        return sample, data
 
     def _loop(self, sock: socket.socket, measurement: Measurement) -> None:
         perf = monotonic_ns
@@ -1022,9 +1214,9 @@ class Prober:
         The stamp leaves out our own way down through the send call, as the receive
         stamps leave out wake-ups.  One from before t1 belongs to an earlier probe.
         """
-        real_t1 = t1 if self._real_clock else wall_ns() - (self.clock() - t1)
-        stamp_ns = read_transmit_stamp(sock, real_t1)
-        return None if stamp_ns is None else t1 + (stamp_ns - real_t1)
+        offset = 0 if self._real_clock else clock_offset_ns(self.clock)
+        stamp_ns = read_transmit_stamp(sock, t1 - offset)
+        return None if stamp_ns is None else stamp_ns + offset
 
     def _receive_reply(self, sock: socket.socket, measurement: Measurement) -> None:
         try:
@@ -1041,13 +1233,13 @@ class Prober:
         except OSError:
             measurement.errors += 1
             return
-        real_t4 = user_t4 if self._real_clock else wall_ns()
+        real_t4 = user_t4 if self._real_clock else user_t4 - clock_offset_ns(self.clock)
         kernel_t4 = read_ancillary(ancillary)[0] if ancillary else None
         self._on_reply(measurement, data, (kernel_t4, user_t4, real_t4, recv_mono_ns))
 
     def _finish(self, sample: Sample, status: str) -> None:
         self._pending.pop(sample.request_id, None)
-        sample.status = status
+        sample.status, sample.request = status, b""
         if self.on_sample is not None:
             self.on_sample(sample)
 
@@ -1064,23 +1256,20 @@ class Prober:
     def _on_reply(self, measurement: Measurement, data: bytes,
                   stamps: Tuple[Optional[int], int, int, int]) -> None:
         try:
-            reply = decode_message(data)  # type: Optional[Message]
+            reply = decode_message(data)
         except WireError:
-            reply = None
-        sample = self._by_id.get(reply.message_id) if reply is not None else None
+            measurement.malformed += 1  # garbage is not a liar: only a well-formed reply can lie
+            return
+        sample = self._by_id.get(reply.message_id)
+        if sample is not None and data == sample.request:
+            measurement.echoes += 1
+            return
         claimed = sample or self._attributable(reply, measurement)
-        if self.key is not None:
-            if reply is None or reply.mac is None:
-                measurement.forged += 1
-                measurement.unsigned += reply is not None
-                return
-            if claimed is None or not mac_matches(
-                    self.key, reply_context(b"%d" % claimed.request_id, claimed.request_mac), data):
-                measurement.forged += 1  # tampered with, re-addressed, or replayed
-                return
+        if self.key is not None and not self._authentic(measurement, reply, data, claimed):
+            return
         if sample is None:
             measurement.mismatched += 1
-            if reply is not None and claimed is not None and claimed.status == PENDING:
+            if claimed is not None and claimed.status == PENDING:
                 self._record(claimed, reply, data, stamps)
                 self._finish(claimed, MISMATCHED)
             return
@@ -1092,9 +1281,22 @@ class Prober:
         else:
             measurement.duplicates += 1
 
-    def _attributable(self, reply: Optional[Message], measurement: Measurement) -> Optional[Sample]:
+    def _authentic(self, measurement: Measurement, reply: Message, data: bytes,
+                   claimed: Optional[Sample]) -> bool:
+        """Whether the reply's MAC is right for the request it claims to answer; counts it if not."""
+        if reply.mac is None:
+            measurement.forged += 1
+            measurement.unsigned += 1
+            return False
+        if claimed is None or not mac_matches(
+                self.key, reply_context(b"%d" % claimed.request_id, claimed.request_mac), data):
+            measurement.forged += 1  # tampered with, re-addressed, or replayed
+            return False
+        return True
+
+    def _attributable(self, reply: Message, measurement: Measurement) -> Optional[Sample]:
         """The probe a reply with a wrong id answers: by its echoed seq, or the only one waiting."""
-        seq = reply.ext.get("seq") if reply is not None and reply.ext is not None else None
+        seq = reply.seq
         if seq is not None:
             return measurement.samples[seq] if seq < len(measurement.samples) else None
         return next(iter(self._pending.values())) if len(self._pending) == 1 else None
@@ -1120,30 +1322,44 @@ class Prober:
 
 def load_key(path: Optional[str],
              environ: Mapping[str, str] = os.environ) -> Tuple[Optional[bytes], List[str]]:
-    """The shared key from a key file or $UDP_TIMECHECK_KEY (None: no key), and warnings.
+    """The shared key from a key file, else $UDP_TIMECHECK_KEY (None: no key), and warnings.
 
-    The key is the file's bytes (or the variable's UTF-8) without surrounding white space.
+    The key is the file's bytes, or the variable's UTF-8, without surrounding
+    ASCII white space: the same key gives the same bytes both ways.  A variable
+    that is set but empty is an error, not "no key".
     """
-    warnings: List[str] = []
+    warnings = []  # type: List[str]
     if path is not None:
-        try:
-            with open(path, "rb") as key_file:
-                key = key_file.read().strip()
-                mode = os.fstat(key_file.fileno()).st_mode
-        except OSError as exc:
-            raise TimecheckError("cannot read key file {}: {}".format(path, exc.strerror or exc)) from None
+        key, mode = _read_key_file(path)
         if os.name == "posix" and mode & 0o077:  # as ssh warns about private keys
             warnings.append("warning: key file {} is accessible by group or others (mode {:03o}); "
                             "run: chmod 600 {}".format(path, mode & 0o777, path))
         source = "key file " + path
-    elif environ.get(KEY_ENV):
-        key = environ[KEY_ENV].strip().encode("utf-8", "surrogateescape")
-        source = KEY_ENV
+    elif KEY_ENV in environ:
+        key, source = environ[KEY_ENV].encode("utf-8", "surrogateescape"), KEY_ENV
     else:
         return None, warnings
+    key = key.strip()
     if not key:
-        raise TimecheckError("{} is empty".format(source))
+        raise TimecheckError("{} is empty{}".format(source, "; unset it to run without a key"
+                                                    if source == KEY_ENV else ""))
     return key, warnings
+
+
+def _read_key_file(path: str) -> Tuple[bytes, int]:
+    """A key file's bytes and mode; it must be a regular file of sane size."""
+    try:  # non-blocking: opening a FIFO must not wait for a writer
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(descriptor, "rb") as key_file:
+            info = os.fstat(descriptor)
+            if not stat.S_ISREG(info.st_mode):
+                raise TimecheckError("key file {} is not a regular file".format(path))
+            key = key_file.read(MAX_KEY_FILE + 1)
+    except OSError as exc:
+        raise TimecheckError("cannot read key file {}: {}".format(path, exc.strerror or exc)) from None
+    if len(key) > MAX_KEY_FILE:
+        raise TimecheckError("key file {} is larger than {} bytes: not a key".format(path, MAX_KEY_FILE))
+    return key, info.st_mode
 
 
 def format_sample(sample: Sample, target: str, timeout: float) -> str:
@@ -1200,11 +1416,14 @@ def format_summary(summary: Mapping) -> List[str]:
     return lines
 
 
-def failure_reason(measurement: Measurement, timeout: float) -> str:
-    """Why a run failed, in one line, with what to check."""
+def failure_reason(measurement: Measurement, timeout: float) -> Optional[str]:
+    """Why a run failed, in one line, with what to check; None if it did not.
+
+    It fails without a valid reply, and with any liar, forged reply or echo.
+    """
     target = measurement.target
-    if measurement.stop_reason == "refused":
-        return "connection refused by {}: no server is listening on that port".format(target)
+    if measurement.echoes:
+        return "{} echoes requests back: it is an echo service, not a time server".format(target)
     if measurement.unsigned and not measurement.received:
         return "replies are not authenticated: is the server running with the same key?"
     if measurement.forged:
@@ -1212,41 +1431,160 @@ def failure_reason(measurement: Measurement, timeout: float) -> str:
             measurement.forged)
     if measurement.mismatched:
         return "the server is a liar: {} replies did not match a request id".format(measurement.mismatched)
-    if measurement.errors and not measurement.received:
+    if measurement.received:
+        return None
+    if measurement.stop_reason == "refused":
+        return "connection refused by {}: no server is listening on that port".format(target)
+    if measurement.malformed:
+        return "{} sent {} replies that are not udp-timecheck replies".format(target, measurement.malformed)
+    if measurement.errors:
         return "cannot send to {}: {}".format(target, measurement.last_error)
     return ("no reply from {} within {:g} s (is the server running{}, and is its UDP port "
             "open to you?)".format(target, timeout, " with the same key" if measurement.keyed else ""))
 
 
-def _out(line: str = "") -> None:
-    # One write per line, so the demo's two threads never split each other's lines.
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+class Output:
+    """Lines to a text stream, one write and flush each, so that threads never split a line.
+
+    A stream that cannot be written (closed, a full disk) does not stop the
+    program: the first failure is kept in .error, later lines are dropped.
+    A broken pipe (output piped into head) still ends it, as it should.
+    """
+
+    def __init__(self, stream: Optional[TextIO]) -> None:
+        self._stream = stream
+        self.error = None if stream is not None else "it is closed"  # type: Optional[str]
+
+    def line(self, text: str = "") -> None:
+        if self.error is not None:
+            return
+        try:
+            self._stream.write(text + "\n")
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as exc:
+            self.error = getattr(exc, "strerror", None) or str(exc)
+            _discard_output(self._stream)
+
+
+def _discard_output(stream: Optional[TextIO]) -> None:
+    """Point a failed stream at the null device, so that flushing it at exit cannot fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
 
 
 def _err(line: str) -> None:
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+    """A diagnostic line on stderr; if even stderr fails, there is nowhere left to say so."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class LineWriter:
+    """Lines to a stream's file descriptor from a daemon thread: write() never blocks.
+
+    The server's output: a line that finds the queue full (stdout is slower
+    than the lines come, or blocked: a pipe nobody reads) or that cannot be
+    written (a full disk, a closed or broken stdout) is dropped and counted.
+    Serving never waits for it.
+    """
+
+    def __init__(self, stream: Optional[TextIO], max_queued: int = LOG_QUEUE_LINES) -> None:
+        self.queue_drops = self.write_drops = 0
+        self._fd = _file_descriptor(stream)
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+        self._queue = queue.Queue(max_queued)  # type: queue.Queue
+        self._final_written = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="udp-timecheck-output", daemon=True)
+        self.thread.start()
+
+    @property
+    def dropped(self) -> int:
+        return self.queue_drops + self.write_drops
+
+    def write(self, line: str) -> None:
+        try:
+            self._queue.put_nowait((line, False))
+        except queue.Full:
+            self.queue_drops += 1
+
+    def close(self, final_line: str, timeout: float = 0.5) -> bool:
+        """Write final_line after the others, waiting at most timeout seconds; False if not written."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put((final_line, True), timeout=timeout)
+        except queue.Full:
+            return False
+        return self._final_written.wait(max(0.0, deadline - time.monotonic()))
+
+    def _run(self) -> None:
+        while True:
+            line, final = self._queue.get()
+            if not self._write((line + "\n").encode(self._encoding, "backslashreplace")):
+                self.write_drops += 1
+            elif final:
+                self._final_written.set()
+            if final:
+                return
+
+    def _write(self, data: bytes) -> bool:
+        if self._fd is None:
+            return False
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError:  # ENOSPC, EPIPE, EBADF...: this line is lost, the next may go
+            return False
+        return True
+
+
+def _file_descriptor(stream: Optional[TextIO]) -> Optional[int]:
+    try:
+        return stream.fileno()
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return None  # closed (python ... >&-), or not a file at all
 
 
 @contextlib.contextmanager
-def _interrupts() -> Iterator[None]:
-    """Make Ctrl-C and SIGTERM raise KeyboardInterrupt, even if SIGINT was inherited ignored."""
+def _stop_signals(on_signal: Callable[[], None], restore: bool = True) -> Iterator[None]:
+    """Call on_signal() for each Ctrl-C or SIGTERM while inside, even if SIGINT came ignored.
+
+    restore=False leaves the handlers in place for the rest of the process,
+    so that a signal during the exit itself changes nothing.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+    def handler(signum: int, frame: object) -> None:
+        on_signal()
 
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     for signum in previous:
-        signal.signal(signum, interrupt)
+        signal.signal(signum, handler)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum, old in previous.items():
+            if restore:
+                signal.signal(signum, signal.SIG_DFL if old is None else old)
+
+
+class _Interrupter:
+    """The client's signal handler: the first Ctrl-C or SIGTERM while armed ends the run."""
+
+    def __init__(self) -> None:
+        self.armed = True
+
+    def __call__(self) -> None:
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
 
 
 def _key_for(args: argparse.Namespace) -> Optional[bytes]:
@@ -1262,77 +1600,126 @@ def _check_host(host: str) -> None:
                              "as in: 127.0.0.1 {0}".format(host))
 
 
+def describe_server(server: TimeServer) -> str:
+    """What the server's first line says after its address: who it answers, and its timestamps."""
+    access = "key required (HMAC-SHA256)" if server.keyed else "no key: answers anyone"
+    return "{}; {} timestamps".format(access, server.timestamps)
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     _check_host(args.host)
+    output = LineWriter(sys.stdout)  # serving never waits for, or fails with, its output
     server = TimeServer(args.host, args.port, faulty=args.faulty, key=_key_for(args),
-                        max_rate=args.max_rate, log=None if args.quiet else _out,
+                        max_rate=args.max_rate, log=None if args.quiet else output.write,
                         log_limit=None if args.verbose else LOG_LINES_PER_SECOND, timestamps=args.timestamps)
-    with server, _interrupts():  # handlers first: a signal right after the first line stops cleanly
-        try:
-            _out("Server listening at {}".format(server.address))
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-    _out("Server stopped: {}".format(server.stats))
+    with server, _stop_signals(server.request_stop, restore=args.restore_signals):
+        output.write("Server listening at {}; {}".format(server.address, describe_server(server)))
+        server.serve_forever()
+    stopped = "Server stopped: {}, log lines dropped {}".format(server.stats, output.dropped)
+    if not output.close(stopped):
+        _err(stopped)  # stdout is closed, full or blocked: the counters still go somewhere
     return EXIT_OK
+
+
+def format_header(prober: Prober) -> str:
+    """The first line of a measurement, like ping's."""
+    return ("UDP-TIMECHECK {} ({}): {} probes of {} bytes, interval {:g} s, timeout {:g} s, "
+            "{} timestamps{}").format(prober.target, prober.address[0], prober.count, prober.request_size,
+                                      prober.interval, prober.timeout, prober.timestamps,
+                                      ", HMAC-SHA256" if prober.key else "")
+
+
+def _open_csv(path: Optional[str], stack: contextlib.ExitStack) -> Optional[TextIO]:
+    if path is None:
+        return None
+    try:  # opened before anything is sent: a bad path is a usage error, not a lost run
+        csv_file = open(path, "w", newline="")
+    except OSError as exc:
+        raise TimecheckError("cannot write {}: {}".format(path, exc.strerror or exc)) from None
+    stack.callback(_close_quietly, csv_file)
+    return csv_file
+
+
+def _close_quietly(stream: TextIO) -> None:
+    try:
+        stream.close()
+    except OSError:  # what it could not flush has been reported already
+        pass
+
+
+def _write_csv(csv_file: Optional[TextIO], rows: Sequence[Dict[str, object]]) -> Optional[str]:
+    """Write the samples as CSV rows; the error, if the file cannot take them."""
+    if csv_file is None:
+        return None
+    try:
+        writer = csv.DictWriter(csv_file, fieldnames=SAMPLE_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        csv_file.flush()
+    except (OSError, ValueError) as exc:
+        return getattr(exc, "strerror", None) or str(exc)
+    return None
 
 
 def cmd_client(args: argparse.Namespace) -> int:
     _check_host(args.host)
+    out = Output(sys.stdout)
     measuring = (args.measure_delay or args.quiet or args.json or args.csv is not None
                  or args.count is not None or args.interval is not None)
     prober = Prober(args.host, args.port, count=args.count or (DEFAULT_COUNT if measuring else 1),
                     interval=args.interval or 0.0, timeout=args.timeout, size=args.size or 0,
                     key=_key_for(args), timestamps=args.timestamps)
     if measuring and not (args.quiet or args.json):
-        prober.on_sample = lambda sample: _out(format_sample(sample, prober.target, args.timeout))
+        prober.on_sample = lambda sample: out.line(format_sample(sample, prober.target, args.timeout))
     with contextlib.ExitStack() as stack:
-        rows = None
-        if args.csv is not None:  # open it first: a bad path is a usage error, not a lost run
-            try:
-                rows = csv.DictWriter(stack.enter_context(open(args.csv, "w", newline="")),
-                                      fieldnames=list(Sample(0, 0).as_dict()))
-            except OSError as exc:
-                raise TimecheckError("cannot write {}: {}".format(args.csv, exc.strerror or exc)) from None
+        csv_file = _open_csv(args.csv, stack)
         if measuring and not args.json:
-            _out("UDP-TIMECHECK {} ({}): {} probes of {} bytes, interval {:g} s, timeout {:g} s, "
-                 "{} timestamps{}".format(prober.target, prober.address[0], prober.count, prober.request_size,
-                                          prober.interval, prober.timeout, prober.timestamps,
-                                          ", HMAC-SHA256" if prober.key else ""))
-        with _interrupts():
-            measurement = prober.run()
+            out.line(format_header(prober))
+        interrupter = _Interrupter()
+        stack.enter_context(_stop_signals(interrupter, restore=args.restore_signals))
+        measurement = prober.run()
+        interrupter.armed = False  # from here on a signal changes nothing: the summary comes out
         summary = measurement.summary()
-        if rows is not None:
-            rows.writeheader()
-            rows.writerows(summary["samples"])
+        csv_error = _write_csv(csv_file, summary["samples"])
+        _print_result(out, args, measuring, measurement, summary)
+    if out.error is not None:
+        raise TimecheckError("cannot write to standard output: {}".format(out.error))
+    if csv_error is not None:
+        raise TimecheckError("cannot write {}: {}".format(args.csv, csv_error))
+    reason = failure_reason(measurement, args.timeout)
+    if reason is not None:
+        raise TimecheckError(reason, EXIT_FAILED)
+    return EXIT_OK
+
+
+def _print_result(out: Output, args: argparse.Namespace, measuring: bool, measurement: Measurement,
+                  summary: Dict[str, object]) -> None:
     if args.json:
-        _out(json.dumps(summary))
+        out.line(json.dumps(summary))
     elif measuring:
         for line in format_summary(summary):
-            _out(line)
+            out.line(line)
     else:  # the tutorial's single round trip: the server's text, or its verdict
         sample = measurement.samples[0] if measurement.samples else None
         if sample is not None and sample.status == OK:
-            _out(printable(sample.reply_text))
+            out.line(printable(sample.reply_text))
         elif sample is not None and sample.status == MISMATCHED:
-            _out("Server is a liar!")
-    if measurement.received and not measurement.mismatched and not measurement.forged:
-        return EXIT_OK
-    raise TimecheckError(failure_reason(measurement, args.timeout), EXIT_FAILED)
+            out.line("Server is a liar!")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    out = Output(sys.stdout)
     status = EXIT_OK
-    with TimeServer("127.0.0.1", 0, log=lambda line: _out("  server | " + line)) as server:
+    with TimeServer("127.0.0.1", 0, log=lambda line: out.line("  server | " + line)) as server:
         host, port = server.address[:2]
-        _out("$ python3 udp_timecheck.py server {} {}".format(host, port))
-        _out("  server | Server listening at {}".format(server.address))
+        out.line("$ python3 udp_timecheck.py server {} {}".format(host, port))
+        out.line("  server | Server listening at {}; {}".format(server.address, describe_server(server)))
         server.start()
         for extra in ((), DEMO_ARGS):
             command = ["client", host, str(port)] + list(extra)
-            _out("\n$ python3 udp_timecheck.py " + " ".join(command))
+            out.line("\n$ python3 udp_timecheck.py " + " ".join(command))
             status = max(status, main(command))
-    _out("  server | Server stopped: {}".format(server.stats))
+    out.line("  server | Server stopped: {}".format(server.stats))
     return status
 
 
@@ -1423,6 +1810,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     try:
         args = build_parser().parse_args(argv)
+        # As the program itself, signal handlers stay to the end, so that a signal
+        # during the exit changes nothing; called as a function, they are restored.
+        args.restore_signals = argv is not None
         return args.func(args)
     except TimecheckError as exc:
         _err("udp-timecheck: {}".format(exc))
@@ -1430,9 +1820,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. piped into head: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_output(sys.stdout)
         return EXIT_FAILED
 
 
