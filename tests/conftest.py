@@ -11,6 +11,7 @@ import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -333,3 +334,36 @@ def closed_port():
 
 SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM}
 POSIX_ONLY = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+
+
+# --- spoofed sources: a raw socket writes the IPv4 and UDP headers itself --------
+
+def can_spoof():
+    """True where this process may open a raw socket (root, or CAP_NET_RAW)."""
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).close()
+        return True
+    except OSError:
+        return False
+
+
+SPOOFING = pytest.mark.skipif(not can_spoof(), reason="a spoofed source needs a raw socket (root)")
+
+
+def spoof(data, source, target):
+    """Send data to target (host, port) as if from source (host, port), all on 127.0.0.0/8."""
+    udp = struct.pack("!HHHH", source[1], target[1], 8 + len(data), 0) + data  # checksum 0: none
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, socket.IPPROTO_UDP, 0,
+                         socket.inet_aton(source[0]), socket.inet_aton(target[0]))  # the kernel sums it
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        raw.sendto(header + udp, (target[0], 0))
+
+
+def wait_for(condition, timeout=10.0):
+    """Poll condition() until it is true; fails after timeout seconds.  Bounded, never a sleep."""
+    deadline = time.monotonic() + timeout
+    event = threading.Event()
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within {} s".format(timeout))
+        event.wait(0.01)

@@ -17,7 +17,7 @@ def test_tutorial_client_against_our_server(start_server):
     assert re.fullmatch(TIME_TEXT, result.stdout.strip())
     server.shutdown()  # joins the loop: it logs after sending
     (line,) = server.logs
-    assert re.fullmatch(r"Request ID: \d{1,4}\. Client request, " + TIME_TEXT, line)
+    assert re.fullmatch(r"127\.0\.0\.1:\d+ Request ID: \d{1,4}\. Client request, " + TIME_TEXT, line)
 
 
 def test_tutorial_client_with_its_log_against_our_server(start_server):
@@ -41,7 +41,7 @@ def test_tutorial_client_against_our_server_process(processes):
     port = int(server.stdout.expect(r"Server listening at \('127\.0\.0\.1', (\d+)\)").group(1))
     result = run_reference_client(port)
     assert re.fullmatch(TIME_TEXT, result.stdout.strip())
-    server.stdout.expect(r"^Request ID: \d+\. Client request, The time is ")
+    server.stdout.expect(r"^127\.0\.0\.1:\d+ Request ID: \d+\. Client request, The time is ")
 
 
 def test_our_client_against_tutorial_server(reference_server, capsys):

@@ -48,10 +48,16 @@ def test_wildcard_server_stops_too():
 def test_tutorial_request_gets_tutorial_reply_and_log_line(start_server):
     server = start_server()
     data = json.dumps([491, "The time is 2019-05-04 16:20:56.975068"]).encode()
-    reply = json.loads(ask(server.address, data))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        client_port = sock.getsockname()[1]
+        sock.settimeout(10)
+        sock.sendto(data, server.address)
+        reply = json.loads(sock.recv(65535))
     assert reply[0] == 491 and reply[1].startswith("The time is ") and len(reply) == 2
     server.shutdown()  # joins the loop: it logs and counts after sending
-    assert server.logs == ["Request ID: 491. Client request, The time is 2019-05-04 16:20:56.975068"]
+    assert server.logs == ["127.0.0.1:{} Request ID: 491. Client request, The time is 2019-05-04 "
+                           "16:20:56.975068".format(client_port)]
 
 
 def test_extended_request_gets_server_timestamps_from_its_clock(start_server):
@@ -126,10 +132,11 @@ def test_log_is_limited_to_ten_lines_a_second(start_server):
     clock.advance(1)
     assert ask(server.address, request(99)) is not None
     server.shutdown()
-    assert server.logs[:10] == ["Request ID: {}. Client request, The time is 2019-05-04 "
-                                "16:20:56.975068".format(i) for i in range(10)]
-    assert server.logs[10:] == ["... 15 more requests not shown", "Request ID: 99. Client request, "
-                                "The time is 2019-05-04 16:20:56.975068"]
+    shown = [line.split(" ", 1)[1] for line in server.logs]  # after the client's address
+    assert shown[:10] == ["Request ID: {}. Client request, The time is 2019-05-04 "
+                          "16:20:56.975068".format(i) for i in range(10)]
+    assert server.logs[10] == "... 15 more requests not shown"
+    assert shown[11:] == ["Request ID: 99. Client request, The time is 2019-05-04 16:20:56.975068"]
     assert server.stats.not_logged == 15 and server.stats.served == 26
 
 
@@ -149,7 +156,8 @@ def test_control_characters_from_the_network_are_escaped_in_the_log(start_server
     server.shutdown()
     (line,) = server.logs
     assert "\x1b" not in line and "\x07" not in line and "\r" not in line and "\n" not in line
-    assert line == "Request ID: 3. Client request, The time is \\x1b[2J\\x1b]0;pwned\\x07 now\\r\\n"
+    assert line.split(" ", 1)[1] == ("Request ID: 3. Client request, The time is \\x1b[2J\\x1b]0;pwned\\x07 "
+                                     "now\\r\\n")
 
 
 def test_long_text_is_answered_and_shortened_in_the_log(start_server):
@@ -158,7 +166,7 @@ def test_long_text_is_answered_and_shortened_in_the_log(start_server):
     assert ask(server.address, data) is not None
     server.shutdown()
     (line,) = server.logs
-    assert len(line) < 300 and line.endswith("(59800 more characters)")
+    assert len(line.encode()) < 320 and line.endswith("... (60000 characters in all)")
 
 
 def test_bind_to_an_address_not_on_this_machine_suggests_all_interfaces():
@@ -209,7 +217,7 @@ def test_rate_limiter_table_is_bounded():
 def test_server_max_rate_drops_and_counts():
     clock = FakeClock()
     with utc.TimeServer("127.0.0.1", 0, max_rate=3, clock=clock) as server:
-        answers = [server.respond(request(i), ("127.0.0.1", 5000)) for i in range(5)]
+        answers = [server.respond(request(10 * i), ("127.0.0.1", 5000)) for i in range(5)]
         assert [answer is not None for answer in answers] == [True] * 3 + [False] * 2
         assert server.respond(request(9), ("127.0.0.2", 5000)) is not None
         clock.advance(1)
