@@ -55,10 +55,12 @@ MAX_UDP_PAYLOAD = {socket.AF_INET: 65507, socket.AF_INET6: 65527}
 FAULTY_PROBABILITY = 0.5            # how often the tutorial's FAULTY_SERVER lies
 DEFAULT_COUNT = 1000                # the tutorial's measuring loop
 DEFAULT_TIMEOUT = 1.0
+MIN_INTERVAL = 0.001                # seconds between probes, unless back to back (0)
 DEMO_ARGS = ("--measure-delay", "-c", "50", "-i", "0.02")
 LOG_LINES_PER_SECOND = 10
 LOG_TEXT_BYTES = 180                # of client text per log line, after escaping: lines stay < 320
 LOG_QUEUE_LINES = 1000              # lines waiting for a slow or blocked stdout before they drop
+PROGRESS_EVERY = 0.25               # seconds between progress updates on a terminal (-q)
 SOURCE_TABLE_SIZE = 4096            # source addresses --max-rate and the loop guard keep
 PRIVILEGED_PORTS = 1024             # echo, daytime, DNS, NTP...: never answered (loop DoS)
 ID_BITS = 63                        # request ids: secrets.randbits(63)
@@ -79,6 +81,10 @@ MAX_ESCAPES = 128                   # backslashes in it: \uXXXX costs ten times 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 128 + 2          # what a shell reports for a command ended by SIGINT
 OK, LOST, MISMATCHED, PENDING = "ok", "lost", "mismatched", "pending"
+# Why a probe was lost; a reply that failed authentication or echoed the request
+# leaves its probe waiting for a real one until the timeout.
+TIMED_OUT, REFUSED, FORGED, ECHOED, NOT_SENT, INTERRUPTED = (
+    "timeout", "refused", "forged", "echo", "not sent", "interrupted")
 NS_PER_S = 1_000_000_000
 
 # Timestamps.  The kernel stamps each datagram as it arrives (SO_TIMESTAMPNS, on
@@ -103,15 +109,13 @@ RECEIVE_TIMEOUT = 0.25              # the server looks at its stop flag at least
 WALL_STEP_TOLERANCE_NS = 50_000     # wall vs monotonic over one round trip, beyond read gaps
 
 
-try:  # nanosecond clocks; Python 3.6 has only the float ones
-    wall_ns = time.time_ns
-    monotonic_ns = time.perf_counter_ns
-except AttributeError:  # pragma: no cover - Python 3.6
-    def wall_ns() -> int:
-        return int(time.time() * NS_PER_S)
+def _nanoseconds(seconds_clock: Callable[[], float]) -> Callable[[], int]:
+    return lambda: int(seconds_clock() * NS_PER_S)
 
-    def monotonic_ns() -> int:
-        return int(time.perf_counter() * NS_PER_S)
+
+# Nanosecond clocks: Python 3.6 has only the float ones (0.25 us steps at today's epoch).
+wall_ns = getattr(time, "time_ns", None) or _nanoseconds(time.time)  # type: Callable[[], int]
+monotonic_ns = getattr(time, "perf_counter_ns", None) or _nanoseconds(time.perf_counter)  # type: Callable[[], int]
 
 
 class TimecheckError(Exception):
@@ -290,13 +294,18 @@ def fields_of(request: Message) -> Tuple[bytes, Optional[bytes], int]:
     return b"%d" % request.message_id, b"%d" % seq, request.ext.get("size") or 0
 
 
-def request_fields(data: bytes) -> Tuple[bytes, Optional[bytes], int]:
-    """fields_of(decode_message(data)), the quick way for requests in json.dumps' layout."""
+def quick_fields(data: bytes) -> Optional[Tuple[bytes, Optional[bytes], int]]:
+    """request_fields() for a request in the layout json.dumps gives, or None for any other."""
     match = _CANONICAL_REQUEST.fullmatch(data)
     if match is None:
-        return fields_of(decode_message(data))
+        return None
     request_id, seq, size = match.groups()
     return request_id, seq, int(size) if size else 0
+
+
+def request_fields(data: bytes) -> Tuple[bytes, Optional[bytes], int]:
+    """fields_of(decode_message(data)), the quick way for requests in json.dumps' layout."""
+    return quick_fields(data) or fields_of(decode_message(data))
 
 
 def reply_parts(reply_id: bytes, time_text: bytes, *, seq: Optional[bytes], server_recv_ns: int,
@@ -373,6 +382,14 @@ def clip(text: str, limit: int) -> str:
     return "{}... ({} characters in all)".format(shown, len(text))
 
 
+def iso_utc(ns: int) -> str:
+    """A wall-clock time in ns as ISO 8601 in UTC, to the microsecond: 2026-11-25T16:51:39.914437Z."""
+    seconds, nanoseconds = divmod(ns, NS_PER_S)
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).replace(
+        microsecond=nanoseconds // 1000, tzinfo=None)
+    return moment.isoformat(timespec="microseconds") + "Z"
+
+
 def format_address(host: str, port: int) -> str:
     return "[{}]:{}".format(host, port) if ":" in host else "{}:{}".format(host, port)
 
@@ -396,7 +413,7 @@ def rtt_summary(values: Sequence[float]) -> Dict[str, Optional[float]]:
     if not values:
         return dict.fromkeys(("min", "avg", "median", "p90", "p99", "max", "mdev"))
     ordered = sorted(values)
-    return {"min": ordered[0], "avg": statistics.fmean(ordered),
+    return {"min": ordered[0], "avg": sum(ordered) / len(ordered),
             "median": percentile(ordered, 0.5), "p90": percentile(ordered, 0.9),
             "p99": percentile(ordered, 0.99), "max": ordered[-1],
             "mdev": statistics.pstdev(ordered)}
@@ -508,18 +525,24 @@ def probe_timing(t1: int, t2: Optional[int], t3: Optional[int], t4: int, *, raw_
 # Server
 # ---------------------------------------------------------------------------
 
-def resolve(host: str, port: int, passive: bool = False) -> Tuple[int, tuple]:
-    """(family, sockaddr) for host and port, IPv4 or IPv6, or a usage error."""
+def resolve(host: str, port: int, passive: bool = False) -> List[Tuple[int, tuple]]:
+    """Every (family, sockaddr) for host and port, IPv4 or IPv6, in the resolver's order.
+
+    "[::1]" is taken for "::1", as the tool itself prints such addresses; no
+    address at all is a usage error.
+    """
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     try:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0,
                                    socket.AI_PASSIVE if passive else 0)
     except (socket.gaierror, UnicodeError) as exc:
         raise TimecheckError("cannot resolve host {!r}: {}".format(
             host, getattr(exc, "strerror", None) or exc)) from None
-    for family, _, _, _, address in infos:
-        if family in MAX_UDP_PAYLOAD:
-            return family, address
-    raise TimecheckError("host {!r} has no IPv4 or IPv6 address".format(host))
+    found = [(family, address) for family, _, _, _, address in infos if family in MAX_UDP_PAYLOAD]
+    if not found:
+        raise TimecheckError("host {!r} has no IPv4 or IPv6 address".format(host))
+    return found
 
 
 def _time_prefix(second: int) -> bytes:
@@ -604,6 +627,9 @@ class LoopGuard:
 
     def __init__(self, max_entries: int = SOURCE_TABLE_SIZE) -> None:
         self._answered = RecentTable(max_entries)
+
+    def __len__(self) -> int:
+        return len(self._answered)
 
     def looping(self, source: tuple, request_id: int) -> bool:
         last = self._answered.take(source)
@@ -737,9 +763,11 @@ class TimeServer:
                  log_limit: Optional[int] = LOG_LINES_PER_SECOND,
                  clock: Optional[Callable[[], int]] = None, timestamps: str = KERNEL,
                  rng: Callable[[], float] = random.random) -> None:
-        family, address = resolve(host, port, passive=True)
+        family, address = resolve(host, port, passive=True)[0]
         self.socket = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            if family == socket.AF_INET6 and address[0] == "::":  # IPv4 too, whatever the default
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             self.socket.bind(address)
         except OSError as exc:
             self.socket.close()
@@ -763,7 +791,7 @@ class TimeServer:
         self._stopping = False
         self._idle = threading.Event()
         self._idle.set()
-        self._thread = None  # type: Optional[threading.Thread]
+        self.thread = None  # type: Optional[threading.Thread]  # start()'s
 
     def __enter__(self) -> "TimeServer":
         return self
@@ -919,9 +947,9 @@ class TimeServer:
     def start(self) -> "TimeServer":
         """Serve in a daemon thread; returns self."""
         self._idle.clear()
-        self._thread = threading.Thread(target=self.serve_forever, name="udp-timecheck-server",
+        self.thread = threading.Thread(target=self.serve_forever, name="udp-timecheck-server",
                                         daemon=True)
-        self._thread.start()
+        self.thread.start()
         return self
 
     def request_stop(self) -> None:
@@ -944,8 +972,8 @@ class TimeServer:
             self.request_stop()
             self._idle.wait(0.1)
         self._stopping = True
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self.thread is not None:
+            self.thread.join(timeout=5)
 
     def close(self) -> None:
         self.socket.close()
@@ -966,7 +994,8 @@ class Sample:
     server's at receive and send (NTP's names).  send_mono_ns and recv_mono_ns
     are the monotonic clock around the same send and receive.
     """
-    __slots__ = ("seq", "request_id", "request_mac", "request", "status", "send_mono_ns", "recv_mono_ns",
+    __slots__ = ("seq", "request_id", "request_mac", "request", "status", "reason", "send_mono_ns",
+                 "recv_mono_ns",
                  "t1", "t1_user", "t1_kernel", "t2", "t3", "t4", "t4_kernel", "server_stamp", "reply_id",
                  "reply_text",
                  "reply_size", "timing")
@@ -975,6 +1004,7 @@ class Sample:
         self.seq, self.request_id, self.request_mac = seq, request_id, request_mac
         self.request = b""  # the datagram sent, kept while it waits: an echo is byte for byte it
         self.status = PENDING
+        self.reason = None  # type: Optional[str]  # why a lost probe was lost: see LOST_REASONS
         self.send_mono_ns = self.t1 = self.t1_user = 0
         self.recv_mono_ns = self.t2 = self.t3 = self.t4 = None  # type: Optional[int]
         self.t1_kernel = self.t4_kernel = False
@@ -1013,6 +1043,7 @@ class Sample:
                 "rtt_ms": _ms(self.rtt_ns), "raw_rtt_ms": _ms(self.raw_rtt_ns),
                 "server_proc_ms": _ms(self.server_proc_ns), "offset_ms": _ms(self.offset_ns),
                 "offset_err_ms": _ms(self.offset_err_ns), "reply_id": self.reply_id,
+                "lost_because": self.reason,
                 "t1_ns": self.t1, "t2_ns": self.t2, "t3_ns": self.t3, "t4_ns": self.t4,
                 "t1_from": KERNEL if self.t1_kernel else USER, "t4_from": KERNEL if self.t4_kernel else USER,
                 "timestamps": None if timing is None else (KERNEL if timing.kernel else USER),
@@ -1021,8 +1052,8 @@ class Sample:
 
 
 SAMPLE_FIELDS = ("seq", "id", "status", "rtt_ms", "raw_rtt_ms", "server_proc_ms", "offset_ms",
-                 "offset_err_ms", "reply_id", "t1_ns", "t2_ns", "t3_ns", "t4_ns", "t1_from", "t4_from",
-                 "timestamps", "server_timestamps", "trusted")  # Sample.as_dict()'s keys: the CSV columns
+                 "offset_err_ms", "reply_id", "lost_because", "t1_ns", "t2_ns", "t3_ns", "t4_ns",
+                 "t1_from", "t4_from", "timestamps", "server_timestamps", "trusted")  # as_dict()'s keys
 
 
 def describe_timestamps(client: str, server: Optional[str]) -> str:
@@ -1037,9 +1068,13 @@ def describe_timestamps(client: str, server: Optional[str]) -> str:
 class Measurement:
     """What a run of probes found; summary() is the --json object."""
 
-    def __init__(self, target: str, address: str, request_size: int, keyed: bool, timestamps: str) -> None:
+    def __init__(self, target: str, address: str, request_size: int, keyed: bool, timestamps: str,
+                 settings: Optional[Dict[str, object]] = None) -> None:
         self.target, self.address, self.request_size, self.keyed = target, address, request_size, keyed
         self.timestamps = timestamps
+        self.settings = settings or {}  # what was asked for: count, interval, timeout, size
+        self.started_ns = wall_ns()
+        self.duration_ns = 0
         self.transmit_stamps = False  # T1 from the kernel's transmit stamps
         self.samples = []  # type: List[Sample]
         self.duplicates = 0     # a second reply to an answered probe
@@ -1073,6 +1108,15 @@ class Measurement:
                 "untrusted": sum(1 for sample in answered if not sample.timing.trusted),
                 "described": describe_timestamps(self.timestamps, server)}
 
+    def run_record(self) -> Dict[str, object]:
+        """The run's settings, first in the JSON: what was asked for, when, and how."""
+        record = {"version": __version__, "started_at": iso_utc(self.started_ns),
+                  "duration_s": round(self.duration_ns / NS_PER_S, 6)}
+        for name in ("count", "interval", "timeout", "size"):
+            record[name] = self.settings.get(name)
+        record.update(request_bytes=self.request_size, keyed=self.keyed)
+        return record
+
     def summary(self) -> Dict[str, object]:
         answered = [sample for sample in self.samples if sample.status == OK]
         rtts = [sample.rtt_ns for sample in answered]
@@ -1082,7 +1126,8 @@ class Measurement:
         best = min((sample for sample in answered if sample.offset_ns is not None and sample.timing.trusted),
                    key=lambda sample: sample.rtt_ns, default=None)
         sent, lost = len(self.samples), self.count(LOST)
-        return {"target": self.target, "address": self.address, "request_bytes": self.request_size,
+        return dict(self.run_record(), **{
+                "target": self.target, "address": self.address, "stopped_because": self.stop_reason,
                 "sent": sent, "received": len(answered), "lost": lost,
                 "loss_pct": round(100.0 * lost / sent, 3) if sent else None,
                 "duplicates": self.duplicates, "late": self.late, "mismatched": self.mismatched,
@@ -1094,7 +1139,7 @@ class Measurement:
                 "offset_ms": _ms(best and best.offset_ns), "offset_err_ms": _ms(best and best.offset_err_ns),
                 "offset_seq": best and best.seq,
                 "histogram_ms": [[_ms(low), _ms(high), count] for low, high, count in histogram(rtts)],
-                "samples": [sample.as_dict() for sample in self.samples]}
+                "samples": [sample.as_dict() for sample in self.samples]})
 
 
 class Prober:
@@ -1103,20 +1148,22 @@ class Prober:
     interval 0 is the tutorial's loop: the next probe goes when the last is
     answered or timed out.  interval > 0 sends isochronously, like ping and
     irtt, with replies matched by their random id.  on_sample is called as
-    each probe ends (ok, lost or mismatched).  clock is this machine's wall
-    clock in ns (tests inject a shifted one); timestamps is KERNEL to take T4
-    from the kernel's receive stamp where the platform has it, or USER.
+    each probe ends (ok, lost or mismatched), on_note with a line about the
+    run (another address tried).  clock is this machine's wall clock in ns
+    (tests inject a shifted one); timestamps is KERNEL to take T1 and T4 from
+    the kernel where the platform has it, or USER.
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, count: int = 1,
                  interval: float = 0.0, timeout: float = DEFAULT_TIMEOUT, size: int = 0,
                  key: Optional[bytes] = None, clock: Optional[Callable[[], int]] = None,
-                 timestamps: str = KERNEL,
-                 on_sample: Optional[Callable[[Sample], None]] = None) -> None:
-        self.family, self.address = resolve(host, port)
-        self.target = format_address(host, port)
+                 timestamps: str = KERNEL, on_sample: Optional[Callable[[Sample], None]] = None,
+                 on_note: Optional[Callable[[str], None]] = None) -> None:
+        self.addresses = resolve(host, port)
+        self.family, self.address = self.addresses[0]
+        self.target = format_address(host.strip("[]"), port)
         self.count, self.interval, self.timeout = count, interval, timeout
-        self.size, self.key, self.on_sample = size, key, on_sample
+        self.size, self.key, self.on_sample, self.on_note = size, key, on_sample, on_note
         self.clock, self._real_clock = clock or wall_ns, clock is None
         self.timestamps = KERNEL if timestamps == KERNEL and SO_TIMESTAMPNS is not None else USER
         # Pad every request so the server's reply fits: it never answers with more bytes.
@@ -1130,7 +1177,23 @@ class Prober:
         self._by_id = {}  # type: Dict[int, Sample]
 
     def run(self) -> Measurement:
-        """Probe until every probe has ended; Ctrl-C ends the run early with what it has."""
+        """Probe until every probe has ended; Ctrl-C ends the run early with what it has.
+
+        A name with several addresses (localhost: ::1, then 127.0.0.1) is tried
+        at the next one when nobody listens at this one.
+        """
+        for index, (family, address) in enumerate(self.addresses):
+            self.family, self.address = family, address
+            measurement = self._run_at_address()
+            refused = measurement.stop_reason == REFUSED and not measurement.received
+            if not refused or index + 1 == len(self.addresses):
+                return measurement
+            if self.on_note is not None:
+                self.on_note("nobody listens at {} (connection refused); trying {}".format(
+                    format_address(address[0], address[1]), self.addresses[index + 1][1][0]))
+        raise AssertionError("resolve() returns at least one address")
+
+    def _run_at_address(self) -> Measurement:
         self._pending.clear()
         self._by_id.clear()
         with socket.socket(self.family, socket.SOCK_DGRAM) as sock:
@@ -1139,22 +1202,31 @@ class Prober:
             except OSError as exc:
                 raise TimecheckError("cannot reach {}: {}".format(self.target, exc.strerror or exc)) from None
             sock.setblocking(False)
-            if self.timestamps == KERNEL and not enable_kernel_timestamps(sock):
-                self.timestamps = USER
-            self._transmit_stamps = self.timestamps == KERNEL and enable_transmit_timestamps(sock)
-            measurement = Measurement(self.target, self.address[0], self.request_size, self.key is not None,
-                                      self.timestamps)
-            measurement.transmit_stamps = self._transmit_stamps
+            measurement = self._measurement(sock)
+            started = monotonic_ns()
             try:
                 self._loop(sock, measurement)
             except KeyboardInterrupt:
                 measurement.interrupted = True
+            measurement.duration_ns = monotonic_ns() - started
         for sample in measurement.samples:  # all, not just _pending: Ctrl-C can strike anywhere
             if sample.status == PENDING:
-                self._finish(sample, LOST)
+                self._finish(sample, LOST, INTERRUPTED)
         return measurement
 
-    def _new_probe(self, seq: int) -> Tuple[Sample, bytes]:
+    def _measurement(self, sock: socket.socket) -> Measurement:
+        """A new Measurement, once the socket has its timestamping options."""
+        if self.timestamps == KERNEL and not enable_kernel_timestamps(sock):
+            self.timestamps = USER
+        self._transmit_stamps = self.timestamps == KERNEL and enable_transmit_timestamps(sock)
+        measurement = Measurement(self.target, self.address[0], self.request_size, self.key is not None,
+                                  self.timestamps, {"count": self.count, "interval": self.interval,
+                                                    "timeout": self.timeout, "size": self.size or None})
+        measurement.transmit_stamps = self._transmit_stamps
+        return measurement
+
+    def new_probe(self, seq: int) -> Tuple[Sample, bytes]:
+        """Probe number seq and its request datagram, as this prober sends it."""
         request_id = secrets.randbits(ID_BITS)  # unguessable, unlike the tutorial's 0..1000
         data = encode_request(request_id, "The time is {}".format(datetime.datetime.now()), seq,
                               size=self.size, pad_to=self.request_size, key=self.key)
@@ -1173,7 +1245,7 @@ class Prober:
                 oldest = next(iter(pending.values()))
                 if now - oldest.send_mono_ns < timeout_ns:
                     break
-                self._finish(oldest, LOST)
+                self._finish(oldest, LOST, TIMED_OUT)
             may_send = len(samples) < self.count and (interval_ns or not pending)
             if may_send and now >= next_send_ns:
                 self._send_probe(sock, measurement)
@@ -1188,7 +1260,7 @@ class Prober:
                 self._receive_reply(sock, measurement)
 
     def _send_probe(self, sock: socket.socket, measurement: Measurement) -> None:
-        sample, data = self._new_probe(len(measurement.samples))
+        sample, data = self.new_probe(len(measurement.samples))
         measurement.samples.append(sample)  # registered before it goes: Ctrl-C from here on still counts it
         self._by_id[sample.request_id] = self._pending[sample.request_id] = sample
         send, clock = sock.send, self.clock
@@ -1201,7 +1273,7 @@ class Prober:
         except OSError as exc:  # no route, a firewall...: like ping, sent and lost
             measurement.errors += 1
             measurement.last_error = exc.strerror or str(exc)
-            self._finish(sample, LOST)
+            self._finish(sample, LOST, NOT_SENT)
         sample.send_mono_ns, sample.t1 = send_mono_ns, t1
         sample.t1_user = t1
         kernel_t1 = self._transmit_time(sock, t1) if self._transmit_stamps else None
@@ -1237,9 +1309,13 @@ class Prober:
         kernel_t4 = read_ancillary(ancillary)[0] if ancillary else None
         self._on_reply(measurement, data, (kernel_t4, user_t4, real_t4, recv_mono_ns))
 
-    def _finish(self, sample: Sample, status: str) -> None:
+    def _finish(self, sample: Sample, status: str, reason: Optional[str] = None) -> None:
         self._pending.pop(sample.request_id, None)
         sample.status, sample.request = status, b""
+        if status != LOST:
+            sample.reason = None
+        elif reason != TIMED_OUT or sample.reason is None:  # a forged reply or an echo says more
+            sample.reason = reason
         if self.on_sample is not None:
             self.on_sample(sample)
 
@@ -1249,9 +1325,9 @@ class Prober:
         if sample is None and self._pending:
             sample = next(iter(self._pending.values()))
         if sample is not None:
-            self._finish(sample, LOST)
+            self._finish(sample, LOST, REFUSED)
         if not measurement.received:  # nobody is listening: waiting longer tells nothing more
-            measurement.stop_reason = "refused"
+            measurement.stop_reason = REFUSED
 
     def _on_reply(self, measurement: Measurement, data: bytes,
                   stamps: Tuple[Optional[int], int, int, int]) -> None:
@@ -1263,9 +1339,12 @@ class Prober:
         sample = self._by_id.get(reply.message_id)
         if sample is not None and data == sample.request:
             measurement.echoes += 1
+            sample.reason = ECHOED  # if no real reply comes before the timeout, this is why
             return
         claimed = sample or self._attributable(reply, measurement)
         if self.key is not None and not self._authentic(measurement, reply, data, claimed):
+            if claimed is not None and claimed.status == PENDING:
+                claimed.reason = FORGED
             return
         if sample is None:
             measurement.mismatched += 1
@@ -1362,28 +1441,78 @@ def _read_key_file(path: str) -> Tuple[bytes, int]:
     return key, info.st_mode
 
 
+def plural(count: int, noun: str) -> str:
+    """'1 probe', '2 probes', '0 probes'."""
+    return "{} {}{}".format(count, noun, "" if count == 1 else "s")
+
+
+def signed(value: float, digits: int = 3) -> str:
+    """'+0.012' or '-0.012', and never '-0.000'."""
+    text = "{:+.{}f}".format(value, digits)
+    return "+" + text[1:] if float(text) == 0 else text
+
+
+LOST_LINES = {
+    TIMED_OUT: "lost, no reply within {timeout:g} s",
+    REFUSED: "refused: nothing listens on that port (ICMP port unreachable)",
+    FORGED: "lost: its only reply failed authentication (forged)",
+    ECHOED: "lost: the reply was its own request, echoed back",
+    NOT_SENT: "not sent: the kernel refused it",
+    INTERRUPTED: "interrupted before its reply",
+}
+
+
 def format_sample(sample: Sample, target: str, timeout: float) -> str:
     """A ping-like line for one probe."""
     if sample.status == OK:
         line = "{} bytes from {}: seq={} rtt={:.3f} ms".format(
             sample.reply_size, target, sample.seq, sample.rtt_ns / 1e6)
         if sample.offset_ns is not None:
-            line += " offset={:+.3f} ms".format(sample.offset_ns / 1e6)
+            line += " offset={} ms".format(signed(sample.offset_ns / 1e6))
         return line
     if sample.status == MISMATCHED:
         return "seq={}: Server is a liar! (reply id {} for request id {})".format(
             sample.seq, sample.reply_id, sample.request_id)
-    return "seq={}: lost, no reply within {:g} s".format(sample.seq, timeout)
+    return "seq={}: {}".format(sample.seq, LOST_LINES.get(sample.reason, LOST_LINES[TIMED_OUT]).format(
+        timeout=timeout))
+
+
+def format_counts(summary: Mapping) -> List[str]:
+    """The summary's first lines: what became of the probes, and why the run ended early."""
+    counts = "{} sent, {} received, {:g}% loss, {}, {} late, {} mismatched, {} forged".format(
+        plural(summary["sent"], "probe"), summary["received"], summary["loss_pct"] or 0,
+        plural(summary["duplicates"], "duplicate"), summary["late"], summary["mismatched"], summary["forged"])
+    counts += "".join(", {} {}".format(summary[key], name) for key, name in (
+        ("malformed", "malformed"), ("echoes", "echoed")) if summary[key])
+    lines = [counts]
+    if summary["refused"] or summary["errors"]:
+        lines.append("{} refused by the server's host, {} could not be sent".format(
+            summary["refused"], summary["errors"]))
+    if summary["interrupted"]:
+        lines.append("interrupted after {} of {} ({:.1f} s)".format(
+            summary["sent"], plural(summary["count"], "probe"), summary["duration_s"]))
+    elif summary["stopped_because"] == REFUSED:
+        lines.append("stopped after {} of {}: connection refused, nothing listens on that port".format(
+            summary["sent"], plural(summary["count"], "probe")))
+    return lines
+
+
+def format_clock(summary: Mapping) -> List[str]:
+    """The server's processing time and clock offset, in words."""
+    if summary["server_proc_ms"] is None:
+        return ["server processing time: not reported, so it is part of each rtt",
+                "server clock offset: unavailable (the server sends no timestamps: the tutorial's server?)"]
+    offset = signed(summary["offset_ms"])
+    relation = "level with" if float(offset) == 0 else "ahead of" if offset[0] == "+" else "behind"
+    return ["server processing median {:.3f} ms: from its kernel receiving a request to its reply, "
+            "left out of each rtt".format(summary["server_proc_ms"]),
+            "server clock offset {} ms \u00b1 {:.3f} ms (server {} this machine; from seq {}, the "
+            "lowest-rtt probe)".format(offset, summary["offset_err_ms"], relation, summary["offset_seq"])]
 
 
 def format_summary(summary: Mapping) -> List[str]:
     """The human summary of Measurement.summary(), like ping's."""
-    lines = ["", "--- {} udp-timecheck statistics ---".format(summary["target"]),
-             "{sent} probes sent, {received} received, {loss:g}% loss, {duplicates} duplicates, "
-             "{late} late, {mismatched} mismatched, {forged} forged".format(
-                 loss=summary["loss_pct"] or 0, **summary)]
-    if summary["refused"] or summary["errors"]:
-        lines.append("{refused} refused by the server's host, {errors} could not be sent".format(**summary))
+    lines = ["", "--- {} udp-timecheck statistics ---".format(summary["target"])] + format_counts(summary)
     rtt = summary["rtt_ms"]
     if rtt["min"] is None:
         return lines
@@ -1391,20 +1520,9 @@ def format_summary(summary: Mapping) -> List[str]:
     lines.append("rtt median/p90/p99 = {median:.3f}/{p90:.3f}/{p99:.3f} ms".format(**rtt))
     jitter = summary["jitter_ms"]
     lines.append("jitter {}".format("n/a (one reply)" if jitter is None else "{:.3f} ms".format(jitter)))
-    if summary["server_proc_ms"] is None:
-        lines.append("server processing time: not reported, so it is part of each rtt")
-        lines.append("server clock offset: unavailable (the server sends no timestamps: "
-                     "the tutorial's server?)")
-    else:
-        offset = summary["offset_ms"]
-        lines.append("server processing median {:.3f} ms (subtracted from each rtt)".format(
-            summary["server_proc_ms"]))
-        lines.append("server clock offset {:+.3f} ms \u00b1 {:.3f} ms (server {} this machine; "
-                     "from seq {}, the lowest-rtt probe)".format(
-                         offset, summary["offset_err_ms"], "ahead of" if offset >= 0 else "behind",
-                         summary["offset_seq"]))
+    lines += format_clock(summary)
     stamps = summary["timestamps"]
-    fallbacks = ", {} probes timed from user-space readings".format(stamps["user_fallbacks"]) \
+    fallbacks = ", {} timed from user-space readings".format(plural(stamps["user_fallbacks"], "probe")) \
         if stamps["user_fallbacks"] else ""
     lines.append("timestamps: {}{}".format(stamps["described"], fallbacks))
     rows = summary["histogram_ms"]
@@ -1433,7 +1551,10 @@ def failure_reason(measurement: Measurement, timeout: float) -> Optional[str]:
         return "the server is a liar: {} replies did not match a request id".format(measurement.mismatched)
     if measurement.received:
         return None
-    if measurement.stop_reason == "refused":
+    if measurement.interrupted:
+        return "interrupted after {:.1f} s, before any reply from {}".format(
+            measurement.duration_ns / NS_PER_S, target)
+    if measurement.stop_reason == REFUSED:
         return "connection refused by {}: no server is listening on that port".format(target)
     if measurement.malformed:
         return "{} sent {} replies that are not udp-timecheck replies".format(target, measurement.malformed)
@@ -1629,67 +1750,131 @@ def format_header(prober: Prober) -> str:
                                       ", HMAC-SHA256" if prober.key else "")
 
 
-def _open_csv(path: Optional[str], stack: contextlib.ExitStack) -> Optional[TextIO]:
+class ProbeRows:
+    """One row per probe as it ends, flushed, so that a killed run keeps every probe that ended.
+
+    CSV with a header row, or JSON Lines.  A failure to write is kept in
+    .error, and the run goes on.
+    """
+
+    def __init__(self, stream: TextIO, name: str, kind: str) -> None:
+        self.name, self.error = name, None  # type: str, Optional[str]
+        self._stream = stream
+        self._csv = csv.DictWriter(stream, fieldnames=SAMPLE_FIELDS) if kind == "csv" else None
+        if self._csv is not None:
+            self._write(self._csv.writeheader)
+
+    def add(self, sample: Sample) -> None:
+        if self.error is None:
+            row = sample.as_dict()
+            self._write(lambda: self._csv.writerow(row) if self._csv is not None
+                        else self._stream.write(json.dumps(row) + "\n"))
+
+    def _write(self, write: Callable[[], object]) -> None:
+        try:
+            write()
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as exc:
+            self.error = getattr(exc, "strerror", None) or str(exc)
+
+
+def _open_rows(path: Optional[str], kind: str, stack: contextlib.ExitStack) -> Optional[ProbeRows]:
+    """--csv or --jsonl: opened before anything is sent, so a bad path is a usage error, not a lost run."""
     if path is None:
         return None
-    try:  # opened before anything is sent: a bad path is a usage error, not a lost run
-        csv_file = open(path, "w", newline="")
+    if path == "-":
+        return ProbeRows(sys.stdout, "standard output", kind)
+    if os.path.isfile(path) and os.path.getsize(path):
+        _err("note: {} exists; writing it anew".format(path))
+    try:
+        stream = open(path, "w", newline="" if kind == "csv" else None)
     except OSError as exc:
         raise TimecheckError("cannot write {}: {}".format(path, exc.strerror or exc)) from None
-    stack.callback(_close_quietly, csv_file)
-    return csv_file
+    stack.callback(_close_quietly, stream)
+    return ProbeRows(stream, path, kind)
 
 
 def _close_quietly(stream: TextIO) -> None:
     try:
         stream.close()
-    except OSError:  # what it could not flush has been reported already
+    except OSError:  # what it could not write has been reported already
         pass
 
 
-def _write_csv(csv_file: Optional[TextIO], rows: Sequence[Dict[str, object]]) -> Optional[str]:
-    """Write the samples as CSV rows; the error, if the file cannot take them."""
-    if csv_file is None:
-        return None
-    try:
-        writer = csv.DictWriter(csv_file, fieldnames=SAMPLE_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-        csv_file.flush()
-    except (OSError, ValueError) as exc:
-        return getattr(exc, "strerror", None) or str(exc)
-    return None
+class Progress:
+    """Probes done and the time left, a few times a second, on a terminal: with -q, a long run
+    is not silent.  Nothing at all when the stream is not a terminal."""
+
+    def __init__(self, stream: Optional[TextIO], total: int) -> None:
+        self._stream = stream if stream is not None and stream.isatty() else None
+        self._total, self._started, self._next = total, time.monotonic(), 0.0
+        self._shown = False
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if self._stream is None or now < self._next:
+            return
+        self._next = now + PROGRESS_EVERY
+        left = (now - self._started) / done * (self._total - done) if done else 0
+        self._show("\r{}/{}, about {:.0f} s left ".format(done, plural(self._total, "probe"), left))
+
+    def clear(self) -> None:
+        if self._shown:
+            self._show("\r" + " " * 60 + "\r")
+
+    def _show(self, text: str) -> None:
+        try:
+            self._stream.write(text)
+            self._stream.flush()
+            self._shown = True
+        except (OSError, ValueError):
+            self._stream = None
 
 
 def cmd_client(args: argparse.Namespace) -> int:
     _check_host(args.host)
-    out = Output(sys.stdout)
+    if args.csv == "-" and args.json:
+        raise TimecheckError("--csv - and --json both write to standard output; give --csv a file")
+    text = Output(sys.stderr if args.csv == "-" else sys.stdout)  # stdout is the CSV's, then
     measuring = (args.measure_delay or args.quiet or args.json or args.csv is not None
                  or args.count is not None or args.interval is not None)
     prober = Prober(args.host, args.port, count=args.count or (DEFAULT_COUNT if measuring else 1),
                     interval=args.interval or 0.0, timeout=args.timeout, size=args.size or 0,
-                    key=_key_for(args), timestamps=args.timestamps)
-    if measuring and not (args.quiet or args.json):
-        prober.on_sample = lambda sample: out.line(format_sample(sample, prober.target, args.timeout))
+                    key=_key_for(args), timestamps=args.timestamps, on_note=_err)
     with contextlib.ExitStack() as stack:
-        csv_file = _open_csv(args.csv, stack)
+        rows = [sink for sink in (_open_rows(args.csv, "csv", stack),) if sink is not None]
+        progress = Progress(sys.stderr if args.quiet else None, prober.count)
+        show = measuring and not (args.quiet or args.json or args.csv == "-")
+        prober.on_sample = _on_sample(text if show else None, rows, progress, prober.target, args.timeout)
         if measuring and not args.json:
-            out.line(format_header(prober))
+            text.line(format_header(prober))
         interrupter = _Interrupter()
         stack.enter_context(_stop_signals(interrupter, restore=args.restore_signals))
         measurement = prober.run()
         interrupter.armed = False  # from here on a signal changes nothing: the summary comes out
-        summary = measurement.summary()
-        csv_error = _write_csv(csv_file, summary["samples"])
-        _print_result(out, args, measuring, measurement, summary)
-    if out.error is not None:
-        raise TimecheckError("cannot write to standard output: {}".format(out.error))
-    if csv_error is not None:
-        raise TimecheckError("cannot write {}: {}".format(args.csv, csv_error))
+        progress.clear()
+        _print_result(text, args, measuring, measurement, measurement.summary())
+    for sink_name, error in [(sink.name, sink.error) for sink in rows] + [("standard output", text.error)]:
+        if error is not None:
+            raise TimecheckError("cannot write to {}: {}".format(sink_name, error))
     reason = failure_reason(measurement, args.timeout)
     if reason is not None:
         raise TimecheckError(reason, EXIT_FAILED)
     return EXIT_OK
+
+
+def _on_sample(text: Optional[Output], rows: Sequence[ProbeRows], progress: Progress, target: str,
+               timeout: float) -> Callable[[Sample], None]:
+    """What happens as each probe ends: its line, its rows, the progress."""
+    def ended(sample: Sample) -> None:
+        if text is not None:
+            text.line(format_sample(sample, target, timeout))
+        for sink in rows:
+            sink.add(sample)
+        progress.update(sample.seq + 1)
+    return ended
 
 
 def _print_result(out: Output, args: argparse.Namespace, measuring: bool, measurement: Measurement,
@@ -1743,36 +1928,88 @@ def _truthy(text: str) -> bool:
     raise argparse.ArgumentTypeError("expected 1/true/yes or 0/false/no, got {!r}".format(text))
 
 
+def _interval(text: str) -> float:
+    """0 (back to back) or from MIN_INTERVAL: below that, the "loss" would be our own doing."""
+    what = "0 (back to back) or seconds from {:g} to 3600".format(MIN_INTERVAL)
+    value = _ranged(float, 0, 3600, what)(text)
+    if 0 < value < MIN_INTERVAL:
+        raise argparse.ArgumentTypeError("expected {}, got {!r}".format(what, text))
+    return value
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line through main(), exit code 2
         raise TimecheckError("{} (see: {} --help)".format(message, self.prog))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="udp_timecheck.py", description=(
+SERVER_EPILOG = """examples:
+  %(prog)s 0.0.0.0 1060     all IPv4 interfaces: what a cloud VM wants
+  %(prog)s :: 1060 -q       all IPv6 interfaces, IPv4 too; no line per request
+  %(prog)s 0.0.0.0 1060 --key-file key
+
+exit codes: 0 stopped by Ctrl-C or SIGTERM; 2 a usage or set-up error (a port
+in use, an address not on this machine, an unreadable key)"""
+CLIENT_EPILOG = """The client asks once, as the tutorial's does, unless it measures: with
+--measure-delay, or -c, -i, -q, --json or --csv, it sends {count} probes
+unless -c says otherwise.
+
+examples:
+  %(prog)s 203.0.113.7 1060                     the server's time, once
+  %(prog)s 203.0.113.7 1060 --measure-delay     {count} probes, then statistics
+  %(prog)s 203.0.113.7 1060 -c 100 -i 0.2 --json
+
+exit codes: 0 at least one valid reply, and no liar, forged reply or echo;
+1 no valid reply, a liar, a forged reply or an echo service; 2 a usage or
+set-up error""".format(count=DEFAULT_COUNT)
+DEMO_DESCRIPTION = """Start a server on 127.0.0.1, on a free port, and run two clients against
+it in this same process: the tutorial's single round trip, then a
+measurement of 50 probes.  Both sides' output is shown; the server's lines
+are marked "server |".  Nothing leaves this machine."""
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The command line; prog is the name in messages (default: the name it was run as)."""
+    parser = _ArgumentParser(prog=prog, description=(
         "UDP latency and clock check: a time server, and a client that measures round-trip "
         "time, loss and the server's clock offset."))
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="{server,client,demo}")
     commands.required = True
-    server = commands.add_parser("server", help="answer time requests")
-    client = commands.add_parser("client", help="ask the time once, or measure with --measure-delay")
-    demo = commands.add_parser("demo", help="run a server and a client on loopback, show both")
-    for sub, role in ((server, "address to listen on; 0.0.0.0 for all IPv4 interfaces, :: for IPv6"),
-                      (client, "server to ask")):
-        sub.add_argument("host", nargs="?", default=DEFAULT_HOST, metavar="HOST",
-                         help="{} (default %(default)s)".format(role))
-        sub.add_argument("port", nargs="?", default=DEFAULT_PORT, metavar="PORT",
-                         type=_ranged(int, 0, 65535, "a port number from 0 to 65535"),
-                         help="UDP port (default %(default)s)")
-        sub.add_argument("--key-file", metavar="PATH", help="shared secret for HMAC-SHA256 "
-                         "authentication; or set {} (never a key on the command line)".format(KEY_ENV))
-        sub.add_argument("--timestamps", choices=(KERNEL, USER), default=KERNEL,
-                         help="take receive times from the kernel (default, where it works) or "
-                              "read them in user space after each wake-up")
-        sub.add_argument("--measure_delay", "-measure_delay", type=_truthy, default=False, metavar="BOOL",
-                         help="the tutorial's spelling (1/true/yes or 0/false/no)" + (
-                             "; the server accepts and ignores it" if sub is server else ""))
+    formatter = argparse.RawDescriptionHelpFormatter
+    server = commands.add_parser("server", help="answer time requests", epilog=SERVER_EPILOG,
+                                 formatter_class=formatter)
+    client = commands.add_parser("client", help="ask the time once, or measure with --measure-delay",
+                                 epilog=CLIENT_EPILOG, formatter_class=formatter)
+    demo = commands.add_parser("demo", help="run a server and a client on loopback, show both",
+                               description=DEMO_DESCRIPTION, formatter_class=formatter)
+    _add_common_options(server, "address to listen on; 0.0.0.0 for all IPv4 interfaces, "
+                                "and :: for IPv6 and IPv4")
+    _add_common_options(client, "server to ask: a name, an IPv4 or an IPv6 address")
+    _add_server_options(server)
+    _add_client_options(client)
+    server.set_defaults(func=cmd_server)
+    client.set_defaults(func=cmd_client)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _add_common_options(sub: argparse.ArgumentParser, role: str) -> None:
+    sub.add_argument("host", nargs="?", default=DEFAULT_HOST, metavar="HOST",
+                     help="{} (default %(default)s)".format(role))
+    sub.add_argument("port", nargs="?", default=DEFAULT_PORT, metavar="PORT",
+                     type=_ranged(int, 0, 65535, "a port number from 0 to 65535"),
+                     help="UDP port (default %(default)s)")
+    sub.add_argument("--key-file", metavar="PATH", help="shared secret for HMAC-SHA256 "
+                     "authentication; or set {} (never a key on the command line)".format(KEY_ENV))
+    sub.add_argument("--timestamps", choices=(KERNEL, USER), default=KERNEL,
+                     help="take receive times from the kernel (default, where it works) or "
+                          "read them in user space after each wake-up")
+    sub.add_argument("--measure_delay", "-measure_delay", type=_truthy, default=False, metavar="BOOL",
+                     help="the tutorial's spelling (1/true/yes or 0/false/no)" + (
+                         "; the server accepts and ignores it" if sub.prog.endswith("server") else ""))
+
+
+def _add_server_options(server: argparse.ArgumentParser) -> None:
     server.add_argument("-q", "--quiet", action="store_true", help="no line per request")
     server.add_argument("-v", "--verbose", action="store_true",
                         help="a line for every request (default: at most {} a second)".format(
@@ -1783,24 +2020,25 @@ def build_parser() -> argparse.ArgumentParser:
                              "as the tutorial's FAULTY_SERVER")
     server.add_argument("--max-rate", type=_ranged(float, 0.01, 1e9, "replies a second, above 0"),
                         metavar="N", help="answer at most N requests a second per source address")
+
+
+def _add_client_options(client: argparse.ArgumentParser) -> None:
     client.add_argument("--measure-delay", action="store_true",
                         help="measure: many probes, then statistics (implied by the options below)")
     client.add_argument("-c", "--count", type=_ranged(int, 1, 10 ** 9, "a whole number from 1"),
-                        help="probes to send (default {})".format(DEFAULT_COUNT))
-    client.add_argument("-i", "--interval", type=_ranged(float, 0, 3600, "seconds from 0 to 3600"),
-                        help="seconds between probes; 0 (default) sends the next as soon as the last "
-                             "is answered or timed out")
+                        help="probes to send (default {} when measuring, else 1)".format(DEFAULT_COUNT))
+    client.add_argument("-i", "--interval", type=_interval,
+                        help="seconds between probes, from {:g}; 0 (default) sends the next as soon "
+                             "as the last is answered or timed out".format(MIN_INTERVAL))
     client.add_argument("-W", "--timeout", type=_ranged(float, 0.001, 3600, "seconds from 0.001 to 3600"),
                         default=DEFAULT_TIMEOUT, help="seconds to wait for a reply (default %(default)s)")
-    client.add_argument("-q", "--quiet", action="store_true", help="the summary only")
+    client.add_argument("-q", "--quiet", action="store_true",
+                        help="the summary only (and progress on stderr, when it is a terminal)")
     client.add_argument("--json", action="store_true", help="one JSON object instead of text")
-    client.add_argument("--csv", metavar="FILE", help="also write one row per probe to FILE")
+    client.add_argument("--csv", metavar="FILE", help="also write one row per probe to FILE (- for stdout)")
     client.add_argument("--size", type=_ranged(int, 1, 65527, "bytes from 1 to 65527"),
-                        help="pad requests and replies to SIZE bytes (MTU and fragmentation tests)")
-    server.set_defaults(func=cmd_server)
-    client.set_defaults(func=cmd_client)
-    demo.set_defaults(func=cmd_demo)
-    return parser
+                        help="pad requests and replies to SIZE bytes (MTU and fragmentation tests; "
+                             "at least what a request needs, about 150)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -1809,7 +2047,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(None if argv is None else "udp_timecheck.py").parse_args(argv)
         # As the program itself, signal handlers stay to the end, so that a signal
         # during the exit changes nothing; called as a function, they are restored.
         args.restore_signals = argv is not None

@@ -66,7 +66,7 @@ class Process:
 
     def __init__(self, argv, **kwargs):
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, **kwargs)
+                                     universal_newlines=True, **kwargs)
         self.stdout = LineReader(self.proc.stdout)
         self.stderr = LineReader(self.proc.stderr)
 
@@ -118,8 +118,14 @@ def cli(*args):
     return [sys.executable, str(MODULE)] + [str(arg) for arg in args]
 
 
+def run(argv, timeout=60, **kwargs):
+    """subprocess.run with stdout and stderr captured as text (Python 3.6 has no capture_output)."""
+    return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                          timeout=timeout, **kwargs)
+
+
 def run_cli(*args, timeout=60, **kwargs):
-    return subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout, **kwargs)
+    return run(cli(*args), timeout=timeout, **kwargs)
 
 
 @pytest.fixture
@@ -304,7 +310,7 @@ def reference_server(processes):
 def run_reference_client(port, log=False, timeout=20):
     """The tutorial's client() against 127.0.0.1:port; it would wait forever, so bounded here."""
     code = _reference_code("o.client('127.0.0.1', {}, log={})".format(port, log))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    return run([sys.executable, "-c", code], timeout=timeout)
 
 
 def ipv6_loopback_available():

@@ -229,4 +229,5 @@ def test_closed_port_is_reported_as_refused(capsys):
     assert utc.main(["client", "127.0.0.1", str(port), "--measure-delay", "-c", "1000"]) == 1
     captured = capsys.readouterr()
     assert "connection refused" in captured.err
-    assert "1 probes sent, 0 received" in captured.out  # it stopped at the first refusal
+    assert "1 probe sent, 0 received" in captured.out  # it stopped at the first refusal, and says why
+    assert "stopped after 1 of 1000 probes: connection refused" in captured.out

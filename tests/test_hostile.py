@@ -96,7 +96,7 @@ def test_the_loop_guard_refuses_an_id_just_answered_or_one_more():
     assert not guard.looping(source, 502) and not guard.looping(source, 499)
     for port in range(100):  # the table stays bounded
         guard.answered(("192.0.2.2", port), port)
-    assert len(guard._answered) == 2
+    assert len(guard) == 2
 
 
 REQUESTS = st.builds(
@@ -434,7 +434,7 @@ def test_a_csv_on_a_full_disk_is_one_line_and_the_summary_still_comes_out(start_
     assert utc.main(["client", *map(str, server.address), "-c", "5", "-q", "--csv", "/dev/full"]) == 2
     captured = capsys.readouterr()
     assert "5 probes sent, 5 received" in captured.out
-    assert captured.err.count("\n") == 1 and "cannot write /dev/full: No space left on device" in captured.err
+    assert captured.err.count("\n") == 1 and "cannot write to /dev/full: No space left on device" in captured.err
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

@@ -1,11 +1,10 @@
 """Wire compatibility with the tutorial's own server() and client(), both ways."""
 
 import re
-import subprocess
 import sys
 
 import udp_timecheck as utc
-from conftest import REFERENCE, cli, run_reference_client
+from conftest import REFERENCE, cli, run, run_reference_client
 
 TIME_TEXT = r"The time is \d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{6})?"
 
@@ -74,6 +73,6 @@ def test_our_client_catches_tutorial_faulty_server(reference_server, capsys):
 
 def test_tutorial_measure_delay_crashes_with_name_error():
     """The bug we fix, on the tutorial's own code: it dies before sending anything."""
-    original = subprocess.run([sys.executable, str(REFERENCE / "cs_example.py"), "client", "127.0.0.1", "9",
-                               "--measure_delay", "1"], capture_output=True, text=True, timeout=20)
+    original = run([sys.executable, str(REFERENCE / "cs_example.py"), "client", "127.0.0.1", "9",
+                    "--measure_delay", "1"], timeout=20)
     assert original.returncode == 1 and "NameError: name 'log' is not defined" in original.stderr

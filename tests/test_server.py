@@ -35,14 +35,14 @@ def test_context_manager_shuts_down_and_closes():
         server.start()
         assert ask(server.address, request(8)) is not None
     assert server.socket.fileno() == -1
-    assert not server._thread.is_alive()
+    assert not server.thread.is_alive()
 
 
 def test_wildcard_server_stops_too():
     with utc.TimeServer("0.0.0.0", 0) as server:
         server.start()
         assert ask(("127.0.0.1", server.address[1]), request(9)) is not None
-    assert not server._thread.is_alive()
+    assert not server.thread.is_alive()
 
 
 def test_tutorial_request_gets_tutorial_reply_and_log_line(start_server):
