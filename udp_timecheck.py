@@ -42,7 +42,23 @@ import time
 from typing import (Callable, Dict, Iterator, List, Mapping, NamedTuple, NoReturn,
                     Optional, Sequence, TextIO, Tuple)
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
+__all__ = [
+    # the wire format
+    "Message", "WireError", "NotARequest", "encode_request", "decode_message", "request_fields",
+    "quick_fields", "reply_parts", "fit_tutorial_reply", "min_request_size", "seal", "mac_matches",
+    "mac_of_datagram", "reply_context",
+    # timing and statistics
+    "Timing", "probe_timing", "arrival_ns", "clock_offset_ns", "percentile", "rtt_summary",
+    "mean_abs_difference", "histogram", "wall_ns", "monotonic_ns",
+    # the server
+    "TimeServer", "ServerStats", "RateLimiter", "LoopGuard", "enable_kernel_timestamps",
+    "enable_transmit_timestamps", "enable_packet_info", "read_ancillary", "read_transmit_stamp",
+    # the client
+    "Prober", "Measurement", "Sample",
+    # the command line
+    "TimecheckError", "build_parser", "main",
+]
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -1172,7 +1188,8 @@ class Prober:
         if size and not smallest <= size <= largest:
             raise TimecheckError("--size must be from {} to {} bytes".format(smallest, largest))
         self.request_size = size or smallest
-        self._transmit_stamps = False
+        self._transmit_stamps = self._stopping = False
+        self._waker = []  # type: List[socket.socket]  # a socket pair: stop() wakes select()
         self._pending = {}  # type: Dict[int, Sample]  # request id -> probe awaiting its reply, oldest first
         self._by_id = {}  # type: Dict[int, Sample]
 
@@ -1193,22 +1210,35 @@ class Prober:
                     format_address(address[0], address[1]), self.addresses[index + 1][1][0]))
         raise AssertionError("resolve() returns at least one address")
 
+    def stop(self) -> None:
+        """End the run soon, with what it has; safe in a signal handler, and to call again."""
+        self._stopping = True
+        try:
+            self._waker[1].send(b"\0")  # select() returns at once
+        except (OSError, AttributeError, IndexError):
+            pass  # no run yet, or its end is already on the way
+
     def _run_at_address(self) -> Measurement:
         self._pending.clear()
         self._by_id.clear()
-        with socket.socket(self.family, socket.SOCK_DGRAM) as sock:
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(socket.socket(self.family, socket.SOCK_DGRAM))
             try:
                 sock.connect(self.address)  # replies from anyone else are dropped by the kernel
             except OSError as exc:
                 raise TimecheckError("cannot reach {}: {}".format(self.target, exc.strerror or exc)) from None
             sock.setblocking(False)
+            self._waker = [stack.enter_context(end) for end in socket.socketpair()]
+            self._waker[1].setblocking(False)
             measurement = self._measurement(sock)
             started = monotonic_ns()
             try:
                 self._loop(sock, measurement)
-            except KeyboardInterrupt:
-                measurement.interrupted = True
+            except KeyboardInterrupt:  # SIGINT's default, where no handler calls stop()
+                self._stopping = True
+            measurement.interrupted = self._stopping
             measurement.duration_ns = monotonic_ns() - started
+            self._waker = []
         for sample in measurement.samples:  # all, not just _pending: Ctrl-C can strike anywhere
             if sample.status == PENDING:
                 self._finish(sample, LOST, INTERRUPTED)
@@ -1239,7 +1269,7 @@ class Prober:
         timeout_ns, interval_ns = int(self.timeout * NS_PER_S), int(self.interval * NS_PER_S)
         pending, samples = self._pending, measurement.samples
         next_send_ns = perf()
-        while measurement.stop_reason is None:
+        while measurement.stop_reason is None and not self._stopping:
             now = perf()
             while pending:
                 oldest = next(iter(pending.values()))
@@ -1256,7 +1286,7 @@ class Prober:
             wake_ns = next_send_ns if may_send else now + timeout_ns
             if pending:
                 wake_ns = min(wake_ns, next(iter(pending.values())).send_mono_ns + timeout_ns)
-            if select.select([sock], [], [], max(0, wake_ns - now) / NS_PER_S)[0]:
+            if sock in select.select([sock, self._waker[0]], [], [], max(0, wake_ns - now) / NS_PER_S)[0]:
                 self._receive_reply(sock, measurement)
 
     def _send_probe(self, sock: socket.socket, measurement: Measurement) -> None:
@@ -1696,18 +1726,6 @@ def _stop_signals(on_signal: Callable[[], None], restore: bool = True) -> Iterat
                 signal.signal(signum, signal.SIG_DFL if old is None else old)
 
 
-class _Interrupter:
-    """The client's signal handler: the first Ctrl-C or SIGTERM while armed ends the run."""
-
-    def __init__(self) -> None:
-        self.armed = True
-
-    def __call__(self) -> None:
-        if self.armed:
-            self.armed = False
-            raise KeyboardInterrupt
-
-
 def _key_for(args: argparse.Namespace) -> Optional[bytes]:
     key, warnings = load_key(args.key_file)
     for warning in warnings:
@@ -1850,10 +1868,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         prober.on_sample = _on_sample(text if show else None, rows, progress, prober.target, args.timeout)
         if measuring and not args.json:
             text.line(format_header(prober))
-        interrupter = _Interrupter()
-        stack.enter_context(_stop_signals(interrupter, restore=args.restore_signals))
-        measurement = prober.run()
-        interrupter.armed = False  # from here on a signal changes nothing: the summary comes out
+        stack.enter_context(_stop_signals(prober.stop, restore=args.restore_signals))
+        measurement = prober.run()  # a signal ends it; after it, signals change nothing
         progress.clear()
         _print_result(text, args, measuring, measurement, measurement.summary())
     for sink_name, error in [(sink.name, sink.error) for sink in rows] + [("standard output", text.error)]:
@@ -2010,10 +2026,11 @@ def _add_common_options(sub: argparse.ArgumentParser, role: str) -> None:
 
 
 def _add_server_options(server: argparse.ArgumentParser) -> None:
-    server.add_argument("-q", "--quiet", action="store_true", help="no line per request")
-    server.add_argument("-v", "--verbose", action="store_true",
-                        help="a line for every request (default: at most {} a second)".format(
-                            LOG_LINES_PER_SECOND))
+    verbosity = server.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="no line per request")
+    verbosity.add_argument("-v", "--verbose", action="store_true",
+                           help="a line for every request (default: at most {} a second)".format(
+                               LOG_LINES_PER_SECOND))
     server.add_argument("--faulty", nargs="?", const=FAULTY_PROBABILITY, default=0.0, metavar="P",
                         type=_ranged(float, 0, 1, "a probability from 0 to 1"),
                         help="answer with a wrong id with probability P (default %(const)s), "

@@ -128,6 +128,25 @@ def run_cli(*args, timeout=60, **kwargs):
     return run(cli(*args), timeout=timeout, **kwargs)
 
 
+LISTENING = r"Server listening at \('127\.0\.0\.1', (\d+)\)"  # ours and the tutorial's first line
+
+
+@pytest.fixture
+def cli_server(processes):
+    """Start `udp_timecheck.py server 127.0.0.1 0 ARGS...` as a process; returns (process, port)."""
+
+    def start(*args):
+        process = processes(cli("server", "127.0.0.1", "0", *args))
+        return process, int(process.stdout.expect(LISTENING).group(1))
+
+    return start
+
+
+def probe(address, **kwargs):
+    """A measurement against address (host, port, ...) with Prober's keyword arguments."""
+    return utc.Prober(address[0], address[1], **kwargs).run()
+
+
 @pytest.fixture
 def start_server():
     """Start a TimeServer on 127.0.0.1 port 0 in a thread; .logs holds its log lines."""
@@ -301,8 +320,7 @@ def reference_server(processes):
     def start(faulty=False):
         process = processes([sys.executable, "-u", "-c",
                              _reference_code("o.server('127.0.0.1', 0)", faulty)])
-        match = process.stdout.expect(r"Server listening at \('127\.0\.0\.1', (\d+)\)")
-        return process, int(match.group(1))
+        return process, int(process.stdout.expect(LISTENING).group(1))
 
     return start
 

@@ -8,14 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import udp_timecheck as utc
-from conftest import ask, cli, request, run_cli
+from conftest import ask, probe, request, run_cli
 
 KEY = b"0123456789abcdef0123456789abcdef"
 
 
-def probe(address, **kwargs):
-    kwargs.setdefault("key", KEY)
-    return utc.Prober(address[0], address[1], **kwargs).run()
+def keyed_probe(address, **kwargs):
+    return probe(address, key=KEY, **kwargs)
 
 
 def key_file(tmp_path, mode=0o600, content=KEY + b"\n"):
@@ -27,7 +26,7 @@ def key_file(tmp_path, mode=0o600, content=KEY + b"\n"):
 
 def test_same_key_on_both_ends_works(start_server):
     server = start_server(key=KEY)
-    measurement = probe(server.address, count=10, interval=0.005)
+    measurement = keyed_probe(server.address, count=10, interval=0.005)
     summary = measurement.summary()
     assert summary["received"] == 10 and summary["forged"] == 0 and summary["offset_ms"] is not None
 
@@ -74,7 +73,7 @@ def tamper_second_reply(index, data):
 def test_tampered_reply_is_forged(start_server, relay):
     server = start_server(key=KEY)
     hop = relay(server.address, tamper_second_reply)
-    measurement = probe(hop.address, count=3, timeout=0.5)
+    measurement = keyed_probe(hop.address, count=3, timeout=0.5)
     assert [sample.status for sample in measurement.samples] == [utc.OK, utc.LOST, utc.OK]
     assert measurement.forged == 1
 
@@ -83,7 +82,7 @@ def test_tampering_is_what_the_key_catches(start_server, relay):
     """The same tampering, unkeyed: nothing can tell, which is why the key exists."""
     server = start_server()
     hop = relay(server.address, tamper_second_reply)
-    measurement = utc.Prober(*hop.address, count=3, timeout=0.5).run()
+    measurement = probe(hop.address, count=3, timeout=0.5)
     assert measurement.received == 3 and measurement.forged == 0
 
 
@@ -98,7 +97,7 @@ def test_reply_readdressed_to_another_request_is_forged(start_server, relay):
         return [(0.0, data.replace(b"[%d, " % this_id, b"[%d, " % other_id, 1))]
 
     hop = relay(server.address, readdress)
-    measurement = probe(hop.address, count=5, timeout=0.5)
+    measurement = keyed_probe(hop.address, count=5, timeout=0.5)
     assert measurement.forged == 1 and measurement.duplicates == 0
     assert [sample.status for sample in measurement.samples] == [utc.OK] * 3 + [utc.LOST, utc.OK]
 
@@ -106,10 +105,10 @@ def test_reply_readdressed_to_another_request_is_forged(start_server, relay):
 def test_old_replies_replayed_to_new_requests_are_forged(start_server, relay, monkeypatch, capsys):
     server = start_server(key=KEY)
     recorder = relay(server.address)
-    assert probe(recorder.address, count=5).received == 5
+    assert keyed_probe(recorder.address, count=5).received == 5
     old = list(recorder.replies)
     replayer = relay(server.address, lambda index, data: [(0.0, old[index % len(old)])])
-    measurement = probe(replayer.address, count=5, timeout=0.3)
+    measurement = keyed_probe(replayer.address, count=5, timeout=0.3)
     assert measurement.received == 0 and measurement.forged == 5
     monkeypatch.setenv(utc.KEY_ENV, KEY.decode())
     assert utc.main(["client", *map(str, replayer.address), "-c", "5", "-W", "0.3", "-q"]) == 1
@@ -132,14 +131,14 @@ def test_any_forged_reply_fails_the_run(start_server, relay, tmp_path, monkeypat
 
 def test_keyed_faulty_server_is_a_liar_not_a_forger(start_server):
     server = start_server(key=KEY, faulty=1.0)
-    measurement = probe(server.address, count=3)
+    measurement = keyed_probe(server.address, count=3)
     assert measurement.mismatched == 3 and measurement.forged == 0
 
 
 def test_size_with_a_key(start_server, relay):
     server = start_server(key=KEY)
     hop = relay(server.address)
-    measurement = probe(hop.address, count=2, size=900)
+    measurement = keyed_probe(hop.address, count=2, size=900)
     assert measurement.received == 2 and [len(data) for data in hop.replies] == [900, 900]
 
 
@@ -170,10 +169,9 @@ def test_empty_key_is_a_usage_error(tmp_path, content):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
-def test_keyed_processes_end_to_end(processes, tmp_path):
+def test_keyed_processes_end_to_end(cli_server, tmp_path):
     path = key_file(tmp_path)
-    server = processes(cli("server", "127.0.0.1", "0", "--key-file", path))
-    port = server.stdout.expect(r"Server listening at \('127\.0\.0\.1', (\d+)\)").group(1)
+    _, port = cli_server("--key-file", path)
     keyed = run_cli("client", "127.0.0.1", port, "--key-file", path)
     assert keyed.returncode == 0 and keyed.stdout.startswith("The time is ")
     os.chmod(path, 0o644)

@@ -4,7 +4,7 @@ import re
 import sys
 
 import udp_timecheck as utc
-from conftest import REFERENCE, cli, run, run_reference_client
+from conftest import REFERENCE, probe, run, run_reference_client
 
 TIME_TEXT = r"The time is \d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{6})?"
 
@@ -35,9 +35,8 @@ def test_tutorial_client_catches_our_faulty_server(start_server):
     assert result.stdout == "Server is a liar!\n"
 
 
-def test_tutorial_client_against_our_server_process(processes):
-    server = processes(cli("server", "127.0.0.1", "0"))
-    port = int(server.stdout.expect(r"Server listening at \('127\.0\.0\.1', (\d+)\)").group(1))
+def test_tutorial_client_against_our_server_process(cli_server):
+    server, port = cli_server()
     result = run_reference_client(port)
     assert re.fullmatch(TIME_TEXT, result.stdout.strip())
     server.stdout.expect(r"^127\.0\.0\.1:\d+ Request ID: \d+\. Client request, The time is ")
@@ -54,7 +53,7 @@ def test_our_client_against_tutorial_server(reference_server, capsys):
 
 def test_our_measurement_against_tutorial_server(reference_server):
     _, port = reference_server()
-    measurement = utc.Prober("127.0.0.1", port, count=20).run()
+    measurement = probe(("127.0.0.1", port), count=20)
     summary = measurement.summary()
     assert summary["received"] == 20 and summary["lost"] == 0
     assert summary["rtt_ms"]["median"] > 0

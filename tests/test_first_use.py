@@ -1,0 +1,280 @@
+"""What a new user meets first: messages, help, names, outputs, and exact formatting."""
+
+import csv
+import io
+import json
+import signal
+import socket
+import sys
+
+import pytest
+
+import udp_timecheck as utc
+from conftest import MODULE, POSIX_ONLY, cli, closed_port, ipv6_loopback_available, run, silent_port
+
+SECOND = utc.NS_PER_S
+
+
+# --- exact output on fixed inputs, as timeit's tests do ----------------------------------
+
+def answered(seq, rtt_us, offset_us, proc_us=5):
+    """A probe answered with these figures, built through the public surface."""
+    sample = utc.Sample(seq, 1000 + seq)
+    t1 = 1_764_000_000 * SECOND + seq * SECOND
+    sample.send_mono_ns, sample.recv_mono_ns = 0, (rtt_us + proc_us) * 1000
+    sample.t1 = sample.t1_user = t1
+    sample.t2 = t1 + (rtt_us // 2 + offset_us) * 1000
+    sample.t3 = sample.t2 + proc_us * 1000
+    sample.t4 = t1 + (rtt_us + proc_us) * 1000
+    sample.reply_size, sample.status, sample.server_stamp = 120, utc.OK, utc.USER
+    sample.settle(sample.t4, kernel_mode=False)  # user-space stamps: the wall clock over the monotonic span
+    return sample
+
+
+def lost(seq, reason):
+    sample = utc.Sample(seq, 1000 + seq)
+    sample.status, sample.reason = utc.LOST, reason
+    return sample
+
+
+def fixed_measurement(samples, **changes):
+    measurement = utc.Measurement("127.0.0.1:1060", "127.0.0.1", 150, False, utc.USER,
+                                  {"count": 5, "interval": 0.0, "timeout": 1.0, "size": None})
+    measurement.samples = samples
+    measurement.duration_ns = 3 * SECOND
+    for name, value in changes.items():
+        setattr(measurement, name, value)
+    return measurement
+
+
+def test_format_sample_exactly():
+    assert utc.format_sample(answered(0, 40, 0), "127.0.0.1:1060", 1.0) == (
+        "120 bytes from 127.0.0.1:1060: seq=0 rtt=0.040 ms offset=+0.000 ms")
+    assert utc.format_sample(answered(1, 40, -3), "h:1", 1.0) == (
+        "120 bytes from h:1: seq=1 rtt=0.040 ms offset=-0.003 ms")
+    assert utc.format_sample(lost(2, utc.TIMED_OUT), "h:1", 0.5) == "seq=2: lost, no reply within 0.5 s"
+    assert utc.format_sample(lost(3, utc.REFUSED), "h:1", 1.0) == (
+        "seq=3: refused: nothing listens on that port (ICMP port unreachable)")
+    assert utc.format_sample(lost(4, utc.FORGED), "h:1", 1.0) == (
+        "seq=4: lost: its only reply failed authentication (forged)")
+    assert utc.format_sample(lost(5, utc.ECHOED), "h:1", 1.0) == (
+        "seq=5: lost: the reply was its own request, echoed back")
+    assert utc.format_sample(lost(6, utc.INTERRUPTED), "h:1", 1.0) == "seq=6: interrupted before its reply"
+
+
+def test_format_summary_exactly():
+    measurement = fixed_measurement([answered(0, 40, 0), answered(1, 60, 1), lost(2, utc.TIMED_OUT)],
+                                    interrupted=True, duplicates=1)
+    lines = utc.format_summary(measurement.summary())
+    assert lines[:9] == [
+        "",
+        "--- 127.0.0.1:1060 udp-timecheck statistics ---",
+        "3 probes sent, 2 received, 33.333% loss, 1 duplicate, 0 late, 0 mismatched, 0 forged",
+        "interrupted after 3 of 5 probes (3.0 s)",
+        "rtt min/avg/max/mdev = 0.040/0.050/0.060/0.010 ms",
+        "rtt median/p90/p99 = 0.050/0.058/0.060 ms",
+        "jitter 0.020 ms",
+        "server processing median 0.005 ms: from its kernel receiving a request to its reply, "
+        "left out of each rtt",
+        "server clock offset +0.000 ms \u00b1 0.020 ms (server level with this machine; from seq 0, the "
+        "lowest-rtt probe)",
+    ]
+    assert lines[9] == "timestamps: user-space (both ends)"
+
+
+def test_format_counts_in_the_singular_and_when_stopped():
+    measurement = fixed_measurement([lost(0, utc.REFUSED)], refused=1, stop_reason=utc.REFUSED)
+    assert utc.format_counts(measurement.summary()) == [
+        "1 probe sent, 0 received, 100% loss, 0 duplicates, 0 late, 0 mismatched, 0 forged",
+        "1 refused by the server's host, 0 could not be sent",
+        "stopped after 1 of 5 probes: connection refused, nothing listens on that port"]
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({}, "no reply from 127.0.0.1:1060 within 1 s (is the server running, and is its UDP port open to you?)"),
+    ({"interrupted": True}, "interrupted after 3.0 s, before any reply from 127.0.0.1:1060"),
+    ({"stop_reason": utc.REFUSED},
+     "connection refused by 127.0.0.1:1060: no server is listening on that port"),
+    ({"echoes": 2}, "127.0.0.1:1060 echoes requests back: it is an echo service, not a time server"),
+    ({"malformed": 3}, "127.0.0.1:1060 sent 3 replies that are not udp-timecheck replies"),
+    ({"mismatched": 1}, "the server is a liar: 1 replies did not match a request id"),
+    ({"forged": 2}, "2 replies failed authentication (tampered with, replayed, or another key)"),
+])
+def test_failure_reason_exactly(changes, expected):
+    assert utc.failure_reason(fixed_measurement([lost(0, utc.TIMED_OUT)], **changes), 1.0) == expected
+
+
+def test_no_failure_with_a_valid_reply():
+    assert utc.failure_reason(fixed_measurement([answered(0, 40, 0)]), 1.0) is None
+
+
+def test_signed_and_plural():
+    assert [utc.signed(value) for value in (-0.0004, 0.0, -0.0, 0.0123, -1.5)] == [
+        "+0.000", "+0.000", "+0.000", "+0.012", "-1.500"]
+    assert [utc.plural(count, "probe") for count in (0, 1, 2)] == ["0 probes", "1 probe", "2 probes"]
+
+
+# --- the MACs, known answers from fixed bytes --------------------------------------------------
+
+# Computed with openssl, not with this module:
+#   printf 'udp-timecheck/1 request\n<the request, MAC zeroed>' |
+#   openssl dgst -sha256 -hmac "known-answer key"
+KEY = b"known-answer key"
+ZEROED_REQUEST = b'[1234567890, "The time is 2026-01-01 00:00:00.000000", {"seq": 7}, "' + b"0" * 64 + b'"]'
+KNOWN_REQUEST_MAC = b"9c58d3a2d34fffac97c76c44e61d5ffdd96bb7662e081fbd29d3733d14b09582"
+ZEROED_REPLY = (b'[1234567890, "The time is 2026-01-01 00:00:00.000100", {"seq": 7, "ts": "kernel", '
+                b'"t2": 1767225600000100000, "t3": 1767225600000105000}, "' + b"0" * 64 + b'"]')
+KNOWN_REPLY_MAC = b"da59aa906b10758daed04800e68e1555bf7c8e080007ba5e6083a9d608b5b987"
+
+
+def test_the_macs_are_the_documented_hmacs_known_answers():
+    request = utc.seal(KEY, utc.REQUEST_LABEL, ZEROED_REQUEST)
+    assert utc.mac_of_datagram(request) == KNOWN_REQUEST_MAC
+    assert utc.mac_matches(KEY, utc.REQUEST_LABEL, request)
+    context = utc.reply_context(b"1234567890", KNOWN_REQUEST_MAC)
+    assert context == b"udp-timecheck/1 reply\n1234567890\n" + KNOWN_REQUEST_MAC + b"\n"
+    reply = utc.seal(KEY, context, ZEROED_REPLY)
+    assert utc.mac_of_datagram(reply) == KNOWN_REPLY_MAC
+    assert utc.mac_matches(KEY, context, reply)
+    assert not utc.mac_matches(KEY, utc.reply_context(b"1234567891", KNOWN_REQUEST_MAC), reply)
+
+
+# --- help, names and options -------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["server", "client"])
+def test_each_commands_help_ends_with_examples_and_exit_codes(command, capsys):
+    assert utc.main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:\n  udp_timecheck.py {} ".format(command) in out
+    assert "exit codes: 0 " in out and "set-up error" in out
+
+
+def test_demo_help_says_what_the_demo_does(capsys):
+    assert utc.main(["demo", "--help"]) == 0
+    assert "run two clients against\nit in this same process" in capsys.readouterr().out
+
+
+def test_the_name_in_messages_is_the_one_it_was_run_as():
+    code = ("import sys; sys.path.insert(0, {!r}); sys.argv[0] = '/usr/local/bin/udp-timecheck'\n"
+            "import udp_timecheck; sys.exit(udp_timecheck.main())").format(str(MODULE.parent))
+    version = run([sys.executable, "-c", code, "--version"])
+    assert version.stdout == "udp-timecheck {}\n".format(utc.__version__)
+    usage = run([sys.executable, "-c", code, "client", "-c", "many"])
+    assert usage.returncode == 2 and "(see: udp-timecheck client --help)" in usage.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["client", "-i", "0.0000001"], "expected 0 (back to back) or seconds from 0.001 to 3600"),
+    (["client", "-i", "1e-12"], "expected 0 (back to back) or seconds from 0.001 to 3600"),
+    (["server", "-q", "-v"], "not allowed with argument -q/--quiet"),
+    (["client", "--csv", "-", "--json"], "both write to standard output"),
+])
+def test_more_usage_errors(argv, message, capsys):
+    assert utc.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_back_to_back_is_still_zero(start_server, capsys):
+    server = start_server()
+    assert utc.main(["client", *map(str, server.address[:2]), "-i", "0", "-c", "3", "-q"]) == 0
+    assert "interval 0 s" in capsys.readouterr().out
+
+
+# --- names, addresses, outputs -----------------------------------------------------------------
+
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="this machine has no ::1")
+def test_a_bracketed_ipv6_address_works(start_server, capsys):
+    server = start_server(host="::1")
+    assert utc.main(["client", "[::1]", str(server.address[1]), "-c", "2", "-q"]) == 0
+    assert "UDP-TIMECHECK [::1]:{} (::1)".format(server.address[1]) in capsys.readouterr().out
+
+
+def test_a_name_with_a_dead_address_first_is_tried_at_the_next(start_server, monkeypatch, capsys):
+    """As 'localhost' can give ::1 first while the server listens on 127.0.0.1 only."""
+    server = start_server()
+    dead = closed_port()
+    real = socket.getaddrinfo
+
+    def two_addresses(host, port, *args):
+        if host != "dual.test":
+            return real(host, port, *args)
+        return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("127.0.0.2", dead)),
+                (socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("127.0.0.1", server.address[1]))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    notes = []
+    measurement = utc.Prober("dual.test", server.address[1], count=3, on_note=notes.append).run()
+    assert measurement.received == 3 and measurement.address == "127.0.0.1"
+    assert notes == ["nobody listens at 127.0.0.2:{} (connection refused); trying 127.0.0.1".format(dead)]
+
+
+def test_csv_to_standard_output_keeps_it_clean(start_server, capsys):
+    server = start_server()
+    assert utc.main(["client", *map(str, server.address[:2]), "-c", "4", "--csv", "-"]) == 0
+    captured = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert [row["seq"] for row in rows] == ["0", "1", "2", "3"] and all(row["status"] == "ok" for row in rows)
+    assert "4 probes sent, 4 received" in captured.err  # the text went to stderr
+
+
+def test_an_existing_csv_gets_a_note(start_server, tmp_path, capsys):
+    server = start_server()
+    path = tmp_path / "run.csv"
+    path.write_text("an earlier run\n")
+    assert utc.main(["client", *map(str, server.address[:2]), "-c", "2", "-q", "--csv", str(path)]) == 0
+    assert "note: {} exists; writing it anew".format(path) in capsys.readouterr().err
+    assert path.read_text().startswith("seq,id,status,")
+
+
+def test_the_json_records_the_run(start_server, capsys):
+    server = start_server()
+    argv = ["client", *map(str, server.address[:2]), "-c", "3", "-i", "0.01", "-W", "0.5", "--json"]
+    assert utc.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert list(summary)[:9] == ["version", "started_at", "duration_s", "count", "interval", "timeout",
+                                 "size", "request_bytes", "keyed"]
+    assert summary["version"] == utc.__version__ and summary["started_at"].endswith("Z")
+    settings = (summary["count"], summary["interval"], summary["timeout"], summary["size"])
+    assert settings == (3, 0.01, 0.5, None)
+    assert summary["keyed"] is False and summary["timestamps"]["client"] in (utc.KERNEL, utc.USER)
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_shows_on_a_terminal_only():
+    terminal, pipe = Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        progress = utc.Progress(stream, 200)
+        progress.update(17)
+        progress.clear()
+    assert terminal.getvalue().startswith("\r17/200 probes, about ")
+    assert pipe.getvalue() == ""
+
+
+def test_lost_probes_say_why(start_server, capsys):
+    port = closed_port()
+    assert utc.main(["client", "127.0.0.1", str(port), "-c", "3"]) == 1
+    assert "seq=0: refused: nothing listens on that port" in capsys.readouterr().out
+    server = start_server()
+    assert utc.main(["client", *map(str, server.address[:2]), "-c", "1", "-W", "0.2"], ) == 0
+    capsys.readouterr()
+    with pytest.MonkeyPatch().context() as patch:
+        patch.setenv(utc.KEY_ENV, "a key the server does not have")
+        assert utc.main(["client", *map(str, server.address[:2]), "-c", "1", "-W", "0.2"]) == 1
+    assert "seq=0: lost: its only reply failed authentication (forged)" in capsys.readouterr().out
+
+
+@POSIX_ONLY
+def test_ctrl_c_in_a_one_shot_client_says_it_was_interrupted(processes):
+    with silent_port() as sock:
+        client = processes(cli("client", *sock.getsockname(), "-W", "5"))
+        sock.recv(65535)  # the request is out: the client waits
+        client.signal(signal.SIGINT)
+        assert client.wait(timeout=10) == 1
+    err = client.rest(client.stderr)
+    assert len(err) == 1 and "interrupted after " in err[0] and "before any reply" in err[0]
+    assert "within 5 s" not in err[0]
