@@ -2,9 +2,12 @@
 
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+
+import pytest
 
 import udp_timecheck as utc
 from conftest import ROOT
@@ -22,11 +25,25 @@ def shell_lines():
 
 def test_the_two_commands_come_first_and_ci_runs_the_same_tests():
     lines = list(shell_lines())
-    assert lines[0] == "python3 udp_timecheck.py demo"
-    assert lines[1] == ("python3 -m venv .venv && .venv/bin/python -m pip install -e '.[test]' "
+    assert lines[0] == "git clone REPOSITORY-URL udp-timecheck && cd udp-timecheck"
+    assert lines[1] == "python3 udp_timecheck.py demo"
+    assert lines[2] == ("python3 -m venv .venv && .venv/bin/python -m pip install -e '.[test]' "
                         "&& .venv/bin/python -m pytest")
     ci = (ROOT / ".ci" / "run").read_text()
     assert "-m pip install --quiet -e '.[test]'" in ci and '"$py" -m pytest' in ci
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(),
+                    reason="needs git, and this checkout to clone")
+def test_the_demo_runs_in_a_fresh_clone(tmp_path):
+    """The first two commands as written, with this repository for REPOSITORY-URL."""
+    clone, demo = list(shell_lines())[:2]
+    script = "{} && {}".format(clone.replace("REPOSITORY-URL", shlex.quote(str(ROOT))),
+                               demo.replace("python3", shlex.quote(sys.executable), 1))
+    result = subprocess.run(["sh", "-c", script], cwd=str(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "50 probes sent, 50 received" in result.stdout
 
 
 def test_every_udp_timecheck_command_parses():
