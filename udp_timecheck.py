@@ -24,6 +24,7 @@ import hmac
 import io
 import json
 import json.scanner
+import math
 import os
 import platform
 import queue
@@ -34,7 +35,6 @@ import select
 import signal
 import socket
 import stat
-import statistics
 import struct
 import sys
 import threading
@@ -49,13 +49,14 @@ __all__ = [
     "quick_fields", "reply_parts", "fit_tutorial_reply", "min_request_size", "seal", "mac_matches",
     "mac_of_datagram", "reply_context",
     # timing and statistics
-    "Timing", "probe_timing", "arrival_ns", "clock_offset_ns", "percentile", "rtt_summary",
-    "mean_abs_difference", "histogram", "wall_ns", "monotonic_ns",
+    "Timing", "probe_timing", "arrival_ns", "clock_offset_ns", "percentile", "LogHistogram",
+    "SignedHistogram", "RunningStats", "OffsetPoint", "DriftFit", "fit_drift", "fit_line", "find_steps",
+    "chrony_weights", "wall_ns", "monotonic_ns",
     # the server
     "TimeServer", "ServerStats", "RateLimiter", "LoopGuard", "enable_kernel_timestamps",
     "enable_transmit_timestamps", "enable_packet_info", "read_ancillary", "read_transmit_stamp",
     # the client
-    "Prober", "Measurement", "Sample",
+    "Prober", "Recorder", "Totals", "Timeline", "Sample",
     # the command line
     "TimecheckError", "build_parser", "main",
 ]
@@ -99,8 +100,8 @@ EXIT_INTERRUPTED = 128 + 2          # what a shell reports for a command ended b
 OK, LOST, MISMATCHED, PENDING = "ok", "lost", "mismatched", "pending"
 # Why a probe was lost; a reply that failed authentication or echoed the request
 # leaves its probe waiting for a real one until the timeout.
-TIMED_OUT, REFUSED, FORGED, ECHOED, NOT_SENT, INTERRUPTED = (
-    "timeout", "refused", "forged", "echo", "not sent", "interrupted")
+TIMED_OUT, REFUSED, FORGED, ECHOED, NOT_SENT, INTERRUPTED, DEADLINE = (
+    "timeout", "refused", "forged", "echo", "not sent", "interrupted", "deadline")
 NS_PER_S = 1_000_000_000
 
 # Timestamps.  The kernel stamps each datagram as it arrives (SO_TIMESTAMPNS, on
@@ -123,6 +124,15 @@ ANCILLARY_SPACE = 256               # room for a timestamp and a packet-info mes
 MAX_QUEUE_WAIT_NS = NS_PER_S        # an older kernel timestamp means the clocks disagree
 RECEIVE_TIMEOUT = 0.25              # the server looks at its stop flag at least this often
 WALL_STEP_TOLERANCE_NS = 50_000     # wall vs monotonic over one round trip, beyond read gaps
+
+# Long runs in flat memory
+SAMPLES_KEPT = 1000                 # probes the JSON lists in full; --csv and --jsonl have every one
+RECENT_PROBES = 16384               # answered or lost probes remembered for late and duplicate replies
+TIMELINE_BINS = 256                 # per-interval aggregates for the drift fit and the plot
+TIMELINE_FIRST_WIDTH_NS = 10_000_000  # each bin's span at first; doubled whenever bins run out
+DRIFT_MIN_POINTS = 6                # bins with a trusted offset before a drift is fitted
+STEP_MIN_POINTS = 3                 # on each side of a clock step
+STEP_FACTOR = 6.0                   # a step is this many times the offsets' scatter, at least
 
 
 def _nanoseconds(seconds_clock: Callable[[], float]) -> Callable[[], int]:
@@ -411,7 +421,7 @@ def format_address(host: str, port: int) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Statistics: pure functions over samples
+# Statistics: streaming summaries and pure functions over samples
 # ---------------------------------------------------------------------------
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
@@ -424,54 +434,226 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return sorted_values[lower] + (sorted_values[upper] - sorted_values[lower]) * (position - lower)
 
 
-def rtt_summary(values: Sequence[float]) -> Dict[str, Optional[float]]:
-    """min/avg/median/p90/p99/max and ping's mdev (population standard deviation)."""
-    if not values:
-        return dict.fromkeys(("min", "avg", "median", "p90", "p99", "max", "mdev"))
-    ordered = sorted(values)
-    return {"min": ordered[0], "avg": sum(ordered) / len(ordered),
-            "median": percentile(ordered, 0.5), "p90": percentile(ordered, 0.9),
-            "p99": percentile(ordered, 0.99), "max": ordered[-1],
-            "mdev": statistics.pstdev(ordered)}
+class LogHistogram:
+    """Counts of positive values in logarithmic buckets, as HdrHistogram and DDSketch keep them.
 
-
-def mean_abs_difference(values: Sequence[float]) -> Optional[float]:
-    """Jitter: the mean |difference| between consecutive values (IPDV, as irtt reports)."""
-    if len(values) < 2:
-        return None
-    return sum(abs(later - earlier) for earlier, later in zip(values, values[1:])) / (len(values) - 1)
-
-
-def median(values: Sequence[float]) -> Optional[float]:
-    return statistics.median(values) if values else None
-
-
-def histogram(values: Sequence[float], bins: Optional[int] = None) -> List[Tuple[float, float, int]]:
-    """Counts in equal bins from the minimum to the 99th percentile, plus one bin above it.
-
-    The open top bin keeps one outlier from squeezing everything else into one row.
-    bins defaults to about the square root of the count, at most 10.
+    A quantile comes back within relative_error of the value at its rank,
+    from memory that grows with the logarithm of the values' range and never
+    with their count: some 800 buckets from 1 us to 10 s at 1%.
     """
-    if not values:
-        return []
-    bins = bins or max(1, min(10, round(len(values) ** 0.5)))
-    ordered = sorted(values)
-    low, high = ordered[0], percentile(ordered, 0.99)
-    if high <= low:
-        return [(low, ordered[-1], len(ordered))]
-    width = (high - low) / bins
-    counts = [0] * bins
-    above = 0
-    for value in ordered:
-        if value > high:
-            above += 1
+
+    def __init__(self, relative_error: float = 0.01) -> None:
+        self._gamma = (1 + relative_error) / (1 - relative_error)
+        self._log_gamma = math.log(self._gamma)
+        self.buckets = {}  # type: Dict[int, int]  # index i counts values in (gamma**(i-1), gamma**i]
+        self.count = self.nonpositive = 0
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        if value <= 0:
+            self.nonpositive += 1
         else:
-            counts[min(int((value - low) / width), bins - 1)] += 1
-    rows = [(low + index * width, low + (index + 1) * width, count)
-            for index, count in enumerate(counts)]
-    if above:
-        rows.append((high, ordered[-1], above))
-    return rows
+            index = math.ceil(math.log(value) / self._log_gamma)
+            self.buckets[index] = self.buckets.get(index, 0) + 1
+
+    def merge(self, other: "LogHistogram") -> None:
+        self.count += other.count
+        self.nonpositive += other.nonpositive
+        for index, count in other.buckets.items():
+            self.buckets[index] = self.buckets.get(index, 0) + count
+
+    def value(self, index: int) -> float:
+        """The bucket's representative: within relative_error of anything in it."""
+        return 2 * self._gamma ** index / (self._gamma + 1)
+
+    def at_rank(self, rank: int) -> float:
+        """The rank-th smallest value (from 1), to within the relative error."""
+        seen = self.nonpositive
+        if rank <= seen:
+            return 0.0
+        for index in sorted(self.buckets):
+            seen += self.buckets[index]
+            if seen >= rank:
+                return self.value(index)
+        raise ValueError("rank {} of {} values".format(rank, self.count))
+
+    def quantile(self, fraction: float) -> Optional[float]:
+        """The smallest value with at least fraction of all at or below it (nearest rank)."""
+        return self.at_rank(max(1, math.ceil(fraction * self.count))) if self.count else None
+
+    def rows(self, most: int) -> List[Tuple[float, float, int]]:
+        """(low, high, count) rows of equal logarithmic width, at most most of them, from the
+        lowest bucket to the highest: a short run gets fewer, and none is empty of width."""
+        if not self.buckets:
+            return []
+        low, high = min(self.buckets), max(self.buckets)
+        per_row = max(1, math.ceil((high - low + 1) / most))
+        counts = [0] * ((high - low) // per_row + 1)
+        for index, count in self.buckets.items():
+            counts[(index - low) // per_row] += count
+        edge = lambda index: self._gamma ** index  # noqa: E731 - a bucket's upper edge
+        return [(edge(low + row * per_row - 1), edge(low + (row + 1) * per_row - 1), count)
+                for row, count in enumerate(counts)]
+
+
+class SignedHistogram:
+    """A LogHistogram for values of either sign, for delays that carry an unknown clock offset."""
+
+    def __init__(self, relative_error: float = 0.01) -> None:
+        self.positive, self.negative = LogHistogram(relative_error), LogHistogram(relative_error)
+
+    def add(self, value: float) -> None:
+        if value > 0:
+            self.positive.add(value)
+        else:
+            self.negative.add(-value)  # zero too: the smallest magnitude below the positives
+
+    def quantile(self, fraction: float) -> Optional[float]:
+        below, total = self.negative.count, self.negative.count + self.positive.count
+        if not total:
+            return None
+        rank = max(1, math.ceil(fraction * total))
+        if rank <= below:  # the rank-th smallest of the non-positive is the magnitude counted from the top
+            return -self.negative.at_rank(below - rank + 1)
+        return self.positive.at_rank(rank - below)
+
+
+class RunningStats:
+    """Count, mean, ping's mdev (population deviation), minimum and maximum in O(1): Welford."""
+    __slots__ = ("count", "mean", "_squares", "min", "max")
+
+    def __init__(self) -> None:
+        self.count, self.mean, self._squares = 0, 0.0, 0.0
+        self.min = self.max = None  # type: Optional[float]
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        delta = value - self.mean
+        self.mean += delta / self.count
+        self._squares += delta * (value - self.mean)
+        self.min = value if self.min is None else min(self.min, value)
+        self.max = value if self.max is None else max(self.max, value)
+
+    @property
+    def mdev(self) -> Optional[float]:
+        return math.sqrt(self._squares / self.count) if self.count else None
+
+
+class OffsetPoint(NamedTuple):
+    """One trusted offset sample, for the drift fit: when, what, and how good."""
+    at_s: float        # seconds since the run started (monotonic)
+    wall_ns: int       # this machine's wall clock then
+    offset_ns: float
+    rtt_ns: int        # the error bound is half of it
+
+
+class DriftFit(NamedTuple):
+    drift_ppm: float       # the server's clock rate against this machine's, in parts per million
+    drift_err_ppm: float   # one standard error
+    offset_end_ns: float   # the fitted offset at the end of the run
+    steps: List[Tuple[int, float]]  # (wall-clock ns, size in ns) of each clock step found
+
+
+def chrony_weights(points: Sequence[OffsetPoint]) -> List[float]:
+    """Weights by delay, as chrony's regress.c: 1 / (1 + (d - d_min) / s)**2, s the delays' spread."""
+    delays = sorted(point.rtt_ns for point in points)
+    spread = percentile(delays, 0.75) - percentile(delays, 0.25) or 1.0
+    return [1.0 / (1.0 + (point.rtt_ns - delays[0]) / spread) ** 2 for point in points]
+
+
+def fit_line(points: Sequence[OffsetPoint], weights: Sequence[float],
+             segments: Sequence[int] = ()) -> Tuple[float, float, List[float]]:
+    """Weighted least squares of offset on time: one slope, an intercept per segment.
+
+    segments are the indices where a new segment (after a clock step) starts.
+    Returns (slope in ns per s, its standard error, each segment's intercept).
+    """
+    bounds = [0] + list(segments) + [len(points)]
+    slope_num = slope_den = 0.0
+    means = []
+    for first, last in zip(bounds, bounds[1:]):
+        part, part_weights = points[first:last], weights[first:last]
+        total = sum(part_weights)
+        mean_t = sum(w * p.at_s for p, w in zip(part, part_weights)) / total
+        mean_y = sum(w * p.offset_ns for p, w in zip(part, part_weights)) / total
+        slope_num += sum(w * (p.at_s - mean_t) * (p.offset_ns - mean_y) for p, w in zip(part, part_weights))
+        slope_den += sum(w * (p.at_s - mean_t) ** 2 for p, w in zip(part, part_weights))
+        means.append((mean_t, mean_y))
+    slope = slope_num / slope_den if slope_den else 0.0
+    intercepts = [mean_y - slope * mean_t for mean_t, mean_y in means]
+    segment_of = [index for index, (first, last) in enumerate(zip(bounds, bounds[1:]))
+                  for _ in range(first, last)]
+    residual = sum(w * (p.offset_ns - intercepts[s] - slope * p.at_s) ** 2
+                   for p, w, s in zip(points, weights, segment_of))
+    freedom = len(points) - len(means) - 1
+    error = math.sqrt(residual / freedom / slope_den) if freedom > 0 and slope_den else float("inf")
+    return slope, error, intercepts
+
+
+def find_steps(points: Sequence[OffsetPoint], weights: Sequence[float], limit: int = 3) -> List[int]:
+    """Where the offset jumps while the RTT does not: the indices that start a new segment.
+
+    A split is a step when the offsets on its two sides, less the common
+    drift, differ by more than the error bounds there, by more than
+    STEP_FACTOR times their scatter, and by more than twice any jump in the
+    RTT (a new path, not a new time).  At most limit steps, largest first.
+    """
+    steps = []  # type: List[int]
+    for _ in range(limit):
+        slope = fit_line(points, weights, steps)[0]
+        best = _best_split([p.offset_ns - slope * p.at_s for p in points], points, steps)
+        if best is None:
+            break
+        steps = sorted(steps + [best])
+    return steps
+
+
+def _best_split(detrended: Sequence[float], points: Sequence[OffsetPoint],
+                steps: Sequence[int]) -> Optional[int]:
+    """The split, within one segment, with the largest jump that passes find_steps' tests."""
+    bounds = [0] + list(steps) + [len(points)]
+    best, best_jump = None, 0.0
+    for first, last in zip(bounds, bounds[1:]):
+        offsets = _prefix_sums(detrended[first:last])
+        rtts = _prefix_sums([p.rtt_ns for p in points[first:last]])
+        for split in range(STEP_MIN_POINTS, last - first - STEP_MIN_POINTS + 1):
+            jump = _mean(offsets, split, last - first) - _mean(offsets, 0, split)
+            scatter = math.sqrt(max(_variance(offsets, 0, split), _variance(offsets, split, last - first)))
+            rtt_jump = _mean(rtts, split, last - first) - _mean(rtts, 0, split)
+            bound = max(points[first + split - 1].rtt_ns, points[first + split].rtt_ns) / 2
+            if abs(jump) > max(2 * bound, STEP_FACTOR * scatter, 2 * abs(rtt_jump), abs(best_jump)):
+                best, best_jump = first + split, jump
+    return best
+
+
+def _prefix_sums(values: Sequence[float]) -> List[Tuple[float, float]]:
+    sums = [(0.0, 0.0)]
+    for value in values:
+        sums.append((sums[-1][0] + value, sums[-1][1] + value * value))
+    return sums
+
+
+def _mean(sums: Sequence[Tuple[float, float]], first: int, last: int) -> float:
+    return (sums[last][0] - sums[first][0]) / (last - first)
+
+
+def _variance(sums: Sequence[Tuple[float, float]], first: int, last: int) -> float:
+    mean = _mean(sums, first, last)
+    return max(0.0, (sums[last][1] - sums[first][1]) / (last - first) - mean * mean)
+
+
+def fit_drift(points: Sequence[OffsetPoint], end_s: float) -> Optional[DriftFit]:
+    """The clocks' relative rate and the offset at end_s, after any clock steps; None below
+    DRIFT_MIN_POINTS points or without a spread in time."""
+    if len(points) < DRIFT_MIN_POINTS or points[-1].at_s - points[0].at_s <= 0:
+        return None
+    weights = chrony_weights(points)
+    steps = find_steps(points, weights)
+    slope, error, intercepts = fit_line(points, weights, steps)
+    bounds = [0] + steps
+    sizes = [(points[start].wall_ns, intercepts[index + 1] - intercepts[index])
+             for index, start in enumerate(bounds[1:])]
+    return DriftFit(slope / 1e3, error / 1e3, intercepts[-1] + slope * end_s, sizes)
 
 
 def clock_offset_ns(clock: Callable[[], int]) -> int:
@@ -598,6 +780,10 @@ class RecentTable:
     def take(self, key: object) -> Optional[object]:
         """The value stored under key, removed (store it again to keep it)."""
         return self._entries.pop(key, None)
+
+    def get(self, key: object) -> Optional[object]:
+        """The value stored under key, left where it is."""
+        return self._entries.get(key)
 
     def store(self, key: object, value: object) -> None:
         entries = self._entries
@@ -1011,10 +1197,8 @@ class Sample:
     are the monotonic clock around the same send and receive.
     """
     __slots__ = ("seq", "request_id", "request_mac", "request", "status", "reason", "send_mono_ns",
-                 "recv_mono_ns",
-                 "t1", "t1_user", "t1_kernel", "t2", "t3", "t4", "t4_kernel", "server_stamp", "reply_id",
-                 "reply_text",
-                 "reply_size", "timing")
+                 "recv_mono_ns", "t1", "t1_user", "t1_kernel", "t2", "t3", "t4", "t4_kernel", "server_stamp",
+                 "reply_id", "reply_text", "reply_size", "timing")
 
     def __init__(self, seq: int, request_id: int, request_mac: bytes = b"") -> None:
         self.seq, self.request_id, self.request_mac = seq, request_id, request_mac
@@ -1055,7 +1239,7 @@ class Sample:
 
     def as_dict(self) -> Dict[str, object]:
         timing = self.timing
-        return {"seq": self.seq, "id": self.request_id, "status": self.status,
+        return {"seq": self.seq, "sent_at": iso_utc(self.t1), "id": self.request_id, "status": self.status,
                 "rtt_ms": _ms(self.rtt_ns), "raw_rtt_ms": _ms(self.raw_rtt_ns),
                 "server_proc_ms": _ms(self.server_proc_ns), "offset_ms": _ms(self.offset_ns),
                 "offset_err_ms": _ms(self.offset_err_ns), "reply_id": self.reply_id,
@@ -1067,7 +1251,7 @@ class Sample:
                 "trusted": None if timing is None else timing.trusted}
 
 
-SAMPLE_FIELDS = ("seq", "id", "status", "rtt_ms", "raw_rtt_ms", "server_proc_ms", "offset_ms",
+SAMPLE_FIELDS = ("seq", "sent_at", "id", "status", "rtt_ms", "raw_rtt_ms", "server_proc_ms", "offset_ms",
                  "offset_err_ms", "reply_id", "lost_because", "t1_ns", "t2_ns", "t3_ns", "t4_ns",
                  "t1_from", "t4_from", "timestamps", "server_timestamps", "trusted")  # as_dict()'s keys
 
@@ -1081,48 +1265,378 @@ def describe_timestamps(client: str, server: Optional[str]) -> str:
     return "{} (both ends)".format(here) if here == there else "{} here, {} at the server".format(here, there)
 
 
-class Measurement:
-    """What a run of probes found; summary() is the --json object."""
+class Bin:
+    """One interval of a Timeline: its probes, their RTTs, and its best offset sample."""
+    __slots__ = ("sent", "lost", "rtt", "best")
 
-    def __init__(self, target: str, address: str, request_size: int, keyed: bool, timestamps: str,
-                 settings: Optional[Dict[str, object]] = None) -> None:
-        self.target, self.address, self.request_size, self.keyed = target, address, request_size, keyed
-        self.timestamps = timestamps
-        self.settings = settings or {}  # what was asked for: count, interval, timeout, size
-        self.started_ns = wall_ns()
-        self.duration_ns = 0
-        self.transmit_stamps = False  # T1 from the kernel's transmit stamps
-        self.samples = []  # type: List[Sample]
-        self.duplicates = 0     # a second reply to an answered probe
-        self.late = 0           # a reply after its probe timed out (the probe stays lost)
-        self.mismatched = 0     # a reply whose id matches no probe: the server lied
-        self.forged = 0         # a reply that failed authentication
-        self.malformed = 0      # a reply that is not a udp-timecheck message at all
-        self.echoes = 0         # a reply byte for byte its request: an echo service
-        self.unsigned = 0       # ... because it carried no MAC at all
-        self.refused = 0        # ICMP port unreachable
-        self.errors = 0         # probes the kernel refused to send
+    def __init__(self) -> None:
+        self.sent = self.lost = 0
+        self.rtt = LogHistogram(0.05)  # enough for a plot's pixels
+        self.best = None  # type: Optional[OffsetPoint]  # the trusted sample with the lowest RTT
+
+    def merge(self, other: "Bin") -> None:
+        self.sent += other.sent
+        self.lost += other.lost
+        self.rtt.merge(other.rtt)
+        if other.best is not None and (self.best is None or other.best.rtt_ns < self.best.rtt_ns):
+            self.best = other.best
+
+
+class Timeline:
+    """A run of any length as at most max_bins intervals: when they run out, neighbours merge
+    and every bin spans twice as long.  Feeds the drift fit (the best offset of each bin, as
+    NTP's clock filter keeps the lowest-delay sample) and the plot."""
+
+    def __init__(self, max_bins: int = TIMELINE_BINS, width_ns: int = TIMELINE_FIRST_WIDTH_NS) -> None:
+        self.max_bins, self.width_ns = max_bins, width_ns
+        self.bins = []  # type: List[Bin]  # bins[i] spans [i * width_ns, (i + 1) * width_ns) of the run
+
+    def bin_at(self, elapsed_ns: int) -> Bin:
+        while elapsed_ns // self.width_ns >= self.max_bins:
+            merged = []  # type: List[Bin]
+            for index in range(0, len(self.bins), 2):
+                pair = self.bins[index:index + 2]
+                for other in pair[1:]:
+                    pair[0].merge(other)
+                merged.append(pair[0])
+            self.bins, self.width_ns = merged, self.width_ns * 2
+        index = max(0, elapsed_ns) // self.width_ns
+        while len(self.bins) <= index:
+            self.bins.append(Bin())
+        return self.bins[index]
+
+    def points(self) -> List[OffsetPoint]:
+        return [item.best for item in self.bins if item.best is not None]
+
+
+class Distribution:
+    """Welford's running figures and a LogHistogram's quantiles of one quantity, in ns."""
+    __slots__ = ("stats", "histogram")
+
+    def __init__(self) -> None:
+        self.stats, self.histogram = RunningStats(), LogHistogram()
+
+    def add(self, value: float) -> None:
+        self.stats.add(value)
+        self.histogram.add(value)
+
+    def summary_ms(self, names: Sequence[str]) -> Dict[str, Optional[float]]:
+        """min, avg, median, p90, p99, max and mdev (as asked for), in ms; null for no values."""
+        stats = self.stats
+        figures = {"min": stats.min, "avg": stats.mean if stats.count else None, "max": stats.max,
+                   "mdev": stats.mdev}
+        for name, fraction in (("median", 0.5), ("p90", 0.9), ("p99", 0.99)):
+            value = self.histogram.quantile(fraction)  # within 1%: never outside what was seen
+            figures[name] = None if value is None else min(max(value, stats.min), stats.max)
+        return {name: _ms(figures[name]) for name in names}
+
+
+class Delays:
+    """One direction's delays (T2 - T1 out, T4 - T3 back), which carry the clocks' offset: their
+    median above their minimum shows on which leg the queueing was; the offset cancels out."""
+    __slots__ = ("reference", "lowest", "histogram")
+
+    def __init__(self) -> None:
+        self.reference = self.lowest = None  # type: Optional[int]
+        self.histogram = SignedHistogram()
+
+    def add(self, delay_ns: int) -> None:
+        if self.reference is None:
+            self.reference = delay_ns  # values are kept against the first, so they stay small
+        value = delay_ns - self.reference
+        self.lowest = value if self.lowest is None else min(self.lowest, value)
+        self.histogram.add(value)
+
+    def queueing_ns(self) -> Optional[float]:
+        middle = self.histogram.quantile(0.5)
+        return None if middle is None else max(0.0, middle - self.lowest)
+
+
+RTT_FIGURES = ("min", "avg", "median", "p90", "p99", "max", "mdev")
+IPDV_FIGURES = ("median", "p99", "max")
+
+
+class Totals:
+    """What a run, or one period of it (--report-every), found, in O(1) memory."""
+    COUNTS = ("sent", "received", "lost", "mismatched", "duplicates", "late", "reordered", "forged",
+              "unsigned", "malformed", "echoes", "refused", "errors", "user_fallbacks",
+              "transmit_fallbacks", "untrusted")
+
+    def __init__(self, started_wall_ns: int, started_mono_ns: int) -> None:
+        self.started_wall_ns, self.started_mono_ns = started_wall_ns, started_mono_ns
+        for name in self.COUNTS:
+            setattr(self, name, 0)
+        self.rtt, self.proc, self.jitter = Distribution(), Distribution(), Distribution()
+        self.send_ipdv, self.receive_ipdv = Distribution(), Distribution()
+        self.send_delays, self.receive_delays = Delays(), Delays()
+        self.best = None  # type: Optional[Sample]  # NTP's clock filter: the lowest-RTT trusted sample
+        self.server_stamps = set()  # type: set
+        self.timeline = Timeline()
+
+    def add_answer(self, sample: Sample,
+                   neighbours: Sequence[Tuple[int, Optional[int], Optional[int]]]) -> None:
+        """An answered probe's figures, and its differences with the probes numbered next to it."""
+        timing = sample.timing
+        self.rtt.add(timing.rtt_ns)
+        if timing.proc_ns is not None:
+            self.proc.add(timing.proc_ns)
+        if sample.server_stamp is not None:
+            self.server_stamps.add(sample.server_stamp)
+        if sample.t2 is not None and sample.t3 is not None:
+            self.send_delays.add(sample.t2 - sample.t1)
+            self.receive_delays.add(sample.t4 - sample.t3)
+        mine = _legs(sample)
+        for rtt, out, back in neighbours:  # IPDV: consecutive probes by number, as irtt pairs them
+            self.jitter.add(abs(timing.rtt_ns - rtt))
+            if out is not None and mine[1] is not None:
+                self.send_ipdv.add(abs(mine[1] - out))
+                self.receive_ipdv.add(abs(mine[2] - back))
+        if timing.offset_ns is not None and timing.trusted and (
+                self.best is None or timing.rtt_ns < self.best.timing.rtt_ns):
+            self.best = sample
+
+
+def _legs(sample: Sample) -> Tuple[int, Optional[int], Optional[int]]:
+    """(rtt, T2 - T1, T4 - T3) of an answered probe: what the IPDVs compare."""
+    if sample.t2 is None or sample.t3 is None:
+        return sample.timing.rtt_ns, None, None
+    return sample.timing.rtt_ns, sample.t2 - sample.t1, sample.t4 - sample.t3
+
+
+class Recorder:
+    """The state of one run, with its steps, as irtt's Recorder: probes in flight, what the
+    run and its current period found, and where each probe goes as it ends.
+
+    send() registers a probe, receive() matches a reply to one, refused() and
+    expire() end probes without one, report() closes a period, finish() the run;
+    summary() is the --json object.  Memory stays flat, whatever the run's
+    length: the probes in flight, the last RECENT_PROBES ended ones (for late,
+    duplicate and reordered replies), the first keep_samples for the JSON, and
+    the streaming Totals.  on_sample is called as each probe ends.
+    """
+
+    def __init__(self, target: str, address: str, *, settings: Dict[str, object], request_size: int,
+                 key: Optional[bytes] = None, timestamps: str = USER, transmit_stamps: bool = False,
+                 keep_samples: int = SAMPLES_KEPT,
+                 on_sample: Optional[Callable[[Sample], None]] = None) -> None:
+        self.target, self.address, self.settings, self.request_size = target, address, settings, request_size
+        self.key, self.keyed, self.on_sample = key, key is not None, on_sample
+        self.timestamps, self.transmit_stamps, self.keep_samples = timestamps, transmit_stamps, keep_samples
+        self.started_ns, self.started_mono_ns, self.duration_ns = wall_ns(), monotonic_ns(), 0
+        self.totals = Totals(self.started_ns, self.started_mono_ns)
+        self.period = Totals(self.started_ns, self.started_mono_ns)
+        self.samples = []  # type: List[Sample]  # the first keep_samples probes
+        self.probes_sent = 0  # as they go: every probe sent ends in the totals by finish()
+        self.in_flight = {}  # type: Dict[int, Sample]  # request id -> probe, oldest first
+        self._in_flight_seq = {}  # type: Dict[int, Sample]
+        self._ended = RecentTable(RECENT_PROBES)  # request id -> (seq, status, request MAC)
+        self._ended_seq = RecentTable(RECENT_PROBES)  # seq -> request id
+        self._legs = RecentTable(RECENT_PROBES)  # seq -> (rtt, T2 - T1, T4 - T3) of answered probes
+        self.highest_seq = -1
         self.interrupted = False
-        self.stop_reason = None  # type: Optional[str]
-        self.last_error = None  # type: Optional[str]
+        self.stop_reason = self.last_error = None  # type: Optional[str]
 
-    def count(self, status: str) -> int:
-        return sum(1 for sample in self.samples if sample.status == status)
+    # --- the steps ---------------------------------------------------------------------
+
+    def send(self, sample: Sample) -> None:
+        """A probe about to go: from here on it counts, whatever happens to the send."""
+        self.probes_sent += 1
+        self.in_flight[sample.request_id] = self._in_flight_seq[sample.seq] = sample
+        if len(self.samples) < self.keep_samples:
+            self.samples.append(sample)
+
+    def not_sent(self, sample: Sample, error: str) -> None:
+        self._count("errors")
+        self.last_error = error
+        self._end(sample, LOST, NOT_SENT)
+
+    def not_received(self) -> None:
+        """A receive that failed for another reason than an ICMP refusal."""
+        self._count("errors")
+
+    def refused(self, sample: Optional[Sample] = None) -> None:
+        """ICMP port unreachable: that probe (default: the oldest waiting) is lost."""
+        self._count("refused")
+        sample = sample or next(iter(self.in_flight.values()), None)
+        if sample is not None:
+            self._end(sample, LOST, REFUSED)
+        if not self.totals.received:  # nobody is listening: waiting longer tells nothing more
+            self.stop_reason = REFUSED
+
+    def expire(self, now_mono_ns: int, timeout_ns: int) -> None:
+        """End the probes whose time is up, oldest first."""
+        for sample in list(self.in_flight.values()):
+            if now_mono_ns - sample.send_mono_ns < timeout_ns:
+                break
+            self._end(sample, LOST, TIMED_OUT)
+
+    def receive(self, data: bytes, stamps: Tuple[Optional[int], int, int, int]) -> None:
+        """A reply: matched to its probe by id (or by its seq, when the id is a lie)."""
+        try:
+            reply = decode_message(data)
+        except WireError:
+            self._count("malformed")  # garbage is not a liar: only a well-formed reply can lie
+            return
+        sample = self.in_flight.get(reply.message_id)
+        if sample is not None and data == sample.request:
+            self._count("echoes")
+            sample.reason = ECHOED  # if no real reply comes before the timeout, this is why
+            return
+        ended = None if sample is not None else self._ended.get(reply.message_id)
+        claim = self._claim(reply, sample, ended)
+        if self.key is not None and not self._authentic(reply, data, claim):
+            if isinstance(claim, Sample):
+                claim.reason = FORGED
+            return
+        self._classify(reply, data, stamps, sample, ended, claim)
+
+    def report(self) -> Dict[str, object]:
+        """The figures of the period since the last report, which starts a new one."""
+        now, now_mono = wall_ns(), monotonic_ns()
+        figures = self._figures(self.period, now_mono)
+        figures["interval"] = {"start": iso_utc(self.period.started_wall_ns), "end": iso_utc(now)}
+        self.period = Totals(now, now_mono)
+        return figures
+
+    def finish(self, interrupted: bool, reason: str = INTERRUPTED) -> None:
+        """The end of the run: every probe still in flight is lost, for reason."""
+        self.interrupted = interrupted
+        self.duration_ns = monotonic_ns() - self.started_mono_ns
+        for sample in list(self.in_flight.values()):
+            self._end(sample, LOST, reason)
+
+    # --- what happens to a reply and a probe ----------------------------------------------
+
+    def _claim(self, reply: Message, sample: Optional[Sample], ended: Optional[tuple]) -> Optional[object]:
+        """The probe a reply answers: its own, by id; else, for a lie, by its echoed seq, or the
+        only one waiting.  A Sample in flight, an ended probe's (seq, status, MAC), or None."""
+        if sample is not None or ended is not None:
+            return sample or ended
+        seq = reply.seq
+        if seq is None:
+            return next(iter(self.in_flight.values())) if len(self.in_flight) == 1 else None
+        if seq in self._in_flight_seq:
+            return self._in_flight_seq[seq]
+        request_id = self._ended_seq.get(seq)
+        ended = None if request_id is None else self._ended.get(request_id)
+        return None if ended is None else ended + (request_id,)
+
+    def _authentic(self, reply: Message, data: bytes, claim: Optional[object]) -> bool:
+        """Whether the reply's MAC is right for the request it claims to answer; counts it if not."""
+        if reply.mac is None:
+            self._count("forged", "unsigned")
+            return False
+        if isinstance(claim, Sample):
+            request_id, request_mac = claim.request_id, claim.request_mac
+        elif claim is not None:
+            request_mac, request_id = claim[2], (claim[3] if len(claim) > 3 else reply.message_id)
+        if claim is None or not mac_matches(self.key, reply_context(b"%d" % request_id, request_mac), data):
+            self._count("forged")  # tampered with, re-addressed, or replayed
+            return False
+        return True
+
+    def _classify(self, reply: Message, data: bytes, stamps: Tuple[Optional[int], int, int, int],
+                  sample: Optional[Sample], ended: Optional[tuple], claim: Optional[object]) -> None:
+        if sample is not None:
+            self._record(sample, reply, data, stamps)
+            self._end(sample, OK)
+        elif ended is not None:
+            self._count("late" if ended[1] == LOST else "duplicates")
+        else:
+            self._count("mismatched")
+            if isinstance(claim, Sample):
+                self._record(claim, reply, data, stamps)
+                self._end(claim, MISMATCHED)
+
+    def _record(self, sample: Sample, reply: Message, data: bytes,
+                stamps: Tuple[Optional[int], int, int, int]) -> None:
+        """Keep what the reply says, and when it came: the kernel's T4 if plausible, else ours."""
+        kernel_t4, user_t4, real_t4, sample.recv_mono_ns = stamps
+        kernel_mode = self.timestamps == KERNEL
+        t4 = arrival_ns(kernel_t4, user_t4, real_t4, user_t4 - sample.t1) if kernel_mode else None
+        sample.t4, sample.t4_kernel = (user_t4, False) if t4 is None else (t4, True)
+        sample.reply_id, sample.reply_text, sample.reply_size = reply.message_id, reply.text, len(data)
+        if reply.ext is not None:
+            sample.t2, sample.t3 = reply.ext.get("t2"), reply.ext.get("t3")
+            stamp = reply.ext.get("ts")
+            sample.server_stamp = stamp if stamp in (KERNEL, USER) else None
+        sample.settle(user_t4, kernel_mode=kernel_mode)
+
+    def _end(self, sample: Sample, status: str, reason: Optional[str] = None) -> None:
+        """A probe's end: out of flight, into the totals, the first samples, the writers."""
+        if self.in_flight.pop(sample.request_id, None) is None:
+            return  # ended already
+        del self._in_flight_seq[sample.seq]
+        sample.status, sample.request = status, b""
+        if status != LOST:
+            sample.reason = None
+        elif reason != TIMED_OUT or sample.reason is None:  # a forged reply or an echo says more
+            sample.reason = reason
+        self._ended.store(sample.request_id, (sample.seq, status, sample.request_mac))
+        self._ended_seq.store(sample.seq, sample.request_id)
+        neighbours = self._neighbours(sample) if status == OK else ()
+        for totals in (self.totals, self.period):
+            self._tally(totals, sample, neighbours)
+        if self.on_sample is not None:
+            self.on_sample(sample)
+
+    def _neighbours(self, sample: Sample) -> List[Tuple[int, Optional[int], Optional[int]]]:
+        """The probes numbered next to an answered one that were answered before it; counts a
+        reply that comes after one to a later probe as reordered, as irtt does."""
+        if sample.seq < self.highest_seq:
+            self._count("reordered")
+        self.highest_seq = max(self.highest_seq, sample.seq)
+        found = []
+        for seq in (sample.seq - 1, sample.seq + 1):
+            legs = self._legs.get(seq)
+            if legs is not None:
+                found.append(legs)
+        self._legs.store(sample.seq, _legs(sample))
+        return found
+
+    def _tally(self, totals: Totals, sample: Sample, neighbours: Sequence[tuple]) -> None:
+        totals.sent += 1
+        elapsed_ns = sample.send_mono_ns - totals.started_mono_ns
+        point_bin = totals.timeline.bin_at(elapsed_ns)
+        point_bin.sent += 1
+        if sample.status == LOST:
+            totals.lost += 1
+            point_bin.lost += 1
+            return
+        if sample.status != OK:
+            return
+        timing = sample.timing
+        totals.received += 1
+        totals.user_fallbacks += self.timestamps == KERNEL and not timing.kernel
+        totals.transmit_fallbacks += self.transmit_stamps and not sample.t1_kernel
+        totals.untrusted += not timing.trusted
+        totals.add_answer(sample, neighbours)
+        point_bin.rtt.add(timing.rtt_ns)
+        if timing.offset_ns is not None and timing.trusted:
+            point = OffsetPoint(elapsed_ns / NS_PER_S, sample.t1, timing.offset_ns, timing.rtt_ns)
+            if point_bin.best is None or point.rtt_ns < point_bin.best.rtt_ns:
+                point_bin.best = point
+
+    def _count(self, *names: str) -> None:
+        for totals in (self.totals, self.period):
+            for name in names:
+                setattr(totals, name, getattr(totals, name) + 1)
+
+    # --- what the run found ------------------------------------------------------------
 
     @property
     def received(self) -> int:
-        return self.count(OK)
+        return self.totals.received
 
-    def timestamp_summary(self, answered: Sequence[Sample]) -> Dict[str, object]:
-        stamps = {sample.server_stamp for sample in answered if sample.server_stamp is not None}
-        server = stamps.pop() if len(stamps) == 1 else ("mixed" if stamps else None)
-        kernel = self.timestamps == KERNEL
-        return {"client": self.timestamps, "server": server, "transmit": self.transmit_stamps,
-                "user_fallbacks": sum(1 for sample in answered if kernel and not sample.timing.kernel),
-                "transmit_fallbacks": sum(1 for sample in answered
-                                          if self.transmit_stamps and not sample.t1_kernel),
-                "untrusted": sum(1 for sample in answered if not sample.timing.trusted),
-                "described": describe_timestamps(self.timestamps, server)}
+    def __getattr__(self, name: str) -> int:
+        """The run's counts as attributes: recorder.lost, recorder.forged, ..."""
+        if name in Totals.COUNTS:
+            return getattr(self.totals, name)
+        raise AttributeError(name)
+
+    def count(self, status: str) -> int:
+        return {OK: self.totals.received, LOST: self.totals.lost,
+                MISMATCHED: self.totals.sent - self.totals.received - self.totals.lost}[status]
 
     def run_record(self) -> Dict[str, object]:
         """The run's settings, first in the JSON: what was asked for, when, and how."""
@@ -1134,126 +1648,118 @@ class Measurement:
         return record
 
     def summary(self) -> Dict[str, object]:
-        answered = [sample for sample in self.samples if sample.status == OK]
-        rtts = [sample.rtt_ns for sample in answered]
-        procs = [sample.server_proc_ns for sample in answered if sample.server_proc_ns is not None]
-        # NTP's clock filter: the offset of the lowest-delay sample has the smallest error,
-        # and only a sample over which the wall clock held steady can be that sample.
-        best = min((sample for sample in answered if sample.offset_ns is not None and sample.timing.trusted),
-                   key=lambda sample: sample.rtt_ns, default=None)
-        sent, lost = len(self.samples), self.count(LOST)
-        return dict(self.run_record(), **{
-                "target": self.target, "address": self.address, "stopped_because": self.stop_reason,
-                "sent": sent, "received": len(answered), "lost": lost,
-                "loss_pct": round(100.0 * lost / sent, 3) if sent else None,
-                "duplicates": self.duplicates, "late": self.late, "mismatched": self.mismatched,
-                "forged": self.forged, "malformed": self.malformed, "echoes": self.echoes,
-                "refused": self.refused, "errors": self.errors,
-                "interrupted": self.interrupted, "timestamps": self.timestamp_summary(answered),
-                "rtt_ms": {name: _ms(value) for name, value in rtt_summary(rtts).items()},
-                "jitter_ms": _ms(mean_abs_difference(rtts)), "server_proc_ms": _ms(median(procs)),
-                "offset_ms": _ms(best and best.offset_ns), "offset_err_ms": _ms(best and best.offset_err_ns),
-                "offset_seq": best and best.seq,
-                "histogram_ms": [[_ms(low), _ms(high), count] for low, high, count in histogram(rtts)],
-                "samples": [sample.as_dict() for sample in self.samples]})
+        """Everything the run found, as the --json object: every key always there."""
+        summary = self.run_record()
+        summary.update(target=self.target, address=self.address, stopped_because=self.stop_reason,
+                       interrupted=self.interrupted)
+        summary.update(self._figures(self.totals, self.started_mono_ns + self.duration_ns))
+        summary.update(samples=[sample.as_dict() for sample in self.samples],
+                       samples_kept=self.keep_samples, samples_cut=self.totals.sent > len(self.samples))
+        return summary
+
+    def _figures(self, totals: Totals, end_mono_ns: int) -> Dict[str, object]:
+        """The figures of a run or a period: the keys of the summary and of each report."""
+        figures = {name: getattr(totals, name) for name in Totals.COUNTS if name != "unsigned"}
+        figures["loss_pct"] = round(100.0 * totals.lost / totals.sent, 3) if totals.sent else None
+        figures["timestamps"] = self._timestamp_summary(totals)
+        figures["rtt_ms"] = totals.rtt.summary_ms(RTT_FIGURES)
+        figures["jitter_ms"] = totals.jitter.summary_ms(("avg",))["avg"]
+        figures["server_proc_ms"] = totals.proc.summary_ms(("median",))["median"]
+        best = totals.best
+        figures.update(offset_ms=_ms(best and best.offset_ns), offset_err_ms=_ms(best and best.offset_err_ns),
+                       offset_seq=best and best.seq)
+        figures.update(send_ipdv_ms=totals.send_ipdv.summary_ms(IPDV_FIGURES),
+                       receive_ipdv_ms=totals.receive_ipdv.summary_ms(IPDV_FIGURES),
+                       send_queueing_ms=_ms(totals.send_delays.queueing_ns()),
+                       receive_queueing_ms=_ms(totals.receive_delays.queueing_ns()))
+        figures.update(_drift_figures(fit_drift(totals.timeline.points(),
+                                                (end_mono_ns - totals.started_mono_ns) / NS_PER_S)))
+        rows = totals.rtt.histogram.rows(max(1, min(10, round(math.sqrt(totals.received)))))
+        figures["histogram_ms"] = [[_ms(low), _ms(high), count] for low, high, count in rows]
+        return figures
+
+    def _timestamp_summary(self, totals: Totals) -> Dict[str, object]:
+        stamps = totals.server_stamps
+        server = next(iter(stamps)) if len(stamps) == 1 else ("mixed" if stamps else None)
+        return {"client": self.timestamps, "server": server, "transmit": self.transmit_stamps,
+                "user_fallbacks": totals.user_fallbacks, "transmit_fallbacks": totals.transmit_fallbacks,
+                "untrusted": totals.untrusted, "described": describe_timestamps(self.timestamps, server)}
+
+
+def _drift_figures(fit: Optional[DriftFit]) -> Dict[str, object]:
+    if fit is None:
+        return {"drift_ppm": None, "drift_err_ppm": None, "offset_end_ms": None, "clock_steps": []}
+    return {"drift_ppm": round(fit.drift_ppm, 3), "drift_err_ppm": round(fit.drift_err_ppm, 3),
+            "offset_end_ms": _ms(fit.offset_end_ns),
+            "clock_steps": [{"at": iso_utc(at_ns), "size_ms": _ms(size_ns)} for at_ns, size_ns in fit.steps]}
 
 
 class Prober:
-    """Sends count probes to one server and matches the replies; run() returns a Measurement.
+    """Sends probes to one server and hands what comes back to a Recorder, which run() returns.
 
-    interval 0 is the tutorial's loop: the next probe goes when the last is
-    answered or timed out.  interval > 0 sends isochronously, like ping and
-    irtt, with replies matched by their random id.  on_sample is called as
-    each probe ends (ok, lost or mismatched), on_note with a line about the
-    run (another address tried).  clock is this machine's wall clock in ns
-    (tests inject a shifted one); timestamps is KERNEL to take T1 and T4 from
-    the kernel where the platform has it, or USER.
+    count probes (0: until stop(), or the deadline, in seconds); interval 0 is
+    the tutorial's loop, where the next probe goes when the last is answered
+    or timed out, and interval > 0 sends isochronously, like ping and irtt,
+    with replies matched by their random id.  on_sample is called as each
+    probe ends, on_report every report_every seconds with that period's
+    figures, on_note with a line about the run (another address tried).
+    clock is this machine's wall clock in ns (tests inject a shifted one);
+    timestamps is KERNEL to take T1 and T4 from the kernel where the platform
+    has it, or USER.
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, count: int = 1,
                  interval: float = 0.0, timeout: float = DEFAULT_TIMEOUT, size: int = 0,
                  key: Optional[bytes] = None, clock: Optional[Callable[[], int]] = None,
-                 timestamps: str = KERNEL, on_sample: Optional[Callable[[Sample], None]] = None,
+                 timestamps: str = KERNEL, deadline: Optional[float] = None,
+                 report_every: Optional[float] = None, keep_samples: int = SAMPLES_KEPT,
+                 on_sample: Optional[Callable[[Sample], None]] = None,
+                 on_report: Optional[Callable[[Dict[str, object]], None]] = None,
                  on_note: Optional[Callable[[str], None]] = None) -> None:
         self.addresses = resolve(host, port)
         self.family, self.address = self.addresses[0]
         self.target = format_address(host.strip("[]"), port)
         self.count, self.interval, self.timeout = count, interval, timeout
-        self.size, self.key, self.on_sample, self.on_note = size, key, on_sample, on_note
+        self.deadline, self.report_every, self.keep_samples = deadline, report_every, keep_samples
+        self.size, self.key = size, key
+        self.on_sample, self.on_report, self.on_note = on_sample, on_report, on_note
         self.clock, self._real_clock = clock or wall_ns, clock is None
         self.timestamps = KERNEL if timestamps == KERNEL and SO_TIMESTAMPNS is not None else USER
         # Pad every request so the server's reply fits: it never answers with more bytes.
-        smallest = min_request_size(count, size=size, keyed=key is not None)
+        smallest = min_request_size(count or 10 ** 12, size=size, keyed=key is not None)
         largest = MAX_UDP_PAYLOAD[self.family]
         if size and not smallest <= size <= largest:
             raise TimecheckError("--size must be from {} to {} bytes".format(smallest, largest))
         self.request_size = size or smallest
+        self.recorder = None  # type: Optional[Recorder]  # the run's, once it has begun
         self._transmit_stamps = self._stopping = False
         self._waker = []  # type: List[socket.socket]  # a socket pair: stop() wakes select()
-        self._pending = {}  # type: Dict[int, Sample]  # request id -> probe awaiting its reply, oldest first
-        self._by_id = {}  # type: Dict[int, Sample]
 
-    def run(self) -> Measurement:
-        """Probe until every probe has ended; Ctrl-C ends the run early with what it has.
+    def run(self) -> Recorder:
+        """Probe until every probe has ended; stop() or Ctrl-C ends the run early with what it has.
 
         A name with several addresses (localhost: ::1, then 127.0.0.1) is tried
         at the next one when nobody listens at this one.
         """
         for index, (family, address) in enumerate(self.addresses):
             self.family, self.address = family, address
-            measurement = self._run_at_address()
-            refused = measurement.stop_reason == REFUSED and not measurement.received
+            recorder = self._run_at_address()
+            refused = recorder.stop_reason == REFUSED and not recorder.received
             if not refused or index + 1 == len(self.addresses):
-                return measurement
+                return recorder
             if self.on_note is not None:
                 self.on_note("nobody listens at {} (connection refused); trying {}".format(
                     format_address(address[0], address[1]), self.addresses[index + 1][1][0]))
         raise AssertionError("resolve() returns at least one address")
 
     def stop(self) -> None:
-        """End the run soon, with what it has; safe in a signal handler, and to call again."""
+        """End the run soon, with what it has; safe in a signal handler, and to call again.
+        A stopped prober stays stopped."""
         self._stopping = True
         try:
             self._waker[1].send(b"\0")  # select() returns at once
-        except (OSError, AttributeError, IndexError):
+        except (OSError, IndexError):
             pass  # no run yet, or its end is already on the way
-
-    def _run_at_address(self) -> Measurement:
-        self._pending.clear()
-        self._by_id.clear()
-        with contextlib.ExitStack() as stack:
-            sock = stack.enter_context(socket.socket(self.family, socket.SOCK_DGRAM))
-            try:
-                sock.connect(self.address)  # replies from anyone else are dropped by the kernel
-            except OSError as exc:
-                raise TimecheckError("cannot reach {}: {}".format(self.target, exc.strerror or exc)) from None
-            sock.setblocking(False)
-            self._waker = [stack.enter_context(end) for end in socket.socketpair()]
-            self._waker[1].setblocking(False)
-            measurement = self._measurement(sock)
-            started = monotonic_ns()
-            try:
-                self._loop(sock, measurement)
-            except KeyboardInterrupt:  # SIGINT's default, where no handler calls stop()
-                self._stopping = True
-            measurement.interrupted = self._stopping
-            measurement.duration_ns = monotonic_ns() - started
-            self._waker = []
-        for sample in measurement.samples:  # all, not just _pending: Ctrl-C can strike anywhere
-            if sample.status == PENDING:
-                self._finish(sample, LOST, INTERRUPTED)
-        return measurement
-
-    def _measurement(self, sock: socket.socket) -> Measurement:
-        """A new Measurement, once the socket has its timestamping options."""
-        if self.timestamps == KERNEL and not enable_kernel_timestamps(sock):
-            self.timestamps = USER
-        self._transmit_stamps = self.timestamps == KERNEL and enable_transmit_timestamps(sock)
-        measurement = Measurement(self.target, self.address[0], self.request_size, self.key is not None,
-                                  self.timestamps, {"count": self.count, "interval": self.interval,
-                                                    "timeout": self.timeout, "size": self.size or None})
-        measurement.transmit_stamps = self._transmit_stamps
-        return measurement
 
     def new_probe(self, seq: int) -> Tuple[Sample, bytes]:
         """Probe number seq and its request datagram, as this prober sends it."""
@@ -1264,46 +1770,88 @@ class Prober:
         sample.request = data
         return sample, data
 
-    def _loop(self, sock: socket.socket, measurement: Measurement) -> None:
-        perf = monotonic_ns
+    def _run_at_address(self) -> Recorder:
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(socket.socket(self.family, socket.SOCK_DGRAM))
+            try:
+                sock.connect(self.address)  # replies from anyone else are dropped by the kernel
+            except OSError as exc:
+                raise TimecheckError("cannot reach {}: {}".format(self.target, exc.strerror or exc)) from None
+            sock.setblocking(False)
+            self._waker = [stack.enter_context(end) for end in socket.socketpair()]
+            self._waker[1].setblocking(False)
+            self.recorder = recorder = self._recorder(sock)
+            try:
+                reason = self._loop(sock, recorder)
+            except KeyboardInterrupt:  # SIGINT's default, where no handler calls stop()
+                self._stopping, reason = True, INTERRUPTED
+            recorder.finish(self._stopping, reason)
+            self._waker = []
+        return recorder
+
+    def _recorder(self, sock: socket.socket) -> Recorder:
+        """A new Recorder, once the socket has its timestamping options."""
+        if self.timestamps == KERNEL and not enable_kernel_timestamps(sock):
+            self.timestamps = USER
+        self._transmit_stamps = self.timestamps == KERNEL and enable_transmit_timestamps(sock)
+        settings = {"count": self.count, "interval": self.interval, "timeout": self.timeout,
+                    "size": self.size or None, "deadline": self.deadline}
+        return Recorder(self.target, self.address[0], settings=settings, request_size=self.request_size,
+                        key=self.key, timestamps=self.timestamps, transmit_stamps=self._transmit_stamps,
+                        keep_samples=self.keep_samples, on_sample=self.on_sample)
+
+    def _loop(self, sock: socket.socket, recorder: Recorder) -> str:
+        """Send, receive and expire until the run is over; returns why probes still waiting end."""
         timeout_ns, interval_ns = int(self.timeout * NS_PER_S), int(self.interval * NS_PER_S)
-        pending, samples = self._pending, measurement.samples
-        next_send_ns = perf()
-        while measurement.stop_reason is None and not self._stopping:
-            now = perf()
-            while pending:
-                oldest = next(iter(pending.values()))
-                if now - oldest.send_mono_ns < timeout_ns:
-                    break
-                self._finish(oldest, LOST, TIMED_OUT)
-            may_send = len(samples) < self.count and (interval_ns or not pending)
+        started = next_send_ns = monotonic_ns()
+        deadline_ns = started + int(self.deadline * NS_PER_S) if self.deadline else None
+        report_ns = int(self.report_every * NS_PER_S) if self.report_every else None
+        next_report_ns = started + report_ns if report_ns else None
+        while recorder.stop_reason is None and not self._stopping:
+            now = monotonic_ns()
+            if deadline_ns is not None and now >= deadline_ns:
+                return DEADLINE
+            recorder.expire(now, timeout_ns)
+            if next_report_ns is not None and now >= next_report_ns:
+                next_report_ns += report_ns
+                self._report(recorder)
+            may_send = (not self.count or recorder.probes_sent < self.count) and (
+                interval_ns or not recorder.in_flight)
             if may_send and now >= next_send_ns:
-                self._send_probe(sock, measurement)
+                self._send_probe(sock, recorder)
                 next_send_ns = max(next_send_ns + interval_ns, now)
                 continue
-            if not may_send and not pending:
+            if not may_send and not recorder.in_flight:
                 break
-            wake_ns = next_send_ns if may_send else now + timeout_ns
-            if pending:
-                wake_ns = min(wake_ns, next(iter(pending.values())).send_mono_ns + timeout_ns)
-            if sock in select.select([sock, self._waker[0]], [], [], max(0, wake_ns - now) / NS_PER_S)[0]:
-                self._receive_reply(sock, measurement)
+            wake = [deadline_ns, next_report_ns, next_send_ns if may_send else now + timeout_ns]
+            if recorder.in_flight:
+                wake.append(next(iter(recorder.in_flight.values())).send_mono_ns + timeout_ns)
+            wait_s = max(0, min(at for at in wake if at is not None) - now) / NS_PER_S
+            if sock in select.select([sock, self._waker[0]], [], [], wait_s)[0]:
+                self._receive_reply(sock, recorder)
+        return INTERRUPTED
 
-    def _send_probe(self, sock: socket.socket, measurement: Measurement) -> None:
-        sample, data = self.new_probe(len(measurement.samples))
-        measurement.samples.append(sample)  # registered before it goes: Ctrl-C from here on still counts it
-        self._by_id[sample.request_id] = self._pending[sample.request_id] = sample
+    def _report(self, recorder: Recorder) -> None:
+        figures = recorder.report()
+        if self.on_report is not None:
+            self.on_report(figures)
+
+    def _send_probe(self, sock: socket.socket, recorder: Recorder) -> None:
+        sample, data = self.new_probe(recorder.probes_sent)
+        recorder.send(sample)  # registered before it goes: a stop from here on still counts it
         send, clock = sock.send, self.clock
         send_mono_ns = monotonic_ns()  # the monotonic reading first, T1 right before the send
         t1 = clock()
         try:
             send(data)
         except ConnectionRefusedError:  # an earlier probe's ICMP error, reported here
-            self._refused(measurement, sample)
+            sample.send_mono_ns, sample.t1 = send_mono_ns, t1
+            recorder.refused(sample)
+            return
         except OSError as exc:  # no route, a firewall...: like ping, sent and lost
-            measurement.errors += 1
-            measurement.last_error = exc.strerror or str(exc)
-            self._finish(sample, LOST, NOT_SENT)
+            sample.send_mono_ns, sample.t1 = send_mono_ns, t1
+            recorder.not_sent(sample, exc.strerror or str(exc))
+            return
         sample.send_mono_ns, sample.t1 = send_mono_ns, t1
         sample.t1_user = t1
         kernel_t1 = self._transmit_time(sock, t1) if self._transmit_stamps else None
@@ -1320,7 +1868,7 @@ class Prober:
         stamp_ns = read_transmit_stamp(sock, t1 - offset)
         return None if stamp_ns is None else stamp_ns + offset
 
-    def _receive_reply(self, sock: socket.socket, measurement: Measurement) -> None:
+    def _receive_reply(self, sock: socket.socket, recorder: Recorder) -> None:
         try:
             data, ancillary, _, _ = sock.recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
             user_t4 = self.clock()  # the wall clock, then the monotonic one: T4 - T1 spans within it
@@ -1330,99 +1878,14 @@ class Prober:
                 read_transmit_stamp(sock, wall_ns() + NS_PER_S)
             return
         except ConnectionRefusedError:
-            self._refused(measurement)
+            recorder.refused()
             return
         except OSError:
-            measurement.errors += 1
+            recorder.not_received()
             return
         real_t4 = user_t4 if self._real_clock else user_t4 - clock_offset_ns(self.clock)
         kernel_t4 = read_ancillary(ancillary)[0] if ancillary else None
-        self._on_reply(measurement, data, (kernel_t4, user_t4, real_t4, recv_mono_ns))
-
-    def _finish(self, sample: Sample, status: str, reason: Optional[str] = None) -> None:
-        self._pending.pop(sample.request_id, None)
-        sample.status, sample.request = status, b""
-        if status != LOST:
-            sample.reason = None
-        elif reason != TIMED_OUT or sample.reason is None:  # a forged reply or an echo says more
-            sample.reason = reason
-        if self.on_sample is not None:
-            self.on_sample(sample)
-
-    def _refused(self, measurement: Measurement, sample: Optional[Sample] = None) -> None:
-        """ICMP port unreachable: that probe (default: the oldest waiting) is lost."""
-        measurement.refused += 1
-        if sample is None and self._pending:
-            sample = next(iter(self._pending.values()))
-        if sample is not None:
-            self._finish(sample, LOST, REFUSED)
-        if not measurement.received:  # nobody is listening: waiting longer tells nothing more
-            measurement.stop_reason = REFUSED
-
-    def _on_reply(self, measurement: Measurement, data: bytes,
-                  stamps: Tuple[Optional[int], int, int, int]) -> None:
-        try:
-            reply = decode_message(data)
-        except WireError:
-            measurement.malformed += 1  # garbage is not a liar: only a well-formed reply can lie
-            return
-        sample = self._by_id.get(reply.message_id)
-        if sample is not None and data == sample.request:
-            measurement.echoes += 1
-            sample.reason = ECHOED  # if no real reply comes before the timeout, this is why
-            return
-        claimed = sample or self._attributable(reply, measurement)
-        if self.key is not None and not self._authentic(measurement, reply, data, claimed):
-            if claimed is not None and claimed.status == PENDING:
-                claimed.reason = FORGED
-            return
-        if sample is None:
-            measurement.mismatched += 1
-            if claimed is not None and claimed.status == PENDING:
-                self._record(claimed, reply, data, stamps)
-                self._finish(claimed, MISMATCHED)
-            return
-        if sample.status == PENDING:
-            self._record(sample, reply, data, stamps)
-            self._finish(sample, OK)
-        elif sample.status == LOST:
-            measurement.late += 1
-        else:
-            measurement.duplicates += 1
-
-    def _authentic(self, measurement: Measurement, reply: Message, data: bytes,
-                   claimed: Optional[Sample]) -> bool:
-        """Whether the reply's MAC is right for the request it claims to answer; counts it if not."""
-        if reply.mac is None:
-            measurement.forged += 1
-            measurement.unsigned += 1
-            return False
-        if claimed is None or not mac_matches(
-                self.key, reply_context(b"%d" % claimed.request_id, claimed.request_mac), data):
-            measurement.forged += 1  # tampered with, re-addressed, or replayed
-            return False
-        return True
-
-    def _attributable(self, reply: Message, measurement: Measurement) -> Optional[Sample]:
-        """The probe a reply with a wrong id answers: by its echoed seq, or the only one waiting."""
-        seq = reply.seq
-        if seq is not None:
-            return measurement.samples[seq] if seq < len(measurement.samples) else None
-        return next(iter(self._pending.values())) if len(self._pending) == 1 else None
-
-    def _record(self, sample: Sample, reply: Message, data: bytes,
-                stamps: Tuple[Optional[int], int, int, int]) -> None:
-        """Keep what the reply says, and when it came: the kernel's T4 if plausible, else ours."""
-        kernel_t4, user_t4, real_t4, sample.recv_mono_ns = stamps
-        kernel_mode = self.timestamps == KERNEL
-        t4 = arrival_ns(kernel_t4, user_t4, real_t4, user_t4 - sample.t1) if kernel_mode else None
-        sample.t4, sample.t4_kernel = (user_t4, False) if t4 is None else (t4, True)
-        sample.reply_id, sample.reply_text, sample.reply_size = reply.message_id, reply.text, len(data)
-        if reply.ext is not None:
-            sample.t2, sample.t3 = reply.ext.get("t2"), reply.ext.get("t3")
-            stamp = reply.ext.get("ts")
-            sample.server_stamp = stamp if stamp in (KERNEL, USER) else None
-        sample.settle(user_t4, kernel_mode=kernel_mode)
+        recorder.receive(data, (kernel_t4, user_t4, real_t4, recv_mono_ns))
 
 
 # ---------------------------------------------------------------------------
@@ -1489,6 +1952,7 @@ LOST_LINES = {
     ECHOED: "lost: the reply was its own request, echoed back",
     NOT_SENT: "not sent: the kernel refused it",
     INTERRUPTED: "interrupted before its reply",
+    DEADLINE: "cut off by the deadline",
 }
 
 
@@ -1509,9 +1973,10 @@ def format_sample(sample: Sample, target: str, timeout: float) -> str:
 
 def format_counts(summary: Mapping) -> List[str]:
     """The summary's first lines: what became of the probes, and why the run ended early."""
-    counts = "{} sent, {} received, {:g}% loss, {}, {} late, {} mismatched, {} forged".format(
+    counts = "{} sent, {} received, {:g}% loss, {}, {} late, {} reordered, {} mismatched, {} forged".format(
         plural(summary["sent"], "probe"), summary["received"], summary["loss_pct"] or 0,
-        plural(summary["duplicates"], "duplicate"), summary["late"], summary["mismatched"], summary["forged"])
+        plural(summary["duplicates"], "duplicate"), summary["late"], summary["reordered"],
+        summary["mismatched"], summary["forged"])
     counts += "".join(", {} {}".format(summary[key], name) for key, name in (
         ("malformed", "malformed"), ("echoes", "echoed")) if summary[key])
     lines = [counts]
@@ -1564,7 +2029,7 @@ def format_summary(summary: Mapping) -> List[str]:
     return lines
 
 
-def failure_reason(measurement: Measurement, timeout: float) -> Optional[str]:
+def failure_reason(measurement: Recorder, timeout: float) -> Optional[str]:
     """Why a run failed, in one line, with what to check; None if it did not.
 
     It fails without a valid reply, and with any liar, forged reply or echo.
@@ -1893,7 +2358,7 @@ def _on_sample(text: Optional[Output], rows: Sequence[ProbeRows], progress: Prog
     return ended
 
 
-def _print_result(out: Output, args: argparse.Namespace, measuring: bool, measurement: Measurement,
+def _print_result(out: Output, args: argparse.Namespace, measuring: bool, measurement: Recorder,
                   summary: Dict[str, object]) -> None:
     if args.json:
         out.line(json.dumps(summary))

@@ -200,7 +200,8 @@ def test_human_output_lines_and_summary(start_server, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("UDP-TIMECHECK 127.0.0.1:{} (127.0.0.1): 4 probes of ".format(server.address[1]))
     assert [line.split(": seq=")[1].split()[0] for line in out[1:5]] == ["0", "1", "2", "3"]
-    assert "4 probes sent, 4 received, 0% loss, 0 duplicates, 0 late, 0 mismatched, 0 forged" in out
+    assert "4 probes sent, 4 received, 0% loss, 0 duplicates, 0 late, 0 reordered, 0 mismatched, " \
+           "0 forged" in out
     assert any(line.startswith("rtt median/p90/p99 = ") for line in out)
     assert any(line.startswith("server clock offset +") for line in out)
     assert "rtt histogram:" in out

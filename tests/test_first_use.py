@@ -17,17 +17,39 @@ SECOND = utc.NS_PER_S
 
 # --- exact output on fixed inputs, as timeit's tests do ----------------------------------
 
-def answered(seq, rtt_us, offset_us, proc_us=5):
-    """A probe answered with these figures, built through the public surface."""
+T0 = 1_764_000_000 * SECOND
+
+
+def new_recorder(key=None):
+    return utc.Recorder("127.0.0.1:1060", "127.0.0.1", request_size=150, timestamps=utc.USER, key=key,
+                        settings={"count": 5, "interval": 0.0, "timeout": 1.0, "size": None})
+
+
+def send(recorder, seq):
+    """A probe through the recorder's first step, sent seq seconds into the run."""
     sample = utc.Sample(seq, 1000 + seq)
-    t1 = 1_764_000_000 * SECOND + seq * SECOND
-    sample.send_mono_ns, sample.recv_mono_ns = 0, (rtt_us + proc_us) * 1000
-    sample.t1 = sample.t1_user = t1
-    sample.t2 = t1 + (rtt_us // 2 + offset_us) * 1000
-    sample.t3 = sample.t2 + proc_us * 1000
-    sample.t4 = t1 + (rtt_us + proc_us) * 1000
-    sample.reply_size, sample.status, sample.server_stamp = 120, utc.OK, utc.USER
-    sample.settle(sample.t4, kernel_mode=False)  # user-space stamps: the wall clock over the monotonic span
+    sample.request = utc.encode_request(sample.request_id, "The time is now", seq)
+    recorder.send(sample)
+    sample.send_mono_ns = recorder.started_mono_ns + seq * SECOND
+    sample.t1 = sample.t1_user = T0 + seq * SECOND
+    return sample
+
+
+def answer(recorder, sample, rtt_us, offset_us, proc_us=5, request_id=None):
+    """The reply to sample, back rtt_us (and proc_us at the server) after it left; returns it."""
+    t2 = sample.t1 + (rtt_us // 2 + offset_us) * 1000
+    t3 = t2 + proc_us * 1000
+    reply = b'[%d, "The time is now", {"seq": %d, "ts": "user", "t2": %d, "t3": %d}]' % (
+        request_id or sample.request_id, sample.seq, t2, t3)
+    t4 = sample.t1 + (rtt_us + proc_us) * 1000
+    recorder.receive(reply, (None, t4, t4, sample.send_mono_ns + (rtt_us + proc_us) * 1000))
+    return reply
+
+
+def answered(seq, rtt_us, offset_us):
+    recorder = new_recorder()
+    sample = send(recorder, seq)
+    answer(recorder, sample, rtt_us, offset_us)
     return sample
 
 
@@ -37,21 +59,17 @@ def lost(seq, reason):
     return sample
 
 
-def fixed_measurement(samples, **changes):
-    measurement = utc.Measurement("127.0.0.1:1060", "127.0.0.1", 150, False, utc.USER,
-                                  {"count": 5, "interval": 0.0, "timeout": 1.0, "size": None})
-    measurement.samples = samples
-    measurement.duration_ns = 3 * SECOND
-    for name, value in changes.items():
-        setattr(measurement, name, value)
-    return measurement
+def finished(recorder, interrupted=False):
+    recorder.finish(interrupted, utc.INTERRUPTED if interrupted else utc.TIMED_OUT)
+    recorder.duration_ns = 3 * SECOND  # the run took a moment; say it took three seconds
+    return recorder
 
 
 def test_format_sample_exactly():
     assert utc.format_sample(answered(0, 40, 0), "127.0.0.1:1060", 1.0) == (
-        "120 bytes from 127.0.0.1:1060: seq=0 rtt=0.040 ms offset=+0.000 ms")
+        "105 bytes from 127.0.0.1:1060: seq=0 rtt=0.040 ms offset=+0.000 ms")
     assert utc.format_sample(answered(1, 40, -3), "h:1", 1.0) == (
-        "120 bytes from h:1: seq=1 rtt=0.040 ms offset=-0.003 ms")
+        "105 bytes from h:1: seq=1 rtt=0.040 ms offset=-0.003 ms")
     assert utc.format_sample(lost(2, utc.TIMED_OUT), "h:1", 0.5) == "seq=2: lost, no reply within 0.5 s"
     assert utc.format_sample(lost(3, utc.REFUSED), "h:1", 1.0) == (
         "seq=3: refused: nothing listens on that port (ICMP port unreachable)")
@@ -60,19 +78,23 @@ def test_format_sample_exactly():
     assert utc.format_sample(lost(5, utc.ECHOED), "h:1", 1.0) == (
         "seq=5: lost: the reply was its own request, echoed back")
     assert utc.format_sample(lost(6, utc.INTERRUPTED), "h:1", 1.0) == "seq=6: interrupted before its reply"
+    assert utc.format_sample(lost(7, utc.DEADLINE), "h:1", 1.0) == "seq=7: cut off by the deadline"
 
 
 def test_format_summary_exactly():
-    measurement = fixed_measurement([answered(0, 40, 0), answered(1, 60, 1), lost(2, utc.TIMED_OUT)],
-                                    interrupted=True, duplicates=1)
-    lines = utc.format_summary(measurement.summary())
+    recorder = new_recorder()
+    first, second, third = (send(recorder, seq) for seq in range(3))
+    reply = answer(recorder, first, 40, 0)
+    answer(recorder, second, 60, 1)
+    recorder.receive(reply, (None, T0 + 50_000, T0 + 50_000, 45_000))  # the network's copy: a duplicate
+    lines = utc.format_summary(finished(recorder, interrupted=True).summary())
     assert lines[:9] == [
         "",
         "--- 127.0.0.1:1060 udp-timecheck statistics ---",
-        "3 probes sent, 2 received, 33.333% loss, 1 duplicate, 0 late, 0 mismatched, 0 forged",
+        "3 probes sent, 2 received, 33.333% loss, 1 duplicate, 0 late, 0 reordered, 0 mismatched, 0 forged",
         "interrupted after 3 of 5 probes (3.0 s)",
         "rtt min/avg/max/mdev = 0.040/0.050/0.060/0.010 ms",
-        "rtt median/p90/p99 = 0.050/0.058/0.060 ms",
+        "rtt median/p90/p99 = 0.040/0.060/0.060 ms",
         "jitter 0.020 ms",
         "server processing median 0.005 ms: from its kernel receiving a request to its reply, "
         "left out of each rtt",
@@ -80,32 +102,70 @@ def test_format_summary_exactly():
         "lowest-rtt probe)",
     ]
     assert lines[9] == "timestamps: user-space (both ends)"
+    assert third.reason == utc.INTERRUPTED
 
 
 def test_format_counts_in_the_singular_and_when_stopped():
-    measurement = fixed_measurement([lost(0, utc.REFUSED)], refused=1, stop_reason=utc.REFUSED)
-    assert utc.format_counts(measurement.summary()) == [
-        "1 probe sent, 0 received, 100% loss, 0 duplicates, 0 late, 0 mismatched, 0 forged",
+    recorder = new_recorder()
+    recorder.refused(send(recorder, 0))
+    assert utc.format_counts(finished(recorder).summary()) == [
+        "1 probe sent, 0 received, 100% loss, 0 duplicates, 0 late, 0 reordered, 0 mismatched, 0 forged",
         "1 refused by the server's host, 0 could not be sent",
         "stopped after 1 of 5 probes: connection refused, nothing listens on that port"]
 
 
-@pytest.mark.parametrize("changes, expected", [
-    ({}, "no reply from 127.0.0.1:1060 within 1 s (is the server running, and is its UDP port open to you?)"),
-    ({"interrupted": True}, "interrupted after 3.0 s, before any reply from 127.0.0.1:1060"),
-    ({"stop_reason": utc.REFUSED},
-     "connection refused by 127.0.0.1:1060: no server is listening on that port"),
-    ({"echoes": 2}, "127.0.0.1:1060 echoes requests back: it is an echo service, not a time server"),
-    ({"malformed": 3}, "127.0.0.1:1060 sent 3 replies that are not udp-timecheck replies"),
-    ({"mismatched": 1}, "the server is a liar: 1 replies did not match a request id"),
-    ({"forged": 2}, "2 replies failed authentication (tampered with, replayed, or another key)"),
+def interrupted(recorder, sample):
+    finished(recorder, interrupted=True)
+
+
+def refused(recorder, sample):
+    recorder.refused(sample)
+
+
+def echoed(recorder, sample):
+    recorder.receive(sample.request, (None, T0, T0, 0))
+    recorder.receive(sample.request, (None, T0, T0, 0))
+
+
+def malformed(recorder, sample):
+    for _ in range(3):
+        recorder.receive(b"\x00 not json", (None, T0, T0, 0))
+
+
+def lied(recorder, sample):
+    answer(recorder, sample, 40, 0, request_id=sample.request_id + 1)
+
+
+def forged(recorder, sample):
+    for _ in range(2):
+        recorder.receive(utc.seal(b"another key", b"", b'[%d, "x", {"seq": 0}, "%s"]' % (
+            sample.request_id, b"0" * 64)), (None, T0, T0, 0))
+
+
+@pytest.mark.parametrize("event, expected", [
+    (None, "no reply from 127.0.0.1:1060 within 1 s (is the server running, and is its UDP port open "
+           "to you?)"),
+    (interrupted, "interrupted after 3.0 s, before any reply from 127.0.0.1:1060"),
+    (refused, "connection refused by 127.0.0.1:1060: no server is listening on that port"),
+    (echoed, "127.0.0.1:1060 echoes requests back: it is an echo service, not a time server"),
+    (malformed, "127.0.0.1:1060 sent 3 replies that are not udp-timecheck replies"),
+    (lied, "the server is a liar: 1 replies did not match a request id"),
+    (forged, "2 replies failed authentication (tampered with, replayed, or another key)"),
 ])
-def test_failure_reason_exactly(changes, expected):
-    assert utc.failure_reason(fixed_measurement([lost(0, utc.TIMED_OUT)], **changes), 1.0) == expected
+def test_failure_reason_exactly(event, expected):
+    recorder = new_recorder(key=b"our key" if event is forged else None)
+    sample = send(recorder, 0)
+    if event is not None:
+        event(recorder, sample)
+    if recorder.in_flight:
+        finished(recorder)
+    assert utc.failure_reason(recorder, 1.0) == expected
 
 
 def test_no_failure_with_a_valid_reply():
-    assert utc.failure_reason(fixed_measurement([answered(0, 40, 0)]), 1.0) is None
+    recorder = new_recorder()
+    answer(recorder, send(recorder, 0), 40, 0)
+    assert utc.failure_reason(finished(recorder), 1.0) is None
 
 
 def test_signed_and_plural():
@@ -224,7 +284,7 @@ def test_an_existing_csv_gets_a_note(start_server, tmp_path, capsys):
     path.write_text("an earlier run\n")
     assert utc.main(["client", *map(str, server.address[:2]), "-c", "2", "-q", "--csv", str(path)]) == 0
     assert "note: {} exists; writing it anew".format(path) in capsys.readouterr().err
-    assert path.read_text().startswith("seq,id,status,")
+    assert path.read_text().startswith("seq,sent_at,id,status,")
 
 
 def test_the_json_records_the_run(start_server, capsys):

@@ -1,4 +1,4 @@
-"""Statistics: pure functions over samples, checked on samples worked out by hand."""
+"""Statistics: streaming summaries and pure functions, checked on samples worked out by hand."""
 
 import math
 
@@ -18,56 +18,93 @@ def test_percentile_interpolates_between_ranks():
         utc.percentile([], 0.5)
 
 
+def distribution(values):
+    result = utc.Distribution()
+    for value in values:
+        result.add(value)
+    return result
+
+
 def test_percentiles_of_one_to_a_hundred():
-    values = [float(v) for v in range(1, 101)]
-    summary = utc.rtt_summary(list(reversed(values)))  # order must not matter
-    assert summary["min"] == 1.0 and summary["max"] == 100.0
-    assert summary["median"] == 50.5
-    assert summary["p90"] == pytest.approx(90.1)
-    assert summary["p99"] == pytest.approx(99.01)
-    assert summary["avg"] == 50.5
+    """Nearest rank, from the log histogram: each within 1% of the exact value at its rank."""
+    summary = distribution([v * 1e6 for v in reversed(range(1, 101))]).summary_ms(utc.RTT_FIGURES)
+    assert summary["min"] == 1.0 and summary["max"] == 100.0 and summary["avg"] == 50.5  # in any order
+    for name, exact in (("median", 50.0), ("p90", 90.0), ("p99", 99.0)):
+        assert summary[name] == pytest.approx(exact, rel=0.01)
 
 
 def test_mdev_is_pings_population_deviation():
     values = [1.0, 2.0, 3.0, 4.0, 5.0]
     mean = sum(values) / len(values)
     expected = math.sqrt(sum(v * v for v in values) / len(values) - mean * mean)  # ping's formula
-    assert utc.rtt_summary(values)["mdev"] == pytest.approx(expected)
+    stats = utc.RunningStats()
+    for value in values:
+        stats.add(value)
+    assert stats.mdev == pytest.approx(expected) and stats.mean == 3.0
+    assert (stats.min, stats.max, stats.count) == (1.0, 5.0, 5)
 
 
 def test_summary_of_nothing_has_every_key_as_none():
-    summary = utc.rtt_summary([])
+    summary = utc.Distribution().summary_ms(utc.RTT_FIGURES)
     assert set(summary) == {"min", "avg", "median", "p90", "p99", "max", "mdev"}
     assert all(value is None for value in summary.values())
 
 
 def test_jitter_is_mean_absolute_consecutive_difference():
-    assert utc.mean_abs_difference([1.0, 3.0, 2.0]) == 1.5
-    assert utc.mean_abs_difference([5.0, 5.0, 5.0]) == 0.0
-    assert utc.mean_abs_difference([5.0]) is None
+    """1, 3, 2 ms: |3 - 1| and |2 - 3|, 1.5 ms; probes are paired by number, not by arrival."""
+    from test_first_use import answer, new_recorder, send
+    recorder = new_recorder()
+    probes = [send(recorder, seq) for seq in range(3)]
+    for sample, rtt_ms in ((probes[0], 1), (probes[2], 2), (probes[1], 3)):  # the last two swapped
+        answer(recorder, sample, rtt_ms * 1000, 0)
+    summary = recorder.summary()
+    assert summary["jitter_ms"] == pytest.approx(1.5, rel=0.001)
+    assert summary["reordered"] == 1  # seq 1 came after seq 2
 
 
-def test_histogram_counts_everything_once():
-    values = [0.1 * i for i in range(1, 201)] + [500.0]
-    rows = utc.histogram(values, bins=10)
-    assert sum(count for _, _, count in rows) == len(values)
-    assert rows[0][0] == pytest.approx(0.1)
-    # the outliers above p99 sit in their own last row, so the rest keeps its resolution
-    assert rows[-1][1] == 500.0 and rows[-1][2] == 2
-    assert len(rows) == 11
-    widths = {round(high - low, 9) for low, high, _ in rows[:-1]}
-    assert len(widths) == 1
-
-
-def test_histogram_has_fewer_bins_for_fewer_values():
-    rows = utc.histogram([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert len(rows) <= 3 and sum(count for _, _, count in rows) == 5
-    assert len(utc.histogram([float(v) for v in range(10000)])) == 11
+@pytest.mark.parametrize("count", [1, 5, 37, 10000])
+def test_histogram_counts_everything_once_in_a_few_honest_rows(count):
+    histogram = utc.LogHistogram()
+    for index in range(count):
+        histogram.add(1000 + (index * 7919) % 5000)
+    rows = histogram.rows(max(1, min(10, round(math.sqrt(count)))))
+    assert sum(row[2] for row in rows) == count
+    assert len(rows) <= max(1, round(math.sqrt(count))) and len(rows) <= 10
+    assert all(high > low for low, high, _ in rows)  # no zero-width row, whatever the run
+    assert all(earlier[1] == pytest.approx(later[0]) for earlier, later in zip(rows, rows[1:]))
 
 
 def test_histogram_of_equal_values_is_one_row():
-    assert utc.histogram([2.0, 2.0, 2.0]) == [(2.0, 2.0, 3)]
-    assert utc.histogram([]) == []
+    histogram = utc.LogHistogram()
+    for _ in range(3):
+        histogram.add(2000.0)
+    ((low, high, count),) = histogram.rows(10)
+    assert count == 3 and low < 2000.0 <= high and high / low < 1.03
+    assert utc.LogHistogram().rows(10) == []
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_percentiles_agree_with_exact_ones_within_one_percent_on_random_data(seed):
+    import random
+    rng = random.Random(seed)
+    values = [rng.lognormvariate(11, 1.2) for _ in range(20000)]  # RTTs in ns with a long tail
+    histogram = utc.LogHistogram()
+    for value in values:
+        histogram.add(value)
+    ordered = sorted(values)
+    for fraction in (0.01, 0.1, 0.5, 0.9, 0.99, 0.999):
+        exact = ordered[max(1, math.ceil(fraction * len(ordered))) - 1]  # the same rank, nearest rank
+        assert histogram.quantile(fraction) == pytest.approx(exact, rel=0.01)
+
+
+def test_signed_histogram_orders_negatives_first():
+    histogram = utc.SignedHistogram()
+    for value in (-3000, -1000, 0, 2000, 4000):
+        histogram.add(value)
+    assert histogram.quantile(0.2) == pytest.approx(-3000, rel=0.01)
+    assert histogram.quantile(0.4) == pytest.approx(-1000, rel=0.01)
+    assert histogram.quantile(0.6) == 0.0
+    assert histogram.quantile(1.0) == pytest.approx(4000, rel=0.01)
 
 
 def test_probe_timing_derives_rtt_offset_and_error():
