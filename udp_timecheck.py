@@ -15,12 +15,14 @@ the tutorial's code ignores.  README.md documents the datagrams.
 """
 
 import argparse
+import collections
 import contextlib
 import csv
 import datetime
 import errno
 import hashlib
 import hmac
+import html
 import io
 import json
 import json.scanner
@@ -78,6 +80,8 @@ LOG_LINES_PER_SECOND = 10
 LOG_TEXT_BYTES = 180                # of client text per log line, after escaping: lines stay < 320
 LOG_QUEUE_LINES = 1000              # lines waiting for a slow or blocked stdout before they drop
 PROGRESS_EVERY = 0.25               # seconds between progress updates on a terminal (-q)
+SVG_WIDTH, SVG_LEFT, SVG_PLOT_WIDTH = 960, 80, 850  # --plot: pixels
+SVG_TOP, SVG_PANEL, SVG_GAP = 60, 220, 80
 SOURCE_TABLE_SIZE = 4096            # source addresses --max-rate and the loop guard keep
 PRIVILEGED_PORTS = 1024             # echo, daytime, DNS, NTP...: never answered (loop DoS)
 ID_BITS = 63                        # request ids: secrets.randbits(63)
@@ -552,6 +556,7 @@ class DriftFit(NamedTuple):
     drift_err_ppm: float   # one standard error
     offset_end_ns: float   # the fitted offset at the end of the run
     steps: List[Tuple[int, float]]  # (wall-clock ns, size in ns) of each clock step found
+    segments: List[Tuple[float, float, float]]  # (first s, last s, offset at 0 s) between steps
 
 
 def chrony_weights(points: Sequence[OffsetPoint]) -> List[float]:
@@ -590,56 +595,77 @@ def fit_line(points: Sequence[OffsetPoint], weights: Sequence[float],
     return slope, error, intercepts
 
 
-def find_steps(points: Sequence[OffsetPoint], weights: Sequence[float], limit: int = 3) -> List[int]:
+def find_steps(points: Sequence[OffsetPoint], limit: int = 3) -> List[int]:
     """Where the offset jumps while the RTT does not: the indices that start a new segment.
 
-    A split is a step when the offsets on its two sides, less the common
-    drift, differ by more than the error bounds there, by more than
-    STEP_FACTOR times their scatter, and by more than twice any jump in the
-    RTT (a new path, not a new time).  At most limit steps, largest first.
+    Each candidate split is fitted with one slope and an offset on either side
+    (and on every segment found before).  It is a step when the two offsets
+    differ by more than the error bounds there, by more than STEP_FACTOR times
+    the fit's scatter, and by more than twice any jump in the RTT (that would be
+    a new path, not a new time); of those, the split that fits best wins.  At
+    most limit steps.
     """
     steps = []  # type: List[int]
     for _ in range(limit):
-        slope = fit_line(points, weights, steps)[0]
-        best = _best_split([p.offset_ns - slope * p.at_s for p in points], points, steps)
+        best = _best_split(points, steps)
         if best is None:
             break
         steps = sorted(steps + [best])
     return steps
 
 
-def _best_split(detrended: Sequence[float], points: Sequence[OffsetPoint],
-                steps: Sequence[int]) -> Optional[int]:
-    """The split, within one segment, with the largest jump that passes find_steps' tests."""
-    bounds = [0] + list(steps) + [len(points)]
-    best, best_jump = None, 0.0
-    for first, last in zip(bounds, bounds[1:]):
-        offsets = _prefix_sums(detrended[first:last])
-        rtts = _prefix_sums([p.rtt_ns for p in points[first:last]])
-        for split in range(STEP_MIN_POINTS, last - first - STEP_MIN_POINTS + 1):
-            jump = _mean(offsets, split, last - first) - _mean(offsets, 0, split)
-            scatter = math.sqrt(max(_variance(offsets, 0, split), _variance(offsets, split, last - first)))
-            rtt_jump = _mean(rtts, split, last - first) - _mean(rtts, 0, split)
-            bound = max(points[first + split - 1].rtt_ns, points[first + split].rtt_ns) / 2
-            if abs(jump) > max(2 * bound, STEP_FACTOR * scatter, 2 * abs(rtt_jump), abs(best_jump)):
-                best, best_jump = first + split, jump
-    return best
+class _Sums(NamedTuple):
+    """Sums over a run of points, for least squares in O(1) per split."""
+    n: int
+    t: float
+    y: float
+    tt: float
+    ty: float
+    yy: float
+    rtt: float
+
+    def __add__(self, other: tuple) -> "_Sums":
+        return _Sums(*(mine + theirs for mine, theirs in zip(self, other)))
+
+    def __sub__(self, other: tuple) -> "_Sums":
+        return _Sums(*(mine - theirs for mine, theirs in zip(self, other)))
+
+    def centred(self) -> Tuple[float, float, float]:
+        """(Stt, Sty, Syy): the sums of squares and products about the means."""
+        return (self.tt - self.t * self.t / self.n, self.ty - self.t * self.y / self.n,
+                self.yy - self.y * self.y / self.n)
 
 
-def _prefix_sums(values: Sequence[float]) -> List[Tuple[float, float]]:
-    sums = [(0.0, 0.0)]
-    for value in values:
-        sums.append((sums[-1][0] + value, sums[-1][1] + value * value))
+def _cumulative(points: Sequence[OffsetPoint]) -> List[_Sums]:
+    sums = [_Sums(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)]
+    for point in points:
+        t, y = point.at_s, point.offset_ns
+        sums.append(sums[-1] + (1, t, y, t * t, t * y, y * y, point.rtt_ns))
     return sums
 
 
-def _mean(sums: Sequence[Tuple[float, float]], first: int, last: int) -> float:
-    return (sums[last][0] - sums[first][0]) / (last - first)
-
-
-def _variance(sums: Sequence[Tuple[float, float]], first: int, last: int) -> float:
-    mean = _mean(sums, first, last)
-    return max(0.0, (sums[last][1] - sums[first][1]) / (last - first) - mean * mean)
+def _best_split(points: Sequence[OffsetPoint], steps: Sequence[int]) -> Optional[int]:
+    """The split that fits best among those that pass find_steps' tests, or None."""
+    sums = _cumulative(points)
+    bounds = [0] + list(steps) + [len(points)]
+    segments = [sums[last] - sums[first] for first, last in zip(bounds, bounds[1:])]
+    best, best_residual = None, float("inf")
+    for index, (first, last) in enumerate(zip(bounds, bounds[1:])):
+        others = [segment.centred() for number, segment in enumerate(segments) if number != index]
+        for split in range(first + STEP_MIN_POINTS, last - STEP_MIN_POINTS + 1):
+            before, after = sums[split] - sums[first], sums[last] - sums[split]
+            parts = others + [before.centred(), after.centred()]
+            stt, sty = sum(part[0] for part in parts), sum(part[1] for part in parts)
+            slope = sty / stt if stt else 0.0
+            residual = sum(part[2] for part in parts) - slope * sty
+            jump = (after.y - slope * after.t) / after.n - (before.y - slope * before.t) / before.n
+            scatter = math.sqrt(max(0.0, residual) / max(1, len(points) - len(parts) - 1))
+            rtt_jump = after.rtt / after.n - before.rtt / before.n
+            bound = max(points[split - 1].rtt_ns, points[split].rtt_ns) / 2
+            passes = abs(jump) > max(2 * bound, STEP_FACTOR * scatter, 2 * abs(rtt_jump))
+            if passes and residual < best_residual:
+                best, best_residual = split, residual
+    return best
 
 
 def fit_drift(points: Sequence[OffsetPoint], end_s: float) -> Optional[DriftFit]:
@@ -647,13 +673,14 @@ def fit_drift(points: Sequence[OffsetPoint], end_s: float) -> Optional[DriftFit]
     DRIFT_MIN_POINTS points or without a spread in time."""
     if len(points) < DRIFT_MIN_POINTS or points[-1].at_s - points[0].at_s <= 0:
         return None
-    weights = chrony_weights(points)
-    steps = find_steps(points, weights)
-    slope, error, intercepts = fit_line(points, weights, steps)
-    bounds = [0] + steps
+    steps = find_steps(points)
+    slope, error, intercepts = fit_line(points, chrony_weights(points), steps)
+    bounds = [0] + steps + [len(points)]
     sizes = [(points[start].wall_ns, intercepts[index + 1] - intercepts[index])
-             for index, start in enumerate(bounds[1:])]
-    return DriftFit(slope / 1e3, error / 1e3, intercepts[-1] + slope * end_s, sizes)
+             for index, start in enumerate(steps)]
+    segments = [(points[first].at_s, points[last - 1].at_s, intercept)
+                for first, last, intercept in zip(bounds, bounds[1:], intercepts)]
+    return DriftFit(slope / 1e3, error / 1e3, intercepts[-1] + slope * end_s, sizes, segments)
 
 
 def clock_offset_ns(clock: Callable[[], int]) -> int:
@@ -772,7 +799,7 @@ class RecentTable:
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self._entries = {}  # type: Dict[object, object]
+        self._entries = collections.OrderedDict()  # type: Dict[object, object]  # O(1) off the front
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -788,7 +815,7 @@ class RecentTable:
     def store(self, key: object, value: object) -> None:
         entries = self._entries
         if len(entries) >= self.max_entries and key not in entries:
-            del entries[next(iter(entries))]
+            entries.popitem(last=False)
         entries[key] = value
 
 
@@ -1412,19 +1439,21 @@ class Recorder:
     summary() is the --json object.  Memory stays flat, whatever the run's
     length: the probes in flight, the last RECENT_PROBES ended ones (for late,
     duplicate and reordered replies), the first keep_samples for the JSON, and
-    the streaming Totals.  on_sample is called as each probe ends.
+    the streaming Totals (of the whole run, and with reports of each period).
+    on_sample is called as each probe ends.
     """
 
     def __init__(self, target: str, address: str, *, settings: Dict[str, object], request_size: int,
                  key: Optional[bytes] = None, timestamps: str = USER, transmit_stamps: bool = False,
-                 keep_samples: int = SAMPLES_KEPT,
+                 keep_samples: int = SAMPLES_KEPT, reports: bool = False,
                  on_sample: Optional[Callable[[Sample], None]] = None) -> None:
         self.target, self.address, self.settings, self.request_size = target, address, settings, request_size
         self.key, self.keyed, self.on_sample = key, key is not None, on_sample
         self.timestamps, self.transmit_stamps, self.keep_samples = timestamps, transmit_stamps, keep_samples
         self.started_ns, self.started_mono_ns, self.duration_ns = wall_ns(), monotonic_ns(), 0
         self.totals = Totals(self.started_ns, self.started_mono_ns)
-        self.period = Totals(self.started_ns, self.started_mono_ns)
+        self.period = Totals(self.started_ns, self.started_mono_ns)  # since the last report()
+        self._active = (self.totals, self.period) if reports else (self.totals,)
         self.samples = []  # type: List[Sample]  # the first keep_samples probes
         self.probes_sent = 0  # as they go: every probe sent ends in the totals by finish()
         self.in_flight = {}  # type: Dict[int, Sample]  # request id -> probe, oldest first
@@ -1491,16 +1520,19 @@ class Recorder:
         self._classify(reply, data, stamps, sample, ended, claim)
 
     def report(self) -> Dict[str, object]:
-        """The figures of the period since the last report, which starts a new one."""
+        """The summary of the period since the last report, with its interval; a new one starts."""
         now, now_mono = wall_ns(), monotonic_ns()
-        figures = self._figures(self.period, now_mono)
+        figures = self._summary(self.period, now_mono, ())
         figures["interval"] = {"start": iso_utc(self.period.started_wall_ns), "end": iso_utc(now)}
         self.period = Totals(now, now_mono)
+        self._active = (self.totals, self.period)
         return figures
 
     def finish(self, interrupted: bool, reason: str = INTERRUPTED) -> None:
         """The end of the run: every probe still in flight is lost, for reason."""
         self.interrupted = interrupted
+        if reason == DEADLINE:
+            self.stop_reason = DEADLINE
         self.duration_ns = monotonic_ns() - self.started_mono_ns
         for sample in list(self.in_flight.values()):
             self._end(sample, LOST, reason)
@@ -1575,7 +1607,7 @@ class Recorder:
         self._ended.store(sample.request_id, (sample.seq, status, sample.request_mac))
         self._ended_seq.store(sample.seq, sample.request_id)
         neighbours = self._neighbours(sample) if status == OK else ()
-        for totals in (self.totals, self.period):
+        for totals in self._active:
             self._tally(totals, sample, neighbours)
         if self.on_sample is not None:
             self.on_sample(sample)
@@ -1618,7 +1650,7 @@ class Recorder:
                 point_bin.best = point
 
     def _count(self, *names: str) -> None:
-        for totals in (self.totals, self.period):
+        for totals in self._active:
             for name in names:
                 setattr(totals, name, getattr(totals, name) + 1)
 
@@ -1649,12 +1681,16 @@ class Recorder:
 
     def summary(self) -> Dict[str, object]:
         """Everything the run found, as the --json object: every key always there."""
+        return self._summary(self.totals, self.started_mono_ns + self.duration_ns, self.samples)
+
+    def _summary(self, totals: Totals, end_mono_ns: int, samples: Sequence[Sample]) -> Dict[str, object]:
+        """The run's record and the figures of totals: the keys of the summary and of each report."""
         summary = self.run_record()
         summary.update(target=self.target, address=self.address, stopped_because=self.stop_reason,
                        interrupted=self.interrupted)
-        summary.update(self._figures(self.totals, self.started_mono_ns + self.duration_ns))
-        summary.update(samples=[sample.as_dict() for sample in self.samples],
-                       samples_kept=self.keep_samples, samples_cut=self.totals.sent > len(self.samples))
+        summary.update(self._figures(totals, end_mono_ns))
+        summary.update(samples=[sample.as_dict() for sample in samples], samples_kept=len(samples),
+                       samples_cut=totals.sent > len(samples))
         return summary
 
     def _figures(self, totals: Totals, end_mono_ns: int) -> Dict[str, object]:
@@ -1677,6 +1713,25 @@ class Recorder:
         rows = totals.rtt.histogram.rows(max(1, min(10, round(math.sqrt(totals.received)))))
         figures["histogram_ms"] = [[_ms(low), _ms(high), count] for low, high, count in rows]
         return figures
+
+    def plot_data(self) -> Dict[str, object]:
+        """What --plot draws: the run's per-interval aggregates, its drift line and its histogram."""
+        timeline, duration_s = self.totals.timeline, self.duration_ns / NS_PER_S
+        width_s = timeline.width_ns / NS_PER_S
+        bins = []
+        for index, item in enumerate(timeline.bins):
+            if not item.sent:
+                continue
+            quantiles = [item.rtt.quantile(q) / 1e6 for q in (0, 0.5, 0.99)] if item.rtt.count else None
+            best = item.best
+            bins.append({"start_s": index * width_s, "end_s": (index + 1) * width_s, "sent": item.sent,
+                         "lost": item.lost, "rtt_ms": quantiles,
+                         "offset_ms": best and best.offset_ns / 1e6,
+                         "offset_err_ms": best and best.rtt_ns / 2e6})
+        return {"title": "udp-timecheck {}, {}".format(self.target, iso_utc(self.started_ns)),
+                "duration_s": max(duration_s, width_s), "bins": bins,
+                "drift": fit_drift(timeline.points(), duration_s),
+                "histogram_ms": self.summary()["histogram_ms"]}
 
     def _timestamp_summary(self, totals: Totals) -> Dict[str, object]:
         stamps = totals.server_stamps
@@ -1798,7 +1853,8 @@ class Prober:
                     "size": self.size or None, "deadline": self.deadline}
         return Recorder(self.target, self.address[0], settings=settings, request_size=self.request_size,
                         key=self.key, timestamps=self.timestamps, transmit_stamps=self._transmit_stamps,
-                        keep_samples=self.keep_samples, on_sample=self.on_sample)
+                        keep_samples=self.keep_samples, reports=bool(self.report_every),
+                        on_sample=self.on_sample)
 
     def _loop(self, sock: socket.socket, recorder: Recorder) -> str:
         """Send, receive and expire until the run is over; returns why probes still waiting end."""
@@ -1983,12 +2039,14 @@ def format_counts(summary: Mapping) -> List[str]:
     if summary["refused"] or summary["errors"]:
         lines.append("{} refused by the server's host, {} could not be sent".format(
             summary["refused"], summary["errors"]))
+    done = "{} of {}".format(summary["sent"], plural(summary["count"], "probe")) if summary["count"] \
+        else plural(summary["sent"], "probe")
     if summary["interrupted"]:
-        lines.append("interrupted after {} of {} ({:.1f} s)".format(
-            summary["sent"], plural(summary["count"], "probe"), summary["duration_s"]))
+        lines.append("interrupted after {} ({:.1f} s)".format(done, summary["duration_s"]))
     elif summary["stopped_because"] == REFUSED:
-        lines.append("stopped after {} of {}: connection refused, nothing listens on that port".format(
-            summary["sent"], plural(summary["count"], "probe")))
+        lines.append("stopped after {}: connection refused, nothing listens on that port".format(done))
+    elif summary["stopped_because"] == DEADLINE:
+        lines.append("the deadline ended it after {} ({:.1f} s)".format(done, summary["duration_s"]))
     return lines
 
 
@@ -2015,17 +2073,50 @@ def format_summary(summary: Mapping) -> List[str]:
     lines.append("rtt median/p90/p99 = {median:.3f}/{p90:.3f}/{p99:.3f} ms".format(**rtt))
     jitter = summary["jitter_ms"]
     lines.append("jitter {}".format("n/a (one reply)" if jitter is None else "{:.3f} ms".format(jitter)))
-    lines += format_clock(summary)
+    lines += format_directions(summary) + format_clock(summary) + format_drift(summary)
     stamps = summary["timestamps"]
     fallbacks = ", {} timed from user-space readings".format(plural(stamps["user_fallbacks"], "probe")) \
         if stamps["user_fallbacks"] else ""
     lines.append("timestamps: {}{}".format(stamps["described"], fallbacks))
-    rows = summary["histogram_ms"]
+    return lines + format_histogram(summary["histogram_ms"])
+
+
+def format_directions(summary: Mapping) -> List[str]:
+    """Each direction's delay variation, and where the queueing was: no clock sync needed."""
+    out, back = summary["send_ipdv_ms"], summary["receive_ipdv_ms"]
+    if out["median"] is None:
+        return []
+    return ["ipdv out median/p99/max = {median:.3f}/{p99:.3f}/{max:.3f} ms, back {back[median]:.3f}/"
+            "{back[p99]:.3f}/{back[max]:.3f} ms".format(back=back, **out),
+            "queueing above each direction's least delay, median: out {:.3f} ms, back {:.3f} ms".format(
+                summary["send_queueing_ms"], summary["receive_queueing_ms"])]
+
+
+def format_drift(summary: Mapping) -> List[str]:
+    """The clocks' relative rate, the offset at the end, and any clock steps."""
+    if summary["drift_ppm"] is None:
+        return []
+    drift = summary["drift_ppm"]
+    pace = "faster than" if drift > 0 else "slower than" if drift < 0 else "as fast as"
+    lines = ["clock drift {} ppm \u00b1 {:.3f} ppm (the server's clock runs {} this machine's); offset at "
+             "the end {} ms".format(signed(drift), summary["drift_err_ppm"], pace,
+                                    signed(summary["offset_end_ms"]))]
+    lines += ["clock step of {} ms at {}".format(signed(step["size_ms"]), step["at"])
+              for step in summary["clock_steps"]]
+    return lines
+
+
+def format_histogram(rows: Sequence[Sequence[float]]) -> List[str]:
+    """The RTT histogram's rows as bars, in us when every RTT is under a millisecond."""
+    if not rows:
+        return []
+    unit, scale, digits = ("us", 1000.0, 1) if rows[-1][1] < 1.0 else ("ms", 1.0, 3)
     widest = max(count for _, _, count in rows)
-    lines.append("rtt histogram:")
+    lines = ["rtt histogram:"]
     for low, high, count in rows:
         bar = "#" * max(1 if count else 0, round(40 * count / widest))
-        lines.append("  {:9.3f} - {:9.3f} ms |{:<40} {}".format(low, high, bar, count))
+        lines.append("  {:9.{d}f} - {:9.{d}f} {} |{:<40} {}".format(
+            low * scale, high * scale, unit, bar, count, d=digits))
     return lines
 
 
@@ -2227,10 +2318,169 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def format_header(prober: Prober) -> str:
     """The first line of a measurement, like ping's."""
-    return ("UDP-TIMECHECK {} ({}): {} probes of {} bytes, interval {:g} s, timeout {:g} s, "
-            "{} timestamps{}").format(prober.target, prober.address[0], prober.count, prober.request_size,
-                                      prober.interval, prober.timeout, prober.timestamps,
-                                      ", HMAC-SHA256" if prober.key else "")
+    probes = "{} of {} bytes".format(plural(prober.count, "probe"), prober.request_size) if prober.count \
+        else "probes of {} bytes until stopped".format(prober.request_size)
+    return "UDP-TIMECHECK {} ({}): {}, interval {:g} s, timeout {:g} s{}, {} timestamps{}".format(
+        prober.target, prober.address[0], probes, prober.interval, prober.timeout,
+        ", deadline {:g} s".format(prober.deadline) if prober.deadline else "", prober.timestamps,
+        ", HMAC-SHA256" if prober.key else "")
+
+
+def format_report(figures: Mapping) -> str:
+    """One --report-every line: the period's sent, received, loss, p50, p99, jitter and offset."""
+    rtt, line = figures["rtt_ms"], "report: {} sent, {} received, {:g}% loss".format(
+        figures["sent"], figures["received"], figures["loss_pct"] or 0)
+    if rtt["median"] is not None:
+        line += ", rtt p50 {:.3f} ms p99 {:.3f} ms".format(rtt["median"], rtt["p99"])
+    if figures["jitter_ms"] is not None:
+        line += ", jitter {:.3f} ms".format(figures["jitter_ms"])
+    if figures["offset_ms"] is not None:
+        line += ", offset {} ms \u00b1 {:.3f} ms".format(signed(figures["offset_ms"]),
+                                                         figures["offset_err_ms"])
+    return line
+
+
+def _xml_text(text: str) -> str:
+    return html.escape(text, quote=False)
+
+
+class Panel:
+    """One chart of the SVG: its frame, axes and ticks, and the mapping from data to pixels."""
+
+    def __init__(self, name: str, top: float, x_range: Tuple[float, float], y_range: Tuple[float, float],
+                 labels: Tuple[str, str, str]) -> None:
+        self.name, self.top, self.labels = name, top, labels
+        (self.x_low, self.x_high), (self.y_low, self.y_high) = x_range, y_range
+        if self.x_high <= self.x_low:
+            self.x_high = self.x_low + 1
+        if self.y_high <= self.y_low:
+            self.y_high = self.y_low + 1
+
+    def x(self, value: float) -> float:
+        return round(SVG_LEFT + (value - self.x_low) / (self.x_high - self.x_low) * SVG_PLOT_WIDTH, 1)
+
+    def y(self, value: float) -> float:
+        """The pixel row; an outlier beyond the range sits on the frame's edge."""
+        share = min(1.0, max(0.0, (value - self.y_low) / (self.y_high - self.y_low)))
+        return round(self.top + SVG_PANEL - share * SVG_PANEL, 1)
+
+    def frame(self, x_ticks: bool = True) -> List[str]:
+        title, x_label, y_label = (_xml_text(label) for label in self.labels)
+        bottom, right = self.top + SVG_PANEL, SVG_LEFT + SVG_PLOT_WIDTH
+        parts = ['<g id="{}">'.format(self.name),
+                 '<text x="{}" y="{}" font-size="14">{}</text>'.format(SVG_LEFT, self.top - 8, title),
+                 '<rect x="{}" y="{}" width="{}" height="{}" fill="none" stroke="#888"/>'.format(
+                     SVG_LEFT, self.top, SVG_PLOT_WIDTH, SVG_PANEL),
+                 '<text x="{}" y="{}" text-anchor="middle">{}</text>'.format(
+                     SVG_LEFT + SVG_PLOT_WIDTH / 2, bottom + 32, x_label),
+                 '<text x="14" y="{0}" transform="rotate(-90 14 {0})" text-anchor="middle">{1}</text>'.format(
+                     self.top + SVG_PANEL / 2, y_label)]
+        for step in range(5):
+            x_value = self.x_low + (self.x_high - self.x_low) * step / 4
+            y_value = self.y_low + (self.y_high - self.y_low) * step / 4
+            if x_ticks:
+                parts.append('<text x="{}" y="{}" text-anchor="middle">{:.3g}</text>'.format(
+                    self.x(x_value), bottom + 16, x_value))
+            parts.append('<text x="{}" y="{}" text-anchor="end">{:.3g}</text>'.format(
+                SVG_LEFT - 6, self.y(y_value) + 4, y_value))
+            parts.append('<line x1="{0}" x2="{1}" y1="{2}" y2="{2}" stroke="#eee"/>'.format(
+                SVG_LEFT, right, self.y(y_value)))
+        return parts
+
+
+def render_svg(plot: Mapping) -> str:
+    """A run as a standalone SVG that any browser opens: RTT over time with the lost probes
+    marked, the clock offset with its error bars and drift line, and the RTT histogram."""
+    height = SVG_TOP + 3 * (SVG_PANEL + SVG_GAP)
+    parts = ['<?xml version="1.0" encoding="UTF-8"?>',
+             '<svg xmlns="http://www.w3.org/2000/svg" width="{0}" height="{1}" viewBox="0 0 {0} {1}" '
+             'font-family="sans-serif" font-size="11">'.format(SVG_WIDTH, height),
+             '<rect width="100%" height="100%" fill="white"/>',
+             '<text x="{}" y="24" font-size="16">{}</text>'.format(SVG_LEFT, _xml_text(plot["title"]))]
+    for index, panel in enumerate((_rtt_panel, _offset_panel, _histogram_panel)):
+        parts += panel(plot, SVG_TOP + index * (SVG_PANEL + SVG_GAP)) + ["</g>"]
+    return "\n".join(parts + ["</svg>", ""])
+
+
+def _rtt_panel(plot: Mapping, top: float) -> List[str]:
+    """Per interval: a bar from the fastest RTT to the 99th percentile, a dot at the median;
+    a red tick above each interval that lost probes."""
+    answered = [item for item in plot["bins"] if item["rtt_ms"]]
+    highest = _robust_range([item["rtt_ms"][2] for item in answered])[1]
+    panel = Panel("rtt", top, (0, plot["duration_s"]), (0, highest * 1.1), (
+        "Round-trip time, per interval: fastest to 99th percentile, and median", "seconds into the run",
+        "rtt (ms)"))
+    parts = panel.frame()
+    for item in answered:
+        x = panel.x((item["start_s"] + item["end_s"]) / 2)
+        low, middle, high = item["rtt_ms"]
+        parts.append('<line x1="{0}" x2="{0}" y1="{1}" y2="{2}" stroke="#9ecae1" stroke-width="2"/>'.format(
+            x, panel.y(low), panel.y(high)))
+        parts.append('<circle cx="{}" cy="{}" r="1.8" fill="#08519c"/>'.format(x, panel.y(middle)))
+    for item in plot["bins"]:
+        if item["lost"]:
+            x = panel.x((item["start_s"] + item["end_s"]) / 2)
+            parts.append('<line class="lost" x1="{0}" x2="{0}" y1="{1}" y2="{2}" stroke="#d62728" '
+                         'stroke-width="2"><title>{3} lost</title></line>'.format(
+                             x, top, top + 10, item["lost"]))
+    return parts
+
+
+def _offset_panel(plot: Mapping, top: float) -> List[str]:
+    """Each interval's best offset with its error bar, and the fitted drift line between steps."""
+    points = [item for item in plot["bins"] if item["offset_ms"] is not None]
+    low = _robust_range([item["offset_ms"] - item["offset_err_ms"] for item in points])[0]
+    high = _robust_range([item["offset_ms"] + item["offset_err_ms"] for item in points])[1]
+    panel = Panel("offset", top, (0, plot["duration_s"]), (low, high), (
+        "Server clock offset, per interval: the lowest-rtt probe, \u00b1 half its rtt; the drift fit",
+        "seconds into the run", "offset (ms)"))
+    parts = panel.frame()
+    for item in points:
+        x = panel.x((item["start_s"] + item["end_s"]) / 2)
+        offset, error = item["offset_ms"], item["offset_err_ms"]
+        parts.append('<line x1="{0}" x2="{0}" y1="{1}" y2="{2}" stroke="#bbb"/>'.format(
+            x, panel.y(offset - error), panel.y(offset + error)))
+        parts.append('<circle cx="{}" cy="{}" r="1.8" fill="#31a354"/>'.format(x, panel.y(offset)))
+    fit = plot["drift"]
+    for index, (first, last, intercept) in enumerate(fit.segments if fit is not None else ()):
+        slope_ms = fit.drift_ppm / 1e3  # ppm of a second, in ms per second
+        parts.append('<line class="drift" x1="{}" y1="{}" x2="{}" y2="{}" stroke="#e6550d" '
+                     'stroke-width="1.5"/>'.format(
+                         panel.x(first), panel.y(intercept / 1e6 + slope_ms * first),
+                         panel.x(last), panel.y(intercept / 1e6 + slope_ms * last)))
+        if index:
+            parts.append('<line class="step" x1="{0}" x2="{0}" y1="{1}" y2="{2}" stroke="#e6550d" '
+                         'stroke-dasharray="4 3"/>'.format(panel.x(first), top, top + SVG_PANEL))
+    if not points:
+        parts.append('<text x="{}" y="{}">no offset: the server sends no timestamps</text>'.format(
+            SVG_LEFT + 10, top + 20))
+    return parts
+
+
+def _robust_range(values: Sequence[float]) -> Tuple[float, float]:
+    """From the 2nd to the 98th percentile, so that one cold first probe does not flatten the rest."""
+    if not values:
+        return 0.0, 1.0
+    ordered = sorted(values)
+    return percentile(ordered, 0.02), percentile(ordered, 0.98)
+
+
+def _histogram_panel(plot: Mapping, top: float) -> List[str]:
+    rows = plot["histogram_ms"]
+    unit, scale = ("us", 1000.0) if rows and rows[-1][1] < 1.0 else ("ms", 1.0)
+    panel = Panel("histogram", top, (0, max(1, len(rows))), (0, max([row[2] for row in rows] or [1])), (
+        "Round-trip time histogram (rows of equal logarithmic width)", "rtt ({}), from - to".format(unit),
+        "probes"))
+    parts = panel.frame(x_ticks=False)  # each bar is labelled with its range instead
+    for index, (low, high, count) in enumerate(rows):
+        parts.append('<rect x="{}" y="{}" width="{}" height="{}" fill="#6baed6"><title>{:.3g} - {:.3g} {}: {}'
+                     '</title></rect>'.format(panel.x(index) + 2, panel.y(count),
+                                              round(panel.x(1) - panel.x(0) - 4, 1),
+                                              round(panel.y(0) - panel.y(count), 1),
+                                              low * scale, high * scale, unit, count))
+        parts.append('<text x="{}" y="{}" text-anchor="middle">{:.3g} - {:.3g}</text>'.format(
+            panel.x(index + 0.5), top + SVG_PANEL + 16, low * scale, high * scale))
+    return parts
 
 
 class ProbeRows:
@@ -2300,6 +2550,9 @@ class Progress:
         if self._stream is None or now < self._next:
             return
         self._next = now + PROGRESS_EVERY
+        if not self._total:  # until stopped
+            self._show("\r{}, {:.0f} s ".format(plural(done, "probe"), now - self._started))
+            return
         left = (now - self._started) / done * (self._total - done) if done else 0
         self._show("\r{}/{}, about {:.0f} s left ".format(done, plural(self._total, "probe"), left))
 
@@ -2318,44 +2571,82 @@ class Progress:
 
 def cmd_client(args: argparse.Namespace) -> int:
     _check_host(args.host)
-    if args.csv == "-" and args.json:
-        raise TimecheckError("--csv - and --json both write to standard output; give --csv a file")
-    text = Output(sys.stderr if args.csv == "-" else sys.stdout)  # stdout is the CSV's, then
-    measuring = (args.measure_delay or args.quiet or args.json or args.csv is not None
-                 or args.count is not None or args.interval is not None)
-    prober = Prober(args.host, args.port, count=args.count or (DEFAULT_COUNT if measuring else 1),
-                    interval=args.interval or 0.0, timeout=args.timeout, size=args.size or 0,
-                    key=_key_for(args), timestamps=args.timestamps, on_note=_err)
+    on_stdout = [name for name, wanted in (("--json", args.json), ("--csv -", args.csv == "-"),
+                                           ("--jsonl -", args.jsonl == "-")) if wanted]
+    if len(on_stdout) > 1:
+        raise TimecheckError("{} and {} both write to standard output; give one a file".format(*on_stdout))
+    text = Output(sys.stderr if on_stdout and not args.json else sys.stdout)  # stdout carries the rows
+    measuring = any((args.measure_delay, args.quiet, args.json, args.csv, args.jsonl, args.plot,
+                     args.deadline, args.report_every, args.count is not None, args.interval is not None))
+    prober = Prober(args.host, args.port, count=DEFAULT_COUNT if args.count is None and measuring else
+                    1 if args.count is None else args.count, interval=args.interval or 0.0,
+                    timeout=args.timeout, size=args.size or 0, key=_key_for(args), timestamps=args.timestamps,
+                    deadline=args.deadline, report_every=args.report_every, on_note=_err)
     with contextlib.ExitStack() as stack:
-        rows = [sink for sink in (_open_rows(args.csv, "csv", stack),) if sink is not None]
+        rows = [sink for sink in (_open_rows(args.csv, "csv", stack), _open_rows(args.jsonl, "jsonl", stack))
+                if sink is not None]
+        plot = _open_output(args.plot, stack)
         progress = Progress(sys.stderr if args.quiet else None, prober.count)
-        show = measuring and not (args.quiet or args.json or args.csv == "-")
-        prober.on_sample = _on_sample(text if show else None, rows, progress, prober.target, args.timeout)
+        lines = text if measuring and not (args.quiet or on_stdout) else None
+        prober.on_sample = _on_sample(lines, rows, progress, prober.target, args)
+        prober.on_report = lambda figures: text.line(
+            json.dumps(figures) if args.json else _line_time(args) + format_report(figures))
         if measuring and not args.json:
             text.line(format_header(prober))
         stack.enter_context(_stop_signals(prober.stop, restore=args.restore_signals))
-        measurement = prober.run()  # a signal ends it; after it, signals change nothing
+        recorder = prober.run()  # a signal ends it; after it, signals change nothing
         progress.clear()
-        _print_result(text, args, measuring, measurement, measurement.summary())
-    for sink_name, error in [(sink.name, sink.error) for sink in rows] + [("standard output", text.error)]:
+        _print_result(text, args, measuring, recorder, recorder.summary())
+        plot_error = _write_plot(plot, recorder)
+    problems = [(sink.name, sink.error) for sink in rows]
+    problems += [(args.plot, plot_error), ("standard output", text.error)]
+    for name, error in problems:
         if error is not None:
-            raise TimecheckError("cannot write to {}: {}".format(sink_name, error))
-    reason = failure_reason(measurement, args.timeout)
+            raise TimecheckError("cannot write to {}: {}".format(name, error))
+    reason = failure_reason(recorder, args.timeout)
     if reason is not None:
         raise TimecheckError(reason, EXIT_FAILED)
     return EXIT_OK
 
 
+def _line_time(args: argparse.Namespace) -> str:
+    """-D: the wall-clock time before a line, as ping -D prints it."""
+    return "[{:.6f}] ".format(wall_ns() / NS_PER_S) if args.print_time else ""
+
+
 def _on_sample(text: Optional[Output], rows: Sequence[ProbeRows], progress: Progress, target: str,
-               timeout: float) -> Callable[[Sample], None]:
+               args: argparse.Namespace) -> Callable[[Sample], None]:
     """What happens as each probe ends: its line, its rows, the progress."""
     def ended(sample: Sample) -> None:
         if text is not None:
-            text.line(format_sample(sample, target, timeout))
+            text.line(_line_time(args) + format_sample(sample, target, args.timeout))
         for sink in rows:
             sink.add(sample)
         progress.update(sample.seq + 1)
     return ended
+
+
+def _open_output(path: Optional[str], stack: contextlib.ExitStack) -> Optional[TextIO]:
+    """A file written at the end (--plot), opened first: a bad path is a usage error, not a lost run."""
+    if path is None:
+        return None
+    try:
+        stream = open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise TimecheckError("cannot write {}: {}".format(path, exc.strerror or exc)) from None
+    stack.callback(_close_quietly, stream)
+    return stream
+
+
+def _write_plot(stream: Optional[TextIO], recorder: Recorder) -> Optional[str]:
+    if stream is None:
+        return None
+    try:
+        stream.write(render_svg(recorder.plot_data()))
+        stream.flush()
+    except (OSError, ValueError) as exc:
+        return getattr(exc, "strerror", None) or str(exc)
+    return None
 
 
 def _print_result(out: Output, args: argparse.Namespace, measuring: bool, measurement: Recorder,
@@ -2507,8 +2798,11 @@ def _add_server_options(server: argparse.ArgumentParser) -> None:
 def _add_client_options(client: argparse.ArgumentParser) -> None:
     client.add_argument("--measure-delay", action="store_true",
                         help="measure: many probes, then statistics (implied by the options below)")
-    client.add_argument("-c", "--count", type=_ranged(int, 1, 10 ** 9, "a whole number from 1"),
-                        help="probes to send (default {} when measuring, else 1)".format(DEFAULT_COUNT))
+    client.add_argument("-c", "--count", type=_ranged(int, 0, 10 ** 9, "a whole number from 0"),
+                        help="probes to send (default {} when measuring, else 1); 0: until Ctrl-C, SIGTERM "
+                             "or the deadline".format(DEFAULT_COUNT))
+    client.add_argument("-w", "--deadline", type=_ranged(float, 0.001, 10 ** 9, "seconds above 0"),
+                        metavar="SECONDS", help="end the run after SECONDS, whatever the count, as ping -w")
     client.add_argument("-i", "--interval", type=_interval,
                         help="seconds between probes, from {:g}; 0 (default) sends the next as soon "
                              "as the last is answered or timed out".format(MIN_INTERVAL))
@@ -2517,7 +2811,18 @@ def _add_client_options(client: argparse.ArgumentParser) -> None:
     client.add_argument("-q", "--quiet", action="store_true",
                         help="the summary only (and progress on stderr, when it is a terminal)")
     client.add_argument("--json", action="store_true", help="one JSON object instead of text")
-    client.add_argument("--csv", metavar="FILE", help="also write one row per probe to FILE (- for stdout)")
+    client.add_argument("--csv", metavar="FILE", help="also write one row per probe to FILE as it ends "
+                                                       "(- for stdout)")
+    client.add_argument("--jsonl", metavar="FILE", help="also write one JSON object per probe to FILE as it "
+                                                         "ends (- for stdout)")
+    client.add_argument("--report-every", type=_ranged(float, 0.01, 10 ** 9, "seconds from 0.01"),
+                        metavar="SECONDS", help="print that period's figures every SECONDS (with --json, "
+                                                "one JSON line each, then the summary)")
+    client.add_argument("-D", dest="print_time", action="store_true",
+                        help="the wall-clock time (Unix seconds) before every probe and report line, "
+                             "as ping -D")
+    client.add_argument("--plot", metavar="FILE.svg", help="draw the run as a standalone SVG: RTT over "
+                                                            "time, the offset and its drift, the histogram")
     client.add_argument("--size", type=_ranged(int, 1, 65527, "bytes from 1 to 65527"),
                         help="pad requests and replies to SIZE bytes (MTU and fragmentation tests; "
                              "at least what a request needs, about 150)")

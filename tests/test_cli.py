@@ -87,7 +87,7 @@ def test_client_and_exit_codes_as_a_process(cli_server):
 @pytest.mark.parametrize("argv, message", [
     (["client", "127.0.0.1", "99999"], "port number from 0 to 65535"),
     (["client", "127.0.0.1", "http"], "port number"),
-    (["client", "-c", "0"], "whole number from 1"),
+    (["client", "-c", "-1"], "whole number from 0"),
     (["client", "-i", "-1"], "seconds from 0"),
     (["client", "-i", "nan"], "seconds from 0"),
     (["client", "-W", "0"], "seconds from 0.001"),

@@ -96,12 +96,15 @@ def test_format_summary_exactly():
         "rtt min/avg/max/mdev = 0.040/0.050/0.060/0.010 ms",
         "rtt median/p90/p99 = 0.040/0.060/0.060 ms",
         "jitter 0.020 ms",
+        "ipdv out median/p99/max = 0.011/0.011/0.011 ms, back 0.009/0.009/0.009 ms",
+        "queueing above each direction's least delay, median: out 0.000 ms, back 0.000 ms",
+    ]
+    assert lines[9:12] == [
         "server processing median 0.005 ms: from its kernel receiving a request to its reply, "
         "left out of each rtt",
         "server clock offset +0.000 ms \u00b1 0.020 ms (server level with this machine; from seq 0, the "
         "lowest-rtt probe)",
-    ]
-    assert lines[9] == "timestamps: user-space (both ends)"
+        "timestamps: user-space (both ends)"]
     assert third.reason == utc.INTERRUPTED
 
 
