@@ -2051,29 +2051,46 @@ def format_counts(summary: Mapping) -> List[str]:
 
 
 def format_clock(summary: Mapping) -> List[str]:
-    """The server's processing time and clock offset, in words."""
+    """The server's clock offset, in words."""
     if summary["server_proc_ms"] is None:
         return ["server processing time: not reported, so it is part of each rtt",
                 "server clock offset: unavailable (the server sends no timestamps: the tutorial's server?)"]
     offset = signed(summary["offset_ms"])
     relation = "level with" if float(offset) == 0 else "ahead of" if offset[0] == "+" else "behind"
-    return ["server processing median {:.3f} ms: from its kernel receiving a request to its reply, "
-            "left out of each rtt".format(summary["server_proc_ms"]),
-            "server clock offset {} ms \u00b1 {:.3f} ms (server {} this machine; from seq {}, the "
+    return ["server clock offset {} ms \u00b1 {:.3f} ms (server {} this machine; from seq {}, the "
             "lowest-rtt probe)".format(offset, summary["offset_err_ms"], relation, summary["offset_seq"])]
 
 
+def time_unit(largest_ms: float) -> Tuple[str, float, int]:
+    """(unit, scale from ms, decimals): microseconds when everything is under a millisecond,
+    as on a LAN or loopback, where 0.003 ms would say little."""
+    return ("us", 1000.0, 1) if largest_ms < 1.0 else ("ms", 1.0, 3)
+
+
 def format_summary(summary: Mapping) -> List[str]:
-    """The human summary of Measurement.summary(), like ping's."""
+    """The human summary of Recorder.summary(), like ping's."""
     lines = ["", "--- {} udp-timecheck statistics ---".format(summary["target"])] + format_counts(summary)
     rtt = summary["rtt_ms"]
     if rtt["min"] is None:
         return lines
-    lines.append("rtt min/avg/max/mdev = {min:.3f}/{avg:.3f}/{max:.3f}/{mdev:.3f} ms".format(**rtt))
-    lines.append("rtt median/p90/p99 = {median:.3f}/{p90:.3f}/{p99:.3f} ms".format(**rtt))
+    unit, scale, digits = time_unit(rtt["max"])
+    def show(*values: float) -> str:
+        return "/".join("{:.{}f}".format(value * scale, digits) for value in values) + " " + unit
+
+    lines.append("rtt min/avg/max/mdev = " + show(rtt["min"], rtt["avg"], rtt["max"], rtt["mdev"]))
+    lines.append("rtt median/p90/p99 = " + show(rtt["median"], rtt["p90"], rtt["p99"]))
     jitter = summary["jitter_ms"]
-    lines.append("jitter {}".format("n/a (one reply)" if jitter is None else "{:.3f} ms".format(jitter)))
-    lines += format_directions(summary) + format_clock(summary) + format_drift(summary)
+    lines.append("jitter " + ("n/a (one reply)" if jitter is None else show(jitter)))
+    out, back = summary["send_ipdv_ms"], summary["receive_ipdv_ms"]
+    if out["median"] is not None:  # each direction on its own: no clock sync needed
+        lines.append("ipdv out median/p99/max = {}, back {}".format(
+            show(out["median"], out["p99"], out["max"]), show(back["median"], back["p99"], back["max"])))
+        lines.append("queueing above each direction's least delay, median: out {}, back {}".format(
+            show(summary["send_queueing_ms"]), show(summary["receive_queueing_ms"])))
+    if summary["server_proc_ms"] is not None:
+        lines.append("server processing median {}: from its kernel receiving a request to its reply, "
+                     "left out of each rtt".format(show(summary["server_proc_ms"])))
+    lines += format_clock(summary) + format_drift(summary)
     stamps = summary["timestamps"]
     fallbacks = ", {} timed from user-space readings".format(plural(stamps["user_fallbacks"], "probe")) \
         if stamps["user_fallbacks"] else ""
@@ -2081,26 +2098,15 @@ def format_summary(summary: Mapping) -> List[str]:
     return lines + format_histogram(summary["histogram_ms"])
 
 
-def format_directions(summary: Mapping) -> List[str]:
-    """Each direction's delay variation, and where the queueing was: no clock sync needed."""
-    out, back = summary["send_ipdv_ms"], summary["receive_ipdv_ms"]
-    if out["median"] is None:
-        return []
-    return ["ipdv out median/p99/max = {median:.3f}/{p99:.3f}/{max:.3f} ms, back {back[median]:.3f}/"
-            "{back[p99]:.3f}/{back[max]:.3f} ms".format(back=back, **out),
-            "queueing above each direction's least delay, median: out {:.3f} ms, back {:.3f} ms".format(
-                summary["send_queueing_ms"], summary["receive_queueing_ms"])]
-
-
 def format_drift(summary: Mapping) -> List[str]:
     """The clocks' relative rate, the offset at the end, and any clock steps."""
     if summary["drift_ppm"] is None:
         return []
-    drift = summary["drift_ppm"]
-    pace = "faster than" if drift > 0 else "slower than" if drift < 0 else "as fast as"
+    drift, error = summary["drift_ppm"], summary["drift_err_ppm"]
+    pace = ("no faster or slower than" if abs(drift) <= 3 * error else  # within three standard errors
+            "faster than" if drift > 0 else "slower than")
     lines = ["clock drift {} ppm \u00b1 {:.3f} ppm (the server's clock runs {} this machine's); offset at "
-             "the end {} ms".format(signed(drift), summary["drift_err_ppm"], pace,
-                                    signed(summary["offset_end_ms"]))]
+             "the end {} ms".format(signed(drift), error, pace, signed(summary["offset_end_ms"]))]
     lines += ["clock step of {} ms at {}".format(signed(step["size_ms"]), step["at"])
               for step in summary["clock_steps"]]
     return lines
@@ -2110,7 +2116,7 @@ def format_histogram(rows: Sequence[Sequence[float]]) -> List[str]:
     """The RTT histogram's rows as bars, in us when every RTT is under a millisecond."""
     if not rows:
         return []
-    unit, scale, digits = ("us", 1000.0, 1) if rows[-1][1] < 1.0 else ("ms", 1.0, 3)
+    unit, scale, digits = time_unit(rows[-1][1])
     widest = max(count for _, _, count in rows)
     lines = ["rtt histogram:"]
     for low, high, count in rows:
@@ -2467,7 +2473,7 @@ def _robust_range(values: Sequence[float]) -> Tuple[float, float]:
 
 def _histogram_panel(plot: Mapping, top: float) -> List[str]:
     rows = plot["histogram_ms"]
-    unit, scale = ("us", 1000.0) if rows and rows[-1][1] < 1.0 else ("ms", 1.0)
+    unit, scale, _ = time_unit(rows[-1][1] if rows else 1.0)
     panel = Panel("histogram", top, (0, max(1, len(rows))), (0, max([row[2] for row in rows] or [1])), (
         "Round-trip time histogram (rows of equal logarithmic width)", "rtt ({}), from - to".format(unit),
         "probes"))

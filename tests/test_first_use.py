@@ -88,24 +88,38 @@ def test_format_summary_exactly():
     answer(recorder, second, 60, 1)
     recorder.receive(reply, (None, T0 + 50_000, T0 + 50_000, 45_000))  # the network's copy: a duplicate
     lines = utc.format_summary(finished(recorder, interrupted=True).summary())
-    assert lines[:9] == [
+    assert lines[:14] == [
         "",
         "--- 127.0.0.1:1060 udp-timecheck statistics ---",
         "3 probes sent, 2 received, 33.333% loss, 1 duplicate, 0 late, 0 reordered, 0 mismatched, 0 forged",
         "interrupted after 3 of 5 probes (3.0 s)",
-        "rtt min/avg/max/mdev = 0.040/0.050/0.060/0.010 ms",
-        "rtt median/p90/p99 = 0.040/0.060/0.060 ms",
-        "jitter 0.020 ms",
-        "ipdv out median/p99/max = 0.011/0.011/0.011 ms, back 0.009/0.009/0.009 ms",
-        "queueing above each direction's least delay, median: out 0.000 ms, back 0.000 ms",
-    ]
-    assert lines[9:12] == [
-        "server processing median 0.005 ms: from its kernel receiving a request to its reply, "
-        "left out of each rtt",
+        "rtt min/avg/max/mdev = 40.0/50.0/60.0/10.0 us",  # all under a millisecond: in us
+        "rtt median/p90/p99 = 40.0/60.0/60.0 us",
+        "jitter 20.0 us",
+        "ipdv out median/p99/max = 11.0/11.0/11.0 us, back 9.0/9.0/9.0 us",
+        "queueing above each direction's least delay, median: out 0.0 us, back 0.0 us",
+        "server processing median 5.0 us: from its kernel receiving a request to its reply, left out of "
+        "each rtt",
         "server clock offset +0.000 ms \u00b1 0.020 ms (server level with this machine; from seq 0, the "
         "lowest-rtt probe)",
-        "timestamps: user-space (both ends)"]
-    assert third.reason == utc.INTERRUPTED
+        "timestamps: user-space (both ends)",
+        "rtt histogram:",
+        # two RTTs: one row, from the lower edge of 40 us's 2% bucket to the upper one of 60 us's
+        "       39.4 -      61.1 us |######################################## 2",
+    ]
+    assert len(lines) == 14 and third.reason == utc.INTERRUPTED
+
+
+def test_format_summary_in_milliseconds_with_a_drift():
+    recorder = new_recorder()
+    for seq in range(12):  # 40 ms apiece, a second apart; the server 2 ms ahead and 100 ppm fast
+        answer(recorder, send(recorder, seq), 40_000, 2000 + seq * 100)
+    lines = utc.format_summary(finished(recorder).summary())
+    assert lines[3:6] == ["rtt min/avg/max/mdev = 40.000/40.000/40.000/0.000 ms",
+                          "rtt median/p90/p99 = 40.000/40.000/40.000 ms", "jitter 0.000 ms"]
+    assert lines[10] == ("clock drift +100.000 ppm \u00b1 0.000 ppm (the server's clock runs faster than "
+                         "this machine's); offset at the end +2.300 ms")  # 2 ms, and 100 ppm of the 3 s run
+    assert lines[-1].endswith(" ms |" + "#" * 40 + " 12")
 
 
 def test_format_counts_in_the_singular_and_when_stopped():
