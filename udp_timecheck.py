@@ -2435,8 +2435,13 @@ def _rtt_panel(plot: Mapping, top: float) -> List[str]:
 def _offset_panel(plot: Mapping, top: float) -> List[str]:
     """Each interval's best offset with its error bar, and the fitted drift line between steps."""
     points = [item for item in plot["bins"] if item["offset_ms"] is not None]
-    low = _robust_range([item["offset_ms"] - item["offset_err_ms"] for item in points])[0]
-    high = _robust_range([item["offset_ms"] + item["offset_err_ms"] for item in points])[1]
+    fit = plot["drift"]
+    lines = [(first, last, intercept / 1e6, fit.drift_ppm / 1e3)  # ppm of a second, in ms per second
+             for first, last, intercept in (fit.segments if fit is not None else ())]
+    values = [item["offset_ms"] for item in points]
+    values += [start + slope * at for first, last, start, slope in lines for at in (first, last)]
+    margin = percentile(sorted(item["offset_err_ms"] for item in points) or [0.5], 0.5)  # a typical error bar
+    low, high = min(values or [0]) - margin, max(values or [1]) + margin
     panel = Panel("offset", top, (0, plot["duration_s"]), (low, high), (
         "Server clock offset, per interval: the lowest-rtt probe, \u00b1 half its rtt; the drift fit",
         "seconds into the run", "offset (ms)"))
@@ -2447,13 +2452,10 @@ def _offset_panel(plot: Mapping, top: float) -> List[str]:
         parts.append('<line x1="{0}" x2="{0}" y1="{1}" y2="{2}" stroke="#bbb"/>'.format(
             x, panel.y(offset - error), panel.y(offset + error)))
         parts.append('<circle cx="{}" cy="{}" r="1.8" fill="#31a354"/>'.format(x, panel.y(offset)))
-    fit = plot["drift"]
-    for index, (first, last, intercept) in enumerate(fit.segments if fit is not None else ()):
-        slope_ms = fit.drift_ppm / 1e3  # ppm of a second, in ms per second
+    for index, (first, last, start, slope) in enumerate(lines):
         parts.append('<line class="drift" x1="{}" y1="{}" x2="{}" y2="{}" stroke="#e6550d" '
-                     'stroke-width="1.5"/>'.format(
-                         panel.x(first), panel.y(intercept / 1e6 + slope_ms * first),
-                         panel.x(last), panel.y(intercept / 1e6 + slope_ms * last)))
+                     'stroke-width="1.5"/>'.format(panel.x(first), panel.y(start + slope * first),
+                                                   panel.x(last), panel.y(start + slope * last)))
         if index:
             parts.append('<line class="step" x1="{0}" x2="{0}" y1="{1}" y2="{2}" stroke="#e6550d" '
                          'stroke-dasharray="4 3"/>'.format(panel.x(first), top, top + SVG_PANEL))
