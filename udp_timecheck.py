@@ -18,6 +18,7 @@ import argparse
 import collections
 import contextlib
 import csv
+import ctypes
 import datetime
 import errno
 import hashlib
@@ -89,6 +90,16 @@ ID_LIMIT = 2 ** 64                  # larger ids and timestamps are malformed
 TIMESTAMP_DIGITS = 20               # room for any time_ns() value until 5138 AD
 SAMPLE_TEXT = "The time is 2000-01-01 00:00:00.000000"
 KEY_ENV = "UDP_TIMECHECK_KEY"
+CLOCK_VALUE_LIMIT = 10 ** 12        # clock state figures are clamped to this, to bound a reply's size
+CLOCK_SOURCE_CHARS = 24             # of the clock source's name
+CLOCK_EVERY = 1000                  # probes: the first, and one in this many, ask for the server's clock
+REFERENCE_BURST, REFERENCE_SPACING = 4, 0.25  # --reference: NTP queries at first, seconds apart
+REFERENCE_EVERY = 64                # seconds between --reference queries after the burst
+NTP_EPOCH_OFFSET = 2208988800       # seconds from 1900, NTP's epoch, to 1970
+NTP_PACKET = struct.Struct("!BBbbII4sQQQQ")  # RFC 5905's header, without extensions
+NTP_PORT = 123
+TIME_ERROR, STA_UNSYNC = 5, 0x0040  # adjtimex(2): the clock is not synchronised
+CLOCK_SOURCE_FILE = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
 MAX_KEY_FILE = 4096                 # bytes: a key, not a file to read until memory runs out
 ZERO_MAC = b"0" * 64                # placeholder for the hex HMAC-SHA256 while it is computed
 MAC_TRAILER = len(ZERO_MAC) + 2     # the MAC, its closing quote and the closing bracket
@@ -279,18 +290,20 @@ def reply_context(request_id: bytes, request_mac: bytes) -> bytes:
     return REPLY_LABEL + b"%b\n%b\n" % (request_id, request_mac)
 
 
-def encode_request(request_id: int, text: str, seq: Optional[int] = None, *,
-                   size: int = 0, pad_to: int = 0, key: Optional[bytes] = None) -> bytes:
+def encode_request(request_id: int, text: str, seq: Optional[int] = None, *, size: int = 0,
+                   pad_to: int = 0, key: Optional[bytes] = None, clock: bool = False) -> bytes:
     """A request datagram; without seq it is the tutorial's two-element form.
 
     With seq it carries our extension object, padded with a "pad" string to at
     least pad_to bytes (exactly, when pad_to leaves room for the pad field);
-    size asks the server to pad its reply to that many bytes.  With a key the
-    MAC is appended as the last element.
+    size asks the server to pad its reply to that many bytes, clock for its
+    kernel's clock state.  With a key the MAC is appended as the last element.
     """
     if seq is None:
         return json.dumps([request_id, text]).encode()
-    ext: Dict[str, object] = {"seq": seq}
+    ext = {"seq": seq}  # type: Dict[str, object]
+    if clock:
+        ext["clock"] = 1
     if size:
         ext["size"] = size
     items = [request_id, text, ext] + ([ZERO_MAC.decode()] if key is not None else [])
@@ -310,8 +323,12 @@ _CANONICAL_REQUEST = re.compile(
     rb'(?:, "[0-9a-f]{64}")?)?\]')
 
 
-def fields_of(request: Message) -> Tuple[bytes, Optional[bytes], int]:
-    """What a reply needs of a request: its id and seq as decimal digits, and the size asked for.
+Fields = Tuple[bytes, Optional[bytes], int, bool]
+
+
+def fields_of(request: Message) -> Fields:
+    """What a reply needs of a request: its id and seq as decimal digits, the size asked for,
+    and whether it asks for the server's clock state.
 
     seq is None for the tutorial's form: no extension object, or one without a seq.
     A message carrying a server's timestamps is a reply: NotARequest.
@@ -320,38 +337,40 @@ def fields_of(request: Message) -> Tuple[bytes, Optional[bytes], int]:
         raise NotARequest("a reply, not a request: it carries server timestamps")
     seq = request.seq
     if seq is None:
-        return b"%d" % request.message_id, None, 0
-    return b"%d" % request.message_id, b"%d" % seq, request.ext.get("size") or 0
+        return b"%d" % request.message_id, None, 0, False
+    size = request.ext.get("size") or 0
+    return b"%d" % request.message_id, b"%d" % seq, size, request.ext.get("clock") == 1
 
 
-def quick_fields(data: bytes) -> Optional[Tuple[bytes, Optional[bytes], int]]:
+def quick_fields(data: bytes) -> Optional[Fields]:
     """request_fields() for a request in the layout json.dumps gives, or None for any other."""
     match = _CANONICAL_REQUEST.fullmatch(data)
     if match is None:
         return None
     request_id, seq, size = match.groups()
-    return request_id, seq, int(size) if size else 0
+    return request_id, seq, int(size) if size else 0, False
 
 
-def request_fields(data: bytes) -> Tuple[bytes, Optional[bytes], int]:
+def request_fields(data: bytes) -> Fields:
     """fields_of(decode_message(data)), the quick way for requests in json.dumps' layout."""
     return quick_fields(data) or fields_of(decode_message(data))
 
 
 def reply_parts(reply_id: bytes, time_text: bytes, *, seq: Optional[bytes], server_recv_ns: int,
                 stamp: bytes = KERNEL.encode(), size: int = 0, request_size: int = 0,
-                keyed: bool = False) -> Tuple[bytes, Optional[bytes]]:
+                keyed: bool = False, clock: bytes = b"") -> Tuple[bytes, Optional[bytes]]:
     """The reply, split where the send timestamp T3 goes; ids and seq as decimal digits.
 
     A request in the tutorial's form (seq None) gets the tutorial's reply, whole
     (tail None).  Otherwise the reply is head + str(T3) + tail, built before T3
     is read so that reading it is the last thing before the send.  stamp says
-    where T2 came from: b"kernel" or b"user".
+    where T2 came from: b"kernel" or b"user"; clock is the server's clock state
+    as encode_clock_state() gives it, or nothing.
     """
     if seq is None:
         return b'[%b, "%b"]' % (reply_id, time_text), None
-    head = b'[%b, "%b", {"seq": %b, "ts": "%b", "t2": %d, "t3": ' % (
-        reply_id, time_text, seq, stamp, server_recv_ns)
+    head = b'[%b, "%b", {"seq": %b, "ts": "%b", %b"t2": %d, "t3": ' % (
+        reply_id, time_text, seq, stamp, clock + b", " if clock else b"", server_recv_ns)
     tail = b'}, "' + ZERO_MAC + b'"]' if keyed else b"}]"
     if size:
         room = (min(size, request_size) - len(head) - len(b"%d" % server_recv_ns)
@@ -378,20 +397,131 @@ def fit_tutorial_reply(reply: bytes, limit: int) -> Optional[bytes]:
     return reply[:-2 - cut] + reply[-2:]
 
 
-def min_request_size(highest_seq: int, *, size: int = 0, keyed: bool = False) -> int:
+def min_request_size(highest_seq: int, *, size: int = 0, keyed: bool = False, clock: bool = False) -> int:
     """The smallest request our server can answer whole, for any id and time.
 
     A reply is never larger than its request, so requests are padded to the
     longest reply they can get: the largest id, T2 and T3 of TIMESTAMP_DIGITS
-    digits, and the longer stamp.
+    digits, the longer stamp, and with clock the longest clock state.
     """
     worst_id = ID_LIMIT - 1
     head, tail = reply_parts(b"%d" % worst_id, SAMPLE_TEXT.encode(), seq=b"%d" % highest_seq,
                              server_recv_ns=10 ** (TIMESTAMP_DIGITS - 1), stamp=KERNEL.encode(),
-                             keyed=keyed)
+                             keyed=keyed, clock=b"x" * CLOCK_STATE_MAX if clock else b"")
     request = encode_request(worst_id, SAMPLE_TEXT, highest_seq, size=size,
-                             key=b"k" if keyed else None)
+                             key=b"k" if keyed else None, clock=clock)
     return max(len(head) + TIMESTAMP_DIGITS + len(tail), len(request) + PAD_OVERHEAD)
+
+
+class ClockState(NamedTuple):
+    """What a kernel says of its clock (adjtimex): whether it is synchronised, and how well."""
+    synchronized: Optional[bool]  # None: unknown (not Linux)
+    maxerror_ns: Optional[int]    # the kernel's bound on the clock's error
+    esterror_ns: Optional[int]    # its estimate of the error
+    freq_ppb: Optional[int]       # the frequency correction being applied, parts per billion
+    source: Optional[str]         # the clock source: tsc, kvm-clock, ...
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"synchronized": self.synchronized, "maxerror_ms": _ms(self.maxerror_ns),
+                "esterror_ms": _ms(self.esterror_ns),
+                "freq_ppm": None if self.freq_ppb is None else self.freq_ppb / 1000, "source": self.source}
+
+
+UNKNOWN_CLOCK = ClockState(None, None, None, None, None)
+_CLOCK_INTS = ("maxerr_us", "esterr_us", "freq_ppb")
+
+
+def encode_clock_state(state: ClockState) -> bytes:
+    """The "clock" member of a reply's extension object: whole numbers only, as the protocol has."""
+    fields = {"sync": state.synchronized}  # type: Dict[str, object]
+    for name, value in zip(_CLOCK_INTS, (state.maxerror_ns, state.esterror_ns, state.freq_ppb)):
+        if value is not None:
+            value = value if name == "freq_ppb" else value // 1000  # the errors in us
+            fields[name] = max(-CLOCK_VALUE_LIMIT, min(CLOCK_VALUE_LIMIT, value))
+    if state.source:
+        fields["source"] = re.sub(r"[^A-Za-z0-9_.-]", "", state.source)[:CLOCK_SOURCE_CHARS]
+    return b'"clock": ' + json.dumps(fields).encode()
+
+
+def decode_clock_state(value: object) -> Optional[ClockState]:
+    """A reply's "clock" member, or None when it is not one."""
+    if type(value) is not dict or value.get("sync") not in (True, False, None):
+        return None
+    numbers = [value.get(name) for name in _CLOCK_INTS]
+    if any(number is not None and type(number) is not int for number in numbers):
+        return None
+    source = value.get("source")
+    maxerror, esterror, freq = numbers
+    return ClockState(value.get("sync"), None if maxerror is None else maxerror * 1000,
+                      None if esterror is None else esterror * 1000, freq,
+                      printable(source)[:CLOCK_SOURCE_CHARS] if type(source) is str else None)
+
+
+_WORST = -CLOCK_VALUE_LIMIT * 1000
+CLOCK_STATE_MAX = len(encode_clock_state(  # the longest: every figure at its limit
+    ClockState(False, _WORST, _WORST, -CLOCK_VALUE_LIMIT, "x" * CLOCK_SOURCE_CHARS)))
+
+
+class NtpReply(NamedTuple):
+    """The fields of an NTP packet that SNTP uses (RFC 4330, RFC 5905)."""
+    leap: int
+    version: int
+    mode: int
+    stratum: int
+    refid: bytes
+    root_delay_ns: int
+    root_dispersion_ns: int
+    origin: int       # as sent: the client's transmit timestamp, echoed
+    receive_ns: int   # T2
+    transmit_ns: int  # T3
+    transmit: int     # as sent: 0 means no time at all
+
+
+def encode_ntp_request(nonce: int) -> bytes:
+    """An SNTPv4 client request (mode 3).  Its transmit timestamp is a random nonce that the
+    reply must echo as its origin, as chrony's client sends, rather than our clock."""
+    return NTP_PACKET.pack((4 << 3) | 3, 0, 0, 0, 0, 0, b"\0" * 4, 0, 0, 0, nonce)
+
+
+def ntp_to_ns(value: int, near_ns: int) -> int:
+    """A 64-bit NTP timestamp as ns since 1970, in the era nearest near_ns (they wrap in 2036)."""
+    seconds = (value >> 32) - NTP_EPOCH_OFFSET
+    era = 1 << 32
+    seconds += round((near_ns // NS_PER_S - seconds) / era) * era
+    return seconds * NS_PER_S + ((value & 0xFFFFFFFF) * NS_PER_S >> 32)
+
+
+def decode_ntp(data: bytes, near_ns: int) -> NtpReply:
+    """An NTP packet, its times in ns since 1970, or WireError."""
+    if len(data) < NTP_PACKET.size:
+        raise WireError("{} bytes: not an NTP packet".format(len(data)))
+    (first, stratum, _, _, root_delay, root_dispersion, refid, _, origin, receive,
+     transmit) = NTP_PACKET.unpack_from(data)
+    return NtpReply(first >> 6, first >> 3 & 7, first & 7, stratum, refid, root_delay * NS_PER_S >> 16,
+                    root_dispersion * NS_PER_S >> 16, origin, ntp_to_ns(receive, near_ns),
+                    ntp_to_ns(transmit, near_ns), transmit)
+
+
+def ntp_problem(reply: NtpReply) -> Optional[str]:
+    """Why an NTP reply cannot be used, or None: RFC 4330's checks, the origin aside."""
+    if reply.mode != 4:
+        return "mode {}, not a server's reply".format(reply.mode)
+    if reply.version not in (3, 4):
+        return "NTP version {}".format(reply.version)
+    if reply.stratum == 0:
+        return "kiss-o'-death {}".format(reply.refid.rstrip(b"\0").decode("ascii", "replace") or "?")
+    if reply.transmit == 0:
+        return "no transmit time"
+    if reply.leap == 3 or reply.stratum >= 16:
+        return "the server is not synchronised (leap {}, stratum {})".format(reply.leap, reply.stratum)
+    return None
+
+
+def describe_refid(stratum: int, refid: bytes) -> str:
+    """A reference id as people read it: a code (GPS, PPS) at stratum 1, else an IPv4 address."""
+    if stratum <= 1:
+        return printable(refid.rstrip(b"\0").decode("ascii", "replace"))
+    return socket.inet_ntoa(refid)
 
 
 def printable(text: str) -> str:
@@ -410,6 +540,10 @@ def clip(text: str, limit: int) -> str:
     elif len(text) <= limit:
         return shown
     return "{}... ({} characters in all)".format(shown, len(text))
+
+
+def _ms(ns: Optional[float]) -> Optional[float]:
+    return None if ns is None else round(ns / 1e6, 6)
 
 
 def iso_utc(ns: int) -> str:
@@ -683,6 +817,28 @@ def fit_drift(points: Sequence[OffsetPoint], end_s: float) -> Optional[DriftFit]
     return DriftFit(slope / 1e3, error / 1e3, intercepts[-1] + slope * end_s, sizes, segments)
 
 
+def clocks_consistent(offset_ms: Optional[float], error_ms: Optional[float], local: ClockState,
+                      server: Optional[ClockState]) -> Optional[bool]:
+    """Whether a measured offset fits what the two kernels claim of their clocks:
+    |offset| <= its error bound + both kernels' maximum errors; None when a figure is missing."""
+    if offset_ms is None or server is None or local.maxerror_ns is None or server.maxerror_ns is None:
+        return None
+    return abs(offset_ms) <= error_ms + (local.maxerror_ns + server.maxerror_ns) / 1e6
+
+
+def compare_clocks(server_ms: float, server_err_ms: float, reference_ms: float,
+                   reference_err_ms: float) -> Dict[str, float]:
+    """This machine's and the server's clocks, each minus the reference's, with error bounds.
+
+    server_ms is the server's clock minus this machine's (our probes);
+    reference_ms the reference's minus this machine's (SNTP).  The server's
+    bound against the reference is the two bounds added.
+    """
+    return {"local_offset_ms": round(-reference_ms, 6), "local_offset_err_ms": round(reference_err_ms, 6),
+            "server_offset_ms": round(server_ms - reference_ms, 6),
+            "server_offset_err_ms": round(server_err_ms + reference_err_ms, 6)}
+
+
 def clock_offset_ns(clock: Callable[[], int]) -> int:
     """How far clock is ahead of CLOCK_REALTIME, the kernel's stamps' clock.
 
@@ -925,6 +1081,47 @@ def enable_packet_info(sock: socket.socket) -> bool:
     return True
 
 
+class _Timeval(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+
+class _Timex(ctypes.Structure):
+    """glibc's struct timex, for adjtimex(2)."""
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
+                ("constant", ctypes.c_long), ("precision", ctypes.c_long), ("tolerance", ctypes.c_long),
+                ("time", _Timeval), ("tick", ctypes.c_long), ("ppsfreq", ctypes.c_long),
+                ("jitter", ctypes.c_long), ("shift", ctypes.c_int), ("stabil", ctypes.c_long),
+                ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long), ("errcnt", ctypes.c_long),
+                ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int), ("reserved", ctypes.c_int * 11)]
+
+
+def read_clock_state() -> ClockState:
+    """This kernel's own view of its clock (adjtimex with no modes: a read, no privileges needed).
+
+    Synchronised means what the kernel means: its STA_UNSYNC flag is clear and
+    adjtimex does not answer TIME_ERROR, which chronyd or ntpd arrange while
+    they discipline the clock.  Unknown (None) where there is no adjtimex.
+    """
+    if not sys.platform.startswith("linux"):
+        return UNKNOWN_CLOCK
+    timex = _Timex()
+    try:
+        state = ctypes.CDLL(None, use_errno=True).adjtimex(ctypes.byref(timex))
+    except (OSError, AttributeError):
+        return UNKNOWN_CLOCK
+    if state < 0:
+        return UNKNOWN_CLOCK
+    try:
+        with open(CLOCK_SOURCE_FILE) as source_file:
+            source = source_file.read().strip()  # type: Optional[str]
+    except OSError:
+        source = None
+    synchronized = state != TIME_ERROR and not timex.status & STA_UNSYNC
+    return ClockState(synchronized, timex.maxerror * 1000, timex.esterror * 1000, timex.freq * 1000 >> 16,
+                      source)
+
+
 _PACKET_INFO_LEVELS = frozenset((socket.IPPROTO_IP, socket.IPPROTO_IPV6))
 
 
@@ -1017,6 +1214,7 @@ class TimeServer:
         self._log, self._log_limit = log, log_limit
         self._log_second = self._log_lines = self._log_hidden = 0
         self._text_second, self._text_prefix = -1, b""
+        self._clock_second, self._clock_fragment = -1, b""
         self._stopping = False
         self._idle = threading.Event()
         self._idle.set()
@@ -1104,7 +1302,7 @@ class TimeServer:
             stats.rate_limited += 1
             return None
         try:
-            request_id, seq, size = request_fields(data)
+            request_id, seq, size, wants_clock = request_fields(data)
         except NotARequest:
             stats.loops += 1
             return None
@@ -1121,12 +1319,20 @@ class TimeServer:
         reply_id = request_id
         if self._faulty and self._rng() < self._faulty:
             reply_id = b"%d" % (int(request_id) + 1)  # the tutorial's FAULTY_SERVER: a wrong id
-        reply = self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp)
+        clock = self._clock_state(server_recv_ns) if wants_clock else b""
+        reply = self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp, clock)
         if reply is None:
             stats.too_short += 1
         elif seq is None:
             self._loops.answered(source, int(reply_id))
         return reply
+
+    def _clock_state(self, now_ns: int) -> bytes:
+        """This kernel's clock state, for the replies that ask: read at most once a second."""
+        second = now_ns // NS_PER_S
+        if second != self._clock_second:
+            self._clock_second, self._clock_fragment = second, encode_clock_state(read_clock_state())
+        return self._clock_fragment
 
     def _refused_source(self, source: tuple) -> bool:
         """Privileged ports (echo, daytime, DNS, NTP...) and our own port: a loop in the making."""
@@ -1135,15 +1341,20 @@ class TimeServer:
                                                                          source[0] == self.address[0]))
 
     def _build_reply(self, data: bytes, request_id: bytes, reply_id: bytes, seq: Optional[bytes], size: int,
-                     server_recv_ns: int, stamp: bytes) -> Optional[bytes]:
-        """The reply, T3 read last; None if it would be larger than the request."""
+                     server_recv_ns: int, stamp: bytes, clock: bytes = b"") -> Optional[bytes]:
+        """The reply, T3 read last; None if it would be larger than the request.
+
+        The clock state goes in only if it fits: the client pads for it.
+        """
         second, fraction = divmod(server_recv_ns, NS_PER_S)
         if second != self._text_second:  # formatting the date once a second is enough
             self._text_second, self._text_prefix = second, _time_prefix(second)
         key = self._key
         head, tail = reply_parts(reply_id, b"%b.%06d" % (self._text_prefix, fraction // 1000), seq=seq,
                                  server_recv_ns=server_recv_ns, stamp=stamp, size=size,
-                                 request_size=len(data), keyed=key is not None)
+                                 request_size=len(data), keyed=key is not None, clock=clock)
+        if clock and len(head) + TIMESTAMP_DIGITS + len(tail) > len(data):
+            return self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp)
         if tail is None:
             return fit_tutorial_reply(head, len(data))
         if key is None:
@@ -1212,10 +1423,6 @@ class TimeServer:
 # Client: the prober
 # ---------------------------------------------------------------------------
 
-def _ms(ns: Optional[float]) -> Optional[float]:
-    return None if ns is None else round(ns / 1e6, 6)
-
-
 class Sample:
     """One probe: its request, its timestamps and, once answered, what it measured.
 
@@ -1225,7 +1432,7 @@ class Sample:
     """
     __slots__ = ("seq", "request_id", "request_mac", "request", "status", "reason", "send_mono_ns",
                  "recv_mono_ns", "t1", "t1_user", "t1_kernel", "t2", "t3", "t4", "t4_kernel", "server_stamp",
-                 "reply_id", "reply_text", "reply_size", "timing")
+                 "request_size", "reply_id", "reply_text", "reply_size", "timing", "server_clock", "ntp")
 
     def __init__(self, seq: int, request_id: int, request_mac: bytes = b"") -> None:
         self.seq, self.request_id, self.request_mac = seq, request_id, request_mac
@@ -1236,8 +1443,10 @@ class Sample:
         self.recv_mono_ns = self.t2 = self.t3 = self.t4 = None  # type: Optional[int]
         self.t1_kernel = self.t4_kernel = False
         self.server_stamp = self.reply_id = self.reply_text = None  # type: Optional[object]
-        self.reply_size = 0
+        self.request_size = self.reply_size = 0
         self.timing = None  # type: Optional[Timing]
+        self.server_clock = None  # type: Optional[ClockState]  # when it asked, and the server said
+        self.ntp = None  # type: Optional[NtpReply]  # an NTP server's reply (SntpProber)
 
     @property
     def raw_rtt_ns(self) -> Optional[int]:
@@ -1462,6 +1671,8 @@ class Recorder:
         self._ended_seq = RecentTable(RECENT_PROBES)  # seq -> request id
         self._legs = RecentTable(RECENT_PROBES)  # seq -> (rtt, T2 - T1, T4 - T3) of answered probes
         self.highest_seq = -1
+        self.server_clock = None  # type: Optional[ClockState]  # the latest the server told
+        self.local_clock = UNKNOWN_CLOCK  # this kernel's, read at the end of the run
         self.interrupted = False
         self.stop_reason = self.last_error = None  # type: Optional[str]
 
@@ -1531,6 +1742,7 @@ class Recorder:
     def finish(self, interrupted: bool, reason: str = INTERRUPTED) -> None:
         """The end of the run: every probe still in flight is lost, for reason."""
         self.interrupted = interrupted
+        self.local_clock = read_clock_state()
         if reason == DEADLINE:
             self.stop_reason = DEADLINE
         self.duration_ns = monotonic_ns() - self.started_mono_ns
@@ -1582,16 +1794,23 @@ class Recorder:
 
     def _record(self, sample: Sample, reply: Message, data: bytes,
                 stamps: Tuple[Optional[int], int, int, int]) -> None:
-        """Keep what the reply says, and when it came: the kernel's T4 if plausible, else ours."""
-        kernel_t4, user_t4, real_t4, sample.recv_mono_ns = stamps
-        kernel_mode = self.timestamps == KERNEL
-        t4 = arrival_ns(kernel_t4, user_t4, real_t4, user_t4 - sample.t1) if kernel_mode else None
-        sample.t4, sample.t4_kernel = (user_t4, False) if t4 is None else (t4, True)
+        """Keep what the reply says, and when it came."""
         sample.reply_id, sample.reply_text, sample.reply_size = reply.message_id, reply.text, len(data)
         if reply.ext is not None:
             sample.t2, sample.t3 = reply.ext.get("t2"), reply.ext.get("t3")
             stamp = reply.ext.get("ts")
             sample.server_stamp = stamp if stamp in (KERNEL, USER) else None
+            if "clock" in reply.ext:
+                sample.server_clock = decode_clock_state(reply.ext["clock"])
+                self.server_clock = sample.server_clock or self.server_clock
+        self._arrived(sample, stamps)
+
+    def _arrived(self, sample: Sample, stamps: Tuple[Optional[int], int, int, int]) -> None:
+        """When the reply came, the kernel's T4 if plausible, else ours; then what the probe measured."""
+        kernel_t4, user_t4, real_t4, sample.recv_mono_ns = stamps
+        kernel_mode = self.timestamps == KERNEL
+        t4 = arrival_ns(kernel_t4, user_t4, real_t4, user_t4 - sample.t1) if kernel_mode else None
+        sample.t4, sample.t4_kernel = (user_t4, False) if t4 is None else (t4, True)
         sample.settle(user_t4, kernel_mode=kernel_mode)
 
     def _end(self, sample: Sample, status: str, reason: Optional[str] = None) -> None:
@@ -1689,6 +1908,12 @@ class Recorder:
         summary.update(target=self.target, address=self.address, stopped_because=self.stop_reason,
                        interrupted=self.interrupted)
         summary.update(self._figures(totals, end_mono_ns))
+        server = self.server_clock
+        summary["reference"] = None  # client --reference fills it in
+        summary["clock"] = {"local": self.local_clock.as_dict(),
+                            "server": (server or UNKNOWN_CLOCK).as_dict(),
+                            "consistent": clocks_consistent(summary["offset_ms"], summary["offset_err_ms"],
+                                                            self.local_clock, server)}
         summary.update(samples=[sample.as_dict() for sample in samples], samples_kept=len(samples),
                        samples_cut=totals.sent > len(samples))
         return summary
@@ -1763,6 +1988,8 @@ class Prober:
     has it, or USER.
     """
 
+    recorder_class = Recorder  # type: type
+
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, count: int = 1,
                  interval: float = 0.0, timeout: float = DEFAULT_TIMEOUT, size: int = 0,
                  key: Optional[bytes] = None, clock: Optional[Callable[[], int]] = None,
@@ -1786,6 +2013,9 @@ class Prober:
         if size and not smallest <= size <= largest:
             raise TimecheckError("--size must be from {} to {} bytes".format(smallest, largest))
         self.request_size = size or smallest
+        # The first probe, and one in CLOCK_EVERY, ask for the server's clock state: room for it.
+        self._clock_request_size = size or min_request_size(count or 10 ** 12, keyed=key is not None,
+                                                            clock=True)
         self.recorder = None  # type: Optional[Recorder]  # the run's, once it has begun
         self._transmit_stamps = self._stopping = False
         self._waker = []  # type: List[socket.socket]  # a socket pair: stop() wakes select()
@@ -1819,10 +2049,12 @@ class Prober:
     def new_probe(self, seq: int) -> Tuple[Sample, bytes]:
         """Probe number seq and its request datagram, as this prober sends it."""
         request_id = secrets.randbits(ID_BITS)  # unguessable, unlike the tutorial's 0..1000
+        clock = seq % CLOCK_EVERY == 0
         data = encode_request(request_id, "The time is {}".format(datetime.datetime.now()), seq,
-                              size=self.size, pad_to=self.request_size, key=self.key)
+                              size=self.size, pad_to=self._clock_request_size if clock else self.request_size,
+                              key=self.key, clock=clock)
         sample = Sample(seq, request_id, mac_of_datagram(data) if self.key is not None else b"")
-        sample.request = data
+        sample.request, sample.request_size = data, len(data)
         return sample, data
 
     def _run_at_address(self) -> Recorder:
@@ -1851,10 +2083,10 @@ class Prober:
         self._transmit_stamps = self.timestamps == KERNEL and enable_transmit_timestamps(sock)
         settings = {"count": self.count, "interval": self.interval, "timeout": self.timeout,
                     "size": self.size or None, "deadline": self.deadline}
-        return Recorder(self.target, self.address[0], settings=settings, request_size=self.request_size,
-                        key=self.key, timestamps=self.timestamps, transmit_stamps=self._transmit_stamps,
-                        keep_samples=self.keep_samples, reports=bool(self.report_every),
-                        on_sample=self.on_sample)
+        return self.recorder_class(self.target, self.address[0], settings=settings,
+                                   request_size=self.request_size, key=self.key, timestamps=self.timestamps,
+                                   transmit_stamps=self._transmit_stamps, keep_samples=self.keep_samples,
+                                   reports=bool(self.report_every), on_sample=self.on_sample)
 
     def _loop(self, sock: socket.socket, recorder: Recorder) -> str:
         """Send, receive and expire until the run is over; returns why probes still waiting end."""
@@ -1944,6 +2176,129 @@ class Prober:
         recorder.receive(data, (kernel_t4, user_t4, real_t4, recv_mono_ns))
 
 
+class SntpRecorder(Recorder):
+    """A Recorder for an NTP server's replies: matched by their origin timestamp (our nonce),
+    checked as RFC 4330 says, and refused (lost, with the reason) when unusable."""
+
+    def __init__(self, *args: object, **options: object) -> None:
+        super().__init__(*args, **options)
+        self.problems = collections.Counter()  # type: collections.Counter  # unusable replies, by why
+
+    def receive(self, data: bytes, stamps: Tuple[Optional[int], int, int, int]) -> None:
+        try:
+            reply = decode_ntp(data, stamps[1])
+        except WireError:
+            self._count("malformed")
+            return
+        sample = self.in_flight.get(reply.origin)
+        if sample is None:  # a wrong origin: stale, or spoofed; or late, or a duplicate
+            ended = self._ended.get(reply.origin)
+            self._count("mismatched" if ended is None else "late" if ended[1] == LOST else "duplicates")
+            return
+        sample.ntp, sample.reply_size = reply, len(data)
+        problem = ntp_problem(reply)
+        if problem is not None:  # reported, and the sample not used
+            self.problems[problem] += 1
+            if problem.startswith("kiss"):
+                self.stop_reason = problem  # RFC 4330: stop, or at least slow down; we stop
+            self._end(sample, LOST, problem)
+            return
+        sample.t2, sample.t3 = reply.receive_ns, reply.transmit_ns
+        self._arrived(sample, stamps)
+        self._end(sample, OK)
+
+    def summary(self) -> Dict[str, object]:
+        """The run's summary with the NTP server's figures, from the lowest-delay query."""
+        summary = super().summary()
+        best = self.totals.best
+        reply = best.ntp if best is not None else None
+        summary.update(problems=dict(self.problems), delay_ms=_ms(best and best.timing.rtt_ns),
+                       stratum=reply and reply.stratum,
+                       refid=reply and describe_refid(reply.stratum, reply.refid), leap=reply and reply.leap,
+                       root_delay_ms=_ms(reply and reply.root_delay_ns),
+                       root_dispersion_ms=_ms(reply and reply.root_dispersion_ns))
+        return summary
+
+
+class SntpProber(Prober):
+    """Queries an NTP server (SNTPv4, RFC 4330) with Prober's loop, kernel timestamps and
+    statistics: this machine's clock against the server's, per query and at best."""
+    recorder_class = SntpRecorder
+
+    def __init__(self, host: str, port: int = NTP_PORT, **options: object) -> None:
+        super().__init__(host, port, **options)
+        self.request_size = self._clock_request_size = NTP_PACKET.size
+
+    def new_probe(self, seq: int) -> Tuple[Sample, bytes]:
+        nonce = secrets.randbits(64) or 1  # unguessable: an off-path forger cannot echo it
+        data = encode_ntp_request(nonce)
+        sample = Sample(seq, nonce)
+        sample.request, sample.request_size = data, len(data)
+        return sample, data
+
+
+class Reference:
+    """This machine's clock against an NTP server, alongside a measurement, from a thread: a
+    burst of REFERENCE_BURST queries, then one every REFERENCE_EVERY seconds until stop()."""
+
+    def __init__(self, host: str, port: int, *, clock: Optional[Callable[[], int]] = None,
+                 timestamps: str = KERNEL) -> None:
+        self._options = {"clock": clock, "timestamps": timestamps, "timeout": DEFAULT_TIMEOUT}
+        self.prober = SntpProber(host, port, count=REFERENCE_BURST, interval=REFERENCE_SPACING,
+                                 **self._options)  # resolves now: a bad name is a usage error
+        self.host, self.port, self.best = host, port, None  # type: str, int, Optional[Sample]
+        self.problems = collections.Counter()  # type: collections.Counter
+        self._stopping, self._burst_done = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="udp-timecheck-reference", daemon=True)
+
+    def start(self) -> "Reference":
+        self._thread.start()
+        return self
+
+    def stop(self, finish_burst: bool = False) -> None:
+        """Stop querying; with finish_burst, after the first burst, so that a short run still has
+        REFERENCE_BURST queries to choose from."""
+        if finish_burst:
+            self._burst_done.wait(REFERENCE_BURST * REFERENCE_SPACING + DEFAULT_TIMEOUT + 1)
+        self._stopping.set()
+        self.prober.stop()
+        self._thread.join(timeout=DEFAULT_TIMEOUT + 5)
+
+    def result(self, summary: Mapping) -> Dict[str, object]:
+        """The JSON's "reference": this machine and the server against the reference, from the
+        best query and the best probe; the offsets are null when either has none."""
+        best = self.best
+        reply = best and best.ntp
+        result = {"host": format_address(self.host.strip("[]"), self.port),
+                  "stratum": reply and reply.stratum,
+                  "refid": reply and describe_refid(reply.stratum, reply.refid),
+                  "problems": dict(self.problems), "local_offset_ms": None, "local_offset_err_ms": None,
+                  "server_offset_ms": None, "server_offset_err_ms": None}
+        if best is not None:
+            result["local_offset_ms"] = _ms(-best.offset_ns)
+            result["local_offset_err_ms"] = _ms(best.offset_err_ns)
+        if best is not None and summary["offset_ms"] is not None:
+            result.update(compare_clocks(summary["offset_ms"], summary["offset_err_ms"], best.offset_ns / 1e6,
+                                         best.offset_err_ns / 1e6))
+        return result
+
+    def _run(self) -> None:
+        while True:
+            recorder = self.prober.run()
+            for sample in recorder.samples:
+                if sample.status == LOST and sample.reason not in (TIMED_OUT, INTERRUPTED):
+                    self.problems[sample.reason] += 1
+            best = recorder.totals.best
+            if best is not None and (self.best is None or best.timing.rtt_ns < self.best.timing.rtt_ns):
+                self.best = best
+            self._burst_done.set()
+            if recorder.stop_reason or self._stopping.wait(REFERENCE_EVERY):
+                return
+            self.prober = SntpProber(self.host, self.port, count=1, **self._options)
+            if self._stopping.is_set():  # stop() came while the new prober was being made
+                return
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -1990,9 +2345,9 @@ def _read_key_file(path: str) -> Tuple[bytes, int]:
     return key, info.st_mode
 
 
-def plural(count: int, noun: str) -> str:
-    """'1 probe', '2 probes', '0 probes'."""
-    return "{} {}{}".format(count, noun, "" if count == 1 else "s")
+def plural(count: int, noun: str, nouns: Optional[str] = None) -> str:
+    """'1 probe', '2 probes', '0 probes'; '1 query', '2 queries' when told."""
+    return "{} {}".format(count, noun if count == 1 else nouns or noun + "s")
 
 
 def signed(value: float, digits: int = 3) -> str:
@@ -2090,7 +2445,9 @@ def format_summary(summary: Mapping) -> List[str]:
     if summary["server_proc_ms"] is not None:
         lines.append("server processing median {}: from its kernel receiving a request to its reply, "
                      "left out of each rtt".format(show(summary["server_proc_ms"])))
-    lines += format_clock(summary) + format_drift(summary)
+    lines += format_clock(summary) + format_drift(summary) + format_clocks(summary)
+    if summary["reference"] is not None:
+        lines += format_reference(summary["reference"])
     stamps = summary["timestamps"]
     fallbacks = ", {} timed from user-space readings".format(plural(stamps["user_fallbacks"], "probe")) \
         if stamps["user_fallbacks"] else ""
@@ -2109,6 +2466,58 @@ def format_drift(summary: Mapping) -> List[str]:
              "the end {} ms".format(signed(drift), error, pace, signed(summary["offset_end_ms"]))]
     lines += ["clock step of {} ms at {}".format(signed(step["size_ms"]), step["at"])
               for step in summary["clock_steps"]]
+    return lines
+
+
+def format_clock_state(whose: str, state: Mapping) -> str:
+    """What a kernel says of its clock, in words: 'server clock: synchronised, max error ...'."""
+    if state["synchronized"] is None:
+        return "{}: unknown (no kernel clock state{})".format(
+            whose, ": the server did not say" if whose.startswith("server") else " here")
+    words = ["synchronised" if state["synchronized"] else "NOT synchronised (the kernel says so)"]
+    if state["maxerror_ms"] is not None:
+        words.append("max error {:.3f} ms, estimated error {:.3f} ms".format(state["maxerror_ms"],
+                                                                            state["esterror_ms"]))
+    if state["freq_ppm"] is not None:
+        words.append("frequency correction {} ppm".format(signed(state["freq_ppm"])))
+    source = " ({})".format(state["source"]) if state["source"] else ""
+    return "{}: {}{}".format(whose, ", ".join(words), source)
+
+
+def format_clocks(summary: Mapping) -> List[str]:
+    """Both kernels' views of their clocks, and whether the measured offset fits them."""
+    clock = summary["clock"]
+    lines = [format_clock_state("server clock", clock["server"]),
+             format_clock_state("this machine's clock", clock["local"])]
+    if clock["consistent"] is not None:
+        lines.append("the offset is {}consistent with what both kernels claim (|offset| within its bound and "
+                     "both max errors)".format("" if clock["consistent"] else "NOT "))
+    return lines
+
+
+def format_reference(reference: Mapping) -> List[str]:
+    """The three clocks against the reference, and in words which is off, and by how much."""
+    name = "reference {}{}".format(reference["host"], " (stratum {})".format(reference["stratum"])
+                                   if reference["stratum"] is not None else "")
+    if reference["local_offset_ms"] is None:
+        problems = "; ".join("{} x {}".format(count, problem)
+                             for problem, count in reference["problems"].items())
+        return ["{}: no usable answer{}".format(name, " ({})".format(problems) if problems else "")]
+    lines = ["{}: this machine {} ms \u00b1 {:.3f} ms (this clock minus the reference's)".format(
+        name, signed(reference["local_offset_ms"]), reference["local_offset_err_ms"])]
+    if reference["server_offset_ms"] is None:
+        return lines
+    lines.append("{}: the server {} ms \u00b1 {:.3f} ms".format(
+        name, signed(reference["server_offset_ms"]), reference["server_offset_err_ms"]))
+    off = [(whose, reference[key + "_ms"], reference[key + "_err_ms"])
+           for whose, key in (("this machine's", "local_offset"), ("the server's", "server_offset"))
+           if abs(reference[key + "_ms"]) > reference[key + "_err_ms"]]
+    if not off:
+        lines.append("verdict: both clocks agree with the reference, within their error bounds")
+    else:
+        lines.append("verdict: " + "; ".join("{} clock is off by {} ms (\u00b1 {:.3f} ms)".format(
+            whose, signed(value), error) for whose, value, error in off) + (
+            "; the other agrees with the reference" if len(off) == 1 else ""))
     return lines
 
 
@@ -2154,6 +2563,55 @@ def failure_reason(measurement: Recorder, timeout: float) -> Optional[str]:
         return "cannot send to {}: {}".format(target, measurement.last_error)
     return ("no reply from {} within {:g} s (is the server running{}, and is its UDP port "
             "open to you?)".format(target, timeout, " with the same key" if measurement.keyed else ""))
+
+
+def format_sntp_sample(sample: Sample, target: str, timeout: float) -> str:
+    """A line for one NTP query: the offset and delay, and what the server says of itself."""
+    if sample.status != OK:
+        reason = LOST_LINES.get(sample.reason, sample.reason) or LOST_LINES[TIMED_OUT]
+        return "seq={}: {}".format(sample.seq, reason.format(timeout=timeout))
+    reply = sample.ntp
+    return ("{}: seq={} offset={} ms delay={:.3f} ms stratum {} refid {} leap {} root delay {:.3f} ms "
+            "root dispersion {:.3f} ms").format(
+        target, sample.seq, signed(sample.offset_ns / 1e6), sample.rtt_ns / 1e6, reply.stratum,
+        describe_refid(reply.stratum, reply.refid), reply.leap, reply.root_delay_ns / 1e6,
+        reply.root_dispersion_ns / 1e6)
+
+
+def format_sntp_summary(summary: Mapping) -> List[str]:
+    """The summary of an sntp run: what came back, the best offset, and the server's own figures."""
+    lines = ["", "--- {} sntp statistics ---".format(summary["target"]),
+             "{} sent, {} answered, {:g}% loss, {} late, {} duplicates, {} with a wrong origin".format(
+                 plural(summary["sent"], "query", "queries"), summary["received"],
+                 summary["loss_pct"] or 0, summary["late"], summary["duplicates"], summary["mismatched"])]
+    lines += ["{} unusable: {}".format(count, problem) for problem, count in summary["problems"].items()]
+    if summary["offset_ms"] is not None:
+        offset = signed(summary["offset_ms"])
+        relation = "is " + ("level with" if float(offset) == 0 else "ahead of" if offset[0] == "+" else "behind")
+        figures = (offset, summary["offset_err_ms"], relation, summary["offset_seq"], summary["delay_ms"])
+        lines.append("offset {} ms \u00b1 {:.3f} ms (the server's clock {} this machine's; from seq {}, the "
+                     "lowest-delay query), delay {:.3f} ms".format(*figures))
+        lines.append("server: stratum {}, reference {}, leap {}, root delay {:.3f} ms, root dispersion "
+                     "{:.3f} ms".format(summary["stratum"], summary["refid"], summary["leap"],
+                                        summary["root_delay_ms"], summary["root_dispersion_ms"]))
+    lines.append(format_clock_state("this machine's clock", summary["clock"]["local"]))
+    return lines
+
+
+def sntp_failure(recorder: SntpRecorder, timeout: float) -> Optional[str]:
+    """Why an sntp run failed, in one line; None if it did not."""
+    if recorder.received and not recorder.mismatched:
+        return None
+    target = recorder.target
+    if recorder.stop_reason and recorder.stop_reason.startswith("kiss"):
+        return "{} sent a {}: it asks this client to stop (RATE: to ask less often)".format(
+            target, recorder.stop_reason)
+    if recorder.mismatched:
+        return "{} replies from {} echo no query's origin timestamp: stale, or forged".format(
+            recorder.mismatched, target)
+    if recorder.problems:
+        return "no usable answer from {}: {}".format(target, recorder.problems.most_common(1)[0][0])
+    return failure_reason(recorder, timeout)
 
 
 class Output:
@@ -2585,7 +3043,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         raise TimecheckError("{} and {} both write to standard output; give one a file".format(*on_stdout))
     text = Output(sys.stderr if on_stdout and not args.json else sys.stdout)  # stdout carries the rows
     measuring = any((args.measure_delay, args.quiet, args.json, args.csv, args.jsonl, args.plot,
-                     args.deadline, args.report_every, args.count is not None, args.interval is not None))
+                     args.reference, args.deadline, args.report_every, args.count is not None,
+                     args.interval is not None))
     prober = Prober(args.host, args.port, count=DEFAULT_COUNT if args.count is None and measuring else
                     1 if args.count is None else args.count, interval=args.interval or 0.0,
                     timeout=args.timeout, size=args.size or 0, key=_key_for(args), timestamps=args.timestamps,
@@ -2602,9 +3061,14 @@ def cmd_client(args: argparse.Namespace) -> int:
         if measuring and not args.json:
             text.line(format_header(prober))
         stack.enter_context(_stop_signals(prober.stop, restore=args.restore_signals))
+        reference = Reference(*args.reference, timestamps=args.timestamps).start() if args.reference else None
         recorder = prober.run()  # a signal ends it; after it, signals change nothing
         progress.clear()
-        _print_result(text, args, measuring, recorder, recorder.summary())
+        summary = recorder.summary()
+        if reference is not None:
+            reference.stop(finish_burst=not recorder.interrupted)
+            summary["reference"] = reference.result(summary)
+        _print_result(text, args, measuring, recorder, summary)
         plot_error = _write_plot(plot, recorder)
     problems = [(sink.name, sink.error) for sink in rows]
     problems += [(args.plot, plot_error), ("standard output", text.error)]
@@ -2672,6 +3136,29 @@ def _print_result(out: Output, args: argparse.Namespace, measuring: bool, measur
             out.line("Server is a liar!")
 
 
+def cmd_sntp(args: argparse.Namespace) -> int:
+    _check_host(args.host)
+    out = Output(sys.stdout)
+    prober = SntpProber(args.host, args.port, count=args.count, interval=args.interval, timeout=args.timeout,
+                        timestamps=args.timestamps, on_note=_err)
+    if not (args.quiet or args.json):
+        prober.on_sample = lambda sample: out.line(format_sntp_sample(sample, prober.target, args.timeout))
+        out.line("SNTP {} ({}): {}, interval {:g} s, timeout {:g} s, {} timestamps".format(
+            prober.target, prober.address[0], plural(args.count, "query", "queries"),
+            args.interval, args.timeout, prober.timestamps))
+    with _stop_signals(prober.stop, restore=args.restore_signals):
+        recorder = prober.run()
+    summary = recorder.summary()
+    for line in [json.dumps(summary)] if args.json else format_sntp_summary(summary):
+        out.line(line)
+    if out.error is not None:
+        raise TimecheckError("cannot write to standard output: {}".format(out.error))
+    reason = sntp_failure(recorder, args.timeout)
+    if reason is not None:
+        raise TimecheckError(reason, EXIT_FAILED)
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Output(sys.stdout)
     status = EXIT_OK
@@ -2708,6 +3195,17 @@ def _truthy(text: str) -> bool:
     raise argparse.ArgumentTypeError("expected 1/true/yes or 0/false/no, got {!r}".format(text))
 
 
+def _host_and_port(text: str) -> Tuple[str, int]:
+    """NTPHOST[:PORT], with [IPv6]:PORT for an IPv6 address and a port."""
+    host, port = text, NTP_PORT
+    if text.startswith("[") and "]:" in text or text.count(":") == 1:
+        host, _, digits = text.rpartition(":")
+        port = int(_ranged(int, 1, 65535, "NTPHOST or NTPHOST:PORT")(digits))
+    if not host.strip("[]"):
+        raise argparse.ArgumentTypeError("expected NTPHOST or NTPHOST:PORT, got {!r}".format(text))
+    return host.strip("[]"), port
+
+
 def _interval(text: str) -> float:
     """0 (back to back) or from MIN_INTERVAL: below that, the "loss" would be our own doing."""
     what = "0 (back to back) or seconds from {:g} to 3600".format(MIN_INTERVAL)
@@ -2741,6 +3239,12 @@ examples:
 exit codes: 0 at least one valid reply, and no liar, forged reply or echo;
 1 no valid reply, a liar, a forged reply or an echo service; 2 a usage or
 set-up error""".format(count=DEFAULT_COUNT)
+SNTP_EPILOG = """examples:
+  %(prog)s 169.254.169.123      the Amazon Time Sync Service, from an EC2 instance
+  %(prog)s pool.ntp.org -c 8 -i 2 --json
+
+exit codes: 0 at least one usable answer; 1 none (silence, kiss-o'-death, an
+unsynchronised server), or a reply with a wrong origin; 2 a usage error"""
 DEMO_DESCRIPTION = """Start a server on 127.0.0.1, on a free port, and run two clients against
 it in this same process: the tutorial's single round trip, then a
 measurement of 50 probes.  Both sides' output is shown; the server's lines
@@ -2753,13 +3257,15 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         "UDP latency and clock check: a time server, and a client that measures round-trip "
         "time, loss and the server's clock offset."))
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    commands = parser.add_subparsers(dest="command", metavar="{server,client,demo}")
+    commands = parser.add_subparsers(dest="command", metavar="{server,client,sntp,demo}")
     commands.required = True
     formatter = argparse.RawDescriptionHelpFormatter
     server = commands.add_parser("server", help="answer time requests", epilog=SERVER_EPILOG,
                                  formatter_class=formatter)
     client = commands.add_parser("client", help="ask the time once, or measure with --measure-delay",
                                  epilog=CLIENT_EPILOG, formatter_class=formatter)
+    sntp = commands.add_parser("sntp", help="this machine's clock against an NTP server (SNTPv4)",
+                               epilog=SNTP_EPILOG, formatter_class=formatter)
     demo = commands.add_parser("demo", help="run a server and a client on loopback, show both",
                                description=DEMO_DESCRIPTION, formatter_class=formatter)
     _add_common_options(server, "address to listen on; 0.0.0.0 for all IPv4 interfaces, "
@@ -2767,10 +3273,30 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     _add_common_options(client, "server to ask: a name, an IPv4 or an IPv6 address")
     _add_server_options(server)
     _add_client_options(client)
+    _add_sntp_options(sntp)
     server.set_defaults(func=cmd_server)
     client.set_defaults(func=cmd_client)
+    sntp.set_defaults(func=cmd_sntp)
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _add_sntp_options(sntp: argparse.ArgumentParser) -> None:
+    sntp.add_argument("host", metavar="HOST", help="the NTP server: a name, an IPv4 or an IPv6 address")
+    sntp.add_argument("port", nargs="?", default=NTP_PORT, metavar="PORT",
+                      type=_ranged(int, 1, 65535, "a port number from 1 to 65535"),
+                      help="UDP port (default %(default)s)")
+    sntp.add_argument("-c", "--count", type=_ranged(int, 1, 10 ** 6, "a whole number from 1"), default=4,
+                      help="queries to send (default %(default)s)")
+    sntp.add_argument("-i", "--interval", type=_ranged(float, 0.01, 3600, "seconds from 0.01 to 3600"),
+                      default=1.0, help="seconds between queries (default %(default)s; public servers may "
+                                        "answer a faster client with a kiss-o'-death)")
+    sntp.add_argument("-W", "--timeout", type=_ranged(float, 0.001, 3600, "seconds from 0.001 to 3600"),
+                      default=DEFAULT_TIMEOUT, help="seconds to wait for a reply (default %(default)s)")
+    sntp.add_argument("-q", "--quiet", action="store_true", help="the summary only")
+    sntp.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    sntp.add_argument("--timestamps", choices=(KERNEL, USER), default=KERNEL,
+                      help="take send and receive times from the kernel (default, where it works)")
 
 
 def _add_common_options(sub: argparse.ArgumentParser, role: str) -> None:
@@ -2829,6 +3355,9 @@ def _add_client_options(client: argparse.ArgumentParser) -> None:
     client.add_argument("-D", dest="print_time", action="store_true",
                         help="the wall-clock time (Unix seconds) before every probe and report line, "
                              "as ping -D")
+    client.add_argument("--reference", metavar="NTPHOST[:PORT]", type=_host_and_port,
+                        help="also measure this machine against an NTP server, and say which clock is off: "
+                             "this machine's, the server's, or neither")
     client.add_argument("--plot", metavar="FILE.svg", help="draw the run as a standalone SVG: RTT over "
                                                             "time, the offset and its drift, the histogram")
     client.add_argument("--size", type=_ranged(int, 1, 65527, "bytes from 1 to 65527"),

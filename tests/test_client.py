@@ -32,7 +32,8 @@ def test_measurement_against_our_server(start_server):
     # same machine, same clock: the true offset is 0, within the reported error bound
     assert abs(summary["offset_ms"]) <= summary["offset_err_ms"] + 0.01
     for sample in measurement.samples:  # no reply is larger than its request
-        assert 0 < sample.reply_size <= measurement.request_size
+        assert 0 < sample.reply_size <= sample.request_size
+    assert measurement.samples[0].request_size > measurement.request_size  # it asked for the clock
 
 
 @pytest.mark.parametrize("shift_s", [5.0, -3600.0])

@@ -59,9 +59,13 @@ def lost(seq, reason):
     return sample
 
 
+LOCAL_CLOCK = utc.ClockState(True, 1_200_000, 100_000, -12345, "kvm-clock")
+
+
 def finished(recorder, interrupted=False):
     recorder.finish(interrupted, utc.INTERRUPTED if interrupted else utc.TIMED_OUT)
     recorder.duration_ns = 3 * SECOND  # the run took a moment; say it took three seconds
+    recorder.local_clock = LOCAL_CLOCK  # and this machine's kernel said this, whatever this machine's says
     return recorder
 
 
@@ -88,7 +92,7 @@ def test_format_summary_exactly():
     answer(recorder, second, 60, 1)
     recorder.receive(reply, (None, T0 + 50_000, T0 + 50_000, 45_000))  # the network's copy: a duplicate
     lines = utc.format_summary(finished(recorder, interrupted=True).summary())
-    assert lines[:14] == [
+    assert lines[:16] == [
         "",
         "--- 127.0.0.1:1060 udp-timecheck statistics ---",
         "3 probes sent, 2 received, 33.333% loss, 1 duplicate, 0 late, 0 reordered, 0 mismatched, 0 forged",
@@ -102,12 +106,15 @@ def test_format_summary_exactly():
         "each rtt",
         "server clock offset +0.000 ms \u00b1 0.020 ms (server level with this machine; from seq 0, the "
         "lowest-rtt probe)",
+        "server clock: unknown (no kernel clock state: the server did not say)",
+        "this machine's clock: synchronised, max error 1.200 ms, estimated error 0.100 ms, frequency "
+        "correction -12.345 ppm (kvm-clock)",
         "timestamps: user-space (both ends)",
         "rtt histogram:",
         # two RTTs: one row, from the lower edge of 40 us's 2% bucket to the upper one of 60 us's
         "       39.4 -      61.1 us |######################################## 2",
     ]
-    assert len(lines) == 14 and third.reason == utc.INTERRUPTED
+    assert len(lines) == 16 and third.reason == utc.INTERRUPTED
 
 
 def test_format_summary_in_milliseconds_with_a_drift():

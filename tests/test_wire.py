@@ -55,7 +55,7 @@ def test_reply_parts_put_t3_last_and_round_trip():
 
 def test_two_element_request_gets_the_tutorials_reply_form():
     fields = utc.request_fields(json.dumps([5, TEXT]).encode())
-    assert fields == (b"5", None, 0)
+    assert fields == (b"5", None, 0, False)
     head, tail = utc.reply_parts(fields[0], SERVER_TEXT, seq=fields[1], size=fields[2], request_size=100,
                                  server_recv_ns=1)
     assert tail is None
@@ -66,8 +66,8 @@ def test_two_element_request_gets_the_tutorials_reply_form():
 
 def test_requested_size_pads_the_reply_but_never_beyond_the_request():
     data = utc.encode_request(99, TEXT, 4, size=1000, pad_to=1000)
-    request_id, seq, size = utc.request_fields(data)
-    assert (request_id, seq, size) == (b"99", b"4", 1000)
+    request_id, seq, size, clock = utc.request_fields(data)
+    assert (request_id, seq, size, clock) == (b"99", b"4", 1000, False)
     t2 = 1_700_000_000_123_456_789
     head, tail = utc.reply_parts(request_id, SERVER_TEXT, seq=seq, size=size, request_size=len(data),
                                  server_recv_ns=t2)
@@ -79,15 +79,15 @@ def test_requested_size_pads_the_reply_but_never_beyond_the_request():
 
 
 @pytest.mark.parametrize("data, fields", [
-    (b'[491, "The time is 2019-05-04 16:20:56.975068"]', (b"491", None, 0)),
-    (b'[-7, "x", {"seq": 0, "size": 300, "pad": "   "}, "' + b"a" * 64 + b'"]', (b"-7", b"0", 300)),
-    (b'  [491 ,"x"]\n', (b"491", None, 0)),                  # other spacing: the JSON route
-    (b'[491, "caf\\u00e9", {"seq": 3}]', (b"491", b"3", 0)),  # an escape: the JSON route
-    (b'[491, "x", {"pad": "", "seq": 3}]', (b"491", b"3", 0)),  # other key order
-    (b'[491, "x", {"size": 300}]', (b"491", None, 0)),         # no seq: the tutorial's form
-    (b'[491, "x", 7]', (b"491", None, 0)),                     # extra elements are ignored
+    (b'[491, "The time is 2019-05-04 16:20:56.975068"]', (b"491", None, 0, False)),
+    (b'[-7, "x", {"seq": 0, "size": 300, "pad": "   "}, "' + b"a" * 64 + b'"]', (b"-7", b"0", 300, False)),
+    (b'  [491 ,"x"]\n', (b"491", None, 0, False)),                  # other spacing: the JSON route
+    (b'[491, "caf\\u00e9", {"seq": 3}]', (b"491", b"3", 0, False)),  # an escape: the JSON route
+    (b'[491, "x", {"pad": "", "seq": 3}]', (b"491", b"3", 0, False)),  # other key order
+    (b'[491, "x", {"size": 300}]', (b"491", None, 0, False)),         # no seq: the tutorial's form
+    (b'[491, "x", 7]', (b"491", None, 0, False)),                     # extra elements are ignored
     (b'[18446744073709551615, "x", {"seq": 18446744073709551615}]',
-     (b"18446744073709551615", b"18446744073709551615", 0)),   # 20 digits: the JSON route
+     (b"18446744073709551615", b"18446744073709551615", 0, False)),   # 20 digits: the JSON route
 ])
 def test_request_fields(data, fields):
     assert utc.request_fields(data) == fields
@@ -104,7 +104,7 @@ def test_real_requests_take_the_quick_route():
     for prober in (utc.Prober("127.0.0.1", 9, count=1000), utc.Prober("127.0.0.1", 9, key=b"k" * 32),
                    utc.Prober("127.0.0.1", 9, size=1400, key=b"k" * 32)):
         assert utc.quick_fields(prober.new_probe(999)[1]) is not None
-    assert utc.quick_fields(json.dumps([491, TEXT]).encode()) == (b"491", None, 0)  # the tutorial's client
+    assert utc.quick_fields(json.dumps([491, TEXT]).encode()) == (b"491", None, 0, False)  # the tutorial's
 
 
 CANONICAL_PIECES = st.tuples(
