@@ -2589,8 +2589,8 @@ def format_sntp_summary(summary: Mapping) -> List[str]:
         offset = signed(summary["offset_ms"])
         relation = "level with" if float(offset) == 0 else "ahead of" if offset[0] == "+" else "behind"
         figures = (offset, summary["offset_err_ms"], relation, summary["offset_seq"], summary["delay_ms"])
-        lines.append("offset {} ms \u00b1 {:.3f} ms (the server's clock is {} this machine's; from seq {}, the "
-                     "lowest-delay query), delay {:.3f} ms".format(*figures))
+        lines.append("offset {} ms \u00b1 {:.3f} ms (the server's clock is {} this machine's; from seq {}, "
+                     "the lowest-delay query), delay {:.3f} ms".format(*figures))
         lines.append("server: stratum {}, reference {}, leap {}, root delay {:.3f} ms, root dispersion "
                      "{:.3f} ms".format(summary["stratum"], summary["refid"], summary["leap"],
                                         summary["root_delay_ms"], summary["root_dispersion_ms"]))
