@@ -24,10 +24,13 @@ import errno
 import hashlib
 import hmac
 import html
+import http.server
 import io
+import ipaddress
 import json
 import json.scanner
 import math
+import operator
 import os
 import platform
 import queue
@@ -37,6 +40,7 @@ import secrets
 import select
 import signal
 import socket
+import socketserver
 import stat
 import struct
 import sys
@@ -98,6 +102,8 @@ REFERENCE_EVERY = 64                # seconds between --reference queries after 
 NTP_EPOCH_OFFSET = 2208988800       # seconds from 1900, NTP's epoch, to 1970
 NTP_PACKET = struct.Struct("!BBbbII4sQQQQ")  # RFC 5905's header, without extensions
 NTP_PORT = 123
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text exposition format
+RTT_BUCKETS_S = tuple(10 ** (exponent / 4) for exponent in range(-20, 5))  # 10 us to 10 s, 4 a decade
 TIME_ERROR, STA_UNSYNC = 5, 0x0040  # adjtimex(2): the clock is not synchronised
 CLOCK_SOURCE_FILE = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
 MAX_KEY_FILE = 4096                 # bytes: a key, not a file to read until memory runs out
@@ -1419,6 +1425,63 @@ class TimeServer:
         self.socket.close()
 
 
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """GET /metrics; anything else is 404.  Quiet: a scrape a second must not fill a log."""
+    timeout = 10  # a client that sends nothing is let go
+    render = staticmethod(lambda: "")  # type: Callable[[], str]
+
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] != "/metrics":
+            self.send_error(404)
+            return
+        body = self.render().encode("utf-8")
+        self.send_response(200)
+        self.send_header("Content-Type", METRICS_TYPE)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _MetricsHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: tuple) -> None:
+        _err("udp-timecheck: a metrics request from {} failed: {}".format(
+            format_address(*client_address[:2]), sys.exc_info()[1]))
+
+
+class MetricsServer:
+    """Serves GET /metrics, as render() gives it, from a daemon thread: Prometheus scrapes it.
+
+    render runs in the HTTP thread and reads counters that the probe or serve
+    loop only increments, without a lock: a scrape never makes that loop wait.
+    """
+
+    def __init__(self, host: str, port: int, render: Callable[[], str]) -> None:
+        family, address = resolve(host, port, passive=True)[0]
+        handler = type("MetricsHandler", (_MetricsHandler,), {"render": staticmethod(render)})
+        server_class = type("MetricsHTTPServer", (_MetricsHTTPServer,), {"address_family": family})
+        try:
+            self.httpd = server_class(address[:2], handler)
+        except OSError as exc:
+            raise _bind_error(address[0], port, exc) from None
+        self.address = self.httpd.server_address
+        self.loopback = ipaddress.ip_address(self.address[0].split("%")[0]).is_loopback
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="udp-timecheck-metrics",
+                                       daemon=True)
+
+    def start(self) -> "MetricsServer":
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 # ---------------------------------------------------------------------------
 # Client: the prober
 # ---------------------------------------------------------------------------
@@ -1673,6 +1736,7 @@ class Recorder:
         self.highest_seq = -1
         self.server_clock = None  # type: Optional[ClockState]  # the latest the server told
         self.local_clock = UNKNOWN_CLOCK  # this kernel's, read at the end of the run
+        self._estimate = None  # type: Optional[tuple]  # (when, offset, error, drift) for --metrics
         self.interrupted = False
         self.stop_reason = self.last_error = None  # type: Optional[str]
 
@@ -1872,6 +1936,32 @@ class Recorder:
         for totals in self._active:
             for name in names:
                 setattr(totals, name, getattr(totals, name) + 1)
+
+    # --- for --metrics, from another thread -------------------------------------------
+
+    def metrics(self) -> Dict[str, object]:
+        """A snapshot of the run for a scrape, taken without a lock: each copy below is one
+        C-level step, and the probe loop only ever adds to what is copied."""
+        totals = self.totals
+        counts = dict(zip(Totals.COUNTS, operator.attrgetter(*Totals.COUNTS)(totals)))
+        counts["probes_sent"] = self.probes_sent
+        stats = totals.rtt.stats
+        offset_ns, error_ns, drift_ppm = self.clock_estimate()
+        return {"counts": counts, "rtt_buckets": totals.rtt.histogram.buckets.copy(),
+                "rtt_histogram": totals.rtt.histogram, "rtt_count": stats.count,
+                "rtt_sum_ns": stats.mean * stats.count, "offset_ns": offset_ns, "offset_err_ns": error_ns,
+                "drift_ppm": drift_ppm, "server_clock": self.server_clock}
+
+    def clock_estimate(self) -> Tuple[Optional[float], Optional[float], Optional[float]]:
+        """(offset now, its error bound, drift in ppm): the drift fit's current estimate, else
+        the best sample's offset.  Worked out at most once a second."""
+        now = monotonic_ns()
+        if self._estimate is None or now - self._estimate[0] >= NS_PER_S:
+            fit = fit_drift(self.totals.timeline.points(), (now - self.started_mono_ns) / NS_PER_S)
+            best = self.totals.best
+            offset = fit.offset_end_ns if fit is not None else best and best.offset_ns
+            self._estimate = (now, offset, best and best.offset_err_ns, fit and fit.drift_ppm)
+        return self._estimate[1:]
 
     # --- what the run found ------------------------------------------------------------
 
@@ -2614,6 +2704,108 @@ def sntp_failure(recorder: SntpRecorder, timeout: float) -> Optional[str]:
     return failure_reason(recorder, timeout)
 
 
+CLIENT_COUNTERS = (
+    ("probes_sent_total", "probes_sent", "Probes sent to the server."),
+    ("replies_total", "received", "Probes answered in time by a valid reply."),
+    ("lost_total", "lost", "Probes with no valid reply in time."),
+    ("duplicates_total", "duplicates", "Second replies to probes already answered."),
+    ("late_total", "late", "Replies after their probe had timed out."),
+    ("reordered_total", "reordered", "Replies to a probe numbered below one already answered."),
+    ("mismatched_total", "mismatched", "Well-formed replies whose id matches no probe: lies."),
+    ("forged_total", "forged", "Replies that failed authentication."),
+    ("malformed_total", "malformed", "Replies that are not udp-timecheck messages."),
+)
+SERVER_RESULTS = (("served", "served"), ("malformed", "malformed"), ("unauthenticated", "unauthenticated"),
+                  ("rate_limited", "rate_limited"), ("too_short", "too_short"), ("loop", "loops"))
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    escaped = ('{}="{}"'.format(name, str(value).replace("\\", "\\\\").replace('"', '\\"')
+                                .replace("\n", "\\n")) for name, value in labels.items())
+    return "{" + ",".join(escaped) + "}" if labels else ""
+
+
+def _metric(name: str, kind: str, about: str,
+            samples: Sequence[Tuple[Mapping[str, str], float]]) -> List[str]:
+    """One metric family in the text exposition format: HELP, TYPE, and a line per sample."""
+    lines = ["# HELP udp_timecheck_{} {}".format(name, about),
+             "# TYPE udp_timecheck_{} {}".format(name, kind)]
+    lines += ["udp_timecheck_{}{} {}".format(name, _labels(labels), _sample_value(value))
+              for labels, value in samples]
+    return lines
+
+
+def _sample_value(value: float) -> str:
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def _build_info() -> List[str]:
+    return _metric("build_info", "gauge", "The version of udp-timecheck and of Python, as labels.",
+                   [({"version": __version__, "python": platform.python_version()}, 1)])
+
+
+def render_server_metrics(server: TimeServer, log_dropped: int) -> str:
+    """The server's /metrics: its requests by what became of them, and its log's drops."""
+    names = ServerStats.__slots__
+    counts = dict(zip(names, operator.attrgetter(*names)(server.stats)))  # one step: a consistent copy
+    lines = _build_info()
+    lines += _metric("server_requests_total", "counter", "Requests received, by what became of them.",
+                     [({"result": result}, counts[key]) for result, key in SERVER_RESULTS])
+    lines += _metric("server_errors_total", "counter", "Sends and receives the kernel refused.",
+                     [({}, counts["errors"])])
+    lines += _metric("server_log_dropped_total", "counter",
+                     "Log lines dropped: stdout full, blocked or closed.", [({}, log_dropped)])
+    return "\n".join(lines) + "\n"
+
+
+def render_client_metrics(prober: Prober) -> str:
+    """The client's /metrics: its counters, the RTT histogram, and the clocks' gauges."""
+    lines, recorder = _build_info(), prober.recorder
+    if recorder is None:  # scraped before the run began
+        return "\n".join(lines) + "\n"
+    snapshot, target = recorder.metrics(), {"target": prober.target}
+    for name, key, about in CLIENT_COUNTERS:
+        lines += _metric(name, "counter", about, [(target, snapshot["counts"][key])])
+    lines += _rtt_histogram(snapshot, target)
+    offset, error, drift = snapshot["offset_ns"], snapshot["offset_err_ns"], snapshot["drift_ppm"]
+    for name, value, about in (
+            ("clock_offset_seconds", offset and offset / NS_PER_S,
+             "The server's clock minus this machine's, now: the drift fit's estimate."),
+            ("clock_offset_error_seconds", error and error / NS_PER_S, "The offset's error bound."),
+            ("clock_drift_ratio", drift and drift * 1e-6,
+             "How much faster the server's clock runs than this machine's (ppm times 1e-6).")):
+        if value is not None:
+            lines += _metric(name, "gauge", about, [(target, value)])
+    states = (("local", read_clock_state()), ("server", snapshot["server_clock"] or UNKNOWN_CLOCK))
+    known = [(dict(target, end=end), int(state.synchronized)) for end, state in states
+             if state.synchronized is not None]
+    if known:
+        lines += _metric("clock_synchronized", "gauge", "1 when that end's kernel says its clock is "
+                                                        "synchronised, else 0.", known)
+    return "\n".join(lines) + "\n"
+
+
+def _rtt_histogram(snapshot: Mapping, target: Mapping[str, str]) -> List[str]:
+    """The streaming histogram's buckets, counted into Prometheus' log-spaced ones (cumulative)."""
+    value, buckets = snapshot["rtt_histogram"].value, snapshot["rtt_buckets"]
+    counts = [0] * (len(RTT_BUCKETS_S) + 1)
+    for index, count in buckets.items():
+        seconds = value(index) / NS_PER_S
+        counts[next((number for number, le in enumerate(RTT_BUCKETS_S) if seconds <= le),
+                    len(RTT_BUCKETS_S))] += count
+    samples, total = [], 0
+    for le, count in zip(["{:.6g}".format(le) for le in RTT_BUCKETS_S] + ["+Inf"], counts):
+        total += count
+        samples.append((dict(target, le=le), total))
+    lines = _metric("rtt_seconds", "histogram", "Round-trip times, less the server's processing.", [])
+    lines += ["udp_timecheck_rtt_seconds_bucket{} {}".format(_labels(labels), count)
+              for labels, count in samples]
+    rtt_sum = _sample_value(snapshot["rtt_sum_ns"] / NS_PER_S)
+    lines.append("udp_timecheck_rtt_seconds_sum{} {}".format(_labels(target), rtt_sum))
+    lines.append("udp_timecheck_rtt_seconds_count{} {}".format(_labels(target), total))
+    return lines
+
+
 class Output:
     """Lines to a text stream, one write and flush each, so that threads never split a line.
 
@@ -2759,6 +2951,23 @@ def _check_host(host: str) -> None:
                              "as in: 127.0.0.1 {0}".format(host))
 
 
+@contextlib.contextmanager
+def _metrics(listen: Optional[Tuple[str, int]], render: Callable[[], str]) -> Iterator[None]:
+    """--metrics: an exporter for the while, with a warning when others can reach it."""
+    if listen is None:
+        yield
+        return
+    exporter = MetricsServer(listen[0], listen[1], render).start()
+    where = format_address(*exporter.address[:2])
+    _err("metrics at http://{}/metrics".format(where))  # the port, when 0 chose it
+    if not exporter.loopback:
+        _err("warning: metrics at {} can be read by anyone who can reach this port".format(where))
+    try:
+        yield
+    finally:
+        exporter.close()
+
+
 def describe_server(server: TimeServer) -> str:
     """What the server's first line says after its address: who it answers, and its timestamps."""
     access = "key required (HMAC-SHA256)" if server.keyed else "no key: answers anyone"
@@ -2771,7 +2980,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     server = TimeServer(args.host, args.port, faulty=args.faulty, key=_key_for(args),
                         max_rate=args.max_rate, log=None if args.quiet else output.write,
                         log_limit=None if args.verbose else LOG_LINES_PER_SECOND, timestamps=args.timestamps)
-    with server, _stop_signals(server.request_stop, restore=args.restore_signals):
+    with server, _stop_signals(server.request_stop, restore=args.restore_signals), \
+            _metrics(args.metrics, lambda: render_server_metrics(server, output.dropped)):
         output.write("Server listening at {}; {}".format(server.address, describe_server(server)))
         server.serve_forever()
     stopped = "Server stopped: {}, log lines dropped {}".format(server.stats, output.dropped)
@@ -3061,6 +3271,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         if measuring and not args.json:
             text.line(format_header(prober))
         stack.enter_context(_stop_signals(prober.stop, restore=args.restore_signals))
+        stack.enter_context(_metrics(args.metrics, lambda: render_client_metrics(prober)))
         reference = Reference(*args.reference, timestamps=args.timestamps).start() if args.reference else None
         recorder = prober.run()  # a signal ends it; after it, signals change nothing
         progress.clear()
@@ -3206,6 +3417,13 @@ def _host_and_port(text: str) -> Tuple[str, int]:
     return host.strip("[]"), port
 
 
+def _listen_address(text: str) -> Tuple[str, int]:
+    """--metrics [HOST:]PORT: on 127.0.0.1 unless a host is given ([::1]:PORT for IPv6)."""
+    host, _, digits = text.rpartition(":")
+    port = int(_ranged(int, 0, 65535, "[HOST:]PORT, the port from 0 to 65535")(digits))
+    return host.strip("[]") or "127.0.0.1", port
+
+
 def _interval(text: str) -> float:
     """0 (back to back) or from MIN_INTERVAL: below that, the "loss" would be our own doing."""
     what = "0 (back to back) or seconds from {:g} to 3600".format(MIN_INTERVAL)
@@ -3281,6 +3499,12 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_metrics_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--metrics", metavar="[HOST:]PORT", type=_listen_address,
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST: 127.0.0.1 unless "
+                          "given)")
+
+
 def _add_sntp_options(sntp: argparse.ArgumentParser) -> None:
     sntp.add_argument("host", metavar="HOST", help="the NTP server: a name, an IPv4 or an IPv6 address")
     sntp.add_argument("port", nargs="?", default=NTP_PORT, metavar="PORT",
@@ -3327,6 +3551,7 @@ def _add_server_options(server: argparse.ArgumentParser) -> None:
                              "as the tutorial's FAULTY_SERVER")
     server.add_argument("--max-rate", type=_ranged(float, 0.01, 1e9, "replies a second, above 0"),
                         metavar="N", help="answer at most N requests a second per source address")
+    _add_metrics_option(server)
 
 
 def _add_client_options(client: argparse.ArgumentParser) -> None:
@@ -3358,6 +3583,7 @@ def _add_client_options(client: argparse.ArgumentParser) -> None:
     client.add_argument("--reference", metavar="NTPHOST[:PORT]", type=_host_and_port,
                         help="also measure this machine against an NTP server, and say which clock is off: "
                              "this machine's, the server's, or neither")
+    _add_metrics_option(client)
     client.add_argument("--plot", metavar="FILE.svg", help="draw the run as a standalone SVG: RTT over "
                                                             "time, the offset and its drift, the histogram")
     client.add_argument("--size", type=_ranged(int, 1, 65527, "bytes from 1 to 65527"),

@@ -140,12 +140,12 @@ def test_demo_runs_end_to_end():
 
 def test_import_has_no_side_effects():
     code = ("import socket, sys\n"
-            "def refuse(*args, **kwargs): raise AssertionError('socket at import')\n"
-            "socket.socket = refuse\n"
+            "class Refused(socket.socket):  # the stdlib may subclass sockets; nothing may open one\n"
+            "    def __init__(self, *args, **kwargs): raise AssertionError('socket at import')\n"
+            "socket.socket = Refused\n"
             "sys.argv = ['x', 'client', 'no-such-host.invalid']\n"
             "import udp_timecheck\n")
-    result = run([sys.executable, "-c", code], timeout=30,
-                            cwd=str(MODULE.parent))
+    result = run([sys.executable, "-c", code], timeout=30, cwd=str(MODULE.parent))
     assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
 
 

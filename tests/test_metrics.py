@@ -1,0 +1,144 @@
+"""Prometheus metrics from both ends: the format, promtool's check, and a real Prometheus scraping."""
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import urllib.parse
+import urllib.request
+
+import pytest
+
+import udp_timecheck as utc
+from conftest import POSIX_ONLY, cli, wait_for
+
+METRICS_AT = r"^metrics at http://(127\.0\.0\.1:\d+)/metrics$"
+CLIENT_COUNTERS = ["probes_sent_total", "replies_total", "lost_total", "duplicates_total", "reordered_total",
+                   "mismatched_total", "forged_total"]
+
+
+def scrape(where):
+    with urllib.request.urlopen("http://{}/metrics".format(where), timeout=10) as response:
+        assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        return response.read().decode()
+
+
+def samples(text):
+    """{series: value} of the exposition text, HELP and TYPE lines left out."""
+    found = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            found[series] = float(value)
+    return found
+
+
+@pytest.fixture
+def measured(cli_server, processes):
+    """A server and a client run until stopped, both with --metrics on a port of their own."""
+    server, port = cli_server("-q", "--metrics", "0")
+    server_metrics = server.stderr.expect(METRICS_AT).group(1)
+    client = processes(cli("client", "127.0.0.1", port, "-c", "0", "-i", "0.01", "--json",
+                           "--metrics", "127.0.0.1:0"))
+    client_metrics = client.stderr.expect(METRICS_AT).group(1)
+    return server, client, server_metrics, client_metrics, port
+
+
+def test_both_endpoints_serve_the_documented_series(measured):
+    server, client, server_metrics, client_metrics, port = measured
+    target = 'target="127.0.0.1:{}"'.format(port)
+    drift = "udp_timecheck_clock_drift_ratio{" + target + "}"
+    wait_for(lambda: drift in samples(scrape(client_metrics)))  # the fit wants some points first
+    found = samples(scrape(client_metrics))
+    for name in CLIENT_COUNTERS:
+        assert "udp_timecheck_{}{{{}}}".format(name, target) in found
+    assert found['udp_timecheck_rtt_seconds_bucket{' + target + ',le="+Inf"}'] == \
+        found["udp_timecheck_rtt_seconds_count{" + target + "}"] >= 20
+    assert abs(found["udp_timecheck_clock_offset_seconds{" + target + "}"]) <= \
+        found["udp_timecheck_clock_offset_error_seconds{" + target + "}"] + 1e-5
+    assert abs(found[drift]) < 1e-3  # one clock: no drift worth the name
+    buckets = [value for series, value in found.items()
+               if series.startswith("udp_timecheck_rtt_seconds_bucket")]
+    assert buckets == sorted(buckets)  # cumulative
+    assert 'udp_timecheck_build_info{version="' + utc.__version__ + '"' in scrape(client_metrics)
+    served = samples(scrape(server_metrics))
+    for result in ("served", "malformed", "unauthenticated", "rate_limited", "too_short", "loop"):
+        assert 'udp_timecheck_server_requests_total{result="' + result + '"}' in served
+    assert served['udp_timecheck_server_requests_total{result="served"}'] >= 20
+    assert served["udp_timecheck_server_log_dropped_total"] == 0
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (apt-get install "
+                                                               "prometheus; .ci/run installs it)")
+def test_promtool_finds_nothing_to_say_of_either_endpoint(measured):
+    _, _, server_metrics, client_metrics, port = measured
+    wait_for(lambda: "udp_timecheck_clock_drift_ratio" in scrape(client_metrics))
+    for where in (server_metrics, client_metrics):
+        check = subprocess.run(["promtool", "check", "metrics"], input=scrape(where), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
+        assert check.returncode == 0 and check.stdout == "", check.stdout  # no lint warnings either
+
+
+def free_tcp_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def query(prometheus, expression):
+    url = "http://{}/api/v1/query?query={}".format(prometheus, urllib.parse.quote(expression))
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read().decode())["data"]["result"]
+    except OSError:  # not up yet
+        return []
+
+
+@POSIX_ONLY
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed (apt-get install "
+                                                                 "prometheus; .ci/run installs it)")
+def test_a_real_prometheus_scrapes_both_ends(measured, processes, tmp_path):
+    server, client, server_metrics, client_metrics, port = measured
+    web = "127.0.0.1:{}".format(free_tcp_port())
+    config = tmp_path / "prom.yml"
+    config.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+                      "scrape_configs:\n  - job_name: udp-timecheck\n    static_configs:\n"
+                      "      - targets: ['{}', '{}']\n".format(server_metrics, client_metrics))
+    processes(["prometheus", "--config.file={}".format(config),
+               "--storage.tsdb.path={}".format(tmp_path / "data"), "--web.listen-address={}".format(web)])
+    wait_for(lambda: query(web, "udp_timecheck_probes_sent_total"), timeout=60)
+    wait_for(lambda: query(web, 'udp_timecheck_server_requests_total{result="served"} > 50'), timeout=60)
+    p99_query = "histogram_quantile(0.99, rate(udp_timecheck_rtt_seconds_bucket[5s]))"
+    wait_for(lambda: query(web, p99_query), timeout=30)  # a rate needs two scrapes
+    assert 0 < float(query(web, p99_query)[0]["value"][1]) < 0.1
+    assert query(web, 'udp_timecheck_clock_synchronized{end="local"}')
+    client.signal(signal.SIGINT)
+    assert client.wait(timeout=15) == 0
+    final = json.loads(client.rest(client.stdout)[-1])
+    wait_for(lambda: query(web, "max_over_time(udp_timecheck_probes_sent_total[5m])"), timeout=10)
+    scraped = float(query(web, "max_over_time(udp_timecheck_probes_sent_total[5m])")[0]["value"][1])
+    replies = float(query(web, "max_over_time(udp_timecheck_replies_total[5m])")[0]["value"][1])
+    # the last scrape was at most one interval (1 s, 100 probes at -i 0.01) before the end
+    assert 0 <= final["sent"] - scraped <= 150
+    assert 0 <= final["received"] - replies <= 150
+
+
+def test_metrics_beyond_loopback_come_with_a_warning(start_server, capsys):
+    server = start_server(log=None)
+    assert utc.main(["client", *map(str, server.address[:2]), "-c", "2", "-q", "--metrics", "0.0.0.0:0"]) == 0
+    err = capsys.readouterr().err
+    assert "metrics at http://0.0.0.0:" in err and "can be read by anyone who can reach this port" in err
+
+
+def test_label_values_are_escaped():
+    assert utc._labels({"target": 'a"b\\c\nd'}) == '{target="a\\"b\\\\c\\nd"}'
+
+
+def test_a_busy_metrics_port_is_a_setup_error(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert utc.main(["server", "127.0.0.1", "0", "--metrics", str(port)]) == 2
+    assert "already in use" in capsys.readouterr().err
