@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +48,7 @@ MODULE = str(ROOT / "udp_timecheck.py")
 WINDOW = 32                 # requests the load generator keeps in flight
 KEY = b"benchmark key, 32 bytes long...."
 STAMPS = struct.Struct("@qq")  # the stamped echo's T2 and T3, appended to the request
+SCRAPE_EVERY = 0.1          # seconds between scrapes of --metrics: ten times Prometheus' fastest
 TARGETS = {  # name: (what, limit, higher is better)
     "throughput": ("our server on 0.0.0.0 / bare recvmsg+sendmsg echo", 0.70, True),
     "rtt_vs_ping": ("our reported median RTT / ping's", 1.5, False),
@@ -190,24 +192,55 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class Scraper:
+    """Fetches http://WHERE/metrics every SCRAPE_EVERY seconds from a thread, as Prometheus would,
+    ten times as often as its usual fastest; counts the scrapes."""
+
+    def __init__(self, where):
+        self.where, self.scrapes, self._stop = where, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(SCRAPE_EVERY):
+            try:
+                with urllib.request.urlopen("http://{}/metrics".format(self.where), timeout=5) as response:
+                    response.read()
+                self.scrapes += 1
+            except OSError:
+                pass
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 class Server:
-    """A server process, its first line giving its port, the rest drained into a file by a thread."""
+    """A server process, its first line giving its port, the rest drained into a file by a thread;
+    with --metrics, scraped by a Scraper all along."""
 
     def __init__(self, argv, log_path):
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log,
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      universal_newlines=True)
         first = self.proc.stdout.readline()
         match = re.search(r"Server listening at \('[^']*', (\d+)\)", first)
         self.port = int(match.group(1)) if match else int(first)
-        self.drain = threading.Thread(target=self._drain, daemon=True)
+        self.scraper = None
+        if "--metrics" in argv:
+            where = re.search(r"metrics at http://(\S+)/metrics", self.proc.stderr.readline()).group(1)
+            self.scraper = Scraper(where)
+        self.drain = threading.Thread(target=self._drain, args=(self.proc.stdout,), daemon=True)
         self.drain.start()
+        threading.Thread(target=self._drain, args=(self.proc.stderr,), daemon=True).start()
 
-    def _drain(self):
-        for line in self.proc.stdout:  # as a server's log would go on, into its file
+    def _drain(self, stream):
+        for line in stream:  # as a server's log would go on, into its file
             self.log.write(line)
 
     def stop(self):
+        if self.scraper is not None:
+            self.scraper.stop()
         self.proc.terminate()
         self.proc.wait(timeout=10)
         self.drain.join(timeout=10)
@@ -237,10 +270,17 @@ def throughput(server, request, seconds, warmup):
 
 
 def client_summary(port, count, interval, *extra):
+    """Our client's --json summary; with --metrics among extra, scraped all along its run."""
     argv = [sys.executable, MODULE, "client", "127.0.0.1", str(port), "-c", str(count),
             "-i", str(interval), "--json"] + list(extra)
-    return json.loads(subprocess.run(argv, stdout=subprocess.PIPE, universal_newlines=True, timeout=300,
-                                     check=True).stdout)
+    client = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    scraper = None
+    if "--metrics" in extra:
+        scraper = Scraper(re.search(r"metrics at http://(\S+)/metrics", client.stderr.readline()).group(1))
+    out, _ = client.communicate(timeout=300)
+    if scraper is not None:
+        scraper.stop()
+    return json.loads(out)
 
 
 def ping_rtts(count, interval):
@@ -278,11 +318,14 @@ def throughput_section(servers, rounds, seconds, warmup):
     print("  ours / minimal Python server: {:.2f}x (the cost of our own logic)".format(ours / minimal))
     print("  ours / recvmsg echo: {:.2f}x    ours / recvfrom echo: {:.2f}x    with a key / recvmsg echo: "
           "{:.2f}x".format(ours / msg, ours / plain, median["udp-timecheck server, key"] / msg))
+    scraped = rates["udp-timecheck server, --metrics scraped"]
+    print("  scraped every {:g} s / not: {:.2f}x (the rounds of ours without: {})".format(
+        SCRAPE_EVERY, statistics.median(scraped) / ours, spread(rates["udp-timecheck server on 0.0.0.0"])))
     return {"throughput": ours / msg}
 
 
 def fidelity_section(ours, keyed, stamped, key_path, rounds, count, interval):
-    samples = {name: [] for name in ("ping", "bare", "ours", "user", "keyed")}
+    samples = {name: [] for name in ("ping", "bare", "ours", "user", "keyed", "scraped")}
     offsets = []
     ping_missing = False
     for _ in range(rounds):
@@ -292,7 +335,8 @@ def fidelity_section(ours, keyed, stamped, key_path, rounds, count, interval):
         samples["bare"] += run_role("_pingpong", "--port", stamped.port, "--request", our_request().hex(),
                                     "--count", count, "--interval", interval)["rtt_ms"]
         for name, port, extra in (("ours", ours.port, ()), ("user", ours.port, ("--timestamps", "user")),
-                                  ("keyed", keyed.port, ("--key-file", key_path))):
+                                  ("keyed", keyed.port, ("--key-file", key_path)),
+                                  ("scraped", ours.port, ("--metrics", "0"))):
             summary = client_summary(port, count, interval, *extra)
             samples[name] += [sample["rtt_ms"] for sample in summary["samples"][count // 10:]
                               if sample["status"] == "ok"]
@@ -307,6 +351,8 @@ def fidelity_section(ours, keyed, stamped, key_path, rounds, count, interval):
     print("  {:<52} {:.4f} ms".format("our client's reported median RTT", median["ours"]))
     print("  {:<52} {:.4f} ms".format("  with --timestamps user (wake-ups included)", median["user"]))
     print("  {:<52} {:.4f} ms".format("  with a key", median["keyed"]))
+    print("  {:<52} {:.4f} ms".format("  with --metrics, scraped every {:g} s".format(SCRAPE_EVERY),
+                                      median["scraped"]))
     worst_offset, worst_err = max(offsets, key=lambda pair: pair[1])
     print("  our offset on loopback (the truth is 0), per round: {}".format(
         ", ".join("{:+.4f} ms \u00b1 {:.4f} ms".format(*pair) for pair in offsets)))
@@ -348,6 +394,8 @@ def start_servers(tmp, key_path):
                                                       tmp / "minimal.log"),
         "udp-timecheck server on 0.0.0.0": Server([sys.executable, MODULE, "server", "0.0.0.0", "0"],
                                                   tmp / "server.log"),
+        "udp-timecheck server, --metrics scraped": Server(
+            [sys.executable, MODULE, "server", "0.0.0.0", "0", "--metrics", "0"], tmp / "scraped.log"),
         "udp-timecheck server, key": Server([sys.executable, MODULE, "server", "0.0.0.0", "0",
                                              "--key-file", str(key_path)], tmp / "keyed.log"),
         "stamped echo": Server([sys.executable, __file__, "_stamped_echo"], tmp / "stamped.log"),

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 import udp_timecheck as utc
-from conftest import POSIX_ONLY, cli, wait_for
+from conftest import MODULE, POSIX_ONLY, cli, wait_for
 
 METRICS_AT = r"^metrics at http://(127\.0\.0\.1:\d+)/metrics$"
 CLIENT_COUNTERS = ["probes_sent_total", "replies_total", "lost_total", "duplicates_total", "reordered_total",
@@ -142,3 +142,21 @@ def test_a_busy_metrics_port_is_a_setup_error(capsys):
         port = taken.getsockname()[1]
         assert utc.main(["server", "127.0.0.1", "0", "--metrics", str(port)]) == 2
     assert "already in use" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (apt-get install "
+                                                               "prometheus; .ci/run installs it)")
+def test_the_readmes_alert_rule_and_scrape_config_are_valid(tmp_path):
+    import re
+    readme = (MODULE.parent / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    rules = tmp_path / "rules.yml"
+    rules.write_text(next(block for block in blocks if block.startswith("groups:")))
+    check = subprocess.run(["promtool", "check", "rules", str(rules)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
+    assert check.returncode == 0 and "SUCCESS: 1 rules found" in check.stdout, check.stdout
+    config = tmp_path / "prometheus.yml"
+    config.write_text(next(block for block in blocks if block.startswith("scrape_configs:")))
+    check = subprocess.run(["promtool", "check", "config", str(config)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
+    assert check.returncode == 0, check.stdout
