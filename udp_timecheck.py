@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """udp-timecheck: UDP round-trip time, loss and clock offset, in one file.
 
-Copy this file to both machines (standard library only, Python 3.8+) and run::
+Copy this file to both machines (standard library only, Python 3.6+) and run::
 
     python3 udp_timecheck.py server 0.0.0.0 1060
     python3 udp_timecheck.py client SERVER-ADDRESS 1060 --measure-delay
@@ -10,8 +10,22 @@ It speaks the protocol of the tutorial "udp server & client in python": the
 client sends ``[request_id, "The time is <client time>"]`` as JSON and the
 server answers ``[request_id, "The time is <server time>"]``.  It works with the
 tutorial's own client and server in both directions: what it adds (server
-timestamps, padding, authentication) travels in extra array elements, which
-the tutorial's code ignores.  README.md documents the datagrams.
+timestamps, padding, authentication, clock state) travels in extra array
+elements, which the tutorial's code ignores.  README.md documents the datagrams.
+
+The module, in order:
+
+1. Constants, and the one exception family (TimecheckError).
+2. Wire format: pure encode_*/decode_* functions, ours and NTP's, no I/O.
+3. Statistics: streaming summaries (LogHistogram, RunningStats), NTP's timing
+   arithmetic (probe_timing, arrival_ns), the drift fit and its clock steps.
+4. Server: socket options and the kernel's clock state, TimeServer (start it
+   on port 0, stop it from another thread, use it as a context manager, give
+   it a clock), and MetricsServer for Prometheus.
+5. Client: Sample, the Recorder of a run, Prober (its run() returns the
+   Recorder), SntpProber for NTP servers, and Reference for --reference.
+6. Command line: formatting (format_*, render_*), the outputs, build_parser(),
+   a cmd_<name>(args) per subcommand, and main(argv=None) -> int.
 """
 
 import argparse
@@ -3247,18 +3261,12 @@ class Progress:
 
 def cmd_client(args: argparse.Namespace) -> int:
     _check_host(args.host)
-    on_stdout = [name for name, wanted in (("--json", args.json), ("--csv -", args.csv == "-"),
-                                           ("--jsonl -", args.jsonl == "-")) if wanted]
-    if len(on_stdout) > 1:
-        raise TimecheckError("{} and {} both write to standard output; give one a file".format(*on_stdout))
+    on_stdout = _stdout_writers(args)
     text = Output(sys.stderr if on_stdout and not args.json else sys.stdout)  # stdout carries the rows
     measuring = any((args.measure_delay, args.quiet, args.json, args.csv, args.jsonl, args.plot,
                      args.reference, args.deadline, args.report_every, args.count is not None,
                      args.interval is not None))
-    prober = Prober(args.host, args.port, count=DEFAULT_COUNT if args.count is None and measuring else
-                    1 if args.count is None else args.count, interval=args.interval or 0.0,
-                    timeout=args.timeout, size=args.size or 0, key=_key_for(args), timestamps=args.timestamps,
-                    deadline=args.deadline, report_every=args.report_every, on_note=_err)
+    prober = _client_prober(args, measuring)
     with contextlib.ExitStack() as stack:
         rows = [sink for sink in (_open_rows(args.csv, "csv", stack), _open_rows(args.jsonl, "jsonl", stack))
                 if sink is not None]
@@ -3280,16 +3288,30 @@ def cmd_client(args: argparse.Namespace) -> int:
             reference.stop(finish_burst=not recorder.interrupted)
             summary["reference"] = reference.result(summary)
         _print_result(text, args, measuring, recorder, summary)
-        plot_error = _write_plot(plot, recorder)
-    problems = [(sink.name, sink.error) for sink in rows]
-    problems += [(args.plot, plot_error), ("standard output", text.error)]
-    for name, error in problems:
+        problems = [(sink.name, sink.error) for sink in rows] + [(args.plot, _write_plot(plot, recorder))]
+    for name, error in problems + [("standard output", text.error)]:
         if error is not None:
             raise TimecheckError("cannot write to {}: {}".format(name, error))
     reason = failure_reason(recorder, args.timeout)
     if reason is not None:
         raise TimecheckError(reason, EXIT_FAILED)
     return EXIT_OK
+
+
+def _stdout_writers(args: argparse.Namespace) -> List[str]:
+    """The options that write to stdout: at most one may."""
+    on_stdout = [name for name, wanted in (("--json", args.json), ("--csv -", args.csv == "-"),
+                                           ("--jsonl -", args.jsonl == "-")) if wanted]
+    if len(on_stdout) > 1:
+        raise TimecheckError("{} and {} both write to standard output; give one a file".format(*on_stdout))
+    return on_stdout
+
+
+def _client_prober(args: argparse.Namespace, measuring: bool) -> Prober:
+    count = args.count if args.count is not None else DEFAULT_COUNT if measuring else 1
+    return Prober(args.host, args.port, count=count, interval=args.interval or 0.0, timeout=args.timeout,
+                  size=args.size or 0, key=_key_for(args), timestamps=args.timestamps, deadline=args.deadline,
+                  report_every=args.report_every, on_note=_err)
 
 
 def _line_time(args: argparse.Namespace) -> str:
