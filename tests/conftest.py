@@ -391,3 +391,11 @@ def wait_for(condition, timeout=10.0):
         if time.monotonic() > deadline:
             raise AssertionError("condition not met within {} s".format(timeout))
         event.wait(0.01)
+
+
+def running_client(processes, server, *args, header=r"^UDP-TIMECHECK ", served=20):
+    """`udp_timecheck.py client` against an in-process server, once it is well into its loop."""
+    client = processes(cli("client", *server.address[:2], *args))
+    client.stdout.expect(header)
+    wait_for(lambda: server.stats.served >= served)
+    return client

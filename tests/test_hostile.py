@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import udp_timecheck as utc
-from conftest import POSIX_ONLY, SPOOFING, ask, cli, request, run_cli, spoof, wait_for
+from conftest import POSIX_ONLY, SPOOFING, ask, cli, request, run_cli, running_client, spoof, wait_for
 
 TUTORIAL_TEXT = "The time is 2019-05-04 16:20:56.975068"
 
@@ -300,10 +300,7 @@ def test_any_number_of_signals_in_any_order_exit_0_with_the_counters(cli_server,
 
 @POSIX_ONLY
 def test_signals_during_a_client_summary_change_nothing(processes, start_server):
-    target = start_server(log=None)
-    client = processes(cli("client", *target.address[:2], "-i", "0.001", "-c", "1000000", "-q"))
-    client.stdout.expect(r"^UDP-TIMECHECK ")
-    wait_for(lambda: target.stats.served >= 20)
+    client = running_client(processes, start_server(log=None), "-i", "0.001", "-c", "1000000", "-q")
     for index in range(20):
         if client.proc.poll() is not None:
             break

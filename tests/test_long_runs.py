@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ElementTree
 import pytest
 
 import udp_timecheck as utc
-from conftest import POSIX_ONLY, cli, probe, wait_for
+from conftest import POSIX_ONLY, cli, probe, running_client, wait_for
 
 SECOND = utc.NS_PER_S
 T0 = 1_764_000_000 * SECOND
@@ -118,10 +118,8 @@ def test_a_deadline_cuts_a_counted_run_short(start_server, capsys):
 
 @POSIX_ONLY
 def test_a_run_until_stopped_ends_at_ctrl_c(processes, start_server):
-    server = start_server(log=None)
-    client = processes(cli("client", *server.address[:2], "-c", "0", "-i", "0.005", "-q"))
-    client.stdout.expect(r"probes of \d+ bytes until stopped")
-    wait_for(lambda: server.stats.served >= 30)
+    client = running_client(processes, start_server(log=None), "-c", "0", "-i", "0.005", "-q",
+                            header=r"probes of \d+ bytes until stopped", served=30)
     client.signal(signal.SIGINT)
     assert client.wait(timeout=10) == 0
     out = client.rest(client.stdout)
