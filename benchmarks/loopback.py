@@ -346,7 +346,8 @@ def fidelity_section(ours, keyed, stamped, key_path, rounds, count, interval):
     if ping_missing:
         print("  ping: not installed here (or not allowed), so that comparison is skipped")
     else:
-        print("  {:<52} {:.4f} ms".format("ping 127.0.0.1 median RTT", median["ping"]))
+        print("  {:<52} {:.4f} ms  (ping prints whole microseconds)".format("ping 127.0.0.1 median RTT",
+                                                                             median["ping"]))
     print("  {:<52} {:.4f} ms".format("bare kernel-stamped Python ping-pong median RTT", median["bare"]))
     print("  {:<52} {:.4f} ms".format("our client's reported median RTT", median["ours"]))
     print("  {:<52} {:.4f} ms".format("  with --timestamps user (wake-ups included)", median["user"]))
