@@ -2931,8 +2931,9 @@ def _file_descriptor(stream: Optional[TextIO]) -> Optional[int]:
 def _stop_signals(on_signal: Callable[[], None], restore: bool = True) -> Iterator[None]:
     """Call on_signal() for each Ctrl-C or SIGTERM while inside, even if SIGINT came ignored.
 
-    restore=False leaves the handlers in place for the rest of the process,
-    so that a signal during the exit itself changes nothing.
+    restore=False (the program itself, about to exit) ignores them from then
+    on, so that a signal during the exit changes nothing: a Python handler
+    would be reset to the default, which kills, as the interpreter shuts down.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -2948,8 +2949,7 @@ def _stop_signals(on_signal: Callable[[], None], restore: bool = True) -> Iterat
         yield
     finally:
         for signum, old in previous.items():
-            if restore:
-                signal.signal(signum, signal.SIG_DFL if old is None else old)
+            signal.signal(signum, (signal.SIG_DFL if old is None else old) if restore else signal.SIG_IGN)
 
 
 def _key_for(args: argparse.Namespace) -> Optional[bytes]:
@@ -3620,8 +3620,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     try:
         args = build_parser(None if argv is None else "udp_timecheck.py").parse_args(argv)
-        # As the program itself, signal handlers stay to the end, so that a signal
-        # during the exit changes nothing; called as a function, they are restored.
+        # As the program itself, stop signals are ignored once a command is over, so that
+        # one during the exit changes nothing; called as a function, the handlers are restored.
         args.restore_signals = argv is not None
         return args.func(args)
     except TimecheckError as exc:
