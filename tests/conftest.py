@@ -9,6 +9,7 @@ import os
 import queue
 import re
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -26,6 +27,22 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULE = ROOT / "udp_timecheck.py"
 REFERENCE = Path(__file__).resolve().parent / "reference"
 LIFETIME = 120  # seconds any helper thread or process may live
+
+
+
+def require_programs(*names):
+    """Skip the calling test when a program it starts is missing.
+
+    Under UDP_TIMECHECK_NO_SKIPS, which .ci/run sets after installing them
+    all, fail instead: a lost component must not pass there silently.
+    """
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing:
+        message = "%s not installed (.ci/run installs %s)" % (" and ".join(missing),
+                                                              "them" if len(missing) > 1 else "it")
+        if os.environ.get("UDP_TIMECHECK_NO_SKIPS"):
+            pytest.fail(message + "; UDP_TIMECHECK_NO_SKIPS is set", pytrace=False)
+        pytest.skip(message)
 
 
 class LineReader:

@@ -1,7 +1,6 @@
 """Clock trust: SNTP against a real chronyd and a fake NTP server, --reference, kernel clock state."""
 
 import json
-import shutil
 import socket
 import struct
 import subprocess
@@ -10,7 +9,7 @@ import threading
 import pytest
 
 import udp_timecheck as utc
-from conftest import LIFETIME, wait_for
+from conftest import LIFETIME, require_programs, wait_for
 
 SECOND = utc.NS_PER_S
 MS = 1_000_000
@@ -44,8 +43,7 @@ def answers(port):
 @pytest.fixture(scope="module")
 def chronyd(tmp_path_factory):
     """chronyd as an NTP server on 127.0.0.1, stratum 8 from its own clock; its port."""
-    if shutil.which("chronyd") is None:
-        pytest.skip("chronyd is not installed (apt-get install chrony; .ci/run installs it)")
+    require_programs("chronyd")
     tmp = tmp_path_factory.mktemp("chrony")
     port = free_udp_port()
     config = tmp / "chrony.conf"

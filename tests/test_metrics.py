@@ -1,7 +1,6 @@
 """Prometheus metrics from both ends: the format, promtool's check, and a real Prometheus scraping."""
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -11,7 +10,7 @@ import urllib.request
 import pytest
 
 import udp_timecheck as utc
-from conftest import MODULE, POSIX_ONLY, cli, wait_for
+from conftest import MODULE, POSIX_ONLY, cli, require_programs, wait_for
 
 METRICS_AT = r"^metrics at http://(127\.0\.0\.1:\d+)/metrics$"
 CLIENT_COUNTERS = ["probes_sent_total", "replies_total", "lost_total", "duplicates_total", "reordered_total",
@@ -69,9 +68,8 @@ def test_both_endpoints_serve_the_documented_series(measured):
     assert served["udp_timecheck_server_log_dropped_total"] == 0
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (apt-get install "
-                                                               "prometheus; .ci/run installs it)")
 def test_promtool_finds_nothing_to_say_of_either_endpoint(measured):
+    require_programs("promtool")
     _, _, server_metrics, client_metrics, port = measured
     wait_for(lambda: "udp_timecheck_clock_drift_ratio" in scrape(client_metrics))
     for where in (server_metrics, client_metrics):
@@ -96,9 +94,8 @@ def query(prometheus, expression):
 
 
 @POSIX_ONLY
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed (apt-get install "
-                                                                 "prometheus; .ci/run installs it)")
 def test_a_real_prometheus_scrapes_both_ends(measured, processes, tmp_path):
+    require_programs("prometheus")
     server, client, server_metrics, client_metrics, port = measured
     web = "127.0.0.1:{}".format(free_tcp_port())
     config = tmp_path / "prom.yml"
@@ -144,9 +141,8 @@ def test_a_busy_metrics_port_is_a_setup_error(capsys):
     assert "already in use" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (apt-get install "
-                                                               "prometheus; .ci/run installs it)")
 def test_the_readmes_alert_rule_and_scrape_config_are_valid(tmp_path):
+    require_programs("promtool")
     import re
     readme = (MODULE.parent / "README.md").read_text()
     blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)

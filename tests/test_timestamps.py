@@ -1,7 +1,6 @@
 """Kernel timestamps on both ends, their fallbacks, and replies from the address asked."""
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import sys
 import pytest
 
 import udp_timecheck as utc
-from conftest import MODULE, ipv6_loopback_available, request
+from conftest import MODULE, ipv6_loopback_available, request, require_programs
 
 SECOND = utc.NS_PER_S
 LINUX = pytest.mark.skipif(utc.SO_TIMESTAMPNS is None, reason="kernel timestamps are Linux's")
@@ -140,9 +139,8 @@ with utc.TimeServer("::", 0) as server:
 
 
 @LINUX
-@pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("ip") is None,
-                    reason="needs unshare and ip (util-linux, iproute2)")
 def test_ipv6_wildcard_replies_from_the_address_asked_in_a_private_namespace():
+    require_programs("unshare", "ip")
     setup = "ip link set lo up && ip -6 addr add fd00::2/128 dev lo nodad && exec \"$0\" -c \"$1\""
     result = subprocess.run(["unshare", "-rn", "sh", "-c", setup, sys.executable,
                              NAMESPACE_SCRIPT.format(root=str(MODULE.parent))],
