@@ -17,8 +17,10 @@ The module, in order:
 
 1. Constants, and the one exception family (TimecheckError).
 2. Wire format: pure encode_*/decode_* functions, ours and NTP's, no I/O.
-3. Statistics: streaming summaries (LogHistogram, RunningStats), NTP's timing
-   arithmetic (probe_timing, arrival_ns), the drift fit and its clock steps.
+3. Statistics: exact percentiles in flat memory (Quantiles, FineSketch),
+   streaming summaries (LogHistogram, RunningStats), NTP's timing arithmetic
+   and when to trust it (probe_timing, arrival_ns), the drift fit, with an
+   error that includes the offsets' bounds, and its clock steps.
 4. Server: socket options and the kernel's clock state, TimeServer (start it
    on port 0, stop it from another thread, use it as a context manager, give
    it a clock), and MetricsServer for Prometheus.
@@ -29,6 +31,8 @@ The module, in order:
 """
 
 import argparse
+import array
+import bisect
 import collections
 import contextlib
 import csv
@@ -70,7 +74,8 @@ __all__ = [
     "quick_fields", "reply_parts", "fit_tutorial_reply", "min_request_size", "seal", "mac_matches",
     "mac_of_datagram", "reply_context",
     # timing and statistics
-    "Timing", "probe_timing", "arrival_ns", "clock_offset_ns", "percentile", "LogHistogram",
+    "Timing", "probe_timing", "arrival_ns", "clock_offset_ns", "percentile", "Quantiles", "FineSketch",
+    "LogHistogram",
     "SignedHistogram", "RunningStats", "OffsetPoint", "DriftFit", "fit_drift", "fit_line", "find_steps",
     "chrony_weights", "wall_ns", "monotonic_ns",
     # the server
@@ -116,8 +121,10 @@ REFERENCE_EVERY = 64                # seconds between --reference queries after 
 NTP_EPOCH_OFFSET = 2208988800       # seconds from 1900, NTP's epoch, to 1970
 NTP_PACKET = struct.Struct("!BBbbII4sQQQQ")  # RFC 5905's header, without extensions
 NTP_PORT = 123
+MAX_ROOT_DISTANCE_NS = 1_500_000_000  # RFC 5905's MAXDIST: a server further from UTC is not synchronised
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text exposition format
 RTT_BUCKETS_S = tuple(10 ** (exponent / 4) for exponent in range(-20, 5))  # 10 us to 10 s, 4 a decade
+RTT_BUCKETS_NS = tuple(le * 1e9 for le in RTT_BUCKETS_S)
 TIME_ERROR, STA_UNSYNC = 5, 0x0040  # adjtimex(2): the clock is not synchronised
 CLOCK_SOURCE_FILE = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
 MAX_KEY_FILE = 4096                 # bytes: a key, not a file to read until memory runs out
@@ -166,6 +173,12 @@ RECENT_PROBES = 16384               # answered or lost probes remembered for lat
 TIMELINE_BINS = 256                 # per-interval aggregates for the drift fit and the plot
 TIMELINE_FIRST_WIDTH_NS = 10_000_000  # each bin's span at first; doubled whenever bins run out
 DRIFT_MIN_POINTS = 6                # bins with a trusted offset before a drift is fitted
+DRIFT_CLAIM_FACTOR = 3.0            # a drift is named (faster, slower) beyond this many times its error
+EXACT_VALUES = 1_000_000            # RTTs kept exactly (4 or 8 bytes each), then sketched
+EXACT_SHARE = 16                    # each other quantity keeps EXACT_VALUES / EXACT_SHARE exactly
+EXACT_CHUNK = 32768                 # they are kept sorted in chunks of this many
+SKETCH_EXACT_NS = 10_000            # FineSketch: a bucket per nanosecond below 10 us ...
+SKETCH_RELATIVE_ERROR = 5e-5        # ... and within 0.005% above: percentiles within 0.01%
 STEP_MIN_POINTS = 3                 # on each side of a clock step
 STEP_FACTOR = 6.0                   # a step is this many times the offsets' scatter, at least
 
@@ -495,6 +508,7 @@ class NtpReply(NamedTuple):
     receive_ns: int   # T2
     transmit_ns: int  # T3
     transmit: int     # as sent: 0 means no time at all
+    receive: int      # as sent: 0 too
 
 
 def encode_ntp_request(nonce: int) -> bytes:
@@ -519,7 +533,13 @@ def decode_ntp(data: bytes, near_ns: int) -> NtpReply:
      transmit) = NTP_PACKET.unpack_from(data)
     return NtpReply(first >> 6, first >> 3 & 7, first & 7, stratum, refid, root_delay * NS_PER_S >> 16,
                     root_dispersion * NS_PER_S >> 16, origin, ntp_to_ns(receive, near_ns),
-                    ntp_to_ns(transmit, near_ns), transmit)
+                    ntp_to_ns(transmit, near_ns), transmit, receive)
+
+
+def root_distance_ns(reply: NtpReply) -> int:
+    """How far the server's clock may be from UTC by its own account: RFC 5905's root
+    distance, without the dispersion of this one exchange (root delay / 2 + root dispersion)."""
+    return reply.root_delay_ns // 2 + reply.root_dispersion_ns
 
 
 def ntp_problem(reply: NtpReply) -> Optional[str]:
@@ -532,8 +552,13 @@ def ntp_problem(reply: NtpReply) -> Optional[str]:
         return "kiss-o'-death {}".format(reply.refid.rstrip(b"\0").decode("ascii", "replace") or "?")
     if reply.transmit == 0:
         return "no transmit time"
+    if reply.receive == 0:
+        return "no receive time"
     if reply.leap == 3 or reply.stratum >= 16:
         return "the server is not synchronised (leap {}, stratum {})".format(reply.leap, reply.stratum)
+    if root_distance_ns(reply) > MAX_ROOT_DISTANCE_NS:
+        return "the server is not synchronised (root distance {:.3f} s, above {:g} s)".format(
+            root_distance_ns(reply) / NS_PER_S, MAX_ROOT_DISTANCE_NS / NS_PER_S)
     return None
 
 
@@ -590,6 +615,155 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     lower = int(position)
     upper = min(lower + 1, len(sorted_values) - 1)
     return sorted_values[lower] + (sorted_values[upper] - sorted_values[lower]) * (position - lower)
+
+
+_SKETCH_GAMMA = (1 + SKETCH_RELATIVE_ERROR) / (1 - SKETCH_RELATIVE_ERROR)
+_SKETCH_LOG_GAMMA = math.log(_SKETCH_GAMMA)
+
+
+class FineSketch:
+    """Counts of whole numbers of either sign, exact below SKETCH_EXACT_NS in magnitude and
+    within SKETCH_RELATIVE_ERROR above, as DDSketch keeps them: in one array over the range of
+    buckets in use, so that memory grows with the logarithm of the values' range (a few MB at
+    most, from -10 s to 10 s) and never with their count."""
+    __slots__ = ("count", "_low", "_counts")
+
+    def __init__(self) -> None:
+        self.count, self._low = 0, 0
+        self._counts = array.array("q")  # _counts[i] counts bucket key _low + i
+
+    @staticmethod
+    def key(value: int) -> int:
+        """The bucket of value; keys sort as the values do."""
+        if -SKETCH_EXACT_NS < value < SKETCH_EXACT_NS:
+            return value
+        steps = math.ceil(math.log(abs(value) / SKETCH_EXACT_NS) / _SKETCH_LOG_GAMMA)
+        return SKETCH_EXACT_NS + steps if value > 0 else -SKETCH_EXACT_NS - 1 - steps
+
+    @staticmethod
+    def value(key: int) -> float:
+        """A bucket's representative: within SKETCH_RELATIVE_ERROR of every value in it."""
+        if -SKETCH_EXACT_NS < key < SKETCH_EXACT_NS:
+            return float(key)
+        steps = key - SKETCH_EXACT_NS if key > 0 else -SKETCH_EXACT_NS - 1 - key
+        magnitude = 2 * SKETCH_EXACT_NS * _SKETCH_GAMMA ** steps / (_SKETCH_GAMMA + 1)
+        return magnitude if key > 0 else -magnitude
+
+    def add(self, value: int) -> None:
+        index = self.key(value) - self._low
+        if not 0 <= index < len(self._counts):
+            index = self._make_room(index)
+        self._counts[index] += 1
+        self.count += 1
+
+    def _make_room(self, index: int) -> int:
+        """Grow the array to hold index, by half again at least; returns index from the new low."""
+        counts = self._counts
+        if not counts:
+            self._low, self._counts = self._low + index, array.array("q", [0])
+            return 0
+        more = max(len(counts) // 2, index - len(counts) + 1 if index >= 0 else -index)
+        if index >= 0:
+            counts.extend(array.array("q", bytes(8 * more)))
+            return index
+        self._counts = array.array("q", bytes(8 * more)) + counts
+        self._low -= more
+        return index + more
+
+    def order_statistics(self, ranks: Sequence[int]) -> List[float]:
+        """The values at each 0-based rank, in ascending order of ranks."""
+        found, seen, wanted = [], 0, iter(ranks)
+        rank = next(wanted, None)
+        for index, count in enumerate(self._counts):
+            seen += count
+            while rank is not None and rank < seen:
+                found.append(self.value(self._low + index))
+                rank = next(wanted, None)
+            if rank is None:
+                break
+        return found
+
+
+class Quantiles:
+    """Every value of one quantity, for percentiles as numpy.percentile's linear interpolation
+    gives them.
+
+    The values (whole nanoseconds) are kept as they are, 4 or 8 bytes each, in sorted
+    chunks, while there are at most limit of them; past that they are counted in a
+    FineSketch, so that memory stays flat, and the percentiles stay within 0.01%.
+    """
+    __slots__ = ("limit", "count", "_chunks", "_pending", "_sketch")
+
+    def __init__(self, limit: Optional[int] = None) -> None:
+        self.limit, self.count = EXACT_VALUES if limit is None else limit, 0
+        self._chunks = []  # type: List[array.array]  # each sorted
+        self._pending = array.array("i")  # 4 bytes a value, until one does not fit
+        self._sketch = None  # type: Optional[FineSketch]
+
+    def add(self, value: int) -> None:
+        """value in whole nanoseconds (a float is rounded to one)."""
+        self.count += 1
+        if self.count > self.limit:  # past the budget: the exact values join the sketch when asked
+            if self._sketch is None:
+                self._sketch = FineSketch()
+            self._sketch.add(round(value))
+            return
+        self._append(value)
+        if len(self._pending) >= EXACT_CHUNK:
+            self._chunks.append(array.array(self._pending.typecode, sorted(self._pending)))
+            self._pending = array.array(self._pending.typecode)
+
+    def _append(self, value: int) -> None:
+        try:
+            self._pending.append(value)
+        except TypeError:
+            self._append(round(value))
+        except OverflowError:  # beyond 2.1 s: 8 bytes a value from here on
+            self._pending = array.array("q", self._pending)
+            self._pending.append(value)
+
+    def _fold(self) -> None:
+        """The exact values into the sketch, once and for all: at a query, not in the probe loop."""
+        for chunk in self._chunks + [self._pending]:
+            for value in chunk:
+                self._sketch.add(value)
+        self._chunks, self._pending = [], array.array("i")
+
+    def quantiles(self, fractions: Sequence[float]) -> List[Optional[float]]:
+        """Each fraction's percentile (0.5: the median), None for no values."""
+        if not self.count:
+            return [None] * len(fractions)
+        positions = [(self.count - 1) * fraction for fraction in fractions]
+        ranks = sorted({rank for position in positions
+                        for rank in (int(position), min(int(position) + 1, self.count - 1))})
+        values = dict(zip(ranks, self._order_statistics(ranks)))
+        return [values[int(position)] + (values[min(int(position) + 1, self.count - 1)]
+                                         - values[int(position)]) * (position - int(position))
+                for position in positions]
+
+    def _order_statistics(self, ranks: Sequence[int]) -> List[float]:
+        if self._sketch is not None:
+            if self._chunks or self._pending:
+                self._fold()
+            return self._sketch.order_statistics(ranks)
+        chunks = self._chunks + [sorted(self._pending)]
+        if len(chunks) == 1:
+            return [float(chunks[0][rank]) for rank in ranks]
+        return [float(_kth_smallest(chunks, rank)) for rank in ranks]
+
+
+def _kth_smallest(chunks: Sequence[Sequence[int]], rank: int) -> int:
+    """The value at 0-based rank among sorted sequences of whole numbers: a binary search
+    on the value, counting with bisect, so that nothing is merged or copied."""
+    low = min(chunk[0] for chunk in chunks if len(chunk))
+    high = max(chunk[-1] for chunk in chunks if len(chunk))
+    while low < high:
+        middle = (low + high) // 2
+        if sum(bisect.bisect_right(chunk, middle) for chunk in chunks) > rank:
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 class LogHistogram:
@@ -707,8 +881,9 @@ class OffsetPoint(NamedTuple):
 
 class DriftFit(NamedTuple):
     drift_ppm: float       # the server's clock rate against this machine's, in parts per million
-    drift_err_ppm: float   # one standard error
+    drift_err_ppm: float   # the fit's standard error, plus what the offsets' own bounds leave open
     offset_end_ns: float   # the fitted offset at the end of the run
+    offset_end_err_ns: float  # its error bound
     steps: List[Tuple[int, float]]  # (wall-clock ns, size in ns) of each clock step found
     segments: List[Tuple[float, float, float]]  # (first s, last s, offset at 0 s) between steps
 
@@ -824,17 +999,33 @@ def _best_split(points: Sequence[OffsetPoint], steps: Sequence[int]) -> Optional
 
 def fit_drift(points: Sequence[OffsetPoint], end_s: float) -> Optional[DriftFit]:
     """The clocks' relative rate and the offset at end_s, after any clock steps; None below
-    DRIFT_MIN_POINTS points or without a spread in time."""
+    DRIFT_MIN_POINTS points or without a spread in time.
+
+    Its error is the fit's standard error plus (err_start + err_end) / duration:
+    each offset is known only within its bound (half its RTT), and a path that is
+    a little less symmetric at the end than at the start looks just like a drift.
+    """
     if len(points) < DRIFT_MIN_POINTS or points[-1].at_s - points[0].at_s <= 0:
         return None
     steps = find_steps(points)
     slope, error, intercepts = fit_line(points, chrony_weights(points), steps)
+    start_err, end_err = _end_bounds_ns(points)
+    error += (start_err + end_err) / (points[-1].at_s - points[0].at_s)
     bounds = [0] + steps + [len(points)]
     sizes = [(points[start].wall_ns, intercepts[index + 1] - intercepts[index])
              for index, start in enumerate(steps)]
     segments = [(points[first].at_s, points[last - 1].at_s, intercept)
                 for first, last, intercept in zip(bounds, bounds[1:], intercepts)]
-    return DriftFit(slope / 1e3, error / 1e3, intercepts[-1] + slope * end_s, sizes, segments)
+    end_offset_err = end_err + error * max(0.0, end_s - points[-1].at_s)  # extrapolated past the last
+    return DriftFit(slope / 1e3, error / 1e3, intercepts[-1] + slope * end_s, end_offset_err, sizes, segments)
+
+
+def _end_bounds_ns(points: Sequence[OffsetPoint]) -> Tuple[float, float]:
+    """The offsets' error bounds at the start and at the end: the median half-RTT of the
+    first and of the last quarter of the points."""
+    quarter = max(1, len(points) // 4)
+    return tuple(percentile(sorted(point.rtt_ns for point in part), 0.5) / 2
+                 for part in (points[:quarter], points[-quarter:]))
 
 
 def clocks_consistent(offset_ms: Optional[float], error_ms: Optional[float], local: ClockState,
@@ -894,9 +1085,33 @@ class Timing(NamedTuple):
     """What one answered probe measured; see probe_timing()."""
     rtt_ns: int                 # the round trip, without the server's processing time
     proc_ns: Optional[int]      # the server's T3 - T2, when plausible
-    offset_ns: Optional[float]  # NTP's offset: positive when the server's clock is ahead
-    trusted: bool               # the wall clock held steady: the offset can be used
+    offset_ns: Optional[float]  # NTP's offset, positive when the server's clock is ahead; None untrusted
+    trusted: bool               # every timestamp is consistent: the offset can be used
     kernel: bool                # rtt_ns came from kernel timestamps, not from wake-ups
+    untrusted_because: Optional[str] = None  # why the offset cannot be used (UNTRUSTED_REASONS)
+
+
+# Why a probe's timestamps give no offset
+NO_SERVER_STAMPS = "no server timestamps"
+ZERO_STAMP = "a server timestamp of zero"
+REVERSED_STAMPS = "T3 before T2"
+HELD_TOO_LONG = "T3 - T2 longer than the round trip"
+WALL_STEP = "this machine's clock stepped during the probe"
+KERNEL_STAMP = "a kernel timestamp outside the round trip"
+UNTRUSTED_REASONS = (NO_SERVER_STAMPS, ZERO_STAMP, REVERSED_STAMPS, HELD_TOO_LONG, WALL_STEP, KERNEL_STAMP)
+
+
+def _server_stamps_problem(t2: Optional[int], t3: Optional[int], raw_ns: int) -> Optional[str]:
+    """Why T2 and T3 contradict themselves or the round trip, or None."""
+    if t2 is None or t3 is None:
+        return NO_SERVER_STAMPS
+    if t2 <= 0 or t3 <= 0:
+        return ZERO_STAMP
+    if t3 < t2:
+        return REVERSED_STAMPS
+    if t3 - t2 > raw_ns:
+        return HELD_TOO_LONG
+    return None
 
 
 def probe_timing(t1: int, t2: Optional[int], t3: Optional[int], t4: int, *, raw_ns: int, span_ns: int,
@@ -909,17 +1124,26 @@ def probe_timing(t1: int, t2: Optional[int], t3: Optional[int], t4: int, *, raw_
     trusted.  With kernel stamps (t4 from the kernel), the RTT is
     (T4 - T1) - (T3 - T2) when that is positive and no longer than raw_ns; else,
     and with user-space stamps, it is raw_ns - (T3 - T2), wake-ups included.
+    Server timestamps that are missing, zero, reversed or longer apart than
+    the round trip give no offset and are not subtracted: untrusted_because says why.
     """
-    proc = t3 - t2 if t2 is not None and t3 is not None and 0 <= t3 - t2 <= raw_ns else None
+    problem = _server_stamps_problem(t2, t3, raw_ns)
+    proc = None if problem else t3 - t2
     steady = abs(span_ns - raw_ns) <= WALL_STEP_TOLERANCE_NS + raw_ns // 1000
-    rtt, trusted = raw_ns - (proc or 0), steady
+    rtt = raw_ns - (proc or 0)
+    if not steady:
+        problem = problem or WALL_STEP
+    elif proc is not None and proc > t4 - t1:
+        problem, proc, rtt = HELD_TOO_LONG, None, raw_ns
     if kernel:
         kernel_rtt = t4 - t1 - (proc or 0)
-        kernel = trusted = steady and 0 < kernel_rtt <= raw_ns
+        kernel = steady and 0 < kernel_rtt <= raw_ns
         if kernel:
             rtt = kernel_rtt
-    offset = None if t2 is None or t3 is None else ((t2 - t1) + (t3 - t4)) / 2
-    return Timing(rtt, proc, offset, trusted, kernel)
+        else:
+            problem = problem or KERNEL_STAMP
+    offset = None if problem else ((t2 - t1) + (t3 - t4)) / 2
+    return Timing(rtt, proc, offset, problem is None, kernel, problem)
 
 
 # ---------------------------------------------------------------------------
@@ -1543,7 +1767,10 @@ class Sample:
 
     @property
     def offset_err_ns(self) -> Optional[float]:
-        return None if self.offset_ns is None else self.timing.rtt_ns / 2
+        """Half the RTT; for an NTP server, plus its root distance (RFC 5905): its own error."""
+        if self.offset_ns is None:
+            return None
+        return self.timing.rtt_ns / 2 + (root_distance_ns(self.ntp) if self.ntp is not None else 0)
 
     def settle(self, user_t4: int, *, kernel_mode: bool) -> None:
         """Work out what the probe measured, once its reply is recorded."""
@@ -1561,12 +1788,14 @@ class Sample:
                 "t1_from": KERNEL if self.t1_kernel else USER, "t4_from": KERNEL if self.t4_kernel else USER,
                 "timestamps": None if timing is None else (KERNEL if timing.kernel else USER),
                 "server_timestamps": self.server_stamp,
-                "trusted": None if timing is None else timing.trusted}
+                "trusted": None if timing is None else timing.trusted,
+                "untrusted_because": None if timing is None else timing.untrusted_because}
 
 
 SAMPLE_FIELDS = ("seq", "sent_at", "id", "status", "rtt_ms", "raw_rtt_ms", "server_proc_ms", "offset_ms",
                  "offset_err_ms", "reply_id", "lost_because", "t1_ns", "t2_ns", "t3_ns", "t4_ns",
-                 "t1_from", "t4_from", "timestamps", "server_timestamps", "trusted")  # as_dict()'s keys
+                 "t1_from", "t4_from", "timestamps", "server_timestamps", "trusted",
+                 "untrusted_because")  # as_dict()'s keys
 
 
 def describe_timestamps(client: str, server: Optional[str]) -> str:
@@ -1623,48 +1852,49 @@ class Timeline:
 
 
 class Distribution:
-    """Welford's running figures and a LogHistogram's quantiles of one quantity, in ns."""
-    __slots__ = ("stats", "histogram")
+    """Welford's running figures and the exact percentiles (Quantiles) of one quantity, in ns."""
+    __slots__ = ("stats", "values")
 
-    def __init__(self) -> None:
-        self.stats, self.histogram = RunningStats(), LogHistogram()
+    def __init__(self, limit: Optional[int] = None) -> None:
+        self.stats, self.values = RunningStats(), Quantiles(limit)
 
-    def add(self, value: float) -> None:
+    def add(self, value: int) -> None:
         self.stats.add(value)
-        self.histogram.add(value)
+        self.values.add(value)
 
     def summary_ms(self, names: Sequence[str]) -> Dict[str, Optional[float]]:
         """min, avg, median, p90, p99, max and mdev (as asked for), in ms; null for no values."""
         stats = self.stats
         figures = {"min": stats.min, "avg": stats.mean if stats.count else None, "max": stats.max,
                    "mdev": stats.mdev}
-        for name, fraction in (("median", 0.5), ("p90", 0.9), ("p99", 0.99)):
-            value = self.histogram.quantile(fraction)  # within 1%: never outside what was seen
-            figures[name] = None if value is None else min(max(value, stats.min), stats.max)
+        asked = [(name, fraction) for name, fraction in PERCENTILES if name in names]
+        figures.update(zip([name for name, _ in asked],
+                           self.values.quantiles([fraction for _, fraction in asked])))
         return {name: _ms(figures[name]) for name in names}
 
 
 class Delays:
     """One direction's delays (T2 - T1 out, T4 - T3 back), which carry the clocks' offset: their
     median above their minimum shows on which leg the queueing was; the offset cancels out."""
-    __slots__ = ("reference", "lowest", "histogram")
+    __slots__ = ("reference", "lowest", "values")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: Optional[int] = None) -> None:
         self.reference = self.lowest = None  # type: Optional[int]
-        self.histogram = SignedHistogram()
+        self.values = Quantiles(limit)
 
     def add(self, delay_ns: int) -> None:
         if self.reference is None:
             self.reference = delay_ns  # values are kept against the first, so they stay small
         value = delay_ns - self.reference
         self.lowest = value if self.lowest is None else min(self.lowest, value)
-        self.histogram.add(value)
+        self.values.add(value)
 
     def queueing_ns(self) -> Optional[float]:
-        middle = self.histogram.quantile(0.5)
+        (middle,) = self.values.quantiles((0.5,))
         return None if middle is None else max(0.0, middle - self.lowest)
 
 
+PERCENTILES = (("median", 0.5), ("p90", 0.9), ("p99", 0.99))
 RTT_FIGURES = ("min", "avg", "median", "p90", "p99", "max", "mdev")
 IPDV_FIGURES = ("median", "p99", "max")
 
@@ -1679,10 +1909,14 @@ class Totals:
         self.started_wall_ns, self.started_mono_ns = started_wall_ns, started_mono_ns
         for name in self.COUNTS:
             setattr(self, name, 0)
-        self.rtt, self.proc, self.jitter = Distribution(), Distribution(), Distribution()
-        self.send_ipdv, self.receive_ipdv = Distribution(), Distribution()
-        self.send_delays, self.receive_delays = Delays(), Delays()
-        self.best = None  # type: Optional[Sample]  # NTP's clock filter: the lowest-RTT trusted sample
+        share = EXACT_VALUES // EXACT_SHARE  # the RTT has the most of the budget
+        self.rtt, self.proc, self.jitter = Distribution(), Distribution(share), RunningStats()
+        self.rtt_rows = LogHistogram()  # the histogram's rows
+        self.rtt_buckets = [0] * (len(RTT_BUCKETS_NS) + 1)  # Prometheus' buckets, counted exactly
+        self.send_ipdv, self.receive_ipdv = Distribution(share), Distribution(share)
+        self.send_delays, self.receive_delays = Delays(share), Delays(share)
+        self.best = None  # type: Optional[Sample]  # NTP's clock filter: the trusted sample of least error
+        self.untrusted_because = collections.Counter()  # type: collections.Counter
         self.server_stamps = set()  # type: set
         self.timeline = Timeline()
 
@@ -1691,27 +1925,31 @@ class Totals:
         """An answered probe's figures, and its differences with the probes numbered next to it."""
         timing = sample.timing
         self.rtt.add(timing.rtt_ns)
+        self.rtt_rows.add(timing.rtt_ns)
+        self.rtt_buckets[bisect.bisect_left(RTT_BUCKETS_NS, timing.rtt_ns)] += 1
         if timing.proc_ns is not None:
             self.proc.add(timing.proc_ns)
         if sample.server_stamp is not None:
             self.server_stamps.add(sample.server_stamp)
-        if sample.t2 is not None and sample.t3 is not None:
-            self.send_delays.add(sample.t2 - sample.t1)
-            self.receive_delays.add(sample.t4 - sample.t3)
         mine = _legs(sample)
+        if mine[1] is not None:
+            self.send_delays.add(mine[1])
+            self.receive_delays.add(mine[2])
         for rtt, out, back in neighbours:  # IPDV: consecutive probes by number, as irtt pairs them
             self.jitter.add(abs(timing.rtt_ns - rtt))
             if out is not None and mine[1] is not None:
                 self.send_ipdv.add(abs(mine[1] - out))
                 self.receive_ipdv.add(abs(mine[2] - back))
-        if timing.offset_ns is not None and timing.trusted and (
-                self.best is None or timing.rtt_ns < self.best.timing.rtt_ns):
+        if not timing.trusted:
+            self.untrusted_because[timing.untrusted_because] += 1
+        elif self.best is None or sample.offset_err_ns < self.best.offset_err_ns:
             self.best = sample
 
 
 def _legs(sample: Sample) -> Tuple[int, Optional[int], Optional[int]]:
-    """(rtt, T2 - T1, T4 - T3) of an answered probe: what the IPDVs compare."""
-    if sample.t2 is None or sample.t3 is None:
+    """(rtt, T2 - T1, T4 - T3) of an answered probe: what the IPDVs compare; the legs only
+    when every timestamp is consistent."""
+    if not sample.timing.trusted:
         return sample.timing.rtt_ns, None, None
     return sample.timing.rtt_ns, sample.t2 - sample.t1, sample.t4 - sample.t3
 
@@ -1809,10 +2047,17 @@ class Recorder:
         self._classify(reply, data, stamps, sample, ended, claim)
 
     def report(self) -> Dict[str, object]:
-        """The summary of the period since the last report, with its interval; a new one starts."""
-        now, now_mono = wall_ns(), monotonic_ns()
-        figures = self._summary(self.period, now_mono, ())
-        figures["interval"] = {"start": iso_utc(self.period.started_wall_ns), "end": iso_utc(now)}
+        """The figures of the period since the last report, and its own span; a new one starts.
+
+        Only what a period has: no settings, no probes listed, no verdict on the run.
+        """
+        now, now_mono, period = wall_ns(), monotonic_ns(), self.period
+        figures = {"started_at": iso_utc(period.started_wall_ns),
+                   "duration_s": round((now_mono - period.started_mono_ns) / NS_PER_S, 6),
+                   "interval": {"start": iso_utc(period.started_wall_ns), "end": iso_utc(now)},
+                   "target": self.target, "address": self.address}
+        figures.update(self._figures(period, now_mono))
+        figures["clock"] = self._clock_figures(figures, read_clock_state())
         self.period = Totals(now, now_mono)
         self._active = (self.totals, self.period)
         return figures
@@ -1961,8 +2206,7 @@ class Recorder:
         counts["probes_sent"] = self.probes_sent
         stats = totals.rtt.stats
         offset_ns, error_ns, drift_ppm = self.clock_estimate()
-        return {"counts": counts, "rtt_buckets": totals.rtt.histogram.buckets.copy(),
-                "rtt_histogram": totals.rtt.histogram, "rtt_count": stats.count,
+        return {"counts": counts, "rtt_buckets": list(totals.rtt_buckets), "rtt_count": stats.count,
                 "rtt_sum_ns": stats.mean * stats.count, "offset_ns": offset_ns, "offset_err_ns": error_ns,
                 "drift_ppm": drift_ppm, "server_clock": self.server_clock}
 
@@ -1973,8 +2217,10 @@ class Recorder:
         if self._estimate is None or now - self._estimate[0] >= NS_PER_S:
             fit = fit_drift(self.totals.timeline.points(), (now - self.started_mono_ns) / NS_PER_S)
             best = self.totals.best
-            offset = fit.offset_end_ns if fit is not None else best and best.offset_ns
-            self._estimate = (now, offset, best and best.offset_err_ns, fit and fit.drift_ppm)
+            if fit is not None:
+                self._estimate = (now, fit.offset_end_ns, fit.offset_end_err_ns, fit.drift_ppm)
+            else:
+                self._estimate = (now, best and best.offset_ns, best and best.offset_err_ns, None)
         return self._estimate[1:]
 
     # --- what the run found ------------------------------------------------------------
@@ -2007,20 +2253,22 @@ class Recorder:
         return self._summary(self.totals, self.started_mono_ns + self.duration_ns, self.samples)
 
     def _summary(self, totals: Totals, end_mono_ns: int, samples: Sequence[Sample]) -> Dict[str, object]:
-        """The run's record and the figures of totals: the keys of the summary and of each report."""
+        """The run's record and the figures of totals, with the first probes: the --json object."""
         summary = self.run_record()
         summary.update(target=self.target, address=self.address, stopped_because=self.stop_reason,
                        interrupted=self.interrupted)
         summary.update(self._figures(totals, end_mono_ns))
-        server = self.server_clock
         summary["reference"] = None  # client --reference fills it in
-        summary["clock"] = {"local": self.local_clock.as_dict(),
-                            "server": (server or UNKNOWN_CLOCK).as_dict(),
-                            "consistent": clocks_consistent(summary["offset_ms"], summary["offset_err_ms"],
-                                                            self.local_clock, server)}
+        summary["clock"] = self._clock_figures(summary, self.local_clock)
         summary.update(samples=[sample.as_dict() for sample in samples], samples_kept=len(samples),
                        samples_cut=totals.sent > len(samples))
         return summary
+
+    def _clock_figures(self, figures: Mapping, local: ClockState) -> Dict[str, object]:
+        server = self.server_clock
+        consistent = clocks_consistent(figures["offset_ms"], figures["offset_err_ms"], local, server)
+        return {"local": local.as_dict(), "server": (server or UNKNOWN_CLOCK).as_dict(),
+                "consistent": consistent}
 
     def _figures(self, totals: Totals, end_mono_ns: int) -> Dict[str, object]:
         """The figures of a run or a period: the keys of the summary and of each report."""
@@ -2028,7 +2276,7 @@ class Recorder:
         figures["loss_pct"] = round(100.0 * totals.lost / totals.sent, 3) if totals.sent else None
         figures["timestamps"] = self._timestamp_summary(totals)
         figures["rtt_ms"] = totals.rtt.summary_ms(RTT_FIGURES)
-        figures["jitter_ms"] = totals.jitter.summary_ms(("avg",))["avg"]
+        figures["jitter_ms"] = _ms(totals.jitter.mean) if totals.jitter.count else None
         figures["server_proc_ms"] = totals.proc.summary_ms(("median",))["median"]
         best = totals.best
         figures.update(offset_ms=_ms(best and best.offset_ns), offset_err_ms=_ms(best and best.offset_err_ns),
@@ -2039,8 +2287,7 @@ class Recorder:
                        receive_queueing_ms=_ms(totals.receive_delays.queueing_ns()))
         figures.update(_drift_figures(fit_drift(totals.timeline.points(),
                                                 (end_mono_ns - totals.started_mono_ns) / NS_PER_S)))
-        rows = totals.rtt.histogram.rows(max(1, min(10, round(math.sqrt(totals.received)))))
-        figures["histogram_ms"] = [[_ms(low), _ms(high), count] for low, high, count in rows]
+        figures["histogram_ms"] = _histogram_rows(totals)
         return figures
 
     def plot_data(self) -> Dict[str, object]:
@@ -2060,21 +2307,33 @@ class Recorder:
         return {"title": "udp-timecheck {}, {}".format(self.target, iso_utc(self.started_ns)),
                 "duration_s": max(duration_s, width_s), "bins": bins,
                 "drift": fit_drift(timeline.points(), duration_s),
-                "histogram_ms": self.summary()["histogram_ms"]}
+                "histogram_ms": _histogram_rows(self.totals)}
 
     def _timestamp_summary(self, totals: Totals) -> Dict[str, object]:
         stamps = totals.server_stamps
         server = next(iter(stamps)) if len(stamps) == 1 else ("mixed" if stamps else None)
         return {"client": self.timestamps, "server": server, "transmit": self.transmit_stamps,
                 "user_fallbacks": totals.user_fallbacks, "transmit_fallbacks": totals.transmit_fallbacks,
-                "untrusted": totals.untrusted, "described": describe_timestamps(self.timestamps, server)}
+                "untrusted": totals.untrusted, "untrusted_because": dict(totals.untrusted_because),
+                "described": describe_timestamps(self.timestamps, server)}
+
+
+def _histogram_rows(totals: Totals) -> List[List[float]]:
+    """About sqrt(n) rows, at most 10, from the fastest RTT to the slowest: never beyond them."""
+    stats = totals.rtt.stats
+    rows = totals.rtt_rows.rows(max(1, min(10, round(math.sqrt(totals.received)))))
+    if rows:
+        rows[0] = (max(rows[0][0], stats.min), rows[0][1], rows[0][2])
+        rows[-1] = (rows[-1][0], min(rows[-1][1], stats.max), rows[-1][2])
+    return [[_ms(low), _ms(high), count] for low, high, count in rows]
 
 
 def _drift_figures(fit: Optional[DriftFit]) -> Dict[str, object]:
     if fit is None:
-        return {"drift_ppm": None, "drift_err_ppm": None, "offset_end_ms": None, "clock_steps": []}
+        return {"drift_ppm": None, "drift_err_ppm": None, "offset_end_ms": None, "offset_end_err_ms": None,
+                "clock_steps": []}
     return {"drift_ppm": round(fit.drift_ppm, 3), "drift_err_ppm": round(fit.drift_err_ppm, 3),
-            "offset_end_ms": _ms(fit.offset_end_ns),
+            "offset_end_ms": _ms(fit.offset_end_ns), "offset_end_err_ms": _ms(fit.offset_end_err_ns),
             "clock_steps": [{"at": iso_utc(at_ns), "size_ms": _ms(size_ns)} for at_ns, size_ns in fit.steps]}
 
 
@@ -2393,7 +2652,7 @@ class Reference:
                 if sample.status == LOST and sample.reason not in (TIMED_OUT, INTERRUPTED):
                     self.problems[sample.reason] += 1
             best = recorder.totals.best
-            if best is not None and (self.best is None or best.timing.rtt_ns < self.best.timing.rtt_ns):
+            if best is not None and (self.best is None or best.offset_err_ns < self.best.offset_err_ns):
                 self.best = best
             self._burst_done.set()
             if recorder.stop_reason or self._stopping.wait(REFERENCE_EVERY):
@@ -2509,15 +2768,31 @@ def format_counts(summary: Mapping) -> List[str]:
     return lines
 
 
+def offset_words(offset_ms: float, error_ms: float, ahead: str, behind: str, level: str) -> str:
+    """A direction only when the offset lies outside its bound: else level, within the bound."""
+    if abs(offset_ms) <= error_ms:
+        return "{} within \u00b1 {:.3f} ms".format(level, error_ms)
+    return ahead if offset_ms > 0 else behind
+
+
 def format_clock(summary: Mapping) -> List[str]:
-    """The server's clock offset, in words."""
+    """The server's processing time when it is missing, and its clock offset, in words."""
+    reasons = summary["timestamps"]["untrusted_because"]
+    no_stamps = summary["server_proc_ms"] is None and set(reasons) == {NO_SERVER_STAMPS}
+    lines = []
     if summary["server_proc_ms"] is None:
-        return ["server processing time: not reported, so it is part of each rtt",
-                "server clock offset: unavailable (the server sends no timestamps: the tutorial's server?)"]
-    offset = signed(summary["offset_ms"])
-    relation = "level with" if float(offset) == 0 else "ahead of" if offset[0] == "+" else "behind"
-    return ["server clock offset {} ms \u00b1 {:.3f} ms (server {} this machine; from seq {}, the "
-            "lowest-rtt probe)".format(offset, summary["offset_err_ms"], relation, summary["offset_seq"])]
+        lines.append("server processing time: {}, so it is part of each rtt".format(
+            "not reported" if no_stamps else "not used (its timestamps contradict the round trip)"))
+    if summary["offset_ms"] is None:
+        why = ("the server sends no timestamps: the tutorial's server?" if no_stamps else
+               "no probe's timestamps can be trusted: " + ", ".join(
+                   "{} ({})".format(reason, plural(count, "probe")) for reason, count in reasons.items()))
+        return lines + ["server clock offset: unavailable ({})".format(why)]
+    offset, error = summary["offset_ms"], summary["offset_err_ms"]
+    words = offset_words(offset, error, "server ahead of this machine", "server behind this machine",
+                         "server level with this machine")
+    return lines + ["server clock offset {} ms \u00b1 {:.3f} ms ({}; from seq {}, the lowest-rtt "
+                    "probe)".format(signed(offset), error, words, summary["offset_seq"])]
 
 
 def time_unit(largest_ms: float) -> Tuple[str, float, int]:
@@ -2564,10 +2839,11 @@ def format_drift(summary: Mapping) -> List[str]:
     if summary["drift_ppm"] is None:
         return []
     drift, error = summary["drift_ppm"], summary["drift_err_ppm"]
-    pace = ("no faster or slower than" if abs(drift) <= 3 * error else  # within three standard errors
-            "faster than" if drift > 0 else "slower than")
+    claim = DRIFT_CLAIM_FACTOR * error
+    pace = "faster than" if drift > claim else "slower than" if drift < -claim else "no faster or slower than"
+    end = "{} ms \u00b1 {:.3f} ms".format(signed(summary["offset_end_ms"]), summary["offset_end_err_ms"])
     lines = ["clock drift {} ppm \u00b1 {:.3f} ppm (the server's clock runs {} this machine's); offset at "
-             "the end {} ms".format(signed(drift), error, pace, signed(summary["offset_end_ms"]))]
+             "the end {}".format(signed(drift), error, pace, end)]
     lines += ["clock step of {} ms at {}".format(signed(step["size_ms"]), step["at"])
               for step in summary["clock_steps"]]
     return lines
@@ -2690,11 +2966,12 @@ def format_sntp_summary(summary: Mapping) -> List[str]:
                  summary["loss_pct"] or 0, summary["late"], summary["duplicates"], summary["mismatched"])]
     lines += ["{} unusable: {}".format(count, problem) for problem, count in summary["problems"].items()]
     if summary["offset_ms"] is not None:
-        offset = signed(summary["offset_ms"])
-        relation = "level with" if float(offset) == 0 else "ahead of" if offset[0] == "+" else "behind"
-        figures = (offset, summary["offset_err_ms"], relation, summary["offset_seq"], summary["delay_ms"])
-        lines.append("offset {} ms \u00b1 {:.3f} ms (the server's clock is {} this machine's; from seq {}, "
-                     "the lowest-delay query), delay {:.3f} ms".format(*figures))
+        offset, error = summary["offset_ms"], summary["offset_err_ms"]
+        words = offset_words(offset, error, "ahead of this machine's", "behind this machine's",
+                             "level with this machine's")
+        lines.append("offset {} ms \u00b1 {:.3f} ms (the server's clock is {}; from seq {}, the query of "
+                     "least error), delay {:.3f} ms".format(signed(offset), error, words,
+                                                            summary["offset_seq"], summary["delay_ms"]))
         lines.append("server: stratum {}, reference {}, leap {}, root delay {:.3f} ms, root dispersion "
                      "{:.3f} ms".format(summary["stratum"], summary["refid"], summary["leap"],
                                         summary["root_delay_ms"], summary["root_dispersion_ms"]))
@@ -2800,15 +3077,9 @@ def render_client_metrics(prober: Prober) -> str:
 
 
 def _rtt_histogram(snapshot: Mapping, target: Mapping[str, str]) -> List[str]:
-    """The streaming histogram's buckets, counted into Prometheus' log-spaced ones (cumulative)."""
-    value, buckets = snapshot["rtt_histogram"].value, snapshot["rtt_buckets"]
-    counts = [0] * (len(RTT_BUCKETS_S) + 1)
-    for index, count in buckets.items():
-        seconds = value(index) / NS_PER_S
-        counts[next((number for number, le in enumerate(RTT_BUCKETS_S) if seconds <= le),
-                    len(RTT_BUCKETS_S))] += count
+    """The RTTs counted into Prometheus' log-spaced buckets as they came, cumulative."""
     samples, total = [], 0
-    for le, count in zip(["{:.6g}".format(le) for le in RTT_BUCKETS_S] + ["+Inf"], counts):
+    for le, count in zip(["{:.6g}".format(le) for le in RTT_BUCKETS_S] + ["+Inf"], snapshot["rtt_buckets"]):
         total += count
         samples.append((dict(target, le=le), total))
     lines = _metric("rtt_seconds", "histogram", "Round-trip times, less the server's processing.", [])

@@ -416,3 +416,91 @@ def running_client(processes, server, *args, header=r"^UDP-TIMECHECK ", served=2
     client.stdout.expect(header)
     wait_for(lambda: server.stats.served >= served)
     return client
+
+
+# --- a hand-made UDP peer: answers each datagram as a test tells it to -----------------------
+
+class UdpPeer:
+    """A UDP peer on 127.0.0.1 port 0, in a thread: answer(data) gives the reply (bytes), or None
+    to stay silent.  .received holds every datagram it got."""
+
+    def __init__(self, answer, host="127.0.0.1"):
+        self.answer, self.received = answer, []
+        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind((host, 0))
+        self.socket.settimeout(0.05)
+        self.address = self.socket.getsockname()[:2]
+        self.port = self.address[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self):
+        deadline = time.monotonic() + LIFETIME
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                data, source = self.socket.recvfrom(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.received.append(data)
+            reply = self.answer(data)
+            if reply is not None:
+                self.socket.sendto(reply, source)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.socket.close()
+
+
+@pytest.fixture
+def udp_peer():
+    """udp_peer(answer) starts a UdpPeer, stopped at the end of the test."""
+    peers = []
+
+    def start(answer, host="127.0.0.1"):
+        peer = UdpPeer(answer, host).__enter__()
+        peers.append(peer)
+        return peer
+
+    yield start
+    for peer in peers:
+        peer.__exit__(None, None, None)
+
+
+# --- a Recorder fed by hand: probes sent a second apart, replies made up to order ---------------
+
+T0_NS = 1_764_000_000 * utc.NS_PER_S  # the wall clock at the first probe
+
+
+def new_recorder(count=5, key=None):
+    return utc.Recorder("127.0.0.1:1060", "127.0.0.1", request_size=150, timestamps=utc.USER, key=key,
+                        settings={"count": count, "interval": 0.0, "timeout": 1.0, "size": None})
+
+
+def send_probe(recorder, seq):
+    """A probe through the recorder's first step, sent seq seconds into the run."""
+    sample = utc.Sample(seq, 1000 + seq)
+    sample.request = utc.encode_request(sample.request_id, "The time is now", seq)
+    recorder.send(sample)
+    sample.send_mono_ns = recorder.started_mono_ns + seq * utc.NS_PER_S
+    sample.t1 = sample.t1_user = T0_NS + seq * utc.NS_PER_S
+    return sample
+
+
+def answer_probe(recorder, sample, rtt_ns, offset_ns=0, proc_ns=5000, request_id=None, wall_step_ns=0):
+    """The reply to sample, back rtt_ns (and proc_ns at the server) after it left, the server's
+    clock offset_ns ahead, and this machine's wall clock stepped by wall_step_ns on the way;
+    returns the reply."""
+    t2 = sample.t1 + rtt_ns // 2 + offset_ns
+    t3 = t2 + proc_ns
+    reply = b'[%d, "The time is now", {"seq": %d, "ts": "user", "t2": %d, "t3": %d}]' % (
+        request_id or sample.request_id, sample.seq, t2, t3)
+    t4 = sample.t1 + rtt_ns + proc_ns + wall_step_ns
+    recorder.receive(reply, (None, t4, t4, sample.send_mono_ns + rtt_ns + proc_ns))
+    return reply

@@ -100,9 +100,10 @@ class FakeNtpServer:
     """Answers NTP queries on 127.0.0.1 from a thread, as told: shifted, lying, or kissing."""
 
     def __init__(self, shift_ns=0, leap=0, stratum=1, kiss=None, wrong_origin=False, version=4,
-                 zero_transmit=False):
+                 zero_transmit=False, zero_receive=False, root=(1 << 14, 1 << 12)):
         self.shift_ns, self.leap, self.stratum, self.kiss = shift_ns, leap, stratum, kiss
         self.wrong_origin, self.version, self.zero_transmit = wrong_origin, version, zero_transmit
+        self.zero_receive, self.root = zero_receive, root  # root delay and dispersion, 16.16 seconds
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.socket.bind(("127.0.0.1", 0))
         self.socket.settimeout(0.1)
@@ -125,8 +126,9 @@ class FakeNtpServer:
             refid = self.kiss.encode() if self.kiss else b"GPS\0"
             transmit = 0 if self.zero_transmit else ns_to_ntp(utc.wall_ns() + self.shift_ns)
             header = (self.leap << 6 | self.version << 3 | 4, 0 if self.kiss else self.stratum, 4, -20,
-                      1 << 14, 1 << 12, refid)  # root delay 1/4 s, dispersion 1/16 s
-            times = (ns_to_ntp(received - SECOND), origin, ns_to_ntp(received), transmit)
+                      self.root[0], self.root[1], refid)  # by default root delay 1/4 s, dispersion 1/16 s
+            times = (ns_to_ntp(received - SECOND), origin, 0 if self.zero_receive else ns_to_ntp(received),
+                     transmit)
             self.socket.sendto(struct.pack("!BBbbII4sQQQQ", *(header + times)), source)
 
     def __enter__(self):
@@ -201,7 +203,8 @@ def shifted(ms):
 ])
 def test_which_clock_is_off_and_by_how_much(start_server, local_ms, server_ms, reference_ms):
     server = start_server(clock=shifted(server_ms), log=None)
-    with FakeNtpServer(shift_ns=int(reference_ms * MS)) as ntp:
+    # A reference that says it is within 15 us of UTC: its root distance is part of every bound.
+    with FakeNtpServer(shift_ns=int(reference_ms * MS), root=(0, 1)) as ntp:
         reference = utc.Reference("127.0.0.1", ntp.port, clock=shifted(local_ms)).start()
         summary = utc.Prober(*server.address[:2], count=20, clock=shifted(local_ms)).run().summary()
         reference.stop(finish_burst=True)

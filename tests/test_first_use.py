@@ -10,40 +10,24 @@ import sys
 import pytest
 
 import udp_timecheck as utc
-from conftest import MODULE, POSIX_ONLY, cli, closed_port, ipv6_loopback_available, run, silent_port
+from conftest import (MODULE, POSIX_ONLY, T0_NS, answer_probe, cli, closed_port, ipv6_loopback_available,
+                      new_recorder, run, send_probe, silent_port)
 
 SECOND = utc.NS_PER_S
 
 
 # --- exact output on fixed inputs, as timeit's tests do ----------------------------------
 
-T0 = 1_764_000_000 * SECOND
-
-
-def new_recorder(key=None):
-    return utc.Recorder("127.0.0.1:1060", "127.0.0.1", request_size=150, timestamps=utc.USER, key=key,
-                        settings={"count": 5, "interval": 0.0, "timeout": 1.0, "size": None})
+T0 = T0_NS
 
 
 def send(recorder, seq):
-    """A probe through the recorder's first step, sent seq seconds into the run."""
-    sample = utc.Sample(seq, 1000 + seq)
-    sample.request = utc.encode_request(sample.request_id, "The time is now", seq)
-    recorder.send(sample)
-    sample.send_mono_ns = recorder.started_mono_ns + seq * SECOND
-    sample.t1 = sample.t1_user = T0 + seq * SECOND
-    return sample
+    return send_probe(recorder, seq)
 
 
 def answer(recorder, sample, rtt_us, offset_us, proc_us=5, request_id=None):
     """The reply to sample, back rtt_us (and proc_us at the server) after it left; returns it."""
-    t2 = sample.t1 + (rtt_us // 2 + offset_us) * 1000
-    t3 = t2 + proc_us * 1000
-    reply = b'[%d, "The time is now", {"seq": %d, "ts": "user", "t2": %d, "t3": %d}]' % (
-        request_id or sample.request_id, sample.seq, t2, t3)
-    t4 = sample.t1 + (rtt_us + proc_us) * 1000
-    recorder.receive(reply, (None, t4, t4, sample.send_mono_ns + (rtt_us + proc_us) * 1000))
-    return reply
+    return answer_probe(recorder, sample, rtt_us * 1000, offset_us * 1000, proc_us * 1000, request_id)
 
 
 def answered(seq, rtt_us, offset_us):
@@ -98,35 +82,50 @@ def test_format_summary_exactly():
         "3 probes sent, 2 received, 33.333% loss, 1 duplicate, 0 late, 0 reordered, 0 mismatched, 0 forged",
         "interrupted after 3 of 5 probes (3.0 s)",
         "rtt min/avg/max/mdev = 40.0/50.0/60.0/10.0 us",  # all under a millisecond: in us
-        "rtt median/p90/p99 = 40.0/60.0/60.0 us",
+        "rtt median/p90/p99 = 50.0/58.0/59.8 us",  # exact: numpy.percentile([40, 60], [50, 90, 99])
         "jitter 20.0 us",
         "ipdv out median/p99/max = 11.0/11.0/11.0 us, back 9.0/9.0/9.0 us",
-        "queueing above each direction's least delay, median: out 0.0 us, back 0.0 us",
+        "queueing above each direction's least delay, median: out 5.5 us, back 4.5 us",  # 0 and 11, 9 and 0
         "server processing median 5.0 us: from its kernel receiving a request to its reply, left out of "
         "each rtt",
-        "server clock offset +0.000 ms \u00b1 0.020 ms (server level with this machine; from seq 0, the "
-        "lowest-rtt probe)",
+        "server clock offset +0.000 ms \u00b1 0.020 ms (server level with this machine within "
+        "\u00b1 0.020 ms; from seq 0, the lowest-rtt probe)",
         "server clock: unknown (no kernel clock state: the server did not say)",
         "this machine's clock: synchronised, max error 1.200 ms, estimated error 0.100 ms, frequency "
         "correction -12.345 ppm (kvm-clock)",
         "timestamps: user-space (both ends)",
         "rtt histogram:",
-        # two RTTs: one row, from the lower edge of 40 us's 2% bucket to the upper one of 60 us's
-        "       39.4 -      61.1 us |######################################## 2",
+        # two RTTs: one row, from the fastest to the slowest, never beyond them
+        "       40.0 -      60.0 us |######################################## 2",
     ]
     assert len(lines) == 16 and third.reason == utc.INTERRUPTED
 
 
-def test_format_summary_in_milliseconds_with_a_drift():
+def drift_line(rtt_us, ppm):
+    """The drift line of twelve probes a second apart, the server 2 ms ahead and ppm fast."""
     recorder = new_recorder()
-    for seq in range(12):  # 40 ms apiece, a second apart; the server 2 ms ahead and 100 ppm fast
-        answer(recorder, send(recorder, seq), 40_000, 2000 + seq * 100)
+    for seq in range(12):
+        answer(recorder, send(recorder, seq), rtt_us, 2000 + seq * ppm)
     lines = utc.format_summary(finished(recorder).summary())
-    assert lines[3:6] == ["rtt min/avg/max/mdev = 40.000/40.000/40.000/0.000 ms",
-                          "rtt median/p90/p99 = 40.000/40.000/40.000 ms", "jitter 0.000 ms"]
-    assert lines[10] == ("clock drift +100.000 ppm \u00b1 0.000 ppm (the server's clock runs faster than "
-                         "this machine's); offset at the end +2.300 ms")  # 2 ms, and 100 ppm of the 3 s run
+    return lines, [line for line in lines if line.startswith("clock drift ")]
+
+
+def test_format_summary_in_milliseconds_with_a_drift():
+    lines, drift = drift_line(1500, 1000)
+    assert lines[3:6] == ["rtt min/avg/max/mdev = 1.500/1.500/1.500/0.000 ms",
+                          "rtt median/p90/p99 = 1.500/1.500/1.500 ms", "jitter 0.000 ms"]
+    # Each offset is known within 0.75 ms, half its RTT: over the 11 s between the first and the
+    # last, that alone leaves 1.5 ms / 11 s = 136.364 ppm open.
+    assert drift == ["clock drift +1000.000 ppm \u00b1 136.364 ppm (the server's clock runs faster than "
+                     "this machine's); offset at the end +5.000 ms \u00b1 0.750 ms"]  # 2 ms, 1 ms/s for 3 s
     assert lines[-1].endswith(" ms |" + "#" * 40 + " 12")
+
+
+def test_a_drift_within_what_the_bounds_leave_open_is_not_claimed():
+    """100 ppm over 11 s is 1.1 ms, well inside 40 ms round trips: no faster, no slower."""
+    _, drift = drift_line(40_000, 100)
+    assert drift == ["clock drift +100.000 ppm \u00b1 3636.364 ppm (the server's clock runs no faster or "
+                     "slower than this machine's); offset at the end +2.300 ms \u00b1 20.000 ms"]
 
 
 def test_format_counts_in_the_singular_and_when_stopped():

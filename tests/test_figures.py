@@ -1,0 +1,260 @@
+"""Honest figures: exact percentiles, a drift named only beyond its bound, offsets only from
+timestamps that agree, NTP's own sanity checks, and words that follow the bounds."""
+
+import json
+import random
+import tracemalloc
+
+import numpy
+import pytest
+
+import udp_timecheck as utc
+from conftest import T0_NS, answer_probe, new_recorder, send_probe
+from test_clocks import FakeNtpServer
+
+US, MS, SECOND = 1000, 1_000_000, utc.NS_PER_S
+FRACTIONS = (0.0, 0.01, 0.1, 0.25, 0.5, 0.9, 0.99, 0.999, 1.0)
+
+
+# --- percentiles: numpy's, within max(1 us, 0.01%) --------------------------------------------
+
+def within_tolerance(got, exact):
+    return all(abs(value - truth) <= max(1 * US, 1e-4 * abs(truth)) for value, truth in zip(got, exact))
+
+
+def percentiles(values, limit=None):
+    quantiles = utc.Quantiles(limit)
+    for value in values:
+        quantiles.add(value)
+    return quantiles.quantiles(FRACTIONS), numpy.percentile(numpy.array(values, dtype=float),
+                                                            [100 * fraction for fraction in FRACTIONS])
+
+
+def random_rtts(seed, count=20000):
+    rng = random.Random(seed)
+    return [int(rng.lognormvariate(11, 1.2)) for _ in range(count)]  # ~60 us, with a long tail
+
+
+def wide_range(seed, count=20000):
+    rng = random.Random(seed)
+    return [int(10 ** rng.uniform(3, 10)) for _ in range(count)]  # 1 us to 10 s, evenly in log
+
+
+@pytest.mark.parametrize("values", [random_rtts(1), random_rtts(2), wide_range(3), wide_range(4)],
+                         ids=["lognormal-1", "lognormal-2", "1us-10s-3", "1us-10s-4"])
+def test_percentiles_are_numpys_exactly_within_the_budget(values):
+    got, exact = percentiles(values)
+    assert got == pytest.approx(list(exact), rel=1e-12)  # the values themselves: exact
+
+
+@pytest.mark.parametrize("values", [random_rtts(5), wide_range(6)], ids=["lognormal", "1us-10s"])
+def test_past_the_budget_the_sketch_keeps_them_within_a_hundredth_of_a_percent(values):
+    got, exact = percentiles(values, limit=1000)
+    assert within_tolerance(got, exact)
+    assert got != pytest.approx(list(exact), rel=1e-12)  # really the sketch's figures, not the values
+
+
+def test_many_chunks_and_values_beyond_four_bytes_are_still_exact():
+    rng = random.Random(9)
+    values = [rng.choice((rng.randrange(1, 3 * SECOND), rng.randrange(1, 50 * US)))
+              for _ in range(3 * 32768 + 7)]
+    got, exact = percentiles(values)
+    assert len(values) > 3 * utc.EXACT_CHUNK and max(values) > 2 ** 31
+    assert got == pytest.approx(list(exact), rel=1e-12)
+
+
+def test_the_sketch_is_exact_below_ten_microseconds_and_relative_above():
+    rng = random.Random(11)
+    edges = [0, 1, -1, 9999, -9999, 10000, -10000]
+    for value in edges + [rng.randrange(-10 ** 11, 10 ** 11) for _ in range(5000)]:
+        shown = utc.FineSketch.value(utc.FineSketch.key(value))
+        assert abs(shown - value) <= (0 if abs(value) < 10000 else 5e-5 * abs(value) * (1 + 1e-9)), value
+    keys = [utc.FineSketch.key(value) for value in range(-30000, 30000, 7)]
+    assert keys == sorted(keys)
+
+
+def test_past_the_budget_memory_stays_flat():
+    quantiles = utc.Quantiles(limit=1000)
+    rng = random.Random(2)
+    for _ in range(100000):  # 40 to 60 us: some 4,000 buckets of 0.01%, all in use by now
+        quantiles.add(rng.randrange(40 * US, 60 * US))
+    quantiles.quantiles((0.5,))  # the exact values join the sketch now
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(100000):
+            quantiles.add(rng.randrange(40 * US, 60 * US))
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert after - before < 16 * 1024  # twice the values, no more memory
+    assert quantiles.count == 200000
+
+
+def test_the_summary_gives_numpys_percentiles_of_its_own_rtts():
+    recorder = new_recorder(count=300)
+    rtts = [rtt for rtt in random_rtts(7, 300)]
+    for seq, rtt in enumerate(rtts):
+        answer_probe(recorder, send_probe(recorder, seq), rtt_ns=rtt)
+    summary = recorder.summary()
+    reported = [summary["rtt_ms"][name] * MS for name in ("median", "p90", "p99")]
+    exact = numpy.percentile(numpy.array(rtts, dtype=float), [50, 90, 99])
+    assert reported == pytest.approx(list(exact), abs=1)  # to the nanosecond the JSON shows
+    rows = summary["histogram_ms"]
+    assert rows[0][0] == summary["rtt_ms"]["min"] and rows[-1][1] == summary["rtt_ms"]["max"]
+    assert sum(row[2] for row in rows) == 300
+
+
+# --- drift: named only beyond three times an error that includes the offsets' bounds ----------
+
+def one_clock_points(seconds=10.0, count=200, rtt_us=4.0):
+    """One clock, so the truth is 0 ppm; the path's asymmetry moves the offset from +bound at
+    the start to -bound at the end, as far as the bounds allow."""
+    points = []
+    for index in range(count):
+        at = seconds * index / (count - 1)
+        offset = rtt_us * 1000 / 2 * (1 - 2 * at / seconds) * 0.9
+        points.append(utc.OffsetPoint(at, T0_NS + int(at * SECOND), offset, int(rtt_us * 1000)))
+    return points
+
+
+def test_a_one_clock_drift_within_the_bounds_is_not_claimed():
+    fit = utc.fit_drift(one_clock_points(), 10.0)
+    assert fit.drift_ppm < -0.3  # the fit sees a slope: the old error (its scatter, ~0) would claim it
+    assert abs(fit.drift_ppm) <= utc.DRIFT_CLAIM_FACTOR * fit.drift_err_ppm
+    summary = {"drift_ppm": round(fit.drift_ppm, 3), "drift_err_ppm": round(fit.drift_err_ppm, 3),
+               "offset_end_ms": 0.0, "offset_end_err_ms": 0.002, "clock_steps": []}
+    assert "runs no faster or slower than this machine's" in utc.format_drift(summary)[0]
+
+
+def test_the_readme_command_on_one_machine_claims_no_drift(start_server, capsys):
+    server = start_server(log=None)
+    argv = ["client", *map(str, server.address[:2]), "--measure-delay", "-c", "1000", "-i", "0.001"]
+    assert utc.main(argv + ["-q"]) == 0
+    text = capsys.readouterr().out
+    assert "runs faster" not in text and "runs slower" not in text
+    assert utc.main(argv + ["--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert abs(summary["drift_ppm"]) <= utc.DRIFT_CLAIM_FACTOR * summary["drift_err_ppm"]
+    assert summary["drift_err_ppm"] >= summary["offset_err_ms"] * 1000 / summary["duration_s"]
+
+
+# --- timestamps that contradict each other or the round trip give no offset -----------------
+
+def fake_server(times):
+    """A time server that answers every request of ours at once, its T2 and T3 from
+    times(now_ns) (None: leave them out)."""
+    def answer(data):
+        request_id, _, ext = json.loads(data.decode())[:3]
+        stamps = times(utc.wall_ns())
+        fields = {"seq": ext["seq"], "ts": "kernel"}
+        if stamps is not None:
+            fields.update(t2=stamps[0], t3=stamps[1])
+        return json.dumps([request_id, "The time is now", fields]).encode()
+    return answer
+
+
+CONTRADICTIONS = {
+    utc.ZERO_STAMP: lambda now: (0, now),
+    utc.REVERSED_STAMPS: lambda now: (now + 3600 * SECOND, now),  # T2 an hour after T3
+    utc.HELD_TOO_LONG: lambda now: (now, now + 27 * MS),  # 27 ms held, answered at once
+    utc.NO_SERVER_STAMPS: lambda now: None,
+}
+
+
+@pytest.mark.parametrize("reason", sorted(CONTRADICTIONS))
+def test_contradictory_timestamps_give_no_offset_in_text_json_or_metrics(reason, udp_peer, capsys):
+    peer = udp_peer(fake_server(CONTRADICTIONS[reason]))
+    argv = ["client", "127.0.0.1", str(peer.port), "-c", "8", "-i", "0.01"]
+    assert utc.main(argv + ["--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["received"] == 8 and summary["timestamps"]["untrusted_because"] == {reason: 8}
+    for key in ("offset_ms", "offset_err_ms", "server_proc_ms", "drift_ppm", "offset_end_ms"):
+        assert summary[key] is None, key
+    assert all(sample["offset_ms"] is None and sample["untrusted_because"] == reason
+               for sample in summary["samples"])
+    assert utc.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "server clock offset: unavailable (" in text and " ms \u00b1 " not in text
+    assert ("the server sends no timestamps" if reason == utc.NO_SERVER_STAMPS
+            else "{} (8 probes)".format(reason)) in text
+    prober = utc.Prober("127.0.0.1", peer.port, count=8, interval=0.01)
+    prober.run()
+    assert "udp_timecheck_clock_offset_seconds" not in utc.render_client_metrics(prober)
+
+
+def test_an_offset_comes_only_from_the_probes_that_agree(udp_peer, capsys):
+    """A server 30 ms ahead that sometimes holds a request 27 ms in its stamps but not in fact:
+    those probes would say 16.5 ms; the others say 30."""
+    count = iter(range(10 ** 6))
+    held_ns = lambda: 27 * MS if next(count) % 2 else 0  # noqa: E731
+    peer = udp_peer(fake_server(lambda now: (now + 30 * MS, now + 30 * MS + held_ns())))
+    assert utc.main(["client", "127.0.0.1", str(peer.port), "-c", "20", "-i", "0.01", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["timestamps"]["untrusted_because"] == {utc.HELD_TOO_LONG: 10}
+    assert abs(summary["offset_ms"] - 30) <= summary["offset_err_ms"]
+
+
+def test_a_summary_with_no_trusted_offset_says_why_and_does_not_crash():
+    recorder = new_recorder(count=3)
+    for seq in range(3):  # this machine's clock steps 40 ms during every probe
+        answer_probe(recorder, send_probe(recorder, seq), rtt_ns=50 * US, wall_step_ns=40 * MS)
+    summary = recorder.summary()
+    lines = utc.format_summary(summary)
+    assert summary["offset_ms"] is None and summary["server_proc_ms"] is not None
+    assert ("server clock offset: unavailable (no probe's timestamps can be trusted: "
+            "this machine's clock stepped during the probe (3 probes))") in lines
+
+
+# --- NTP, as RFC 5905 checks it ----------------------------------------------------------------
+
+@pytest.mark.parametrize("changes, why", [
+    ({"zero_receive": True}, "no receive time"),
+    ({"root": (0, 0xFFFFFFFF)}, "the server is not synchronised (root distance 65536.000 s, above 1.5 s)"),
+    ({"root": (1 << 16, 70000)}, "the server is not synchronised (root distance 1.568 s, above 1.5 s)"),
+])
+def test_ntp_replies_rfc_5905_refuses_are_not_used(changes, why, capsys):
+    with FakeNtpServer(**changes) as server:
+        assert utc.main(["sntp", "127.0.0.1", str(server.port), "-c", "2", "-i", "0.05", "--json"]) == 1
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["received"] == 0 and summary["offset_ms"] is None and summary["problems"] == {why: 2}
+    assert why in captured.err
+
+
+def test_the_root_distance_is_part_of_an_ntp_offsets_bound(capsys):
+    shift_ms = 100.0  # within the bound of a server 1.4 s from UTC by its own account
+    with FakeNtpServer(shift_ns=int(shift_ms * MS), root=(1 << 16, 26214)) as server:  # 1 s, 0.4 s
+        assert utc.main(["sntp", "127.0.0.1", str(server.port), "-c", "2", "-i", "0.05", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    root_distance_ms = 1000 / 2 + 26214 / 65536 * 1000  # root delay / 2 + root dispersion
+    assert summary["offset_err_ms"] == pytest.approx(summary["delay_ms"] / 2 + root_distance_ms, abs=0.001)
+    assert abs(summary["offset_ms"] - shift_ms) <= summary["offset_err_ms"]
+
+
+# --- words follow the bound ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("offset_ms, error_ms, words", [
+    (-0.001, 0.001, "server level with this machine within \u00b1 0.001 ms"),
+    (2.996, 5.008, "server level with this machine within \u00b1 5.008 ms"),
+    (6.0, 5.008, "server ahead of this machine"),
+    (-6.0, 5.008, "server behind this machine"),
+])
+def test_a_direction_is_named_only_outside_the_bound(offset_ms, error_ms, words):
+    summary = {"server_proc_ms": 0.01, "offset_ms": offset_ms, "offset_err_ms": error_ms, "offset_seq": 3,
+               "timestamps": {"untrusted_because": {}}}
+    (line,) = utc.format_clock(summary)
+    assert "({}; from seq 3".format(words) in line
+
+
+def test_the_sntp_summary_follows_the_bound_too():
+    summary = {"target": "h:123", "sent": 1, "received": 1, "loss_pct": 0, "late": 0, "duplicates": 0,
+               "mismatched": 0, "problems": {}, "offset_ms": -0.004, "offset_err_ms": 0.007, "offset_seq": 0,
+               "delay_ms": 0.014, "stratum": 2, "refid": "192.0.2.1", "leap": 0, "root_delay_ms": 0.0,
+               "root_dispersion_ms": 0.0, "clock": {"local": utc.UNKNOWN_CLOCK.as_dict()}}
+    lines = utc.format_sntp_summary(summary)
+    assert any("(the server's clock is level with this machine's within \u00b1 0.007 ms;" in line
+               for line in lines)
+    summary["offset_ms"] = -0.009
+    lines = utc.format_sntp_summary(summary)
+    assert any("(the server's clock is behind this machine's;" in line for line in lines)
