@@ -146,22 +146,46 @@ TIMED_OUT, REFUSED, FORGED, ECHOED, NOT_SENT, INTERRUPTED, DEADLINE = (
     "timeout", "refused", "forged", "echo", "not sent", "interrupted", "deadline")
 NS_PER_S = 1_000_000_000
 
-# Timestamps.  The kernel stamps each datagram as it arrives (SO_TIMESTAMPNS, on
-# CLOCK_REALTIME): with it, a round trip no longer includes the time our own two
-# processes take to wake up.  The socket module exports none of these constants.
+# The platform, decided once, here: what its sockets and kernel offer.  Linux has it
+# all; macOS and the BSDs stamp receives in microseconds (SO_TIMESTAMP) and give a
+# datagram's destination with IP_RECVDSTADDR; Windows has neither recvmsg nor sendmsg,
+# so only user-space stamps; only Linux and the BSDs tell their clock's state.
+LINUX = sys.platform.startswith("linux")
+WINDOWS = sys.platform.startswith(("win32", "cygwin"))
+BSD = sys.platform == "darwin" or "bsd" in sys.platform  # macOS too
+
+# Timestamps.  The kernel stamps each datagram as it arrives (on CLOCK_REALTIME):
+# with it, a round trip no longer includes the time our own two processes take to
+# wake up.  The socket module exports none of these constants.
 KERNEL, USER = "kernel", "user"
+TIMESPEC = struct.Struct("@ll")     # struct timespec: seconds and nanoseconds
+TIMEVAL = struct.Struct("@ll")      # struct timeval: seconds and microseconds (as long as time_t)
+
+
+class StampOption(NamedTuple):
+    """A socket option that stamps datagrams, and how its payload reads."""
+    option: int
+    layout: struct.Struct
+    unit_ns: int                    # what one unit of its second field is worth
+
+
 # (SO_TIMESTAMPNS, SO_TIMESTAMPING) by architecture; most share asm-generic's values.
 SO_TIMESTAMPNS, SO_TIMESTAMPING = (
     {"sparc": (0x21, 0x23), "sparc64": (0x21, 0x23), "parisc": (0x4013, 0x4014),
-     "parisc64": (0x4013, 0x4014)}.get(platform.machine(), (35, 37))
-    if sys.platform.startswith("linux") else (None, None))
+     "parisc64": (0x4013, 0x4014)}.get(platform.machine(), (35, 37)) if LINUX else (None, None))
+RECEIVE_STAMPS = (StampOption(SO_TIMESTAMPNS, TIMESPEC, 1) if LINUX else
+                  StampOption(0x0400, TIMEVAL, 1000) if BSD else None)  # SO_TIMESTAMP, everywhere 0x400
 # SO_TIMESTAMPING: software transmit stamps, reported without the datagram's bytes
 TRANSMIT_STAMPS = (1 << 1) | (1 << 4) | (1 << 11)
 MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
-IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8 if sys.platform.startswith("linux") else None)
+# The destination of each datagram, so that a wildcard server replies from it: IP_PKTINFO
+# (in_pktinfo, sent back as it came) on Linux; IP_RECVDSTADDR (an in_addr, sent back as
+# IP_SENDSRCADDR) on the BSDs; IPV6_RECVPKTINFO everywhere that has IPv6 and sendmsg.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8 if LINUX else None)
+IP_RECVDSTADDR = getattr(socket, "IP_RECVDSTADDR", None)
+IP_SENDSRCADDR = getattr(socket, "IP_SENDSRCADDR", IP_RECVDSTADDR)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", None)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", None)
-TIMESPEC = struct.Struct("@ll")     # struct timespec: the payload of SO_TIMESTAMPNS
 ANCILLARY_SPACE = 256               # room for a timestamp and a packet-info message
 MAX_QUEUE_WAIT_NS = NS_PER_S        # an older kernel timestamp means the clocks disagree
 RECEIVE_TIMEOUT = 0.25              # the server looks at its stop flag at least this often
@@ -1268,20 +1292,32 @@ class LoopGuard:
         self._answered.store(source, reply_id)
 
 
+def has_message_calls(sock: socket.socket) -> bool:
+    """Whether sock has recvmsg and sendmsg (Windows has neither): ancillary data, or none."""
+    return hasattr(sock, "recvmsg") and hasattr(sock, "sendmsg")
+
+
 def enable_kernel_timestamps(sock: socket.socket) -> bool:
     """Ask the kernel to stamp each datagram as it arrives; False where it cannot."""
-    if SO_TIMESTAMPNS is None or not hasattr(sock, "recvmsg"):
-        return False
+    return kernel_stamps_refused(sock) is None
+
+
+def kernel_stamps_refused(sock: socket.socket) -> Optional[str]:
+    """Ask the kernel to stamp each datagram as it arrives; why it cannot, in words, or None."""
+    if not has_message_calls(sock):
+        return "no recvmsg on this platform"
+    if RECEIVE_STAMPS is None:
+        return "this platform has no receive timestamps"
     try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-    except OSError:
-        return False
-    return True
+        sock.setsockopt(socket.SOL_SOCKET, RECEIVE_STAMPS.option, 1)
+    except OSError as exc:
+        return "the kernel refused them ({})".format(exc.strerror or exc)
+    return None
 
 
 def enable_transmit_timestamps(sock: socket.socket) -> bool:
-    """Ask the kernel to stamp each datagram as it leaves, on the socket's error queue."""
-    if SO_TIMESTAMPING is None or not hasattr(sock, "recvmsg"):
+    """Ask the kernel to stamp each datagram as it leaves, on the socket's error queue (Linux)."""
+    if SO_TIMESTAMPING is None or not has_message_calls(sock):
         return False
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, TRANSMIT_STAMPS)
@@ -1310,13 +1346,17 @@ def read_transmit_stamp(sock: socket.socket, not_before_ns: int) -> Optional[int
     return None
 
 
+def _packet_info_option(sock: socket.socket) -> Tuple[int, Optional[int]]:
+    """(level, option) that reports each datagram's destination address on sock."""
+    if sock.family == socket.AF_INET6:
+        return socket.IPPROTO_IPV6, IPV6_RECVPKTINFO
+    return socket.IPPROTO_IP, IP_PKTINFO if IP_PKTINFO is not None else IP_RECVDSTADDR
+
+
 def enable_packet_info(sock: socket.socket) -> bool:
     """Ask for each datagram's destination address, so that the reply can come from it."""
-    if sock.family == socket.AF_INET6:
-        level, option = socket.IPPROTO_IPV6, IPV6_RECVPKTINFO
-    else:
-        level, option = socket.IPPROTO_IP, IP_PKTINFO
-    if option is None or not hasattr(sock, "sendmsg"):
+    level, option = _packet_info_option(sock)
+    if option is None or not has_message_calls(sock):
         return False
     try:
         sock.setsockopt(level, option, 1)
@@ -1330,7 +1370,8 @@ class _Timeval(ctypes.Structure):
 
 
 class _Timex(ctypes.Structure):
-    """glibc's struct timex, for adjtimex(2)."""
+    """glibc's struct timex, for adjtimex(2).  The BSDs' and macOS's, for ntp_adjtime(2), has the
+    same first fields at the same places, and is shorter: this one holds either."""
     _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
                 ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
                 ("constant", ctypes.c_long), ("precision", ctypes.c_long), ("tolerance", ctypes.c_long),
@@ -1341,18 +1382,20 @@ class _Timex(ctypes.Structure):
 
 
 def read_clock_state() -> ClockState:
-    """This kernel's own view of its clock (adjtimex with no modes: a read, no privileges needed).
+    """This kernel's own view of its clock (adjtimex on Linux, ntp_adjtime on the BSDs and macOS,
+    with no modes: a read, no privileges needed).
 
     Synchronised means what the kernel means: its STA_UNSYNC flag is clear and
-    adjtimex does not answer TIME_ERROR, which chronyd or ntpd arrange while
-    they discipline the clock.  Unknown (None) where there is no adjtimex.
+    the call does not answer TIME_ERROR, which chronyd or ntpd arrange while
+    they discipline the clock.  Unknown (None) elsewhere, as on Windows.
     """
-    if not sys.platform.startswith("linux"):
+    if not (LINUX or BSD):
         return UNKNOWN_CLOCK
     timex = _Timex()
     try:
-        state = ctypes.CDLL(None, use_errno=True).adjtimex(ctypes.byref(timex))
-    except (OSError, AttributeError):
+        state = getattr(ctypes.CDLL(None, use_errno=True), "adjtimex" if LINUX else "ntp_adjtime")(
+            ctypes.byref(timex))
+    except (OSError, AttributeError, TypeError):
         return UNKNOWN_CLOCK
     if state < 0:
         return UNKNOWN_CLOCK
@@ -1362,11 +1405,21 @@ def read_clock_state() -> ClockState:
     except OSError:
         source = None
     synchronized = state != TIME_ERROR and not timex.status & STA_UNSYNC
+    # maxerror and esterror in us; freq in ppm with 16 fractional bits, as both kernels keep it
     return ClockState(synchronized, timex.maxerror * 1000, timex.esterror * 1000, timex.freq * 1000 >> 16,
                       source)
 
 
 _PACKET_INFO_LEVELS = frozenset((socket.IPPROTO_IP, socket.IPPROTO_IPV6))
+_PACKET_INFO_KINDS = frozenset(kind for kind in (IP_PKTINFO, IPV6_PKTINFO) if kind is not None)
+
+
+def _stamp_ns(payload: bytes) -> Optional[int]:
+    """A receive stamp's payload in ns since the epoch, or None when it is not one."""
+    if len(payload) != RECEIVE_STAMPS.layout.size:
+        return None
+    seconds, fraction = RECEIVE_STAMPS.layout.unpack(payload)
+    return seconds * NS_PER_S + fraction * RECEIVE_STAMPS.unit_ns
 
 
 def read_ancillary(ancillary: Sequence[Tuple[int, int, bytes]]) -> Tuple[Optional[int], Sequence[tuple]]:
@@ -1374,26 +1427,59 @@ def read_ancillary(ancillary: Sequence[Tuple[int, int, bytes]]) -> Tuple[Optiona
     level, kind, payload = ancillary[0]
     rest = ancillary[1:]
     if kind == SO_TIMESTAMPNS and level == socket.SOL_SOCKET and len(payload) == TIMESPEC.size \
-            and (not rest or len(rest) == 1 and rest[0][0] in _PACKET_INFO_LEVELS):  # the kernel's order
-        seconds, nanoseconds = TIMESPEC.unpack(payload)
+            and (not rest or len(rest) == 1 and rest[0][1] in _PACKET_INFO_KINDS):
+        seconds, nanoseconds = TIMESPEC.unpack(payload)  # Linux: the kernel's order, the usual case
         return seconds * NS_PER_S + nanoseconds, rest
     kernel_ns, control = None, []
     for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) == TIMESPEC.size:
-            seconds, nanoseconds = TIMESPEC.unpack(payload)
-            kernel_ns = seconds * NS_PER_S + nanoseconds
-        elif level in _PACKET_INFO_LEVELS:  # in_pktinfo or in6_pktinfo: sent back as it came
-            control.append((level, kind, payload))
+        if level == socket.SOL_SOCKET and RECEIVE_STAMPS is not None and kind == RECEIVE_STAMPS.option:
+            kernel_ns = _stamp_ns(payload)
+        elif level == socket.IPPROTO_IP and kind == IP_RECVDSTADDR and IP_PKTINFO is None:
+            control.append((level, IP_SENDSRCADDR, payload))  # the BSDs: sent back as the source
+        elif level in _PACKET_INFO_LEVELS and kind in (IP_PKTINFO, IPV6_PKTINFO):
+            control.append((level, kind, payload))  # in_pktinfo or in6_pktinfo: sent back as it came
     return kernel_ns, control
 
 
-def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
-    """A blocking receive that gives up after seconds (EAGAIN), at no cost per call."""
+def message_calls(sock: socket.socket) -> Tuple[Callable, Callable]:
+    """sock's recvmsg and sendmsg, or stand-ins with no ancillary data where the platform has
+    neither (Windows)."""
+    if has_message_calls(sock):
+        return sock.recvmsg, sock.sendmsg
+
+    def recvmsg(size: int, _ancillary_size: int, _flags: int = 0) -> Tuple[bytes, list, int, tuple]:
+        data, source = sock.recvfrom(size)
+        return data, [], 0, source
+
+    def sendmsg(buffers: Sequence[bytes], _control: object = (), _flags: int = 0,
+                target: Optional[tuple] = None) -> int:
+        return sock.sendto(b"".join(buffers), target) if target else sock.send(b"".join(buffers))
+    return recvmsg, sendmsg
+
+
+NOTHING_YET = (BlockingIOError, socket.timeout)  # a receive that timed out, either way
+
+
+def _platform_stamps_refused(family: int) -> Optional[str]:
+    """kernel_stamps_refused() on a scratch socket: what a socket of this family will get."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                        struct.pack("@ll", int(seconds), int(seconds % 1 * 1e6)))
-    except (OSError, struct.error):  # a platform with another timeval: shutdown resends instead
-        pass
+        with socket.socket(family, socket.SOCK_DGRAM) as scratch:
+            return kernel_stamps_refused(scratch)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
+    """A blocking receive that gives up after seconds (EAGAIN), at no cost per call; where the
+    platform refuses the option, Python's own timeout (socket.timeout), at a poll() per call."""
+    if WINDOWS:  # a DWORD of milliseconds
+        value = struct.pack("@I", max(1, int(seconds * 1000)))
+    else:
+        value = TIMEVAL.pack(int(seconds), int(seconds % 1 * 1e6))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    except (OSError, struct.error, AttributeError):
+        sock.settimeout(seconds)
 
 
 class ServerStats:
@@ -1444,7 +1530,9 @@ class TimeServer:
             raise _bind_error(address[0], port, exc) from None
         self.address = self.socket.getsockname()
         _set_receive_timeout(self.socket, RECEIVE_TIMEOUT)
-        self.timestamps = KERNEL if timestamps == KERNEL and enable_kernel_timestamps(self.socket) else USER
+        refused = kernel_stamps_refused(self.socket) if timestamps == KERNEL else None
+        self.timestamps = KERNEL if timestamps == KERNEL and refused is None else USER
+        self.no_kernel_stamps = refused  # why, in words, when kernel stamps were asked for but refused
         # A wildcard server answers from the address each request was sent to: the
         # kernel's own choice can differ on a host with several, and clients drop that.
         self.packet_info = self.address[0] in ("0.0.0.0", "::") and enable_packet_info(self.socket)
@@ -1473,7 +1561,7 @@ class TimeServer:
 
     def serve_forever(self) -> None:
         """Answer requests until shutdown(); a bad datagram is counted, never fatal."""
-        recvmsg, sendmsg = self._socket_calls()
+        recvmsg, sendmsg = message_calls(self.socket)
         clock, arrival, reply_for, stats = self._clock, self._arrival, self._reply_for, self.stats
         log = self._log_request if self._log is not None else None
         self._idle.clear()
@@ -1481,7 +1569,7 @@ class TimeServer:
             while not self._stopping:
                 try:
                     data, ancillary, _, source = recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
-                except BlockingIOError:  # SO_RCVTIMEO: a look at _stopping when all is quiet
+                except NOTHING_YET:  # the receive timeout: a look at _stopping when all is quiet
                     continue
                 except OSError:  # Windows reports an earlier reply's ICMP error here
                     if self.socket.fileno() < 0:
@@ -1499,8 +1587,9 @@ class TimeServer:
                 try:
                     sendmsg((reply,), control, 0, source)
                 except OSError:  # e.g. a spoofed source port 0, or no route back
-                    stats.errors += 1
-                    continue
+                    if not (control and self._send_plainly(reply, source)):
+                        stats.errors += 1
+                        continue
                 stats.served += 1
                 if log is not None:
                     log(data, source, server_recv_ns)
@@ -1508,19 +1597,14 @@ class TimeServer:
             self._flush_log()
             self._idle.set()
 
-    def _socket_calls(self) -> Tuple[Callable, Callable]:
-        """recvmsg and sendmsg, or stand-ins where the platform has neither (Windows)."""
-        sock = self.socket
-        if hasattr(sock, "recvmsg") and hasattr(sock, "sendmsg"):
-            return sock.recvmsg, sock.sendmsg
-
-        def recvmsg(size: int, _ancillary_size: int) -> Tuple[bytes, list, int, tuple]:
-            data, source = sock.recvfrom(size)
-            return data, [], 0, source
-
-        def sendmsg(buffers: Sequence[bytes], _control: object, _flags: int, target: tuple) -> int:
-            return sock.sendto(b"".join(buffers), target)
-        return recvmsg, sendmsg
+    def _send_plainly(self, reply: bytes, source: tuple) -> bool:
+        """The reply without its source address, where the kernel refused that (a BSD that
+        lacks IP_SENDSRCADDR): the kernel picks the source.  Whether it went."""
+        try:
+            self.socket.sendto(reply, source)
+        except OSError:
+            return False
+        return True
 
     def _arrival(self, ancillary: list, user_ns: int) -> Tuple[int, bytes, Sequence[tuple]]:
         """T2, where it came from (b"kernel" or b"user"), and the packet info to reply with."""
@@ -2369,7 +2453,8 @@ class Prober:
         self.size, self.key = size, key
         self.on_sample, self.on_report, self.on_note = on_sample, on_report, on_note
         self.clock, self._real_clock = clock or wall_ns, clock is None
-        self.timestamps = KERNEL if timestamps == KERNEL and SO_TIMESTAMPNS is not None else USER
+        self.no_kernel_stamps = None if timestamps != KERNEL else _platform_stamps_refused(self.family)
+        self.timestamps = KERNEL if timestamps == KERNEL and self.no_kernel_stamps is None else USER
         # Pad every request so the server's reply fits: it never answers with more bytes.
         smallest = min_request_size(count or 10 ** 12, size=size, keyed=key is not None)
         largest = MAX_UDP_PAYLOAD[self.family]
@@ -2382,6 +2467,7 @@ class Prober:
         self.recorder = None  # type: Optional[Recorder]  # the run's, once it has begun
         self._transmit_stamps = self._stopping = False
         self._waker = []  # type: List[socket.socket]  # a socket pair: stop() wakes select()
+        self._recvmsg = None  # type: Optional[Callable]  # the socket's, or a stand-in (Windows)
 
     def run(self) -> Recorder:
         """Probe until every probe has ended; stop() or Ctrl-C ends the run early with what it has.
@@ -2428,6 +2514,7 @@ class Prober:
             except OSError as exc:
                 raise TimecheckError("cannot reach {}: {}".format(self.target, exc.strerror or exc)) from None
             sock.setblocking(False)
+            self._recvmsg = message_calls(sock)[0]
             self._waker = [stack.enter_context(end) for end in socket.socketpair()]
             self._waker[1].setblocking(False)
             self.recorder = recorder = self._recorder(sock)
@@ -2441,8 +2528,9 @@ class Prober:
 
     def _recorder(self, sock: socket.socket) -> Recorder:
         """A new Recorder, once the socket has its timestamping options."""
-        if self.timestamps == KERNEL and not enable_kernel_timestamps(sock):
-            self.timestamps = USER
+        if self.timestamps == KERNEL:
+            self.no_kernel_stamps = kernel_stamps_refused(sock)
+            self.timestamps = USER if self.no_kernel_stamps else KERNEL
         self._transmit_stamps = self.timestamps == KERNEL and enable_transmit_timestamps(sock)
         settings = {"count": self.count, "interval": self.interval, "timeout": self.timeout,
                     "size": self.size or None, "deadline": self.deadline}
@@ -2495,7 +2583,7 @@ class Prober:
         t1 = clock()
         try:
             send(data)
-        except ConnectionRefusedError:  # an earlier probe's ICMP error, reported here
+        except (ConnectionRefusedError, ConnectionResetError):  # an earlier probe's ICMP error
             sample.send_mono_ns, sample.t1 = send_mono_ns, t1
             recorder.refused(sample)
             return
@@ -2521,14 +2609,14 @@ class Prober:
 
     def _receive_reply(self, sock: socket.socket, recorder: Recorder) -> None:
         try:
-            data, ancillary, _, _ = sock.recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
+            data, ancillary, _, _ = self._recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
             user_t4 = self.clock()  # the wall clock, then the monotonic one: T4 - T1 spans within it
             recv_mono_ns = monotonic_ns()
         except BlockingIOError:  # only transmit stamps that came too late: drop them
             if self._transmit_stamps:
                 read_transmit_stamp(sock, wall_ns() + NS_PER_S)
             return
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):  # port unreachable (Windows: reset)
             recorder.refused()
             return
         except OSError:
@@ -3254,9 +3342,20 @@ def _metrics(listen: Optional[Tuple[str, int]], render: Callable[[], str]) -> It
 
 
 def describe_server(server: TimeServer) -> str:
-    """What the server's first line says after its address: who it answers, and its timestamps."""
+    """What the server's first line says after its address: who it answers, its timestamps, and
+    what this platform cannot do."""
     access = "key required (HMAC-SHA256)" if server.keyed else "no key: answers anyone"
-    return "{}; {} timestamps".format(access, server.timestamps)
+    words = "{}; {}".format(access, describe_stamps(server.timestamps, server.no_kernel_stamps))
+    if server.address[0] in ("0.0.0.0", "::") and not server.packet_info:
+        words += ("; replies from the kernel's choice of source address (this platform cannot say which "
+                  "address a request came to: on a host with several, bind one)")
+    return words
+
+
+def describe_stamps(timestamps: str, refused: Optional[str]) -> str:
+    """'kernel timestamps', or 'user timestamps' and why, when kernel ones were refused."""
+    why = " (no kernel timestamps: {})".format(refused) if refused else ""
+    return "{} timestamps{}".format(timestamps, why)
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -3279,10 +3378,10 @@ def format_header(prober: Prober) -> str:
     """The first line of a measurement, like ping's."""
     probes = "{} of {} bytes".format(plural(prober.count, "probe"), prober.request_size) if prober.count \
         else "probes of {} bytes until stopped".format(prober.request_size)
-    return "UDP-TIMECHECK {} ({}): {}, interval {:g} s, timeout {:g} s{}, {} timestamps{}".format(
+    return "UDP-TIMECHECK {} ({}): {}, interval {:g} s, timeout {:g} s{}, {}{}".format(
         prober.target, prober.address[0], probes, prober.interval, prober.timeout,
-        ", deadline {:g} s".format(prober.deadline) if prober.deadline else "", prober.timestamps,
-        ", HMAC-SHA256" if prober.key else "")
+        ", deadline {:g} s".format(prober.deadline) if prober.deadline else "",
+        describe_stamps(prober.timestamps, prober.no_kernel_stamps), ", HMAC-SHA256" if prober.key else "")
 
 
 def format_report(figures: Mapping) -> str:

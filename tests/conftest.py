@@ -21,7 +21,11 @@ from pathlib import Path
 
 import pytest
 
-import udp_timecheck as utc
+import simulate
+
+simulate.apply()  # UDP_TIMECHECK_SIMULATE=windows or macos: before the module is imported
+
+import udp_timecheck as utc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = ROOT / "udp_timecheck.py"
@@ -131,8 +135,18 @@ def processes():
 
 
 def cli(*args):
-    """argv running our module as a script, the way users run it."""
-    return [sys.executable, str(MODULE)] + [str(arg) for arg in args]
+    """argv running our module as a script, the way users run it (on the simulated platform,
+    when there is one)."""
+    runner = [str(Path(simulate.__file__))] if simulate.SIMULATED else []
+    return [sys.executable] + runner + [str(MODULE)] + [str(arg) for arg in args]
+
+
+SIMULATED = simulate.SIMULATED
+
+
+def needs_linux(reason):
+    """Mark a test that cannot pass off Linux (on the simulated Windows or macOS too), and say why."""
+    return pytest.mark.skipif(not utc.LINUX, reason="needs Linux: " + reason)
 
 
 def run(argv, timeout=60, **kwargs):

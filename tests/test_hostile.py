@@ -148,10 +148,10 @@ def wait_for_port(process):
     return found[-1]
 
 
-LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the port in /proc")
+PROC_FS = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the port in /proc")
 
 
-@LINUX
+@PROC_FS
 def test_stdout_on_a_full_disk_never_stops_serving():
     with open("/dev/full", "w") as full:
         process = subprocess.Popen(cli("server", "127.0.0.1", "0", "-v"), stdout=full, stderr=subprocess.PIPE,
@@ -169,7 +169,7 @@ def test_stdout_on_a_full_disk_never_stops_serving():
     assert dropped >= 201  # the first line, every request's, and nothing written
 
 
-@LINUX
+@PROC_FS
 @pytest.mark.parametrize("quiet", [[], ["-q"]])
 def test_closed_stdout_never_stops_serving(quiet):
     process = subprocess.Popen(["sh", "-c", 'exec "$@" >&-', "sh"] + cli("server", "127.0.0.1", "0", *quiet),
@@ -184,7 +184,7 @@ def test_closed_stdout_never_stops_serving(quiet):
     assert "Server stopped: served 50," in err
 
 
-@LINUX
+@PROC_FS
 def test_stdout_nobody_reads_never_stops_serving():
     process = subprocess.Popen(cli("server", "127.0.0.1", "0", "-v"), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)  # a pipe that is never read: it fills at 64 KB

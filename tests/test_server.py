@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import udp_timecheck as utc
-from conftest import HOSTILE, FakeClock, ask, ipv6_loopback_available, request
+from conftest import HOSTILE, FakeClock, ask, ipv6_loopback_available, needs_linux, request
 
 MAX_SENDABLE = 65507
 
@@ -69,6 +69,7 @@ def test_extended_request_gets_server_timestamps_from_its_clock(start_server):
     assert reply.text.startswith("The time is 2025-11-2")  # the fake clock's date, local time
 
 
+@needs_linux("kernel receive stamps (SO_TIMESTAMPNS)")
 def test_kernel_receive_stamp_is_carried_over_to_the_servers_clock(start_server):
     clock = FakeClock()  # stopped: any T2 before it is the kernel's stamp, aged on the real clock
     server = start_server(clock=clock)

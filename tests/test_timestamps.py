@@ -8,10 +8,10 @@ import sys
 import pytest
 
 import udp_timecheck as utc
-from conftest import MODULE, ipv6_loopback_available, request, require_programs
+from conftest import MODULE, ipv6_loopback_available, needs_linux, request, require_programs
 
 SECOND = utc.NS_PER_S
-LINUX = pytest.mark.skipif(utc.SO_TIMESTAMPNS is None, reason="kernel timestamps are Linux's")
+KERNEL_STAMPS = needs_linux("kernel timestamps in ns (SO_TIMESTAMPNS, SO_TIMESTAMPING)")
 
 
 def shifted(seconds, base=None):
@@ -19,7 +19,7 @@ def shifted(seconds, base=None):
     return lambda: base() + int(seconds * SECOND)
 
 
-@LINUX
+@KERNEL_STAMPS
 def test_kernel_stamps_on_both_ends_by_default(start_server):
     server = start_server()
     assert server.timestamps == utc.KERNEL
@@ -33,7 +33,7 @@ def test_kernel_stamps_on_both_ends_by_default(start_server):
     assert summary["server_proc_ms"] is not None  # the server's wake-up is in T3 - T2 now
 
 
-@LINUX
+@KERNEL_STAMPS
 @pytest.mark.parametrize("client_mode", [utc.KERNEL, utc.USER])
 @pytest.mark.parametrize("server_mode", [utc.KERNEL, utc.USER])
 def test_shifted_server_clock_gives_its_offset_on_every_path(start_server, client_mode, server_mode):
@@ -46,7 +46,7 @@ def test_shifted_server_clock_gives_its_offset_on_every_path(start_server, clien
     assert server.stats.user_stamps == 0
 
 
-@LINUX
+@KERNEL_STAMPS
 def test_shifted_client_clock_gives_the_opposite_offset(start_server):
     server = start_server()
     summary = utc.Prober(*server.address[:2], count=20, clock=shifted(-7)).run().summary()
@@ -55,7 +55,7 @@ def test_shifted_client_clock_gives_the_opposite_offset(start_server):
     assert stamps["user_fallbacks"] <= 2 and stamps["transmit_fallbacks"] <= 2  # see above
 
 
-@LINUX
+@KERNEL_STAMPS
 def test_kernel_stamps_the_processes_disagree_with_fall_back_and_are_counted(start_server, monkeypatch):
     """Our own reading of the kernel's clock is 30 s off: every kernel stamp is implausible."""
     monkeypatch.setattr(utc, "wall_ns", shifted(30, utc.wall_ns))
@@ -69,7 +69,7 @@ def test_kernel_stamps_the_processes_disagree_with_fall_back_and_are_counted(sta
     assert abs(summary["offset_ms"] - 5000) <= summary["offset_err_ms"] + 0.01
 
 
-@LINUX
+@KERNEL_STAMPS
 def test_user_timestamps_include_the_wake_ups(start_server):
     """The same server, both ways: user-space RTTs are never shorter than the kernel's."""
     server = start_server()
@@ -100,7 +100,7 @@ def test_tutorial_server_sends_no_stamps_and_we_say_so():
     assert utc.describe_timestamps(utc.USER, utc.KERNEL) == "user-space here, kernel at the server"
 
 
-@LINUX
+@KERNEL_STAMPS
 def test_wildcard_server_replies_from_the_address_asked(start_server):
     server = start_server(host="0.0.0.0")
     assert server.packet_info
@@ -115,7 +115,7 @@ def test_wildcard_server_replies_from_the_address_asked(start_server):
     assert measurement.received == 5
 
 
-@LINUX
+@KERNEL_STAMPS
 @pytest.mark.skipif(not ipv6_loopback_available(), reason="this machine has no ::1")
 def test_dual_stack_wildcard_answers_ipv4_from_the_address_asked(start_server):
     server = start_server(host="::")
@@ -138,7 +138,7 @@ with utc.TimeServer("::", 0) as server:
 """
 
 
-@LINUX
+@KERNEL_STAMPS
 def test_ipv6_wildcard_replies_from_the_address_asked_in_a_private_namespace():
     require_programs("unshare", "ip")
     setup = "ip link set lo up && ip -6 addr add fd00::2/128 dev lo nodad && exec \"$0\" -c \"$1\""
@@ -150,7 +150,7 @@ def test_ipv6_wildcard_replies_from_the_address_asked_in_a_private_namespace():
     assert result.stdout.split() == ["fd00::2", "3"]
 
 
-@LINUX
+@KERNEL_STAMPS
 def test_read_ancillary_takes_the_stamp_and_keeps_the_packet_info():
     stamp = (socket.SOL_SOCKET, utc.SO_TIMESTAMPNS, utc.TIMESPEC.pack(1_700_000_000, 123_456_789))
     info = (socket.IPPROTO_IP, 8, bytes(12))
