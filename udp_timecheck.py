@@ -99,6 +99,7 @@ FAULTY_PROBABILITY = 0.5            # how often the tutorial's FAULTY_SERVER lie
 DEFAULT_COUNT = 1000                # the tutorial's measuring loop
 DEFAULT_TIMEOUT = 1.0
 MIN_INTERVAL = 0.001                # seconds between probes, unless back to back (0)
+UNTIL_STOPPED_INTERVAL = 1.0        # seconds between probes with -c 0 or -w, unless -i: ping's
 DEMO_ARGS = ("--measure-delay", "-c", "50", "-i", "0.02")
 LOG_LINES_PER_SECOND = 10
 LOG_TEXT_BYTES = 180                # of client text per log line, after escaping: lines stay < 320
@@ -139,7 +140,7 @@ MAX_SEPARATORS = 64                 # commas and colons after the text of a data
 MAX_ESCAPES = 128                   # backslashes in it: \uXXXX costs ten times its six bytes
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 128 + 2          # what a shell reports for a command ended by SIGINT
-OK, LOST, MISMATCHED, PENDING = "ok", "lost", "mismatched", "pending"
+OK, LOST, MISMATCHED, PENDING, IN_FLIGHT = "ok", "lost", "mismatched", "pending", "in flight"
 # Why a probe was lost; a reply that failed authentication or echoed the request
 # leaves its probe waiting for a real one until the timeout.
 TIMED_OUT, REFUSED, FORGED, ECHOED, NOT_SENT, INTERRUPTED, DEADLINE = (
@@ -1708,7 +1709,8 @@ class TimeServer:
 
     def _flush_log(self) -> None:
         if self._log_hidden:
-            self._log("... {} more requests not shown".format(self._log_hidden))
+            self._log("... {} more {} not shown".format(self._log_hidden,
+                                                        "request" if self._log_hidden == 1 else "requests"))
             self.stats.not_logged += self._log_hidden
             self._log_hidden = 0
 
@@ -1985,8 +1987,8 @@ IPDV_FIGURES = ("median", "p99", "max")
 
 class Totals:
     """What a run, or one period of it (--report-every), found, in O(1) memory."""
-    COUNTS = ("sent", "received", "lost", "mismatched", "duplicates", "late", "reordered", "forged",
-              "unsigned", "malformed", "echoes", "refused", "errors", "user_fallbacks",
+    COUNTS = ("sent", "received", "lost", "in_flight", "mismatched", "duplicates", "late", "reordered",
+              "forged", "unsigned", "malformed", "echoes", "refused", "errors", "user_fallbacks",
               "transmit_fallbacks", "untrusted")
 
     def __init__(self, started_wall_ns: int, started_mono_ns: int) -> None:
@@ -2153,8 +2155,8 @@ class Recorder:
         if reason == DEADLINE:
             self.stop_reason = DEADLINE
         self.duration_ns = monotonic_ns() - self.started_mono_ns
-        for sample in list(self.in_flight.values()):
-            self._end(sample, LOST, reason)
+        for sample in list(self.in_flight.values()):  # at a deadline, as ping -w: not lost, unknown
+            self._end(sample, IN_FLIGHT if reason == DEADLINE else LOST, reason)
 
     # --- what happens to a reply and a probe ----------------------------------------------
 
@@ -2261,6 +2263,8 @@ class Recorder:
             totals.lost += 1
             point_bin.lost += 1
             return
+        if sample.status == IN_FLIGHT:
+            totals.in_flight += 1
         if sample.status != OK:
             return
         timing = sample.timing
@@ -2320,8 +2324,10 @@ class Recorder:
         raise AttributeError(name)
 
     def count(self, status: str) -> int:
-        return {OK: self.totals.received, LOST: self.totals.lost,
-                MISMATCHED: self.totals.sent - self.totals.received - self.totals.lost}[status]
+        """How many probes ended with status: OK, LOST, IN_FLIGHT (at a deadline) or MISMATCHED."""
+        totals = self.totals
+        return {OK: totals.received, LOST: totals.lost, IN_FLIGHT: totals.in_flight,
+                MISMATCHED: totals.sent - totals.received - totals.lost - totals.in_flight}[status]
 
     def run_record(self) -> Dict[str, object]:
         """The run's settings, first in the JSON: what was asked for, when, and how."""
@@ -2357,7 +2363,8 @@ class Recorder:
     def _figures(self, totals: Totals, end_mono_ns: int) -> Dict[str, object]:
         """The figures of a run or a period: the keys of the summary and of each report."""
         figures = {name: getattr(totals, name) for name in Totals.COUNTS if name != "unsigned"}
-        figures["loss_pct"] = round(100.0 * totals.lost / totals.sent, 3) if totals.sent else None
+        ended = totals.sent - totals.in_flight  # a probe still in flight at a deadline is not lost
+        figures["loss_pct"] = round(100.0 * totals.lost / ended, 3) if ended else None
         figures["timestamps"] = self._timestamp_summary(totals)
         figures["rtt_ms"] = totals.rtt.summary_ms(RTT_FIGURES)
         figures["jitter_ms"] = _ms(totals.jitter.mean) if totals.jitter.count else None
@@ -2429,7 +2436,8 @@ class Prober:
     or timed out, and interval > 0 sends isochronously, like ping and irtt,
     with replies matched by their random id.  on_sample is called as each
     probe ends, on_report every report_every seconds with that period's
-    figures, on_note with a line about the run (another address tried).
+    figures, on_note with a line about the run (another address tried), and
+    on_start (set it after construction) with the prober as each address is tried.
     clock is this machine's wall clock in ns (tests inject a shifted one);
     timestamps is KERNEL to take T1 and T4 from the kernel where the platform
     has it, or USER.
@@ -2452,6 +2460,7 @@ class Prober:
         self.deadline, self.report_every, self.keep_samples = deadline, report_every, keep_samples
         self.size, self.key = size, key
         self.on_sample, self.on_report, self.on_note = on_sample, on_report, on_note
+        self.on_start = None  # type: Optional[Callable[[Prober], None]]  # as each address is tried
         self.clock, self._real_clock = clock or wall_ns, clock is None
         self.no_kernel_stamps = None if timestamps != KERNEL else _platform_stamps_refused(self.family)
         self.timestamps = KERNEL if timestamps == KERNEL and self.no_kernel_stamps is None else USER
@@ -2518,6 +2527,8 @@ class Prober:
             self._waker = [stack.enter_context(end) for end in socket.socketpair()]
             self._waker[1].setblocking(False)
             self.recorder = recorder = self._recorder(sock)
+            if self.on_start is not None:
+                self.on_start(self)
             try:
                 reason = self._loop(sock, recorder)
             except KeyboardInterrupt:  # SIGINT's default, where no handler calls stop()
@@ -2829,6 +2840,8 @@ def format_sample(sample: Sample, target: str, timeout: float) -> str:
     if sample.status == MISMATCHED:
         return "seq={}: Server is a liar! (reply id {} for request id {})".format(
             sample.seq, sample.reply_id, sample.request_id)
+    if sample.status == IN_FLIGHT:
+        return "seq={}: still in flight at the deadline".format(sample.seq)
     return "seq={}: {}".format(sample.seq, LOST_LINES.get(sample.reason, LOST_LINES[TIMED_OUT]).format(
         timeout=timeout))
 
@@ -2842,6 +2855,9 @@ def format_counts(summary: Mapping) -> List[str]:
     counts += "".join(", {} {}".format(summary[key], name) for key, name in (
         ("malformed", "malformed"), ("echoes", "echoed")) if summary[key])
     lines = [counts]
+    if summary["in_flight"]:
+        lines.append("{} still in flight at the deadline: not counted as lost".format(
+            plural(summary["in_flight"], "probe")))
     if summary["refused"] or summary["errors"]:
         lines.append("{} refused by the server's host, {} could not be sent".format(
             summary["refused"], summary["errors"]))
@@ -3014,10 +3030,11 @@ def failure_reason(measurement: Recorder, timeout: float) -> Optional[str]:
     if measurement.unsigned and not measurement.received:
         return "replies are not authenticated: is the server running with the same key?"
     if measurement.forged:
-        return "{} replies failed authentication (tampered with, replayed, or another key)".format(
-            measurement.forged)
+        return "{} failed authentication (tampered with, replayed, or another key)".format(
+            plural(measurement.forged, "reply", "replies"))
     if measurement.mismatched:
-        return "the server is a liar: {} replies did not match a request id".format(measurement.mismatched)
+        return "the server is a liar: {} did not match a request id".format(
+            plural(measurement.mismatched, "reply", "replies"))
     if measurement.received:
         return None
     if measurement.interrupted:
@@ -3026,11 +3043,16 @@ def failure_reason(measurement: Recorder, timeout: float) -> Optional[str]:
     if measurement.stop_reason == REFUSED:
         return "connection refused by {}: no server is listening on that port".format(target)
     if measurement.malformed:
-        return "{} sent {} replies that are not udp-timecheck replies".format(target, measurement.malformed)
+        count = measurement.malformed
+        return "{} sent {} that {} not udp-timecheck replies".format(
+            target, plural(count, "reply", "replies"), "is" if count == 1 else "are")
     if measurement.errors:
         return "cannot send to {}: {}".format(target, measurement.last_error)
-    return ("no reply from {} within {:g} s (is the server running{}, and is its UDP port "
-            "open to you?)".format(target, timeout, " with the same key" if measurement.keyed else ""))
+    waited = "within {:g} s".format(timeout) if measurement.lost else "before the deadline ({:.1f} s)".format(
+        measurement.duration_ns / NS_PER_S)
+    return ("no reply from {} {} (is the server running{}, and is its UDP port open to you?{})".format(
+        target, waited, " with the same key" if measurement.keyed else "",
+        "" if measurement.keyed else " A server started with a key answers only clients with that key"))
 
 
 def format_sntp_sample(sample: Sample, target: str, timeout: float) -> str:
@@ -3049,9 +3071,10 @@ def format_sntp_sample(sample: Sample, target: str, timeout: float) -> str:
 def format_sntp_summary(summary: Mapping) -> List[str]:
     """The summary of an sntp run: what came back, the best offset, and the server's own figures."""
     lines = ["", "--- {} sntp statistics ---".format(summary["target"]),
-             "{} sent, {} answered, {:g}% loss, {} late, {} duplicates, {} with a wrong origin".format(
+             "{} sent, {} answered, {:g}% loss, {} late, {}, {} with a wrong origin".format(
                  plural(summary["sent"], "query", "queries"), summary["received"],
-                 summary["loss_pct"] or 0, summary["late"], summary["duplicates"], summary["mismatched"])]
+                 summary["loss_pct"] or 0, summary["late"], plural(summary["duplicates"], "duplicate"),
+                 summary["mismatched"])]
     lines += ["{} unusable: {}".format(count, problem) for problem, count in summary["problems"].items()]
     if summary["offset_ms"] is not None:
         offset, error = summary["offset_ms"], summary["offset_err_ms"]
@@ -3076,8 +3099,9 @@ def sntp_failure(recorder: SntpRecorder, timeout: float) -> Optional[str]:
         return "{} sent a {}: it asks this client to stop (RATE: to ask less often)".format(
             target, recorder.stop_reason)
     if recorder.mismatched:
-        return "{} replies from {} echo no query's origin timestamp: stale, or forged".format(
-            recorder.mismatched, target)
+        count = recorder.mismatched
+        return "{} from {} {} no query's origin timestamp: stale, or forged".format(
+            plural(count, "reply", "replies"), target, "echoes" if count == 1 else "echo")
     if recorder.problems:
         return "no usable answer from {}: {}".format(target, recorder.problems.most_common(1)[0][0])
     return failure_reason(recorder, timeout)
@@ -3189,19 +3213,36 @@ class Output:
 
     def __init__(self, stream: Optional[TextIO]) -> None:
         self._stream = stream
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
         self.error = None if stream is not None else "it is closed"  # type: Optional[str]
 
     def line(self, text: str = "") -> None:
         if self.error is not None:
             return
         try:
-            self._stream.write(text + "\n")
+            self._stream.write(fit_encoding(text, self._encoding) + "\n")
             self._stream.flush()
         except BrokenPipeError:
             raise
         except (OSError, ValueError) as exc:
             self.error = getattr(exc, "strerror", None) or str(exc)
             _discard_output(self._stream)
+
+
+_ASCII_STAND_INS = str.maketrans({"\u00b1": "+/-", "\u00b5": "u", "\u2212": "-", "\u2013": "-",
+                                  "\u2014": "--", "\u00d7": "x", "\u2026": "..."})
+
+
+def fit_encoding(text: str, encoding: str) -> str:
+    """text as a stream in encoding can take it: ASCII stand-ins for our own symbols (+/- for the
+    plus-minus sign), escapes for anything else.  An ASCII or Latin-1 locale never fails."""
+    try:
+        text.encode(encoding)
+        return text
+    except UnicodeEncodeError:
+        return text.translate(_ASCII_STAND_INS).encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:  # an encoding Python does not know: say it in ASCII
+        return text.translate(_ASCII_STAND_INS).encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _discard_output(stream: Optional[TextIO]) -> None:
@@ -3318,10 +3359,42 @@ def _key_for(args: argparse.Namespace) -> Optional[bytes]:
     return key
 
 
-def _check_host(host: str) -> None:
+def split_target(text: str, lowest_port: int = 0) -> Tuple[str, Optional[int]]:
+    """HOST, HOST:PORT, [IPV6] or [IPV6]:PORT, or a bare IPv6 address (which names no port):
+    (host, port or None).  Anything else is a usage error."""
+    host, port = text, None  # type: str, Optional[str]
+    if text.startswith("["):
+        host, closed, rest = text[1:].partition("]")
+        if not closed or rest and (rest[0] != ":" or not rest[1:]):
+            raise TimecheckError("{!r}: expected [IPV6] or [IPV6]:PORT".format(text))
+        port = rest[1:] or None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
     if host.isdigit():  # getaddrinfo would take "8080" for the address 0.0.31.144
         raise TimecheckError("{0!r} is not a host; give the host before the port, "
                              "as in: 127.0.0.1 {0}".format(host))
+    if not host:
+        raise TimecheckError("{!r} names no host".format(text))
+    return host, None if port is None else port_number(port, text, lowest_port)
+
+
+def port_number(digits: str, where: str, lowest: int = 0) -> int:
+    """A port from lowest to 65535, or a usage error that says where it came from."""
+    if not digits.isdigit() or not lowest <= int(digits) <= 65535:
+        raise TimecheckError("{!r}: expected a port number from {} to 65535".format(where, lowest))
+    return int(digits)
+
+
+def endpoint(host: Optional[str], port: Optional[str], default_port: int,
+             lowest_port: int = 0) -> Tuple[str, int]:
+    """[HOST] [PORT] as given, HOST perhaps HOST:PORT or [IPV6]:PORT: one (host, port)."""
+    if host is None:
+        return DEFAULT_HOST, default_port if port is None else port_number(port, port, lowest_port)
+    name, named_port = split_target(host, lowest_port)
+    if port is not None and named_port is not None:
+        raise TimecheckError("{!r} names its port already; give the port once".format(host))
+    return name, named_port if named_port is not None else (
+        default_port if port is None else port_number(port, port, lowest_port))
 
 
 @contextlib.contextmanager
@@ -3359,11 +3432,12 @@ def describe_stamps(timestamps: str, refused: Optional[str]) -> str:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    _check_host(args.host)
+    host, port = endpoint(args.host, args.port, DEFAULT_PORT, lowest_port=0)
     output = LineWriter(sys.stdout)  # serving never waits for, or fails with, its output
-    server = TimeServer(args.host, args.port, faulty=args.faulty, key=_key_for(args),
+    server = TimeServer(host, port, faulty=args.faulty, key=_key_for(args),
                         max_rate=args.max_rate, log=None if args.quiet else output.write,
-                        log_limit=None if args.verbose else LOG_LINES_PER_SECOND, timestamps=args.timestamps)
+                        log_limit=None if args.verbose else LOG_LINES_PER_SECOND,
+                        timestamps=args.timestamps or KERNEL)
     with server, _stop_signals(server.request_stop, restore=args.restore_signals), \
             _metrics(args.metrics, lambda: render_server_metrics(server, output.dropped)):
         output.write("Server listening at {}; {}".format(server.address, describe_server(server)))
@@ -3630,13 +3704,14 @@ class Progress:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    _check_host(args.host)
+    targets = client_targets(args.targets)
     on_stdout = _stdout_writers(args)
     text = Output(sys.stderr if on_stdout and not args.json else sys.stdout)  # stdout carries the rows
-    measuring = any((args.measure_delay, args.quiet, args.json, args.csv, args.jsonl, args.plot,
-                     args.reference, args.deadline, args.report_every, args.count is not None,
-                     args.interval is not None))
-    prober = _client_prober(args, measuring)
+    measuring = is_measurement(args)
+    probers = [_client_prober(args, target, measuring) for target in targets]
+    if len(probers) > 1:
+        raise TimecheckError("one target at a time (see: {} --help)".format(args.help_prog))
+    prober = probers[0]
     with contextlib.ExitStack() as stack:
         rows = [sink for sink in (_open_rows(args.csv, "csv", stack), _open_rows(args.jsonl, "jsonl", stack))
                 if sink is not None]
@@ -3646,11 +3721,12 @@ def cmd_client(args: argparse.Namespace) -> int:
         prober.on_sample = _on_sample(lines, rows, progress, prober.target, args)
         prober.on_report = lambda figures: text.line(
             json.dumps(figures) if args.json else _line_time(args) + format_report(figures))
-        if measuring and not args.json:
-            text.line(format_header(prober))
+        if measuring and not args.json:  # at each address tried: the header names the one in use
+            prober.on_start = lambda started: text.line(format_header(started))
         stack.enter_context(_stop_signals(prober.stop, restore=args.restore_signals))
         stack.enter_context(_metrics(args.metrics, lambda: render_client_metrics(prober)))
-        reference = Reference(*args.reference, timestamps=args.timestamps).start() if args.reference else None
+        reference = Reference(*args.reference, timestamps=args.timestamps or KERNEL).start() \
+            if args.reference else None
         recorder = prober.run()  # a signal ends it; after it, signals change nothing
         progress.clear()
         summary = recorder.summary()
@@ -3677,11 +3753,40 @@ def _stdout_writers(args: argparse.Namespace) -> List[str]:
     return on_stdout
 
 
-def _client_prober(args: argparse.Namespace, measuring: bool) -> Prober:
-    count = args.count if args.count is not None else DEFAULT_COUNT if measuring else 1
-    return Prober(args.host, args.port, count=count, interval=args.interval or 0.0, timeout=args.timeout,
-                  size=args.size or 0, key=_key_for(args), timestamps=args.timestamps, deadline=args.deadline,
-                  report_every=args.report_every, on_note=_err)
+def client_targets(tokens: Sequence[str]) -> List[Tuple[str, int]]:
+    """TARGET [TARGET ...] [PORT] as the command line gives them: HOST, HOST:PORT or [IPV6]:PORT
+    each; a final bare number is the port of every target that names none."""
+    tokens, port = list(tokens), DEFAULT_PORT
+    if len(tokens) >= 2 and tokens[-1].isdigit():
+        port = port_number(tokens.pop(), "PORT")
+    targets = []
+    for token in tokens or [DEFAULT_HOST]:
+        host, named = split_target(token)
+        targets.append((host, port if named is None else named))
+    return targets
+
+
+def is_measurement(args: argparse.Namespace) -> bool:
+    """Whether any option that only makes sense for a measurement was given (MEASURING_OPTIONS)."""
+    return any(getattr(args, dest) not in (None, False) for dest, _ in MEASURING_OPTIONS)
+
+
+def _client_prober(args: argparse.Namespace, target: Tuple[str, int], measuring: bool) -> Prober:
+    """The Prober the options ask for: with -w and no -c, no count limit; with no count limit and
+    no -i, a probe a second, as ping sends them."""
+    count = args.count if args.count is not None else (
+        0 if args.deadline else DEFAULT_COUNT if measuring else 1)
+    interval = args.interval if args.interval is not None else UNTIL_STOPPED_INTERVAL if count == 0 else 0.0
+    try:
+        return Prober(target[0], target[1], count=count, interval=interval, timeout=args.timeout,
+                      size=args.size or 0, key=_key_for(args), timestamps=args.timestamps or KERNEL,
+                      deadline=args.deadline, report_every=args.report_every, on_note=_err)
+    except TimecheckError as exc:  # HOST PORT where PORT is not a number reads as two hosts
+        tokens = args.targets
+        if len(tokens) == 2 and target[0] == tokens[1] and "cannot resolve" in str(exc):
+            raise TimecheckError("{} (if {!r} is meant as the port: a port number from 0 to 65535)".format(
+                exc, tokens[1])) from None
+        raise
 
 
 def _line_time(args: argparse.Namespace) -> str:
@@ -3740,9 +3845,9 @@ def _print_result(out: Output, args: argparse.Namespace, measuring: bool, measur
 
 
 def cmd_sntp(args: argparse.Namespace) -> int:
-    _check_host(args.host)
+    host, port = endpoint(args.host, args.port, NTP_PORT)
     out = Output(sys.stdout)
-    prober = SntpProber(args.host, args.port, count=args.count, interval=args.interval, timeout=args.timeout,
+    prober = SntpProber(host, port, count=args.count, interval=args.interval, timeout=args.timeout,
                         timestamps=args.timestamps, on_note=_err)
     if not (args.quiet or args.json):
         prober.on_sample = lambda sample: out.line(format_sntp_sample(sample, prober.target, args.timeout))
@@ -3800,20 +3905,24 @@ def _truthy(text: str) -> bool:
 
 def _host_and_port(text: str) -> Tuple[str, int]:
     """NTPHOST[:PORT], with [IPv6]:PORT for an IPv6 address and a port."""
-    host, port = text, NTP_PORT
-    if text.startswith("[") and "]:" in text or text.count(":") == 1:
-        host, _, digits = text.rpartition(":")
-        port = int(_ranged(int, 1, 65535, "NTPHOST or NTPHOST:PORT")(digits))
-    if not host.strip("[]"):
-        raise argparse.ArgumentTypeError("expected NTPHOST or NTPHOST:PORT, got {!r}".format(text))
-    return host.strip("[]"), port
+    try:
+        host, port = split_target(text)
+    except TimecheckError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return host, NTP_PORT if port is None else port
 
 
 def _listen_address(text: str) -> Tuple[str, int]:
     """--metrics [HOST:]PORT: on 127.0.0.1 unless a host is given ([::1]:PORT for IPv6)."""
-    host, _, digits = text.rpartition(":")
-    port = int(_ranged(int, 0, 65535, "[HOST:]PORT, the port from 0 to 65535")(digits))
-    return host.strip("[]") or "127.0.0.1", port
+    try:
+        if text.isdigit():
+            return "127.0.0.1", port_number(text, text, 0)
+        host, port = split_target(text, 0)
+    except TimecheckError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if port is None:
+        raise argparse.ArgumentTypeError("expected [HOST:]PORT, got {!r}".format(text))
+    return host, port
 
 
 def _interval(text: str) -> float:
@@ -3837,18 +3946,40 @@ SERVER_EPILOG = """examples:
 
 exit codes: 0 stopped by Ctrl-C or SIGTERM; 2 a usage or set-up error (a port
 in use, an address not on this machine, an unreadable key)"""
-CLIENT_EPILOG = """The client asks once, as the tutorial's does, unless it measures: with
---measure-delay, or -c, -i, -q, --json or --csv, it sends {count} probes
-unless -c says otherwise.
+# What makes the client measure: an option that only makes sense for a measurement.  -W and
+# --key-file do not (one round trip has a timeout, and may need a key).  (dest, as written)
+MEASURING_OPTIONS = (("measure_delay", "--measure-delay"), ("count", "-c"), ("interval", "-i"),
+                     ("deadline", "-w"), ("quiet", "-q"), ("json", "--json"), ("csv", "--csv"),
+                     ("jsonl", "--jsonl"), ("plot", "--plot"), ("reference", "--reference"),
+                     ("report_every", "--report-every"), ("print_time", "-D"), ("size", "--size"),
+                     ("timestamps", "--timestamps"), ("metrics", "--metrics"))
+MEASURING_RULE = """Without options the client asks once, as the tutorial's does.  Any of
+{options} makes it measure: {count} probes back to back (-i 0, the
+tutorial's loop), unless -c says otherwise; with -c 0 or -w, until Ctrl-C
+or the deadline, a probe a second unless -i says otherwise.  -W and
+--key-file do not make it measure.""".format(
+    options=", ".join(written for _, written in MEASURING_OPTIONS), count=DEFAULT_COUNT)
+CLIENT_EPILOG = MEASURING_RULE + """
+
+TARGET is HOST, HOST:PORT or [IPV6]:PORT; HOST PORT works too.
 
 examples:
   %(prog)s 203.0.113.7 1060                     the server's time, once
-  %(prog)s 203.0.113.7 1060 --measure-delay     {count} probes, then statistics
+  %(prog)s 203.0.113.7:1060 --measure-delay     {count} probes, then statistics
   %(prog)s 203.0.113.7 1060 -c 100 -i 0.2 --json
+  %(prog)s 203.0.113.7 1060 -w 60 -q            a probe a second for a minute
 
 exit codes: 0 at least one valid reply, and no liar, forged reply or echo;
 1 no valid reply, a liar, a forged reply or an echo service; 2 a usage or
-set-up error""".format(count=DEFAULT_COUNT)
+set-up error""".replace("{count}", str(DEFAULT_COUNT))
+TOP_EPILOG = """examples:
+  %(prog)s demo                                    a server and a client on loopback
+  %(prog)s server 0.0.0.0 1060                     serve on every IPv4 interface
+  %(prog)s client 203.0.113.7 1060                 the server's time, once
+  %(prog)s client 203.0.113.7:1060 --measure-delay RTT, loss and the clock offset
+  %(prog)s sntp 169.254.169.123                    this machine against an NTP server
+
+'%(prog)s COMMAND --help' says more about each."""
 SNTP_EPILOG = """examples:
   %(prog)s 169.254.169.123      the Amazon Time Sync Service, from an EC2 instance
   %(prog)s pool.ntp.org -c 8 -i 2 --json
@@ -3865,7 +3996,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The command line; prog is the name in messages (default: the name it was run as)."""
     parser = _ArgumentParser(prog=prog, description=(
         "UDP latency and clock check: a time server, and a client that measures round-trip "
-        "time, loss and the server's clock offset."))
+        "time, loss and the server's clock offset."), epilog=TOP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="{server,client,sntp,demo}")
     commands.required = True
@@ -3878,16 +4010,21 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                                epilog=SNTP_EPILOG, formatter_class=formatter)
     demo = commands.add_parser("demo", help="run a server and a client on loopback, show both",
                                description=DEMO_DESCRIPTION, formatter_class=formatter)
-    _add_common_options(server, "address to listen on; 0.0.0.0 for all IPv4 interfaces, "
-                                "and :: for IPv6 and IPv4")
-    _add_common_options(client, "server to ask: a name, an IPv4 or an IPv6 address")
+    server.add_argument("host", nargs="?", metavar="HOST", help=(
+        "address to listen on, or HOST:PORT: 0.0.0.0 for all IPv4 interfaces, :: for IPv6 and IPv4 "
+        "(default {})".format(DEFAULT_HOST)))
+    server.add_argument("port", nargs="?", metavar="PORT", help=(
+        "UDP port (default {}; 0: any free one)".format(DEFAULT_PORT)))
+    client.add_argument("targets", nargs="*", metavar="TARGET", help=(
+        "the server: HOST, HOST:PORT or [IPV6]:PORT, a name or an address; a PORT after it is its port "
+        "(default {}:{})".format(DEFAULT_HOST, DEFAULT_PORT)))
+    _add_common_options(server)
+    _add_common_options(client)
     _add_server_options(server)
     _add_client_options(client)
     _add_sntp_options(sntp)
-    server.set_defaults(func=cmd_server)
-    client.set_defaults(func=cmd_client)
-    sntp.set_defaults(func=cmd_sntp)
-    demo.set_defaults(func=cmd_demo)
+    for sub, func in ((server, cmd_server), (client, cmd_client), (sntp, cmd_sntp), (demo, cmd_demo)):
+        sub.set_defaults(func=func, help_prog=sub.prog)
     return parser
 
 
@@ -3898,10 +4035,9 @@ def _add_metrics_option(sub: argparse.ArgumentParser) -> None:
 
 
 def _add_sntp_options(sntp: argparse.ArgumentParser) -> None:
-    sntp.add_argument("host", metavar="HOST", help="the NTP server: a name, an IPv4 or an IPv6 address")
-    sntp.add_argument("port", nargs="?", default=NTP_PORT, metavar="PORT",
-                      type=_ranged(int, 1, 65535, "a port number from 1 to 65535"),
-                      help="UDP port (default %(default)s)")
+    sntp.add_argument("host", metavar="HOST", help="the NTP server: a name, an IPv4 or an IPv6 address, "
+                                                   "or HOST:PORT ([IPV6]:PORT)")
+    sntp.add_argument("port", nargs="?", metavar="PORT", help="UDP port (default {})".format(NTP_PORT))
     sntp.add_argument("-c", "--count", type=_ranged(int, 1, 10 ** 6, "a whole number from 1"), default=4,
                       help="queries to send (default %(default)s)")
     sntp.add_argument("-i", "--interval", type=_ranged(float, 0.01, 3600, "seconds from 0.01 to 3600"),
@@ -3915,15 +4051,10 @@ def _add_sntp_options(sntp: argparse.ArgumentParser) -> None:
                       help="take send and receive times from the kernel (default, where it works)")
 
 
-def _add_common_options(sub: argparse.ArgumentParser, role: str) -> None:
-    sub.add_argument("host", nargs="?", default=DEFAULT_HOST, metavar="HOST",
-                     help="{} (default %(default)s)".format(role))
-    sub.add_argument("port", nargs="?", default=DEFAULT_PORT, metavar="PORT",
-                     type=_ranged(int, 0, 65535, "a port number from 0 to 65535"),
-                     help="UDP port (default %(default)s)")
+def _add_common_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--key-file", metavar="PATH", help="shared secret for HMAC-SHA256 "
                      "authentication; or set {} (never a key on the command line)".format(KEY_ENV))
-    sub.add_argument("--timestamps", choices=(KERNEL, USER), default=KERNEL,
+    sub.add_argument("--timestamps", choices=(KERNEL, USER),
                      help="take receive times from the kernel (default, where it works) or "
                           "read them in user space after each wake-up")
     sub.add_argument("--measure_delay", "-measure_delay", type=_truthy, default=False, metavar="BOOL",
@@ -3948,17 +4079,18 @@ def _add_server_options(server: argparse.ArgumentParser) -> None:
 
 def _add_client_options(client: argparse.ArgumentParser) -> None:
     client.add_argument("--measure-delay", action="store_true",
-                        help="measure: many probes, then statistics (implied by the options below)")
+                        help="measure: many probes, then statistics (so does any option from -c to "
+                             "--timestamps below)")
     client.add_argument("-c", "--count", type=_ranged(int, 0, 10 ** 9, "a whole number from 0"),
-                        help="probes to send (default {} when measuring, else 1); 0: until Ctrl-C, SIGTERM "
-                             "or the deadline".format(DEFAULT_COUNT))
+                        help="probes to send (default {}, or with -w none: until the deadline); 0: until "
+                             "Ctrl-C, SIGTERM or the deadline".format(DEFAULT_COUNT))
     client.add_argument("-w", "--deadline", type=_ranged(float, 0.001, 10 ** 9, "seconds above 0"),
-                        metavar="SECONDS", help="end the run after SECONDS, whatever the count, as ping -w")
+                        metavar="SECONDS", help="run until SECONDS have passed, unless -c is reached first, "
+                                                "as ping -w")
     client.add_argument("-i", "--interval", type=_interval,
-                        help="seconds between probes, from {:g}; 0 (default) sends the next as soon "
-                             "as the last is answered or timed out".format(MIN_INTERVAL))
-    client.add_argument("-W", "--timeout", type=_ranged(float, 0.001, 3600, "seconds from 0.001 to 3600"),
-                        default=DEFAULT_TIMEOUT, help="seconds to wait for a reply (default %(default)s)")
+                        help="seconds between probes, from {:g}; 0 (default with -c N) sends the next as "
+                             "soon as the last is answered or timed out; {:g} with -c 0 or -w".format(
+                                 MIN_INTERVAL, UNTIL_STOPPED_INTERVAL))
     client.add_argument("-q", "--quiet", action="store_true",
                         help="the summary only (and progress on stderr, when it is a terminal)")
     client.add_argument("--json", action="store_true", help="one JSON object instead of text")
@@ -3981,6 +4113,9 @@ def _add_client_options(client: argparse.ArgumentParser) -> None:
     client.add_argument("--size", type=_ranged(int, 1, 65527, "bytes from 1 to 65527"),
                         help="pad requests and replies to SIZE bytes (MTU and fragmentation tests; "
                              "at least what a request needs, about 150)")
+    client.add_argument("-W", "--timeout", type=_ranged(float, 0.001, 3600, "seconds from 0.001 to 3600"),
+                        default=DEFAULT_TIMEOUT, help="seconds to wait for a reply (default %(default)s); "
+                                                      "it does not make a measurement")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -3989,7 +4124,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        args = build_parser(None if argv is None else "udp_timecheck.py").parse_args(argv)
+        args, extras = build_parser(None if argv is None else "udp_timecheck.py").parse_known_args(argv)
+        if extras:  # the subcommand's help, where the options that were meant are
+            raise TimecheckError("unrecognized arguments: {} (see: {} --help)".format(
+                " ".join(extras), args.help_prog))
         # As the program itself, stop signals are ignored once a command is over, so that
         # one during the exit changes nothing; called as a function, the handlers are restored.
         args.restore_signals = argv is not None

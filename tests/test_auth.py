@@ -126,7 +126,7 @@ def test_any_forged_reply_fails_the_run(start_server, relay, tmp_path, monkeypat
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert summary["received"] == 3 and summary["forged"] == 1
-    assert "1 replies failed authentication" in captured.err
+    assert "1 reply failed authentication" in captured.err  # in the singular
 
 
 def test_keyed_faulty_server_is_a_liar_not_a_forger(start_server):

@@ -167,12 +167,12 @@ def forged(recorder, sample):
 
 @pytest.mark.parametrize("event, expected", [
     (None, "no reply from 127.0.0.1:1060 within 1 s (is the server running, and is its UDP port open "
-           "to you?)"),
+           "to you? A server started with a key answers only clients with that key)"),
     (interrupted, "interrupted after 3.0 s, before any reply from 127.0.0.1:1060"),
     (refused, "connection refused by 127.0.0.1:1060: no server is listening on that port"),
     (echoed, "127.0.0.1:1060 echoes requests back: it is an echo service, not a time server"),
     (malformed, "127.0.0.1:1060 sent 3 replies that are not udp-timecheck replies"),
-    (lied, "the server is a liar: 1 replies did not match a request id"),
+    (lied, "the server is a liar: 1 reply did not match a request id"),
     (forged, "2 replies failed authentication (tampered with, replayed, or another key)"),
 ])
 def test_failure_reason_exactly(event, expected):
