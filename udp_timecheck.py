@@ -2398,7 +2398,8 @@ class Recorder:
         return {"title": "udp-timecheck {}, {}".format(self.target, iso_utc(self.started_ns)),
                 "duration_s": max(duration_s, width_s), "bins": bins,
                 "drift": fit_drift(timeline.points(), duration_s),
-                "histogram_ms": _histogram_rows(self.totals)}
+                "histogram_ms": _histogram_rows(self.totals),
+                "largest_rtt_ms": _ms(self.totals.rtt.stats.max) or 0.0}
 
     def _timestamp_summary(self, totals: Totals) -> Dict[str, object]:
         stamps = totals.server_stamps
@@ -2846,10 +2847,15 @@ def format_sample(sample: Sample, target: str, timeout: float) -> str:
         timeout=timeout))
 
 
+def format_loss(figures: Mapping) -> str:
+    """'0.5% loss', or 'no loss figure' while no probe has ended (sent none, or all in flight)."""
+    return "no loss figure" if figures["loss_pct"] is None else "{:g}% loss".format(figures["loss_pct"])
+
+
 def format_counts(summary: Mapping) -> List[str]:
     """The summary's first lines: what became of the probes, and why the run ended early."""
-    counts = "{} sent, {} received, {:g}% loss, {}, {} late, {} reordered, {} mismatched, {} forged".format(
-        plural(summary["sent"], "probe"), summary["received"], summary["loss_pct"] or 0,
+    counts = "{} sent, {} received, {}, {}, {} late, {} reordered, {} mismatched, {} forged".format(
+        plural(summary["sent"], "probe"), summary["received"], format_loss(summary),
         plural(summary["duplicates"], "duplicate"), summary["late"], summary["reordered"],
         summary["mismatched"], summary["forged"])
     counts += "".join(", {} {}".format(summary[key], name) for key, name in (
@@ -3071,10 +3077,9 @@ def format_sntp_sample(sample: Sample, target: str, timeout: float) -> str:
 def format_sntp_summary(summary: Mapping) -> List[str]:
     """The summary of an sntp run: what came back, the best offset, and the server's own figures."""
     lines = ["", "--- {} sntp statistics ---".format(summary["target"]),
-             "{} sent, {} answered, {:g}% loss, {} late, {}, {} with a wrong origin".format(
-                 plural(summary["sent"], "query", "queries"), summary["received"],
-                 summary["loss_pct"] or 0, summary["late"], plural(summary["duplicates"], "duplicate"),
-                 summary["mismatched"])]
+             "{} sent, {} answered, {}, {} late, {}, {} with a wrong origin".format(
+                 plural(summary["sent"], "query", "queries"), summary["received"], format_loss(summary),
+                 summary["late"], plural(summary["duplicates"], "duplicate"), summary["mismatched"])]
     lines += ["{} unusable: {}".format(count, problem) for problem, count in summary["problems"].items()]
     if summary["offset_ms"] is not None:
         offset, error = summary["offset_ms"], summary["offset_err_ms"]
@@ -3460,8 +3465,8 @@ def format_header(prober: Prober) -> str:
 
 def format_report(figures: Mapping) -> str:
     """One --report-every line: the period's sent, received, loss, p50, p99, jitter and offset."""
-    rtt, line = figures["rtt_ms"], "report: {} sent, {} received, {:g}% loss".format(
-        figures["sent"], figures["received"], figures["loss_pct"] or 0)
+    rtt, line = figures["rtt_ms"], "report: {} sent, {} received, {}".format(
+        figures["sent"], figures["received"], format_loss(figures))
     if rtt["median"] is not None:
         line += ", rtt p50 {:.3f} ms p99 {:.3f} ms".format(rtt["median"], rtt["p99"])
     if figures["jitter_ms"] is not None:
@@ -3476,17 +3481,32 @@ def _xml_text(text: str) -> str:
     return html.escape(text, quote=False)
 
 
+def round_ticks(low: float, high: float, most: int = 6, whole: bool = False) -> List[float]:
+    """Ticks at round values (1, 2 or 5 times a power of ten; whole numbers when whole) that
+    cover low to high, at most most + 1 of them: the first at or below low, the last at or above high."""
+    if not high > low:
+        low, high = (low - abs(low) / 2, high + abs(high) / 2) if low else (0.0, 1.0)
+    raw = max((high - low) / most, 1 if whole else 0)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(factor * power for factor in (1, 2, 5, 10) if factor * power >= raw)
+    first, last = math.floor(low / step + 1e-9), math.ceil(high / step - 1e-9)
+    return [round(index * step, 12) for index in range(first, last + 1)]
+
+
+def tick_label(value: float) -> str:
+    """A round tick's value as people write it: 0.5, 20, 1e+03 only when it must."""
+    return "{:g}".format(value)
+
+
 class Panel:
-    """One chart of the SVG: its frame, axes and ticks, and the mapping from data to pixels."""
+    """One chart of the SVG: its frame, axes and round ticks, and the mapping from data to pixels."""
 
     def __init__(self, name: str, top: float, x_range: Tuple[float, float], y_range: Tuple[float, float],
-                 labels: Tuple[str, str, str]) -> None:
+                 labels: Tuple[str, str, str], counts: bool = False) -> None:
         self.name, self.top, self.labels = name, top, labels
-        (self.x_low, self.x_high), (self.y_low, self.y_high) = x_range, y_range
-        if self.x_high <= self.x_low:
-            self.x_high = self.x_low + 1
-        if self.y_high <= self.y_low:
-            self.y_high = self.y_low + 1
+        self.x_ticks, self.y_ticks = round_ticks(*x_range), round_ticks(*y_range, whole=counts)
+        (self.x_low, self.x_high), (self.y_low, self.y_high) = (
+            (ticks[0], ticks[-1]) for ticks in (self.x_ticks, self.y_ticks))
 
     def x(self, value: float) -> float:
         return round(SVG_LEFT + (value - self.x_low) / (self.x_high - self.x_low) * SVG_PLOT_WIDTH, 1)
@@ -3507,45 +3527,46 @@ class Panel:
                      SVG_LEFT + SVG_PLOT_WIDTH / 2, bottom + 32, x_label),
                  '<text x="14" y="{0}" transform="rotate(-90 14 {0})" text-anchor="middle">{1}</text>'.format(
                      self.top + SVG_PANEL / 2, y_label)]
-        for step in range(5):
-            x_value = self.x_low + (self.x_high - self.x_low) * step / 4
-            y_value = self.y_low + (self.y_high - self.y_low) * step / 4
-            if x_ticks:
-                parts.append('<text x="{}" y="{}" text-anchor="middle">{:.3g}</text>'.format(
-                    self.x(x_value), bottom + 16, x_value))
-            parts.append('<text x="{}" y="{}" text-anchor="end">{:.3g}</text>'.format(
-                SVG_LEFT - 6, self.y(y_value) + 4, y_value))
+        for value in self.x_ticks if x_ticks else ():
+            parts.append('<text class="tick" x="{}" y="{}" text-anchor="middle">{}</text>'.format(
+                self.x(value), bottom + 16, tick_label(value)))
+        for value in self.y_ticks:
+            parts.append('<text class="tick" x="{}" y="{}" text-anchor="end">{}</text>'.format(
+                SVG_LEFT - 6, self.y(value) + 4, tick_label(value)))
             parts.append('<line x1="{0}" x2="{1}" y1="{2}" y2="{2}" stroke="#eee"/>'.format(
-                SVG_LEFT, right, self.y(y_value)))
+                SVG_LEFT, right, self.y(value)))
         return parts
 
 
 def render_svg(plot: Mapping) -> str:
     """A run as a standalone SVG that any browser opens: RTT over time with the lost probes
-    marked, the clock offset with its error bars and drift line, and the RTT histogram."""
+    marked, the clock offset with its error bars and drift line, and the RTT histogram, all
+    in one time unit (us when every RTT is under a millisecond, else ms) on round ticks."""
     height = SVG_TOP + 3 * (SVG_PANEL + SVG_GAP)
+    unit = time_unit(plot["largest_rtt_ms"])[:2]
     parts = ['<?xml version="1.0" encoding="UTF-8"?>',
              '<svg xmlns="http://www.w3.org/2000/svg" width="{0}" height="{1}" viewBox="0 0 {0} {1}" '
              'font-family="sans-serif" font-size="11">'.format(SVG_WIDTH, height),
              '<rect width="100%" height="100%" fill="white"/>',
              '<text x="{}" y="24" font-size="16">{}</text>'.format(SVG_LEFT, _xml_text(plot["title"]))]
     for index, panel in enumerate((_rtt_panel, _offset_panel, _histogram_panel)):
-        parts += panel(plot, SVG_TOP + index * (SVG_PANEL + SVG_GAP)) + ["</g>"]
+        parts += panel(plot, SVG_TOP + index * (SVG_PANEL + SVG_GAP), unit) + ["</g>"]
     return "\n".join(parts + ["</svg>", ""])
 
 
-def _rtt_panel(plot: Mapping, top: float) -> List[str]:
+def _rtt_panel(plot: Mapping, top: float, unit: Tuple[str, float]) -> List[str]:
     """Per interval: a bar from the fastest RTT to the 99th percentile, a dot at the median;
     a red tick above each interval that lost probes."""
+    name, scale = unit
     answered = [item for item in plot["bins"] if item["rtt_ms"]]
-    highest = _robust_range([item["rtt_ms"][2] for item in answered])[1]
+    highest = _robust_range([item["rtt_ms"][2] * scale for item in answered])[1]
     panel = Panel("rtt", top, (0, plot["duration_s"]), (0, highest * 1.1), (
         "Round-trip time, per interval: fastest to 99th percentile, and median", "seconds into the run",
-        "rtt (ms)"))
+        "rtt ({})".format(name)))
     parts = panel.frame()
     for item in answered:
         x = panel.x((item["start_s"] + item["end_s"]) / 2)
-        low, middle, high = item["rtt_ms"]
+        low, middle, high = (value * scale for value in item["rtt_ms"])
         parts.append('<line x1="{0}" x2="{0}" y1="{1}" y2="{2}" stroke="#9ecae1" stroke-width="2"/>'.format(
             x, panel.y(low), panel.y(high)))
         parts.append('<circle cx="{}" cy="{}" r="1.8" fill="#08519c"/>'.format(x, panel.y(middle)))
@@ -3558,23 +3579,24 @@ def _rtt_panel(plot: Mapping, top: float) -> List[str]:
     return parts
 
 
-def _offset_panel(plot: Mapping, top: float) -> List[str]:
+def _offset_panel(plot: Mapping, top: float, unit: Tuple[str, float]) -> List[str]:
     """Each interval's best offset with its error bar, and the fitted drift line between steps."""
-    points = [item for item in plot["bins"] if item["offset_ms"] is not None]
+    name, scale = unit
+    points = [(item, item["offset_ms"] * scale, item["offset_err_ms"] * scale) for item in plot["bins"]
+              if item["offset_ms"] is not None]
     fit = plot["drift"]
-    lines = [(first, last, intercept / 1e6, fit.drift_ppm / 1e3)  # ppm of a second, in ms per second
+    lines = [(first, last, intercept / 1e6 * scale, fit.drift_ppm / 1e3 * scale)  # ppm: 1e-3 ms a second
              for first, last, intercept in (fit.segments if fit is not None else ())]
-    values = [item["offset_ms"] for item in points]
+    values = [offset for _, offset, _ in points]
     values += [start + slope * at for first, last, start, slope in lines for at in (first, last)]
-    margin = percentile(sorted(item["offset_err_ms"] for item in points) or [0.5], 0.5)  # a typical error bar
-    low, high = min(values or [0]) - margin, max(values or [1]) + margin
-    panel = Panel("offset", top, (0, plot["duration_s"]), (low, high), (
+    margin = percentile(sorted(error for _, _, error in points) or [0.5], 0.5)  # a typical error bar
+    panel = Panel("offset", top, (0, plot["duration_s"]), (min(values or [0]) - margin,
+                                                            max(values or [1]) + margin), (
         "Server clock offset, per interval: the lowest-rtt probe, \u00b1 half its rtt; the drift fit",
-        "seconds into the run", "offset (ms)"))
+        "seconds into the run", "offset ({})".format(name)))
     parts = panel.frame()
-    for item in points:
+    for item, offset, error in points:
         x = panel.x((item["start_s"] + item["end_s"]) / 2)
-        offset, error = item["offset_ms"], item["offset_err_ms"]
         parts.append('<line x1="{0}" x2="{0}" y1="{1}" y2="{2}" stroke="#bbb"/>'.format(
             x, panel.y(offset - error), panel.y(offset + error)))
         parts.append('<circle cx="{}" cy="{}" r="1.8" fill="#31a354"/>'.format(x, panel.y(offset)))
@@ -3586,7 +3608,7 @@ def _offset_panel(plot: Mapping, top: float) -> List[str]:
             parts.append('<line class="step" x1="{0}" x2="{0}" y1="{1}" y2="{2}" stroke="#e6550d" '
                          'stroke-dasharray="4 3"/>'.format(panel.x(first), top, top + SVG_PANEL))
     if not points:
-        parts.append('<text x="{}" y="{}">no offset: the server sends no timestamps</text>'.format(
+        parts.append('<text x="{}" y="{}">no offset: no probe\'s timestamps could be trusted</text>'.format(
             SVG_LEFT + 10, top + 20))
     return parts
 
@@ -3599,19 +3621,19 @@ def _robust_range(values: Sequence[float]) -> Tuple[float, float]:
     return percentile(ordered, 0.02), percentile(ordered, 0.98)
 
 
-def _histogram_panel(plot: Mapping, top: float) -> List[str]:
+def _histogram_panel(plot: Mapping, top: float, unit: Tuple[str, float]) -> List[str]:
+    name, scale = unit
     rows = plot["histogram_ms"]
-    unit, scale, _ = time_unit(rows[-1][1] if rows else 1.0)
     panel = Panel("histogram", top, (0, max(1, len(rows))), (0, max([row[2] for row in rows] or [1])), (
-        "Round-trip time histogram (rows of equal logarithmic width)", "rtt ({}), from - to".format(unit),
-        "probes"))
+        "Round-trip time histogram (rows of equal logarithmic width)", "rtt ({}), from - to".format(name),
+        "probes"), counts=True)
     parts = panel.frame(x_ticks=False)  # each bar is labelled with its range instead
     for index, (low, high, count) in enumerate(rows):
         parts.append('<rect x="{}" y="{}" width="{}" height="{}" fill="#6baed6"><title>{:.3g} - {:.3g} {}: {}'
                      '</title></rect>'.format(panel.x(index) + 2, panel.y(count),
                                               round(panel.x(1) - panel.x(0) - 4, 1),
                                               round(panel.y(0) - panel.y(count), 1),
-                                              low * scale, high * scale, unit, count))
+                                              low * scale, high * scale, name, count))
         parts.append('<text x="{}" y="{}" text-anchor="middle">{:.3g} - {:.3g}</text>'.format(
             panel.x(index + 0.5), top + SVG_PANEL + 16, low * scale, high * scale))
     return parts

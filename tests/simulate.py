@@ -69,7 +69,8 @@ def apply():
     if not SIMULATED:
         return
     if SIMULATED not in PLATFORMS:
-        raise SystemExit("UDP_TIMECHECK_SIMULATE={!r}: expected one of {}".format(SIMULATED, sorted(PLATFORMS)))
+        raise SystemExit("UDP_TIMECHECK_SIMULATE={!r}: expected one of {}".format(
+            SIMULATED, sorted(PLATFORMS)))
     _import_dependencies()
     if SIMULATED == "windows":
         socket.socket = _WindowsSocket

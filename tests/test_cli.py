@@ -165,6 +165,7 @@ def installed_entry_points():
 def test_console_script_is_declared():
     setup = configparser.ConfigParser()
     setup.read(str(MODULE.parent / "setup.cfg"))
-    assert setup["options.entry_points"]["console_scripts"].split() == ["udp-timecheck", "=", "udp_timecheck:main"]
+    console_scripts = setup["options.entry_points"]["console_scripts"]
+    assert console_scripts.split() == ["udp-timecheck", "=", "udp_timecheck:main"]
     installed = installed_entry_points()  # CI installs it under the current Python, not under 3.6
     assert installed is None or installed.get("udp-timecheck") == "udp_timecheck:main"
