@@ -67,6 +67,11 @@ import time
 from typing import (Callable, Dict, Iterator, List, Mapping, NamedTuple, NoReturn,
                     Optional, Sequence, TextIO, Tuple)
 
+
+def _needs_python_3(*, why: str = "udp_timecheck.py needs Python 3.6 or newer: run it with python3") -> str:
+    """Python 2 cannot parse this line, the first it meets that only Python 3 can, and shows it."""
+    return why
+
 __version__ = "1.1.0"
 __all__ = [
     # the wire format
