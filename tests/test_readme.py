@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import udp_timecheck as utc
-from conftest import ROOT
+from conftest import ROOT, needs_linux
 
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, re.S)
@@ -94,3 +94,28 @@ def test_protocol_examples_are_what_the_code_sends():
     request_id, seq, size, clock = utc.request_fields(request.group(2).encode())
     assert utc.decode_message(reply.group(2).encode()).message_id == int(request_id)
     assert int(reply.group(1)) <= int(request.group(1))
+
+
+def shape(line):
+    """A line with what varies from run to run masked: numbers, the time unit, which way an
+    offset lies (inside its bound or out of it)."""
+    line = re.sub(r"\(server (level with this machine within \u00b1 [\d.]+ ms|ahead of this machine|"
+                  r"behind this machine);", "(server DIRECTION;", line)
+    return re.sub(r"\b(us|ms)\b", "UNIT", re.sub(r"\d+(\.\d+)?", "N", line))
+
+
+@needs_linux("the README's example was run there: kernel timestamps and clock state on both ends")
+def test_the_readmes_measurement_example_is_what_the_program_prints(start_server, capsys):
+    command = "python3 udp_timecheck.py client 127.0.0.1:1060 --measure-delay -c 5"
+    block = README[README.index(command):]
+    start = block.index("```text\n") + len("```text\n")
+    example = block[start:block.index("```", start)].splitlines()
+    server = start_server(log=None)
+    argv = shlex.split(command)[2:]
+    argv[1] = "{}:{}".format(*server.address[:2])
+    assert utc.main(argv) == 0
+    printed = capsys.readouterr().out.replace(":{}".format(server.address[1]), ":1060").splitlines()
+    rows = example.index("rtt histogram:") + 1
+    assert [shape(line) for line in printed[:rows]] == [shape(line) for line in example[:rows]]
+    histogram = re.compile(r"^ +[\d.]+ - +[\d.]+ (us|ms) \|#+ +\d+$")
+    assert printed[rows:] and all(histogram.match(line) for line in printed[rows:] + example[rows:])
