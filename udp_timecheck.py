@@ -42,7 +42,6 @@ import errno
 import hashlib
 import hmac
 import html
-import http.server
 import io
 import ipaddress
 import json
@@ -56,9 +55,9 @@ import random
 import re
 import secrets
 import select
+import selectors
 import signal
 import socket
-import socketserver
 import stat
 import struct
 import sys
@@ -124,11 +123,17 @@ CLOCK_SOURCE_CHARS = 24             # of the clock source's name
 CLOCK_EVERY = 1000                  # probes: the first, and one in this many, ask for the server's clock
 REFERENCE_BURST, REFERENCE_SPACING = 4, 0.25  # --reference: NTP queries at first, seconds apart
 REFERENCE_EVERY = 64                # seconds between --reference queries after the burst
+REFERENCE_KEPT = 8                  # the last usable answers the verdict chooses from, as NTP's clock filter
 NTP_EPOCH_OFFSET = 2208988800       # seconds from 1900, NTP's epoch, to 1970
 NTP_PACKET = struct.Struct("!BBbbII4sQQQQ")  # RFC 5905's header, without extensions
 NTP_PORT = 123
 MAX_ROOT_DISTANCE_NS = 1_500_000_000  # RFC 5905's MAXDIST: a server further from UTC is not synchronised
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text exposition format
+METRICS_CONNECTIONS = 16            # to the metrics endpoint at once: a new one closes the oldest
+METRICS_DEADLINE = 5.0              # seconds for a connection's whole exchange
+METRICS_REQUEST_BYTES = 8192        # a request line and its headers, at most
+ACCEPT_BACKOFF = (0.05, 1.0)        # seconds not listening after accept() fails (EMFILE), doubling
+LOG_EVERY = 10.0                    # seconds between error lines of the metrics endpoint
 RTT_BUCKETS_S = tuple(10 ** (exponent / 4) for exponent in range(-20, 5))  # 10 us to 10 s, 4 a decade
 RTT_BUCKETS_NS = tuple(le * 1e9 for le in RTT_BUCKETS_S)
 TIME_ERROR, STA_UNSYNC = 5, 0x0040  # adjtimex(2): the clock is not synchronised
@@ -272,7 +277,8 @@ def _refuse_number(text: str) -> NoReturn:
 _scan_json = json.scanner.make_scanner(json.JSONDecoder(
     parse_float=_refuse_number, parse_constant=_refuse_number,
     parse_int=None if hasattr(sys, "get_int_max_str_digits") else _bounded_int))
-_EXT_INTS = frozenset(("seq", "size", "t2", "t3"))
+_EXT_LIMITS = {"seq": ID_LIMIT, "t2": ID_LIMIT, "t3": ID_LIMIT, "size": MAX_DATAGRAM + 1}  # from 0, below
+_CLOCK_INTS = ("maxerr_us", "esterr_us", "freq_ppb")  # a clock state's numbers, |n| <= CLOCK_VALUE_LIMIT
 _REPLY_ONLY = frozenset(("t2", "t3", "ts"))
 
 
@@ -298,32 +304,63 @@ def _check_shape(text: str) -> None:
 
 
 def decode_message(data: bytes) -> Message:
-    """Decode a datagram, or raise WireError; nothing else escapes, whatever the bytes."""
-    try:
-        text = data.decode("utf-8").strip(JSON_WHITESPACE)
-        _check_shape(text)
-        obj, end = _scan_json(text, 0)
-    except (ValueError, RecursionError, StopIteration) as exc:  # bad UTF-8 or JSON, too deep or long
-        raise WireError("not a JSON datagram: {}".format(exc if isinstance(exc, WireError)
-                                                         else type(exc).__name__)) from None
-    if end != len(text) or type(obj) is not list or len(obj) < 2:
-        raise WireError("not an [id, text, ...] array")
-    message_id, message_text = obj[0], obj[1]
+    """Decode a datagram, or raise WireError; nothing else escapes, whatever the bytes.
+
+    Every number in it is range-checked here, as the encoder's limits are: a
+    value out of range makes the datagram malformed.
+    """
+    items = _json_array(data)
+    message_id, message_text = items[0], items[1]
     if type(message_id) is not int or not -ID_LIMIT < message_id < ID_LIMIT or type(message_text) is not str:
         raise WireError("not an id of at most 64 bits and a text")
     try:  # a JSON escape can smuggle in an unpaired surrogate: not text
         message_text.encode("utf-8")
     except UnicodeEncodeError:
         raise WireError("the text holds an unpaired surrogate") from None
-    ext = obj[2] if len(obj) > 2 and type(obj[2]) is dict else None
+    ext = items[2] if len(items) > 2 and type(items[2]) is dict else None
     if ext:
-        for name, value in ext.items():  # unknown names pass: room for later extensions
-            if name in _EXT_INTS and (type(value) is not int or not 0 <= value < ID_LIMIT):
-                raise WireError("{!r} is not a non-negative integer".format(name))
-            if name == "pad" and type(value) is not str:
-                raise WireError("'pad' is not a string")
-    mac = obj[3] if len(obj) > 3 and type(obj[3]) is str else None
+        _check_extension(ext)
+    mac = items[3] if len(items) > 3 and type(items[3]) is str else None
     return Message(message_id, message_text, ext, mac)
+
+
+def _json_array(data: bytes) -> list:
+    """The JSON array of at least two items that data holds, after the cost checks, or WireError."""
+    try:
+        text = data.decode("utf-8").strip(JSON_WHITESPACE)
+        _check_shape(text)
+        items, end = _scan_json(text, 0)
+    except (ValueError, RecursionError, StopIteration) as exc:  # bad UTF-8 or JSON, too deep or long
+        raise WireError("not a JSON datagram: {}".format(exc if isinstance(exc, WireError)
+                                                         else type(exc).__name__)) from None
+    if end != len(text) or type(items) is not list or len(items) < 2:
+        raise WireError("not an [id, text, ...] array")
+    return items
+
+
+def _check_extension(ext: Dict[str, object]) -> None:
+    """The extension object's known members, each of its type and in its range; unknown names
+    pass, as room for later extensions."""
+    for name, value in ext.items():
+        limit = _EXT_LIMITS.get(name)
+        if limit is not None and (type(value) is not int or not 0 <= value < limit):
+            raise WireError("{!r} is not a whole number from 0 to {}".format(name, limit - 1))
+        if name == "pad" and type(value) is not str:
+            raise WireError("'pad' is not a string")
+        if name == "clock" and value != 1 and not _clock_state_valid(value):
+            raise WireError("'clock' is neither 1 (a request's) nor a clock state in range (a reply's)")
+
+
+def _clock_state_valid(value: object) -> bool:
+    """A reply's "clock" member as the encoder makes it: sync true, false or null, and whole
+    numbers within CLOCK_VALUE_LIMIT."""
+    if type(value) is not dict or value.get("sync") not in (True, False, None):
+        return False
+    for name in _CLOCK_INTS:
+        number = value.get(name)
+        if number is not None and (type(number) is not int or abs(number) > CLOCK_VALUE_LIMIT):
+            return False
+    return type(value.get("source")) in (str, type(None))
 
 
 def _mac(key: bytes, context: bytes, unsigned: bytes) -> bytes:
@@ -411,6 +448,8 @@ def quick_fields(data: bytes) -> Optional[Fields]:
     if match is None:
         return None
     request_id, seq, size = match.groups()
+    if size and int(size) > MAX_DATAGRAM:
+        return None  # out of range: decode_message says why
     return request_id, seq, int(size) if size else 0, False
 
 
@@ -491,7 +530,6 @@ class ClockState(NamedTuple):
 
 
 UNKNOWN_CLOCK = ClockState(None, None, None, None, None)
-_CLOCK_INTS = ("maxerr_us", "esterr_us", "freq_ppb")
 
 
 def encode_clock_state(state: ClockState) -> bytes:
@@ -507,17 +545,14 @@ def encode_clock_state(state: ClockState) -> bytes:
 
 
 def decode_clock_state(value: object) -> Optional[ClockState]:
-    """A reply's "clock" member, or None when it is not one."""
-    if type(value) is not dict or value.get("sync") not in (True, False, None):
+    """A reply's "clock" member, or None when it is not one (decode_message has range-checked it)."""
+    if not _clock_state_valid(value):
         return None
-    numbers = [value.get(name) for name in _CLOCK_INTS]
-    if any(number is not None and type(number) is not int for number in numbers):
-        return None
+    maxerror, esterror, freq = (value.get(name) for name in _CLOCK_INTS)
     source = value.get("source")
-    maxerror, esterror, freq = numbers
     return ClockState(value.get("sync"), None if maxerror is None else maxerror * 1000,
                       None if esterror is None else esterror * 1000, freq,
-                      printable(source)[:CLOCK_SOURCE_CHARS] if type(source) is str else None)
+                      printable(source[:CLOCK_SOURCE_CHARS])[:CLOCK_SOURCE_CHARS] if source else None)
 
 
 _WORST = -CLOCK_VALUE_LIMIT * 1000
@@ -572,14 +607,20 @@ def root_distance_ns(reply: NtpReply) -> int:
     return reply.root_delay_ns // 2 + reply.root_dispersion_ns
 
 
+def is_kiss(reply: NtpReply) -> bool:
+    """A kiss-o'-death: a server's reply at stratum 0, its reference id a code (RATE, DENY...)."""
+    return reply.mode == 4 and reply.version in (3, 4) and reply.stratum == 0
+
+
 def ntp_problem(reply: NtpReply) -> Optional[str]:
     """Why an NTP reply cannot be used, or None: RFC 4330's checks, the origin aside."""
     if reply.mode != 4:
         return "mode {}, not a server's reply".format(reply.mode)
     if reply.version not in (3, 4):
         return "NTP version {}".format(reply.version)
-    if reply.stratum == 0:
-        return "kiss-o'-death {}".format(reply.refid.rstrip(b"\0").decode("ascii", "replace") or "?")
+    if is_kiss(reply):
+        code = printable(reply.refid.rstrip(b"\0").decode("ascii", "replace"))  # from the network: escaped
+        return "kiss-o'-death {}".format(code or "?")
     if reply.transmit == 0:
         return "no transmit time"
     if reply.receive == 0:
@@ -1754,61 +1795,201 @@ class TimeServer:
         self.socket.close()
 
 
-class _MetricsHandler(http.server.BaseHTTPRequestHandler):
-    """GET /metrics; anything else is 404.  Quiet: a scrape a second must not fill a log."""
-    timeout = 10  # a client that sends nothing is let go
-    render = staticmethod(lambda: "")  # type: Callable[[], str]
+class _Connection:
+    """One connection to the metrics endpoint: what it sent so far, what is left to send back,
+    and when it is cut off, whatever it does."""
+    __slots__ = ("sock", "request", "reply", "deadline")
 
-    def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] != "/metrics":
-            self.send_error(404)
-            return
-        body = self.render().encode("utf-8")
-        self.send_response(200)
-        self.send_header("Content-Type", METRICS_TYPE)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock, self.request, self.reply, self.deadline = sock, bytearray(), b"", deadline
 
 
-class _MetricsHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
+def _http_reply(status: int, reason: str, body: bytes = b"", kind: Optional[str] = None) -> bytes:
+    """A whole HTTP/1.1 response, after which the connection closes."""
+    head = "HTTP/1.1 {} {}\r\n{}Content-Length: {}\r\nConnection: close\r\n\r\n".format(
+        status, reason, "Content-Type: {}\r\n".format(kind) if kind else "", len(body))
+    return head.encode("ascii") + body
 
-    def handle_error(self, request: object, client_address: tuple) -> None:
-        _err("udp-timecheck: a metrics request from {} failed: {}".format(
-            format_address(*client_address[:2]), sys.exc_info()[1]))
+
+class MetricsStats:
+    """What the metrics endpoint did with its connections."""
+    __slots__ = ("accepted", "served", "not_found", "evicted", "timed_out", "too_large", "accept_errors",
+                 "errors")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
 
 
 class MetricsServer:
-    """Serves GET /metrics, as render() gives it, from a daemon thread: Prometheus scrapes it.
+    """Serves GET /metrics, as render() gives it, from one daemon thread: Prometheus scrapes it.
 
-    render runs in the HTTP thread and reads counters that the probe or serve
-    loop only increments, without a lock: a scrape never makes that loop wait.
+    Whatever connects costs a bounded amount: at most METRICS_CONNECTIONS at once
+    (a new one closes the oldest), each with METRICS_DEADLINE seconds for its whole
+    exchange and METRICS_REQUEST_BYTES for its request line and headers; when
+    accept() fails (no file descriptors left), it backs off instead of spinning.
+    Its errors go to log (non-blocking), at most one line every LOG_EVERY seconds.
+    render runs in that thread and reads counters that the probe or serve loop only
+    increments, without a lock: a scrape never makes that loop wait.
     """
 
-    def __init__(self, host: str, port: int, render: Callable[[], str]) -> None:
+    def __init__(self, host: str, port: int, render: Callable[[], str],
+                 log: Optional[Callable[[str], None]] = None) -> None:
         family, address = resolve(host, port, passive=True)[0]
-        handler = type("MetricsHandler", (_MetricsHandler,), {"render": staticmethod(render)})
-        server_class = type("MetricsHTTPServer", (_MetricsHTTPServer,), {"address_family": family})
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
         try:
-            self.httpd = server_class(address[:2], handler)
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind(address[:2] if family == socket.AF_INET else address)
+            self.socket.listen(METRICS_CONNECTIONS)
         except OSError as exc:
+            self.socket.close()
             raise _bind_error(address[0], port, exc) from None
-        self.address = self.httpd.server_address
+        self.socket.setblocking(False)
+        self.address = self.socket.getsockname()
         self.loopback = ipaddress.ip_address(self.address[0].split("%")[0]).is_loopback
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="udp-timecheck-metrics",
-                                       daemon=True)
+        self.stats, self._render, self._log = MetricsStats(), render, log
+        self._connections = collections.OrderedDict()  # type: Dict[int, _Connection]  # oldest first
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.socket, selectors.EVENT_READ)
+        self._waker = socket.socketpair()
+        self._selector.register(self._waker[0], selectors.EVENT_READ)
+        self._stopping, self._backoff, self._listening_again = False, 0.0, 0.0
+        self._logged_at, self._unlogged = -LOG_EVERY, 0
+        self.thread = threading.Thread(target=self._serve, name="udp-timecheck-metrics", daemon=True)
 
     def start(self) -> "MetricsServer":
         self.thread.start()
         return self
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._stopping = True
+        try:
+            self._waker[1].send(b"\0")
+        except OSError:
+            pass
+        self.thread.join(timeout=5)
+        for connection in list(self._connections.values()):
+            self._drop(connection)
+        for sock in (self.socket,) + tuple(self._waker):
+            sock.close()
+        self._selector.close()
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            now = time.monotonic()
+            deadlines = [connection.deadline for connection in self._connections.values()]
+            if self._listening_again:
+                deadlines.append(self._listening_again)
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
+            for key, events in self._selector.select(timeout):
+                if key.fileobj is self.socket:
+                    self._accept(now)
+                elif key.fileobj is self._waker[0]:
+                    self._waker[0].recv(64)
+                else:
+                    self._step(key.data, events)
+            self._expire(time.monotonic())
+
+    def _accept(self, now: float) -> None:
+        try:
+            sock, _ = self.socket.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: stop listening for a while, not spin
+            self.stats.accept_errors += 1
+            self._backoff = min(ACCEPT_BACKOFF[1], max(ACCEPT_BACKOFF[0], self._backoff * 2))
+            self._selector.unregister(self.socket)
+            self._listening_again = now + self._backoff
+            self._note("cannot accept a metrics connection ({}); listening again in {:g} s".format(
+                exc.strerror or exc, self._backoff))
+            return
+        self._backoff = 0.0
+        self.stats.accepted += 1
+        if len(self._connections) >= METRICS_CONNECTIONS:
+            self.stats.evicted += 1
+            self._drop(next(iter(self._connections.values())))  # the oldest makes room
+        sock.setblocking(False)
+        connection = _Connection(sock, now + METRICS_DEADLINE)
+        self._connections[sock.fileno()] = connection
+        self._selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _step(self, connection: _Connection, events: int) -> None:
+        """Read what the connection sent, or write what is left of its reply."""
+        try:
+            if events & selectors.EVENT_WRITE:
+                sent = connection.sock.send(connection.reply)
+                connection.reply = connection.reply[sent:]
+                if not connection.reply:
+                    self._drop(connection)
+                return
+            data = connection.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.stats.errors += 1
+            self._drop(connection)
+            return
+        if not data:
+            self._drop(connection)
+            return
+        connection.request += data
+        self._answer(connection)
+
+    def _answer(self, connection: _Connection) -> None:
+        """Once the request line and headers are in, the reply; too long a request is cut off."""
+        request = connection.request
+        if b"\r\n\r\n" not in request and b"\n\n" not in request:
+            if len(request) > METRICS_REQUEST_BYTES:
+                self.stats.too_large += 1
+                connection.reply = _http_reply(431, "Request Header Fields Too Large")
+                self._selector.modify(connection.sock, selectors.EVENT_WRITE, connection)
+            return
+        words = bytes(request[:request.find(b"\n")]).split()
+        if len(words) >= 2 and words[0] == b"GET" and words[1].split(b"?")[0] == b"/metrics":
+            connection.reply = self._metrics_reply()
+        else:
+            self.stats.not_found += 1
+            connection.reply = _http_reply(404, "Not Found")
+        connection.request = bytearray()
+        self._selector.modify(connection.sock, selectors.EVENT_WRITE, connection)
+
+    def _metrics_reply(self) -> bytes:
+        try:
+            body = self._render().encode("utf-8")
+        except Exception as exc:  # a bug in rendering must not take the endpoint, nor the program, down
+            self.stats.errors += 1
+            self._note("the metrics could not be rendered: {!r}".format(exc))
+            return _http_reply(500, "Internal Server Error")
+        self.stats.served += 1
+        return _http_reply(200, "OK", body, METRICS_TYPE)
+
+    def _expire(self, now: float) -> None:
+        for connection in list(self._connections.values()):
+            if connection.deadline <= now:
+                self.stats.timed_out += 1
+                self._drop(connection)
+        if self._listening_again and now >= self._listening_again:
+            self._listening_again = 0.0
+            self._selector.register(self.socket, selectors.EVENT_READ)
+
+    def _drop(self, connection: _Connection) -> None:
+        self._connections.pop(connection.sock.fileno(), None)
+        try:
+            self._selector.unregister(connection.sock)
+        except (KeyError, ValueError):
+            pass  # never registered, or already gone
+        connection.sock.close()
+
+    def _note(self, line: str) -> None:
+        """An error line, at most one every LOG_EVERY seconds; the others are counted in it."""
+        now = time.monotonic()
+        if now - self._logged_at < LOG_EVERY:
+            self._unlogged += 1
+            return
+        more = " ({} more since the last)".format(self._unlogged) if self._unlogged else ""
+        self._logged_at, self._unlogged = now, 0
+        if self._log is not None:
+            self._log("udp-timecheck: " + line + more)
 
 
 # ---------------------------------------------------------------------------
@@ -2651,6 +2832,7 @@ class SntpRecorder(Recorder):
     def __init__(self, *args: object, **options: object) -> None:
         super().__init__(*args, **options)
         self.problems = collections.Counter()  # type: collections.Counter  # unusable replies, by why
+        self.kissed = False  # a kiss-o'-death ended the run
 
     def receive(self, data: bytes, stamps: Tuple[Optional[int], int, int, int]) -> None:
         try:
@@ -2667,8 +2849,8 @@ class SntpRecorder(Recorder):
         problem = ntp_problem(reply)
         if problem is not None:  # reported, and the sample not used
             self.problems[problem] += 1
-            if problem.startswith("kiss"):
-                self.stop_reason = problem  # RFC 4330: stop, or at least slow down; we stop
+            if is_kiss(reply):  # RFC 4330: stop, or at least slow down
+                self.kissed, self.stop_reason = True, problem  # we stop
             self._end(sample, LOST, problem)
             return
         sample.t2, sample.t3 = reply.receive_ns, reply.transmit_ns
@@ -2707,17 +2889,33 @@ class SntpProber(Prober):
 
 class Reference:
     """This machine's clock against an NTP server, alongside a measurement, from a thread: a
-    burst of REFERENCE_BURST queries, then one every REFERENCE_EVERY seconds until stop()."""
+    burst of REFERENCE_BURST queries, then one every `every` seconds until stop().
+
+    It lives as long as the run: a query that fails (unreachable, no file descriptor
+    left, a name that no longer resolves) is counted, with why, and the next comes at
+    the next interval.  The verdict comes from the best of the last REFERENCE_KEPT
+    usable answers, as NTP's clock filter keeps its samples, and is stale when the
+    last usable answer is older than the interval.
+    """
 
     def __init__(self, host: str, port: int, *, clock: Optional[Callable[[], int]] = None,
-                 timestamps: str = KERNEL) -> None:
+                 timestamps: str = KERNEL, every: float = REFERENCE_EVERY) -> None:
         self._options = {"clock": clock, "timestamps": timestamps, "timeout": DEFAULT_TIMEOUT}
+        # Resolved now: a bad name is a usage error.  None later, when it no longer resolves.
         self.prober = SntpProber(host, port, count=REFERENCE_BURST, interval=REFERENCE_SPACING,
-                                 **self._options)  # resolves now: a bad name is a usage error
-        self.host, self.port, self.best = host, port, None  # type: str, int, Optional[Sample]
-        self.problems = collections.Counter()  # type: collections.Counter
+                                 **self._options)  # type: Optional[SntpProber]
+        self.host, self.port, self.every = host, port, every
+        self.answers = collections.deque(maxlen=REFERENCE_KEPT)  # type: collections.deque  # (when, Sample)
+        self.problems = collections.Counter()  # type: collections.Counter  # unusable answers, errors
+        self.queries = self.failed = 0
         self._stopping, self._burst_done = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="udp-timecheck-reference", daemon=True)
+
+    @property
+    def best(self) -> Optional[Sample]:
+        """The usable answer of least error among the last REFERENCE_KEPT."""
+        return min((sample for _, sample in self.answers), key=operator.attrgetter("offset_err_ns"),
+                   default=None)
 
     def start(self) -> "Reference":
         self._thread.start()
@@ -2729,18 +2927,25 @@ class Reference:
         if finish_burst:
             self._burst_done.wait(REFERENCE_BURST * REFERENCE_SPACING + DEFAULT_TIMEOUT + 1)
         self._stopping.set()
-        self.prober.stop()
+        prober = self.prober
+        if prober is not None:
+            prober.stop()
         self._thread.join(timeout=DEFAULT_TIMEOUT + 5)
 
     def result(self, summary: Mapping) -> Dict[str, object]:
         """The JSON's "reference": this machine and the server against the reference, from the
-        best query and the best probe; the offsets are null when either has none."""
+        best answer and the best probe (the offsets are null when either has none), and how the
+        queries went."""
         best = self.best
         reply = best and best.ntp
+        age = time.monotonic() - self.answers[-1][0] if self.answers else None
         result = {"host": format_address(self.host.strip("[]"), self.port),
                   "stratum": reply and reply.stratum,
                   "refid": reply and describe_refid(reply.stratum, reply.refid),
-                  "problems": dict(self.problems), "local_offset_ms": None, "local_offset_err_ms": None,
+                  "problems": dict(self.problems), "queries": self.queries, "failed": self.failed,
+                  "last_answer_age_s": None if age is None else round(age, 3),
+                  "stale": age is not None and age > self.every,
+                  "local_offset_ms": None, "local_offset_err_ms": None,
                   "server_offset_ms": None, "server_offset_err_ms": None}
         if best is not None:
             result["local_offset_ms"] = _ms(-best.offset_ns)
@@ -2751,20 +2956,42 @@ class Reference:
         return result
 
     def _run(self) -> None:
-        while True:
-            recorder = self.prober.run()
-            for sample in recorder.samples:
-                if sample.status == LOST and sample.reason not in (TIMED_OUT, INTERRUPTED):
-                    self.problems[sample.reason] += 1
-            best = recorder.totals.best
-            if best is not None and (self.best is None or best.offset_err_ns < self.best.offset_err_ns):
-                self.best = best
+        while not self._stopping.is_set():
+            recorder = self._query()
             self._burst_done.set()
-            if recorder.stop_reason or self._stopping.wait(REFERENCE_EVERY):
+            if recorder is not None and recorder.kissed:  # RFC 4330: stop, or at least slow down
                 return
-            self.prober = SntpProber(self.host, self.port, count=1, **self._options)
-            if self._stopping.is_set():  # stop() came while the new prober was being made
+            if self._stopping.wait(self.every):
                 return
+            self.prober = self._new_prober()
+
+    def _query(self) -> Optional["SntpRecorder"]:
+        """Run the current prober; what it found is kept, and a failure counted with why."""
+        prober, self.queries = self.prober, self.queries + 1
+        if prober is None:  # the name did not resolve this time
+            self.failed += 1
+            return None
+        try:
+            recorder = prober.run()
+        except (TimecheckError, OSError) as exc:  # no route, EMFILE...: the next interval tries again
+            self.failed += 1
+            self.problems[str(exc) if isinstance(exc, TimecheckError) else exc.strerror or str(exc)] += 1
+            return None
+        for sample in recorder.samples:
+            if sample.status == LOST and sample.reason not in (TIMED_OUT, INTERRUPTED):
+                self.problems[sample.reason] += 1
+            elif sample.status == OK and sample.timing.trusted:
+                self.answers.append((time.monotonic(), sample))
+        self.failed += not recorder.received
+        return recorder
+
+    def _new_prober(self) -> Optional["SntpProber"]:
+        """A prober for one query, resolving the name again; None (counted) when it does not."""
+        try:
+            return SntpProber(self.host, self.port, count=1, **self._options)
+        except TimecheckError as exc:
+            self.problems[str(exc)] += 1
+            return None
 
 
 # ---------------------------------------------------------------------------
@@ -3000,6 +3227,10 @@ def format_reference(reference: Mapping) -> List[str]:
         return ["{}: no usable answer{}".format(name, " ({})".format(problems) if problems else "")]
     lines = ["{}: this machine {} ms \u00b1 {:.3f} ms (this clock minus the reference's)".format(
         name, signed(reference["local_offset_ms"]), reference["local_offset_err_ms"])]
+    if reference.get("failed"):
+        lines.append("{}: {} without a usable answer, of {}{}".format(
+            name, plural(reference["failed"], "query", "queries"), reference["queries"], "".join(
+                "; {} x {}".format(count, problem) for problem, count in reference["problems"].items())))
     if reference["server_offset_ms"] is None:
         return lines
     lines.append("{}: the server {} ms \u00b1 {:.3f} ms".format(
@@ -3007,10 +3238,12 @@ def format_reference(reference: Mapping) -> List[str]:
     off = [(whose, reference[key + "_ms"], reference[key + "_err_ms"])
            for whose, key in (("this machine's", "local_offset"), ("the server's", "server_offset"))
            if abs(reference[key + "_ms"]) > reference[key + "_err_ms"]]
+    verdict = "stale verdict (its last answer is {:.0f} s old)".format(reference["last_answer_age_s"]) \
+        if reference.get("stale") else "verdict"
     if not off:
-        lines.append("verdict: both clocks agree with the reference, within their error bounds")
+        lines.append(verdict + ": both clocks agree with the reference, within their error bounds")
     else:
-        lines.append("verdict: " + "; ".join("{} clock is off by {} ms (\u00b1 {:.3f} ms)".format(
+        lines.append(verdict + ": " + "; ".join("{} clock is off by {} ms (\u00b1 {:.3f} ms)".format(
             whose, signed(value), error) for whose, value, error in off) + (
             "; the other agrees with the reference" if len(off) == 1 else ""))
     return lines
@@ -3105,7 +3338,7 @@ def sntp_failure(recorder: SntpRecorder, timeout: float) -> Optional[str]:
     if recorder.received and not recorder.mismatched:
         return None
     target = recorder.target
-    if recorder.stop_reason and recorder.stop_reason.startswith("kiss"):
+    if recorder.kissed:
         return "{} sent a {}: it asks this client to stop (RATE: to ask less often)".format(
             target, recorder.stop_reason)
     if recorder.mismatched:
@@ -3275,18 +3508,18 @@ def _err(line: str) -> None:
 class LineWriter:
     """Lines to a stream's file descriptor from a daemon thread: write() never blocks.
 
-    The server's output: a line that finds the queue full (stdout is slower
-    than the lines come, or blocked: a pipe nobody reads) or that cannot be
-    written (a full disk, a closed or broken stdout) is dropped and counted.
-    Serving never waits for it.
+    The server's output, and the client's notes on stderr: a line that finds the
+    queue full (the stream is slower than the lines come, or blocked: a pipe nobody
+    reads) or that cannot be written (a full disk, a closed or broken stream) is
+    dropped and counted.  Serving and probing never wait for it.  A stream without a
+    file descriptor (a test's capture) is written to as a stream, from the same thread.
     """
 
     def __init__(self, stream: Optional[TextIO], max_queued: int = LOG_QUEUE_LINES) -> None:
         self.queue_drops = self.write_drops = 0
-        self._fd = _file_descriptor(stream)
+        self._stream, self._fd = stream, _file_descriptor(stream)
         self._encoding = getattr(stream, "encoding", None) or "utf-8"
-        self._queue = queue.Queue(max_queued)  # type: queue.Queue
-        self._final_written = threading.Event()
+        self._queue = queue.Queue(max_queued)  # type: queue.Queue  # (line or None, Event to set, last)
         self.thread = threading.Thread(target=self._run, name="udp-timecheck-output", daemon=True)
         self.thread.start()
 
@@ -3296,36 +3529,46 @@ class LineWriter:
 
     def write(self, line: str) -> None:
         try:
-            self._queue.put_nowait((line, False))
+            self._queue.put_nowait((line, None, False))
         except queue.Full:
             self.queue_drops += 1
 
+    def sync(self, timeout: float = 0.5) -> bool:
+        """Wait at most timeout seconds for the lines written so far; False if they did not all go."""
+        return self._wait_for(None, False, timeout)
+
     def close(self, final_line: str, timeout: float = 0.5) -> bool:
         """Write final_line after the others, waiting at most timeout seconds; False if not written."""
-        deadline = time.monotonic() + timeout
+        return self._wait_for(final_line, True, timeout)
+
+    def _wait_for(self, line: Optional[str], last: bool, timeout: float) -> bool:
+        deadline, written = time.monotonic() + timeout, threading.Event()
         try:
-            self._queue.put((final_line, True), timeout=timeout)
+            self._queue.put((line, written, last), timeout=timeout)
         except queue.Full:
             return False
-        return self._final_written.wait(max(0.0, deadline - time.monotonic()))
+        return written.wait(max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         while True:
-            line, final = self._queue.get()
-            if not self._write((line + "\n").encode(self._encoding, "backslashreplace")):
-                self.write_drops += 1
-            elif final:
-                self._final_written.set()
-            if final:
+            line, written, last = self._queue.get()
+            went = line is None or self._write(line + "\n")
+            self.write_drops += not went
+            if written is not None and went:
+                written.set()
+            if last:
                 return
 
-    def _write(self, data: bytes) -> bool:
-        if self._fd is None:
-            return False
+    def _write(self, text: str) -> bool:
         try:
+            if self._fd is None:
+                self._stream.write(text)
+                self._stream.flush()
+                return True
+            data = text.encode(self._encoding, "backslashreplace")
             while data:
                 data = data[os.write(self._fd, data):]
-        except OSError:  # ENOSPC, EPIPE, EBADF...: this line is lost, the next may go
+        except (OSError, ValueError, AttributeError):  # ENOSPC, EPIPE, EBADF, closed...: this line is lost
             return False
         return True
 
@@ -3408,16 +3651,20 @@ def endpoint(host: Optional[str], port: Optional[str], default_port: int,
 
 
 @contextlib.contextmanager
-def _metrics(listen: Optional[Tuple[str, int]], render: Callable[[], str]) -> Iterator[None]:
-    """--metrics: an exporter for the while, with a warning when others can reach it."""
+def _metrics(listen: Optional[Tuple[str, int]], render: Callable[[], str],
+             log: Callable[[str], None]) -> Iterator[None]:
+    """--metrics: an exporter for the while, with a warning when others can reach it; its error
+    lines go to log, which never blocks."""
     if listen is None:
         yield
         return
-    exporter = MetricsServer(listen[0], listen[1], render).start()
+    exporter = MetricsServer(listen[0], listen[1], render, log).start()
     where = format_address(*exporter.address[:2])
     _err("metrics at http://{}/metrics".format(where))  # the port, when 0 chose it
     if not exporter.loopback:
-        _err("warning: metrics at {} can be read by anyone who can reach this port".format(where))
+        _err("warning: metrics at {} can be read by anyone who can reach this port, and every connection "
+             "costs this process some memory and time (bounded): firewall the port, or listen on 127.0.0.1 "
+             "and scrape through an SSH tunnel".format(where))
     try:
         yield
     finally:
@@ -3449,7 +3696,7 @@ def cmd_server(args: argparse.Namespace) -> int:
                         log_limit=None if args.verbose else LOG_LINES_PER_SECOND,
                         timestamps=args.timestamps or KERNEL)
     with server, _stop_signals(server.request_stop, restore=args.restore_signals), \
-            _metrics(args.metrics, lambda: render_server_metrics(server, output.dropped)):
+            _metrics(args.metrics, lambda: render_server_metrics(server, output.dropped), output.write):
         output.write("Server listening at {}; {}".format(server.address, describe_server(server)))
         server.serve_forever()
     stopped = "Server stopped: {}, log lines dropped {}".format(server.stats, output.dropped)
@@ -3645,49 +3892,89 @@ def _histogram_panel(plot: Mapping, top: float, unit: Tuple[str, float]) -> List
 
 
 class ProbeRows:
-    """One row per probe as it ends, flushed, so that a killed run keeps every probe that ended.
+    """One row per probe as it ends, so that a killed run keeps every probe that ended: CSV with a
+    header row, or JSON Lines, to a file or to a text stream (stdout).
 
-    CSV with a header row, or JSON Lines.  A failure to write is kept in
-    .error, and the run goes on.
+    To a file, each row goes whole to the kernel (os.write, no buffer), and when a
+    write fails (a full disk) the file is cut back to the last whole row: it never
+    ends in half a row.  The first failure is kept in .error and told to on_error
+    at once; the run goes on without this output.
     """
 
-    def __init__(self, stream: TextIO, name: str, kind: str) -> None:
-        self.name, self.error = name, None  # type: str, Optional[str]
-        self._stream = stream
-        self._csv = csv.DictWriter(stream, fieldnames=SAMPLE_FIELDS) if kind == "csv" else None
+    def __init__(self, target: object, name: str, kind: str,
+                 on_error: Callable[[str, str], None] = lambda name, error: None) -> None:
+        self.name, self.error, self._on_error = name, None, on_error  # type: str, Optional[str], Callable
+        self._fd = target if isinstance(target, int) else None  # a file's descriptor, else a stream
+        self._stream = None if self._fd is not None else target  # type: Optional[TextIO]
+        self._whole = 0  # bytes of whole rows in the file
+        self._buffer = io.StringIO()
+        self._csv = csv.DictWriter(self._buffer, fieldnames=SAMPLE_FIELDS) if kind == "csv" else None
         if self._csv is not None:
-            self._write(self._csv.writeheader)
+            self._csv.writeheader()
+            self._write(self._take())
 
     def add(self, sample: Sample) -> None:
         if self.error is None:
             row = sample.as_dict()
-            self._write(lambda: self._csv.writerow(row) if self._csv is not None
-                        else self._stream.write(json.dumps(row) + "\n"))
+            if self._csv is not None:
+                self._csv.writerow(row)
+            else:
+                self._buffer.write(json.dumps(row) + "\n")
+            self._write(self._take())
 
-    def _write(self, write: Callable[[], object]) -> None:
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _take(self) -> str:
+        text = self._buffer.getvalue()
+        self._buffer.seek(0)
+        self._buffer.truncate()
+        return text
+
+    def _write(self, text: str) -> None:
         try:
-            write()
-            self._stream.flush()
+            if self._fd is None:
+                self._stream.write(text)
+                self._stream.flush()
+                return
+            data = text.encode("utf-8")
+            while data:
+                data = data[os.write(self._fd, data):]
+            self._whole += len(text.encode("utf-8"))
         except BrokenPipeError:
             raise
         except (OSError, ValueError) as exc:
-            self.error = getattr(exc, "strerror", None) or str(exc)
+            self._failed(getattr(exc, "strerror", None) or str(exc))
+
+    def _failed(self, error: str) -> None:
+        """Cut the file back to its last whole row, and say so, once."""
+        self.error = error
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, self._whole)
+            except OSError:
+                pass  # not a regular file (a FIFO, a terminal): nothing to cut back
+        self._on_error(self.name, error)
 
 
-def _open_rows(path: Optional[str], kind: str, stack: contextlib.ExitStack) -> Optional[ProbeRows]:
+def _open_rows(path: Optional[str], kind: str, stack: contextlib.ExitStack,
+               on_error: Callable[[str, str], None]) -> Optional[ProbeRows]:
     """--csv or --jsonl: opened before anything is sent, so a bad path is a usage error, not a lost run."""
     if path is None:
         return None
     if path == "-":
-        return ProbeRows(sys.stdout, "standard output", kind)
+        return ProbeRows(sys.stdout, "standard output", kind, on_error)
     if os.path.isfile(path) and os.path.getsize(path):
         _err("note: {} exists; writing it anew".format(path))
     try:
-        stream = open(path, "w", newline="" if kind == "csv" else None)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     except OSError as exc:
         raise TimecheckError("cannot write {}: {}".format(path, exc.strerror or exc)) from None
-    stack.callback(_close_quietly, stream)
-    return ProbeRows(stream, path, kind)
+    rows = ProbeRows(descriptor, path, kind, on_error)
+    stack.callback(rows.close)
+    return rows
 
 
 def _close_quietly(stream: TextIO) -> None:
@@ -3739,9 +4026,13 @@ def cmd_client(args: argparse.Namespace) -> int:
     if len(probers) > 1:
         raise TimecheckError("one target at a time (see: {} --help)".format(args.help_prog))
     prober = probers[0]
+    _check_distinct_outputs(args)
+    notes = LineWriter(sys.stderr)  # what goes wrong on the way, said at once, never blocking the probes
+    on_error = lambda name, error: notes.write(  # noqa: E731
+        "udp-timecheck: cannot write to {}: {}; the measurement goes on without it".format(name, error))
     with contextlib.ExitStack() as stack:
-        rows = [sink for sink in (_open_rows(args.csv, "csv", stack), _open_rows(args.jsonl, "jsonl", stack))
-                if sink is not None]
+        rows = [sink for sink in (_open_rows(args.csv, "csv", stack, on_error),
+                                  _open_rows(args.jsonl, "jsonl", stack, on_error)) if sink is not None]
         plot = _open_output(args.plot, stack)
         progress = Progress(sys.stderr if args.quiet else None, prober.count)
         lines = text if measuring and not (args.quiet or on_stdout) else None
@@ -3751,7 +4042,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         if measuring and not args.json:  # at each address tried: the header names the one in use
             prober.on_start = lambda started: text.line(format_header(started))
         stack.enter_context(_stop_signals(prober.stop, restore=args.restore_signals))
-        stack.enter_context(_metrics(args.metrics, lambda: render_client_metrics(prober)))
+        stack.enter_context(_metrics(args.metrics, lambda: render_client_metrics(prober), notes.write))
         reference = Reference(*args.reference, timestamps=args.timestamps or KERNEL).start() \
             if args.reference else None
         recorder = prober.run()  # a signal ends it; after it, signals change nothing
@@ -3762,13 +4053,32 @@ def cmd_client(args: argparse.Namespace) -> int:
             summary["reference"] = reference.result(summary)
         _print_result(text, args, measuring, recorder, summary)
         problems = [(sink.name, sink.error) for sink in rows] + [(args.plot, _write_plot(plot, recorder))]
-    for name, error in problems + [("standard output", text.error)]:
-        if error is not None:
-            raise TimecheckError("cannot write to {}: {}".format(name, error))
+    notes.sync()  # what was said at once comes before what is said at the end
+    failed = ["{}: {}".format(name, error) for name, error in problems + [("standard output", text.error)]
+              if error is not None]
+    if failed:  # each output that failed, named once more
+        raise TimecheckError("cannot write to " + "; ".join(failed))
     reason = failure_reason(recorder, args.timeout)
     if reason is not None:
         raise TimecheckError(reason, EXIT_FAILED)
     return EXIT_OK
+
+
+def _check_distinct_outputs(args: argparse.Namespace) -> None:
+    """Two outputs in one file would corrupt both: a usage error, after links are resolved."""
+    seen = {}  # type: Dict[object, str]
+    for option, path in (("--csv", args.csv), ("--jsonl", args.jsonl), ("--plot", args.plot)):
+        if path is None or path == "-":
+            continue
+        try:
+            info = os.stat(path)
+            identity = (info.st_dev, info.st_ino)  # type: object
+        except OSError:
+            identity = os.path.realpath(path)
+        if identity in seen:
+            raise TimecheckError("{} and {} name the same file ({}); give each its own".format(
+                seen[identity], option, path))
+        seen[identity] = option
 
 
 def _stdout_writers(args: argparse.Namespace) -> List[str]:
