@@ -112,6 +112,8 @@ PROGRESS_EVERY = 0.25               # seconds between progress updates on a term
 SVG_WIDTH, SVG_LEFT, SVG_PLOT_WIDTH = 960, 80, 850  # --plot: pixels
 SVG_TOP, SVG_PANEL, SVG_GAP = 60, 220, 80
 SOURCE_TABLE_SIZE = 4096            # source addresses --max-rate and the loop guard keep
+REPLAY_WINDOW_S = 300               # seconds a keyed server remembers the requests it answered ...
+REPLAY_ENTRIES = 65536              # ... up to this many (some 8 MB): a replay within them gets no answer
 PRIVILEGED_PORTS = 1024             # echo, daytime, DNS, NTP...: never answered (loop DoS)
 ID_BITS = 63                        # request ids: secrets.randbits(63)
 ID_LIMIT = 2 ** 64                  # larger ids and timestamps are malformed
@@ -209,6 +211,9 @@ TIMELINE_BINS = 256                 # per-interval aggregates for the drift fit 
 TIMELINE_FIRST_WIDTH_NS = 10_000_000  # each bin's span at first; doubled whenever bins run out
 DRIFT_MIN_POINTS = 6                # bins with a trusted offset before a drift is fitted
 DRIFT_CLAIM_FACTOR = 3.0            # a drift is named (faster, slower) beyond this many times its error
+RATE_LIMIT_RUNS = 5                 # runs of each kind before a rate limit is suspected ...
+RATE_LIMIT_SPREAD = 0.25            # ... when their lengths vary by no more than this share of their mean
+RATE_LIMIT_SHARE = 0.05             # ... and at least this share of the probes is lost
 EXACT_VALUES = 1_000_000            # RTTs kept exactly (4 or 8 bytes each), then sketched
 EXACT_SHARE = 16                    # each other quantity keeps EXACT_VALUES / EXACT_SHARE exactly
 EXACT_CHUNK = 32768                 # they are kept sorted in chunks of this many
@@ -942,6 +947,48 @@ class RunningStats:
         return math.sqrt(self._squares / self.count) if self.count else None
 
 
+class Runs:
+    """Runs of consecutive answered and lost probes, as the probes end: their lengths (a rate
+    limit loses probes as regularly as it answers them, a lossy path does not) and the lost
+    runs' spans in time, from the first lost probe's send to the next answered one's: the
+    outages, as fping -o counts them.  O(1) memory."""
+    __slots__ = ("answered", "lost", "outages", "longest_outage_ns", "outage_ns", "_lost_now", "_length",
+                 "_since_ns", "_runs")
+
+    def __init__(self) -> None:
+        self.answered, self.lost = RunningStats(), RunningStats()  # run lengths, in probes, but the first
+        self.outages = self.longest_outage_ns = self.outage_ns = 0
+        self._lost_now, self._length, self._since_ns, self._runs = False, 0, 0, 0
+
+    def add(self, lost: bool, send_mono_ns: int) -> Optional[int]:
+        """One more probe; when it ends an outage, the outage's length in ns, else None."""
+        if lost == self._lost_now:
+            self._length += 1
+            return None
+        ended = self._end_run(send_mono_ns)
+        self._lost_now, self._length, self._since_ns = lost, 1, send_mono_ns
+        return ended
+
+    def _end_run(self, next_send_ns: int) -> Optional[int]:
+        if not self._length:
+            return None
+        self._runs += 1
+        if self._runs > 2:  # the first run of each kind is the start's (a rate limit's burst), not its pace
+            (self.lost if self._lost_now else self.answered).add(self._length)
+        if not self._lost_now:
+            return None
+        span = next_send_ns - self._since_ns
+        self.outages += 1
+        self.outage_ns += span
+        self.longest_outage_ns = max(self.longest_outage_ns, span)
+        return span
+
+    def regular(self) -> bool:
+        """Whether both kinds of run come at nearly one length each, as a token bucket makes them."""
+        return all(runs.count >= RATE_LIMIT_RUNS and runs.mdev <= RATE_LIMIT_SPREAD * runs.mean
+                   for runs in (self.answered, self.lost))
+
+
 class OffsetPoint(NamedTuple):
     """One trusted offset sample, for the drift fit: when, what, and how good."""
     at_s: float        # seconds since the run started (monotonic)
@@ -1313,6 +1360,32 @@ class RateLimiter:
         return allowed
 
 
+class ReplayGuard:
+    """The MACs of the keyed requests answered within the last REPLAY_WINDOW_S seconds, at most
+    REPLAY_ENTRIES of them (the oldest go first), as NTS and WireGuard keep theirs: a request
+    captured on the path and sent again, from any source, is answered once."""
+
+    def __init__(self, max_entries: int = REPLAY_ENTRIES, window_s: float = REPLAY_WINDOW_S) -> None:
+        self.max_entries, self._window_ns = max_entries, int(window_s * NS_PER_S)
+        self._seen = collections.OrderedDict()  # type: Dict[int, int]  # MAC's first 64 bits -> when
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def seen(self, mac: bytes) -> bool:
+        """Whether mac came within the window; remembers it if not."""
+        now, seen = monotonic_ns(), self._seen
+        while seen and now - next(iter(seen.values())) > self._window_ns:
+            seen.popitem(last=False)
+        key = int(mac[:16], 16)  # 64 bits of an HMAC: no one without the key picks a collision
+        if key in seen:
+            return True
+        if len(seen) >= self.max_entries:
+            seen.popitem(last=False)
+        seen[key] = now
+        return False
+
+
 class LoopGuard:
     """Tells a loop between servers from a client, for requests in the tutorial's form.
 
@@ -1531,8 +1604,8 @@ def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
 
 class ServerStats:
     """What the server did with the datagrams it received."""
-    __slots__ = ("served", "malformed", "unauthenticated", "rate_limited", "too_short", "loops", "errors",
-                 "not_logged", "user_stamps")
+    __slots__ = ("served", "malformed", "unauthenticated", "replayed", "rate_limited", "too_short", "loops",
+                 "errors", "not_logged", "user_stamps")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -1543,8 +1616,8 @@ class ServerStats:
 
     def __str__(self) -> str:
         return ("served {0.served}, malformed {0.malformed}, unauthenticated {0.unauthenticated}, "
-                "rate-limited {0.rate_limited}, too short to answer {0.too_short}, "
-                "loops refused {0.loops}, send/receive errors {0.errors}".format(self))
+                "rate-limited {0.rate_limited}, too short to answer {0.too_short}, replays refused "
+                "{0.replayed}, loops refused {0.loops}, send/receive errors {0.errors}".format(self))
 
 
 class TimeServer:
@@ -1589,6 +1662,7 @@ class TimeServer:
         self._clock, self._real_clock = clock or wall_ns, clock is None
         self._limiter = RateLimiter(max_rate) if max_rate else None
         self._loops = LoopGuard()
+        self._replays = ReplayGuard()
         self._wildcard = self.address[0] in ("0.0.0.0", "::")
         self._log, self._log_limit = log, log_limit
         self._log_second = self._log_lines = self._log_hidden = 0
@@ -1673,8 +1747,9 @@ class TimeServer:
         if self._refused_source(source):
             stats.loops += 1
             return None
-        if self._limiter is not None and not self._limiter.allow(source[0], server_recv_ns):
-            stats.rate_limited += 1
+        limiter = self._limiter if self._key is None else None  # with a key: after authentication
+        if limiter is not None and not limiter.allow(source[0], server_recv_ns):
+            stats.rate_limited += 1  # before any parsing: the cheapest refusal
             return None
         try:
             request_id, seq, size, wants_clock = request_fields(data)
@@ -1684,9 +1759,7 @@ class TimeServer:
         except WireError:
             stats.malformed += 1
             return None
-        key = self._key
-        if key is not None and (seq is None or not mac_matches(key, REQUEST_LABEL, data)):
-            stats.unauthenticated += 1  # silence: a keyed server cannot be used to probe or reflect
+        if self._key is not None and not self._admitted(data, seq, source, server_recv_ns):
             return None
         if seq is None and self._loops.looping(source, int(request_id)):
             stats.loops += 1
@@ -1701,6 +1774,21 @@ class TimeServer:
         elif seq is None:
             self._loops.answered(source, int(reply_id))
         return reply
+
+    def _admitted(self, data: bytes, seq: Optional[bytes], source: tuple, server_recv_ns: int) -> bool:
+        """With a key: authenticated, not a replay, and within the sender's --max-rate, in that
+        order, so that only authenticated requests spend a sender's allowance."""
+        stats = self.stats
+        if seq is None or not mac_matches(self._key, REQUEST_LABEL, data):
+            stats.unauthenticated += 1  # silence: a keyed server cannot be used to probe or reflect
+            return False
+        if self._replays.seen(mac_of_datagram(data)):
+            stats.replayed += 1  # a captured request sent again, from anywhere: answered once
+            return False
+        if self._limiter is not None and not self._limiter.allow(source[0], server_recv_ns):
+            stats.rate_limited += 1
+            return False
+        return True
 
     def _clock_state(self, now_ns: int) -> bytes:
         """This kernel's clock state, for the replies that ask: read at most once a second."""
@@ -1840,7 +1928,7 @@ class MetricsServer:
         try:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.socket.bind(address[:2] if family == socket.AF_INET else address)
-            self.socket.listen(METRICS_CONNECTIONS)
+            self.socket.listen(128)  # a deep backlog: connections wait there, not in SYN retries
         except OSError as exc:
             self.socket.close()
             raise _bind_error(address[0], port, exc) from None
@@ -1955,13 +2043,21 @@ class MetricsServer:
 
     def _metrics_reply(self) -> bytes:
         try:
-            body = self._render().encode("utf-8")
+            body = (self._render() + self._own_metrics()).encode("utf-8")
         except Exception as exc:  # a bug in rendering must not take the endpoint, nor the program, down
             self.stats.errors += 1
             self._note("the metrics could not be rendered: {!r}".format(exc))
             return _http_reply(500, "Internal Server Error")
         self.stats.served += 1
         return _http_reply(200, "OK", body, METRICS_TYPE)
+
+    def _own_metrics(self) -> str:
+        """The endpoint's own counters: what became of the connections to it."""
+        names = MetricsStats.__slots__
+        counts = dict(zip(names, operator.attrgetter(*names)(self.stats)))
+        return "\n".join(_metric("metrics_connections_total", "counter", "Connections to this metrics "
+                                 "endpoint, by what became of them.",
+                                 [({"result": name}, counts[name]) for name in names])) + "\n"
 
     def _expire(self, now: float) -> None:
         for connection in list(self._connections.values()):
@@ -2191,6 +2287,7 @@ class Totals:
         self.untrusted_because = collections.Counter()  # type: collections.Counter
         self.server_stamps = set()  # type: set
         self.timeline = Timeline()
+        self.runs = Runs()
 
     def add_answer(self, sample: Sample,
                    neighbours: Sequence[Tuple[int, Optional[int], Optional[int]]]) -> None:
@@ -2306,7 +2403,7 @@ class Recorder:
             self._count("malformed")  # garbage is not a liar: only a well-formed reply can lie
             return
         sample = self.in_flight.get(reply.message_id)
-        if sample is not None and data == sample.request:
+        if self.key is None and sample is not None and data == sample.request:  # with a key: forged
             self._count("echoes")
             sample.reason = ECHOED  # if no real reply comes before the timeout, this is why
             return
@@ -2445,6 +2542,8 @@ class Recorder:
         elapsed_ns = sample.send_mono_ns - totals.started_mono_ns
         point_bin = totals.timeline.bin_at(elapsed_ns)
         point_bin.sent += 1
+        if sample.status in (OK, LOST):
+            totals.runs.add(sample.status == LOST, sample.send_mono_ns)
         if sample.status == LOST:
             totals.lost += 1
             point_bin.lost += 1
@@ -2551,6 +2650,7 @@ class Recorder:
         figures = {name: getattr(totals, name) for name in Totals.COUNTS if name != "unsigned"}
         ended = totals.sent - totals.in_flight  # a probe still in flight at a deadline is not lost
         figures["loss_pct"] = round(100.0 * totals.lost / ended, 3) if ended else None
+        figures["rate_limited"] = totals.lost >= RATE_LIMIT_SHARE * ended > 0 and totals.runs.regular()
         figures["timestamps"] = self._timestamp_summary(totals)
         figures["rtt_ms"] = totals.rtt.summary_ms(RTT_FIGURES)
         figures["jitter_ms"] = _ms(totals.jitter.mean) if totals.jitter.count else None
@@ -2978,8 +3078,10 @@ class Reference:
             self.problems[str(exc) if isinstance(exc, TimecheckError) else exc.strerror or str(exc)] += 1
             return None
         for sample in recorder.samples:
-            if sample.status == LOST and sample.reason not in (TIMED_OUT, INTERRUPTED):
-                self.problems[sample.reason] += 1
+            if sample.status == LOST and sample.reason != INTERRUPTED:
+                why = {NOT_SENT: recorder.last_error,  # no route...: say which
+                       TIMED_OUT: "no reply within {:g} s".format(DEFAULT_TIMEOUT)}.get(sample.reason)
+                self.problems[why or sample.reason] += 1
             elif sample.status == OK and sample.timing.trusted:
                 self.answers.append((time.monotonic(), sample))
         self.failed += not recorder.received
@@ -3093,6 +3195,9 @@ def format_counts(summary: Mapping) -> List[str]:
     counts += "".join(", {} {}".format(summary[key], name) for key, name in (
         ("malformed", "malformed"), ("echoes", "echoed")) if summary[key])
     lines = [counts]
+    if summary["rate_limited"]:
+        lines.append("rate-limited? the losses come as regularly as a server's --max-rate per address makes "
+                     "them: answered and lost probes in runs of nearly one length each")
     if summary["in_flight"]:
         lines.append("{} still in flight at the deadline: not counted as lost".format(
             plural(summary["in_flight"], "probe")))
@@ -3362,7 +3467,8 @@ CLIENT_COUNTERS = (
     ("malformed_total", "malformed", "Replies that are not udp-timecheck messages."),
 )
 SERVER_RESULTS = (("served", "served"), ("malformed", "malformed"), ("unauthenticated", "unauthenticated"),
-                  ("rate_limited", "rate_limited"), ("too_short", "too_short"), ("loop", "loops"))
+                  ("replayed", "replayed"), ("rate_limited", "rate_limited"), ("too_short", "too_short"),
+                  ("loop", "loops"))
 
 
 def _labels(labels: Mapping[str, str]) -> str:

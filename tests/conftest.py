@@ -272,13 +272,13 @@ class Relay:
     list drops the reply.  index counts the server's replies from 0.
     """
 
-    def __init__(self, upstream, policy=deliver):
+    def __init__(self, upstream, policy=deliver, echo_requests=False):
         self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.front.bind(("127.0.0.1", 0))
         self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.back.connect(upstream[:2])
         self.address = self.front.getsockname()
-        self.policy = policy
+        self.policy, self.echo_requests = policy, echo_requests  # echo: each request back, as well
         self.requests, self.replies = [], []
         self._client = None
         self._due = []
@@ -310,6 +310,8 @@ class Relay:
                         data, self._client = self.front.recvfrom(65535)
                         self.requests.append(data)
                         self.back.send(data)
+                        if self.echo_requests:  # an on-path echo: the request itself, straight back
+                            self.front.sendto(data, self._client)
                     else:
                         data = self.back.recv(65535)
                         index = len(self.replies)
@@ -325,8 +327,8 @@ class Relay:
 def relay():
     relays = []
 
-    def make(upstream, policy=deliver):
-        made = Relay(upstream, policy).__enter__()
+    def make(upstream, policy=deliver, echo_requests=False):
+        made = Relay(upstream, policy, echo_requests).__enter__()
         relays.append(made)
         return made
 

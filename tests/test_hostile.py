@@ -431,7 +431,8 @@ def test_a_csv_on_a_full_disk_is_said_at_once_and_the_summary_still_comes_out(st
     captured = capsys.readouterr()
     assert "5 probes sent, 5 received" in captured.out
     assert captured.err.splitlines() == [  # once as it happens, once more at the end
-        "udp-timecheck: cannot write to /dev/full: No space left on device; the measurement goes on without it",
+        "udp-timecheck: cannot write to /dev/full: No space left on device; the measurement goes on "
+        "without it",
         "udp-timecheck: cannot write to /dev/full: No space left on device"]
 
 
