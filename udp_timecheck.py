@@ -54,7 +54,6 @@ import queue
 import random
 import re
 import secrets
-import select
 import selectors
 import signal
 import socket
@@ -2339,8 +2338,10 @@ class Recorder:
     def __init__(self, target: str, address: str, *, settings: Dict[str, object], request_size: int,
                  key: Optional[bytes] = None, timestamps: str = USER, transmit_stamps: bool = False,
                  keep_samples: int = SAMPLES_KEPT, reports: bool = False,
-                 on_sample: Optional[Callable[[Sample], None]] = None) -> None:
+                 on_sample: Optional[Callable[[Sample], None]] = None, recent: Optional[int] = None,
+                 stop_on_refusal: bool = True) -> None:
         self.target, self.address, self.settings, self.request_size = target, address, settings, request_size
+        self.stop_on_refusal = stop_on_refusal  # else a refusal is one lost probe: a mesh's peer starts late
         self.key, self.keyed, self.on_sample = key, key is not None, on_sample
         self.timestamps, self.transmit_stamps, self.keep_samples = timestamps, transmit_stamps, keep_samples
         self.started_ns, self.started_mono_ns, self.duration_ns = wall_ns(), monotonic_ns(), 0
@@ -2351,9 +2352,10 @@ class Recorder:
         self.probes_sent = 0  # as they go: every probe sent ends in the totals by finish()
         self.in_flight = {}  # type: Dict[int, Sample]  # request id -> probe, oldest first
         self._in_flight_seq = {}  # type: Dict[int, Sample]
-        self._ended = RecentTable(RECENT_PROBES)  # request id -> (seq, status, request MAC)
-        self._ended_seq = RecentTable(RECENT_PROBES)  # seq -> request id
-        self._legs = RecentTable(RECENT_PROBES)  # seq -> (rtt, T2 - T1, T4 - T3) of answered probes
+        recent = recent or RECENT_PROBES
+        self._ended = RecentTable(recent)  # request id -> (seq, status, request MAC)
+        self._ended_seq = RecentTable(recent)  # seq -> request id
+        self._legs = RecentTable(recent)  # seq -> (rtt, T2 - T1, T4 - T3) of answered probes
         self.highest_seq = -1
         self.server_clock = None  # type: Optional[ClockState]  # the latest the server told
         self.local_clock = UNKNOWN_CLOCK  # this kernel's, read at the end of the run
@@ -2385,7 +2387,7 @@ class Recorder:
         sample = sample or next(iter(self.in_flight.values()), None)
         if sample is not None:
             self._end(sample, LOST, REFUSED)
-        if not self.totals.received:  # nobody is listening: waiting longer tells nothing more
+        if self.stop_on_refusal and not self.totals.received:  # nobody listens: waiting tells no more
             self.stop_reason = REFUSED
 
     def expire(self, now_mono_ns: int, timeout_ns: int) -> None:
@@ -2762,8 +2764,9 @@ class Prober:
                                                             clock=True)
         self.recorder = None  # type: Optional[Recorder]  # the run's, once it has begun
         self._transmit_stamps = self._stopping = False
-        self._waker = []  # type: List[socket.socket]  # a socket pair: stop() wakes select()
-        self._recvmsg = None  # type: Optional[Callable]  # the socket's, or a stand-in (Windows)
+        self._group = None  # type: Optional[ProbeGroup]  # the loop that drives this prober's run
+        self._sock = self._recvmsg = None  # type: Optional[object]  # the socket, and its recvmsg or a stand-in
+        self._timeout_ns = self._interval_ns = self._next_send_ns = 0
 
     def run(self) -> Recorder:
         """Probe until every probe has ended; stop() or Ctrl-C ends the run early with what it has.
@@ -2773,7 +2776,7 @@ class Prober:
         """
         for index, (family, address) in enumerate(self.addresses):
             self.family, self.address = family, address
-            recorder = self._run_at_address()
+            recorder = ProbeGroup([self], deadline=self.deadline, report_every=self.report_every).run()[0]
             refused = recorder.stop_reason == REFUSED and not recorder.received
             if not refused or index + 1 == len(self.addresses):
                 return recorder
@@ -2786,10 +2789,8 @@ class Prober:
         """End the run soon, with what it has; safe in a signal handler, and to call again.
         A stopped prober stays stopped."""
         self._stopping = True
-        try:
-            self._waker[1].send(b"\0")  # select() returns at once
-        except (OSError, IndexError):
-            pass  # no run yet, or its end is already on the way
+        if self._group is not None:
+            self._group.stop()
 
     def new_probe(self, seq: int) -> Tuple[Sample, bytes]:
         """Probe number seq and its request datagram, as this prober sends it."""
@@ -2802,74 +2803,62 @@ class Prober:
         sample.request, sample.request_size = data, len(data)
         return sample, data
 
-    def _run_at_address(self) -> Recorder:
-        with contextlib.ExitStack() as stack:
-            sock = stack.enter_context(socket.socket(self.family, socket.SOCK_DGRAM))
-            try:
-                sock.connect(self.address)  # replies from anyone else are dropped by the kernel
-            except OSError as exc:
-                raise TimecheckError("cannot reach {}: {}".format(self.target, exc.strerror or exc)) from None
-            sock.setblocking(False)
-            self._recvmsg = message_calls(sock)[0]
-            self._waker = [stack.enter_context(end) for end in socket.socketpair()]
-            self._waker[1].setblocking(False)
-            self.recorder = recorder = self._recorder(sock)
-            if self.on_start is not None:
-                self.on_start(self)
-            try:
-                reason = self._loop(sock, recorder)
-            except KeyboardInterrupt:  # SIGINT's default, where no handler calls stop()
-                self._stopping, reason = True, INTERRUPTED
-            recorder.finish(self._stopping, reason)
-            self._waker = []
-        return recorder
+    # --- the steps a ProbeGroup drives -------------------------------------------------------
 
-    def _recorder(self, sock: socket.socket) -> Recorder:
+    def _open(self, stack: contextlib.ExitStack, group: "ProbeGroup", first_send_ns: int) -> socket.socket:
+        """The run's socket, connected and with its timestamping options, and its Recorder."""
+        sock = stack.enter_context(socket.socket(self.family, socket.SOCK_DGRAM))
+        try:
+            sock.connect(self.address)  # replies from anyone else are dropped by the kernel
+        except OSError as exc:
+            raise TimecheckError("cannot reach {}: {}".format(self.target, exc.strerror or exc)) from None
+        sock.setblocking(False)
+        self._sock, self._recvmsg, self._group = sock, message_calls(sock)[0], group
+        self._timeout_ns, self._interval_ns = int(self.timeout * NS_PER_S), int(self.interval * NS_PER_S)
+        self._next_send_ns = first_send_ns
+        self.recorder = self._recorder(sock, group)
+        if self._stopping:  # stopped before the run began
+            group.stop()
+        if self.on_start is not None:
+            self.on_start(self)
+        return sock
+
+    def _recorder(self, sock: socket.socket, group: "ProbeGroup") -> Recorder:
         """A new Recorder, once the socket has its timestamping options."""
         if self.timestamps == KERNEL:
             self.no_kernel_stamps = kernel_stamps_refused(sock)
             self.timestamps = USER if self.no_kernel_stamps else KERNEL
         self._transmit_stamps = self.timestamps == KERNEL and enable_transmit_timestamps(sock)
         settings = {"count": self.count, "interval": self.interval, "timeout": self.timeout,
-                    "size": self.size or None, "deadline": self.deadline}
+                    "size": self.size or None, "deadline": group.deadline}
         return self.recorder_class(self.target, self.address[0], settings=settings,
                                    request_size=self.request_size, key=self.key, timestamps=self.timestamps,
                                    transmit_stamps=self._transmit_stamps, keep_samples=self.keep_samples,
-                                   reports=bool(self.report_every), on_sample=self.on_sample)
+                                   reports=bool(group.report_every), on_sample=self.on_sample,
+                                   recent=group.recent, stop_on_refusal=not group.retry_refused)
 
-    def _loop(self, sock: socket.socket, recorder: Recorder) -> str:
-        """Send, receive and expire until the run is over; returns why probes still waiting end."""
-        timeout_ns, interval_ns = int(self.timeout * NS_PER_S), int(self.interval * NS_PER_S)
-        started = next_send_ns = monotonic_ns()
-        deadline_ns = started + int(self.deadline * NS_PER_S) if self.deadline else None
-        report_ns = int(self.report_every * NS_PER_S) if self.report_every else None
-        next_report_ns = started + report_ns if report_ns else None
-        while recorder.stop_reason is None and not self._stopping:
-            now = monotonic_ns()
-            if deadline_ns is not None and now >= deadline_ns:
-                return DEADLINE
-            recorder.expire(now, timeout_ns)
-            if next_report_ns is not None and now >= next_report_ns:
-                next_report_ns += report_ns
-                self._report(recorder)
-            may_send = (not self.count or recorder.probes_sent < self.count) and (
-                interval_ns or not recorder.in_flight)
-            if may_send and now >= next_send_ns:
-                self._send_probe(sock, recorder)
-                next_send_ns = max(next_send_ns + interval_ns, now)
-                continue
-            if not may_send and not recorder.in_flight:
-                break
-            wake = [deadline_ns, next_report_ns, next_send_ns if may_send else now + timeout_ns]
-            if recorder.in_flight:
-                wake.append(next(iter(recorder.in_flight.values())).send_mono_ns + timeout_ns)
-            wait_s = max(0, min(at for at in wake if at is not None) - now) / NS_PER_S
-            if sock in select.select([sock, self._waker[0]], [], [], wait_s)[0]:
-                self._receive_reply(sock, recorder)
-        return INTERRUPTED
+    def _step(self, now: int) -> Optional[int]:
+        """Expire what timed out and send what is due; when to look again (ns), or None when
+        every probe has ended."""
+        recorder = self.recorder
+        if recorder.stop_reason is not None:
+            return None
+        recorder.expire(now, self._timeout_ns)
+        may_send = (not self.count or recorder.probes_sent < self.count) and (
+            self._interval_ns or not recorder.in_flight)
+        if may_send and now >= self._next_send_ns:
+            self._send_probe(self._sock, recorder)
+            self._next_send_ns = max(self._next_send_ns + self._interval_ns, now)
+            return now  # at once: an answer or a refusal may already be there
+        if not may_send and not recorder.in_flight:
+            return None
+        wake = self._next_send_ns if may_send else now + self._timeout_ns
+        if recorder.in_flight:
+            wake = min(wake, next(iter(recorder.in_flight.values())).send_mono_ns + self._timeout_ns)
+        return wake
 
-    def _report(self, recorder: Recorder) -> None:
-        figures = recorder.report()
+    def _report(self) -> None:
+        figures = self.recorder.report()
         if self.on_report is not None:
             self.on_report(figures)
 
@@ -2905,7 +2894,8 @@ class Prober:
         stamp_ns = read_transmit_stamp(sock, t1 - offset)
         return None if stamp_ns is None else stamp_ns + offset
 
-    def _receive_reply(self, sock: socket.socket, recorder: Recorder) -> None:
+    def _receive_reply(self) -> None:
+        sock, recorder = self._sock, self.recorder
         try:
             data, ancillary, _, _ = self._recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
             user_t4 = self.clock()  # the wall clock, then the monotonic one: T4 - T1 spans within it
@@ -2923,6 +2913,89 @@ class Prober:
         real_t4 = user_t4 if self._real_clock else user_t4 - clock_offset_ns(self.clock)
         kernel_t4 = read_ancillary(ancillary)[0] if ancillary else None
         recorder.receive(data, (kernel_t4, user_t4, real_t4, recv_mono_ns))
+
+
+class ProbeGroup:
+    """One loop, in one thread, that runs several Probers, each on its own schedule (its count,
+    interval and timeout) and with its own Recorder; run() returns them.
+
+    Their first probes are spread across the interval, so that they do not all go
+    at once; deadline (seconds) and report_every apply to them all.  retry_refused
+    keeps probing a target that refuses (a mesh's peer that has not started yet)
+    where a single run stops.  Kernel timestamps keep the figures of many targets
+    as exact as one's: a probe's RTT does not include the wait for the loop.
+    """
+
+    def __init__(self, probers: Sequence[Prober], *, deadline: Optional[float] = None,
+                 report_every: Optional[float] = None, retry_refused: bool = False,
+                 recent: Optional[int] = None) -> None:
+        self.probers, self.deadline, self.report_every = list(probers), deadline, report_every
+        self.retry_refused, self.recent = retry_refused, recent
+        self._stopping = False
+        self._waker = []  # type: List[socket.socket]  # a socket pair: stop() wakes the loop
+
+    def stop(self) -> None:
+        """End the run soon, with what it has; safe in a signal handler, and to call again."""
+        self._stopping = True
+        try:
+            self._waker[1].send(b"\0")
+        except (OSError, IndexError):
+            pass  # no run yet, or its end is already on the way
+
+    def run(self) -> List[Recorder]:
+        with contextlib.ExitStack() as stack:
+            selector = stack.enter_context(selectors.DefaultSelector())
+            self._waker = [stack.enter_context(end) for end in socket.socketpair()]
+            self._waker[1].setblocking(False)
+            selector.register(self._waker[0], selectors.EVENT_READ)
+            started = monotonic_ns()
+            spread_ns = int(min((prober.interval for prober in self.probers), default=0) * NS_PER_S)
+            for index, prober in enumerate(self.probers):
+                first = started + spread_ns * index // len(self.probers)
+                selector.register(prober._open(stack, self, first), selectors.EVENT_READ, prober)
+            try:
+                reason = self._loop(selector, started)
+            except KeyboardInterrupt:  # SIGINT's default, where no handler calls stop()
+                self._stopping, reason = True, INTERRUPTED
+            for prober in self.probers:
+                prober.recorder.finish(self._stopping or prober._stopping, reason)
+            self._waker = []
+        return [prober.recorder for prober in self.probers]
+
+    def _loop(self, selector: selectors.BaseSelector, started: int) -> str:
+        """Step each prober when it is due or has a reply waiting, until all are done; returns why
+        the probes still waiting end."""
+        deadline_ns = started + int(self.deadline * NS_PER_S) if self.deadline else None
+        report_ns = int(self.report_every * NS_PER_S) if self.report_every else None
+        next_report_ns = started + report_ns if report_ns else None
+        wakes = {prober: started for prober in self.probers}  # type: Dict[Prober, int]
+        while wakes and not self._stopping:
+            now = monotonic_ns()
+            if deadline_ns is not None and now >= deadline_ns:
+                return DEADLINE
+            if next_report_ns is not None and now >= next_report_ns:
+                next_report_ns += report_ns
+                for prober in self.probers:
+                    prober._report()
+            for prober in [prober for prober, wake in wakes.items() if wake <= now]:
+                self._restep(selector, wakes, prober, now)
+            if not wakes:
+                break
+            wait_ns = min(at for at in [deadline_ns, next_report_ns, min(wakes.values())] if at is not None)
+            for key, _ in selector.select(max(0, wait_ns - monotonic_ns()) / NS_PER_S):
+                if key.data is not None:
+                    key.data._receive_reply()
+                    self._restep(selector, wakes, key.data, monotonic_ns())
+        return INTERRUPTED
+
+    @staticmethod
+    def _restep(selector: selectors.BaseSelector, wakes: Dict[Prober, int], prober: Prober, now: int) -> None:
+        """Step prober, and note when to look again; one that is done stops being listened to."""
+        wake = prober._step(now)
+        if wake is not None:
+            wakes[prober] = wake
+        elif wakes.pop(prober, None) is not None:
+            selector.unregister(prober._sock)
 
 
 class SntpRecorder(Recorder):
