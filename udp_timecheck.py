@@ -2100,10 +2100,11 @@ class Sample:
     """
     __slots__ = ("seq", "request_id", "request_mac", "request", "status", "reason", "send_mono_ns",
                  "recv_mono_ns", "t1", "t1_user", "t1_kernel", "t2", "t3", "t4", "t4_kernel", "server_stamp",
-                 "request_size", "reply_id", "reply_text", "reply_size", "timing", "server_clock", "ntp")
+                 "request_size", "reply_id", "reply_text", "reply_size", "timing", "server_clock", "ntp",
+                 "target")
 
-    def __init__(self, seq: int, request_id: int, request_mac: bytes = b"") -> None:
-        self.seq, self.request_id, self.request_mac = seq, request_id, request_mac
+    def __init__(self, seq: int, request_id: int, request_mac: bytes = b"", target: str = "") -> None:
+        self.seq, self.request_id, self.request_mac, self.target = seq, request_id, request_mac, target
         self.request = b""  # the datagram sent, kept while it waits: an echo is byte for byte it
         self.status = PENDING
         self.reason = None  # type: Optional[str]  # why a lost probe was lost: see LOST_REASONS
@@ -2156,13 +2157,14 @@ class Sample:
                 "timestamps": None if timing is None else (KERNEL if timing.kernel else USER),
                 "server_timestamps": self.server_stamp,
                 "trusted": None if timing is None else timing.trusted,
-                "untrusted_because": None if timing is None else timing.untrusted_because}
+                "untrusted_because": None if timing is None else timing.untrusted_because,
+                "target": self.target}
 
 
 SAMPLE_FIELDS = ("seq", "sent_at", "id", "status", "rtt_ms", "raw_rtt_ms", "server_proc_ms", "offset_ms",
                  "offset_err_ms", "reply_id", "lost_because", "t1_ns", "t2_ns", "t3_ns", "t4_ns",
                  "t1_from", "t4_from", "timestamps", "server_timestamps", "trusted",
-                 "untrusted_because")  # as_dict()'s keys
+                 "untrusted_because", "target")  # as_dict()'s keys
 
 
 def describe_timestamps(client: str, server: Optional[str]) -> str:
@@ -2799,7 +2801,7 @@ class Prober:
         data = encode_request(request_id, "The time is {}".format(datetime.datetime.now()), seq,
                               size=self.size, pad_to=self._clock_request_size if clock else self.request_size,
                               key=self.key, clock=clock)
-        sample = Sample(seq, request_id, mac_of_datagram(data) if self.key is not None else b"")
+        sample = Sample(seq, request_id, mac_of_datagram(data) if self.key is not None else b"", self.target)
         sample.request, sample.request_size = data, len(data)
         return sample, data
 
@@ -3055,7 +3057,7 @@ class SntpProber(Prober):
     def new_probe(self, seq: int) -> Tuple[Sample, bytes]:
         nonce = secrets.randbits(64) or 1  # unguessable: an off-path forger cannot echo it
         data = encode_ntp_request(nonce)
-        sample = Sample(seq, nonce)
+        sample = Sample(seq, nonce, target=self.target)
         sample.request, sample.request_size = data, len(data)
         return sample, data
 
