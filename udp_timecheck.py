@@ -43,6 +43,7 @@ import hashlib
 import hmac
 import html
 import io
+import itertools
 import ipaddress
 import json
 import json.scanner
@@ -140,6 +141,8 @@ RTT_BUCKETS_NS = tuple(le * 1e9 for le in RTT_BUCKETS_S)
 TIME_ERROR, STA_UNSYNC = 5, 0x0040  # adjtimex(2): the clock is not synchronised
 CLOCK_SOURCE_FILE = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
 MAX_KEY_FILE = 4096                 # bytes: a key, not a file to read until memory runs out
+MAX_PEERS_FILE = 1 << 20            # bytes: a --targets or --peers file
+MAX_MEASUREMENT_FILE = 1 << 28      # bytes of a --json output that matrix reads
 ZERO_MAC = b"0" * 64                # placeholder for the hex HMAC-SHA256 while it is computed
 MAC_TRAILER = len(ZERO_MAC) + 2     # the MAC, its closing quote and the closing bracket
 REQUEST_LABEL = b"udp-timecheck/1 request\n"
@@ -151,7 +154,8 @@ MAX_SEPARATORS = 64                 # commas and colons after the text of a data
 MAX_ESCAPES = 128                   # backslashes in it: \uXXXX costs ten times its six bytes
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 128 + 2          # what a shell reports for a command ended by SIGINT
-OK, LOST, MISMATCHED, PENDING, IN_FLIGHT = "ok", "lost", "mismatched", "pending", "in flight"
+OK, LOST, MISMATCHED, PENDING = "ok", "lost", "mismatched", "pending"
+IN_FLIGHT, NOT_UP = "in flight", "not up"  # at a deadline; refused before a retried target first answered
 # Why a probe was lost; a reply that failed authentication or echoed the request
 # leaves its probe waiting for a real one until the timeout.
 TIMED_OUT, REFUSED, FORGED, ECHOED, NOT_SENT, INTERRUPTED, DEADLINE = (
@@ -351,7 +355,7 @@ def _check_extension(ext: Dict[str, object]) -> None:
             raise WireError("{!r} is not a whole number from 0 to {}".format(name, limit - 1))
         if name == "pad" and type(value) is not str:
             raise WireError("'pad' is not a string")
-        if name == "clock" and value != 1 and not _clock_state_valid(value):
+        if name == "clock" and not (type(value) is int and value == 1) and not _clock_state_valid(value):
             raise WireError("'clock' is neither 1 (a request's) nor a clock state in range (a reply's)")
 
 
@@ -2270,8 +2274,8 @@ IPDV_FIGURES = ("median", "p99", "max")
 
 class Totals:
     """What a run, or one period of it (--report-every), found, in O(1) memory."""
-    COUNTS = ("sent", "received", "lost", "in_flight", "mismatched", "duplicates", "late", "reordered",
-              "forged", "unsigned", "malformed", "echoes", "refused", "errors", "user_fallbacks",
+    COUNTS = ("sent", "received", "lost", "in_flight", "not_up", "mismatched", "duplicates", "late",
+              "reordered", "forged", "unsigned", "malformed", "echoes", "refused", "errors", "user_fallbacks",
               "transmit_fallbacks", "untrusted")
 
     def __init__(self, started_wall_ns: int, started_mono_ns: int) -> None:
@@ -2384,11 +2388,13 @@ class Recorder:
         self._count("errors")
 
     def refused(self, sample: Optional[Sample] = None) -> None:
-        """ICMP port unreachable: that probe (default: the oldest waiting) is lost."""
+        """ICMP port unreachable: that probe (default: the oldest waiting) is lost; or, where
+        refusals are retried, not yet up, until the target first answers (a mesh's late starter)."""
         self._count("refused")
         sample = sample or next(iter(self.in_flight.values()), None)
         if sample is not None:
-            self._end(sample, LOST, REFUSED)
+            up = self.stop_on_refusal or self.totals.received
+            self._end(sample, LOST if up else NOT_UP, REFUSED)
         if self.stop_on_refusal and not self.totals.received:  # nobody listens: waiting tells no more
             self.stop_reason = REFUSED
 
@@ -2515,7 +2521,7 @@ class Recorder:
             return  # ended already
         del self._in_flight_seq[sample.seq]
         sample.status, sample.request = status, b""
-        if status != LOST:
+        if status not in (LOST, NOT_UP):
             sample.reason = None
         elif reason != TIMED_OUT or sample.reason is None:  # a forged reply or an echo says more
             sample.reason = reason
@@ -2554,6 +2560,7 @@ class Recorder:
             return
         if sample.status == IN_FLIGHT:
             totals.in_flight += 1
+        totals.not_up += sample.status == NOT_UP
         if sample.status != OK:
             return
         timing = sample.timing
@@ -2615,8 +2622,8 @@ class Recorder:
     def count(self, status: str) -> int:
         """How many probes ended with status: OK, LOST, IN_FLIGHT (at a deadline) or MISMATCHED."""
         totals = self.totals
-        return {OK: totals.received, LOST: totals.lost, IN_FLIGHT: totals.in_flight,
-                MISMATCHED: totals.sent - totals.received - totals.lost - totals.in_flight}[status]
+        ended = {OK: totals.received, LOST: totals.lost, IN_FLIGHT: totals.in_flight, NOT_UP: totals.not_up}
+        return ended[status] if status in ended else totals.sent - sum(ended.values())  # MISMATCHED
 
     def run_record(self) -> Dict[str, object]:
         """The run's settings, first in the JSON: what was asked for, when, and how."""
@@ -2652,7 +2659,8 @@ class Recorder:
     def _figures(self, totals: Totals, end_mono_ns: int) -> Dict[str, object]:
         """The figures of a run or a period: the keys of the summary and of each report."""
         figures = {name: getattr(totals, name) for name in Totals.COUNTS if name != "unsigned"}
-        ended = totals.sent - totals.in_flight  # a probe still in flight at a deadline is not lost
+        ended = totals.sent - totals.in_flight - totals.not_up  # neither is lost: in flight at a deadline,
+        # or refused before a retried target first answered
         figures["loss_pct"] = round(100.0 * totals.lost / ended, 3) if ended else None
         figures["rate_limited"] = totals.lost >= RATE_LIMIT_SHARE * ended > 0 and totals.runs.regular()
         figures["timestamps"] = self._timestamp_summary(totals)
@@ -2752,6 +2760,7 @@ class Prober:
         self.size, self.key = size, key
         self.on_sample, self.on_report, self.on_note = on_sample, on_report, on_note
         self.on_start = None  # type: Optional[Callable[[Prober], None]]  # as each address is tried
+        self.name = None  # type: Optional[str]  # a mesh peer's name, from the peers file
         self.clock, self._real_clock = clock or wall_ns, clock is None
         self.no_kernel_stamps = None if timestamps != KERNEL else _platform_stamps_refused(self.family)
         self.timestamps = KERNEL if timestamps == KERNEL and self.no_kernel_stamps is None else USER
@@ -3239,8 +3248,10 @@ LOST_LINES = {
 }
 
 
-def format_sample(sample: Sample, target: str, timeout: float) -> str:
-    """A ping-like line for one probe."""
+def format_sample(sample: Sample, target: str, timeout: float, named: bool = False) -> str:
+    """A ping-like line for one probe; named, the lines without a reply name their target too."""
+    if sample.status != OK and named:
+        return "{} {}".format(target, format_sample(sample, target, timeout))
     if sample.status == OK:
         line = "{} bytes from {}: seq={} rtt={:.3f} ms".format(
             sample.reply_size, target, sample.seq, sample.rtt_ns / 1e6)
@@ -3276,6 +3287,9 @@ def format_counts(summary: Mapping) -> List[str]:
     if summary["in_flight"]:
         lines.append("{} still in flight at the deadline: not counted as lost".format(
             plural(summary["in_flight"], "probe")))
+    if summary["not_up"]:
+        lines.append("{} refused before the target first answered (not up yet): not counted as lost".format(
+            plural(summary["not_up"], "probe")))
     if summary["refused"] or summary["errors"]:
         lines.append("{} refused by the server's host, {} could not be sent".format(
             summary["refused"], summary["errors"]))
@@ -3464,7 +3478,7 @@ def failure_reason(measurement: Recorder, timeout: float) -> Optional[str]:
     if measurement.interrupted:
         return "interrupted after {:.1f} s, before any reply from {}".format(
             measurement.duration_ns / NS_PER_S, target)
-    if measurement.stop_reason == REFUSED:
+    if measurement.stop_reason == REFUSED or measurement.not_up:  # refused all along
         return "connection refused by {}: no server is listening on that port".format(target)
     if measurement.malformed:
         count = measurement.malformed
@@ -3552,9 +3566,12 @@ def _labels(labels: Mapping[str, str]) -> str:
     return "{" + ",".join(escaped) + "}" if labels else ""
 
 
-def _metric(name: str, kind: str, about: str,
-            samples: Sequence[Tuple[Mapping[str, str], float]]) -> List[str]:
-    """One metric family in the text exposition format: HELP, TYPE, and a line per sample."""
+def _metric(name: str, kind: str, about: str, samples: Sequence[Tuple[Mapping[str, str], float]],
+            header_alone: bool = False) -> List[str]:
+    """One metric family in the text exposition format: HELP, TYPE, and a line per sample; nothing
+    at all without samples, unless header_alone (a histogram's lines follow)."""
+    if not samples and not header_alone:
+        return []
     lines = ["# HELP udp_timecheck_{} {}".format(name, about),
              "# TYPE udp_timecheck_{} {}".format(name, kind)]
     lines += ["udp_timecheck_{}{} {}".format(name, _labels(labels), _sample_value(value))
@@ -3571,59 +3588,69 @@ def _build_info() -> List[str]:
                    [({"version": __version__, "python": platform.python_version()}, 1)])
 
 
-def render_server_metrics(server: TimeServer, log_dropped: int) -> str:
-    """The server's /metrics: its requests by what became of them, and its log's drops."""
+def render_server_metrics(server: TimeServer, log_dropped: int, source: Optional[str] = None,
+                          build_info: bool = True) -> str:
+    """The server's /metrics: its requests by what became of them, and its log's drops; a mesh
+    node's labelled with its name (source), after its client's series."""
     names = ServerStats.__slots__
     counts = dict(zip(names, operator.attrgetter(*names)(server.stats)))  # one step: a consistent copy
-    lines = _build_info()
+    node = {"source": source} if source else {}
+    lines = _build_info() if build_info else []
     lines += _metric("server_requests_total", "counter", "Requests received, by what became of them.",
-                     [({"result": result}, counts[key]) for result, key in SERVER_RESULTS])
+                     [(dict(node, result=result), counts[key]) for result, key in SERVER_RESULTS])
     lines += _metric("server_errors_total", "counter", "Sends and receives the kernel refused.",
-                     [({}, counts["errors"])])
+                     [(node, counts["errors"])])
     lines += _metric("server_log_dropped_total", "counter",
-                     "Log lines dropped: stdout full, blocked or closed.", [({}, log_dropped)])
+                     "Log lines dropped: stdout full, blocked or closed.", [(node, log_dropped)])
     return "\n".join(lines) + "\n"
 
 
-def render_client_metrics(prober: Prober) -> str:
-    """The client's /metrics: its counters, the RTT histogram, and the clocks' gauges."""
-    lines, recorder = _build_info(), prober.recorder
-    if recorder is None:  # scraped before the run began
-        return "\n".join(lines) + "\n"
-    snapshot, target = recorder.metrics(), {"target": prober.target}
+def render_client_metrics(probers: Sequence[Prober], source: Optional[str] = None) -> str:
+    """The client's /metrics: each target's counters, RTT histogram and clock gauges, every series
+    labelled with its target (and with source, a mesh node's name)."""
+    lines = _build_info()
+    probers = [probers] if isinstance(probers, Prober) else probers  # one prober, as before fleets
+    running = [(prober, prober.recorder.metrics()) for prober in probers if prober.recorder is not None]
+    labelled = [(dict({"source": source} if source else {}, target=prober.target), snapshot)
+                for prober, snapshot in running]  # scraped before a run began: no series for it yet
     for name, key, about in CLIENT_COUNTERS:
-        lines += _metric(name, "counter", about, [(target, snapshot["counts"][key])])
-    lines += _rtt_histogram(snapshot, target)
-    offset, error, drift = snapshot["offset_ns"], snapshot["offset_err_ns"], snapshot["drift_ppm"]
-    for name, value, about in (
-            ("clock_offset_seconds", offset and offset / NS_PER_S,
-             "The server's clock minus this machine's, now: the drift fit's estimate."),
-            ("clock_offset_error_seconds", error and error / NS_PER_S, "The offset's error bound."),
-            ("clock_drift_ratio", drift and drift * 1e-6,
-             "How much faster the server's clock runs than this machine's (ppm times 1e-6).")):
-        if value is not None:
-            lines += _metric(name, "gauge", about, [(target, value)])
-    states = (("local", read_clock_state()), ("server", snapshot["server_clock"] or UNKNOWN_CLOCK))
-    known = [(dict(target, end=end), int(state.synchronized)) for end, state in states
+        lines += _metric(name, "counter", about, [(labels, snap["counts"][key]) for labels, snap in labelled])
+    lines += _metric("rtt_seconds", "histogram", "Round-trip times, less the server's processing.", [],
+                     header_alone=bool(labelled))
+    for labels, snapshot in labelled:
+        lines += _rtt_histogram(snapshot, labels)
+    for name, about, value in CLOCK_GAUGES:
+        samples = [(labels, value(snapshot)) for labels, snapshot in labelled]
+        lines += _metric(name, "gauge", about, [(labels, got) for labels, got in samples if got is not None])
+    local = read_clock_state()
+    known = [(dict(labels, end=end), int(state.synchronized)) for labels, snapshot in labelled
+             for end, state in (("local", local), ("server", snapshot["server_clock"] or UNKNOWN_CLOCK))
              if state.synchronized is not None]
-    if known:
-        lines += _metric("clock_synchronized", "gauge", "1 when that end's kernel says its clock is "
-                                                        "synchronised, else 0.", known)
+    lines += _metric("clock_synchronized", "gauge",
+                     "1 when that end's kernel says its clock is synchronised, else 0.", known)
     return "\n".join(lines) + "\n"
 
 
-def _rtt_histogram(snapshot: Mapping, target: Mapping[str, str]) -> List[str]:
-    """The RTTs counted into Prometheus' log-spaced buckets as they came, cumulative."""
+CLOCK_GAUGES = (
+    ("clock_offset_seconds", "The server's clock minus this machine's, now: the drift fit's estimate.",
+     lambda snap: snap["offset_ns"] and snap["offset_ns"] / NS_PER_S),
+    ("clock_offset_error_seconds", "The offset's error bound.",
+     lambda snap: snap["offset_err_ns"] and snap["offset_err_ns"] / NS_PER_S),
+    ("clock_drift_ratio", "How much faster the server's clock runs than this machine's (ppm times 1e-6).",
+     lambda snap: snap["drift_ppm"] and snap["drift_ppm"] * 1e-6))
+
+
+def _rtt_histogram(snapshot: Mapping, labels: Mapping[str, str]) -> List[str]:
+    """One target's RTTs, counted into Prometheus' log-spaced buckets as they came, cumulative."""
     samples, total = [], 0
     for le, count in zip(["{:.6g}".format(le) for le in RTT_BUCKETS_S] + ["+Inf"], snapshot["rtt_buckets"]):
         total += count
-        samples.append((dict(target, le=le), total))
-    lines = _metric("rtt_seconds", "histogram", "Round-trip times, less the server's processing.", [])
-    lines += ["udp_timecheck_rtt_seconds_bucket{} {}".format(_labels(labels), count)
-              for labels, count in samples]
+        samples.append((dict(labels, le=le), total))
+    lines = ["udp_timecheck_rtt_seconds_bucket{} {}".format(_labels(bucket), count)
+             for bucket, count in samples]
     rtt_sum = _sample_value(snapshot["rtt_sum_ns"] / NS_PER_S)
-    lines.append("udp_timecheck_rtt_seconds_sum{} {}".format(_labels(target), rtt_sum))
-    lines.append("udp_timecheck_rtt_seconds_count{} {}".format(_labels(target), total))
+    lines.append("udp_timecheck_rtt_seconds_sum{} {}".format(_labels(labels), rtt_sum))
+    lines.append("udp_timecheck_rtt_seconds_count{} {}".format(_labels(labels), total))
     return lines
 
 
@@ -3675,6 +3702,11 @@ def _discard_output(stream: Optional[TextIO]) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
     except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
         pass
+
+
+def _why(exc: Exception) -> str:
+    """An exception in a few words: an OSError's strerror, else its text."""
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def _err(line: str) -> None:
@@ -3886,20 +3918,22 @@ def cmd_server(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def format_header(prober: Prober) -> str:
-    """The first line of a measurement, like ping's."""
+def format_header(prober: Prober, source: Optional[str] = None) -> str:
+    """The first line of a measurement, like ping's; from a mesh node, it names the node."""
     probes = "{} of {} bytes".format(plural(prober.count, "probe"), prober.request_size) if prober.count \
         else "probes of {} bytes until stopped".format(prober.request_size)
-    return "UDP-TIMECHECK {} ({}): {}, interval {:g} s, timeout {:g} s{}, {}{}".format(
-        prober.target, prober.address[0], probes, prober.interval, prober.timeout,
+    return "UDP-TIMECHECK {}{} ({}): {}, interval {:g} s, timeout {:g} s{}, {}{}".format(
+        " from {} to ".format(source) if source else "", prober.target, prober.address[0], probes,
+        prober.interval, prober.timeout,
         ", deadline {:g} s".format(prober.deadline) if prober.deadline else "",
         describe_stamps(prober.timestamps, prober.no_kernel_stamps), ", HMAC-SHA256" if prober.key else "")
 
 
-def format_report(figures: Mapping) -> str:
-    """One --report-every line: the period's sent, received, loss, p50, p99, jitter and offset."""
-    rtt, line = figures["rtt_ms"], "report: {} sent, {} received, {}".format(
-        figures["sent"], figures["received"], format_loss(figures))
+def format_report(figures: Mapping, named: bool = False) -> str:
+    """One --report-every line: the period's sent, received, loss, p50, p99, jitter and offset;
+    named, it names its target."""
+    rtt, line = figures["rtt_ms"], "report{}: {} sent, {} received, {}".format(
+        " " + figures["target"] if named else "", figures["sent"], figures["received"], format_loss(figures))
     if rtt["median"] is not None:
         line += ", rtt p50 {:.3f} ms p99 {:.3f} ms".format(rtt["median"], rtt["p99"])
     if figures["jitter_ms"] is not None:
@@ -3908,6 +3942,70 @@ def format_report(figures: Mapping) -> str:
         line += ", offset {} ms \u00b1 {:.3f} ms".format(signed(figures["offset_ms"]),
                                                          figures["offset_err_ms"])
     return line
+
+
+def fleet_summary(recorders: Sequence[Recorder], summaries: Sequence[Dict[str, object]],
+                  source: Optional[str] = None) -> Dict[str, object]:
+    """The --json of several targets: the run's record, then one element per target with the keys
+    of a single target's summary; a mesh node's adds its name as source."""
+    record = recorders[0].run_record()
+    record["started_at"] = min(summary["started_at"] for summary in summaries)
+    record["duration_s"] = max(summary["duration_s"] for summary in summaries)
+    if source is not None:
+        record["source"] = source
+    record["targets"] = list(summaries)
+    return record
+
+
+FLEET_COLUMNS = ("target", "sent", "received", "loss", "min", "p50", "p99", "jitter", "offset \u00b1 error")
+
+
+def format_fleet_table(summaries: Sequence[Mapping], source: Optional[str] = None) -> List[str]:
+    """One row per target: sent, received, loss, min, p50, p99, jitter, offset +- error, in one unit."""
+    largest = max([summary["rtt_ms"]["max"] or 0 for summary in summaries] + [0])
+    unit, scale, digits = time_unit(largest)
+    show = lambda value: "-" if value is None else "{:.{}f}".format(value * scale, digits)  # noqa: E731
+    rows = [FLEET_COLUMNS]
+    for summary in summaries:
+        rtt, offset = summary["rtt_ms"], summary["offset_ms"]
+        rows.append((summary.get("name") or summary["target"], str(summary["sent"]), str(summary["received"]),
+                     "-" if summary["loss_pct"] is None else "{:g}%".format(summary["loss_pct"]),
+                     show(rtt["min"]), show(rtt["median"]), show(rtt["p99"]), show(summary["jitter_ms"]),
+                     "-" if offset is None else "{} \u00b1 {}".format(
+                         signed(offset * scale, digits), show(summary["offset_err_ms"]))))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(FLEET_COLUMNS))]
+    title = "--- {} targets{}, rtt and offset in {} ---".format(
+        len(summaries), " from " + source if source else "", unit)
+    return ["", title] + ["  ".join(cell.ljust(width) if column == 0 else cell.rjust(width)
+                                    for column, (cell, width) in enumerate(zip(row, widths))).rstrip()
+                          for row in rows]
+
+
+def format_matrix(matrix: Mapping) -> List[str]:
+    """The N x N tables: rows are sources, columns targets, by number, with the numbers' legend."""
+    nodes, cells = matrix["nodes"], {(cell["source"], cell["target"]): cell for cell in matrix["cells"]}
+    sources = [node for node in nodes if any(source == node for source, _ in cells)]
+    unit, scale, digits = time_unit(max([cell["rtt_p50_ms"] or 0 for cell in cells.values()] + [0]))
+    number = lambda value: "{:.{}f}".format(value * scale, digits)  # noqa: E731
+    tables = (("p50 rtt ({})".format(unit), lambda cell: None if cell["rtt_p50_ms"] is None
+               else number(cell["rtt_p50_ms"])),
+              ("loss (%)", lambda cell: None if cell["loss_pct"] is None
+               else "{:g}".format(cell["loss_pct"])),
+              ("offset \u00b1 error ({}), the target's clock minus the source's".format(unit),
+               lambda cell: None if cell["offset_ms"] is None else "{}\u00b1{}".format(
+                   signed(cell["offset_ms"] * scale, digits), number(cell["offset_err_ms"]))))
+    lines = ["nodes:"] + ["{:>4}  {}".format(index, node) for index, node in enumerate(nodes, 1)]
+    lines.append("(rows: from; columns: to, by number; -- the node itself; ? not measured)")
+    for title, show in tables:
+        rows = [["from \\ to"] + [str(index) for index in range(1, len(nodes) + 1)]]
+        for source in sources:
+            rows.append([str(nodes.index(source) + 1)] + [
+                "--" if source == target else "?" if (source, target) not in cells
+                else show(cells[source, target]) or "-" for target in nodes])
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+        lines += ["", title] + ["  ".join(cell.rjust(width) for cell, width in zip(row, widths))
+                                for row in rows]
+    return lines
 
 
 def _xml_text(text: str) -> str:
@@ -4072,6 +4170,108 @@ def _histogram_panel(plot: Mapping, top: float, unit: Tuple[str, float]) -> List
     return parts
 
 
+# 20 colours told apart at a glance (Sasha Trubetskoy's list, its palest two darkened); past 20,
+# the lines repeat them, dashed.
+TARGET_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324",
+                  "#800000", "#469990", "#000075", "#808000", "#e6a800", "#a9a9a9", "#000000", "#bfef45",
+                  "#fabed4", "#dcbeff", "#aaffc3", "#ffd8b1")
+DASHES = ("", ' stroke-dasharray="6 3"', ' stroke-dasharray="2 2"')
+
+
+def fleet_plot_data(recorders: Sequence[Recorder]) -> Dict[str, object]:
+    """What the plot of several targets draws: each target's median RTT and best offset per
+    interval of its timeline, and its loss."""
+    targets = []
+    for recorder in recorders:
+        width_s = recorder.totals.timeline.width_ns / NS_PER_S
+        bins = [((index + 0.5) * width_s, item) for index, item in enumerate(recorder.totals.timeline.bins)]
+        targets.append({"target": recorder.target, "loss_pct": recorder.summary()["loss_pct"],
+                        "rtt_ms": [(at, item.rtt.quantile(0.5) / 1e6) for at, item in bins if item.rtt.count],
+                        "offset_ms": [(at, item.best.offset_ns / 1e6) for at, item in bins
+                                      if item.best is not None]})
+    return {"title": "udp-timecheck, {} targets, {}".format(len(recorders), iso_utc(recorders[0].started_ns)),
+            "duration_s": max(recorder.duration_ns for recorder in recorders) / NS_PER_S, "targets": targets,
+            "largest_rtt_ms": max((_ms(recorder.totals.rtt.stats.max) or 0.0) for recorder in recorders)}
+
+
+def render_fleet_svg(plot: Mapping) -> str:
+    """Several targets as one standalone SVG: a legend, each target's median RTT over time as a line
+    of its own colour, its offset over time, and its loss as a bar; readable for 20 targets and more."""
+    targets = plot["targets"]
+    legend_rows = math.ceil(len(targets) / 4)
+    top = SVG_TOP + 16 * legend_rows + 20
+    height = top + 3 * (SVG_PANEL + SVG_GAP)
+    parts = ['<?xml version="1.0" encoding="UTF-8"?>',
+             '<svg xmlns="http://www.w3.org/2000/svg" width="{0}" height="{1}" viewBox="0 0 {0} {1}" '
+             'font-family="sans-serif" font-size="11">'.format(SVG_WIDTH, height),
+             '<rect width="100%" height="100%" fill="white"/>',
+             '<text x="{}" y="24" font-size="16">{}</text>'.format(SVG_LEFT, _xml_text(plot["title"]))]
+    parts += _legend(targets, SVG_TOP - 10)
+    unit = time_unit(plot["largest_rtt_ms"])[:2]
+    for index, panel in enumerate((_fleet_rtt_panel, _fleet_offset_panel, _fleet_loss_panel)):
+        parts += panel(plot, top + index * (SVG_PANEL + SVG_GAP), unit) + ["</g>"]
+    return "\n".join(parts + ["</svg>", ""])
+
+
+def _style(index: int) -> Tuple[str, str]:
+    """A target's colour, and its dashes once the colours run out."""
+    return TARGET_COLOURS[index % len(TARGET_COLOURS)], DASHES[index // len(TARGET_COLOURS) % len(DASHES)]
+
+
+def _legend(targets: Sequence[Mapping], top: float) -> List[str]:
+    parts = ['<g id="legend">']
+    for index, target in enumerate(targets):
+        colour, dashes = _style(index)
+        x, y = SVG_LEFT + (index % 4) * SVG_PLOT_WIDTH / 4, top + 16 * (index // 4)
+        parts.append('<line x1="{0}" x2="{1}" y1="{2}" y2="{2}" stroke="{3}" stroke-width="3"{4}/>'.format(
+            x, x + 24, y - 4, colour, dashes))
+        parts.append('<text x="{}" y="{}">{}</text>'.format(x + 30, y, _xml_text(target["target"])))
+    return parts + ["</g>"]
+
+
+def _fleet_rtt_panel(plot: Mapping, top: float, unit: Tuple[str, float]) -> List[str]:
+    name, scale = unit
+    values = [rtt * scale for target in plot["targets"] for _, rtt in target["rtt_ms"]]
+    panel = Panel("rtt", top, (0, plot["duration_s"]), (0, _robust_range(values)[1] * 1.1), (
+        "Round-trip time per target: the median of each interval", "seconds into the run",
+        "rtt ({})".format(name)))
+    return panel.frame() + [_polyline(panel, index, [(at, rtt * scale) for at, rtt in target["rtt_ms"]])
+                            for index, target in enumerate(plot["targets"]) if target["rtt_ms"]]
+
+
+def _fleet_offset_panel(plot: Mapping, top: float, unit: Tuple[str, float]) -> List[str]:
+    name, scale = unit
+    values = [offset * scale for target in plot["targets"] for _, offset in target["offset_ms"]]
+    low, high = _robust_range(values)
+    panel = Panel("offset", top, (0, plot["duration_s"]), (min(low, 0), max(high, 0)), (
+        "Each server's clock offset: the lowest-rtt probe of each interval", "seconds into the run",
+        "offset ({})".format(name)))
+    return panel.frame() + [_polyline(panel, index, [(at, ms * scale) for at, ms in target["offset_ms"]])
+                            for index, target in enumerate(plot["targets"]) if target["offset_ms"]]
+
+
+def _fleet_loss_panel(plot: Mapping, top: float, unit: Tuple[str, float]) -> List[str]:
+    targets = plot["targets"]
+    highest = max([target["loss_pct"] or 0 for target in targets] + [1])
+    panel = Panel("loss", top, (0, max(1, len(targets))), (0, highest), (
+        "Loss per target", "targets, in the legend's order", "lost (%)"))
+    parts = panel.frame(x_ticks=False)
+    for index, target in enumerate(targets):
+        loss = target["loss_pct"] or 0
+        parts.append('<rect class="loss" x="{}" y="{}" width="{}" height="{}" fill="{}"><title>{}: {:g}% lost'
+                     '</title></rect>'.format(panel.x(index) + 1, panel.y(loss),
+                                              max(1, panel.x(1) - panel.x(0) - 2),
+                                              round(panel.y(0) - panel.y(loss), 1), _style(index)[0],
+                                              _xml_text(target["target"]), loss))
+    return parts
+
+
+def _polyline(panel: Panel, index: int, points: Sequence[Tuple[float, float]]) -> str:
+    colour, dashes = _style(index)
+    return '<polyline class="target" fill="none" stroke="{}" stroke-width="1.5"{} points="{}"/>'.format(
+        colour, dashes, " ".join("{},{}".format(panel.x(at), panel.y(value)) for at, value in points))
+
+
 class ProbeRows:
     """One row per probe as it ends, so that a killed run keeps every probe that ended: CSV with a
     header row, or JSON Lines, to a file or to a text stream (stdout).
@@ -4199,49 +4399,100 @@ class Progress:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    targets = client_targets(args.targets)
+    targets = client_targets(args.targets, args.targets_file)
+    measuring = is_measurement(args) or len(targets) > 1  # several targets: always a measurement
+    key = _key_for(args)
+    probers = [_client_prober(args, target, measuring, key, len(targets)) for target in targets]
+    return measure(args, probers, measuring)
+
+
+class Run(NamedTuple):
+    """What a measurement's command line asked for, beyond the probers themselves."""
+    measuring: bool
+    source: Optional[str] = None      # a mesh node's name
+    extra_metrics: Callable[[], str] = lambda: ""  # a mesh node's server's series
+
+
+def measure(args: argparse.Namespace, probers: Sequence[Prober], measuring: bool,
+            source: Optional[str] = None, extra_metrics: Callable[[], str] = lambda: "") -> int:
+    """Run the probers with the outputs the options ask for, print what they found, and return
+    the exit code (or raise TimecheckError)."""
+    run = Run(measuring, source, extra_metrics)
     on_stdout = _stdout_writers(args)
     text = Output(sys.stderr if on_stdout and not args.json else sys.stdout)  # stdout carries the rows
-    measuring = is_measurement(args)
-    probers = [_client_prober(args, target, measuring) for target in targets]
-    if len(probers) > 1:
-        raise TimecheckError("one target at a time (see: {} --help)".format(args.help_prog))
-    prober = probers[0]
     _check_distinct_outputs(args)
     notes = LineWriter(sys.stderr)  # what goes wrong on the way, said at once, never blocking the probes
-    on_error = lambda name, error: notes.write(  # noqa: E731
-        "udp-timecheck: cannot write to {}: {}; the measurement goes on without it".format(name, error))
     with contextlib.ExitStack() as stack:
-        rows = [sink for sink in (_open_rows(args.csv, "csv", stack, on_error),
-                                  _open_rows(args.jsonl, "jsonl", stack, on_error)) if sink is not None]
-        plot = _open_output(args.plot, stack)
-        progress = Progress(sys.stderr if args.quiet else None, prober.count)
-        lines = text if measuring and not (args.quiet or on_stdout) else None
-        prober.on_sample = _on_sample(lines, rows, progress, prober.target, args)
-        prober.on_report = lambda figures: text.line(
-            json.dumps(figures) if args.json else _line_time(args) + format_report(figures))
-        if measuring and not args.json:  # at each address tried: the header names the one in use
-            prober.on_start = lambda started: text.line(format_header(started))
-        stack.enter_context(_stop_signals(prober.stop, restore=args.restore_signals))
-        stack.enter_context(_metrics(args.metrics, lambda: render_client_metrics(prober), notes.write))
-        reference = Reference(*args.reference, timestamps=args.timestamps or KERNEL).start() \
-            if args.reference else None
-        recorder = prober.run()  # a signal ends it; after it, signals change nothing
-        progress.clear()
-        summary = recorder.summary()
-        if reference is not None:
-            reference.stop(finish_burst=not recorder.interrupted)
-            summary["reference"] = reference.result(summary)
-        _print_result(text, args, measuring, recorder, summary)
-        problems = [(sink.name, sink.error) for sink in rows] + [(args.plot, _write_plot(plot, recorder))]
+        rows, plot = _open_outputs(args, stack, notes)
+        _wire(args, run, probers, text, rows, Progress(sys.stderr if args.quiet else None,
+                                                         sum(prober.count for prober in probers)))
+        recorders, summaries = _run_probers(args, run, probers, stack, notes)
+        _print_results(text, args, run, recorders, summaries)
+        problems = [(sink.name, sink.error) for sink in rows] + [(args.plot, _write_plot(plot, recorders))]
     notes.sync()  # what was said at once comes before what is said at the end
     failed = ["{}: {}".format(name, error) for name, error in problems + [("standard output", text.error)]
               if error is not None]
     if failed:  # each output that failed, named once more
         raise TimecheckError("cannot write to " + "; ".join(failed))
-    reason = failure_reason(recorder, args.timeout)
-    if reason is not None:
-        raise TimecheckError(reason, EXIT_FAILED)
+    return _verdict(recorders, args.timeout)
+
+
+def _open_outputs(args: argparse.Namespace, stack: contextlib.ExitStack,
+                  notes: LineWriter) -> Tuple[List[ProbeRows], Optional[TextIO]]:
+    """--csv, --jsonl and --plot, opened before anything is sent: a bad path is a usage error."""
+    def on_error(name: str, error: str) -> None:
+        notes.write("udp-timecheck: cannot write to {}: {}; the measurement goes on without it".format(
+            name, error))
+    rows = [sink for sink in (_open_rows(args.csv, "csv", stack, on_error),
+                              _open_rows(args.jsonl, "jsonl", stack, on_error)) if sink is not None]
+    return rows, _open_output(args.plot, stack)
+
+
+def _wire(args: argparse.Namespace, run: Run, probers: Sequence[Prober], text: Output,
+          rows: Sequence[ProbeRows], progress: Progress) -> None:
+    """Where each prober's probes, reports and first line go."""
+    many = len(probers) > 1
+    lines = text if run.measuring and not (args.quiet or _stdout_writers(args)) else None
+    ended = _on_sample(lines, rows, progress, args, many)
+    for prober in probers:
+        prober.on_sample = ended
+        prober.on_report = lambda figures: text.line(
+            json.dumps(figures) if args.json else _line_time(args) + format_report(figures, many))
+        if run.measuring and not args.json:  # at each address tried: the header names the one in use
+            prober.on_start = lambda started: text.line(format_header(started, run.source))
+
+
+def _run_probers(args: argparse.Namespace, run: Run, probers: Sequence[Prober], stack: contextlib.ExitStack,
+                 notes: LineWriter) -> Tuple[List[Recorder], List[Dict[str, object]]]:
+    """The run itself, with its signals, its metrics and its reference; each target's summary."""
+    group = ProbeGroup(probers, deadline=args.deadline, report_every=args.report_every, retry_refused=True,
+                       recent=max(1024, RECENT_PROBES // len(probers))) if len(probers) > 1 else None
+    stack.enter_context(_stop_signals(group.stop if group else probers[0].stop, restore=args.restore_signals))
+    stack.enter_context(_metrics(args.metrics, lambda: render_client_metrics(probers, run.source)
+                                 + run.extra_metrics(), notes.write))
+    reference = Reference(*args.reference, timestamps=args.timestamps or KERNEL).start() \
+        if args.reference else None
+    recorders = group.run() if group else [probers[0].run()]  # a signal ends it; after it, nothing
+    summaries = [recorder.summary() for recorder in recorders]
+    if len(probers) > 1 or run.source is not None:
+        for summary, prober in zip(summaries, probers):
+            summary["name"] = prober.name  # a peer's name, when its file gives one
+    if reference is not None:
+        reference.stop(finish_burst=not recorders[0].interrupted)
+        for summary in summaries:
+            summary["reference"] = reference.result(summary)
+    return recorders, summaries
+
+
+def _verdict(recorders: Sequence[Recorder], timeout: float) -> int:
+    """EXIT_OK when every target gave valid replies; else TimecheckError naming those that did not."""
+    reasons = [(recorder.target, failure_reason(recorder, timeout)) for recorder in recorders]
+    failed = [(target, reason) for target, reason in reasons if reason is not None]
+    if len(recorders) == 1 and failed:
+        raise TimecheckError(failed[0][1], EXIT_FAILED)
+    if failed:
+        raise TimecheckError("{} of {} targets failed: {}".format(len(failed), len(recorders), "; ".join(
+            "{}: {}".format(target, reason) for target, reason in failed)), EXIT_FAILED)
     return EXIT_OK
 
 
@@ -4271,17 +4522,52 @@ def _stdout_writers(args: argparse.Namespace) -> List[str]:
     return on_stdout
 
 
-def client_targets(tokens: Sequence[str]) -> List[Tuple[str, int]]:
-    """TARGET [TARGET ...] [PORT] as the command line gives them: HOST, HOST:PORT or [IPV6]:PORT
-    each; a final bare number is the port of every target that names none."""
+class Peer(NamedTuple):
+    """A target, or a mesh's peer, as a file or the command line names it."""
+    name: Optional[str]
+    host: str
+    port: Optional[int]
+
+
+def read_peers(path: str) -> List[Peer]:
+    """A targets or peers file: one per line, NAME HOST:PORT, HOST:PORT, HOST PORT or HOST;
+    '#' starts a comment.  A usage error names the line that is wrong."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read(MAX_PEERS_FILE + 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TimecheckError("cannot read {}: {}".format(path, _why(exc))) from None
+    if len(text) > MAX_PEERS_FILE:
+        raise TimecheckError("{} is larger than {} bytes: not a list of targets".format(path, MAX_PEERS_FILE))
+    peers = []
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if len(words) == 2 and words[1].isdigit():  # HOST PORT
+            words = ["{}:{}".format(*words) if ":" not in words[0] else "[{}]:{}".format(*words)]
+        if len(words) > 2:
+            raise TimecheckError("{}, line {}: expected [NAME] HOST:PORT, got {!r}".format(
+                path, number, line))
+        if words:
+            try:
+                host, port = split_target(words[-1])
+            except TimecheckError as exc:
+                raise TimecheckError("{}, line {}: {}".format(path, number, exc)) from None
+            peers.append(Peer(words[0] if len(words) == 2 else None, host, port))
+    return peers
+
+
+def client_targets(tokens: Sequence[str], targets_file: Optional[str] = None) -> List[Peer]:
+    """TARGET [TARGET ...] [PORT] as the command line gives them, then those of --targets FILE:
+    HOST, HOST:PORT or [IPV6]:PORT each; a final bare number is the port of every target that
+    names none (1060 when there is none)."""
     tokens, port = list(tokens), DEFAULT_PORT
     if len(tokens) >= 2 and tokens[-1].isdigit():
         port = port_number(tokens.pop(), "PORT")
-    targets = []
-    for token in tokens or [DEFAULT_HOST]:
-        host, named = split_target(token)
-        targets.append((host, port if named is None else named))
-    return targets
+    peers = [Peer(None, *split_target(token)) for token in tokens]
+    peers += read_peers(targets_file) if targets_file else []
+    if not peers:
+        peers = [Peer(None, DEFAULT_HOST, None)]
+    return [peer._replace(port=port if peer.port is None else peer.port) for peer in peers]
 
 
 def is_measurement(args: argparse.Namespace) -> bool:
@@ -4289,19 +4575,24 @@ def is_measurement(args: argparse.Namespace) -> bool:
     return any(getattr(args, dest) not in (None, False) for dest, _ in MEASURING_OPTIONS)
 
 
-def _client_prober(args: argparse.Namespace, target: Tuple[str, int], measuring: bool) -> Prober:
+def _client_prober(args: argparse.Namespace, target: Peer, measuring: bool, key: Optional[bytes],
+                   targets: int = 1, default_count: int = DEFAULT_COUNT) -> Prober:
     """The Prober the options ask for: with -w and no -c, no count limit; with no count limit and
-    no -i, a probe a second, as ping sends them."""
+    no -i, a probe a second, as ping sends them.  With many targets, each keeps fewer probes for
+    the JSON, so that the whole stays small."""
     count = args.count if args.count is not None else (
-        0 if args.deadline else DEFAULT_COUNT if measuring else 1)
+        0 if args.deadline else default_count if measuring else 1)
     interval = args.interval if args.interval is not None else UNTIL_STOPPED_INTERVAL if count == 0 else 0.0
     try:
-        return Prober(target[0], target[1], count=count, interval=interval, timeout=args.timeout,
-                      size=args.size or 0, key=_key_for(args), timestamps=args.timestamps or KERNEL,
-                      deadline=args.deadline, report_every=args.report_every, on_note=_err)
+        prober = Prober(target.host, target.port, count=count, interval=interval, timeout=args.timeout,
+                        size=args.size or 0, key=key, timestamps=args.timestamps or KERNEL,
+                        deadline=args.deadline, report_every=args.report_every,
+                        keep_samples=max(10, SAMPLES_KEPT // targets), on_note=_err)
+        prober.name = target.name
+        return prober
     except TimecheckError as exc:  # HOST PORT where PORT is not a number reads as two hosts
-        tokens = args.targets
-        if len(tokens) == 2 and target[0] == tokens[1] and "cannot resolve" in str(exc):
+        tokens = getattr(args, "targets", [])
+        if len(tokens) == 2 and target.host == tokens[1] and "cannot resolve" in str(exc):
             raise TimecheckError("{} (if {!r} is meant as the port: a port number from 0 to 65535)".format(
                 exc, tokens[1])) from None
         raise
@@ -4312,15 +4603,17 @@ def _line_time(args: argparse.Namespace) -> str:
     return "[{:.6f}] ".format(wall_ns() / NS_PER_S) if args.print_time else ""
 
 
-def _on_sample(text: Optional[Output], rows: Sequence[ProbeRows], progress: Progress, target: str,
-               args: argparse.Namespace) -> Callable[[Sample], None]:
-    """What happens as each probe ends: its line, its rows, the progress."""
+def _on_sample(text: Optional[Output], rows: Sequence[ProbeRows], progress: Progress,
+               args: argparse.Namespace, many: bool = False) -> Callable[[Sample], None]:
+    """What happens as each probe ends: its line (naming its target, with many), its rows, the progress."""
+    ended_count = itertools.count(1)
+
     def ended(sample: Sample) -> None:
         if text is not None:
-            text.line(_line_time(args) + format_sample(sample, target, args.timeout))
+            text.line(_line_time(args) + format_sample(sample, sample.target, args.timeout, named=many))
         for sink in rows:
             sink.add(sample)
-        progress.update(sample.seq + 1)
+        progress.update(next(ended_count))
     return ended
 
 
@@ -4336,25 +4629,32 @@ def _open_output(path: Optional[str], stack: contextlib.ExitStack) -> Optional[T
     return stream
 
 
-def _write_plot(stream: Optional[TextIO], recorder: Recorder) -> Optional[str]:
+def _write_plot(stream: Optional[TextIO], recorders: Sequence[Recorder]) -> Optional[str]:
     if stream is None:
         return None
     try:
-        stream.write(render_svg(recorder.plot_data()))
+        stream.write(render_svg(recorders[0].plot_data()) if len(recorders) == 1
+                     else render_fleet_svg(fleet_plot_data(recorders)))
         stream.flush()
     except (OSError, ValueError) as exc:
         return getattr(exc, "strerror", None) or str(exc)
     return None
 
 
-def _print_result(out: Output, args: argparse.Namespace, measuring: bool, measurement: Recorder,
-                  summary: Dict[str, object]) -> None:
+def _print_results(out: Output, args: argparse.Namespace, run: Run, recorders: Sequence[Recorder],
+                   summaries: Sequence[Dict[str, object]]) -> None:
     if args.json:
-        out.line(json.dumps(summary))
-    elif measuring:
-        for line in format_summary(summary):
-            out.line(line)
+        out.line(json.dumps(summaries[0] if len(summaries) == 1 and run.source is None
+                            else fleet_summary(recorders, summaries, run.source)))
+    elif run.measuring:
+        for summary in summaries:
+            for line in format_summary(summary):
+                out.line(line)
+        if len(summaries) > 1 or run.source is not None:
+            for line in format_fleet_table(summaries, run.source):
+                out.line(line)
     else:  # the tutorial's single round trip: the server's text, or its verdict
+        measurement = recorders[0]
         sample = measurement.samples[0] if measurement.samples else None
         if sample is not None and sample.status == OK:
             out.line(printable(sample.reply_text))
@@ -4383,6 +4683,95 @@ def cmd_sntp(args: argparse.Namespace) -> int:
     if reason is not None:
         raise TimecheckError(reason, EXIT_FAILED)
     return EXIT_OK
+
+
+def cmd_mesh(args: argparse.Namespace) -> int:
+    """Serve on --listen, and measure every other peer of --peers, as each node of a fleet does."""
+    peers = read_peers(args.peers)
+    host, port = endpoint(args.listen, None, DEFAULT_PORT, lowest_port=1)
+    me = find_self(peers, args.name, host, port, args.peers)
+    others = [peer for peer in peers if peer is not me]
+    if not others:
+        raise TimecheckError("{} names no peer but this node".format(args.peers))
+    source, key = me.name or format_address(me.host, me.port), _key_for(args)
+    probers = [_client_prober(args, peer, True, key, len(others), default_count=0) for peer in others]
+    with TimeServer(host, port, key=key, max_rate=args.max_rate, log=None,
+                    timestamps=args.timestamps or KERNEL) as server:
+        server.start()
+        return measure(args, probers, True, source,
+                       lambda: render_server_metrics(server, 0, source, build_info=False))
+
+
+def find_self(peers: Sequence[Peer], name: Optional[str], host: str, port: int, where: str) -> Peer:
+    """The peer that is this node: the one named name; else the one at --listen's address, or at
+    its port on an address of this machine."""
+    if name is not None:
+        mine = [peer for peer in peers if peer.name == name]
+    else:
+        mine = [peer for peer in peers if peer.port == port and peer.host == host] or [
+            peer for peer in peers if peer.port == port and _is_local(peer.host)]
+    if len(mine) == 1:
+        return mine[0]
+    if not mine:
+        raise TimecheckError("none of the peers in {} is this node (--listen {}{})".format(
+            where, format_address(host, port), ", --name " + name if name else ""))
+    raise TimecheckError("{} peers in {} could be this node: give its name with --name".format(
+        len(mine), where))
+
+
+def _is_local(host: str) -> bool:
+    """Whether host names an address of this machine: one a socket can bind."""
+    try:
+        family, address = resolve(host, 0)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind(address)
+    except (TimecheckError, OSError):
+        return False
+    return True
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    """The N x N tables of a mesh's (or clients') --json outputs: p50 RTT, loss, offset +- error."""
+    matrix = build_matrix([load_measurement(path) for path in args.files])
+    out = Output(sys.stdout)
+    for line in [json.dumps(matrix)] if args.json else format_matrix(matrix):
+        out.line(line)
+    if out.error is not None:
+        raise TimecheckError("cannot write to standard output: {}".format(out.error))
+    return EXIT_OK
+
+
+def load_measurement(path: str) -> Tuple[str, List[Mapping]]:
+    """(source, its targets' summaries) from a --json output: a mesh node's, or a client's; with
+    --report-every its last line.  The source is the node's name, else the file's name."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = [line for line in handle.read(MAX_MEASUREMENT_FILE).splitlines() if line.strip()]
+        measurement = json.loads(lines[-1])
+        summaries = measurement["targets"] if "targets" in measurement else [measurement]
+        if not all(isinstance(item, dict) and "target" in item for item in summaries):
+            raise ValueError("not a udp-timecheck --json output")
+    except (OSError, ValueError, IndexError, KeyError, TypeError) as exc:
+        raise TimecheckError("cannot read {}: {}".format(path, _why(exc))) from None
+    source = measurement.get("source") or os.path.splitext(os.path.basename(path))[0]
+    return printable(str(source)), summaries
+
+
+def build_matrix(measurements: Sequence[Tuple[str, Sequence[Mapping]]]) -> Dict[str, object]:
+    """Every (source, target) pair's p50 RTT, loss and offset; nodes in order of appearance."""
+    nodes, cells = [], []  # type: List[str], List[Dict[str, object]]
+    for source, summaries in measurements:
+        nodes += [source] if source not in nodes else []
+        for summary in summaries:
+            target = printable(str(summary.get("name") or summary["target"]))
+            cells.append({"source": source, "target": target, "rtt_p50_ms": summary["rtt_ms"]["median"],
+                          "loss_pct": summary["loss_pct"], "offset_ms": summary["offset_ms"],
+                          "offset_err_ms": summary["offset_err_ms"]})
+    nodes += [name for name in dict.fromkeys(cell["target"] for cell in cells) if name not in nodes]
+    present = {(cell["source"], cell["target"]) for cell in cells}
+    missing = [[source, target] for source, _ in measurements for target in nodes
+               if source != target and (source, target) not in present]
+    return {"nodes": nodes, "cells": cells, "missing": missing}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -4504,6 +4893,19 @@ SNTP_EPILOG = """examples:
 
 exit codes: 0 at least one usable answer; 1 none (silence, kiss-o'-death, an
 unsynchronised server), or a reply with a wrong origin; 2 a usage error"""
+MESH_EPILOG = """Every node of a fleet runs the same command, with the same peers file:
+each serves on --listen and measures every other peer, until Ctrl-C or SIGTERM
+(or -c, -w), a probe a second unless -i says otherwise.  With --metrics, every
+series carries source (this node) and target labels: one Prometheus that
+scrapes every node holds the whole matrix.  'matrix' turns the nodes' --json
+outputs into N x N tables.
+
+examples:
+  %(prog)s --peers fleet.txt --listen 0.0.0.0:1060 --metrics 9102
+  %(prog)s --peers fleet.txt --listen 10.0.0.5:1060 -w 60 --json > node5.json"""
+MATRIX_EPILOG = """examples:
+  %(prog)s node1.json node2.json node3.json
+  %(prog)s *.json --json"""
 DEMO_DESCRIPTION = """Start a server on 127.0.0.1, on a free port, and run two clients against
 it in this same process: the tutorial's single round trip, then a
 measurement of 50 probes.  Both sides' output is shown; the server's lines
@@ -4514,36 +4916,58 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The command line; prog is the name in messages (default: the name it was run as)."""
     parser = _ArgumentParser(prog=prog, description=(
         "UDP latency and clock check: a time server, and a client that measures round-trip "
-        "time, loss and the server's clock offset."), epilog=TOP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "time, loss and the server's clock offset, to one server, a fleet, or a whole mesh."),
+        epilog=TOP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    commands = parser.add_subparsers(dest="command", metavar="{server,client,sntp,demo}")
+    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     commands.required = True
-    formatter = argparse.RawDescriptionHelpFormatter
-    server = commands.add_parser("server", help="answer time requests", epilog=SERVER_EPILOG,
-                                 formatter_class=formatter)
-    client = commands.add_parser("client", help="ask the time once, or measure with --measure-delay",
-                                 epilog=CLIENT_EPILOG, formatter_class=formatter)
-    sntp = commands.add_parser("sntp", help="this machine's clock against an NTP server (SNTPv4)",
-                               epilog=SNTP_EPILOG, formatter_class=formatter)
-    demo = commands.add_parser("demo", help="run a server and a client on loopback, show both",
-                               description=DEMO_DESCRIPTION, formatter_class=formatter)
+    for name, (func, add_arguments, about, epilog, description) in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=about, epilog=epilog, description=description,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(sub)
+        sub.set_defaults(func=func, help_prog=sub.prog)
+    return parser
+
+
+def _add_server_arguments(server: argparse.ArgumentParser) -> None:
     server.add_argument("host", nargs="?", metavar="HOST", help=(
         "address to listen on, or HOST:PORT: 0.0.0.0 for all IPv4 interfaces, :: for IPv6 and IPv4 "
         "(default {})".format(DEFAULT_HOST)))
     server.add_argument("port", nargs="?", metavar="PORT", help=(
         "UDP port (default {}; 0: any free one)".format(DEFAULT_PORT)))
-    client.add_argument("targets", nargs="*", metavar="TARGET", help=(
-        "the server: HOST, HOST:PORT or [IPV6]:PORT, a name or an address; a PORT after it is its port "
-        "(default {}:{})".format(DEFAULT_HOST, DEFAULT_PORT)))
     _add_common_options(server)
-    _add_common_options(client)
     _add_server_options(server)
+
+
+def _add_client_arguments(client: argparse.ArgumentParser) -> None:
+    client.add_argument("targets", nargs="*", metavar="TARGET", help=(
+        "a server: HOST, HOST:PORT or [IPV6]:PORT, a name or an address; several are measured at once; "
+        "a final PORT is the port of every target that names none (default {}:{})".format(
+            DEFAULT_HOST, DEFAULT_PORT)))
+    client.add_argument("--targets", dest="targets_file", metavar="FILE", help=(
+        "more targets, one a line ([NAME] HOST:PORT; # starts a comment)"))
+    _add_common_options(client)
     _add_client_options(client)
-    _add_sntp_options(sntp)
-    for sub, func in ((server, cmd_server), (client, cmd_client), (sntp, cmd_sntp), (demo, cmd_demo)):
-        sub.set_defaults(func=func, help_prog=sub.prog)
-    return parser
+
+
+def _add_mesh_arguments(mesh: argparse.ArgumentParser) -> None:
+    mesh.add_argument("--peers", required=True, metavar="FILE", help=(
+        "the fleet, one peer a line: NAME HOST:PORT or HOST:PORT (# starts a comment); the same file on "
+        "every node"))
+    mesh.add_argument("--listen", required=True, metavar="HOST:PORT", help=(
+        "where this node's server listens; the peer at that address (or named --name) is this node"))
+    mesh.add_argument("--name", metavar="NAME", help="this node's name in --peers, when its address "
+                                                     "does not tell")
+    mesh.add_argument("--max-rate", type=_ranged(float, 0.01, 1e9, "replies a second, above 0"), metavar="N",
+                      help="this node's server answers at most N requests a second per source address")
+    _add_common_options(mesh)
+    _add_client_options(mesh)
+
+
+def _add_matrix_arguments(matrix: argparse.ArgumentParser) -> None:
+    matrix.add_argument("files", nargs="+", metavar="FILE",
+                        help="the --json output of a mesh node or a client")
+    matrix.add_argument("--json", action="store_true", help="the matrix as one JSON object")
 
 
 def _add_metrics_option(sub: argparse.ArgumentParser) -> None:
@@ -4634,6 +5058,22 @@ def _add_client_options(client: argparse.ArgumentParser) -> None:
     client.add_argument("-W", "--timeout", type=_ranged(float, 0.001, 3600, "seconds from 0.001 to 3600"),
                         default=DEFAULT_TIMEOUT, help="seconds to wait for a reply (default %(default)s); "
                                                       "it does not make a measurement")
+
+
+# name: (cmd_<name>, what adds its arguments, its line in the top help, its epilog, its description)
+SUBCOMMANDS = collections.OrderedDict((
+    ("server", (cmd_server, _add_server_arguments, "answer time requests", SERVER_EPILOG, None)),
+    ("client", (cmd_client, _add_client_arguments, "ask the time once, or measure one server or many",
+                CLIENT_EPILOG, None)),
+    ("sntp", (cmd_sntp, _add_sntp_options, "this machine's clock against an NTP server (SNTPv4)",
+              SNTP_EPILOG, None)),
+    ("mesh", (cmd_mesh, _add_mesh_arguments, "serve, and measure every other peer of a fleet", MESH_EPILOG,
+              None)),
+    ("matrix", (cmd_matrix, _add_matrix_arguments, "the N x N tables of a mesh's --json outputs",
+                MATRIX_EPILOG, None)),
+    ("demo", (cmd_demo, lambda demo: None, "run a server and a client on loopback, show both", None,
+              DEMO_DESCRIPTION)),
+))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
