@@ -3385,15 +3385,15 @@ def format_drift(summary: Mapping) -> List[str]:
     return lines
 
 
-def format_clock_state(whose: str, state: Mapping) -> str:
-    """What a kernel says of its clock, in words: 'server clock: synchronised, max error ...'."""
+def format_clock_state(whose: str, state: Mapping, remote: bool = False) -> str:
+    """What a kernel says of its clock, in words: 'server clock: synchronised, max error ...';
+    each figure only when that kernel (remote: the server's) gave it."""
     if state["synchronized"] is None:
-        return "{}: unknown (no kernel clock state{})".format(
-            whose, ": the server did not say" if whose.startswith("server") else " here")
+        return "{}: unknown (no kernel clock state{})".format(whose, ": the server did not say" if remote
+                                                             else " here")
     words = ["synchronised" if state["synchronized"] else "NOT synchronised (the kernel says so)"]
-    if state["maxerror_ms"] is not None:
-        words.append("max error {:.3f} ms, estimated error {:.3f} ms".format(state["maxerror_ms"],
-                                                                            state["esterror_ms"]))
+    words += ["{} {:.3f} ms".format(name, state[key]) for name, key in (
+        ("max error", "maxerror_ms"), ("estimated error", "esterror_ms")) if state[key] is not None]
     if state["freq_ppm"] is not None:
         words.append("frequency correction {} ppm".format(signed(state["freq_ppm"])))
     source = " ({})".format(state["source"]) if state["source"] else ""
@@ -3403,7 +3403,7 @@ def format_clock_state(whose: str, state: Mapping) -> str:
 def format_clocks(summary: Mapping) -> List[str]:
     """Both kernels' views of their clocks, and whether the measured offset fits them."""
     clock = summary["clock"]
-    lines = [format_clock_state("server clock", clock["server"]),
+    lines = [format_clock_state("server clock", clock["server"], remote=True),
              format_clock_state("this machine's clock", clock["local"])]
     if clock["consistent"] is not None:
         lines.append("the offset is {}consistent with what both kernels claim (|offset| within its bound and "
