@@ -3923,7 +3923,7 @@ def format_header(prober: Prober, source: Optional[str] = None) -> str:
     probes = "{} of {} bytes".format(plural(prober.count, "probe"), prober.request_size) if prober.count \
         else "probes of {} bytes until stopped".format(prober.request_size)
     return "UDP-TIMECHECK {}{} ({}): {}, interval {:g} s, timeout {:g} s{}, {}{}".format(
-        " from {} to ".format(source) if source else "", prober.target, prober.address[0], probes,
+        "from {} to ".format(source) if source else "", prober.target, prober.address[0], probes,
         prober.interval, prober.timeout,
         ", deadline {:g} s".format(prober.deadline) if prober.deadline else "",
         describe_stamps(prober.timestamps, prober.no_kernel_stamps), ", HMAC-SHA256" if prober.key else "")
@@ -3974,8 +3974,8 @@ def format_fleet_table(summaries: Sequence[Mapping], source: Optional[str] = Non
                      "-" if offset is None else "{} \u00b1 {}".format(
                          signed(offset * scale, digits), show(summary["offset_err_ms"]))))
     widths = [max(len(row[column]) for row in rows) for column in range(len(FLEET_COLUMNS))]
-    title = "--- {} targets{}, rtt and offset in {} ---".format(
-        len(summaries), " from " + source if source else "", unit)
+    title = "--- {}{}, rtt and offset in {} ---".format(
+        plural(len(summaries), "target"), " from " + source if source else "", unit)
     return ["", title] + ["  ".join(cell.ljust(width) if column == 0 else cell.rjust(width)
                                     for column, (cell, width) in enumerate(zip(row, widths))).rstrip()
                           for row in rows]
@@ -4465,8 +4465,9 @@ def _wire(args: argparse.Namespace, run: Run, probers: Sequence[Prober], text: O
 def _run_probers(args: argparse.Namespace, run: Run, probers: Sequence[Prober], stack: contextlib.ExitStack,
                  notes: LineWriter) -> Tuple[List[Recorder], List[Dict[str, object]]]:
     """The run itself, with its signals, its metrics and its reference; each target's summary."""
+    fleet = len(probers) > 1 or run.source is not None  # a mesh retries a peer that is not up yet
     group = ProbeGroup(probers, deadline=args.deadline, report_every=args.report_every, retry_refused=True,
-                       recent=max(1024, RECENT_PROBES // len(probers))) if len(probers) > 1 else None
+                       recent=max(1024, RECENT_PROBES // len(probers))) if fleet else None
     stack.enter_context(_stop_signals(group.stop if group else probers[0].stop, restore=args.restore_signals))
     stack.enter_context(_metrics(args.metrics, lambda: render_client_metrics(probers, run.source)
                                  + run.extra_metrics(), notes.write))
@@ -4561,7 +4562,7 @@ def client_targets(tokens: Sequence[str], targets_file: Optional[str] = None) ->
     HOST, HOST:PORT or [IPV6]:PORT each; a final bare number is the port of every target that
     names none (1060 when there is none)."""
     tokens, port = list(tokens), DEFAULT_PORT
-    if len(tokens) >= 2 and tokens[-1].isdigit():
+    if tokens and tokens[-1].isdigit() and (len(tokens) >= 2 or targets_file):
         port = port_number(tokens.pop(), "PORT")
     peers = [Peer(None, *split_target(token)) for token in tokens]
     peers += read_peers(targets_file) if targets_file else []
