@@ -39,7 +39,9 @@ import csv
 import ctypes
 import datetime
 import errno
+import functools
 import hashlib
+import heapq
 import hmac
 import html
 import io
@@ -315,8 +317,12 @@ def decode_message(data: bytes) -> Message:
     """Decode a datagram, or raise WireError; nothing else escapes, whatever the bytes.
 
     Every number in it is range-checked here, as the encoder's limits are: a
-    value out of range makes the datagram malformed.
+    value out of range makes the datagram malformed.  A reply in the layout our
+    server gives is read by one regular expression, to the same Message.
     """
+    quick = _quick_reply(data)
+    if quick is not None:
+        return quick
     items = _json_array(data)
     message_id, message_text = items[0], items[1]
     if type(message_id) is not int or not -ID_LIMIT < message_id < ID_LIMIT or type(message_text) is not str:
@@ -330,6 +336,28 @@ def decode_message(data: bytes) -> Message:
         _check_extension(ext)
     mac = items[3] if len(items) > 3 and type(items[3]) is str else None
     return Message(message_id, message_text, ext, mac)
+
+
+# Our server's replies, as reply_parts() lays them out (with no clock state, and ASCII text): the
+# client's every reply, read without decoding any JSON.  Anything else takes decode_message's way.
+_CANONICAL_REPLY = re.compile(
+    rb'\[(0|-?[1-9][0-9]{0,19}), "([ !#-\[\]-~]*)", \{"seq": (0|[1-9][0-9]{0,19}), "ts": "(kernel|user)", '
+    rb'"t2": (0|[1-9][0-9]{0,19}), "t3": (0|[1-9][0-9]{0,19})(?:, "pad": "( *)")?\}(?:, "([0-9a-f]{64})")?\]')
+
+
+def _quick_reply(data: bytes) -> Optional[Message]:
+    """decode_message() of a reply in our server's layout, or None for anything else."""
+    match = _CANONICAL_REPLY.fullmatch(data)
+    if match is None:
+        return None
+    message_id, text, seq, stamp, t2, t3, pad, mac = match.groups()
+    message_id, seq, t2, t3 = int(message_id), int(seq), int(t2), int(t3)
+    if not -ID_LIMIT < message_id < ID_LIMIT or max(seq, t2, t3) >= ID_LIMIT:
+        return None  # out of range: decode_message says why
+    ext = {"seq": seq, "ts": stamp.decode(), "t2": t2, "t3": t3}  # type: Dict[str, object]
+    if pad is not None:
+        ext["pad"] = pad.decode()
+    return Message(message_id, text.decode(), ext, None if mac is None else mac.decode())
 
 
 def _json_array(data: bytes) -> list:
@@ -409,16 +437,13 @@ def encode_request(request_id: int, text: str, seq: Optional[int] = None, *, siz
     """
     if seq is None:
         return json.dumps([request_id, text]).encode()
-    ext = {"seq": seq}  # type: Dict[str, object]
-    if clock:
-        ext["clock"] = 1
-    if size:
-        ext["size"] = size
-    items = [request_id, text, ext] + ([ZERO_MAC.decode()] if key is not None else [])
-    data = json.dumps(items).encode()
-    if pad_to > len(data):
-        ext["pad"] = " " * max(0, pad_to - len(data) - PAD_OVERHEAD)
-        data = json.dumps(items).encode()
+    ext = b'"seq": %d%b%b' % (seq, b', "clock": 1' if clock else b"", b', "size": %d' % size if size else b"")
+    data = b'[%d, %b, {%b}%b]' % (request_id, json.dumps(text).encode(), ext,  # json.dumps' own layout
+                                   b', "' + ZERO_MAC + b'"' if key is not None else b"")
+    if pad_to > len(data):  # "pad" last in the object, as json.dumps would put it, without a second dumps
+        end = data.rindex(b"}")
+        pad = b" " * max(0, pad_to - len(data) - PAD_OVERHEAD)
+        data = b'%b, "pad": "%b"%b' % (data[:end], pad, data[end:])
     return data if key is None else seal(key, REQUEST_LABEL, data)
 
 
@@ -845,6 +870,12 @@ def _kth_smallest(chunks: Sequence[Sequence[int]], rank: int) -> int:
     return low
 
 
+@functools.lru_cache(maxsize=8)
+def _gammas(relative_error: float) -> Tuple[float, float]:
+    gamma = (1 + relative_error) / (1 - relative_error)
+    return gamma, math.log(gamma)
+
+
 class LogHistogram:
     """Counts of positive values in logarithmic buckets, as HdrHistogram and DDSketch keep them.
 
@@ -854,8 +885,7 @@ class LogHistogram:
     """
 
     def __init__(self, relative_error: float = 0.01) -> None:
-        self._gamma = (1 + relative_error) / (1 - relative_error)
-        self._log_gamma = math.log(self._gamma)
+        self._gamma, self._log_gamma = _gammas(relative_error)
         self.buckets = {}  # type: Dict[int, int]  # index i counts values in (gamma**(i-1), gamma**i]
         self.count = self.nonpositive = 0
 
@@ -938,12 +968,16 @@ class RunningStats:
         self.min = self.max = None  # type: Optional[float]
 
     def add(self, value: float) -> None:
-        self.count += 1
+        count = self.count = self.count + 1
         delta = value - self.mean
-        self.mean += delta / self.count
-        self._squares += delta * (value - self.mean)
-        self.min = value if self.min is None else min(self.min, value)
-        self.max = value if self.max is None else max(self.max, value)
+        mean = self.mean = self.mean + delta / count
+        self._squares += delta * (value - mean)
+        if count == 1:
+            self.min = self.max = value
+        elif value < self.min:
+            self.min = value
+        elif value > self.max:
+            self.max = value
 
     @property
     def mdev(self) -> Optional[float]:
@@ -1064,52 +1098,55 @@ def find_steps(points: Sequence[OffsetPoint], limit: int = 3) -> List[int]:
     return steps
 
 
-class _Sums(NamedTuple):
-    """Sums over a run of points, for least squares in O(1) per split."""
+class _Segment(NamedTuple):
+    """Least-squares sums over a run of points: their count and sums, and the sums of squares
+    and products about their means (Stt, Sty, Syy)."""
     n: int
     t: float
     y: float
-    tt: float
-    ty: float
-    yy: float
+    stt: float
+    sty: float
+    syy: float
     rtt: float
 
-    def __add__(self, other: tuple) -> "_Sums":
-        return _Sums(*(mine + theirs for mine, theirs in zip(self, other)))
 
-    def __sub__(self, other: tuple) -> "_Sums":
-        return _Sums(*(mine - theirs for mine, theirs in zip(self, other)))
+class _PrefixSums:
+    """Running sums over the points, so that any run of them is summed in O(1)."""
 
-    def centred(self) -> Tuple[float, float, float]:
-        """(Stt, Sty, Syy): the sums of squares and products about the means."""
-        return (self.tt - self.t * self.t / self.n, self.ty - self.t * self.y / self.n,
-                self.yy - self.y * self.y / self.n)
+    def __init__(self, points: Sequence[OffsetPoint]) -> None:
+        self.t, self.y, self.tt, self.ty, self.yy, self.rtt = ([0.0] for _ in range(6))
+        for point in points:
+            t, y = point.at_s, point.offset_ns
+            for sums, value in ((self.t, t), (self.y, y), (self.tt, t * t), (self.ty, t * y),
+                                (self.yy, y * y), (self.rtt, point.rtt_ns)):
+                sums.append(sums[-1] + value)
 
-
-def _cumulative(points: Sequence[OffsetPoint]) -> List[_Sums]:
-    sums = [_Sums(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)]
-    for point in points:
-        t, y = point.at_s, point.offset_ns
-        sums.append(sums[-1] + (1, t, y, t * t, t * y, y * y, point.rtt_ns))
-    return sums
+    def segment(self, first: int, last: int) -> _Segment:
+        n = last - first
+        t, y = self.t[last] - self.t[first], self.y[last] - self.y[first]
+        return _Segment(n, t, y, self.tt[last] - self.tt[first] - t * t / n,
+                        self.ty[last] - self.ty[first] - t * y / n,
+                        self.yy[last] - self.yy[first] - y * y / n, self.rtt[last] - self.rtt[first])
 
 
 def _best_split(points: Sequence[OffsetPoint], steps: Sequence[int]) -> Optional[int]:
     """The split that fits best among those that pass find_steps' tests, or None."""
-    sums = _cumulative(points)
+    sums = _PrefixSums(points)
     bounds = [0] + list(steps) + [len(points)]
-    segments = [sums[last] - sums[first] for first, last in zip(bounds, bounds[1:])]
+    segments = [sums.segment(first, last) for first, last in zip(bounds, bounds[1:])]
     best, best_residual = None, float("inf")
     for index, (first, last) in enumerate(zip(bounds, bounds[1:])):
-        others = [segment.centred() for number, segment in enumerate(segments) if number != index]
+        others = [segment for number, segment in enumerate(segments) if number != index]
+        other_tt, other_ty = sum(part.stt for part in others), sum(part.sty for part in others)
+        other_yy = sum(part.syy for part in others)
+        freedom = max(1, len(points) - len(others) - 3)
         for split in range(first + STEP_MIN_POINTS, last - STEP_MIN_POINTS + 1):
-            before, after = sums[split] - sums[first], sums[last] - sums[split]
-            parts = others + [before.centred(), after.centred()]
-            stt, sty = sum(part[0] for part in parts), sum(part[1] for part in parts)
+            before, after = sums.segment(first, split), sums.segment(split, last)
+            stt, sty = other_tt + before.stt + after.stt, other_ty + before.sty + after.sty
             slope = sty / stt if stt else 0.0
-            residual = sum(part[2] for part in parts) - slope * sty
+            residual = other_yy + before.syy + after.syy - slope * sty
             jump = (after.y - slope * after.t) / after.n - (before.y - slope * before.t) / before.n
-            scatter = math.sqrt(max(0.0, residual) / max(1, len(points) - len(parts) - 1))
+            scatter = math.sqrt(max(0.0, residual) / freedom)
             rtt_jump = after.rtt / after.n - before.rtt / before.n
             bound = max(points[split - 1].rtt_ns, points[split].rtt_ns) / 2
             passes = abs(jump) > max(2 * bound, STEP_FACTOR * scatter, 2 * abs(rtt_jump))
@@ -1295,6 +1332,15 @@ def _time_prefix(second: int) -> bytes:
     """b"The time is <local date and time>"; the server appends the microseconds, as
     the tutorial's datetime.now() prints them."""
     return datetime.datetime.fromtimestamp(second).strftime("The time is %Y-%m-%d %H:%M:%S").encode("ascii")
+
+
+_LAST_PREFIX = [-1, ""]  # the second, and its "The time is ...": one for every prober in the process
+
+
+def _local_time_prefix(second: int) -> str:
+    if second != _LAST_PREFIX[0]:
+        _LAST_PREFIX[:] = second, _time_prefix(second).decode("ascii")
+    return _LAST_PREFIX[1]
 
 
 def _bind_error(host: str, port: int, exc: OSError) -> TimecheckError:
@@ -2197,6 +2243,9 @@ class Bin:
             self.best = other.best
 
 
+EMPTY_BIN = Bin()  # every bin nothing fell into: shared, and never written to
+
+
 class Timeline:
     """A run of any length as at most max_bins intervals: when they run out, neighbours merge
     and every bin spans twice as long.  Feeds the drift fit (the best offset of each bin, as
@@ -2207,18 +2256,24 @@ class Timeline:
         self.bins = []  # type: List[Bin]  # bins[i] spans [i * width_ns, (i + 1) * width_ns) of the run
 
     def bin_at(self, elapsed_ns: int) -> Bin:
+        """The bin of that moment, made when first needed: the empty ones between cost nothing."""
         while elapsed_ns // self.width_ns >= self.max_bins:
-            merged = []  # type: List[Bin]
-            for index in range(0, len(self.bins), 2):
-                pair = self.bins[index:index + 2]
-                for other in pair[1:]:
-                    pair[0].merge(other)
-                merged.append(pair[0])
-            self.bins, self.width_ns = merged, self.width_ns * 2
+            self.bins = [self._merged(self.bins[index:index + 2]) for index in range(0, len(self.bins), 2)]
+            self.width_ns *= 2
         index = max(0, elapsed_ns) // self.width_ns
-        while len(self.bins) <= index:
-            self.bins.append(Bin())
-        return self.bins[index]
+        if len(self.bins) <= index:
+            self.bins.extend([EMPTY_BIN] * (index + 1 - len(self.bins)))
+        item = self.bins[index]
+        if item is EMPTY_BIN:
+            item = self.bins[index] = Bin()
+        return item
+
+    @staticmethod
+    def _merged(pair: Sequence[Bin]) -> Bin:
+        used = [item for item in pair if item is not EMPTY_BIN]
+        for other in used[1:]:
+            used[0].merge(other)
+        return used[0] if used else EMPTY_BIN
 
     def points(self) -> List[OffsetPoint]:
         return [item.best for item in self.bins if item.best is not None]
@@ -2400,7 +2455,9 @@ class Recorder:
 
     def expire(self, now_mono_ns: int, timeout_ns: int) -> None:
         """End the probes whose time is up, oldest first."""
-        for sample in list(self.in_flight.values()):
+        in_flight = self.in_flight
+        while in_flight:
+            sample = next(iter(in_flight.values()))
             if now_mono_ns - sample.send_mono_ns < timeout_ns:
                 break
             self._end(sample, LOST, TIMED_OUT)
@@ -2727,6 +2784,25 @@ def _drift_figures(fit: Optional[DriftFit]) -> Dict[str, object]:
             "clock_steps": [{"at": iso_utc(at_ns), "size_ms": _ms(size_ns)} for at_ns, size_ns in fit.steps]}
 
 
+class _UnguessableIds:
+    """Random ids of ID_BITS bits from the operating system's CSPRNG, as secrets draws them, a
+    thousand at a time: one system call for a thousand probes.  Safe from any thread."""
+
+    def __init__(self) -> None:
+        self._pool, self._lock = collections.deque(), threading.Lock()  # type: collections.deque, object
+
+    def __next__(self) -> int:
+        with self._lock:
+            if not self._pool:
+                drawn = secrets.token_bytes(8 * 1024)
+                self._pool.extend(int.from_bytes(drawn[start:start + 8], "big") >> (64 - ID_BITS)
+                                  for start in range(0, len(drawn), 8))
+            return self._pool.popleft()
+
+
+_REQUEST_IDS = _UnguessableIds()  # nothing is drawn until the first probe
+
+
 class Prober:
     """Sends probes to one server and hands what comes back to a Recorder, which run() returns.
 
@@ -2805,14 +2881,20 @@ class Prober:
 
     def new_probe(self, seq: int) -> Tuple[Sample, bytes]:
         """Probe number seq and its request datagram, as this prober sends it."""
-        request_id = secrets.randbits(ID_BITS)  # unguessable, unlike the tutorial's 0..1000
+        request_id = next(_REQUEST_IDS)  # unguessable, unlike the tutorial's 0..1000
         clock = seq % CLOCK_EVERY == 0
-        data = encode_request(request_id, "The time is {}".format(datetime.datetime.now()), seq,
+        data = encode_request(request_id, self._time_text(), seq,
                               size=self.size, pad_to=self._clock_request_size if clock else self.request_size,
                               key=self.key, clock=clock)
         sample = Sample(seq, request_id, mac_of_datagram(data) if self.key is not None else b"", self.target)
         sample.request, sample.request_size = data, len(data)
         return sample, data
+
+    def _time_text(self) -> str:
+        """'The time is <this machine's local time>', as the tutorial's client says it; the date
+        and time are worked out once a second (localtime can cost a stat() of /etc/localtime)."""
+        seconds, fraction = divmod(wall_ns() // 1000, 1_000_000)
+        return "{}.{:06d}".format(_local_time_prefix(seconds), fraction)
 
     # --- the steps a ProbeGroup drives -------------------------------------------------------
 
@@ -2944,6 +3026,10 @@ class ProbeGroup:
         self.retry_refused, self.recent = retry_refused, recent
         self._stopping = False
         self._waker = []  # type: List[socket.socket]  # a socket pair: stop() wakes the loop
+        self._wakes = {}  # type: Dict[Prober, Optional[int]]  # when each is due; None: being stepped
+        self._due = []  # type: List[Tuple[int, int, Prober]]  # a heap of (when, order, prober)
+        self._pushes = itertools.count()
+        self._selector = None  # type: Optional[selectors.BaseSelector]
 
     def stop(self) -> None:
         """End the run soon, with what it has; safe in a signal handler, and to call again."""
@@ -2975,12 +3061,15 @@ class ProbeGroup:
 
     def _loop(self, selector: selectors.BaseSelector, started: int) -> str:
         """Step each prober when it is due or has a reply waiting, until all are done; returns why
-        the probes still waiting end."""
+        the probes still waiting end.  When each is due is kept in a heap: a loop costs the same
+        for a hundred targets as for one."""
         deadline_ns = started + int(self.deadline * NS_PER_S) if self.deadline else None
         report_ns = int(self.report_every * NS_PER_S) if self.report_every else None
         next_report_ns = started + report_ns if report_ns else None
-        wakes = {prober: started for prober in self.probers}  # type: Dict[Prober, int]
-        while wakes and not self._stopping:
+        self._wakes = {prober: started for prober in self.probers}  # type: Dict[Prober, Optional[int]]
+        self._due = [(started, index, prober) for index, prober in enumerate(self.probers)]
+        self._pushes, self._selector = itertools.count(len(self.probers)), selector
+        while self._wakes and not self._stopping:
             now = monotonic_ns()
             if deadline_ns is not None and now >= deadline_ns:
                 return DEADLINE
@@ -2988,25 +3077,41 @@ class ProbeGroup:
                 next_report_ns += report_ns
                 for prober in self.probers:
                     prober._report()
-            for prober in [prober for prober, wake in wakes.items() if wake <= now]:
-                self._restep(selector, wakes, prober, now)
-            if not wakes:
+            next_wake = self._step_due(now)
+            if next_wake is None:
                 break
-            wait_ns = min(at for at in [deadline_ns, next_report_ns, min(wakes.values())] if at is not None)
+            wait_ns = min(at for at in (deadline_ns, next_report_ns, next_wake) if at is not None)
             for key, _ in selector.select(max(0, wait_ns - monotonic_ns()) / NS_PER_S):
                 if key.data is not None:
                     key.data._receive_reply()
-                    self._restep(selector, wakes, key.data, monotonic_ns())
+                    self._restep(key.data, monotonic_ns())
         return INTERRUPTED
 
-    @staticmethod
-    def _restep(selector: selectors.BaseSelector, wakes: Dict[Prober, int], prober: Prober, now: int) -> None:
+    def _step_due(self, now: int) -> Optional[int]:
+        """Step the probers due by now; when the next is due, or None when all are done."""
+        due = self._due
+        while due:
+            wake, _, prober = due[0]
+            if self._wakes.get(prober) != wake:  # stale: that prober's wake moved since
+                heapq.heappop(due)
+            elif wake <= now:
+                heapq.heappop(due)
+                self._wakes[prober] = None  # its entry is gone: whatever its next wake, it goes back in
+                self._restep(prober, now)
+            else:
+                return wake
+        return None
+
+    def _restep(self, prober: Prober, now: int) -> None:
         """Step prober, and note when to look again; one that is done stops being listened to."""
         wake = prober._step(now)
-        if wake is not None:
-            wakes[prober] = wake
-        elif wakes.pop(prober, None) is not None:
-            selector.unregister(prober._sock)
+        if wake is None:
+            if prober in self._wakes:
+                del self._wakes[prober]
+                self._selector.unregister(prober._sock)
+        elif self._wakes.get(prober) != wake:
+            self._wakes[prober] = wake
+            heapq.heappush(self._due, (wake, next(self._pushes), prober))
 
 
 class SntpRecorder(Recorder):
