@@ -812,8 +812,13 @@ class Quantiles:
                 self._sketch = FineSketch()
             self._sketch.add(round(value))
             return
-        self._append(value)
-        if len(self._pending) >= EXACT_CHUNK:
+        pending = self._pending
+        try:
+            pending.append(value)
+        except (TypeError, OverflowError):  # a float, or beyond 4 bytes: the slow way
+            self._append(value)
+            pending = self._pending
+        if len(pending) >= EXACT_CHUNK:
             self._chunks.append(array.array(self._pending.typecode, sorted(self._pending)))
             self._pending = array.array(self._pending.typecode)
 
@@ -2942,13 +2947,23 @@ class Prober:
         if may_send and now >= self._next_send_ns:
             self._send_probe(self._sock, recorder)
             self._next_send_ns = max(self._next_send_ns + self._interval_ns, now)
-            return now  # at once: an answer or a refusal may already be there
+            if recorder.stop_reason is not None:
+                return None
+            may_send = (not self.count or recorder.probes_sent < self.count) and (
+                self._interval_ns or not recorder.in_flight)
         if not may_send and not recorder.in_flight:
             return None
         wake = self._next_send_ns if may_send else now + self._timeout_ns
         if recorder.in_flight:
             wake = min(wake, next(iter(recorder.in_flight.values())).send_mono_ns + self._timeout_ns)
         return wake
+
+    def _reply_matters(self) -> bool:
+        """Whether a reply can change what this prober does next: in the tutorial's loop, the next
+        probe goes at once; after the last, the run may be over.  Else it goes at its time."""
+        recorder = self.recorder
+        return not self._interval_ns or recorder.stop_reason is not None or bool(
+            self.count and recorder.probes_sent >= self.count)
 
     def _report(self) -> None:
         figures = self.recorder.report()
@@ -3082,9 +3097,11 @@ class ProbeGroup:
                 break
             wait_ns = min(at for at in (deadline_ns, next_report_ns, next_wake) if at is not None)
             for key, _ in selector.select(max(0, wait_ns - monotonic_ns()) / NS_PER_S):
-                if key.data is not None:
-                    key.data._receive_reply()
-                    self._restep(key.data, monotonic_ns())
+                prober = key.data
+                if prober is not None:
+                    prober._receive_reply()
+                    if prober._reply_matters():
+                        self._restep(prober, monotonic_ns())
         return INTERRUPTED
 
     def _step_due(self, now: int) -> Optional[int]:

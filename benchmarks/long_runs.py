@@ -122,7 +122,8 @@ def percentiles(port, tmp, name, *args):
 
 
 class DelayRelay:
-    """client -> relay -> server and back, each datagram held 50 ms +- 0.5 ms at random."""
+    """client -> relay -> server and back, each datagram held delay_s +- jitter_s at random; its
+    log (.held) has how long each was really held, the truth a measurement is checked against."""
 
     def __init__(self, upstream, delay_s=0.05, jitter_s=0.0005):
         self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -130,7 +131,7 @@ class DelayRelay:
         self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.back.connect(("127.0.0.1", upstream))
         self.port, self.delay_s, self.jitter_s = self.front.getsockname()[1], delay_s, jitter_s
-        self.client, self.due, self.stopping = None, [], False
+        self.client, self.due, self.stopping, self.held = None, [], False, []
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
@@ -139,8 +140,9 @@ class DelayRelay:
         while not self.stopping:
             now = time.monotonic()
             while self.due and self.due[0][0] <= now:
-                _, _, sock, data, target = heapq.heappop(self.due)
+                _, _, arrived, sock, data, target = heapq.heappop(self.due)
                 sock.sendto(data, target) if target else sock.send(data)
+                self.held.append(time.monotonic() - arrived)
             wait = min(0.01, self.due[0][0] - now) if self.due else 0.01
             for sock in select.select([self.front, self.back], [], [], max(0.0, wait))[0]:
                 if sock is self.front:
@@ -149,8 +151,9 @@ class DelayRelay:
                 else:
                     out = (self.front, self.back.recv(65535), self.client)
                 counter += 1
-                at = time.monotonic() + self.delay_s + rng.uniform(-self.jitter_s, self.jitter_s)
-                heapq.heappush(self.due, (at, counter) + out)
+                arrived = time.monotonic()
+                at = arrived + self.delay_s + rng.uniform(-self.jitter_s, self.jitter_s)
+                heapq.heappush(self.due, (at, counter, arrived) + out)
 
     def stop(self):
         self.stopping = True
