@@ -204,6 +204,18 @@ IP_RECVDSTADDR = getattr(socket, "IP_RECVDSTADDR", None)
 IP_SENDSRCADDR = getattr(socket, "IP_SENDSRCADDR", IP_RECVDSTADDR)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", None)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", None)
+# The marks a datagram came with, its TOS (DSCP and ECN) and TTL (hop limit): asked for with the
+# RECV options, reported in control messages of the plain option's number.
+IP_TOS, IP_TTL = getattr(socket, "IP_TOS", 1), getattr(socket, "IP_TTL", 2)
+IP_RECVTOS = getattr(socket, "IP_RECVTOS", 13 if LINUX else None)
+IP_RECVTTL = getattr(socket, "IP_RECVTTL", 12 if LINUX else None)
+IPV6_TCLASS = getattr(socket, "IPV6_TCLASS", None)
+IPV6_RECVTCLASS = getattr(socket, "IPV6_RECVTCLASS", None)
+IPV6_HOPLIMIT = getattr(socket, "IPV6_HOPLIMIT", None)
+IPV6_RECVHOPLIMIT = getattr(socket, "IPV6_RECVHOPLIMIT", None)
+IPV6_UNICAST_HOPS = getattr(socket, "IPV6_UNICAST_HOPS", None)
+INT = struct.Struct("@i")
+SOF_TIMESTAMPING_TX_SOFTWARE, SOF_TIMESTAMPING_REPORTS = 1 << 1, (1 << 4) | (1 << 11)  # SOFTWARE, TSONLY
 ANCILLARY_SPACE = 256               # room for a timestamp and a packet-info message
 MAX_QUEUE_WAIT_NS = NS_PER_S        # an older kernel timestamp means the clocks disagree
 RECEIVE_TIMEOUT = 0.25              # the server looks at its stop flag at least this often
@@ -287,7 +299,9 @@ def _refuse_number(text: str) -> NoReturn:
 _scan_json = json.scanner.make_scanner(json.JSONDecoder(
     parse_float=_refuse_number, parse_constant=_refuse_number,
     parse_int=None if hasattr(sys, "get_int_max_str_digits") else _bounded_int))
-_EXT_LIMITS = {"seq": ID_LIMIT, "t2": ID_LIMIT, "t3": ID_LIMIT, "size": MAX_DATAGRAM + 1}  # from 0, below
+_EXT_LIMITS = {"seq": ID_LIMIT, "t2": ID_LIMIT, "t3": ID_LIMIT, "size": MAX_DATAGRAM + 1,  # from 0, below
+               "sid": ID_LIMIT, "rx": ID_LIMIT, "xs": ID_LIMIT, "xt": ID_LIMIT, "xl": 2, "pi": 2,
+               "tos": 256, "ttl": 256}
 _CLOCK_INTS = ("maxerr_us", "esterr_us", "freq_ppb")  # a clock state's numbers, |n| <= CLOCK_VALUE_LIMIT
 _REPLY_ONLY = frozenset(("t2", "t3", "ts"))
 
@@ -427,17 +441,25 @@ def reply_context(request_id: bytes, request_mac: bytes) -> bytes:
 
 
 def encode_request(request_id: int, text: str, seq: Optional[int] = None, *, size: int = 0,
-                   pad_to: int = 0, key: Optional[bytes] = None, clock: bool = False) -> bytes:
+                   pad_to: int = 0, key: Optional[bytes] = None, clock: bool = False,
+                   options: Optional["RequestOptions"] = None) -> bytes:
     """A request datagram; without seq it is the tutorial's two-element form.
 
     With seq it carries our extension object, padded with a "pad" string to at
     least pad_to bytes (exactly, when pad_to leaves room for the pad field);
     size asks the server to pad its reply to that many bytes, clock for its
-    kernel's clock state.  With a key the MAC is appended as the last element.
+    kernel's clock state, options for a session's count (sid), the kernel's
+    transmit stamp of the reply (xl, interleaved) and the path's marks (pi).
+    With a key the MAC is appended as the last element.
     """
     if seq is None:
         return json.dumps([request_id, text]).encode()
-    ext = b'"seq": %d%b%b' % (seq, b', "clock": 1' if clock else b"", b', "size": %d' % size if size else b"")
+    wanted = b""
+    if options is not None and options.session is not None:
+        wanted = b', "sid": %d%b%b' % (options.session, b', "xl": 1' if options.interleaved else b"",
+                                       b', "pi": 1' if options.path else b"")
+    ext = b'"seq": %d%b%b%b' % (seq, wanted, b', "clock": 1' if clock else b"",
+                                b', "size": %d' % size if size else b"")
     data = b'[%d, %b, {%b}%b]' % (request_id, json.dumps(text).encode(), ext,  # json.dumps' own layout
                                    b', "' + ZERO_MAC + b'"' if key is not None else b"")
     if pad_to > len(data):  # "pad" last in the object, as json.dumps would put it, without a second dumps
@@ -452,16 +474,33 @@ def encode_request(request_id: int, text: str, seq: Optional[int] = None, *, siz
 # spacing, escapes, other keys) goes through decode_message to the same fields.
 _CANONICAL_REQUEST = re.compile(
     rb'\[(0|-?[1-9][0-9]{0,18}), "[ !#-\[\]-~]*"'
-    rb'(?:, \{"seq": (0|[1-9][0-9]{0,18})(?:, "size": ([1-9][0-9]{0,4}))?(?:, "pad": " *")?\}'
-    rb'(?:, "[0-9a-f]{64}")?)?\]')
+    rb'(?:, \{"seq": (0|[1-9][0-9]{0,18})(?:, "sid": (0|[1-9][0-9]{0,18})(, "xl": 1)?(, "pi": 1)?)?'
+    rb'(?:, "size": ([1-9][0-9]{0,4}))?(?:, "pad": " *")?\}(?:, "[0-9a-f]{64}")?)?\]')
 
 
-Fields = Tuple[bytes, Optional[bytes], int, bool]
+class RequestFields(NamedTuple):
+    """What a reply copies from a request: its id and seq as decimal digits (seq None: the
+    tutorial's form), the size asked for, and whether it asks for the server's clock state."""
+    request_id: bytes
+    seq: Optional[bytes]
+    size: int
+    wants_clock: bool
 
 
-def fields_of(request: Message) -> Fields:
-    """What a reply needs of a request: its id and seq as decimal digits, the size asked for,
-    and whether it asks for the server's clock state.
+class RequestOptions(NamedTuple):
+    """What a request asks of the server beyond a reply: its count of the session's requests
+    (the loss in each direction), the kernel's transmit stamp of its replies (interleaved, as
+    chrony's xleave), and the marks the path left on it (TOS, TTL)."""
+    session: Optional[int] = None
+    interleaved: bool = False
+    path: bool = False
+
+
+NO_OPTIONS = RequestOptions()
+
+
+def fields_of(request: Message) -> RequestFields:
+    """What a reply needs of a request (see RequestFields).
 
     seq is None for the tutorial's form: no extension object, or one without a seq.
     A message carrying a server's timestamps is a reply: NotARequest.
@@ -470,42 +509,66 @@ def fields_of(request: Message) -> Fields:
         raise NotARequest("a reply, not a request: it carries server timestamps")
     seq = request.seq
     if seq is None:
-        return b"%d" % request.message_id, None, 0, False
+        return RequestFields(b"%d" % request.message_id, None, 0, False)
     size = request.ext.get("size") or 0
-    return b"%d" % request.message_id, b"%d" % seq, size, request.ext.get("clock") == 1
+    return RequestFields(b"%d" % request.message_id, b"%d" % seq, size, request.ext.get("clock") == 1)
 
 
-def quick_fields(data: bytes) -> Optional[Fields]:
+def options_of(request: Message) -> RequestOptions:
+    ext = request.ext
+    if ext is None or request.seq is None or ext.get("sid") is None:
+        return NO_OPTIONS
+    return RequestOptions(ext["sid"], ext.get("xl") == 1, ext.get("pi") == 1)
+
+
+def quick_fields(data: bytes) -> Optional[RequestFields]:
     """request_fields() for a request in the layout json.dumps gives, or None for any other."""
+    parsed = _quick_request(data)
+    return None if parsed is None else parsed[0]
+
+
+def _quick_request(data: bytes) -> Optional[Tuple[RequestFields, RequestOptions]]:
     match = _CANONICAL_REQUEST.fullmatch(data)
     if match is None:
         return None
-    request_id, seq, size = match.groups()
+    request_id, seq, session, interleaved, path, size = match.groups()
     if size and int(size) > MAX_DATAGRAM:
         return None  # out of range: decode_message says why
-    return request_id, seq, int(size) if size else 0, False
+    options = NO_OPTIONS if session is None else RequestOptions(int(session), bool(interleaved), bool(path))
+    return RequestFields(request_id, seq, int(size) if size else 0, False), options
 
 
-def request_fields(data: bytes) -> Fields:
+def request_fields(data: bytes) -> RequestFields:
     """fields_of(decode_message(data)), the quick way for requests in json.dumps' layout."""
-    return quick_fields(data) or fields_of(decode_message(data))
+    return parse_request(data)[0]
+
+
+def parse_request(data: bytes) -> Tuple[RequestFields, RequestOptions]:
+    """(fields_of, options_of) of a request, the quick way for one in json.dumps' layout."""
+    quick = _quick_request(data)
+    if quick is not None:
+        return quick
+    request = decode_message(data)
+    return fields_of(request), options_of(request)
 
 
 def reply_parts(reply_id: bytes, time_text: bytes, *, seq: Optional[bytes], server_recv_ns: int,
                 stamp: bytes = KERNEL.encode(), size: int = 0, request_size: int = 0,
-                keyed: bool = False, clock: bytes = b"") -> Tuple[bytes, Optional[bytes]]:
+                keyed: bool = False, clock: bytes = b"", extra: bytes = b"") -> Tuple[bytes, Optional[bytes]]:
     """The reply, split where the send timestamp T3 goes; ids and seq as decimal digits.
 
     A request in the tutorial's form (seq None) gets the tutorial's reply, whole
     (tail None).  Otherwise the reply is head + str(T3) + tail, built before T3
     is read so that reading it is the last thing before the send.  stamp says
     where T2 came from: b"kernel" or b"user"; clock is the server's clock state
-    as encode_clock_state() gives it, or nothing.
+    as encode_clock_state() gives it, or nothing; extra is what the request's
+    options asked for (encode_reply_extra()), or nothing.
     """
     if seq is None:
         return b'[%b, "%b"]' % (reply_id, time_text), None
-    head = b'[%b, "%b", {"seq": %b, "ts": "%b", %b"t2": %d, "t3": ' % (
-        reply_id, time_text, seq, stamp, clock + b", " if clock else b"", server_recv_ns)
+    head = b'[%b, "%b", {"seq": %b, "ts": "%b", %b%b"t2": %d, "t3": ' % (
+        reply_id, time_text, seq, stamp, clock + b", " if clock else b"", extra + b", " if extra else b"",
+        server_recv_ns)
     tail = b'}, "' + ZERO_MAC + b'"]' if keyed else b"}]"
     if size:
         room = (min(size, request_size) - len(head) - len(b"%d" % server_recv_ns)
@@ -513,6 +576,35 @@ def reply_parts(reply_id: bytes, time_text: bytes, *, seq: Optional[bytes], serv
         if room >= 0:
             tail = b', "pad": "' + b" " * room + b'"' + tail
     return head, tail
+
+
+class ReplyExtra(NamedTuple):
+    """What a reply carries for a request's options: the session's count, and the kernel's
+    transmit stamp (xt) of the previous reply to the session (seq xs); the marks the request
+    arrived with."""
+    received: Optional[int] = None
+    interleaved: bool = False
+    previous_seq: Optional[int] = None
+    previous_t3: Optional[int] = None
+    tos: Optional[int] = None
+    ttl: Optional[int] = None
+
+
+def encode_reply_extra(extra: ReplyExtra) -> bytes:
+    """ReplyExtra as members of a reply's extension object, in the order our client's regex reads."""
+    parts = []
+    if extra.received is not None:
+        parts.append(b'"rx": %d' % extra.received)
+    if extra.interleaved:
+        parts.append(b'"xl": 1')
+        if extra.previous_t3 is not None:
+            parts.append(b'"xs": %d, "xt": %d' % (extra.previous_seq, extra.previous_t3))
+    parts += [b'"%b": %d' % (name, value) for name, value in ((b"tos", extra.tos), (b"ttl", extra.ttl))
+              if value is not None]
+    return b", ".join(parts)
+
+
+_WORST_EXTRA = encode_reply_extra(ReplyExtra(ID_LIMIT - 1, True, ID_LIMIT - 1, ID_LIMIT - 1, 255, 255))
 
 
 def fit_tutorial_reply(reply: bytes, limit: int) -> Optional[bytes]:
@@ -532,19 +624,23 @@ def fit_tutorial_reply(reply: bytes, limit: int) -> Optional[bytes]:
     return reply[:-2 - cut] + reply[-2:]
 
 
-def min_request_size(highest_seq: int, *, size: int = 0, keyed: bool = False, clock: bool = False) -> int:
+def min_request_size(highest_seq: int, *, size: int = 0, keyed: bool = False, clock: bool = False,
+                     options: RequestOptions = NO_OPTIONS) -> int:
     """The smallest request our server can answer whole, for any id and time.
 
     A reply is never larger than its request, so requests are padded to the
     longest reply they can get: the largest id, T2 and T3 of TIMESTAMP_DIGITS
-    digits, the longer stamp, and with clock the longest clock state.
+    digits, the longer stamp, with clock the longest clock state, and with
+    options the longest of what they ask for.
     """
     worst_id = ID_LIMIT - 1
+    extra = _WORST_EXTRA if options.session is not None else b""
     head, tail = reply_parts(b"%d" % worst_id, SAMPLE_TEXT.encode(), seq=b"%d" % highest_seq,
                              server_recv_ns=10 ** (TIMESTAMP_DIGITS - 1), stamp=KERNEL.encode(),
-                             keyed=keyed, clock=b"x" * CLOCK_STATE_MAX if clock else b"")
+                             keyed=keyed, clock=b"x" * CLOCK_STATE_MAX if clock else b"", extra=extra)
+    worst_options = options._replace(session=ID_LIMIT - 1) if options.session is not None else None
     request = encode_request(worst_id, SAMPLE_TEXT, highest_seq, size=size,
-                             key=b"k" if keyed else None, clock=clock)
+                             key=b"k" if keyed else None, clock=clock, options=worst_options)
     return max(len(head) + TIMESTAMP_DIGITS + len(tail), len(request) + PAD_OVERHEAD)
 
 
@@ -1520,6 +1616,72 @@ def read_transmit_stamp(sock: socket.socket, not_before_ns: int) -> Optional[int
     return None
 
 
+def enable_transmit_reports(sock: socket.socket) -> bool:
+    """Let the kernel report software transmit stamps on sock's error queue, for the datagrams
+    that ask with a control message (an interleaved session's replies); none is stamped yet."""
+    if SO_TIMESTAMPING is None or not has_message_calls(sock):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, SOF_TIMESTAMPING_REPORTS)
+    except OSError:
+        return False
+    return True
+
+
+def transmit_stamp_request() -> Tuple[int, int, bytes]:
+    """The control message that asks the kernel to stamp one datagram as it leaves."""
+    return socket.SOL_SOCKET, SO_TIMESTAMPING, struct.pack("@I", SOF_TIMESTAMPING_TX_SOFTWARE)
+
+
+def _mark_options(sock: socket.socket) -> List[Tuple[int, Optional[int]]]:
+    """(level, option) pairs that report the TOS and the TTL of each datagram on sock."""
+    options = [(socket.IPPROTO_IP, IP_RECVTOS), (socket.IPPROTO_IP, IP_RECVTTL)]  # IPv4, mapped too
+    if sock.family == socket.AF_INET6:
+        options += [(socket.IPPROTO_IPV6, IPV6_RECVTCLASS), (socket.IPPROTO_IPV6, IPV6_RECVHOPLIMIT)]
+    return options
+
+
+def enable_path_marks(sock: socket.socket) -> bool:
+    """Ask for each datagram's TOS and TTL (hop limit); whether any of it will come."""
+    enabled = False
+    for level, option in _mark_options(sock) if has_message_calls(sock) else ():
+        if option is not None:
+            try:
+                sock.setsockopt(level, option, 1)
+                enabled = True
+            except OSError:
+                pass  # that family's, on a socket of the other
+    return enabled
+
+
+def read_marks(ancillary: Sequence[Tuple[int, int, bytes]]) -> Tuple[Optional[int], Optional[int]]:
+    """(TOS, TTL) of a datagram, from its control messages; None for what did not come."""
+    tos = ttl = None
+    for level, kind, payload in ancillary:
+        value = payload[0] if len(payload) == 1 else (INT.unpack(payload)[0] if len(payload) == INT.size
+                                                      else None)
+        if (level, kind) in ((socket.IPPROTO_IP, IP_TOS), (socket.IPPROTO_IPV6, IPV6_TCLASS)):
+            tos = value
+        elif (level, kind) in ((socket.IPPROTO_IP, IP_TTL), (socket.IPPROTO_IPV6, IPV6_HOPLIMIT)):
+            ttl = value
+    return tos, ttl
+
+
+def tos_mark(family: int, tos: int) -> Tuple[Tuple[int, int, bytes], ...]:
+    """The control message that marks one datagram with tos."""
+    if family == socket.AF_INET6 and IPV6_TCLASS is not None:
+        return ((socket.IPPROTO_IPV6, IPV6_TCLASS, INT.pack(tos)),)
+    return ((socket.IPPROTO_IP, IP_TOS, INT.pack(tos)),)
+
+
+def set_marks(sock: socket.socket, tos: Optional[int], ttl: Optional[int]) -> None:
+    """Mark every datagram sock sends with tos, and send it with ttl hops, where given."""
+    v6 = sock.family == socket.AF_INET6
+    for value, option in ((tos, IPV6_TCLASS if v6 else IP_TOS), (ttl, IPV6_UNICAST_HOPS if v6 else IP_TTL)):
+        if value is not None and option is not None:
+            sock.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, option, value)
+
+
 def _packet_info_option(sock: socket.socket) -> Tuple[int, Optional[int]]:
     """(level, option) that reports each datagram's destination address on sock."""
     if sock.family == socket.AF_INET6:
@@ -1656,6 +1818,15 @@ def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
         sock.settimeout(seconds)
 
 
+class _Session:
+    """A client session at the server: its requests received, and the kernel's transmit stamp of
+    the last reply to it, (seq, ns), for the next reply (interleaved)."""
+    __slots__ = ("received", "previous")
+
+    def __init__(self) -> None:
+        self.received, self.previous = 0, None  # type: int, Optional[Tuple[int, int]]
+
+
 class ServerStats:
     """What the server did with the datagrams it received."""
     __slots__ = ("served", "malformed", "unauthenticated", "replayed", "rate_limited", "too_short", "loops",
@@ -1717,6 +1888,12 @@ class TimeServer:
         self._limiter = RateLimiter(max_rate) if max_rate else None
         self._loops = LoopGuard()
         self._replays = ReplayGuard()
+        self._sessions = RecentTable(SOURCE_TABLE_SIZE)  # a client session's id -> _Session
+        # The kernel stamps only the replies that ask (a control message each): others pay nothing.
+        self.transmit_stamps = self.timestamps == KERNEL and enable_transmit_reports(self.socket)
+        self._path_reported = False
+        self._stamped = None  # type: Optional[Tuple[_Session, bytes]]  # the reply being sent, to stamp
+        self._send_extra = ()  # type: Tuple[tuple, ...]  # its control messages beyond packet info
         self._wildcard = self.address[0] in ("0.0.0.0", "::")
         self._log, self._log_limit = log, log_limit
         self._log_second = self._log_lines = self._log_hidden = 0
@@ -1756,21 +1933,37 @@ class TimeServer:
                     break
                 server_recv_ns, stamp, control = arrival(ancillary, user_ns) if ancillary \
                     else (user_ns, b"user", ())
-                reply = reply_for(data, source, server_recv_ns, stamp)
+                reply = reply_for(data, source, server_recv_ns, stamp, ancillary)
                 if reply is None:
                     continue
+                stamped = self._stamped  # an interleaved session's reply: the kernel stamps it leaving
                 try:
-                    sendmsg((reply,), control, 0, source)
+                    sendmsg((reply,), (*control, *self._send_extra) if self._send_extra else control, 0,
+                            source)
                 except OSError:  # e.g. a spoofed source port 0, or no route back
                     if not (control and self._send_plainly(reply, source)):
                         stats.errors += 1
                         continue
+                if stamped is not None:
+                    self._keep_transmit_stamp(stamped, user_ns)
                 stats.served += 1
                 if log is not None:
                     log(data, source, server_recv_ns)
         finally:
             self._flush_log()
             self._idle.set()
+
+    def _keep_transmit_stamp(self, stamped: Tuple["_Session", bytes], before_ns: int) -> None:
+        """The kernel's stamp of the reply just sent, for the session's next reply (interleaved)."""
+        session, seq = stamped
+        real_ns = before_ns if self._real_clock else before_ns - clock_offset_ns(self._clock)
+        stamp_ns = read_transmit_stamp(self.socket, real_ns)
+        if stamp_ns is None:
+            self.stats.user_stamps += 1
+            session.previous = None
+        else:
+            offset = 0 if self._real_clock else clock_offset_ns(self._clock)
+            session.previous = (int(seq), stamp_ns + offset)
 
     def _send_plainly(self, reply: bytes, source: tuple) -> bool:
         """The reply without its source address, where the kernel refused that (a BSD that
@@ -1796,8 +1989,9 @@ class TimeServer:
         """The reply serve_forever() would send to data from source, or None; no I/O."""
         return self._reply_for(data, source, self._clock(), b"user")
 
-    def _reply_for(self, data: bytes, source: tuple, server_recv_ns: int, stamp: bytes) -> Optional[bytes]:
-        stats = self.stats
+    def _reply_for(self, data: bytes, source: tuple, server_recv_ns: int, stamp: bytes,
+                   ancillary: Sequence[tuple] = ()) -> Optional[bytes]:
+        stats, self._stamped, self._send_extra = self.stats, None, ()
         if self._refused_source(source):
             stats.loops += 1
             return None
@@ -1806,7 +2000,7 @@ class TimeServer:
             stats.rate_limited += 1  # before any parsing: the cheapest refusal
             return None
         try:
-            request_id, seq, size, wants_clock = request_fields(data)
+            (request_id, seq, size, wants_clock), options = parse_request(data)
         except NotARequest:
             stats.loops += 1
             return None
@@ -1822,12 +2016,42 @@ class TimeServer:
         if self._faulty and self._rng() < self._faulty:
             reply_id = b"%d" % (int(request_id) + 1)  # the tutorial's FAULTY_SERVER: a wrong id
         clock = self._clock_state(server_recv_ns) if wants_clock else b""
-        reply = self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp, clock)
+        extra = self._session_extra(options, seq, ancillary) if options.session is not None else b""
+        reply = self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp, clock, extra)
         if reply is None:
             stats.too_short += 1
         elif seq is None:
             self._loops.answered(source, int(reply_id))
         return reply
+
+    def _session_extra(self, options: RequestOptions, seq: bytes, ancillary: Sequence[tuple]) -> bytes:
+        """What a request's options ask for: the count of its session's requests; with interleaved,
+        the kernel's transmit stamp of the session's previous reply (and this one's, stamped as it
+        leaves); with path, the TOS and TTL it came with, the reply marked with the same TOS."""
+        session = self._sessions.take(options.session) or _Session()
+        session.received += 1
+        self._sessions.store(options.session, session)
+        previous = session.previous if options.interleaved else None
+        if options.interleaved and self.transmit_stamps:
+            self._stamped, session.previous = (session, seq), None
+        tos = ttl = None
+        if options.path:
+            tos, ttl = self._marks(ancillary)
+            if tos is not None:
+                self._send_extra = tos_mark(self.socket.family, tos)
+        if self._stamped is not None:
+            self._send_extra += (transmit_stamp_request(),)
+        return encode_reply_extra(ReplyExtra(
+            session.received, options.interleaved and self.transmit_stamps, *(previous or (None, None)),
+            tos, ttl))
+
+    def _marks(self, ancillary: Sequence[tuple]) -> Tuple[Optional[int], Optional[int]]:
+        """The TOS and TTL a datagram came with; the first request that asks turns their report
+        on, so that they cost nothing until a client wants them."""
+        if not self._path_reported:
+            self._path_reported = True
+            enable_path_marks(self.socket)
+        return read_marks(ancillary)
 
     def _admitted(self, data: bytes, seq: Optional[bytes], source: tuple, server_recv_ns: int) -> bool:
         """With a key: authenticated, not a replay, and within the sender's --max-rate, in that
@@ -1858,7 +2082,8 @@ class TimeServer:
                                                                          source[0] == self.address[0]))
 
     def _build_reply(self, data: bytes, request_id: bytes, reply_id: bytes, seq: Optional[bytes], size: int,
-                     server_recv_ns: int, stamp: bytes, clock: bytes = b"") -> Optional[bytes]:
+                     server_recv_ns: int, stamp: bytes, clock: bytes = b"",
+                     extra: bytes = b"") -> Optional[bytes]:
         """The reply, T3 read last; None if it would be larger than the request.
 
         The clock state goes in only if it fits: the client pads for it.
@@ -1869,9 +2094,9 @@ class TimeServer:
         key = self._key
         head, tail = reply_parts(reply_id, b"%b.%06d" % (self._text_prefix, fraction // 1000), seq=seq,
                                  server_recv_ns=server_recv_ns, stamp=stamp, size=size,
-                                 request_size=len(data), keyed=key is not None, clock=clock)
+                                 request_size=len(data), keyed=key is not None, clock=clock, extra=extra)
         if clock and len(head) + TIMESTAMP_DIGITS + len(tail) > len(data):
-            return self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp)
+            return self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp, b"", extra)
         if tail is None:
             return fit_tutorial_reply(head, len(data))
         if key is None:
