@@ -63,6 +63,7 @@ import socket
 import stat
 import struct
 import sys
+import textwrap
 import threading
 import time
 from typing import (Callable, Dict, Iterator, List, Mapping, NamedTuple, NoReturn,
@@ -113,7 +114,8 @@ LOG_QUEUE_LINES = 1000              # lines waiting for a slow or blocked stdout
 PROGRESS_EVERY = 0.25               # seconds between progress updates on a terminal (-q)
 SVG_WIDTH, SVG_LEFT, SVG_PLOT_WIDTH = 960, 80, 850  # --plot: pixels
 SVG_TOP, SVG_PANEL, SVG_GAP = 60, 220, 80
-SOURCE_TABLE_SIZE = 4096            # source addresses --max-rate and the loop guard keep
+SOURCE_TABLE_SIZE = 4096            # source addresses --max-rate and the loop guard keep; sessions
+MAX_SOURCE_PORTS = 64               # --ports: sockets of one run
 REPLAY_WINDOW_S = 300               # seconds a keyed server remembers the requests it answered ...
 REPLAY_ENTRIES = 65536              # ... up to this many (some 8 MB): a replay within them gets no answer
 PRIVILEGED_PORTS = 1024             # echo, daytime, DNS, NTP...: never answered (loop DoS)
@@ -224,6 +226,10 @@ WALL_STEP_TOLERANCE_NS = 50_000     # wall vs monotonic over one round trip, bey
 # Long runs in flat memory
 SAMPLES_KEPT = 1000                 # probes the JSON lists in full; --csv and --jsonl have every one
 RECENT_PROBES = 16384               # answered or lost probes remembered for late and duplicate replies
+HELD_PROBES = 64                    # answered probes waiting for their T3 from the kernel (interleaved)
+TTL_CHANGES_KEPT = 100              # path changes the JSON lists; the count has them all
+DUPLICATE_WINDOW = 64               # a session's latest requests the server tells duplicates among
+STAMP_ERROR_NS = {"kernel": 10_000, "user": 1_000_000}  # where a timestamp can sit from its event
 TIMELINE_BINS = 256                 # per-interval aggregates for the drift fit and the plot
 TIMELINE_FIRST_WIDTH_NS = 10_000_000  # each bin's span at first; doubled whenever bins run out
 DRIFT_MIN_POINTS = 6                # bins with a trusted offset before a drift is fitted
@@ -354,9 +360,13 @@ def decode_message(data: bytes) -> Message:
 
 # Our server's replies, as reply_parts() lays them out (with no clock state, and ASCII text): the
 # client's every reply, read without decoding any JSON.  Anything else takes decode_message's way.
+_NUMBER = rb'(0|[1-9][0-9]{0,19})'
 _CANONICAL_REPLY = re.compile(
-    rb'\[(0|-?[1-9][0-9]{0,19}), "([ !#-\[\]-~]*)", \{"seq": (0|[1-9][0-9]{0,19}), "ts": "(kernel|user)", '
-    rb'"t2": (0|[1-9][0-9]{0,19}), "t3": (0|[1-9][0-9]{0,19})(?:, "pad": "( *)")?\}(?:, "([0-9a-f]{64})")?\]')
+    rb'\[(0|-?[1-9][0-9]{0,19}), "([ !#-\[\]-~]*)", \{"seq": ' + _NUMBER + rb', "ts": "(kernel|user)", '
+    rb'(?:"rx": ' + _NUMBER + rb'(, "xl": 1(?:, "xs": ' + _NUMBER + rb', "xt": ' + _NUMBER + rb')?)?'
+    rb'(?:, "tos": ([0-9]{1,3}))?(?:, "ttl": ([0-9]{1,3}))?, )?'
+    rb'"t2": ' + _NUMBER + rb', "t3": ' + _NUMBER + rb'(?:, "pad": "( *)")?\}(?:, "([0-9a-f]{64})")?\]')
+_QUICK_EXTRA = ("rx", "xl", "xs", "xt", "tos", "ttl")
 
 
 def _quick_reply(data: bytes) -> Optional[Message]:
@@ -364,11 +374,18 @@ def _quick_reply(data: bytes) -> Optional[Message]:
     match = _CANONICAL_REPLY.fullmatch(data)
     if match is None:
         return None
-    message_id, text, seq, stamp, t2, t3, pad, mac = match.groups()
+    message_id, text, seq, stamp, *extra, t2, t3, pad, mac = match.groups()
     message_id, seq, t2, t3 = int(message_id), int(seq), int(t2), int(t3)
     if not -ID_LIMIT < message_id < ID_LIMIT or max(seq, t2, t3) >= ID_LIMIT:
         return None  # out of range: decode_message says why
     ext = {"seq": seq, "ts": stamp.decode(), "t2": t2, "t3": t3}  # type: Dict[str, object]
+    if extra[0] is not None:
+        for name, value in zip(_QUICK_EXTRA, extra):
+            if value is not None:
+                ext[name] = 1 if name == "xl" else int(value)
+        if ext.get("xs", 0) >= ID_LIMIT or ext.get("xt", 0) >= ID_LIMIT or ext.get("tos", 0) > 255 \
+                or ext.get("ttl", 0) > 255 or ext["rx"] >= ID_LIMIT:
+            return None
     if pad is not None:
         ext["pad"] = pad.decode()
     return Message(message_id, text.decode(), ext, None if mac is None else mac.decode())
@@ -604,7 +621,11 @@ def encode_reply_extra(extra: ReplyExtra) -> bytes:
     return b", ".join(parts)
 
 
-_WORST_EXTRA = encode_reply_extra(ReplyExtra(ID_LIMIT - 1, True, ID_LIMIT - 1, ID_LIMIT - 1, 255, 255))
+def _worst_extra(options: RequestOptions, highest_seq: int) -> bytes:
+    """The longest ReplyExtra a request with options can get."""
+    largest = 10 ** TIMESTAMP_DIGITS - 1
+    marks = 255 if options.path else None
+    return encode_reply_extra(ReplyExtra(ID_LIMIT - 1, options.interleaved, highest_seq, largest, marks, marks))
 
 
 def fit_tutorial_reply(reply: bytes, limit: int) -> Optional[bytes]:
@@ -634,7 +655,7 @@ def min_request_size(highest_seq: int, *, size: int = 0, keyed: bool = False, cl
     options the longest of what they ask for.
     """
     worst_id = ID_LIMIT - 1
-    extra = _WORST_EXTRA if options.session is not None else b""
+    extra = _worst_extra(options, highest_seq) if options.session is not None else b""
     head, tail = reply_parts(b"%d" % worst_id, SAMPLE_TEXT.encode(), seq=b"%d" % highest_seq,
                              server_recv_ns=10 ** (TIMESTAMP_DIGITS - 1), stamp=KERNEL.encode(),
                              keyed=keyed, clock=b"x" * CLOCK_STATE_MAX if clock else b"", extra=extra)
@@ -1090,16 +1111,18 @@ class Runs:
     limit loses probes as regularly as it answers them, a lossy path does not) and the lost
     runs' spans in time, from the first lost probe's send to the next answered one's: the
     outages, as fping -o counts them.  O(1) memory."""
-    __slots__ = ("answered", "lost", "outages", "longest_outage_ns", "outage_ns", "_lost_now", "_length",
-                 "_since_ns", "_runs")
+    __slots__ = ("answered", "lost", "outages", "longest_outage_ns", "outage_ns", "last_send_ns", "_lost_now",
+                 "_length", "_since_ns", "_runs")
 
     def __init__(self) -> None:
         self.answered, self.lost = RunningStats(), RunningStats()  # run lengths, in probes, but the first
-        self.outages = self.longest_outage_ns = self.outage_ns = 0
+        self.outages = self.longest_outage_ns = self.outage_ns = self.last_send_ns = 0
         self._lost_now, self._length, self._since_ns, self._runs = False, 0, 0, 0
 
-    def add(self, lost: bool, send_mono_ns: int) -> Optional[int]:
-        """One more probe; when it ends an outage, the outage's length in ns, else None."""
+    def add(self, lost: bool, send_mono_ns: int) -> Optional[Tuple[int, int]]:
+        """One more probe, in the order they were sent; when it ends an outage, the outage's
+        (probes, ns), else None."""
+        self.last_send_ns = send_mono_ns
         if lost == self._lost_now:
             self._length += 1
             return None
@@ -1107,7 +1130,13 @@ class Runs:
         self._lost_now, self._length, self._since_ns = lost, 1, send_mono_ns
         return ended
 
-    def _end_run(self, next_send_ns: int) -> Optional[int]:
+    def close(self, end_ns: int) -> Optional[Tuple[int, int]]:
+        """The run's end at end_ns: an outage still going counts, up to then."""
+        ended = self._end_run(max(end_ns, self.last_send_ns)) if self._lost_now else None
+        self._length = 0
+        return ended
+
+    def _end_run(self, next_send_ns: int) -> Optional[Tuple[int, int]]:
         if not self._length:
             return None
         self._runs += 1
@@ -1119,12 +1148,125 @@ class Runs:
         self.outages += 1
         self.outage_ns += span
         self.longest_outage_ns = max(self.longest_outage_ns, span)
-        return span
+        return self._length, span
 
     def regular(self) -> bool:
         """Whether both kinds of run come at nearly one length each, as a token bucket makes them."""
         return all(runs.count >= RATE_LIMIT_RUNS and runs.mdev <= RATE_LIMIT_SPREAD * runs.mean
                    for runs in (self.answered, self.lost))
+
+    def outage_figures(self) -> Dict[str, object]:
+        return {"count": self.outages, "longest_s": round(self.longest_outage_ns / NS_PER_S, 6),
+                "total_s": round(self.outage_ns / NS_PER_S, 6)}
+
+
+class Outage(NamedTuple):
+    """A run of consecutive lost probes: from the first's send to the next answered one's (or,
+    at the run's end, to when it would have gone)."""
+    first_seq: int
+    probes: int
+    span_ns: int
+    at_end: bool = False
+
+
+class LossDirections:
+    """Lost probes split by the leg that lost them, from the server's count of the session's
+    requests, as irtt's server counts them: between two answered probes, the count grew by one
+    more than the requests of lost probes that arrived, whose replies were lost; the others'
+    requests were.  Probes come in the order they were sent.  The lost after the last answer,
+    or across a count that went back (a server that forgot the session), stay unknown."""
+    __slots__ = ("up", "down", "unknown", "counted", "_gap", "_previous")
+
+    def __init__(self) -> None:
+        self.up = self.down = self.unknown = 0
+        self.counted = False  # whether any reply carried the server's count
+        self._gap, self._previous = 0, 0  # lost since the last answer; the count it carried
+
+    def add(self, lost: bool, server_count: Optional[int] = None) -> None:
+        """The next probe: lost, or answered with the server's count if its reply had one."""
+        if lost:
+            self._gap += 1
+            return
+        arrived = -1 if server_count is None else server_count - self._previous - 1
+        if arrived < 0:
+            self.unknown += self._gap
+        else:
+            self.down += min(arrived, self._gap)
+            self.up += self._gap - min(arrived, self._gap)
+        self._gap = 0
+        if server_count is not None:
+            self.counted, self._previous = True, server_count
+
+    def figures(self) -> Dict[str, Optional[int]]:
+        """lost_up, lost_down and lost_direction_unknown, which sum to the lost; None without a count."""
+        if not self.counted:
+            return {"lost_up": None, "lost_down": None, "lost_direction_unknown": None}
+        return {"lost_up": self.up, "lost_down": self.down, "lost_direction_unknown": self.unknown + self._gap}
+
+
+class PathMarks:
+    """What the path did to the probes' marks: the TOS the server received and the one its
+    reply (marked the same) came back with, against the one sent; the TTL the server received,
+    the hops it shows, and each change of it on a source port (a path change)."""
+
+    def __init__(self, tos_sent: Optional[int], ttl_sent: Optional[int]) -> None:
+        self.tos_sent, self.ttl_sent = tos_sent, ttl_sent
+        self.tos_at_server = self.tos_back = self.ttl_at_server = None  # type: Optional[int]
+        self.tos_checked = self.tos_changed_out = self.tos_changed_back = 0  # replies, and how many differed
+        self.changes = []  # type: List[Tuple[int, int, int, int]]  # (wall ns, seq, from, to), the first kept
+        self.change_count = 0
+        self._ttl_by_port = {}  # type: Dict[int, int]
+
+    def add(self, seq: int, sent_ns: int, port: int, server: Tuple[Optional[int], Optional[int]],
+            back: Tuple[Optional[int], Optional[int]]) -> None:
+        """An answered probe's marks: (TOS, TTL) at the server, and as its reply arrived."""
+        (server_tos, server_ttl), back_tos = server, back[0]
+        if server_tos is not None and back_tos is not None:
+            self.tos_checked += 1
+            self.tos_changed_out += self.tos_sent is not None and server_tos != self.tos_sent
+            self.tos_changed_back += back_tos != server_tos
+            self.tos_at_server, self.tos_back = server_tos, back_tos
+        if server_ttl is None:
+            return
+        before = self._ttl_by_port.get(port)
+        if before is not None and before != server_ttl:
+            self.change_count += 1
+            if len(self.changes) < TTL_CHANGES_KEPT:
+                self.changes.append((sent_ns, seq, before, server_ttl))
+        self._ttl_by_port[port] = self.ttl_at_server = server_ttl
+
+    def figures(self) -> Dict[str, object]:
+        hops = None if None in (self.ttl_sent, self.ttl_at_server) else self.ttl_sent - self.ttl_at_server
+        changes = [{"at": iso_utc(at_ns), "seq": seq, "from": before, "to": after}
+                   for at_ns, seq, before, after in self.changes]
+        return {"tos": {"sent": self.tos_sent, "received_by_server": self.tos_at_server,
+                        "received_back": self.tos_back, "checked": self.tos_checked,
+                        "changed_out": self.tos_changed_out, "changed_back": self.tos_changed_back},
+                "ttl": {"sent": self.ttl_sent, "received_by_server": self.ttl_at_server, "hops": hops,
+                        "changes": changes, "change_count": self.change_count}}
+
+
+class PortFigures:
+    """One source port's probes (ECMP: each port can take its own path): sent, answered, lost,
+    and the RTTs, exactly."""
+    __slots__ = ("port", "sent", "received", "lost", "rtt")
+
+    def __init__(self, port: int) -> None:
+        self.port, self.sent, self.received, self.lost = port, 0, 0, 0
+        self.rtt = Quantiles(EXACT_VALUES // EXACT_SHARE)
+
+    def add(self, status: str, rtt_ns: Optional[int]) -> None:
+        self.sent += 1
+        self.lost += status == LOST
+        if status == OK:
+            self.received += 1
+            self.rtt.add(rtt_ns)
+
+    def as_dict(self) -> Dict[str, object]:
+        median, p99 = self.rtt.quantiles((0.5, 0.99))
+        return {"port": self.port, "sent": self.sent, "received": self.received, "lost": self.lost,
+                "rtt_ms": {"median": _ms(median), "p99": _ms(p99)}}
+
 
 
 class OffsetPoint(NamedTuple):
@@ -1682,6 +1824,17 @@ def set_marks(sock: socket.socket, tos: Optional[int], ttl: Optional[int]) -> No
             sock.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, option, value)
 
 
+def default_ttl(sock: socket.socket) -> Optional[int]:
+    """The TTL (hop limit) sock's datagrams leave with, or None where the platform will not say."""
+    v6 = sock.family == socket.AF_INET6
+    option = IPV6_UNICAST_HOPS if v6 else IP_TTL
+    try:
+        ttl = sock.getsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, option)
+    except (OSError, TypeError):  # TypeError: no such option here (None)
+        return None
+    return ttl if 0 < ttl < 256 else None
+
+
 def _packet_info_option(sock: socket.socket) -> Tuple[int, Optional[int]]:
     """(level, option) that reports each datagram's destination address on sock."""
     if sock.family == socket.AF_INET6:
@@ -1821,16 +1974,33 @@ def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
 class _Session:
     """A client session at the server: its requests received, and the kernel's transmit stamp of
     the last reply to it, (seq, ns), for the next reply (interleaved)."""
-    __slots__ = ("received", "previous")
+    __slots__ = ("received", "previous", "highest", "seen")
 
     def __init__(self) -> None:
         self.received, self.previous = 0, None  # type: int, Optional[Tuple[int, int]]
+        self.highest, self.seen = -1, 0  # the highest seq, and a bit for each of the latest seen
+
+    def count(self, seq: int) -> None:
+        """One more request; one the network duplicated (a seq among the latest seen) counts once,
+        so that the client's loss split stays exact."""
+        if seq > self.highest:
+            self.seen = ((self.seen << min(seq - self.highest, DUPLICATE_WINDOW)) | 1) & _WINDOW_MASK
+            self.highest = seq
+        elif self.highest - seq < DUPLICATE_WINDOW:
+            bit = 1 << (self.highest - seq)
+            if self.seen & bit:
+                return
+            self.seen |= bit
+        self.received += 1
+
+
+_WINDOW_MASK = (1 << DUPLICATE_WINDOW) - 1
 
 
 class ServerStats:
     """What the server did with the datagrams it received."""
     __slots__ = ("served", "malformed", "unauthenticated", "replayed", "rate_limited", "too_short", "loops",
-                 "errors", "not_logged", "user_stamps")
+                 "errors", "not_logged", "user_stamps", "transmit_user_stamps")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -1863,7 +2033,8 @@ class TimeServer:
                  log: Optional[Callable[[str], None]] = None,
                  log_limit: Optional[int] = LOG_LINES_PER_SECOND,
                  clock: Optional[Callable[[], int]] = None, timestamps: str = KERNEL,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random,
+                 clock_state: Callable[[], ClockState] = lambda: read_clock_state()) -> None:
         family, address = resolve(host, port, passive=True)[0]
         self.socket = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -1885,6 +2056,7 @@ class TimeServer:
         self.keyed = key is not None
         self._faulty, self._key, self._rng = faulty, key, rng
         self._clock, self._real_clock = clock or wall_ns, clock is None
+        self._read_clock_state = clock_state
         self._limiter = RateLimiter(max_rate) if max_rate else None
         self._loops = LoopGuard()
         self._replays = ReplayGuard()
@@ -1959,7 +2131,7 @@ class TimeServer:
         real_ns = before_ns if self._real_clock else before_ns - clock_offset_ns(self._clock)
         stamp_ns = read_transmit_stamp(self.socket, real_ns)
         if stamp_ns is None:
-            self.stats.user_stamps += 1
+            self.stats.transmit_user_stamps += 1
             session.previous = None
         else:
             offset = 0 if self._real_clock else clock_offset_ns(self._clock)
@@ -2016,7 +2188,7 @@ class TimeServer:
         if self._faulty and self._rng() < self._faulty:
             reply_id = b"%d" % (int(request_id) + 1)  # the tutorial's FAULTY_SERVER: a wrong id
         clock = self._clock_state(server_recv_ns) if wants_clock else b""
-        extra = self._session_extra(options, seq, ancillary) if options.session is not None else b""
+        extra = self._session_extra(options, seq, source, ancillary) if options.session is not None else b""
         reply = self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp, clock, extra)
         if reply is None:
             stats.too_short += 1
@@ -2024,13 +2196,15 @@ class TimeServer:
             self._loops.answered(source, int(reply_id))
         return reply
 
-    def _session_extra(self, options: RequestOptions, seq: bytes, ancillary: Sequence[tuple]) -> bytes:
+    def _session_extra(self, options: RequestOptions, seq: bytes, source: tuple,
+                       ancillary: Sequence[tuple]) -> bytes:
         """What a request's options ask for: the count of its session's requests; with interleaved,
         the kernel's transmit stamp of the session's previous reply (and this one's, stamped as it
         leaves); with path, the TOS and TTL it came with, the reply marked with the same TOS."""
-        session = self._sessions.take(options.session) or _Session()
-        session.received += 1
-        self._sessions.store(options.session, session)
+        key = (source[0], options.session)  # another sender cannot touch a session, nor guess one
+        session = self._sessions.take(key) or _Session()
+        session.count(int(seq))
+        self._sessions.store(key, session)
         previous = session.previous if options.interleaved else None
         if options.interleaved and self.transmit_stamps:
             self._stamped, session.previous = (session, seq), None
@@ -2072,7 +2246,7 @@ class TimeServer:
         """This kernel's clock state, for the replies that ask: read at most once a second."""
         second = now_ns // NS_PER_S
         if second != self._clock_second:
-            self._clock_second, self._clock_fragment = second, encode_clock_state(read_clock_state())
+            self._clock_second, self._clock_fragment = second, encode_clock_state(self._read_clock_state())
         return self._clock_fragment
 
     def _refused_source(self, source: tuple) -> bool:
@@ -2379,18 +2553,22 @@ class Sample:
     are the monotonic clock around the same send and receive.
     """
     __slots__ = ("seq", "request_id", "request_mac", "request", "status", "reason", "send_mono_ns",
-                 "recv_mono_ns", "t1", "t1_user", "t1_kernel", "t2", "t3", "t4", "t4_kernel", "server_stamp",
-                 "request_size", "reply_id", "reply_text", "reply_size", "timing", "server_clock", "ntp",
-                 "target")
+                 "recv_mono_ns", "t1", "t1_user", "t1_kernel", "t2", "t3", "t3_kernel", "t4", "t4_kernel",
+                 "t4_user", "server_stamp", "request_size", "reply_id", "reply_text", "reply_size", "timing",
+                 "server_clock", "ntp", "target", "port", "interleaved", "server_count", "server_marks",
+                 "marks_back")
 
     def __init__(self, seq: int, request_id: int, request_mac: bytes = b"", target: str = "") -> None:
         self.seq, self.request_id, self.request_mac, self.target = seq, request_id, request_mac, target
         self.request = b""  # the datagram sent, kept while it waits: an echo is byte for byte it
         self.status = PENDING
         self.reason = None  # type: Optional[str]  # why a lost probe was lost: see LOST_REASONS
-        self.send_mono_ns = self.t1 = self.t1_user = 0
-        self.recv_mono_ns = self.t2 = self.t3 = self.t4 = None  # type: Optional[int]
-        self.t1_kernel = self.t4_kernel = False
+        self.send_mono_ns = self.t1 = self.t1_user = self.port = 0  # port: which source port (its index)
+        self.recv_mono_ns = self.t2 = self.t3 = self.t4 = self.t4_user = None  # type: Optional[int]
+        self.t1_kernel = self.t3_kernel = self.t4_kernel = False
+        self.interleaved = False  # the server stamps its reply leaving, and sends the stamp next time
+        self.server_count = None  # type: Optional[int]  # the session's requests the server has had
+        self.server_marks = self.marks_back = (None, None)  # (TOS, TTL) at the server; of the reply
         self.server_stamp = self.reply_id = self.reply_text = None  # type: Optional[object]
         self.request_size = self.reply_size = 0
         self.timing = None  # type: Optional[Timing]
@@ -2420,10 +2598,10 @@ class Sample:
             return None
         return self.timing.rtt_ns / 2 + (root_distance_ns(self.ntp) if self.ntp is not None else 0)
 
-    def settle(self, user_t4: int, *, kernel_mode: bool) -> None:
-        """Work out what the probe measured, once its reply is recorded."""
+    def settle(self, *, kernel_mode: bool) -> None:
+        """Work out what the probe measured, once its reply is recorded (again, with a better T3)."""
         self.timing = probe_timing(self.t1, self.t2, self.t3, self.t4, raw_ns=self.raw_rtt_ns,
-                                   span_ns=user_t4 - self.t1_user, kernel=kernel_mode and self.t4_kernel)
+                                   span_ns=self.t4_user - self.t1_user, kernel=kernel_mode and self.t4_kernel)
 
     def as_dict(self) -> Dict[str, object]:
         timing = self.timing
@@ -2434,6 +2612,8 @@ class Sample:
                 "lost_because": self.reason,
                 "t1_ns": self.t1, "t2_ns": self.t2, "t3_ns": self.t3, "t4_ns": self.t4,
                 "t1_from": KERNEL if self.t1_kernel else USER, "t4_from": KERNEL if self.t4_kernel else USER,
+                "t3_from": None if self.t3 is None else (KERNEL if self.t3_kernel else USER),
+                "port": self.port,
                 "timestamps": None if timing is None else (KERNEL if timing.kernel else USER),
                 "server_timestamps": self.server_stamp,
                 "trusted": None if timing is None else timing.trusted,
@@ -2443,8 +2623,29 @@ class Sample:
 
 SAMPLE_FIELDS = ("seq", "sent_at", "id", "status", "rtt_ms", "raw_rtt_ms", "server_proc_ms", "offset_ms",
                  "offset_err_ms", "reply_id", "lost_because", "t1_ns", "t2_ns", "t3_ns", "t4_ns",
-                 "t1_from", "t4_from", "timestamps", "server_timestamps", "trusted",
+                 "t1_from", "t4_from", "t3_from", "port", "timestamps", "server_timestamps", "trusted",
                  "untrusted_because", "target")  # as_dict()'s keys
+
+
+class LocalEnd(NamedTuple):
+    """This end of a run: the marks its probes go with (TOS; TTL, the system's default if not
+    set), its source address, and its source ports (one per socket: ECMP)."""
+    tos: Optional[int] = None
+    ttl: Optional[int] = None
+    address: Optional[str] = None
+    ports: Tuple[int, ...] = (0,)
+
+
+class Arrival(NamedTuple):
+    """A reply's arrival: the kernel's stamp (None: none came), the wall clock read just after
+    (the clock the run uses, and the real one: they differ when a test shifts it), the monotonic
+    clock, and the TOS and TTL it came with (None: not asked for)."""
+    kernel_t4: Optional[int]
+    user_t4: int
+    real_t4: int
+    recv_mono_ns: int
+    tos: Optional[int] = None
+    ttl: Optional[int] = None
 
 
 def describe_timestamps(client: str, server: Optional[str]) -> str:
@@ -2547,6 +2748,10 @@ class Delays:
         self.lowest = value if self.lowest is None else min(self.lowest, value)
         self.values.add(value)
 
+    def median_ns(self) -> Optional[float]:
+        (middle,) = self.values.quantiles((0.5,))
+        return None if middle is None else self.reference + middle
+
     def queueing_ns(self) -> Optional[float]:
         (middle,) = self.values.quantiles((0.5,))
         return None if middle is None else max(0.0, middle - self.lowest)
@@ -2576,6 +2781,7 @@ class Totals:
         self.best = None  # type: Optional[Sample]  # NTP's clock filter: the trusted sample of least error
         self.untrusted_because = collections.Counter()  # type: collections.Counter
         self.server_stamps = set()  # type: set
+        self.server_transmit_kernel = self.server_transmit_fallbacks = 0  # interleaved: T3 from its kernel, or not
         self.timeline = Timeline()
         self.runs = Runs()
 
@@ -2630,8 +2836,17 @@ class Recorder:
                  key: Optional[bytes] = None, timestamps: str = USER, transmit_stamps: bool = False,
                  keep_samples: int = SAMPLES_KEPT, reports: bool = False,
                  on_sample: Optional[Callable[[Sample], None]] = None, recent: Optional[int] = None,
-                 stop_on_refusal: bool = True) -> None:
+                 stop_on_refusal: bool = True, on_outage: Optional[Callable[["Outage"], None]] = None,
+                 local: Optional["LocalEnd"] = None,
+                 clock_state: Callable[[], ClockState] = lambda: read_clock_state()) -> None:
         self.target, self.address, self.settings, self.request_size = target, address, settings, request_size
+        self.local = local or LocalEnd()
+        self.on_outage, self.clock_state = on_outage, clock_state
+        self.directions = LossDirections()  # the whole run's: a period's split needs the count before it
+        self.marks = PathMarks(self.local.tos, self.local.ttl)
+        self.ports = [PortFigures(port) for port in self.local.ports]
+        self._held = collections.OrderedDict()  # type: Dict[int, Sample]  # seq -> answered, awaiting T3
+        self._in_order, self._next_seq = {}, 0  # type: Dict[int, Sample], int  # ended, by seq, until in turn
         self.stop_on_refusal = stop_on_refusal  # else a refusal is one lost probe: a mesh's peer starts late
         self.key, self.keyed, self.on_sample = key, key is not None, on_sample
         self.timestamps, self.transmit_stamps, self.keep_samples = timestamps, transmit_stamps, keep_samples
@@ -2651,6 +2866,7 @@ class Recorder:
         self.server_clock = None  # type: Optional[ClockState]  # the latest the server told
         self.local_clock = UNKNOWN_CLOCK  # this kernel's, read at the end of the run
         self._estimate = None  # type: Optional[tuple]  # (when, offset, error, drift) for --metrics
+        self.server_transmit_at_end = 0  # answered probes no later reply could bring a kernel T3 for
         self.interrupted = False
         self.stop_reason = self.last_error = None  # type: Optional[str]
 
@@ -2692,8 +2908,10 @@ class Recorder:
                 break
             self._end(sample, LOST, TIMED_OUT)
 
-    def receive(self, data: bytes, stamps: Tuple[Optional[int], int, int, int]) -> None:
-        """A reply: matched to its probe by id (or by its seq, when the id is a lie)."""
+    def receive(self, data: bytes, stamps: Arrival) -> None:
+        """A reply: matched to its probe by id (or by its seq, when the id is a lie); stamps may
+        be a plain (kernel_t4, user_t4, real_t4, recv_mono_ns)."""
+        stamps = stamps if type(stamps) is Arrival else Arrival(*stamps)
         try:
             reply = decode_message(data)
         except WireError:
@@ -2723,20 +2941,31 @@ class Recorder:
                    "interval": {"start": iso_utc(period.started_wall_ns), "end": iso_utc(now)},
                    "target": self.target, "address": self.address}
         figures.update(self._figures(period, now_mono))
-        figures["clock"] = self._clock_figures(figures, read_clock_state())
+        local = self.clock_state()
+        figures.update(self._one_way(period, local, figures["timestamps"]))
+        figures["clock"] = self._clock_figures(figures, local)
         self.period = Totals(now, now_mono)
         self._active = (self.totals, self.period)
         return figures
 
     def finish(self, interrupted: bool, reason: str = INTERRUPTED) -> None:
-        """The end of the run: every probe still in flight is lost, for reason."""
+        """The end of the run: every probe still in flight is lost, for reason; an answered one
+        still waiting for its kernel T3 keeps the server's own; an outage still going ends."""
         self.interrupted = interrupted
-        self.local_clock = read_clock_state()
+        self.local_clock = self.clock_state()
         if reason == DEADLINE:
             self.stop_reason = DEADLINE
-        self.duration_ns = monotonic_ns() - self.started_mono_ns
+        end_mono_ns = monotonic_ns()
+        self.duration_ns = end_mono_ns - self.started_mono_ns
         for sample in list(self.in_flight.values()):  # at a deadline, as ping -w: not lost, unknown
             self._end(sample, IN_FLIGHT if reason == DEADLINE else LOST, reason)
+        self.server_transmit_at_end = len(self._held)
+        while self._held:
+            self._close(self._held.popitem(last=False)[1])
+        step_ns = int((self.settings.get("interval") or self.settings.get("timeout") or 0) * NS_PER_S)
+        ended = self.totals.runs.close(min(end_mono_ns, self.totals.runs.last_send_ns + step_ns))
+        if ended is not None and self.on_outage is not None:  # as it would have ended: a probe later
+            self.on_outage(Outage(self._next_seq - ended[0], ended[0], ended[1], True))
 
     # --- what happens to a reply and a probe ----------------------------------------------
 
@@ -2768,8 +2997,10 @@ class Recorder:
             return False
         return True
 
-    def _classify(self, reply: Message, data: bytes, stamps: Tuple[Optional[int], int, int, int],
-                  sample: Optional[Sample], ended: Optional[tuple], claim: Optional[object]) -> None:
+    def _classify(self, reply: Message, data: bytes, stamps: Arrival, sample: Optional[Sample],
+                  ended: Optional[tuple], claim: Optional[object]) -> None:
+        if (sample is not None or ended is not None) and reply.ext is not None and "xs" in reply.ext:
+            self._transmit_report(reply.ext["xs"], reply.ext["xt"])
         if sample is not None:
             self._record(sample, reply, data, stamps)
             self._end(sample, OK)
@@ -2781,29 +3012,46 @@ class Recorder:
                 self._record(claim, reply, data, stamps)
                 self._end(claim, MISMATCHED)
 
-    def _record(self, sample: Sample, reply: Message, data: bytes,
-                stamps: Tuple[Optional[int], int, int, int]) -> None:
+    def _record(self, sample: Sample, reply: Message, data: bytes, stamps: Arrival) -> None:
         """Keep what the reply says, and when it came."""
         sample.reply_id, sample.reply_text, sample.reply_size = reply.message_id, reply.text, len(data)
-        if reply.ext is not None:
-            sample.t2, sample.t3 = reply.ext.get("t2"), reply.ext.get("t3")
-            stamp = reply.ext.get("ts")
+        ext = reply.ext
+        if ext is not None:
+            sample.t2, sample.t3 = ext.get("t2"), ext.get("t3")
+            stamp = ext.get("ts")
             sample.server_stamp = stamp if stamp in (KERNEL, USER) else None
-            if "clock" in reply.ext:
-                sample.server_clock = decode_clock_state(reply.ext["clock"])
+            if "clock" in ext:
+                sample.server_clock = decode_clock_state(ext["clock"])
                 self.server_clock = sample.server_clock or self.server_clock
+            sample.server_count, sample.interleaved = ext.get("rx"), ext.get("xl") == 1
+            sample.server_marks = (ext.get("tos"), ext.get("ttl"))
+        sample.marks_back = (stamps.tos, stamps.ttl)
         self._arrived(sample, stamps)
 
-    def _arrived(self, sample: Sample, stamps: Tuple[Optional[int], int, int, int]) -> None:
+    def _arrived(self, sample: Sample, stamps: Arrival) -> None:
         """When the reply came, the kernel's T4 if plausible, else ours; then what the probe measured."""
-        kernel_t4, user_t4, real_t4, sample.recv_mono_ns = stamps
+        kernel_t4, user_t4, real_t4, sample.recv_mono_ns = stamps[:4]
         kernel_mode = self.timestamps == KERNEL
         t4 = arrival_ns(kernel_t4, user_t4, real_t4, user_t4 - sample.t1) if kernel_mode else None
         sample.t4, sample.t4_kernel = (user_t4, False) if t4 is None else (t4, True)
-        sample.settle(user_t4, kernel_mode=kernel_mode)
+        sample.t4_user = user_t4
+        sample.settle(kernel_mode=kernel_mode)
+
+    def _transmit_report(self, seq: int, transmit_ns: int) -> None:
+        """An interleaved reply's news of an earlier one: the kernel's stamp of it leaving (RFC 9769's
+        way).  It completes that probe; the held probes before it will get none (their reply's
+        stamp never came, or another reply went between) and keep the server's own T3."""
+        for held_seq in [held for held in self._held if held <= seq]:  # a few at most
+            sample = self._held.pop(held_seq)
+            if held_seq == seq and sample.t3 is not None and sample.t3 <= transmit_ns \
+                    and transmit_ns - sample.t2 <= sample.raw_rtt_ns:  # within what the client waited
+                sample.t3, sample.t3_kernel = transmit_ns, True
+                sample.settle(kernel_mode=self.timestamps == KERNEL)
+            self._close(sample)
 
     def _end(self, sample: Sample, status: str, reason: Optional[str] = None) -> None:
-        """A probe's end: out of flight, into the totals, the first samples, the writers."""
+        """A probe's end: out of flight; then, unless it waits for the kernel's T3 of its reply
+        (which comes with the next, interleaved), closed."""
         if self.in_flight.pop(sample.request_id, None) is None:
             return  # ended already
         del self._in_flight_seq[sample.seq]
@@ -2814,11 +3062,40 @@ class Recorder:
             sample.reason = reason
         self._ended.store(sample.request_id, (sample.seq, status, sample.request_mac))
         self._ended_seq.store(sample.seq, sample.request_id)
-        neighbours = self._neighbours(sample) if status == OK else ()
+        if status == OK and sample.interleaved and len(self._held) < HELD_PROBES:
+            self._held[sample.seq] = sample
+        else:
+            self._close(sample)
+
+    def _close(self, sample: Sample) -> None:
+        """A probe's figures, final: into the totals, the first samples, the writers; then, in the
+        order the probes went, into the loss by direction and the outages."""
+        neighbours = self._neighbours(sample) if sample.status == OK else ()
         for totals in self._active:
             self._tally(totals, sample, neighbours)
+        if sample.status in (OK, LOST):
+            self.ports[sample.port].add(sample.status, sample.rtt_ns)
+        if sample.status == OK:
+            self.marks.add(sample.seq, sample.t1, sample.port, sample.server_marks, sample.marks_back)
         if self.on_sample is not None:
             self.on_sample(sample)
+        self._in_order[sample.seq] = sample
+        while self._next_seq in self._in_order:
+            self._in_turn(self._in_order.pop(self._next_seq))
+            self._next_seq += 1
+
+    def _in_turn(self, sample: Sample) -> None:
+        """A probe, in the order they went: runs of lost probes (outages), and the leg that lost it."""
+        status = sample.status
+        if status not in (OK, LOST, MISMATCHED):
+            return
+        self.directions.add(status == LOST, sample.server_count)
+        if status == MISMATCHED or sample.reason == INTERRUPTED:  # a stop is no outage
+            return
+        for totals in self._active:
+            ended = totals.runs.add(status == LOST, sample.send_mono_ns)
+            if ended is not None and totals is self.totals and self.on_outage is not None:
+                self.on_outage(Outage(sample.seq - ended[0], ended[0], ended[1]))
 
     def _neighbours(self, sample: Sample) -> List[Tuple[int, Optional[int], Optional[int]]]:
         """The probes numbered next to an answered one that were answered before it; counts a
@@ -2839,8 +3116,6 @@ class Recorder:
         elapsed_ns = sample.send_mono_ns - totals.started_mono_ns
         point_bin = totals.timeline.bin_at(elapsed_ns)
         point_bin.sent += 1
-        if sample.status in (OK, LOST):
-            totals.runs.add(sample.status == LOST, sample.send_mono_ns)
         if sample.status == LOST:
             totals.lost += 1
             point_bin.lost += 1
@@ -2854,6 +3129,8 @@ class Recorder:
         totals.received += 1
         totals.user_fallbacks += self.timestamps == KERNEL and not timing.kernel
         totals.transmit_fallbacks += self.transmit_stamps and not sample.t1_kernel
+        totals.server_transmit_kernel += sample.t3_kernel
+        totals.server_transmit_fallbacks += sample.interleaved and not sample.t3_kernel
         totals.untrusted += not timing.trusted
         totals.add_answer(sample, neighbours)
         point_bin.rtt.add(timing.rtt_ns)
@@ -2879,7 +3156,19 @@ class Recorder:
         offset_ns, error_ns, drift_ppm = self.clock_estimate()
         return {"counts": counts, "rtt_buckets": list(totals.rtt_buckets), "rtt_count": stats.count,
                 "rtt_sum_ns": stats.mean * stats.count, "offset_ns": offset_ns, "offset_err_ns": error_ns,
-                "drift_ppm": drift_ppm, "server_clock": self.server_clock}
+                "drift_ppm": drift_ppm, "server_clock": self.server_clock, "path": self._path_snapshot()}
+
+    def _path_snapshot(self) -> Dict[str, Optional[float]]:
+        """What the path did, as numbers over time: None where the run has no such figure."""
+        directions, marks, runs = self.directions, self.marks, self.totals.runs
+        tos_known = marks.tos_sent is not None and marks.tos_checked
+        hops = None if None in (marks.ttl_sent, marks.ttl_at_server) else marks.ttl_sent - marks.ttl_at_server
+        return {"lost_up": directions.up if directions.counted else None,
+                "lost_down": directions.down if directions.counted else None,
+                "tos_preserved": int(marks.tos_at_server == marks.tos_sent == marks.tos_back) if tos_known
+                else None,
+                "hops": hops, "path_changes": marks.change_count if marks.ttl_at_server is not None else None,
+                "outages": runs.outages, "outage_seconds": runs.outage_ns / NS_PER_S}
 
     def clock_estimate(self) -> Tuple[Optional[float], Optional[float], Optional[float]]:
         """(offset now, its error bound, drift in ppm): the drift fit's current estimate, else
@@ -2931,6 +3220,11 @@ class Recorder:
         summary.update(target=self.target, address=self.address, stopped_because=self.stop_reason,
                        interrupted=self.interrupted)
         summary.update(self._figures(totals, end_mono_ns))
+        summary.update(self.directions.figures())
+        summary.update(self._one_way(totals, self.local_clock, summary["timestamps"]))
+        summary.update(self.marks.figures() if self.local.tos is not None or self.local.ttl is not None
+                       else {"tos": None, "ttl": None})
+        summary.update(local_address=self.local.address, ports=[port.as_dict() for port in self.ports])
         summary["reference"] = None  # client --reference fills it in
         summary["clock"] = self._clock_figures(summary, self.local_clock)
         summary.update(samples=[sample.as_dict() for sample in samples], samples_kept=len(samples),
@@ -2964,7 +3258,23 @@ class Recorder:
         figures.update(_drift_figures(fit_drift(totals.timeline.points(),
                                                 (end_mono_ns - totals.started_mono_ns) / NS_PER_S)))
         figures["histogram_ms"] = _histogram_rows(totals)
+        figures["outages"] = totals.runs.outage_figures()
         return figures
+
+    def _one_way(self, totals: Totals, local: ClockState, stamps: Mapping) -> Dict[str, object]:
+        """Each leg's delay (T2 - T1 out, T4 - T3 back), when both kernels say their clocks are
+        synchronised: their medians, each within both kernels' maximum errors and the stamps' own."""
+        server = self.server_clock or UNKNOWN_CLOCK
+        reason = _unsynchronized(local, "this machine's") or _unsynchronized(server, "the server's")
+        if reason is None and totals.send_delays.reference is None:
+            reason = "no probe with consistent timestamps at both ends"
+        if reason is not None:
+            return {"owd_up_ms": None, "owd_down_ms": None, "owd_reason": reason}
+        kernel = stamps["client"] == KERNEL and stamps["server"] == KERNEL
+        error_ns = local.maxerror_ns + server.maxerror_ns + STAMP_ERROR_NS[KERNEL if kernel else USER]
+        return {"owd_up_ms": {"median": _ms(totals.send_delays.median_ns()), "err": _ms(error_ns)},
+                "owd_down_ms": {"median": _ms(totals.receive_delays.median_ns()), "err": _ms(error_ns)},
+                "owd_reason": None}
 
     def plot_data(self) -> Dict[str, object]:
         """What --plot draws: the run's per-interval aggregates, its drift line and its histogram."""
@@ -2989,10 +3299,24 @@ class Recorder:
     def _timestamp_summary(self, totals: Totals) -> Dict[str, object]:
         stamps = totals.server_stamps
         server = next(iter(stamps)) if len(stamps) == 1 else ("mixed" if stamps else None)
+        transmit = totals.server_transmit_kernel
+        late = totals.server_transmit_fallbacks - (self.server_transmit_at_end if totals is self.totals else 0)
         return {"client": self.timestamps, "server": server, "transmit": self.transmit_stamps,
+                "server_transmit": None if server is None else (
+                    (KERNEL if not late else "mixed") if transmit else USER),
+                "server_transmit_fallbacks": totals.server_transmit_fallbacks,
                 "user_fallbacks": totals.user_fallbacks, "transmit_fallbacks": totals.transmit_fallbacks,
                 "untrusted": totals.untrusted, "untrusted_because": dict(totals.untrusted_because),
                 "described": describe_timestamps(self.timestamps, server)}
+
+
+def _unsynchronized(state: ClockState, whose: str) -> Optional[str]:
+    """Why a kernel's clock cannot bound a one-way delay, in words, or None when it can."""
+    if state.synchronized is None or state.maxerror_ns is None:
+        return "{} clock state is unknown".format(whose)
+    if not state.synchronized:
+        return "{} clock is not synchronised".format(whose)
+    return None
 
 
 def _histogram_rows(totals: Totals) -> List[List[float]]:
@@ -3033,6 +3357,18 @@ class _UnguessableIds:
 _REQUEST_IDS = _UnguessableIds()  # nothing is drawn until the first probe
 
 
+class PathOptions(NamedTuple):
+    """What a run asks of the path beyond round trips: the server's transmit stamps in the kernel
+    (interleaved: where the server can), the probes' TOS and TTL (and the server's report of
+    the marks they came with), a source address to send from, and how many source ports to
+    spread the probes over (ECMP)."""
+    interleaved: bool = True
+    tos: Optional[int] = None
+    ttl: Optional[int] = None
+    source: Optional[str] = None
+    ports: int = 1
+
+
 class Prober:
     """Sends probes to one server and hands what comes back to a Recorder, which run() returns.
 
@@ -3045,7 +3381,7 @@ class Prober:
     on_start (set it after construction) with the prober as each address is tried.
     clock is this machine's wall clock in ns (tests inject a shifted one);
     timestamps is KERNEL to take T1 and T4 from the kernel where the platform
-    has it, or USER.
+    has it, or USER; path is what the run asks of the path (PathOptions).
     """
 
     recorder_class = Recorder  # type: type
@@ -3057,32 +3393,38 @@ class Prober:
                  report_every: Optional[float] = None, keep_samples: int = SAMPLES_KEPT,
                  on_sample: Optional[Callable[[Sample], None]] = None,
                  on_report: Optional[Callable[[Dict[str, object]], None]] = None,
-                 on_note: Optional[Callable[[str], None]] = None) -> None:
+                 on_note: Optional[Callable[[str], None]] = None, path: PathOptions = PathOptions(),
+                 on_outage: Optional[Callable[[Outage], None]] = None,
+                 clock_state: Callable[[], ClockState] = lambda: read_clock_state()) -> None:
         self.addresses = resolve(host, port)
+        self.path, self.session = path, next(_REQUEST_IDS)  # a session: the server counts its requests
+        self.options = RequestOptions(self.session, path.interleaved, path.tos is not None or path.ttl is not None)
         self.family, self.address = self.addresses[0]
         self.target = format_address(host.strip("[]"), port)
         self.count, self.interval, self.timeout = count, interval, timeout
         self.deadline, self.report_every, self.keep_samples = deadline, report_every, keep_samples
         self.size, self.key = size, key
         self.on_sample, self.on_report, self.on_note = on_sample, on_report, on_note
+        self.on_outage, self.clock_state = on_outage, clock_state
         self.on_start = None  # type: Optional[Callable[[Prober], None]]  # as each address is tried
         self.name = None  # type: Optional[str]  # a mesh peer's name, from the peers file
         self.clock, self._real_clock = clock or wall_ns, clock is None
         self.no_kernel_stamps = None if timestamps != KERNEL else _platform_stamps_refused(self.family)
         self.timestamps = KERNEL if timestamps == KERNEL and self.no_kernel_stamps is None else USER
         # Pad every request so the server's reply fits: it never answers with more bytes.
-        smallest = min_request_size(count or 10 ** 12, size=size, keyed=key is not None)
+        smallest = min_request_size(count or 10 ** 12, size=size, keyed=key is not None, options=self.options)
         largest = MAX_UDP_PAYLOAD[self.family]
         if size and not smallest <= size <= largest:
             raise TimecheckError("--size must be from {} to {} bytes".format(smallest, largest))
         self.request_size = size or smallest
         # The first probe, and one in CLOCK_EVERY, ask for the server's clock state: room for it.
         self._clock_request_size = size or min_request_size(count or 10 ** 12, keyed=key is not None,
-                                                            clock=True)
+                                                            clock=True, options=self.options)
         self.recorder = None  # type: Optional[Recorder]  # the run's, once it has begun
         self._transmit_stamps = self._stopping = False
         self._group = None  # type: Optional[ProbeGroup]  # the loop that drives this prober's run
-        self._sock = self._recvmsg = None  # type: Optional[object]  # the socket, and its recvmsg or a stand-in
+        self._socks = []  # type: List[socket.socket]  # one for each source port
+        self._recvmsg = {}  # type: Dict[socket.socket, Callable]  # each socket's, or a stand-in (Windows)
         self._timeout_ns = self._interval_ns = self._next_send_ns = 0
 
     def run(self) -> Recorder:
@@ -3115,7 +3457,7 @@ class Prober:
         clock = seq % CLOCK_EVERY == 0
         data = encode_request(request_id, self._time_text(), seq,
                               size=self.size, pad_to=self._clock_request_size if clock else self.request_size,
-                              key=self.key, clock=clock)
+                              key=self.key, clock=clock, options=self.options)
         sample = Sample(seq, request_id, mac_of_datagram(data) if self.key is not None else b"", self.target)
         sample.request, sample.request_size = data, len(data)
         return sample, data
@@ -3128,37 +3470,57 @@ class Prober:
 
     # --- the steps a ProbeGroup drives -------------------------------------------------------
 
-    def _open(self, stack: contextlib.ExitStack, group: "ProbeGroup", first_send_ns: int) -> socket.socket:
-        """The run's socket, connected and with its timestamping options, and its Recorder."""
-        sock = stack.enter_context(socket.socket(self.family, socket.SOCK_DGRAM))
-        try:
-            sock.connect(self.address)  # replies from anyone else are dropped by the kernel
-        except OSError as exc:
-            raise TimecheckError("cannot reach {}: {}".format(self.target, exc.strerror or exc)) from None
-        sock.setblocking(False)
-        self._sock, self._recvmsg, self._group = sock, message_calls(sock)[0], group
+    def _open(self, stack: contextlib.ExitStack, group: "ProbeGroup", first_send_ns: int) -> List[socket.socket]:
+        """The run's sockets (one a source port), connected and with their options, and its Recorder."""
+        self._socks = [self._socket(stack) for _ in range(self.path.ports)]
+        self._recvmsg = {sock: message_calls(sock)[0] for sock in self._socks}
+        self._group = group
         self._timeout_ns, self._interval_ns = int(self.timeout * NS_PER_S), int(self.interval * NS_PER_S)
         self._next_send_ns = first_send_ns
-        self.recorder = self._recorder(sock, group)
+        self.recorder = self._recorder(group)
         if self._stopping:  # stopped before the run began
             group.stop()
         if self.on_start is not None:
             self.on_start(self)
+        return self._socks
+
+    def _socket(self, stack: contextlib.ExitStack) -> socket.socket:
+        sock = stack.enter_context(socket.socket(self.family, socket.SOCK_DGRAM))
+        try:
+            if self.path.source is not None:
+                sock.bind((self.path.source, 0) + self.address[2:])
+            set_marks(sock, self.path.tos, self.path.ttl)
+            if self.options.path:
+                enable_path_marks(sock)  # the marks the replies come back with
+            sock.connect(self.address)  # replies from anyone else are dropped by the kernel
+        except OSError as exc:
+            raise TimecheckError("cannot reach {}{}: {}".format(self.target, " from " + self.path.source
+                                                                if self.path.source else "",
+                                                                exc.strerror or exc)) from None
+        sock.setblocking(False)
         return sock
 
-    def _recorder(self, sock: socket.socket, group: "ProbeGroup") -> Recorder:
-        """A new Recorder, once the socket has its timestamping options."""
+    def _recorder(self, group: "ProbeGroup") -> Recorder:
+        """A new Recorder, once the sockets have their timestamping options."""
         if self.timestamps == KERNEL:
-            self.no_kernel_stamps = kernel_stamps_refused(sock)
+            self.no_kernel_stamps = next(filter(None, map(kernel_stamps_refused, self._socks)), None)
             self.timestamps = USER if self.no_kernel_stamps else KERNEL
-        self._transmit_stamps = self.timestamps == KERNEL and enable_transmit_timestamps(sock)
+        self._transmit_stamps = self.timestamps == KERNEL and all(map(enable_transmit_timestamps, self._socks))
         settings = {"count": self.count, "interval": self.interval, "timeout": self.timeout,
                     "size": self.size or None, "deadline": group.deadline}
         return self.recorder_class(self.target, self.address[0], settings=settings,
                                    request_size=self.request_size, key=self.key, timestamps=self.timestamps,
                                    transmit_stamps=self._transmit_stamps, keep_samples=self.keep_samples,
                                    reports=bool(group.report_every), on_sample=self.on_sample,
-                                   recent=group.recent, stop_on_refusal=not group.retry_refused)
+                                   recent=group.recent, stop_on_refusal=not group.retry_refused,
+                                   on_outage=self.on_outage, local=self._local_end(),
+                                   clock_state=self.clock_state)
+
+    def _local_end(self) -> LocalEnd:
+        """This end of the run, as its sockets have it."""
+        sock = self._socks[0]
+        return LocalEnd(self.path.tos, self.path.ttl if self.path.ttl is not None else default_ttl(sock),
+                        sock.getsockname()[0], tuple(each.getsockname()[1] for each in self._socks))
 
     def _step(self, now: int) -> Optional[int]:
         """Expire what timed out and send what is due; when to look again (ns), or None when
@@ -3170,7 +3532,7 @@ class Prober:
         may_send = (not self.count or recorder.probes_sent < self.count) and (
             self._interval_ns or not recorder.in_flight)
         if may_send and now >= self._next_send_ns:
-            self._send_probe(self._sock, recorder)
+            self._send_probe(recorder)
             self._next_send_ns = max(self._next_send_ns + self._interval_ns, now)
             if recorder.stop_reason is not None:
                 return None
@@ -3195,8 +3557,10 @@ class Prober:
         if self.on_report is not None:
             self.on_report(figures)
 
-    def _send_probe(self, sock: socket.socket, recorder: Recorder) -> None:
+    def _send_probe(self, recorder: Recorder) -> None:
         sample, data = self.new_probe(recorder.probes_sent)
+        sample.port = sample.seq % len(self._socks)  # round robin over the source ports (ECMP)
+        sock = self._socks[sample.port]
         recorder.send(sample)  # registered before it goes: a stop from here on still counts it
         send, clock = sock.send, self.clock
         send_mono_ns = monotonic_ns()  # the monotonic reading first, T1 right before the send
@@ -3227,10 +3591,10 @@ class Prober:
         stamp_ns = read_transmit_stamp(sock, t1 - offset)
         return None if stamp_ns is None else stamp_ns + offset
 
-    def _receive_reply(self) -> None:
-        sock, recorder = self._sock, self.recorder
+    def _receive_reply(self, sock: socket.socket) -> None:
+        recorder = self.recorder
         try:
-            data, ancillary, _, _ = self._recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
+            data, ancillary, _, _ = self._recvmsg[sock](MAX_DATAGRAM, ANCILLARY_SPACE)
             user_t4 = self.clock()  # the wall clock, then the monotonic one: T4 - T1 spans within it
             recv_mono_ns = monotonic_ns()
         except BlockingIOError:  # only transmit stamps that came too late: drop them
@@ -3244,8 +3608,11 @@ class Prober:
             recorder.not_received()
             return
         real_t4 = user_t4 if self._real_clock else user_t4 - clock_offset_ns(self.clock)
-        kernel_t4 = read_ancillary(ancillary)[0] if ancillary else None
-        recorder.receive(data, (kernel_t4, user_t4, real_t4, recv_mono_ns))
+        if not ancillary:
+            recorder.receive(data, Arrival(None, user_t4, real_t4, recv_mono_ns))
+            return
+        tos, ttl = read_marks(ancillary) if self.options.path else (None, None)
+        recorder.receive(data, Arrival(read_ancillary(ancillary)[0], user_t4, real_t4, recv_mono_ns, tos, ttl))
 
 
 class ProbeGroup:
@@ -3289,7 +3656,8 @@ class ProbeGroup:
             spread_ns = int(min((prober.interval for prober in self.probers), default=0) * NS_PER_S)
             for index, prober in enumerate(self.probers):
                 first = started + spread_ns * index // len(self.probers)
-                selector.register(prober._open(stack, self, first), selectors.EVENT_READ, prober)
+                for sock in prober._open(stack, self, first):
+                    selector.register(sock, selectors.EVENT_READ, prober)
             try:
                 reason = self._loop(selector, started)
             except KeyboardInterrupt:  # SIGINT's default, where no handler calls stop()
@@ -3324,7 +3692,7 @@ class ProbeGroup:
             for key, _ in selector.select(max(0, wait_ns - monotonic_ns()) / NS_PER_S):
                 prober = key.data
                 if prober is not None:
-                    prober._receive_reply()
+                    prober._receive_reply(key.fileobj)
                     if prober._reply_matters():
                         self._restep(prober, monotonic_ns())
         return INTERRUPTED
@@ -3350,7 +3718,8 @@ class ProbeGroup:
         if wake is None:
             if prober in self._wakes:
                 del self._wakes[prober]
-                self._selector.unregister(prober._sock)
+                for sock in prober._socks:
+                    self._selector.unregister(sock)
         elif self._wakes.get(prober) != wake:
             self._wakes[prober] = wake
             heapq.heappush(self._due, (wake, next(self._pushes), prober))
@@ -3651,6 +4020,83 @@ def format_counts(summary: Mapping) -> List[str]:
     return lines
 
 
+def format_outage(outage: Outage, target: str, named: bool = False) -> str:
+    """An outage's line, as it ends: which probes, and for how long."""
+    last = outage.first_seq + outage.probes - 1
+    probes = "seq={}".format(outage.first_seq) if outage.probes == 1 else "seq={}-{}".format(
+        outage.first_seq, last)
+    return "{}outage {:.3f} s: {} lost ({}){}".format(
+        target + ": " if named else "", outage.span_ns / NS_PER_S, plural(outage.probes, "probe"), probes,
+        ", still going at the end" if outage.at_end else "")
+
+
+def format_path(summary: Mapping) -> List[str]:
+    """What the path did: which leg lost what, the outages, the probes' marks and hops, each
+    source port, and the one-way delays."""
+    lines = []
+    if summary["lost"] and summary.get("lost_up") is not None:
+        unknown = summary["lost_direction_unknown"]
+        lines.append("lost on the way out (the server never had the request) {}, on the way back (the "
+                     "reply lost) {}{}".format(summary["lost_up"], summary["lost_down"], ", after the last "
+                                               "reply (either way) {}".format(unknown) if unknown else ""))
+    outages = summary["outages"]
+    if outages["count"]:
+        lines.append("outages {}, longest {:.3f} s, total {:.3f} s".format(
+            outages["count"], outages["longest_s"], outages["total_s"]))
+    lines += format_marks(summary.get("tos"), summary.get("ttl"))
+    ports = summary.get("ports") or []
+    if len(ports) > 1:
+        lines += ["source port {}: {} sent, {} received, {} lost, rtt median/p99 = {}".format(
+            port["port"], port["sent"], port["received"], port["lost"], _show_ms(
+                port["rtt_ms"]["median"], port["rtt_ms"]["p99"])) for port in ports]
+    return lines
+
+
+def _show_ms(*values: Optional[float]) -> str:
+    if None in values:
+        return "n/a"
+    return "/".join("{:.3f}".format(value) for value in values) + " ms"
+
+
+def format_one_way(summary: Mapping) -> str:
+    up, down = summary["owd_up_ms"], summary["owd_down_ms"]
+    if up is None:
+        return "one-way delays: not given ({}); the queueing above needs no synchronised " \
+               "clocks".format(summary["owd_reason"])
+    return "one-way delay median: out {:.3f} ms \u00b1 {:.3f} ms, back {:.3f} ms \u00b1 {:.3f} ms (both " \
+           "kernels synchronised: their max errors, and the timestamps')".format(
+               up["median"], up["err"], down["median"], down["err"])
+
+
+def format_marks(tos: Optional[Mapping], ttl: Optional[Mapping]) -> List[str]:
+    """The TOS sent, what reached the server and what came back; the hops, and their changes."""
+    lines = []
+    if tos is not None and tos["sent"] is not None:
+        if not tos["checked"]:
+            lines.append("TOS {} sent: the server did not say what arrived".format(dscp_name(tos["sent"])))
+        else:
+            lines.append("TOS {} sent, {} at the server, {} back: {}".format(
+                dscp_name(tos["sent"]), dscp_name(tos["received_by_server"]), dscp_name(tos["received_back"]),
+                _tos_verdict(tos)))
+    if ttl is not None and ttl["received_by_server"] is not None:
+        lines.append("TTL {} sent, {} at the server: {}".format(
+            ttl["sent"] if ttl["sent"] is not None else "(unknown)", ttl["received_by_server"],
+            "n/a hops" if ttl["hops"] is None else plural(ttl["hops"], "hop")))
+        lines += ["path change: the TTL at the server went from {} to {} at {} (seq={})".format(
+            change["from"], change["to"], change["at"], change["seq"]) for change in ttl["changes"]]
+        if ttl["change_count"] > len(ttl["changes"]):
+            lines.append("... and {} more path changes".format(ttl["change_count"] - len(ttl["changes"])))
+    return lines
+
+
+def _tos_verdict(tos: Mapping) -> str:
+    """Whether the marking survived, and on which leg it changed."""
+    legs = [("on the way out", tos["changed_out"]), ("on the way back", tos["changed_back"])]
+    changed = ["changed {} ({} of {})".format(leg, count, plural(tos["checked"], "reply", "replies"))
+               for leg, count in legs if count]
+    return "; ".join(changed) if changed else "kept both ways"
+
+
 def offset_words(offset_ms: float, error_ms: float, ahead: str, behind: str, level: str) -> str:
     """A direction only when the offset lies outside its bound: else level, within the bound."""
     if abs(offset_ms) <= error_ms:
@@ -3678,6 +4124,17 @@ def format_clock(summary: Mapping) -> List[str]:
                     "probe)".format(signed(offset), error, words, summary["offset_seq"])]
 
 
+def format_stamps(stamps: Mapping) -> str:
+    """Where the timestamps came from, at each end, with the fallbacks."""
+    fallbacks = ", {} timed from user-space readings".format(plural(stamps["user_fallbacks"], "probe")) \
+        if stamps["user_fallbacks"] else ""
+    transmit = {KERNEL: "; the server's send times from its kernel (interleaved)",
+                "mixed": "; the server's send times from its kernel (interleaved), but for {}".format(
+                    plural(stamps.get("server_transmit_fallbacks", 0), "probe"))}.get(
+                        stamps.get("server_transmit"), "")
+    return "timestamps: {}{}{}".format(stamps["described"], fallbacks, transmit)
+
+
 def time_unit(largest_ms: float) -> Tuple[str, float, int]:
     """(unit, scale from ms, decimals): microseconds when everything is under a millisecond,
     as on a LAN or loopback, where 0.003 ms would say little."""
@@ -3687,6 +4144,7 @@ def time_unit(largest_ms: float) -> Tuple[str, float, int]:
 def format_summary(summary: Mapping) -> List[str]:
     """The human summary of Recorder.summary(), like ping's."""
     lines = ["", "--- {} udp-timecheck statistics ---".format(summary["target"])] + format_counts(summary)
+    lines += format_path(summary)
     rtt = summary["rtt_ms"]
     if rtt["min"] is None:
         return lines
@@ -3704,16 +4162,14 @@ def format_summary(summary: Mapping) -> List[str]:
             show(out["median"], out["p99"], out["max"]), show(back["median"], back["p99"], back["max"])))
         lines.append("queueing above each direction's least delay, median: out {}, back {}".format(
             show(summary["send_queueing_ms"]), show(summary["receive_queueing_ms"])))
+        lines.append(format_one_way(summary))
     if summary["server_proc_ms"] is not None:
         lines.append("server processing median {}: from its kernel receiving a request to its reply, "
                      "left out of each rtt".format(show(summary["server_proc_ms"])))
     lines += format_clock(summary) + format_drift(summary) + format_clocks(summary)
     if summary["reference"] is not None:
         lines += format_reference(summary["reference"])
-    stamps = summary["timestamps"]
-    fallbacks = ", {} timed from user-space readings".format(plural(stamps["user_fallbacks"], "probe")) \
-        if stamps["user_fallbacks"] else ""
-    lines.append("timestamps: {}{}".format(stamps["described"], fallbacks))
+    lines.append(format_stamps(summary["timestamps"]))
     return lines + format_histogram(summary["histogram_ms"])
 
 
@@ -3975,7 +4431,23 @@ def render_client_metrics(probers: Sequence[Prober], source: Optional[str] = Non
              if state.synchronized is not None]
     lines += _metric("clock_synchronized", "gauge",
                      "1 when that end's kernel says its clock is synchronised, else 0.", known)
+    for name, kind, key, about in PATH_SERIES:
+        samples = [(labels, snapshot["path"][key]) for labels, snapshot in labelled]
+        lines += _metric(name, kind, about, [(labels, got) for labels, got in samples if got is not None])
     return "\n".join(lines) + "\n"
+
+
+PATH_SERIES = (
+    ("lost_up_total", "counter", "lost_up", "Lost probes whose request the server never had, by its count."),
+    ("lost_down_total", "counter", "lost_down", "Lost probes whose request the server had: their reply was lost."),
+    ("outages_total", "counter", "outages", "Runs of consecutive lost probes that have ended."),
+    ("outage_seconds_total", "counter", "outage_seconds",
+     "The ended outages' time, from the first lost probe's send to the next answered one's."),
+    ("tos_preserved", "gauge", "tos_preserved",
+     "1 when the latest reply says the TOS sent reached the server, and came back, unchanged; else 0."),
+    ("hops", "gauge", "hops", "The TTL sent less the TTL the server received: routers on the way out."),
+    ("path_changes_total", "counter", "path_changes", "Changes of the TTL the server received (per port)."),
+)
 
 
 CLOCK_GAUGES = (
@@ -4807,6 +5279,10 @@ def _wire(args: argparse.Namespace, run: Run, probers: Sequence[Prober], text: O
             json.dumps(figures) if args.json else _line_time(args) + format_report(figures, many))
         if run.measuring and not args.json:  # at each address tried: the header names the one in use
             prober.on_start = lambda started: text.line(format_header(started, run.source))
+        if lines is not None:  # among the probe lines, each outage as it ends, as its probes did
+            prober.on_outage = functools.partial(
+                lambda target, outage: lines.line(_line_time(args) + format_outage(outage, target, many)),
+                prober.target)
 
 
 def _run_probers(args: argparse.Namespace, run: Run, probers: Sequence[Prober], stack: contextlib.ExitStack,
@@ -4932,10 +5408,11 @@ def _client_prober(args: argparse.Namespace, target: Peer, measuring: bool, key:
         0 if args.deadline else default_count if measuring else 1)
     interval = args.interval if args.interval is not None else UNTIL_STOPPED_INTERVAL if count == 0 else 0.0
     try:
+        path = PathOptions(args.interleaved is not False, args.tos, args.ttl, args.source, args.ports or 1)
         prober = Prober(target.host, target.port, count=count, interval=interval, timeout=args.timeout,
                         size=args.size or 0, key=key, timestamps=args.timestamps or KERNEL,
                         deadline=args.deadline, report_every=args.report_every,
-                        keep_samples=max(10, SAMPLES_KEPT // targets), on_note=_err)
+                        keep_samples=max(10, SAMPLES_KEPT // targets), on_note=_err, path=path)
         prober.name = target.name
         return prober
     except TimecheckError as exc:  # HOST PORT where PORT is not a number reads as two hosts
@@ -5150,6 +5627,33 @@ def _ranged(convert: Callable[[str], float], low: float, high: float, what: str)
     return parse
 
 
+DSCP_NAMES = dict([("BE", 0), ("DF", 0), ("LE", 1), ("EF", 46), ("VA", 44)]
+                  + [("CS%d" % n, 8 * n) for n in range(8)]
+                  + [("AF%d%d" % (x, y), 8 * x + 2 * y) for x in range(1, 5) for y in range(1, 4)])
+
+
+def tos_value(text: str) -> int:
+    """A TOS byte: a number from 0 to 255 (0x.. too), or a DSCP name (EF, AF41, CS6: RFC 4594's)."""
+    name = text.strip().upper()
+    if name in DSCP_NAMES:
+        return DSCP_NAMES[name] << 2  # DSCP is the byte's upper six bits; ECN the lower two
+    try:
+        value = int(name, 0)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 255:
+        raise argparse.ArgumentTypeError("{!r} is neither a TOS byte from 0 to 255 nor a DSCP name "
+                                         "(EF, AF11 to AF43, CS0 to CS7, LE, BE)".format(text))
+    return value
+
+
+def dscp_name(tos: int) -> str:
+    """A TOS byte in words: its DSCP's name where it has one, and any ECN bits."""
+    names = {value << 2: name for name, value in reversed(list(DSCP_NAMES.items()))}
+    dscp = names.get(tos & ~3, "DSCP %d" % (tos >> 2))
+    return "0x{:02x} ({}{})".format(tos, dscp, ", ECN %d" % (tos & 3) if tos & 3 else "")
+
+
 def _truthy(text: str) -> bool:
     if text.lower() in ("1", "true", "t", "yes", "y"):
         return True
@@ -5207,13 +5711,15 @@ MEASURING_OPTIONS = (("measure_delay", "--measure-delay"), ("count", "-c"), ("in
                      ("deadline", "-w"), ("quiet", "-q"), ("json", "--json"), ("csv", "--csv"),
                      ("jsonl", "--jsonl"), ("plot", "--plot"), ("reference", "--reference"),
                      ("report_every", "--report-every"), ("print_time", "-D"), ("size", "--size"),
-                     ("timestamps", "--timestamps"), ("metrics", "--metrics"))
-MEASURING_RULE = """Without options the client asks once, as the tutorial's does.  Any of
-{options} makes it measure: {count} probes back to back (-i 0, the
-tutorial's loop), unless -c says otherwise; with -c 0 or -w, until Ctrl-C
-or the deadline, a probe a second unless -i says otherwise.  -W and
---key-file do not make it measure.""".format(
-    options=", ".join(written for _, written in MEASURING_OPTIONS), count=DEFAULT_COUNT)
+                     ("timestamps", "--timestamps"), ("metrics", "--metrics"), ("tos", "--tos"),
+                     ("ttl", "--ttl"), ("ports", "--ports"))
+MEASURING_RULE = textwrap.fill(
+    "Without options the client asks once, as the tutorial's does.  Any of {options} makes it measure: "
+    "{count} probes back to back (-i 0, the tutorial's loop), unless -c says otherwise; with -c 0 or -w, "
+    "until Ctrl-C or the deadline, a probe a second unless -i says otherwise.  -W, --key-file, -I and "
+    "--interleaved do not make it measure.".format(
+        options=", ".join(written for _, written in MEASURING_OPTIONS), count=DEFAULT_COUNT),
+    72, break_on_hyphens=False)
 CLIENT_EPILOG = MEASURING_RULE + """
 
 TARGET is HOST, HOST:PORT or [IPV6]:PORT; HOST PORT works too.
@@ -5406,6 +5912,27 @@ def _add_client_options(client: argparse.ArgumentParser) -> None:
     client.add_argument("-W", "--timeout", type=_ranged(float, 0.001, 3600, "seconds from 0.001 to 3600"),
                         default=DEFAULT_TIMEOUT, help="seconds to wait for a reply (default %(default)s); "
                                                       "it does not make a measurement")
+    _add_path_options(client)
+
+
+def _add_path_options(client: argparse.ArgumentParser) -> None:
+    path = client.add_argument_group("the path")
+    path.add_argument("--tos", type=tos_value, metavar="VALUE",
+                      help="mark the probes with this TOS byte (a number, 0x.. too) or DSCP name (EF, "
+                           "AF41, CS6, ...); the server says what arrived, and marks its reply the same")
+    path.add_argument("--ttl", type=_ranged(int, 1, 255, "hops from 1 to 255"), metavar="N",
+                      help="send the probes with this TTL (hop limit); the server says what arrived: the "
+                           "hop count, and any change in it")
+    path.add_argument("-I", "--source", metavar="ADDR", help="send from this local address, as ping -I")
+    path.add_argument("--ports", type=_ranged(int, 1, MAX_SOURCE_PORTS, "from 1 to {}".format(MAX_SOURCE_PORTS)),
+                      metavar="N", help="spread the probes over N source ports, one socket each, and give "
+                                        "loss and RTT per port: equal-cost paths (ECMP) apart")
+    stamps = path.add_mutually_exclusive_group()
+    stamps.add_argument("--interleaved", action="store_true", default=None,
+                        help="the server's transmit time from its kernel, sent with its next reply, as "
+                             "chrony's xleave (the default, where the server can)")
+    stamps.add_argument("--no-interleaved", dest="interleaved", action="store_false",
+                        help="the server's transmit time as it reads it before sending")
 
 
 # name: (cmd_<name>, what adds its arguments, its line in the top help, its epilog, its description)

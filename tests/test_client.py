@@ -140,7 +140,7 @@ def test_measurement_over_ipv6(start_server, bind, capsys):
     assert "5 probes sent, 5 received" in out
 
 
-@pytest.mark.parametrize("size, message", [("50", "--size must be from 1"), ("70000", "argument --size")])
+@pytest.mark.parametrize("size, message", [("50", "--size must be from 2"), ("70000", "argument --size")])
 def test_size_out_of_range_is_a_usage_error(start_server, size, message, capsys):
     server = start_server()
     assert utc.main(["client", *map(str, server.address), "--size", size]) == 2

@@ -29,7 +29,8 @@ def option_argv(written, tmp_path, ntp_port):
         "--reference": ["--reference", "127.0.0.1:{}".format(ntp_port)],
         "--report-every": ["--report-every", "60"],
         "-D": ["-D"], "--size": ["--size", "400"], "--timestamps": ["--timestamps", "user"],
-        "--metrics": ["--metrics", "127.0.0.1:0"],
+        "--metrics": ["--metrics", "127.0.0.1:0"], "--tos": ["--tos", "EF"], "--ttl": ["--ttl", "64"],
+        "--ports": ["--ports", "2"],
     }[written]
 
 
@@ -66,7 +67,7 @@ def test_the_rule_in_help_and_readme_is_the_behaviours(capsys):
     readme = " ".join(README.split())
     listed = ", ".join(written for _, written in utc.MEASURING_OPTIONS)
     assert "Any of " + listed + " makes it measure" in help_text
-    assert "-W and --key-file do not make it measure" in help_text
+    assert "-W, --key-file, -I and --interleaved do not make it measure" in help_text
     assert listed.replace(", ", "`, `") in readme  # the README lists the same options, in `code`
 
 

@@ -96,8 +96,8 @@ def test_a_reset_is_a_refusal_as_windows_reports_it():
 
     def reset(*args):
         raise ConnectionResetError(10054, "An existing connection was forcibly closed")
-    prober._recvmsg, prober.recorder = reset, recorder
-    prober._receive_reply()
+    prober._recvmsg, prober.recorder = {None: reset}, recorder
+    prober._receive_reply(None)
     assert recorder.totals.refused == 1 and sample.reason == utc.REFUSED
 
 
