@@ -625,7 +625,8 @@ def _worst_extra(options: RequestOptions, highest_seq: int) -> bytes:
     """The longest ReplyExtra a request with options can get."""
     largest = 10 ** TIMESTAMP_DIGITS - 1
     marks = 255 if options.path else None
-    return encode_reply_extra(ReplyExtra(ID_LIMIT - 1, options.interleaved, highest_seq, largest, marks, marks))
+    return encode_reply_extra(ReplyExtra(ID_LIMIT - 1, options.interleaved, highest_seq, largest, marks,
+                                         marks))
 
 
 def fit_tutorial_reply(reply: bytes, limit: int) -> Optional[bytes]:
@@ -1201,7 +1202,8 @@ class LossDirections:
         """lost_up, lost_down and lost_direction_unknown, which sum to the lost; None without a count."""
         if not self.counted:
             return {"lost_up": None, "lost_down": None, "lost_direction_unknown": None}
-        return {"lost_up": self.up, "lost_down": self.down, "lost_direction_unknown": self.unknown + self._gap}
+        return {"lost_up": self.up, "lost_down": self.down,
+                "lost_direction_unknown": self.unknown + self._gap}
 
 
 class PathMarks:
@@ -2781,7 +2783,7 @@ class Totals:
         self.best = None  # type: Optional[Sample]  # NTP's clock filter: the trusted sample of least error
         self.untrusted_because = collections.Counter()  # type: collections.Counter
         self.server_stamps = set()  # type: set
-        self.server_transmit_kernel = self.server_transmit_fallbacks = 0  # interleaved: T3 from its kernel, or not
+        self.server_transmit_kernel = self.server_transmit_fallbacks = 0  # interleaved T3: kernel's, or not
         self.timeline = Timeline()
         self.runs = Runs()
 
@@ -3205,7 +3207,7 @@ class Recorder:
         """The run's settings, first in the JSON: what was asked for, when, and how."""
         record = {"version": __version__, "started_at": iso_utc(self.started_ns),
                   "duration_s": round(self.duration_ns / NS_PER_S, 6)}
-        for name in ("count", "interval", "timeout", "size"):
+        for name in ("count", "interval", "timeout", "size", "interleaved"):
             record[name] = self.settings.get(name)
         record.update(request_bytes=self.request_size, keyed=self.keyed)
         return record
@@ -3300,7 +3302,8 @@ class Recorder:
         stamps = totals.server_stamps
         server = next(iter(stamps)) if len(stamps) == 1 else ("mixed" if stamps else None)
         transmit = totals.server_transmit_kernel
-        late = totals.server_transmit_fallbacks - (self.server_transmit_at_end if totals is self.totals else 0)
+        at_end = self.server_transmit_at_end if totals is self.totals else 0  # no later reply could bring it
+        late = totals.server_transmit_fallbacks - at_end
         return {"client": self.timestamps, "server": server, "transmit": self.transmit_stamps,
                 "server_transmit": None if server is None else (
                     (KERNEL if not late else "mixed") if transmit else USER),
@@ -3369,6 +3372,9 @@ class PathOptions(NamedTuple):
     ports: int = 1
 
 
+DEFAULT_PATH = PathOptions()
+
+
 class Prober:
     """Sends probes to one server and hands what comes back to a Recorder, which run() returns.
 
@@ -3393,12 +3399,13 @@ class Prober:
                  report_every: Optional[float] = None, keep_samples: int = SAMPLES_KEPT,
                  on_sample: Optional[Callable[[Sample], None]] = None,
                  on_report: Optional[Callable[[Dict[str, object]], None]] = None,
-                 on_note: Optional[Callable[[str], None]] = None, path: PathOptions = PathOptions(),
+                 on_note: Optional[Callable[[str], None]] = None, path: PathOptions = DEFAULT_PATH,
                  on_outage: Optional[Callable[[Outage], None]] = None,
                  clock_state: Callable[[], ClockState] = lambda: read_clock_state()) -> None:
         self.addresses = resolve(host, port)
         self.path, self.session = path, next(_REQUEST_IDS)  # a session: the server counts its requests
-        self.options = RequestOptions(self.session, path.interleaved, path.tos is not None or path.ttl is not None)
+        self.options = RequestOptions(self.session, path.interleaved,
+                                      path.tos is not None or path.ttl is not None)
         self.family, self.address = self.addresses[0]
         self.target = format_address(host.strip("[]"), port)
         self.count, self.interval, self.timeout = count, interval, timeout
@@ -3470,7 +3477,8 @@ class Prober:
 
     # --- the steps a ProbeGroup drives -------------------------------------------------------
 
-    def _open(self, stack: contextlib.ExitStack, group: "ProbeGroup", first_send_ns: int) -> List[socket.socket]:
+    def _open(self, stack: contextlib.ExitStack, group: "ProbeGroup",
+              first_send_ns: int) -> List[socket.socket]:
         """The run's sockets (one a source port), connected and with their options, and its Recorder."""
         self._socks = [self._socket(stack) for _ in range(self.path.ports)]
         self._recvmsg = {sock: message_calls(sock)[0] for sock in self._socks}
@@ -3505,9 +3513,11 @@ class Prober:
         if self.timestamps == KERNEL:
             self.no_kernel_stamps = next(filter(None, map(kernel_stamps_refused, self._socks)), None)
             self.timestamps = USER if self.no_kernel_stamps else KERNEL
-        self._transmit_stamps = self.timestamps == KERNEL and all(map(enable_transmit_timestamps, self._socks))
+        self._transmit_stamps = self.timestamps == KERNEL and all(
+            map(enable_transmit_timestamps, self._socks))
         settings = {"count": self.count, "interval": self.interval, "timeout": self.timeout,
-                    "size": self.size or None, "deadline": group.deadline}
+                    "size": self.size or None, "deadline": group.deadline,
+                    "interleaved": self.path.interleaved}
         return self.recorder_class(self.target, self.address[0], settings=settings,
                                    request_size=self.request_size, key=self.key, timestamps=self.timestamps,
                                    transmit_stamps=self._transmit_stamps, keep_samples=self.keep_samples,
@@ -3612,7 +3622,8 @@ class Prober:
             recorder.receive(data, Arrival(None, user_t4, real_t4, recv_mono_ns))
             return
         tos, ttl = read_marks(ancillary) if self.options.path else (None, None)
-        recorder.receive(data, Arrival(read_ancillary(ancillary)[0], user_t4, real_t4, recv_mono_ns, tos, ttl))
+        kernel_t4 = read_ancillary(ancillary)[0]
+        recorder.receive(data, Arrival(kernel_t4, user_t4, real_t4, recv_mono_ns, tos, ttl))
 
 
 class ProbeGroup:
@@ -4124,14 +4135,15 @@ def format_clock(summary: Mapping) -> List[str]:
                     "probe)".format(signed(offset), error, words, summary["offset_seq"])]
 
 
-def format_stamps(stamps: Mapping) -> str:
+def format_stamps(stamps: Mapping, interleaved: bool = False) -> str:
     """Where the timestamps came from, at each end, with the fallbacks."""
     fallbacks = ", {} timed from user-space readings".format(plural(stamps["user_fallbacks"], "probe")) \
         if stamps["user_fallbacks"] else ""
     transmit = {KERNEL: "; the server's send times from its kernel (interleaved)",
                 "mixed": "; the server's send times from its kernel (interleaved), but for {}".format(
-                    plural(stamps.get("server_transmit_fallbacks", 0), "probe"))}.get(
-                        stamps.get("server_transmit"), "")
+                    plural(stamps.get("server_transmit_fallbacks", 0), "probe")),
+                USER: "; the server's send times as it read them: it cannot stamp them in its kernel "
+                      "(not interleaved)" if interleaved else ""}.get(stamps.get("server_transmit"), "")
     return "timestamps: {}{}{}".format(stamps["described"], fallbacks, transmit)
 
 
@@ -4169,7 +4181,7 @@ def format_summary(summary: Mapping) -> List[str]:
     lines += format_clock(summary) + format_drift(summary) + format_clocks(summary)
     if summary["reference"] is not None:
         lines += format_reference(summary["reference"])
-    lines.append(format_stamps(summary["timestamps"]))
+    lines.append(format_stamps(summary["timestamps"], bool(summary.get("interleaved"))))
     return lines + format_histogram(summary["histogram_ms"])
 
 
@@ -4439,7 +4451,8 @@ def render_client_metrics(probers: Sequence[Prober], source: Optional[str] = Non
 
 PATH_SERIES = (
     ("lost_up_total", "counter", "lost_up", "Lost probes whose request the server never had, by its count."),
-    ("lost_down_total", "counter", "lost_down", "Lost probes whose request the server had: their reply was lost."),
+    ("lost_down_total", "counter", "lost_down",
+     "Lost probes whose request the server had: their reply was lost."),
     ("outages_total", "counter", "outages", "Runs of consecutive lost probes that have ended."),
     ("outage_seconds_total", "counter", "outage_seconds",
      "The ended outages' time, from the first lost probe's send to the next answered one's."),
@@ -5924,7 +5937,8 @@ def _add_path_options(client: argparse.ArgumentParser) -> None:
                       help="send the probes with this TTL (hop limit); the server says what arrived: the "
                            "hop count, and any change in it")
     path.add_argument("-I", "--source", metavar="ADDR", help="send from this local address, as ping -I")
-    path.add_argument("--ports", type=_ranged(int, 1, MAX_SOURCE_PORTS, "from 1 to {}".format(MAX_SOURCE_PORTS)),
+    ports = _ranged(int, 1, MAX_SOURCE_PORTS, "from 1 to {}".format(MAX_SOURCE_PORTS))
+    path.add_argument("--ports", type=ports,
                       metavar="N", help="spread the probes over N source ports, one socket each, and give "
                                         "loss and RTT per port: equal-cost paths (ECMP) apart")
     stamps = path.add_mutually_exclusive_group()

@@ -265,25 +265,46 @@ def deliver(index, data):
     return [(0.0, data)]
 
 
-class Relay:
-    """client -> relay -> server; replies come back through policy(index, data).
+def forward(index, data, client):
+    """The default request policy: every request goes on."""
+    return True
 
-    policy returns a list of (delay in seconds, datagram) to deliver; an empty
-    list drops the reply.  index counts the server's replies from 0.
+
+class Relay:
+    """client -> relay -> server, a small NAT: each client address gets its own upstream socket.
+
+    Requests go on when forward(index, data, client) says so; replies come back
+    through policy(index, data): a list of (delay in seconds, datagram) to
+    deliver, an empty list drops the reply.  index counts from 0, each kind on
+    its own.  What it drops is logged: dropped_requests and dropped_replies hold
+    the datagrams, the truth a client's figures are checked against.  Its
+    sockets send with the relay's own TOS and TTL (mark(): a router that
+    rewrites them), as any relay does.
     """
 
-    def __init__(self, upstream, policy=deliver, echo_requests=False):
+    def __init__(self, upstream, policy=deliver, echo_requests=False, forward=forward):
         self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.front.bind(("127.0.0.1", 0))
-        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.back.connect(upstream[:2])
+        self.upstream = upstream[:2]
         self.address = self.front.getsockname()
-        self.policy, self.echo_requests = policy, echo_requests  # echo: each request back, as well
-        self.requests, self.replies = [], []
-        self._client = None
+        self.policy, self.forward, self.echo_requests = policy, forward, echo_requests
+        self.requests, self.replies, self.dropped_requests, self.dropped_replies = [], [], [], []
+        self._backs = {}  # client address -> its upstream socket
+        self._marks = {}  # (level, option) -> value, on every upstream socket (and the front)
+        self._lock = threading.Lock()
         self._due = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def mark(self, level, option, value, front=False):
+        """Send with this TOS, TTL...: upstream (requests), or with front, downstream (replies)."""
+        with self._lock:
+            if front:
+                self.front.setsockopt(level, option, value)
+                return
+            self._marks[(level, option)] = value
+            for back in self._backs.values():
+                back.setsockopt(level, option, value)
 
     def __enter__(self):
         self._thread.start()
@@ -292,8 +313,18 @@ class Relay:
     def __exit__(self, *exc_info):
         self._stop.set()
         self._thread.join(timeout=15)
-        self.front.close()
-        self.back.close()
+        for sock in [self.front, *self._backs.values()]:
+            sock.close()
+
+    def _back_for(self, client):
+        with self._lock:
+            if client not in self._backs:
+                back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                for (level, option), value in self._marks.items():
+                    back.setsockopt(level, option, value)
+                back.connect(self.upstream)
+                self._backs[client] = back
+            return self._backs[client]
 
     def _run(self):
         deadline = time.monotonic() + LIFETIME
@@ -301,34 +332,44 @@ class Relay:
         while not self._stop.is_set() and time.monotonic() < deadline:
             now = time.monotonic()
             while self._due and self._due[0][0] <= now:
-                _, _, data = heapq.heappop(self._due)
-                self.front.sendto(data, self._client)
+                _, _, data, client = heapq.heappop(self._due)
+                self.front.sendto(data, client)
             wait = min(0.05, self._due[0][0] - now) if self._due else 0.05
-            for sock in select.select([self.front, self.back], [], [], max(0.0, wait))[0]:
+            clients = {back: client for client, back in list(self._backs.items())}
+            for sock in select.select([self.front, *clients], [], [], max(0.0, wait))[0]:
                 try:
                     if sock is self.front:
-                        data, self._client = self.front.recvfrom(65535)
-                        self.requests.append(data)
-                        self.back.send(data)
-                        if self.echo_requests:  # an on-path echo: the request itself, straight back
-                            self.front.sendto(data, self._client)
+                        self._request(*self.front.recvfrom(65535))
                     else:
-                        data = self.back.recv(65535)
+                        data = sock.recv(65535)
                         index = len(self.replies)
                         self.replies.append(data)
-                        for delay, out in self.policy(index, data):
+                        delivered = self.policy(index, data)
+                        if not delivered:
+                            self.dropped_replies.append(data)
+                        for delay, out in delivered:
                             counter += 1
-                            heapq.heappush(self._due, (time.monotonic() + delay, counter, out))
+                            heapq.heappush(self._due, (time.monotonic() + delay, counter, out, clients[sock]))
                 except OSError:
                     pass
+
+    def _request(self, data, client):
+        index = len(self.requests)
+        self.requests.append(data)
+        if not self.forward(index, data, client):
+            self.dropped_requests.append(data)
+            return
+        self._back_for(client).send(data)
+        if self.echo_requests:  # an on-path echo: the request itself, straight back
+            self.front.sendto(data, client)
 
 
 @pytest.fixture
 def relay():
     relays = []
 
-    def make(upstream, policy=deliver, echo_requests=False):
-        made = Relay(upstream, policy, echo_requests).__enter__()
+    def make(upstream, policy=deliver, echo_requests=False, forward=forward):
+        made = Relay(upstream, policy, echo_requests, forward).__enter__()
         relays.append(made)
         return made
 

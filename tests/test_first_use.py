@@ -317,8 +317,8 @@ def test_the_json_records_the_run(start_server, capsys):
     argv = ["client", *map(str, server.address[:2]), "-c", "3", "-i", "0.01", "-W", "0.5", "--json"]
     assert utc.main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert list(summary)[:9] == ["version", "started_at", "duration_s", "count", "interval", "timeout",
-                                 "size", "request_bytes", "keyed"]
+    assert list(summary)[:10] == ["version", "started_at", "duration_s", "count", "interval", "timeout",
+                                  "size", "interleaved", "request_bytes", "keyed"]
     assert summary["version"] == utc.__version__ and summary["started_at"].endswith("Z")
     settings = (summary["count"], summary["interval"], summary["timeout"], summary["size"])
     assert settings == (3, 0.01, 0.5, None)

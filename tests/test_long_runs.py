@@ -165,8 +165,8 @@ def test_reports_as_json_lines_then_the_summary(start_server, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     *reports, summary = lines
     assert len(reports) == 3
-    whole_run = {"version", "count", "timeout", "size", "request_bytes", "keyed", "stopped_because",
-                 "interrupted", "reference", "samples", "samples_kept", "samples_cut",
+    whole_run = {"version", "count", "timeout", "size", "interleaved", "request_bytes", "keyed",
+                 "stopped_because", "interrupted", "reference", "samples", "samples_kept", "samples_cut",
                  # the whole run's: a period's loss split needs the server's count before it
                  "lost_up", "lost_down", "lost_direction_unknown", "tos", "ttl", "local_address", "ports"}
     for report in reports:
