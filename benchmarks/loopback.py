@@ -18,6 +18,10 @@
    server's time, as NTP does; all at the same interval, in turns.  Also the
    clock offset our client reports on loopback, where the truth is zero.
 3. The same with a shared key, and with --timestamps user, for information.
+4. Offset bias: the offset our client reports on loopback, OFFSET_RUNS runs in
+   interleaved mode (the server's transmit stamps from its kernel) and as many
+   with --no-interleaved (its T3 read in user space before its send, half its
+   send path early), in turns; their mean against the truth, 0.
 
 Every process runs on 127.0.0.1 and is started and stopped here.  Ratios are
 what to compare across machines; absolute figures depend on the machine.
@@ -27,7 +31,9 @@ import argparse
 import json
 import os
 import platform
+import itertools
 import re
+import secrets
 import shutil
 import socket
 import statistics
@@ -46,6 +52,7 @@ import udp_timecheck as utc  # noqa: E402 - the module under test, from this che
 
 MODULE = str(ROOT / "udp_timecheck.py")
 WINDOW = 32                 # requests the load generator keeps in flight
+LOAD_REQUESTS = 400_000     # distinct sealed requests a keyed load has: more than it can send
 KEY = b"benchmark key, 32 bytes long...."
 STAMPS = struct.Struct("@qq")  # the stamped echo's T2 and T3, appended to the request
 SCRAPE_EVERY = 0.1          # seconds between scrapes of --metrics: ten times Prometheus' fastest
@@ -54,7 +61,9 @@ TARGETS = {  # name: (what, limit, higher is better)
     "rtt_vs_ping": ("our reported median RTT / ping's", 1.5, False),
     "rtt_vs_bare": ("our reported median RTT / bare kernel-stamped ping-pong's", 2.5, False),
     "offset_err": ("offset error bound on loopback, microseconds", 5.0, False),
+    "offset_bias": ("|mean offset of 5 runs| on loopback (truth 0), interleaved, microseconds", 0.3, False),
 }
+OFFSET_RUNS = 5
 
 
 # --- roles run in their own processes -------------------------------------------
@@ -120,9 +129,21 @@ def role_stamped_echo(args):
         sendmsg((data + STAMPS.pack(t2, wall()),), ancillary[1:], 0, address)
 
 
+def keyed_requests(key, count):
+    """count distinct requests sealed with key, as our client sends them: a keyed server answers
+    each request once (a replay gets silence), so the load must never repeat one."""
+    pad_to = utc.min_request_size(utc.DEFAULT_COUNT, keyed=True)
+    return [utc.encode_request(secrets.randbits(utc.ID_BITS), "The time is 2026-11-25 18:34:10.123456", 0,
+                               pad_to=pad_to, key=key) for _ in range(count)]
+
+
 def role_load(args):
     """Keep WINDOW requests in flight for warmup + seconds; print replies counted in the window."""
-    request = bytes.fromhex(args.request)
+    if args.key:
+        sealed = keyed_requests(bytes.fromhex(args.key), LOAD_REQUESTS)
+        next_request = iter(sealed).__next__
+    else:
+        next_request = itertools.repeat(bytes.fromhex(args.request)).__next__
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.connect(("127.0.0.1", args.port))
     try:  # a blocking recv that gives up after 50 ms: one syscall, where settimeout() costs two
@@ -134,20 +155,22 @@ def role_load(args):
     measure_from, measure_to = start + args.warmup, start + args.warmup + args.seconds
     counted = 0
     for _ in range(WINDOW):
-        send(request)
+        send(next_request())
     while True:
         try:
             recv(65535)
         except (BlockingIOError, socket.timeout):  # replies were dropped somewhere: refill the window
+            if time.perf_counter() >= measure_to:
+                break
             for _ in range(WINDOW):
-                send(request)
+                send(next_request())
             continue
         now = time.perf_counter()
         if now >= measure_to:
             break
         if now >= measure_from:
             counted += 1
-        send(request)
+        send(next_request())
     print(json.dumps({"replies": counted, "seconds": args.seconds}), flush=True)
 
 
@@ -262,8 +285,8 @@ def our_request(key=None):
 
 def throughput(server, request, seconds, warmup):
     before = cpu_seconds(server.proc.pid)
-    result = run_role("_load", "--port", server.port, "--request", request.hex(),
-                      "--seconds", seconds, "--warmup", warmup)
+    load = ["--key", KEY.hex()] if request is None else ["--request", request.hex()]
+    result = run_role("_load", "--port", server.port, "--seconds", seconds, "--warmup", warmup, *load)
     after = cpu_seconds(server.proc.pid)
     busy = None if before is None else (after - before) / (seconds + warmup)
     return result["replies"] / seconds, busy
@@ -368,6 +391,21 @@ def fidelity_section(ours, keyed, stamped, key_path, rounds, count, interval):
     return figures
 
 
+def offset_section(ours, runs, count, interval):
+    """The mean of the offsets our client reports on loopback, interleaved or not, in turns."""
+    offsets = {"interleaved": [], "--no-interleaved": []}
+    for _ in range(runs):
+        for name in offsets:
+            summary = client_summary(ours.port, count, interval, *([name] if name.startswith("--") else []))
+            assert summary["timestamps"]["server_transmit"] == (
+                utc.KERNEL if name == "interleaved" else utc.USER), summary["timestamps"]
+            offsets[name].append(summary["offset_ms"] * 1000)
+    for name, values in offsets.items():
+        print("  {:<18} mean {:+.3f} us, each run: {}".format(name, statistics.mean(values), ", ".join(
+            "{:+.3f}".format(value) for value in values)))
+    return {"offset_bias": abs(statistics.mean(offsets["interleaved"]))}
+
+
 def report_targets(figures):
     """Print each target and whether it holds; returns the names of those missed."""
     missed = []
@@ -421,12 +459,16 @@ def conduct(args):
     try:
         print("Server throughput, median (min .. max) of the rounds:")
         figures = throughput_section(
-            {name: (server, our_request(KEY) if "key" in name else our_request())
+            {name: (server, None if "key" in name else our_request())  # None: fresh sealed requests
              for name, server in servers.items() if name != "stamped echo"}, rounds, seconds, warmup)
         print("\nFidelity, median RTT on loopback:")
         figures.update(fidelity_section(servers["udp-timecheck server on 0.0.0.0"],
                                         servers["udp-timecheck server, key"], servers["stamped echo"],
                                         str(key_path), rounds, count, interval))
+        print("\nOffset on loopback (the truth is 0), microseconds, {} runs of {} probes at -i {:g}:".format(
+            OFFSET_RUNS, count, interval))
+        figures.update(offset_section(servers["udp-timecheck server on 0.0.0.0"], OFFSET_RUNS, count,
+                                      interval))
     finally:
         for server in servers.values():
             server.stop()
@@ -452,6 +494,7 @@ def main():
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--port", type=int)
     parser.add_argument("--request")
+    parser.add_argument("--key")
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--warmup", type=float)
     parser.add_argument("--count", type=int)
