@@ -4646,8 +4646,24 @@ def _stop_signals(on_signal: Callable[[], None], restore: bool = True) -> Iterat
     try:
         yield
     finally:
+        if not restore:
+            _ignore_from_now(list(previous))
         for signum, old in previous.items():
             signal.signal(signum, (signal.SIG_DFL if old is None else old) if restore else signal.SIG_IGN)
+
+
+def _ignore_from_now(signums: List[int]) -> None:
+    """Hold the signals back before they are ignored: one that came just before would find
+    SIG_IGN when Python gets to it, and print "ignored due to race condition".  Held back, the
+    kernel discards it as they become ignored; one already caught runs its handler here."""
+    block = getattr(signal, "pthread_sigmask", None)  # not on Windows
+    if block is not None:
+        block(signal.SIG_BLOCK, signums)
+    _let_handlers_run()
+
+
+def _let_handlers_run() -> None:
+    """A Python call: the interpreter runs the handlers of signals already caught at its start."""
 
 
 def _key_for(args: argparse.Namespace) -> Optional[bytes]:

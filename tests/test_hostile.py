@@ -295,7 +295,8 @@ def test_any_number_of_signals_in_any_order_exit_0_with_the_counters(cli_server,
     out = server.rest(server.stdout)
     assert [line for line in out if line.startswith("Server stopped:")] == [out[-1]]
     assert out[-1].startswith("Server stopped: served 1,")
-    assert server.rest(server.stderr) == []
+    errors = server.rest(server.stderr)
+    assert errors == [], "\n".join(errors)
 
 
 @POSIX_ONLY

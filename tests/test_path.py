@@ -319,3 +319,25 @@ def test_an_outage_made_with_nftables_in_a_namespace(tmp_path):
     outages = found["outages"]
     assert outages["count"] == 1 and outages["longest_s"] == outages["total_s"]
     assert (dropped - 1) * 0.02 < outages["longest_s"] < dropped * 0.02 + 1.0  # the sends it spans, about
+
+
+# --- as Prometheus series ----------------------------------------------------------------------
+
+@needs_linux("IP_RECVTOS and IP_RECVTTL")
+def test_the_path_as_prometheus_series_promtool_accepts(start_server, relay, tmp_path):
+    server = start_server(log=None)
+    hop = relay(server.address, lambda index, data: [] if seq_of(data) == 6 else [(0.0, data)],
+                forward=lambda index, data, client: seq_of(data) not in (3, 4))
+    prober = utc.Prober(*hop.address[:2], count=10, interval=0.005, timeout=0.3,
+                        path=utc.PathOptions(tos=0xb8, ttl=64))
+    summary = prober.run().summary()
+    text = utc.render_client_metrics([prober])
+    target = '{{target="{}"}}'.format(prober.target)
+    expected = {"lost_up_total": 2, "lost_down_total": 1, "outages_total": 2, "tos_preserved": 0,
+                "hops": 0, "path_changes_total": 0}  # the relay sends unmarked: the mark is lost
+    for name, value in expected.items():
+        assert "udp_timecheck_{}{} {}\n".format(name, target, value) in text, name
+    assert (summary["lost_up"], summary["lost_down"]) == (2, 1)
+    require_programs("promtool")
+    check = run(["promtool", "check", "metrics"], input=text)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -1,5 +1,6 @@
 """The README's commands and code, checked against the program they describe."""
 
+import json
 import re
 import shlex
 import shutil
@@ -51,7 +52,8 @@ def test_every_udp_timecheck_command_parses():
     assert len(commands) >= 10
     parser = utc.build_parser()
     for line in commands:
-        words = shlex.split(line.replace('"$(cat key)"', "secret").replace("PUBLIC-IP", "203.0.113.7"))
+        words = shlex.split(line.replace('"$(cat key)"', "secret").replace("PUBLIC-IP", "203.0.113.7")
+                            .rstrip(" &"))  # in the background: the same command
         argv = words[words.index("udp_timecheck.py") + 1:]
         args = parser.parse_args(argv)  # raises TimecheckError (exit 2) on anything wrong
         assert args.func.__name__ == "cmd_" + argv[0], line
@@ -97,11 +99,11 @@ def test_protocol_examples_are_what_the_code_sends():
 
 
 def shape(line):
-    """A line with what varies from run to run masked: numbers, the time unit, which way an
-    offset lies (inside its bound or out of it)."""
+    """A line with what varies from run to run masked: numbers and their signs, the time unit,
+    which way an offset lies (inside its bound or out of it)."""
     line = re.sub(r"\(server (level with this machine within \u00b1 [\d.]+ ms|ahead of this machine|"
                   r"behind this machine);", "(server DIRECTION;", line)
-    return re.sub(r"\b(us|ms)\b", "UNIT", re.sub(r"\d+(\.\d+)?", "N", line))
+    return re.sub(r"\b(us|ms)\b", "UNIT", re.sub(r"[+-]?\d+(\.\d+)?", "N", line))
 
 
 @needs_linux("the README's example was run there: kernel timestamps and clock state on both ends")
@@ -119,3 +121,13 @@ def test_the_readmes_measurement_example_is_what_the_program_prints(start_server
     assert [shape(line) for line in printed[:rows]] == [shape(line) for line in example[:rows]]
     histogram = re.compile(r"^ +[\d.]+ - +[\d.]+ (us|ms) \|#+ +\d+$")
     assert printed[rows:] and all(histogram.match(line) for line in printed[rows:] + example[rows:])
+
+
+def test_the_readme_names_every_key_of_the_json_and_of_each_probe(start_server, capsys):
+    server = start_server(log=None)
+    assert utc.main(["client", *map(str, server.address[:2]), "-c", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    paragraph = README[README.index("`--json` prints the same as one object"):README.index("### Long runs")]
+    named = set(re.findall(r"`(\w+)`", paragraph))
+    assert set(summary) - named == set() and set(utc.SAMPLE_FIELDS) - named == set()
+    assert set(summary["timestamps"]) <= set(re.findall(r"\b(\w+)\b", paragraph))
