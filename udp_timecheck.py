@@ -94,9 +94,10 @@ __all__ = [
     "TimecheckError", "build_parser", "main",
 ]
 
-# ---------------------------------------------------------------------------
-# Constants
-# ---------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------------------------
+# 1. Foundations: shared constants, clocks, the exception family, text helpers
+# ----------------------------------------------------------------------------------------------
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1060                 # the tutorial's declared default
@@ -166,61 +167,11 @@ TIMED_OUT, REFUSED, FORGED, ECHOED, NOT_SENT, INTERRUPTED, DEADLINE = (
     "timeout", "refused", "forged", "echo", "not sent", "interrupted", "deadline")
 NS_PER_S = 1_000_000_000
 
-# The platform, decided once, here: what its sockets and kernel offer.  Linux has it
-# all; macOS and the BSDs stamp receives in microseconds (SO_TIMESTAMP) and give a
-# datagram's destination with IP_RECVDSTADDR; Windows has neither recvmsg nor sendmsg,
-# so only user-space stamps; only Linux and the BSDs tell their clock's state.
-LINUX = sys.platform.startswith("linux")
-WINDOWS = sys.platform.startswith(("win32", "cygwin"))
-BSD = sys.platform == "darwin" or "bsd" in sys.platform  # macOS too
-
 # Timestamps.  The kernel stamps each datagram as it arrives (on CLOCK_REALTIME):
 # with it, a round trip no longer includes the time our own two processes take to
 # wake up.  The socket module exports none of these constants.
 KERNEL, USER = "kernel", "user"
-TIMESPEC = struct.Struct("@ll")     # struct timespec: seconds and nanoseconds
-TIMEVAL = struct.Struct("@ll")      # struct timeval: seconds and microseconds (as long as time_t)
 
-
-class StampOption(NamedTuple):
-    """A socket option that stamps datagrams, and how its payload reads."""
-    option: int
-    layout: struct.Struct
-    unit_ns: int                    # what one unit of its second field is worth
-
-
-# (SO_TIMESTAMPNS, SO_TIMESTAMPING) by architecture; most share asm-generic's values.
-SO_TIMESTAMPNS, SO_TIMESTAMPING = (
-    {"sparc": (0x21, 0x23), "sparc64": (0x21, 0x23), "parisc": (0x4013, 0x4014),
-     "parisc64": (0x4013, 0x4014)}.get(platform.machine(), (35, 37)) if LINUX else (None, None))
-RECEIVE_STAMPS = (StampOption(SO_TIMESTAMPNS, TIMESPEC, 1) if LINUX else
-                  StampOption(0x0400, TIMEVAL, 1000) if BSD else None)  # SO_TIMESTAMP, everywhere 0x400
-# SO_TIMESTAMPING: software transmit stamps, reported without the datagram's bytes
-TRANSMIT_STAMPS = (1 << 1) | (1 << 4) | (1 << 11)
-MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
-# The destination of each datagram, so that a wildcard server replies from it: IP_PKTINFO
-# (in_pktinfo, sent back as it came) on Linux; IP_RECVDSTADDR (an in_addr, sent back as
-# IP_SENDSRCADDR) on the BSDs; IPV6_RECVPKTINFO everywhere that has IPv6 and sendmsg.
-IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8 if LINUX else None)
-IP_RECVDSTADDR = getattr(socket, "IP_RECVDSTADDR", None)
-IP_SENDSRCADDR = getattr(socket, "IP_SENDSRCADDR", IP_RECVDSTADDR)
-IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", None)
-IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", None)
-# The marks a datagram came with, its TOS (DSCP and ECN) and TTL (hop limit): asked for with the
-# RECV options, reported in control messages of the plain option's number.
-IP_TOS, IP_TTL = getattr(socket, "IP_TOS", 1), getattr(socket, "IP_TTL", 2)
-IP_RECVTOS = getattr(socket, "IP_RECVTOS", 13 if LINUX else None)
-IP_RECVTTL = getattr(socket, "IP_RECVTTL", 12 if LINUX else None)
-IPV6_TCLASS = getattr(socket, "IPV6_TCLASS", None)
-IPV6_RECVTCLASS = getattr(socket, "IPV6_RECVTCLASS", None)
-IPV6_HOPLIMIT = getattr(socket, "IPV6_HOPLIMIT", None)
-IPV6_RECVHOPLIMIT = getattr(socket, "IPV6_RECVHOPLIMIT", None)
-IPV6_UNICAST_HOPS = getattr(socket, "IPV6_UNICAST_HOPS", None)
-INT = struct.Struct("@i")
-SOF_TIMESTAMPING_TX_SOFTWARE, SOF_TIMESTAMPING_REPORTS = 1 << 1, (1 << 4) | (1 << 11)  # SOFTWARE, TSONLY
-ANCILLARY_SPACE = 256               # room for a timestamp and a packet-info message
-MAX_QUEUE_WAIT_NS = NS_PER_S        # an older kernel timestamp means the clocks disagree
-RECEIVE_TIMEOUT = 0.25              # the server looks at its stop flag at least this often
 WALL_STEP_TOLERANCE_NS = 50_000     # wall vs monotonic over one round trip, beyond read gaps
 
 # Long runs in flat memory
@@ -255,6 +206,23 @@ wall_ns = getattr(time, "time_ns", None) or _nanoseconds(time.time)  # type: Cal
 monotonic_ns = getattr(time, "perf_counter_ns", None) or _nanoseconds(time.perf_counter)  # type: Callable[[], int]
 
 
+def clock_offset_ns(clock: Callable[[], int]) -> int:
+    """How far clock is ahead of CLOCK_REALTIME, the kernel's stamps' clock.
+
+    Read between two readings of the real clock, three times, keeping the
+    tightest: the time a reading takes (longest the first time round) must not
+    count as offset.
+    """
+    best = None  # type: Optional[Tuple[int, int]]
+    for _ in range(3):
+        before = wall_ns()
+        reading = clock()
+        after = wall_ns()
+        if best is None or after - before < best[0]:
+            best = (after - before, reading - (before + after) // 2)
+    return best[1]
+
+
 class TimecheckError(Exception):
     """An error for the user: main() prints it as one line and exits with exit_code."""
 
@@ -263,9 +231,9 @@ class TimecheckError(Exception):
         self.exit_code = exit_code
 
 
-# ---------------------------------------------------------------------------
-# Wire format: pure functions, no I/O
-# ---------------------------------------------------------------------------
+
+
+
 
 class WireError(ValueError):
     """A datagram that is not a well-formed udp-timecheck message."""
@@ -274,6 +242,44 @@ class WireError(ValueError):
 class NotARequest(WireError):
     """A well-formed reply where a request was expected: answering it could start a loop."""
 
+
+def printable(text: str) -> str:
+    """Network text made safe for a terminal: control and format characters escaped."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
+def clip(text: str, limit: int) -> str:
+    """Network text made safe to print (see printable) and cut to about limit bytes of UTF-8."""
+    shown = printable(text[:limit])
+    encoded = shown.encode("utf-8")
+    if len(encoded) > limit:
+        shown = encoded[:limit].decode("utf-8", "ignore")
+    elif len(text) <= limit:
+        return shown
+    return "{}... ({} characters in all)".format(shown, len(text))
+
+
+def _ms(ns: Optional[float]) -> Optional[float]:
+    return None if ns is None else round(ns / 1e6, 6)
+
+
+def iso_utc(ns: int) -> str:
+    """A wall-clock time in ns as ISO 8601 in UTC, to the microsecond: 2026-11-25T16:51:39.914437Z."""
+    seconds, nanoseconds = divmod(ns, NS_PER_S)
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).replace(
+        microsecond=nanoseconds // 1000, tzinfo=None)
+    return moment.isoformat(timespec="microseconds") + "Z"
+
+
+def format_address(host: str, port: int) -> str:
+    return "[{}]:{}".format(host, port) if ":" in host else "{}:{}".format(host, port)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Wire format: pure encode_*/decode_* functions, ours and NTP's; no I/O
+# ----------------------------------------------------------------------------------------------
 
 class Message(NamedTuple):
     """A decoded request or reply: ``[id, text, ext?, mac?]``."""
@@ -791,43 +797,451 @@ def describe_refid(stratum: int, refid: bytes) -> str:
     return socket.inet_ntoa(refid)
 
 
-def printable(text: str) -> str:
-    """Network text made safe for a terminal: control and format characters escaped."""
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+# ----------------------------------------------------------------------------------------------
+# 3. Platform: socket options, ancillary data, addresses, key files, the kernel's clock state
+# ----------------------------------------------------------------------------------------------
+
+# The platform, decided once, here: what its sockets and kernel offer.  Linux has it
+# all; macOS and the BSDs stamp receives in microseconds (SO_TIMESTAMP) and give a
+# datagram's destination with IP_RECVDSTADDR; Windows has neither recvmsg nor sendmsg,
+# so only user-space stamps; only Linux and the BSDs tell their clock's state.
+LINUX = sys.platform.startswith("linux")
+WINDOWS = sys.platform.startswith(("win32", "cygwin"))
+BSD = sys.platform == "darwin" or "bsd" in sys.platform  # macOS too
+
+TIMESPEC = struct.Struct("@ll")     # struct timespec: seconds and nanoseconds
+TIMEVAL = struct.Struct("@ll")      # struct timeval: seconds and microseconds (as long as time_t)
 
 
-def clip(text: str, limit: int) -> str:
-    """Network text made safe to print (see printable) and cut to about limit bytes of UTF-8."""
-    shown = printable(text[:limit])
-    encoded = shown.encode("utf-8")
-    if len(encoded) > limit:
-        shown = encoded[:limit].decode("utf-8", "ignore")
-    elif len(text) <= limit:
-        return shown
-    return "{}... ({} characters in all)".format(shown, len(text))
+class StampOption(NamedTuple):
+    """A socket option that stamps datagrams, and how its payload reads."""
+    option: int
+    layout: struct.Struct
+    unit_ns: int                    # what one unit of its second field is worth
 
 
-def _ms(ns: Optional[float]) -> Optional[float]:
-    return None if ns is None else round(ns / 1e6, 6)
+# (SO_TIMESTAMPNS, SO_TIMESTAMPING) by architecture; most share asm-generic's values.
+SO_TIMESTAMPNS, SO_TIMESTAMPING = (
+    {"sparc": (0x21, 0x23), "sparc64": (0x21, 0x23), "parisc": (0x4013, 0x4014),
+     "parisc64": (0x4013, 0x4014)}.get(platform.machine(), (35, 37)) if LINUX else (None, None))
+RECEIVE_STAMPS = (StampOption(SO_TIMESTAMPNS, TIMESPEC, 1) if LINUX else
+                  StampOption(0x0400, TIMEVAL, 1000) if BSD else None)  # SO_TIMESTAMP, everywhere 0x400
+# SO_TIMESTAMPING: software transmit stamps, reported without the datagram's bytes
+TRANSMIT_STAMPS = (1 << 1) | (1 << 4) | (1 << 11)
+MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+# The destination of each datagram, so that a wildcard server replies from it: IP_PKTINFO
+# (in_pktinfo, sent back as it came) on Linux; IP_RECVDSTADDR (an in_addr, sent back as
+# IP_SENDSRCADDR) on the BSDs; IPV6_RECVPKTINFO everywhere that has IPv6 and sendmsg.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8 if LINUX else None)
+IP_RECVDSTADDR = getattr(socket, "IP_RECVDSTADDR", None)
+IP_SENDSRCADDR = getattr(socket, "IP_SENDSRCADDR", IP_RECVDSTADDR)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", None)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", None)
+# The marks a datagram came with, its TOS (DSCP and ECN) and TTL (hop limit): asked for with the
+# RECV options, reported in control messages of the plain option's number.
+IP_TOS, IP_TTL = getattr(socket, "IP_TOS", 1), getattr(socket, "IP_TTL", 2)
+IP_RECVTOS = getattr(socket, "IP_RECVTOS", 13 if LINUX else None)
+IP_RECVTTL = getattr(socket, "IP_RECVTTL", 12 if LINUX else None)
+IPV6_TCLASS = getattr(socket, "IPV6_TCLASS", None)
+IPV6_RECVTCLASS = getattr(socket, "IPV6_RECVTCLASS", None)
+IPV6_HOPLIMIT = getattr(socket, "IPV6_HOPLIMIT", None)
+IPV6_RECVHOPLIMIT = getattr(socket, "IPV6_RECVHOPLIMIT", None)
+IPV6_UNICAST_HOPS = getattr(socket, "IPV6_UNICAST_HOPS", None)
+INT = struct.Struct("@i")
+SOF_TIMESTAMPING_TX_SOFTWARE, SOF_TIMESTAMPING_REPORTS = 1 << 1, (1 << 4) | (1 << 11)  # SOFTWARE, TSONLY
+ANCILLARY_SPACE = 256               # room for a timestamp and a packet-info message
 
 
-def iso_utc(ns: int) -> str:
-    """A wall-clock time in ns as ISO 8601 in UTC, to the microsecond: 2026-11-25T16:51:39.914437Z."""
-    seconds, nanoseconds = divmod(ns, NS_PER_S)
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).replace(
-        microsecond=nanoseconds // 1000, tzinfo=None)
-    return moment.isoformat(timespec="microseconds") + "Z"
+def resolve(host: str, port: int, passive: bool = False) -> List[Tuple[int, tuple]]:
+    """Every (family, sockaddr) for host and port, IPv4 or IPv6, in the resolver's order.
+
+    "[::1]" is taken for "::1", as the tool itself prints such addresses; no
+    address at all is a usage error.
+    """
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0,
+                                   socket.AI_PASSIVE if passive else 0)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise TimecheckError("cannot resolve host {!r}: {}".format(
+            host, getattr(exc, "strerror", None) or exc)) from None
+    found = [(family, address) for family, _, _, _, address in infos if family in MAX_UDP_PAYLOAD]
+    if not found:
+        raise TimecheckError("host {!r} has no IPv4 or IPv6 address".format(host))
+    return found
 
 
-def format_address(host: str, port: int) -> str:
-    return "[{}]:{}".format(host, port) if ":" in host else "{}:{}".format(host, port)
+def has_message_calls(sock: socket.socket) -> bool:
+    """Whether sock has recvmsg and sendmsg (Windows has neither): ancillary data, or none."""
+    return hasattr(sock, "recvmsg") and hasattr(sock, "sendmsg")
 
 
-# ---------------------------------------------------------------------------
-# Statistics: streaming summaries and pure functions over samples
-# ---------------------------------------------------------------------------
+def enable_kernel_timestamps(sock: socket.socket) -> bool:
+    """Ask the kernel to stamp each datagram as it arrives; False where it cannot."""
+    return kernel_stamps_refused(sock) is None
+
+
+def kernel_stamps_refused(sock: socket.socket) -> Optional[str]:
+    """Ask the kernel to stamp each datagram as it arrives; why it cannot, in words, or None."""
+    if not has_message_calls(sock):
+        return "no recvmsg on this platform"
+    if RECEIVE_STAMPS is None:
+        return "this platform has no receive timestamps"
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, RECEIVE_STAMPS.option, 1)
+    except OSError as exc:
+        return "the kernel refused them ({})".format(exc.strerror or exc)
+    return None
+
+
+def enable_transmit_timestamps(sock: socket.socket) -> bool:
+    """Ask the kernel to stamp each datagram as it leaves, on the socket's error queue (Linux)."""
+    if SO_TIMESTAMPING is None or not has_message_calls(sock):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, TRANSMIT_STAMPS)
+    except OSError:
+        return False
+    return True
+
+
+def read_transmit_stamp(sock: socket.socket, not_before_ns: int) -> Optional[int]:
+    """The kernel's stamp, in ns, of the datagram just sent on non-blocking sock, or None.
+
+    Stamps queue up in the order the datagrams left; one earlier than
+    not_before_ns (CLOCK_REALTIME before the send) belongs to an earlier one.
+    """
+    for _ in range(4):
+        try:
+            _, ancillary, _, _ = sock.recvmsg(1, ANCILLARY_SPACE, MSG_ERRQUEUE)
+        except OSError:  # BlockingIOError: nothing (more) queued
+            return None
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPING and len(payload) >= TIMESPEC.size:
+                seconds, nanoseconds = TIMESPEC.unpack_from(payload)  # the first of three: software
+                stamp_ns = seconds * NS_PER_S + nanoseconds
+                if stamp_ns >= not_before_ns:
+                    return stamp_ns
+    return None
+
+
+def enable_transmit_reports(sock: socket.socket) -> bool:
+    """Let the kernel report software transmit stamps on sock's error queue, for the datagrams
+    that ask with a control message (an interleaved session's replies); none is stamped yet."""
+    if SO_TIMESTAMPING is None or not has_message_calls(sock):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, SOF_TIMESTAMPING_REPORTS)
+    except OSError:
+        return False
+    return True
+
+
+def transmit_stamp_request() -> Tuple[int, int, bytes]:
+    """The control message that asks the kernel to stamp one datagram as it leaves."""
+    return socket.SOL_SOCKET, SO_TIMESTAMPING, struct.pack("@I", SOF_TIMESTAMPING_TX_SOFTWARE)
+
+
+def _mark_options(sock: socket.socket) -> List[Tuple[int, Optional[int]]]:
+    """(level, option) pairs that report the TOS and the TTL of each datagram on sock."""
+    options = [(socket.IPPROTO_IP, IP_RECVTOS), (socket.IPPROTO_IP, IP_RECVTTL)]  # IPv4, mapped too
+    if sock.family == socket.AF_INET6:
+        options += [(socket.IPPROTO_IPV6, IPV6_RECVTCLASS), (socket.IPPROTO_IPV6, IPV6_RECVHOPLIMIT)]
+    return options
+
+
+def enable_path_marks(sock: socket.socket) -> bool:
+    """Ask for each datagram's TOS and TTL (hop limit); whether any of it will come."""
+    enabled = False
+    for level, option in _mark_options(sock) if has_message_calls(sock) else ():
+        if option is not None:
+            try:
+                sock.setsockopt(level, option, 1)
+                enabled = True
+            except OSError:
+                pass  # that family's, on a socket of the other
+    return enabled
+
+
+def read_marks(ancillary: Sequence[Tuple[int, int, bytes]]) -> Tuple[Optional[int], Optional[int]]:
+    """(TOS, TTL) of a datagram, from its control messages; None for what did not come."""
+    tos = ttl = None
+    for level, kind, payload in ancillary:
+        value = payload[0] if len(payload) == 1 else (INT.unpack(payload)[0] if len(payload) == INT.size
+                                                      else None)
+        if (level, kind) in ((socket.IPPROTO_IP, IP_TOS), (socket.IPPROTO_IPV6, IPV6_TCLASS)):
+            tos = value
+        elif (level, kind) in ((socket.IPPROTO_IP, IP_TTL), (socket.IPPROTO_IPV6, IPV6_HOPLIMIT)):
+            ttl = value
+    return tos, ttl
+
+
+def tos_mark(family: int, tos: int) -> Tuple[Tuple[int, int, bytes], ...]:
+    """The control message that marks one datagram with tos."""
+    if family == socket.AF_INET6 and IPV6_TCLASS is not None:
+        return ((socket.IPPROTO_IPV6, IPV6_TCLASS, INT.pack(tos)),)
+    return ((socket.IPPROTO_IP, IP_TOS, INT.pack(tos)),)
+
+
+def set_marks(sock: socket.socket, tos: Optional[int], ttl: Optional[int]) -> None:
+    """Mark every datagram sock sends with tos, and send it with ttl hops, where given."""
+    v6 = sock.family == socket.AF_INET6
+    for value, option in ((tos, IPV6_TCLASS if v6 else IP_TOS), (ttl, IPV6_UNICAST_HOPS if v6 else IP_TTL)):
+        if value is not None and option is not None:
+            sock.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, option, value)
+
+
+def default_ttl(sock: socket.socket) -> Optional[int]:
+    """The TTL (hop limit) sock's datagrams leave with, or None where the platform will not say."""
+    v6 = sock.family == socket.AF_INET6
+    option = IPV6_UNICAST_HOPS if v6 else IP_TTL
+    try:
+        ttl = sock.getsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, option)
+    except (OSError, TypeError):  # TypeError: no such option here (None)
+        return None
+    return ttl if 0 < ttl < 256 else None
+
+
+def _packet_info_option(sock: socket.socket) -> Tuple[int, Optional[int]]:
+    """(level, option) that reports each datagram's destination address on sock."""
+    if sock.family == socket.AF_INET6:
+        return socket.IPPROTO_IPV6, IPV6_RECVPKTINFO
+    return socket.IPPROTO_IP, IP_PKTINFO if IP_PKTINFO is not None else IP_RECVDSTADDR
+
+
+def enable_packet_info(sock: socket.socket) -> bool:
+    """Ask for each datagram's destination address, so that the reply can come from it."""
+    level, option = _packet_info_option(sock)
+    if option is None or not has_message_calls(sock):
+        return False
+    try:
+        sock.setsockopt(level, option, 1)
+    except OSError:
+        return False
+    return True
+
+
+class _Timeval(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+
+class _Timex(ctypes.Structure):
+    """glibc's struct timex, for adjtimex(2).  The BSDs' and macOS's, for ntp_adjtime(2), has the
+    same first fields at the same places, and is shorter: this one holds either."""
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
+                ("constant", ctypes.c_long), ("precision", ctypes.c_long), ("tolerance", ctypes.c_long),
+                ("time", _Timeval), ("tick", ctypes.c_long), ("ppsfreq", ctypes.c_long),
+                ("jitter", ctypes.c_long), ("shift", ctypes.c_int), ("stabil", ctypes.c_long),
+                ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long), ("errcnt", ctypes.c_long),
+                ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int), ("reserved", ctypes.c_int * 11)]
+
+
+def read_clock_state() -> ClockState:
+    """This kernel's own view of its clock (adjtimex on Linux, ntp_adjtime on the BSDs and macOS,
+    with no modes: a read, no privileges needed).
+
+    Synchronised means what the kernel means: its STA_UNSYNC flag is clear and
+    the call does not answer TIME_ERROR, which chronyd or ntpd arrange while
+    they discipline the clock.  Unknown (None) elsewhere, as on Windows.
+    """
+    if not (LINUX or BSD):
+        return UNKNOWN_CLOCK
+    timex = _Timex()
+    try:
+        state = getattr(ctypes.CDLL(None, use_errno=True), "adjtimex" if LINUX else "ntp_adjtime")(
+            ctypes.byref(timex))
+    except (OSError, AttributeError, TypeError):
+        return UNKNOWN_CLOCK
+    if state < 0:
+        return UNKNOWN_CLOCK
+    try:
+        with open(CLOCK_SOURCE_FILE) as source_file:
+            source = source_file.read().strip()  # type: Optional[str]
+    except OSError:
+        source = None
+    synchronized = state != TIME_ERROR and not timex.status & STA_UNSYNC
+    # maxerror and esterror in us; freq in ppm with 16 fractional bits, as both kernels keep it
+    return ClockState(synchronized, timex.maxerror * 1000, timex.esterror * 1000, timex.freq * 1000 >> 16,
+                      source)
+
+
+_PACKET_INFO_LEVELS = frozenset((socket.IPPROTO_IP, socket.IPPROTO_IPV6))
+_PACKET_INFO_KINDS = frozenset(kind for kind in (IP_PKTINFO, IPV6_PKTINFO) if kind is not None)
+
+
+def _stamp_ns(payload: bytes) -> Optional[int]:
+    """A receive stamp's payload in ns since the epoch, or None when it is not one."""
+    if len(payload) != RECEIVE_STAMPS.layout.size:
+        return None
+    seconds, fraction = RECEIVE_STAMPS.layout.unpack(payload)
+    return seconds * NS_PER_S + fraction * RECEIVE_STAMPS.unit_ns
+
+
+def read_ancillary(ancillary: Sequence[Tuple[int, int, bytes]]) -> Tuple[Optional[int], Sequence[tuple]]:
+    """(the kernel's receive time in ns or None, the packet info to send the reply with)."""
+    level, kind, payload = ancillary[0]
+    rest = ancillary[1:]
+    if kind == SO_TIMESTAMPNS and level == socket.SOL_SOCKET and len(payload) == TIMESPEC.size \
+            and (not rest or len(rest) == 1 and rest[0][1] in _PACKET_INFO_KINDS):
+        seconds, nanoseconds = TIMESPEC.unpack(payload)  # Linux: the kernel's order, the usual case
+        return seconds * NS_PER_S + nanoseconds, rest
+    kernel_ns, control = None, []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and RECEIVE_STAMPS is not None and kind == RECEIVE_STAMPS.option:
+            kernel_ns = _stamp_ns(payload)
+        elif level == socket.IPPROTO_IP and kind == IP_RECVDSTADDR and IP_PKTINFO is None:
+            control.append((level, IP_SENDSRCADDR, payload))  # the BSDs: sent back as the source
+        elif level in _PACKET_INFO_LEVELS and kind in (IP_PKTINFO, IPV6_PKTINFO):
+            control.append((level, kind, payload))  # in_pktinfo or in6_pktinfo: sent back as it came
+    return kernel_ns, control
+
+
+def message_calls(sock: socket.socket) -> Tuple[Callable, Callable]:
+    """sock's recvmsg and sendmsg, or stand-ins with no ancillary data where the platform has
+    neither (Windows)."""
+    if has_message_calls(sock):
+        return sock.recvmsg, sock.sendmsg
+
+    def recvmsg(size: int, _ancillary_size: int, _flags: int = 0) -> Tuple[bytes, list, int, tuple]:
+        data, source = sock.recvfrom(size)
+        return data, [], 0, source
+
+    def sendmsg(buffers: Sequence[bytes], _control: object = (), _flags: int = 0,
+                target: Optional[tuple] = None) -> int:
+        return sock.sendto(b"".join(buffers), target) if target else sock.send(b"".join(buffers))
+    return recvmsg, sendmsg
+
+
+NOTHING_YET = (BlockingIOError, socket.timeout)  # a receive that timed out, either way
+
+
+def _platform_stamps_refused(family: int) -> Optional[str]:
+    """kernel_stamps_refused() on a scratch socket: what a socket of this family will get."""
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as scratch:
+            return kernel_stamps_refused(scratch)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
+    """A blocking receive that gives up after seconds (EAGAIN), at no cost per call; where the
+    platform refuses the option, Python's own timeout (socket.timeout), at a poll() per call."""
+    if WINDOWS:  # a DWORD of milliseconds
+        value = struct.pack("@I", max(1, int(seconds * 1000)))
+    else:
+        value = TIMEVAL.pack(int(seconds), int(seconds % 1 * 1e6))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    except (OSError, struct.error, AttributeError):
+        sock.settimeout(seconds)
+
+
+def load_key(path: Optional[str],
+             environ: Mapping[str, str] = os.environ) -> Tuple[Optional[bytes], List[str]]:
+    """The shared key from a key file, else $UDP_TIMECHECK_KEY (None: no key), and warnings.
+
+    The key is the file's bytes, or the variable's UTF-8, without surrounding
+    ASCII white space: the same key gives the same bytes both ways.  A variable
+    that is set but empty is an error, not "no key".
+    """
+    warnings = []  # type: List[str]
+    if path is not None:
+        key, mode = _read_key_file(path)
+        if os.name == "posix" and mode & 0o077:  # as ssh warns about private keys
+            warnings.append("warning: key file {} is accessible by group or others (mode {:03o}); "
+                            "run: chmod 600 {}".format(path, mode & 0o777, path))
+        source = "key file " + path
+    elif KEY_ENV in environ:
+        key, source = environ[KEY_ENV].encode("utf-8", "surrogateescape"), KEY_ENV
+    else:
+        return None, warnings
+    key = key.strip()
+    if not key:
+        raise TimecheckError("{} is empty{}".format(source, "; unset it to run without a key"
+                                                    if source == KEY_ENV else ""))
+    return key, warnings
+
+
+def _read_key_file(path: str) -> Tuple[bytes, int]:
+    """A key file's bytes and mode; it must be a regular file of sane size."""
+    try:  # non-blocking: opening a FIFO must not wait for a writer
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(descriptor, "rb") as key_file:
+            info = os.fstat(descriptor)
+            if not stat.S_ISREG(info.st_mode):
+                raise TimecheckError("key file {} is not a regular file".format(path))
+            key = key_file.read(MAX_KEY_FILE + 1)
+    except OSError as exc:
+        raise TimecheckError("cannot read key file {}: {}".format(path, exc.strerror or exc)) from None
+    if len(key) > MAX_KEY_FILE:
+        raise TimecheckError("key file {} is larger than {} bytes: not a key".format(path, MAX_KEY_FILE))
+    return key, info.st_mode
+
+
+def split_target(text: str, lowest_port: int = 0) -> Tuple[str, Optional[int]]:
+    """HOST, HOST:PORT, [IPV6] or [IPV6]:PORT, or a bare IPv6 address (which names no port):
+    (host, port or None).  Anything else is a usage error."""
+    host, port = text, None  # type: str, Optional[str]
+    if text.startswith("["):
+        host, closed, rest = text[1:].partition("]")
+        if not closed or rest and (rest[0] != ":" or not rest[1:]):
+            raise TimecheckError("{!r}: expected [IPV6] or [IPV6]:PORT".format(text))
+        port = rest[1:] or None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if host.isdigit():  # getaddrinfo would take "8080" for the address 0.0.31.144
+        raise TimecheckError("{0!r} is not a host; give the host before the port, "
+                             "as in: 127.0.0.1 {0}".format(host))
+    if not host:
+        raise TimecheckError("{!r} names no host".format(text))
+    return host, None if port is None else port_number(port, text, lowest_port)
+
+
+def port_number(digits: str, where: str, lowest: int = 0) -> int:
+    """A port from lowest to 65535, or a usage error that says where it came from."""
+    if not digits.isdigit() or not lowest <= int(digits) <= 65535:
+        raise TimecheckError("{!r}: expected a port number from {} to 65535".format(where, lowest))
+    return int(digits)
+
+
+def endpoint(host: Optional[str], port: Optional[str], default_port: int,
+             lowest_port: int = 0) -> Tuple[str, int]:
+    """[HOST] [PORT] as given, HOST perhaps HOST:PORT or [IPV6]:PORT: one (host, port)."""
+    if host is None:
+        return DEFAULT_HOST, default_port if port is None else port_number(port, port, lowest_port)
+    name, named_port = split_target(host, lowest_port)
+    if port is not None and named_port is not None:
+        raise TimecheckError("{!r} names its port already; give the port once".format(host))
+    return name, named_port if named_port is not None else (
+        default_port if port is None else port_number(port, port, lowest_port))
+
+
+DSCP_NAMES = dict([("BE", 0), ("DF", 0), ("LE", 1), ("EF", 46), ("VA", 44)]
+                  + [("CS%d" % n, 8 * n) for n in range(8)]
+                  + [("AF%d%d" % (x, y), 8 * x + 2 * y) for x in range(1, 5) for y in range(1, 4)])
+
+
+def tos_value(text: str) -> int:
+    """A TOS byte: a number from 0 to 255 (0x.. too), or a DSCP name (EF, AF41, CS6: RFC 4594's)."""
+    name = text.strip().upper()
+    if name in DSCP_NAMES:
+        return DSCP_NAMES[name] << 2  # DSCP is the byte's upper six bits; ECN the lower two
+    try:
+        value = int(name, 0)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 255:
+        raise argparse.ArgumentTypeError("{!r} is neither a TOS byte from 0 to 255 nor a DSCP name "
+                                         "(EF, AF11 to AF43, CS0 to CS7, LE, BE)".format(text))
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Statistics: per-probe records, streaming summaries, the timing arithmetic, per-run aggregates
+# ----------------------------------------------------------------------------------------------
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     """Linear interpolation between closest ranks (NumPy's default, Excel's PERCENTILE.INC)."""
@@ -1453,23 +1867,6 @@ def compare_clocks(server_ms: float, server_err_ms: float, reference_ms: float,
             "server_offset_err_ms": round(server_err_ms + reference_err_ms, 6)}
 
 
-def clock_offset_ns(clock: Callable[[], int]) -> int:
-    """How far clock is ahead of CLOCK_REALTIME, the kernel's stamps' clock.
-
-    Read between two readings of the real clock, three times, keeping the
-    tightest: the time a reading takes (longest the first time round) must not
-    count as offset.
-    """
-    best = None  # type: Optional[Tuple[int, int]]
-    for _ in range(3):
-        before = wall_ns()
-        reading = clock()
-        after = wall_ns()
-        if best is None or after - before < best[0]:
-            best = (after - before, reading - (before + after) // 2)
-    return best[1]
-
-
 def arrival_ns(kernel_ns: Optional[int], clock_ns: int, real_ns: int, max_age_ns: int) -> Optional[int]:
     """When a datagram arrived, on the clock that read clock_ns, from the kernel's stamp.
 
@@ -1549,28 +1946,297 @@ def probe_timing(t1: int, t2: Optional[int], t3: Optional[int], t4: int, *, raw_
     return Timing(rtt, proc, offset, problem is None, kernel, problem)
 
 
-# ---------------------------------------------------------------------------
-# Server
-# ---------------------------------------------------------------------------
+class RecentTable:
+    """A dict of at most max_entries keys; the least recently stored goes first.
 
-def resolve(host: str, port: int, passive: bool = False) -> List[Tuple[int, tuple]]:
-    """Every (family, sockaddr) for host and port, IPv4 or IPv6, in the resolver's order.
-
-    "[::1]" is taken for "::1", as the tool itself prints such addresses; no
-    address at all is a usage error.
+    The server's tables of source addresses, so that memory stays flat under
+    traffic from any number of sources.
     """
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0,
-                                   socket.AI_PASSIVE if passive else 0)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise TimecheckError("cannot resolve host {!r}: {}".format(
-            host, getattr(exc, "strerror", None) or exc)) from None
-    found = [(family, address) for family, _, _, _, address in infos if family in MAX_UDP_PAYLOAD]
-    if not found:
-        raise TimecheckError("host {!r} has no IPv4 or IPv6 address".format(host))
-    return found
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries = collections.OrderedDict()  # type: Dict[object, object]  # O(1) off the front
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def take(self, key: object) -> Optional[object]:
+        """The value stored under key, removed (store it again to keep it)."""
+        return self._entries.pop(key, None)
+
+    def get(self, key: object) -> Optional[object]:
+        """The value stored under key, left where it is."""
+        return self._entries.get(key)
+
+    def store(self, key: object, value: object) -> None:
+        entries = self._entries
+        if len(entries) >= self.max_entries and key not in entries:
+            entries.popitem(last=False)
+        entries[key] = value
+
+
+class Sample:
+    """One probe: its request, its timestamps and, once answered, what it measured.
+
+    t1 and t4 are this machine's wall clock at send and receive, t2 and t3 the
+    server's at receive and send (NTP's names).  send_mono_ns and recv_mono_ns
+    are the monotonic clock around the same send and receive.
+    """
+    __slots__ = ("seq", "request_id", "request_mac", "request", "status", "reason", "send_mono_ns",
+                 "recv_mono_ns", "t1", "t1_user", "t1_kernel", "t2", "t3", "t3_kernel", "t4", "t4_kernel",
+                 "t4_user", "server_stamp", "request_size", "reply_id", "reply_text", "reply_size", "timing",
+                 "server_clock", "ntp", "target", "port", "interleaved", "server_count", "server_marks",
+                 "marks_back")
+
+    def __init__(self, seq: int, request_id: int, request_mac: bytes = b"", target: str = "") -> None:
+        self.seq, self.request_id, self.request_mac, self.target = seq, request_id, request_mac, target
+        self.request = b""  # the datagram sent, kept while it waits: an echo is byte for byte it
+        self.status = PENDING
+        self.reason = None  # type: Optional[str]  # why a lost probe was lost: see LOST_REASONS
+        self.send_mono_ns = self.t1 = self.t1_user = self.port = 0  # port: which source port (its index)
+        self.recv_mono_ns = self.t2 = self.t3 = self.t4 = self.t4_user = None  # type: Optional[int]
+        self.t1_kernel = self.t3_kernel = self.t4_kernel = False
+        self.interleaved = False  # the server stamps its reply leaving, and sends the stamp next time
+        self.server_count = None  # type: Optional[int]  # the session's requests the server has had
+        self.server_marks = self.marks_back = (None, None)  # (TOS, TTL) at the server; of the reply
+        self.server_stamp = self.reply_id = self.reply_text = None  # type: Optional[object]
+        self.request_size = self.reply_size = 0
+        self.timing = None  # type: Optional[Timing]
+        self.server_clock = None  # type: Optional[ClockState]  # when it asked, and the server said
+        self.ntp = None  # type: Optional[NtpReply]  # an NTP server's reply (SntpProber)
+
+    @property
+    def raw_rtt_ns(self) -> Optional[int]:
+        return None if self.recv_mono_ns is None else self.recv_mono_ns - self.send_mono_ns
+
+    @property
+    def rtt_ns(self) -> Optional[int]:
+        return self.timing and self.timing.rtt_ns
+
+    @property
+    def server_proc_ns(self) -> Optional[int]:
+        return self.timing and self.timing.proc_ns
+
+    @property
+    def offset_ns(self) -> Optional[float]:
+        return self.timing and self.timing.offset_ns
+
+    @property
+    def offset_err_ns(self) -> Optional[float]:
+        """Half the RTT; for an NTP server, plus its root distance (RFC 5905): its own error."""
+        if self.offset_ns is None:
+            return None
+        return self.timing.rtt_ns / 2 + (root_distance_ns(self.ntp) if self.ntp is not None else 0)
+
+    def settle(self, *, kernel_mode: bool) -> None:
+        """Work out what the probe measured, once its reply is recorded (again, with a better T3)."""
+        self.timing = probe_timing(self.t1, self.t2, self.t3, self.t4, raw_ns=self.raw_rtt_ns,
+                                   span_ns=self.t4_user - self.t1_user, kernel=kernel_mode and self.t4_kernel)
+
+    def as_dict(self) -> Dict[str, object]:
+        timing = self.timing
+        return {"seq": self.seq, "sent_at": iso_utc(self.t1), "id": self.request_id, "status": self.status,
+                "rtt_ms": _ms(self.rtt_ns), "raw_rtt_ms": _ms(self.raw_rtt_ns),
+                "server_proc_ms": _ms(self.server_proc_ns), "offset_ms": _ms(self.offset_ns),
+                "offset_err_ms": _ms(self.offset_err_ns), "reply_id": self.reply_id,
+                "lost_because": self.reason,
+                "t1_ns": self.t1, "t2_ns": self.t2, "t3_ns": self.t3, "t4_ns": self.t4,
+                "t1_from": KERNEL if self.t1_kernel else USER, "t4_from": KERNEL if self.t4_kernel else USER,
+                "t3_from": None if self.t3 is None else (KERNEL if self.t3_kernel else USER),
+                "port": self.port,
+                "timestamps": None if timing is None else (KERNEL if timing.kernel else USER),
+                "server_timestamps": self.server_stamp,
+                "trusted": None if timing is None else timing.trusted,
+                "untrusted_because": None if timing is None else timing.untrusted_because,
+                "target": self.target}
+
+
+SAMPLE_FIELDS = ("seq", "sent_at", "id", "status", "rtt_ms", "raw_rtt_ms", "server_proc_ms", "offset_ms",
+                 "offset_err_ms", "reply_id", "lost_because", "t1_ns", "t2_ns", "t3_ns", "t4_ns",
+                 "t1_from", "t4_from", "t3_from", "port", "timestamps", "server_timestamps", "trusted",
+                 "untrusted_because", "target")  # as_dict()'s keys
+
+
+class Arrival(NamedTuple):
+    """A reply's arrival: the kernel's stamp (None: none came), the wall clock read just after
+    (the clock the run uses, and the real one: they differ when a test shifts it), the monotonic
+    clock, and the TOS and TTL it came with (None: not asked for)."""
+    kernel_t4: Optional[int]
+    user_t4: int
+    real_t4: int
+    recv_mono_ns: int
+    tos: Optional[int] = None
+    ttl: Optional[int] = None
+
+
+class Bin:
+    """One interval of a Timeline: its probes, their RTTs, and its best offset sample."""
+    __slots__ = ("sent", "lost", "rtt", "best")
+
+    def __init__(self) -> None:
+        self.sent = self.lost = 0
+        self.rtt = LogHistogram(0.05)  # enough for a plot's pixels
+        self.best = None  # type: Optional[OffsetPoint]  # the trusted sample with the lowest RTT
+
+    def merge(self, other: "Bin") -> None:
+        self.sent += other.sent
+        self.lost += other.lost
+        self.rtt.merge(other.rtt)
+        if other.best is not None and (self.best is None or other.best.rtt_ns < self.best.rtt_ns):
+            self.best = other.best
+
+
+EMPTY_BIN = Bin()  # every bin nothing fell into: shared, and never written to
+
+
+class Timeline:
+    """A run of any length as at most max_bins intervals: when they run out, neighbours merge
+    and every bin spans twice as long.  Feeds the drift fit (the best offset of each bin, as
+    NTP's clock filter keeps the lowest-delay sample) and the plot."""
+
+    def __init__(self, max_bins: int = TIMELINE_BINS, width_ns: int = TIMELINE_FIRST_WIDTH_NS) -> None:
+        self.max_bins, self.width_ns = max_bins, width_ns
+        self.bins = []  # type: List[Bin]  # bins[i] spans [i * width_ns, (i + 1) * width_ns) of the run
+
+    def bin_at(self, elapsed_ns: int) -> Bin:
+        """The bin of that moment, made when first needed: the empty ones between cost nothing."""
+        while elapsed_ns // self.width_ns >= self.max_bins:
+            self.bins = [self._merged(self.bins[index:index + 2]) for index in range(0, len(self.bins), 2)]
+            self.width_ns *= 2
+        index = max(0, elapsed_ns) // self.width_ns
+        if len(self.bins) <= index:
+            self.bins.extend([EMPTY_BIN] * (index + 1 - len(self.bins)))
+        item = self.bins[index]
+        if item is EMPTY_BIN:
+            item = self.bins[index] = Bin()
+        return item
+
+    @staticmethod
+    def _merged(pair: Sequence[Bin]) -> Bin:
+        used = [item for item in pair if item is not EMPTY_BIN]
+        for other in used[1:]:
+            used[0].merge(other)
+        return used[0] if used else EMPTY_BIN
+
+    def points(self) -> List[OffsetPoint]:
+        return [item.best for item in self.bins if item.best is not None]
+
+
+class Distribution:
+    """Welford's running figures and the exact percentiles (Quantiles) of one quantity, in ns."""
+    __slots__ = ("stats", "values")
+
+    def __init__(self, limit: Optional[int] = None) -> None:
+        self.stats, self.values = RunningStats(), Quantiles(limit)
+
+    def add(self, value: int) -> None:
+        self.stats.add(value)
+        self.values.add(value)
+
+    def summary_ms(self, names: Sequence[str]) -> Dict[str, Optional[float]]:
+        """min, avg, median, p90, p99, max and mdev (as asked for), in ms; null for no values."""
+        stats = self.stats
+        figures = {"min": stats.min, "avg": stats.mean if stats.count else None, "max": stats.max,
+                   "mdev": stats.mdev}
+        asked = [(name, fraction) for name, fraction in PERCENTILES if name in names]
+        figures.update(zip([name for name, _ in asked],
+                           self.values.quantiles([fraction for _, fraction in asked])))
+        return {name: _ms(figures[name]) for name in names}
+
+
+class Delays:
+    """One direction's delays (T2 - T1 out, T4 - T3 back), which carry the clocks' offset: their
+    median above their minimum shows on which leg the queueing was; the offset cancels out."""
+    __slots__ = ("reference", "lowest", "values")
+
+    def __init__(self, limit: Optional[int] = None) -> None:
+        self.reference = self.lowest = None  # type: Optional[int]
+        self.values = Quantiles(limit)
+
+    def add(self, delay_ns: int) -> None:
+        if self.reference is None:
+            self.reference = delay_ns  # values are kept against the first, so they stay small
+        value = delay_ns - self.reference
+        self.lowest = value if self.lowest is None else min(self.lowest, value)
+        self.values.add(value)
+
+    def median_ns(self) -> Optional[float]:
+        (middle,) = self.values.quantiles((0.5,))
+        return None if middle is None else self.reference + middle
+
+    def queueing_ns(self) -> Optional[float]:
+        (middle,) = self.values.quantiles((0.5,))
+        return None if middle is None else max(0.0, middle - self.lowest)
+
+
+PERCENTILES = (("median", 0.5), ("p90", 0.9), ("p99", 0.99))
+RTT_FIGURES = ("min", "avg", "median", "p90", "p99", "max", "mdev")
+IPDV_FIGURES = ("median", "p99", "max")
+
+
+class Totals:
+    """What a run, or one period of it (--report-every), found, in O(1) memory."""
+    COUNTS = ("sent", "received", "lost", "in_flight", "not_up", "mismatched", "duplicates", "late",
+              "reordered", "forged", "unsigned", "malformed", "echoes", "refused", "errors", "user_fallbacks",
+              "transmit_fallbacks", "untrusted")
+
+    def __init__(self, started_wall_ns: int, started_mono_ns: int) -> None:
+        self.started_wall_ns, self.started_mono_ns = started_wall_ns, started_mono_ns
+        for name in self.COUNTS:
+            setattr(self, name, 0)
+        share = EXACT_VALUES // EXACT_SHARE  # the RTT has the most of the budget
+        self.rtt, self.proc, self.jitter = Distribution(), Distribution(share), RunningStats()
+        self.rtt_rows = LogHistogram()  # the histogram's rows
+        self.rtt_buckets = [0] * (len(RTT_BUCKETS_NS) + 1)  # Prometheus' buckets, counted exactly
+        self.send_ipdv, self.receive_ipdv = Distribution(share), Distribution(share)
+        self.send_delays, self.receive_delays = Delays(share), Delays(share)
+        self.best = None  # type: Optional[Sample]  # NTP's clock filter: the trusted sample of least error
+        self.untrusted_because = collections.Counter()  # type: collections.Counter
+        self.server_stamps = set()  # type: set
+        self.server_transmit_kernel = self.server_transmit_fallbacks = 0  # interleaved T3: kernel's, or not
+        self.timeline = Timeline()
+        self.runs = Runs()
+
+    def add_answer(self, sample: Sample,
+                   neighbours: Sequence[Tuple[int, Optional[int], Optional[int]]]) -> None:
+        """An answered probe's figures, and its differences with the probes numbered next to it."""
+        timing = sample.timing
+        self.rtt.add(timing.rtt_ns)
+        self.rtt_rows.add(timing.rtt_ns)
+        self.rtt_buckets[bisect.bisect_left(RTT_BUCKETS_NS, timing.rtt_ns)] += 1
+        if timing.proc_ns is not None:
+            self.proc.add(timing.proc_ns)
+        if sample.server_stamp is not None:
+            self.server_stamps.add(sample.server_stamp)
+        mine = _legs(sample)
+        if mine[1] is not None:
+            self.send_delays.add(mine[1])
+            self.receive_delays.add(mine[2])
+        for rtt, out, back in neighbours:  # IPDV: consecutive probes by number, as irtt pairs them
+            self.jitter.add(abs(timing.rtt_ns - rtt))
+            if out is not None and mine[1] is not None:
+                self.send_ipdv.add(abs(mine[1] - out))
+                self.receive_ipdv.add(abs(mine[2] - back))
+        if not timing.trusted:
+            self.untrusted_because[timing.untrusted_because] += 1
+        elif self.best is None or sample.offset_err_ns < self.best.offset_err_ns:
+            self.best = sample
+
+
+def _legs(sample: Sample) -> Tuple[int, Optional[int], Optional[int]]:
+    """(rtt, T2 - T1, T4 - T3) of an answered probe: what the IPDVs compare; the legs only
+    when every timestamp is consistent."""
+    if not sample.timing.trusted:
+        return sample.timing.rtt_ns, None, None
+    return sample.timing.rtt_ns, sample.t2 - sample.t1, sample.t4 - sample.t3
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Server: TimeServer, its guards, and MetricsServer
+# ----------------------------------------------------------------------------------------------
+
+MAX_QUEUE_WAIT_NS = NS_PER_S        # an older kernel timestamp means the clocks disagree
+RECEIVE_TIMEOUT = 0.25              # the server looks at its stop flag at least this often
 
 
 def _time_prefix(second: int) -> bytes:
@@ -1600,35 +2266,6 @@ def _bind_error(host: str, port: int, exc: OSError) -> TimecheckError:
     else:
         reason = exc.strerror or str(exc)
     return TimecheckError("cannot bind {}: {}".format(format_address(host, port), reason))
-
-
-class RecentTable:
-    """A dict of at most max_entries keys; the least recently stored goes first.
-
-    The server's tables of source addresses, so that memory stays flat under
-    traffic from any number of sources.
-    """
-
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max_entries
-        self._entries = collections.OrderedDict()  # type: Dict[object, object]  # O(1) off the front
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def take(self, key: object) -> Optional[object]:
-        """The value stored under key, removed (store it again to keep it)."""
-        return self._entries.pop(key, None)
-
-    def get(self, key: object) -> Optional[object]:
-        """The value stored under key, left where it is."""
-        return self._entries.get(key)
-
-    def store(self, key: object, value: object) -> None:
-        entries = self._entries
-        if len(entries) >= self.max_entries and key not in entries:
-            entries.popitem(last=False)
-        entries[key] = value
 
 
 class RateLimiter:
@@ -1704,273 +2341,6 @@ class LoopGuard:
 
     def answered(self, source: tuple, reply_id: int) -> None:
         self._answered.store(source, reply_id)
-
-
-def has_message_calls(sock: socket.socket) -> bool:
-    """Whether sock has recvmsg and sendmsg (Windows has neither): ancillary data, or none."""
-    return hasattr(sock, "recvmsg") and hasattr(sock, "sendmsg")
-
-
-def enable_kernel_timestamps(sock: socket.socket) -> bool:
-    """Ask the kernel to stamp each datagram as it arrives; False where it cannot."""
-    return kernel_stamps_refused(sock) is None
-
-
-def kernel_stamps_refused(sock: socket.socket) -> Optional[str]:
-    """Ask the kernel to stamp each datagram as it arrives; why it cannot, in words, or None."""
-    if not has_message_calls(sock):
-        return "no recvmsg on this platform"
-    if RECEIVE_STAMPS is None:
-        return "this platform has no receive timestamps"
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, RECEIVE_STAMPS.option, 1)
-    except OSError as exc:
-        return "the kernel refused them ({})".format(exc.strerror or exc)
-    return None
-
-
-def enable_transmit_timestamps(sock: socket.socket) -> bool:
-    """Ask the kernel to stamp each datagram as it leaves, on the socket's error queue (Linux)."""
-    if SO_TIMESTAMPING is None or not has_message_calls(sock):
-        return False
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, TRANSMIT_STAMPS)
-    except OSError:
-        return False
-    return True
-
-
-def read_transmit_stamp(sock: socket.socket, not_before_ns: int) -> Optional[int]:
-    """The kernel's stamp, in ns, of the datagram just sent on non-blocking sock, or None.
-
-    Stamps queue up in the order the datagrams left; one earlier than
-    not_before_ns (CLOCK_REALTIME before the send) belongs to an earlier one.
-    """
-    for _ in range(4):
-        try:
-            _, ancillary, _, _ = sock.recvmsg(1, ANCILLARY_SPACE, MSG_ERRQUEUE)
-        except OSError:  # BlockingIOError: nothing (more) queued
-            return None
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPING and len(payload) >= TIMESPEC.size:
-                seconds, nanoseconds = TIMESPEC.unpack_from(payload)  # the first of three: software
-                stamp_ns = seconds * NS_PER_S + nanoseconds
-                if stamp_ns >= not_before_ns:
-                    return stamp_ns
-    return None
-
-
-def enable_transmit_reports(sock: socket.socket) -> bool:
-    """Let the kernel report software transmit stamps on sock's error queue, for the datagrams
-    that ask with a control message (an interleaved session's replies); none is stamped yet."""
-    if SO_TIMESTAMPING is None or not has_message_calls(sock):
-        return False
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, SOF_TIMESTAMPING_REPORTS)
-    except OSError:
-        return False
-    return True
-
-
-def transmit_stamp_request() -> Tuple[int, int, bytes]:
-    """The control message that asks the kernel to stamp one datagram as it leaves."""
-    return socket.SOL_SOCKET, SO_TIMESTAMPING, struct.pack("@I", SOF_TIMESTAMPING_TX_SOFTWARE)
-
-
-def _mark_options(sock: socket.socket) -> List[Tuple[int, Optional[int]]]:
-    """(level, option) pairs that report the TOS and the TTL of each datagram on sock."""
-    options = [(socket.IPPROTO_IP, IP_RECVTOS), (socket.IPPROTO_IP, IP_RECVTTL)]  # IPv4, mapped too
-    if sock.family == socket.AF_INET6:
-        options += [(socket.IPPROTO_IPV6, IPV6_RECVTCLASS), (socket.IPPROTO_IPV6, IPV6_RECVHOPLIMIT)]
-    return options
-
-
-def enable_path_marks(sock: socket.socket) -> bool:
-    """Ask for each datagram's TOS and TTL (hop limit); whether any of it will come."""
-    enabled = False
-    for level, option in _mark_options(sock) if has_message_calls(sock) else ():
-        if option is not None:
-            try:
-                sock.setsockopt(level, option, 1)
-                enabled = True
-            except OSError:
-                pass  # that family's, on a socket of the other
-    return enabled
-
-
-def read_marks(ancillary: Sequence[Tuple[int, int, bytes]]) -> Tuple[Optional[int], Optional[int]]:
-    """(TOS, TTL) of a datagram, from its control messages; None for what did not come."""
-    tos = ttl = None
-    for level, kind, payload in ancillary:
-        value = payload[0] if len(payload) == 1 else (INT.unpack(payload)[0] if len(payload) == INT.size
-                                                      else None)
-        if (level, kind) in ((socket.IPPROTO_IP, IP_TOS), (socket.IPPROTO_IPV6, IPV6_TCLASS)):
-            tos = value
-        elif (level, kind) in ((socket.IPPROTO_IP, IP_TTL), (socket.IPPROTO_IPV6, IPV6_HOPLIMIT)):
-            ttl = value
-    return tos, ttl
-
-
-def tos_mark(family: int, tos: int) -> Tuple[Tuple[int, int, bytes], ...]:
-    """The control message that marks one datagram with tos."""
-    if family == socket.AF_INET6 and IPV6_TCLASS is not None:
-        return ((socket.IPPROTO_IPV6, IPV6_TCLASS, INT.pack(tos)),)
-    return ((socket.IPPROTO_IP, IP_TOS, INT.pack(tos)),)
-
-
-def set_marks(sock: socket.socket, tos: Optional[int], ttl: Optional[int]) -> None:
-    """Mark every datagram sock sends with tos, and send it with ttl hops, where given."""
-    v6 = sock.family == socket.AF_INET6
-    for value, option in ((tos, IPV6_TCLASS if v6 else IP_TOS), (ttl, IPV6_UNICAST_HOPS if v6 else IP_TTL)):
-        if value is not None and option is not None:
-            sock.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, option, value)
-
-
-def default_ttl(sock: socket.socket) -> Optional[int]:
-    """The TTL (hop limit) sock's datagrams leave with, or None where the platform will not say."""
-    v6 = sock.family == socket.AF_INET6
-    option = IPV6_UNICAST_HOPS if v6 else IP_TTL
-    try:
-        ttl = sock.getsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, option)
-    except (OSError, TypeError):  # TypeError: no such option here (None)
-        return None
-    return ttl if 0 < ttl < 256 else None
-
-
-def _packet_info_option(sock: socket.socket) -> Tuple[int, Optional[int]]:
-    """(level, option) that reports each datagram's destination address on sock."""
-    if sock.family == socket.AF_INET6:
-        return socket.IPPROTO_IPV6, IPV6_RECVPKTINFO
-    return socket.IPPROTO_IP, IP_PKTINFO if IP_PKTINFO is not None else IP_RECVDSTADDR
-
-
-def enable_packet_info(sock: socket.socket) -> bool:
-    """Ask for each datagram's destination address, so that the reply can come from it."""
-    level, option = _packet_info_option(sock)
-    if option is None or not has_message_calls(sock):
-        return False
-    try:
-        sock.setsockopt(level, option, 1)
-    except OSError:
-        return False
-    return True
-
-
-class _Timeval(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
-
-
-class _Timex(ctypes.Structure):
-    """glibc's struct timex, for adjtimex(2).  The BSDs' and macOS's, for ntp_adjtime(2), has the
-    same first fields at the same places, and is shorter: this one holds either."""
-    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
-                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
-                ("constant", ctypes.c_long), ("precision", ctypes.c_long), ("tolerance", ctypes.c_long),
-                ("time", _Timeval), ("tick", ctypes.c_long), ("ppsfreq", ctypes.c_long),
-                ("jitter", ctypes.c_long), ("shift", ctypes.c_int), ("stabil", ctypes.c_long),
-                ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long), ("errcnt", ctypes.c_long),
-                ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int), ("reserved", ctypes.c_int * 11)]
-
-
-def read_clock_state() -> ClockState:
-    """This kernel's own view of its clock (adjtimex on Linux, ntp_adjtime on the BSDs and macOS,
-    with no modes: a read, no privileges needed).
-
-    Synchronised means what the kernel means: its STA_UNSYNC flag is clear and
-    the call does not answer TIME_ERROR, which chronyd or ntpd arrange while
-    they discipline the clock.  Unknown (None) elsewhere, as on Windows.
-    """
-    if not (LINUX or BSD):
-        return UNKNOWN_CLOCK
-    timex = _Timex()
-    try:
-        state = getattr(ctypes.CDLL(None, use_errno=True), "adjtimex" if LINUX else "ntp_adjtime")(
-            ctypes.byref(timex))
-    except (OSError, AttributeError, TypeError):
-        return UNKNOWN_CLOCK
-    if state < 0:
-        return UNKNOWN_CLOCK
-    try:
-        with open(CLOCK_SOURCE_FILE) as source_file:
-            source = source_file.read().strip()  # type: Optional[str]
-    except OSError:
-        source = None
-    synchronized = state != TIME_ERROR and not timex.status & STA_UNSYNC
-    # maxerror and esterror in us; freq in ppm with 16 fractional bits, as both kernels keep it
-    return ClockState(synchronized, timex.maxerror * 1000, timex.esterror * 1000, timex.freq * 1000 >> 16,
-                      source)
-
-
-_PACKET_INFO_LEVELS = frozenset((socket.IPPROTO_IP, socket.IPPROTO_IPV6))
-_PACKET_INFO_KINDS = frozenset(kind for kind in (IP_PKTINFO, IPV6_PKTINFO) if kind is not None)
-
-
-def _stamp_ns(payload: bytes) -> Optional[int]:
-    """A receive stamp's payload in ns since the epoch, or None when it is not one."""
-    if len(payload) != RECEIVE_STAMPS.layout.size:
-        return None
-    seconds, fraction = RECEIVE_STAMPS.layout.unpack(payload)
-    return seconds * NS_PER_S + fraction * RECEIVE_STAMPS.unit_ns
-
-
-def read_ancillary(ancillary: Sequence[Tuple[int, int, bytes]]) -> Tuple[Optional[int], Sequence[tuple]]:
-    """(the kernel's receive time in ns or None, the packet info to send the reply with)."""
-    level, kind, payload = ancillary[0]
-    rest = ancillary[1:]
-    if kind == SO_TIMESTAMPNS and level == socket.SOL_SOCKET and len(payload) == TIMESPEC.size \
-            and (not rest or len(rest) == 1 and rest[0][1] in _PACKET_INFO_KINDS):
-        seconds, nanoseconds = TIMESPEC.unpack(payload)  # Linux: the kernel's order, the usual case
-        return seconds * NS_PER_S + nanoseconds, rest
-    kernel_ns, control = None, []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and RECEIVE_STAMPS is not None and kind == RECEIVE_STAMPS.option:
-            kernel_ns = _stamp_ns(payload)
-        elif level == socket.IPPROTO_IP and kind == IP_RECVDSTADDR and IP_PKTINFO is None:
-            control.append((level, IP_SENDSRCADDR, payload))  # the BSDs: sent back as the source
-        elif level in _PACKET_INFO_LEVELS and kind in (IP_PKTINFO, IPV6_PKTINFO):
-            control.append((level, kind, payload))  # in_pktinfo or in6_pktinfo: sent back as it came
-    return kernel_ns, control
-
-
-def message_calls(sock: socket.socket) -> Tuple[Callable, Callable]:
-    """sock's recvmsg and sendmsg, or stand-ins with no ancillary data where the platform has
-    neither (Windows)."""
-    if has_message_calls(sock):
-        return sock.recvmsg, sock.sendmsg
-
-    def recvmsg(size: int, _ancillary_size: int, _flags: int = 0) -> Tuple[bytes, list, int, tuple]:
-        data, source = sock.recvfrom(size)
-        return data, [], 0, source
-
-    def sendmsg(buffers: Sequence[bytes], _control: object = (), _flags: int = 0,
-                target: Optional[tuple] = None) -> int:
-        return sock.sendto(b"".join(buffers), target) if target else sock.send(b"".join(buffers))
-    return recvmsg, sendmsg
-
-
-NOTHING_YET = (BlockingIOError, socket.timeout)  # a receive that timed out, either way
-
-
-def _platform_stamps_refused(family: int) -> Optional[str]:
-    """kernel_stamps_refused() on a scratch socket: what a socket of this family will get."""
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as scratch:
-            return kernel_stamps_refused(scratch)
-    except OSError as exc:
-        return exc.strerror or str(exc)
-
-
-def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
-    """A blocking receive that gives up after seconds (EAGAIN), at no cost per call; where the
-    platform refuses the option, Python's own timeout (socket.timeout), at a poll() per call."""
-    if WINDOWS:  # a DWORD of milliseconds
-        value = struct.pack("@I", max(1, int(seconds * 1000)))
-    else:
-        value = TIMEVAL.pack(int(seconds), int(seconds % 1 * 1e6))
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-    except (OSError, struct.error, AttributeError):
-        sock.settimeout(seconds)
 
 
 class _Session:
@@ -2543,91 +2913,9 @@ class MetricsServer:
             self._log("udp-timecheck: " + line + more)
 
 
-# ---------------------------------------------------------------------------
-# Client: the prober
-# ---------------------------------------------------------------------------
-
-class Sample:
-    """One probe: its request, its timestamps and, once answered, what it measured.
-
-    t1 and t4 are this machine's wall clock at send and receive, t2 and t3 the
-    server's at receive and send (NTP's names).  send_mono_ns and recv_mono_ns
-    are the monotonic clock around the same send and receive.
-    """
-    __slots__ = ("seq", "request_id", "request_mac", "request", "status", "reason", "send_mono_ns",
-                 "recv_mono_ns", "t1", "t1_user", "t1_kernel", "t2", "t3", "t3_kernel", "t4", "t4_kernel",
-                 "t4_user", "server_stamp", "request_size", "reply_id", "reply_text", "reply_size", "timing",
-                 "server_clock", "ntp", "target", "port", "interleaved", "server_count", "server_marks",
-                 "marks_back")
-
-    def __init__(self, seq: int, request_id: int, request_mac: bytes = b"", target: str = "") -> None:
-        self.seq, self.request_id, self.request_mac, self.target = seq, request_id, request_mac, target
-        self.request = b""  # the datagram sent, kept while it waits: an echo is byte for byte it
-        self.status = PENDING
-        self.reason = None  # type: Optional[str]  # why a lost probe was lost: see LOST_REASONS
-        self.send_mono_ns = self.t1 = self.t1_user = self.port = 0  # port: which source port (its index)
-        self.recv_mono_ns = self.t2 = self.t3 = self.t4 = self.t4_user = None  # type: Optional[int]
-        self.t1_kernel = self.t3_kernel = self.t4_kernel = False
-        self.interleaved = False  # the server stamps its reply leaving, and sends the stamp next time
-        self.server_count = None  # type: Optional[int]  # the session's requests the server has had
-        self.server_marks = self.marks_back = (None, None)  # (TOS, TTL) at the server; of the reply
-        self.server_stamp = self.reply_id = self.reply_text = None  # type: Optional[object]
-        self.request_size = self.reply_size = 0
-        self.timing = None  # type: Optional[Timing]
-        self.server_clock = None  # type: Optional[ClockState]  # when it asked, and the server said
-        self.ntp = None  # type: Optional[NtpReply]  # an NTP server's reply (SntpProber)
-
-    @property
-    def raw_rtt_ns(self) -> Optional[int]:
-        return None if self.recv_mono_ns is None else self.recv_mono_ns - self.send_mono_ns
-
-    @property
-    def rtt_ns(self) -> Optional[int]:
-        return self.timing and self.timing.rtt_ns
-
-    @property
-    def server_proc_ns(self) -> Optional[int]:
-        return self.timing and self.timing.proc_ns
-
-    @property
-    def offset_ns(self) -> Optional[float]:
-        return self.timing and self.timing.offset_ns
-
-    @property
-    def offset_err_ns(self) -> Optional[float]:
-        """Half the RTT; for an NTP server, plus its root distance (RFC 5905): its own error."""
-        if self.offset_ns is None:
-            return None
-        return self.timing.rtt_ns / 2 + (root_distance_ns(self.ntp) if self.ntp is not None else 0)
-
-    def settle(self, *, kernel_mode: bool) -> None:
-        """Work out what the probe measured, once its reply is recorded (again, with a better T3)."""
-        self.timing = probe_timing(self.t1, self.t2, self.t3, self.t4, raw_ns=self.raw_rtt_ns,
-                                   span_ns=self.t4_user - self.t1_user, kernel=kernel_mode and self.t4_kernel)
-
-    def as_dict(self) -> Dict[str, object]:
-        timing = self.timing
-        return {"seq": self.seq, "sent_at": iso_utc(self.t1), "id": self.request_id, "status": self.status,
-                "rtt_ms": _ms(self.rtt_ns), "raw_rtt_ms": _ms(self.raw_rtt_ns),
-                "server_proc_ms": _ms(self.server_proc_ns), "offset_ms": _ms(self.offset_ns),
-                "offset_err_ms": _ms(self.offset_err_ns), "reply_id": self.reply_id,
-                "lost_because": self.reason,
-                "t1_ns": self.t1, "t2_ns": self.t2, "t3_ns": self.t3, "t4_ns": self.t4,
-                "t1_from": KERNEL if self.t1_kernel else USER, "t4_from": KERNEL if self.t4_kernel else USER,
-                "t3_from": None if self.t3 is None else (KERNEL if self.t3_kernel else USER),
-                "port": self.port,
-                "timestamps": None if timing is None else (KERNEL if timing.kernel else USER),
-                "server_timestamps": self.server_stamp,
-                "trusted": None if timing is None else timing.trusted,
-                "untrusted_because": None if timing is None else timing.untrusted_because,
-                "target": self.target}
-
-
-SAMPLE_FIELDS = ("seq", "sent_at", "id", "status", "rtt_ms", "raw_rtt_ms", "server_proc_ms", "offset_ms",
-                 "offset_err_ms", "reply_id", "lost_because", "t1_ns", "t2_ns", "t3_ns", "t4_ns",
-                 "t1_from", "t4_from", "t3_from", "port", "timestamps", "server_timestamps", "trusted",
-                 "untrusted_because", "target")  # as_dict()'s keys
-
+# ----------------------------------------------------------------------------------------------
+# 6. Client: the Recorder of a run, Prober, ProbeGroup, SntpProber, Reference, peers
+# ----------------------------------------------------------------------------------------------
 
 class LocalEnd(NamedTuple):
     """This end of a run: the marks its probes go with (TOS; TTL, the system's default if not
@@ -2636,189 +2924,6 @@ class LocalEnd(NamedTuple):
     ttl: Optional[int] = None
     address: Optional[str] = None
     ports: Tuple[int, ...] = (0,)
-
-
-class Arrival(NamedTuple):
-    """A reply's arrival: the kernel's stamp (None: none came), the wall clock read just after
-    (the clock the run uses, and the real one: they differ when a test shifts it), the monotonic
-    clock, and the TOS and TTL it came with (None: not asked for)."""
-    kernel_t4: Optional[int]
-    user_t4: int
-    real_t4: int
-    recv_mono_ns: int
-    tos: Optional[int] = None
-    ttl: Optional[int] = None
-
-
-def describe_timestamps(client: str, server: Optional[str]) -> str:
-    """Which timestamps each end used, in words: "kernel (both ends)", ..."""
-    here = "user-space" if client == USER else client
-    if server is None:
-        return "{} here; the server sends none".format(here)
-    there = {USER: "user-space", "mixed": "kernel and user-space"}.get(server, server)
-    return "{} (both ends)".format(here) if here == there else "{} here, {} at the server".format(here, there)
-
-
-class Bin:
-    """One interval of a Timeline: its probes, their RTTs, and its best offset sample."""
-    __slots__ = ("sent", "lost", "rtt", "best")
-
-    def __init__(self) -> None:
-        self.sent = self.lost = 0
-        self.rtt = LogHistogram(0.05)  # enough for a plot's pixels
-        self.best = None  # type: Optional[OffsetPoint]  # the trusted sample with the lowest RTT
-
-    def merge(self, other: "Bin") -> None:
-        self.sent += other.sent
-        self.lost += other.lost
-        self.rtt.merge(other.rtt)
-        if other.best is not None and (self.best is None or other.best.rtt_ns < self.best.rtt_ns):
-            self.best = other.best
-
-
-EMPTY_BIN = Bin()  # every bin nothing fell into: shared, and never written to
-
-
-class Timeline:
-    """A run of any length as at most max_bins intervals: when they run out, neighbours merge
-    and every bin spans twice as long.  Feeds the drift fit (the best offset of each bin, as
-    NTP's clock filter keeps the lowest-delay sample) and the plot."""
-
-    def __init__(self, max_bins: int = TIMELINE_BINS, width_ns: int = TIMELINE_FIRST_WIDTH_NS) -> None:
-        self.max_bins, self.width_ns = max_bins, width_ns
-        self.bins = []  # type: List[Bin]  # bins[i] spans [i * width_ns, (i + 1) * width_ns) of the run
-
-    def bin_at(self, elapsed_ns: int) -> Bin:
-        """The bin of that moment, made when first needed: the empty ones between cost nothing."""
-        while elapsed_ns // self.width_ns >= self.max_bins:
-            self.bins = [self._merged(self.bins[index:index + 2]) for index in range(0, len(self.bins), 2)]
-            self.width_ns *= 2
-        index = max(0, elapsed_ns) // self.width_ns
-        if len(self.bins) <= index:
-            self.bins.extend([EMPTY_BIN] * (index + 1 - len(self.bins)))
-        item = self.bins[index]
-        if item is EMPTY_BIN:
-            item = self.bins[index] = Bin()
-        return item
-
-    @staticmethod
-    def _merged(pair: Sequence[Bin]) -> Bin:
-        used = [item for item in pair if item is not EMPTY_BIN]
-        for other in used[1:]:
-            used[0].merge(other)
-        return used[0] if used else EMPTY_BIN
-
-    def points(self) -> List[OffsetPoint]:
-        return [item.best for item in self.bins if item.best is not None]
-
-
-class Distribution:
-    """Welford's running figures and the exact percentiles (Quantiles) of one quantity, in ns."""
-    __slots__ = ("stats", "values")
-
-    def __init__(self, limit: Optional[int] = None) -> None:
-        self.stats, self.values = RunningStats(), Quantiles(limit)
-
-    def add(self, value: int) -> None:
-        self.stats.add(value)
-        self.values.add(value)
-
-    def summary_ms(self, names: Sequence[str]) -> Dict[str, Optional[float]]:
-        """min, avg, median, p90, p99, max and mdev (as asked for), in ms; null for no values."""
-        stats = self.stats
-        figures = {"min": stats.min, "avg": stats.mean if stats.count else None, "max": stats.max,
-                   "mdev": stats.mdev}
-        asked = [(name, fraction) for name, fraction in PERCENTILES if name in names]
-        figures.update(zip([name for name, _ in asked],
-                           self.values.quantiles([fraction for _, fraction in asked])))
-        return {name: _ms(figures[name]) for name in names}
-
-
-class Delays:
-    """One direction's delays (T2 - T1 out, T4 - T3 back), which carry the clocks' offset: their
-    median above their minimum shows on which leg the queueing was; the offset cancels out."""
-    __slots__ = ("reference", "lowest", "values")
-
-    def __init__(self, limit: Optional[int] = None) -> None:
-        self.reference = self.lowest = None  # type: Optional[int]
-        self.values = Quantiles(limit)
-
-    def add(self, delay_ns: int) -> None:
-        if self.reference is None:
-            self.reference = delay_ns  # values are kept against the first, so they stay small
-        value = delay_ns - self.reference
-        self.lowest = value if self.lowest is None else min(self.lowest, value)
-        self.values.add(value)
-
-    def median_ns(self) -> Optional[float]:
-        (middle,) = self.values.quantiles((0.5,))
-        return None if middle is None else self.reference + middle
-
-    def queueing_ns(self) -> Optional[float]:
-        (middle,) = self.values.quantiles((0.5,))
-        return None if middle is None else max(0.0, middle - self.lowest)
-
-
-PERCENTILES = (("median", 0.5), ("p90", 0.9), ("p99", 0.99))
-RTT_FIGURES = ("min", "avg", "median", "p90", "p99", "max", "mdev")
-IPDV_FIGURES = ("median", "p99", "max")
-
-
-class Totals:
-    """What a run, or one period of it (--report-every), found, in O(1) memory."""
-    COUNTS = ("sent", "received", "lost", "in_flight", "not_up", "mismatched", "duplicates", "late",
-              "reordered", "forged", "unsigned", "malformed", "echoes", "refused", "errors", "user_fallbacks",
-              "transmit_fallbacks", "untrusted")
-
-    def __init__(self, started_wall_ns: int, started_mono_ns: int) -> None:
-        self.started_wall_ns, self.started_mono_ns = started_wall_ns, started_mono_ns
-        for name in self.COUNTS:
-            setattr(self, name, 0)
-        share = EXACT_VALUES // EXACT_SHARE  # the RTT has the most of the budget
-        self.rtt, self.proc, self.jitter = Distribution(), Distribution(share), RunningStats()
-        self.rtt_rows = LogHistogram()  # the histogram's rows
-        self.rtt_buckets = [0] * (len(RTT_BUCKETS_NS) + 1)  # Prometheus' buckets, counted exactly
-        self.send_ipdv, self.receive_ipdv = Distribution(share), Distribution(share)
-        self.send_delays, self.receive_delays = Delays(share), Delays(share)
-        self.best = None  # type: Optional[Sample]  # NTP's clock filter: the trusted sample of least error
-        self.untrusted_because = collections.Counter()  # type: collections.Counter
-        self.server_stamps = set()  # type: set
-        self.server_transmit_kernel = self.server_transmit_fallbacks = 0  # interleaved T3: kernel's, or not
-        self.timeline = Timeline()
-        self.runs = Runs()
-
-    def add_answer(self, sample: Sample,
-                   neighbours: Sequence[Tuple[int, Optional[int], Optional[int]]]) -> None:
-        """An answered probe's figures, and its differences with the probes numbered next to it."""
-        timing = sample.timing
-        self.rtt.add(timing.rtt_ns)
-        self.rtt_rows.add(timing.rtt_ns)
-        self.rtt_buckets[bisect.bisect_left(RTT_BUCKETS_NS, timing.rtt_ns)] += 1
-        if timing.proc_ns is not None:
-            self.proc.add(timing.proc_ns)
-        if sample.server_stamp is not None:
-            self.server_stamps.add(sample.server_stamp)
-        mine = _legs(sample)
-        if mine[1] is not None:
-            self.send_delays.add(mine[1])
-            self.receive_delays.add(mine[2])
-        for rtt, out, back in neighbours:  # IPDV: consecutive probes by number, as irtt pairs them
-            self.jitter.add(abs(timing.rtt_ns - rtt))
-            if out is not None and mine[1] is not None:
-                self.send_ipdv.add(abs(mine[1] - out))
-                self.receive_ipdv.add(abs(mine[2] - back))
-        if not timing.trusted:
-            self.untrusted_because[timing.untrusted_because] += 1
-        elif self.best is None or sample.offset_err_ns < self.best.offset_err_ns:
-            self.best = sample
-
-
-def _legs(sample: Sample) -> Tuple[int, Optional[int], Optional[int]]:
-    """(rtt, T2 - T1, T4 - T3) of an answered probe: what the IPDVs compare; the legs only
-    when every timestamp is consistent."""
-    if not sample.timing.trusted:
-        return sample.timing.rtt_ns, None, None
-    return sample.timing.rtt_ns, sample.t2 - sample.t1, sample.t4 - sample.t3
 
 
 class Recorder:
@@ -3311,34 +3416,6 @@ class Recorder:
                 "user_fallbacks": totals.user_fallbacks, "transmit_fallbacks": totals.transmit_fallbacks,
                 "untrusted": totals.untrusted, "untrusted_because": dict(totals.untrusted_because),
                 "described": describe_timestamps(self.timestamps, server)}
-
-
-def _unsynchronized(state: ClockState, whose: str) -> Optional[str]:
-    """Why a kernel's clock cannot bound a one-way delay, in words, or None when it can."""
-    if state.synchronized is None or state.maxerror_ns is None:
-        return "{} clock state is unknown".format(whose)
-    if not state.synchronized:
-        return "{} clock is not synchronised".format(whose)
-    return None
-
-
-def _histogram_rows(totals: Totals) -> List[List[float]]:
-    """About sqrt(n) rows, at most 10, from the fastest RTT to the slowest: never beyond them."""
-    stats = totals.rtt.stats
-    rows = totals.rtt_rows.rows(max(1, min(10, round(math.sqrt(totals.received)))))
-    if rows:
-        rows[0] = (max(rows[0][0], stats.min), rows[0][1], rows[0][2])
-        rows[-1] = (rows[-1][0], min(rows[-1][1], stats.max), rows[-1][2])
-    return [[_ms(low), _ms(high), count] for low, high, count in rows]
-
-
-def _drift_figures(fit: Optional[DriftFit]) -> Dict[str, object]:
-    if fit is None:
-        return {"drift_ppm": None, "drift_err_ppm": None, "offset_end_ms": None, "offset_end_err_ms": None,
-                "clock_steps": []}
-    return {"drift_ppm": round(fit.drift_ppm, 3), "drift_err_ppm": round(fit.drift_err_ppm, 3),
-            "offset_end_ms": _ms(fit.offset_end_ns), "offset_end_err_ms": _ms(fit.offset_end_err_ns),
-            "clock_steps": [{"at": iso_utc(at_ns), "size_ms": _ms(size_ns)} for at_ns, size_ns in fit.steps]}
 
 
 class _UnguessableIds:
@@ -3907,50 +3984,121 @@ class Reference:
             return None
 
 
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
+class Peer(NamedTuple):
+    """A target, or a mesh's peer, as a file or the command line names it."""
+    name: Optional[str]
+    host: str
+    port: Optional[int]
 
-def load_key(path: Optional[str],
-             environ: Mapping[str, str] = os.environ) -> Tuple[Optional[bytes], List[str]]:
-    """The shared key from a key file, else $UDP_TIMECHECK_KEY (None: no key), and warnings.
 
-    The key is the file's bytes, or the variable's UTF-8, without surrounding
-    ASCII white space: the same key gives the same bytes both ways.  A variable
-    that is set but empty is an error, not "no key".
-    """
-    warnings = []  # type: List[str]
-    if path is not None:
-        key, mode = _read_key_file(path)
-        if os.name == "posix" and mode & 0o077:  # as ssh warns about private keys
-            warnings.append("warning: key file {} is accessible by group or others (mode {:03o}); "
-                            "run: chmod 600 {}".format(path, mode & 0o777, path))
-        source = "key file " + path
-    elif KEY_ENV in environ:
-        key, source = environ[KEY_ENV].encode("utf-8", "surrogateescape"), KEY_ENV
+def read_peers(path: str) -> List[Peer]:
+    """A targets or peers file: one per line, NAME HOST:PORT, HOST:PORT, HOST PORT or HOST;
+    '#' starts a comment.  A usage error names the line that is wrong."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read(MAX_PEERS_FILE + 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TimecheckError("cannot read {}: {}".format(path, _why(exc))) from None
+    if len(text) > MAX_PEERS_FILE:
+        raise TimecheckError("{} is larger than {} bytes: not a list of targets".format(path, MAX_PEERS_FILE))
+    peers = []
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if len(words) == 2 and words[1].isdigit():  # HOST PORT
+            words = ["{}:{}".format(*words) if ":" not in words[0] else "[{}]:{}".format(*words)]
+        if len(words) > 2:
+            raise TimecheckError("{}, line {}: expected [NAME] HOST:PORT, got {!r}".format(
+                path, number, line))
+        if words:
+            try:
+                host, port = split_target(words[-1])
+            except TimecheckError as exc:
+                raise TimecheckError("{}, line {}: {}".format(path, number, exc)) from None
+            peers.append(Peer(words[0] if len(words) == 2 else None, host, port))
+    return peers
+
+
+def client_targets(tokens: Sequence[str], targets_file: Optional[str] = None) -> List[Peer]:
+    """TARGET [TARGET ...] [PORT] as the command line gives them, then those of --targets FILE:
+    HOST, HOST:PORT or [IPV6]:PORT each; a final bare number is the port of every target that
+    names none (1060 when there is none)."""
+    tokens, port = list(tokens), DEFAULT_PORT
+    if tokens and tokens[-1].isdigit() and (len(tokens) >= 2 or targets_file):
+        port = port_number(tokens.pop(), "PORT")
+    peers = [Peer(None, *split_target(token)) for token in tokens]
+    peers += read_peers(targets_file) if targets_file else []
+    if not peers:
+        peers = [Peer(None, DEFAULT_HOST, None)]
+    return [peer._replace(port=port if peer.port is None else peer.port) for peer in peers]
+
+
+def find_self(peers: Sequence[Peer], name: Optional[str], host: str, port: int, where: str) -> Peer:
+    """The peer that is this node: the one named name; else the one at --listen's address, or at
+    its port on an address of this machine."""
+    if name is not None:
+        mine = [peer for peer in peers if peer.name == name]
     else:
-        return None, warnings
-    key = key.strip()
-    if not key:
-        raise TimecheckError("{} is empty{}".format(source, "; unset it to run without a key"
-                                                    if source == KEY_ENV else ""))
-    return key, warnings
+        mine = [peer for peer in peers if peer.port == port and peer.host == host] or [
+            peer for peer in peers if peer.port == port and _is_local(peer.host)]
+    if len(mine) == 1:
+        return mine[0]
+    if not mine:
+        raise TimecheckError("none of the peers in {} is this node (--listen {}{})".format(
+            where, format_address(host, port), ", --name " + name if name else ""))
+    raise TimecheckError("{} peers in {} could be this node: give its name with --name".format(
+        len(mine), where))
 
 
-def _read_key_file(path: str) -> Tuple[bytes, int]:
-    """A key file's bytes and mode; it must be a regular file of sane size."""
-    try:  # non-blocking: opening a FIFO must not wait for a writer
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with open(descriptor, "rb") as key_file:
-            info = os.fstat(descriptor)
-            if not stat.S_ISREG(info.st_mode):
-                raise TimecheckError("key file {} is not a regular file".format(path))
-            key = key_file.read(MAX_KEY_FILE + 1)
-    except OSError as exc:
-        raise TimecheckError("cannot read key file {}: {}".format(path, exc.strerror or exc)) from None
-    if len(key) > MAX_KEY_FILE:
-        raise TimecheckError("key file {} is larger than {} bytes: not a key".format(path, MAX_KEY_FILE))
-    return key, info.st_mode
+def _is_local(host: str) -> bool:
+    """Whether host names an address of this machine: one a socket can bind."""
+    try:
+        family, address = resolve(host, 0)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind(address)
+    except (TimecheckError, OSError):
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Reports: summary dicts, text, Prometheus, SVG
+# ----------------------------------------------------------------------------------------------
+
+def describe_timestamps(client: str, server: Optional[str]) -> str:
+    """Which timestamps each end used, in words: "kernel (both ends)", ..."""
+    here = "user-space" if client == USER else client
+    if server is None:
+        return "{} here; the server sends none".format(here)
+    there = {USER: "user-space", "mixed": "kernel and user-space"}.get(server, server)
+    return "{} (both ends)".format(here) if here == there else "{} here, {} at the server".format(here, there)
+
+
+def _unsynchronized(state: ClockState, whose: str) -> Optional[str]:
+    """Why a kernel's clock cannot bound a one-way delay, in words, or None when it can."""
+    if state.synchronized is None or state.maxerror_ns is None:
+        return "{} clock state is unknown".format(whose)
+    if not state.synchronized:
+        return "{} clock is not synchronised".format(whose)
+    return None
+
+
+def _histogram_rows(totals: Totals) -> List[List[float]]:
+    """About sqrt(n) rows, at most 10, from the fastest RTT to the slowest: never beyond them."""
+    stats = totals.rtt.stats
+    rows = totals.rtt_rows.rows(max(1, min(10, round(math.sqrt(totals.received)))))
+    if rows:
+        rows[0] = (max(rows[0][0], stats.min), rows[0][1], rows[0][2])
+        rows[-1] = (rows[-1][0], min(rows[-1][1], stats.max), rows[-1][2])
+    return [[_ms(low), _ms(high), count] for low, high, count in rows]
+
+
+def _drift_figures(fit: Optional[DriftFit]) -> Dict[str, object]:
+    if fit is None:
+        return {"drift_ppm": None, "drift_err_ppm": None, "offset_end_ms": None, "offset_end_err_ms": None,
+                "clock_steps": []}
+    return {"drift_ppm": round(fit.drift_ppm, 3), "drift_err_ppm": round(fit.drift_err_ppm, 3),
+            "offset_end_ms": _ms(fit.offset_end_ns), "offset_end_err_ms": _ms(fit.offset_end_err_ns),
+            "clock_steps": [{"at": iso_utc(at_ns), "size_ms": _ms(size_ns)} for at_ns, size_ns in fit.steps]}
 
 
 def plural(count: int, noun: str, nouns: Optional[str] = None) -> str:
@@ -4486,252 +4634,6 @@ def _rtt_histogram(snapshot: Mapping, labels: Mapping[str, str]) -> List[str]:
     return lines
 
 
-class Output:
-    """Lines to a text stream, one write and flush each, so that threads never split a line.
-
-    A stream that cannot be written (closed, a full disk) does not stop the
-    program: the first failure is kept in .error, later lines are dropped.
-    A broken pipe (output piped into head) still ends it, as it should.
-    """
-
-    def __init__(self, stream: Optional[TextIO]) -> None:
-        self._stream = stream
-        self._encoding = getattr(stream, "encoding", None) or "utf-8"
-        self.error = None if stream is not None else "it is closed"  # type: Optional[str]
-
-    def line(self, text: str = "") -> None:
-        if self.error is not None:
-            return
-        try:
-            self._stream.write(fit_encoding(text, self._encoding) + "\n")
-            self._stream.flush()
-        except BrokenPipeError:
-            raise
-        except (OSError, ValueError) as exc:
-            self.error = getattr(exc, "strerror", None) or str(exc)
-            _discard_output(self._stream)
-
-
-_ASCII_STAND_INS = str.maketrans({"\u00b1": "+/-", "\u00b5": "u", "\u2212": "-", "\u2013": "-",
-                                  "\u2014": "--", "\u00d7": "x", "\u2026": "..."})
-
-
-def fit_encoding(text: str, encoding: str) -> str:
-    """text as a stream in encoding can take it: ASCII stand-ins for our own symbols (+/- for the
-    plus-minus sign), escapes for anything else.  An ASCII or Latin-1 locale never fails."""
-    try:
-        text.encode(encoding)
-        return text
-    except UnicodeEncodeError:
-        return text.translate(_ASCII_STAND_INS).encode(encoding, "backslashreplace").decode(encoding)
-    except LookupError:  # an encoding Python does not know: say it in ASCII
-        return text.translate(_ASCII_STAND_INS).encode("ascii", "backslashreplace").decode("ascii")
-
-
-def _discard_output(stream: Optional[TextIO]) -> None:
-    """Point a failed stream at the null device, so that flushing it at exit cannot fail again."""
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-        pass
-
-
-def _why(exc: Exception) -> str:
-    """An exception in a few words: an OSError's strerror, else its text."""
-    return getattr(exc, "strerror", None) or str(exc)
-
-
-def _err(line: str) -> None:
-    """A diagnostic line on stderr; if even stderr fails, there is nowhere left to say so."""
-    try:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
-class LineWriter:
-    """Lines to a stream's file descriptor from a daemon thread: write() never blocks.
-
-    The server's output, and the client's notes on stderr: a line that finds the
-    queue full (the stream is slower than the lines come, or blocked: a pipe nobody
-    reads) or that cannot be written (a full disk, a closed or broken stream) is
-    dropped and counted.  Serving and probing never wait for it.  A stream without a
-    file descriptor (a test's capture) is written to as a stream, from the same thread.
-    """
-
-    def __init__(self, stream: Optional[TextIO], max_queued: int = LOG_QUEUE_LINES) -> None:
-        self.queue_drops = self.write_drops = 0
-        self._stream, self._fd = stream, _file_descriptor(stream)
-        self._encoding = getattr(stream, "encoding", None) or "utf-8"
-        self._queue = queue.Queue(max_queued)  # type: queue.Queue  # (line or None, Event to set, last)
-        self.thread = threading.Thread(target=self._run, name="udp-timecheck-output", daemon=True)
-        self.thread.start()
-
-    @property
-    def dropped(self) -> int:
-        return self.queue_drops + self.write_drops
-
-    def write(self, line: str) -> None:
-        try:
-            self._queue.put_nowait((line, None, False))
-        except queue.Full:
-            self.queue_drops += 1
-
-    def sync(self, timeout: float = 0.5) -> bool:
-        """Wait at most timeout seconds for the lines written so far; False if they did not all go."""
-        return self._wait_for(None, False, timeout)
-
-    def close(self, final_line: str, timeout: float = 0.5) -> bool:
-        """Write final_line after the others, waiting at most timeout seconds; False if not written."""
-        return self._wait_for(final_line, True, timeout)
-
-    def _wait_for(self, line: Optional[str], last: bool, timeout: float) -> bool:
-        deadline, written = time.monotonic() + timeout, threading.Event()
-        try:
-            self._queue.put((line, written, last), timeout=timeout)
-        except queue.Full:
-            return False
-        return written.wait(max(0.0, deadline - time.monotonic()))
-
-    def _run(self) -> None:
-        while True:
-            line, written, last = self._queue.get()
-            went = line is None or self._write(line + "\n")
-            self.write_drops += not went
-            if written is not None and went:
-                written.set()
-            if last:
-                return
-
-    def _write(self, text: str) -> bool:
-        try:
-            if self._fd is None:
-                self._stream.write(text)
-                self._stream.flush()
-                return True
-            data = text.encode(self._encoding, "backslashreplace")
-            while data:
-                data = data[os.write(self._fd, data):]
-        except (OSError, ValueError, AttributeError):  # ENOSPC, EPIPE, EBADF, closed...: this line is lost
-            return False
-        return True
-
-
-def _file_descriptor(stream: Optional[TextIO]) -> Optional[int]:
-    try:
-        return stream.fileno()
-    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
-        return None  # closed (python ... >&-), or not a file at all
-
-
-@contextlib.contextmanager
-def _stop_signals(on_signal: Callable[[], None], restore: bool = True) -> Iterator[None]:
-    """Call on_signal() for each Ctrl-C or SIGTERM while inside, even if SIGINT came ignored.
-
-    restore=False (the program itself, about to exit) ignores them from then
-    on, so that a signal during the exit changes nothing: a Python handler
-    would be reset to the default, which kills, as the interpreter shuts down.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        on_signal()
-
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    for signum in previous:
-        signal.signal(signum, handler)
-    try:
-        yield
-    finally:
-        if not restore:
-            _ignore_from_now(list(previous))
-        for signum, old in previous.items():
-            signal.signal(signum, (signal.SIG_DFL if old is None else old) if restore else signal.SIG_IGN)
-
-
-def _ignore_from_now(signums: List[int]) -> None:
-    """Hold the signals back before they are ignored: one that came just before would find
-    SIG_IGN when Python gets to it, and print "ignored due to race condition".  Held back, the
-    kernel discards it as they become ignored; one already caught runs its handler here."""
-    block = getattr(signal, "pthread_sigmask", None)  # not on Windows
-    if block is not None:
-        block(signal.SIG_BLOCK, signums)
-    _let_handlers_run()
-
-
-def _let_handlers_run() -> None:
-    """A Python call: the interpreter runs the handlers of signals already caught at its start."""
-
-
-def _key_for(args: argparse.Namespace) -> Optional[bytes]:
-    key, warnings = load_key(args.key_file)
-    for warning in warnings:
-        _err(warning)
-    return key
-
-
-def split_target(text: str, lowest_port: int = 0) -> Tuple[str, Optional[int]]:
-    """HOST, HOST:PORT, [IPV6] or [IPV6]:PORT, or a bare IPv6 address (which names no port):
-    (host, port or None).  Anything else is a usage error."""
-    host, port = text, None  # type: str, Optional[str]
-    if text.startswith("["):
-        host, closed, rest = text[1:].partition("]")
-        if not closed or rest and (rest[0] != ":" or not rest[1:]):
-            raise TimecheckError("{!r}: expected [IPV6] or [IPV6]:PORT".format(text))
-        port = rest[1:] or None
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    if host.isdigit():  # getaddrinfo would take "8080" for the address 0.0.31.144
-        raise TimecheckError("{0!r} is not a host; give the host before the port, "
-                             "as in: 127.0.0.1 {0}".format(host))
-    if not host:
-        raise TimecheckError("{!r} names no host".format(text))
-    return host, None if port is None else port_number(port, text, lowest_port)
-
-
-def port_number(digits: str, where: str, lowest: int = 0) -> int:
-    """A port from lowest to 65535, or a usage error that says where it came from."""
-    if not digits.isdigit() or not lowest <= int(digits) <= 65535:
-        raise TimecheckError("{!r}: expected a port number from {} to 65535".format(where, lowest))
-    return int(digits)
-
-
-def endpoint(host: Optional[str], port: Optional[str], default_port: int,
-             lowest_port: int = 0) -> Tuple[str, int]:
-    """[HOST] [PORT] as given, HOST perhaps HOST:PORT or [IPV6]:PORT: one (host, port)."""
-    if host is None:
-        return DEFAULT_HOST, default_port if port is None else port_number(port, port, lowest_port)
-    name, named_port = split_target(host, lowest_port)
-    if port is not None and named_port is not None:
-        raise TimecheckError("{!r} names its port already; give the port once".format(host))
-    return name, named_port if named_port is not None else (
-        default_port if port is None else port_number(port, port, lowest_port))
-
-
-@contextlib.contextmanager
-def _metrics(listen: Optional[Tuple[str, int]], render: Callable[[], str],
-             log: Callable[[str], None]) -> Iterator[None]:
-    """--metrics: an exporter for the while, with a warning when others can reach it; its error
-    lines go to log, which never blocks."""
-    if listen is None:
-        yield
-        return
-    exporter = MetricsServer(listen[0], listen[1], render, log).start()
-    where = format_address(*exporter.address[:2])
-    _err("metrics at http://{}/metrics".format(where))  # the port, when 0 chose it
-    if not exporter.loopback:
-        _err("warning: metrics at {} can be read by anyone who can reach this port, and every connection "
-             "costs this process some memory and time (bounded): firewall the port, or listen on 127.0.0.1 "
-             "and scrape through an SSH tunnel".format(where))
-    try:
-        yield
-    finally:
-        exporter.close()
-
-
 def describe_server(server: TimeServer) -> str:
     """What the server's first line says after its address: who it answers, its timestamps, and
     what this platform cannot do."""
@@ -4747,23 +4649,6 @@ def describe_stamps(timestamps: str, refused: Optional[str]) -> str:
     """'kernel timestamps', or 'user timestamps' and why, when kernel ones were refused."""
     why = " (no kernel timestamps: {})".format(refused) if refused else ""
     return "{} timestamps{}".format(timestamps, why)
-
-
-def cmd_server(args: argparse.Namespace) -> int:
-    host, port = endpoint(args.host, args.port, DEFAULT_PORT, lowest_port=0)
-    output = LineWriter(sys.stdout)  # serving never waits for, or fails with, its output
-    server = TimeServer(host, port, faulty=args.faulty, key=_key_for(args),
-                        max_rate=args.max_rate, log=None if args.quiet else output.write,
-                        log_limit=None if args.verbose else LOG_LINES_PER_SECOND,
-                        timestamps=args.timestamps or KERNEL)
-    with server, _stop_signals(server.request_stop, restore=args.restore_signals), \
-            _metrics(args.metrics, lambda: render_server_metrics(server, output.dropped), output.write):
-        output.write("Server listening at {}; {}".format(server.address, describe_server(server)))
-        server.serve_forever()
-    stopped = "Server stopped: {}, log lines dropped {}".format(server.stats, output.dropped)
-    if not output.close(stopped):
-        _err(stopped)  # stdout is closed, full or blocked: the counters still go somewhere
-    return EXIT_OK
 
 
 def format_header(prober: Prober, source: Optional[str] = None) -> str:
@@ -5120,6 +5005,230 @@ def _polyline(panel: Panel, index: int, points: Sequence[Tuple[float, float]]) -
         colour, dashes, " ".join("{},{}".format(panel.x(at), panel.y(value)) for at, value in points))
 
 
+def load_measurement(path: str) -> Tuple[str, List[Mapping]]:
+    """(source, its targets' summaries) from a --json output: a mesh node's, or a client's; with
+    --report-every its last line.  The source is the node's name, else the file's name."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = [line for line in handle.read(MAX_MEASUREMENT_FILE).splitlines() if line.strip()]
+        measurement = json.loads(lines[-1])
+        summaries = measurement["targets"] if "targets" in measurement else [measurement]
+        if not all(isinstance(item, dict) and "target" in item for item in summaries):
+            raise ValueError("not a udp-timecheck --json output")
+    except (OSError, ValueError, IndexError, KeyError, TypeError) as exc:
+        raise TimecheckError("cannot read {}: {}".format(path, _why(exc))) from None
+    source = measurement.get("source") or os.path.splitext(os.path.basename(path))[0]
+    return printable(str(source)), summaries
+
+
+def build_matrix(measurements: Sequence[Tuple[str, Sequence[Mapping]]]) -> Dict[str, object]:
+    """Every (source, target) pair's p50 RTT, loss and offset; nodes in order of appearance."""
+    nodes, cells = [], []  # type: List[str], List[Dict[str, object]]
+    for source, summaries in measurements:
+        nodes += [source] if source not in nodes else []
+        for summary in summaries:
+            target = printable(str(summary.get("name") or summary["target"]))
+            cells.append({"source": source, "target": target, "rtt_p50_ms": summary["rtt_ms"]["median"],
+                          "loss_pct": summary["loss_pct"], "offset_ms": summary["offset_ms"],
+                          "offset_err_ms": summary["offset_err_ms"]})
+    nodes += [name for name in dict.fromkeys(cell["target"] for cell in cells) if name not in nodes]
+    present = {(cell["source"], cell["target"]) for cell in cells}
+    missing = [[source, target] for source, _ in measurements for target in nodes
+               if source != target and (source, target) not in present]
+    return {"nodes": nodes, "cells": cells, "missing": missing}
+
+
+def dscp_name(tos: int) -> str:
+    """A TOS byte in words: its DSCP's name where it has one, and any ECN bits."""
+    names = {value << 2: name for name, value in reversed(list(DSCP_NAMES.items()))}
+    dscp = names.get(tos & ~3, "DSCP %d" % (tos >> 2))
+    return "0x{:02x} ({}{})".format(tos, dscp, ", ECN %d" % (tos & 3) if tos & 3 else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Command line: outputs, signals, build_parser(), cmd_<name>(args), main()
+# ----------------------------------------------------------------------------------------------
+
+class Output:
+    """Lines to a text stream, one write and flush each, so that threads never split a line.
+
+    A stream that cannot be written (closed, a full disk) does not stop the
+    program: the first failure is kept in .error, later lines are dropped.
+    A broken pipe (output piped into head) still ends it, as it should.
+    """
+
+    def __init__(self, stream: Optional[TextIO]) -> None:
+        self._stream = stream
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+        self.error = None if stream is not None else "it is closed"  # type: Optional[str]
+
+    def line(self, text: str = "") -> None:
+        if self.error is not None:
+            return
+        try:
+            self._stream.write(fit_encoding(text, self._encoding) + "\n")
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as exc:
+            self.error = getattr(exc, "strerror", None) or str(exc)
+            _discard_output(self._stream)
+
+
+_ASCII_STAND_INS = str.maketrans({"\u00b1": "+/-", "\u00b5": "u", "\u2212": "-", "\u2013": "-",
+                                  "\u2014": "--", "\u00d7": "x", "\u2026": "..."})
+
+
+def fit_encoding(text: str, encoding: str) -> str:
+    """text as a stream in encoding can take it: ASCII stand-ins for our own symbols (+/- for the
+    plus-minus sign), escapes for anything else.  An ASCII or Latin-1 locale never fails."""
+    try:
+        text.encode(encoding)
+        return text
+    except UnicodeEncodeError:
+        return text.translate(_ASCII_STAND_INS).encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:  # an encoding Python does not know: say it in ASCII
+        return text.translate(_ASCII_STAND_INS).encode("ascii", "backslashreplace").decode("ascii")
+
+
+def _discard_output(stream: Optional[TextIO]) -> None:
+    """Point a failed stream at the null device, so that flushing it at exit cannot fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
+
+
+def _why(exc: Exception) -> str:
+    """An exception in a few words: an OSError's strerror, else its text."""
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def _err(line: str) -> None:
+    """A diagnostic line on stderr; if even stderr fails, there is nowhere left to say so."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class LineWriter:
+    """Lines to a stream's file descriptor from a daemon thread: write() never blocks.
+
+    The server's output, and the client's notes on stderr: a line that finds the
+    queue full (the stream is slower than the lines come, or blocked: a pipe nobody
+    reads) or that cannot be written (a full disk, a closed or broken stream) is
+    dropped and counted.  Serving and probing never wait for it.  A stream without a
+    file descriptor (a test's capture) is written to as a stream, from the same thread.
+    """
+
+    def __init__(self, stream: Optional[TextIO], max_queued: int = LOG_QUEUE_LINES) -> None:
+        self.queue_drops = self.write_drops = 0
+        self._stream, self._fd = stream, _file_descriptor(stream)
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+        self._queue = queue.Queue(max_queued)  # type: queue.Queue  # (line or None, Event to set, last)
+        self.thread = threading.Thread(target=self._run, name="udp-timecheck-output", daemon=True)
+        self.thread.start()
+
+    @property
+    def dropped(self) -> int:
+        return self.queue_drops + self.write_drops
+
+    def write(self, line: str) -> None:
+        try:
+            self._queue.put_nowait((line, None, False))
+        except queue.Full:
+            self.queue_drops += 1
+
+    def sync(self, timeout: float = 0.5) -> bool:
+        """Wait at most timeout seconds for the lines written so far; False if they did not all go."""
+        return self._wait_for(None, False, timeout)
+
+    def close(self, final_line: str, timeout: float = 0.5) -> bool:
+        """Write final_line after the others, waiting at most timeout seconds; False if not written."""
+        return self._wait_for(final_line, True, timeout)
+
+    def _wait_for(self, line: Optional[str], last: bool, timeout: float) -> bool:
+        deadline, written = time.monotonic() + timeout, threading.Event()
+        try:
+            self._queue.put((line, written, last), timeout=timeout)
+        except queue.Full:
+            return False
+        return written.wait(max(0.0, deadline - time.monotonic()))
+
+    def _run(self) -> None:
+        while True:
+            line, written, last = self._queue.get()
+            went = line is None or self._write(line + "\n")
+            self.write_drops += not went
+            if written is not None and went:
+                written.set()
+            if last:
+                return
+
+    def _write(self, text: str) -> bool:
+        try:
+            if self._fd is None:
+                self._stream.write(text)
+                self._stream.flush()
+                return True
+            data = text.encode(self._encoding, "backslashreplace")
+            while data:
+                data = data[os.write(self._fd, data):]
+        except (OSError, ValueError, AttributeError):  # ENOSPC, EPIPE, EBADF, closed...: this line is lost
+            return False
+        return True
+
+
+def _file_descriptor(stream: Optional[TextIO]) -> Optional[int]:
+    try:
+        return stream.fileno()
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return None  # closed (python ... >&-), or not a file at all
+
+
+@contextlib.contextmanager
+def _stop_signals(on_signal: Callable[[], None], restore: bool = True) -> Iterator[None]:
+    """Call on_signal() for each Ctrl-C or SIGTERM while inside, even if SIGINT came ignored.
+
+    restore=False (the program itself, about to exit) ignores them from then
+    on, so that a signal during the exit changes nothing: a Python handler
+    would be reset to the default, which kills, as the interpreter shuts down.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        on_signal()
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        if not restore:
+            _ignore_from_now(list(previous))
+        for signum, old in previous.items():
+            signal.signal(signum, (signal.SIG_DFL if old is None else old) if restore else signal.SIG_IGN)
+
+
+def _ignore_from_now(signums: List[int]) -> None:
+    """Hold the signals back before they are ignored: one that came just before would find
+    SIG_IGN when Python gets to it, and print "ignored due to race condition".  Held back, the
+    kernel discards it as they become ignored; one already caught runs its handler here."""
+    block = getattr(signal, "pthread_sigmask", None)  # not on Windows
+    if block is not None:
+        block(signal.SIG_BLOCK, signums)
+    _let_handlers_run()
+
+
+def _let_handlers_run() -> None:
+    """A Python call: the interpreter runs the handlers of signals already caught at its start."""
+
+
 class ProbeRows:
     """One row per probe as it ends, so that a killed run keeps every probe that ended: CSV with a
     header row, or JSON Lines, to a file or to a text stream (stdout).
@@ -5246,404 +5355,6 @@ class Progress:
             self._stream = None
 
 
-def cmd_client(args: argparse.Namespace) -> int:
-    targets = client_targets(args.targets, args.targets_file)
-    measuring = is_measurement(args) or len(targets) > 1  # several targets: always a measurement
-    key = _key_for(args)
-    probers = [_client_prober(args, target, measuring, key, len(targets)) for target in targets]
-    return measure(args, probers, measuring)
-
-
-class Run(NamedTuple):
-    """What a measurement's command line asked for, beyond the probers themselves."""
-    measuring: bool
-    source: Optional[str] = None      # a mesh node's name
-    extra_metrics: Callable[[], str] = lambda: ""  # a mesh node's server's series
-
-
-def measure(args: argparse.Namespace, probers: Sequence[Prober], measuring: bool,
-            source: Optional[str] = None, extra_metrics: Callable[[], str] = lambda: "") -> int:
-    """Run the probers with the outputs the options ask for, print what they found, and return
-    the exit code (or raise TimecheckError)."""
-    run = Run(measuring, source, extra_metrics)
-    on_stdout = _stdout_writers(args)
-    text = Output(sys.stderr if on_stdout and not args.json else sys.stdout)  # stdout carries the rows
-    _check_distinct_outputs(args)
-    notes = LineWriter(sys.stderr)  # what goes wrong on the way, said at once, never blocking the probes
-    with contextlib.ExitStack() as stack:
-        rows, plot = _open_outputs(args, stack, notes)
-        _wire(args, run, probers, text, rows, Progress(sys.stderr if args.quiet else None,
-                                                         sum(prober.count for prober in probers)))
-        recorders, summaries = _run_probers(args, run, probers, stack, notes)
-        _print_results(text, args, run, recorders, summaries)
-        problems = [(sink.name, sink.error) for sink in rows] + [(args.plot, _write_plot(plot, recorders))]
-    notes.sync()  # what was said at once comes before what is said at the end
-    failed = ["{}: {}".format(name, error) for name, error in problems + [("standard output", text.error)]
-              if error is not None]
-    if failed:  # each output that failed, named once more
-        raise TimecheckError("cannot write to " + "; ".join(failed))
-    return _verdict(recorders, args.timeout)
-
-
-def _open_outputs(args: argparse.Namespace, stack: contextlib.ExitStack,
-                  notes: LineWriter) -> Tuple[List[ProbeRows], Optional[TextIO]]:
-    """--csv, --jsonl and --plot, opened before anything is sent: a bad path is a usage error."""
-    def on_error(name: str, error: str) -> None:
-        notes.write("udp-timecheck: cannot write to {}: {}; the measurement goes on without it".format(
-            name, error))
-    rows = [sink for sink in (_open_rows(args.csv, "csv", stack, on_error),
-                              _open_rows(args.jsonl, "jsonl", stack, on_error)) if sink is not None]
-    return rows, _open_output(args.plot, stack)
-
-
-def _wire(args: argparse.Namespace, run: Run, probers: Sequence[Prober], text: Output,
-          rows: Sequence[ProbeRows], progress: Progress) -> None:
-    """Where each prober's probes, reports and first line go."""
-    many = len(probers) > 1
-    lines = text if run.measuring and not (args.quiet or _stdout_writers(args)) else None
-    ended = _on_sample(lines, rows, progress, args, many)
-    for prober in probers:
-        prober.on_sample = ended
-        prober.on_report = lambda figures: text.line(
-            json.dumps(figures) if args.json else _line_time(args) + format_report(figures, many))
-        if run.measuring and not args.json:  # at each address tried: the header names the one in use
-            prober.on_start = lambda started: text.line(format_header(started, run.source))
-        if lines is not None:  # among the probe lines, each outage as it ends, as its probes did
-            prober.on_outage = functools.partial(
-                lambda target, outage: lines.line(_line_time(args) + format_outage(outage, target, many)),
-                prober.target)
-
-
-def _run_probers(args: argparse.Namespace, run: Run, probers: Sequence[Prober], stack: contextlib.ExitStack,
-                 notes: LineWriter) -> Tuple[List[Recorder], List[Dict[str, object]]]:
-    """The run itself, with its signals, its metrics and its reference; each target's summary."""
-    fleet = len(probers) > 1 or run.source is not None  # a mesh retries a peer that is not up yet
-    group = ProbeGroup(probers, deadline=args.deadline, report_every=args.report_every, retry_refused=True,
-                       recent=max(1024, RECENT_PROBES // len(probers))) if fleet else None
-    stack.enter_context(_stop_signals(group.stop if group else probers[0].stop, restore=args.restore_signals))
-    stack.enter_context(_metrics(args.metrics, lambda: render_client_metrics(probers, run.source)
-                                 + run.extra_metrics(), notes.write))
-    reference = Reference(*args.reference, timestamps=args.timestamps or KERNEL).start() \
-        if args.reference else None
-    recorders = group.run() if group else [probers[0].run()]  # a signal ends it; after it, nothing
-    summaries = [recorder.summary() for recorder in recorders]
-    if len(probers) > 1 or run.source is not None:
-        for summary, prober in zip(summaries, probers):
-            summary["name"] = prober.name  # a peer's name, when its file gives one
-    if reference is not None:
-        reference.stop(finish_burst=not recorders[0].interrupted)
-        for summary in summaries:
-            summary["reference"] = reference.result(summary)
-    return recorders, summaries
-
-
-def _verdict(recorders: Sequence[Recorder], timeout: float) -> int:
-    """EXIT_OK when every target gave valid replies; else TimecheckError naming those that did not."""
-    reasons = [(recorder.target, failure_reason(recorder, timeout)) for recorder in recorders]
-    failed = [(target, reason) for target, reason in reasons if reason is not None]
-    if len(recorders) == 1 and failed:
-        raise TimecheckError(failed[0][1], EXIT_FAILED)
-    if failed:
-        raise TimecheckError("{} of {} targets failed: {}".format(len(failed), len(recorders), "; ".join(
-            "{}: {}".format(target, reason) for target, reason in failed)), EXIT_FAILED)
-    return EXIT_OK
-
-
-def _check_distinct_outputs(args: argparse.Namespace) -> None:
-    """Two outputs in one file would corrupt both: a usage error, after links are resolved."""
-    seen = {}  # type: Dict[object, str]
-    for option, path in (("--csv", args.csv), ("--jsonl", args.jsonl), ("--plot", args.plot)):
-        if path is None or path == "-":
-            continue
-        try:
-            info = os.stat(path)
-            identity = (info.st_dev, info.st_ino)  # type: object
-        except OSError:
-            identity = os.path.realpath(path)
-        if identity in seen:
-            raise TimecheckError("{} and {} name the same file ({}); give each its own".format(
-                seen[identity], option, path))
-        seen[identity] = option
-
-
-def _stdout_writers(args: argparse.Namespace) -> List[str]:
-    """The options that write to stdout: at most one may."""
-    on_stdout = [name for name, wanted in (("--json", args.json), ("--csv -", args.csv == "-"),
-                                           ("--jsonl -", args.jsonl == "-")) if wanted]
-    if len(on_stdout) > 1:
-        raise TimecheckError("{} and {} both write to standard output; give one a file".format(*on_stdout))
-    return on_stdout
-
-
-class Peer(NamedTuple):
-    """A target, or a mesh's peer, as a file or the command line names it."""
-    name: Optional[str]
-    host: str
-    port: Optional[int]
-
-
-def read_peers(path: str) -> List[Peer]:
-    """A targets or peers file: one per line, NAME HOST:PORT, HOST:PORT, HOST PORT or HOST;
-    '#' starts a comment.  A usage error names the line that is wrong."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read(MAX_PEERS_FILE + 1)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TimecheckError("cannot read {}: {}".format(path, _why(exc))) from None
-    if len(text) > MAX_PEERS_FILE:
-        raise TimecheckError("{} is larger than {} bytes: not a list of targets".format(path, MAX_PEERS_FILE))
-    peers = []
-    for number, line in enumerate(text.splitlines(), 1):
-        words = line.split("#", 1)[0].split()
-        if len(words) == 2 and words[1].isdigit():  # HOST PORT
-            words = ["{}:{}".format(*words) if ":" not in words[0] else "[{}]:{}".format(*words)]
-        if len(words) > 2:
-            raise TimecheckError("{}, line {}: expected [NAME] HOST:PORT, got {!r}".format(
-                path, number, line))
-        if words:
-            try:
-                host, port = split_target(words[-1])
-            except TimecheckError as exc:
-                raise TimecheckError("{}, line {}: {}".format(path, number, exc)) from None
-            peers.append(Peer(words[0] if len(words) == 2 else None, host, port))
-    return peers
-
-
-def client_targets(tokens: Sequence[str], targets_file: Optional[str] = None) -> List[Peer]:
-    """TARGET [TARGET ...] [PORT] as the command line gives them, then those of --targets FILE:
-    HOST, HOST:PORT or [IPV6]:PORT each; a final bare number is the port of every target that
-    names none (1060 when there is none)."""
-    tokens, port = list(tokens), DEFAULT_PORT
-    if tokens and tokens[-1].isdigit() and (len(tokens) >= 2 or targets_file):
-        port = port_number(tokens.pop(), "PORT")
-    peers = [Peer(None, *split_target(token)) for token in tokens]
-    peers += read_peers(targets_file) if targets_file else []
-    if not peers:
-        peers = [Peer(None, DEFAULT_HOST, None)]
-    return [peer._replace(port=port if peer.port is None else peer.port) for peer in peers]
-
-
-def is_measurement(args: argparse.Namespace) -> bool:
-    """Whether any option that only makes sense for a measurement was given (MEASURING_OPTIONS)."""
-    return any(getattr(args, dest) not in (None, False) for dest, _ in MEASURING_OPTIONS)
-
-
-def _client_prober(args: argparse.Namespace, target: Peer, measuring: bool, key: Optional[bytes],
-                   targets: int = 1, default_count: int = DEFAULT_COUNT) -> Prober:
-    """The Prober the options ask for: with -w and no -c, no count limit; with no count limit and
-    no -i, a probe a second, as ping sends them.  With many targets, each keeps fewer probes for
-    the JSON, so that the whole stays small."""
-    count = args.count if args.count is not None else (
-        0 if args.deadline else default_count if measuring else 1)
-    interval = args.interval if args.interval is not None else UNTIL_STOPPED_INTERVAL if count == 0 else 0.0
-    try:
-        path = PathOptions(args.interleaved is not False, args.tos, args.ttl, args.source, args.ports or 1)
-        prober = Prober(target.host, target.port, count=count, interval=interval, timeout=args.timeout,
-                        size=args.size or 0, key=key, timestamps=args.timestamps or KERNEL,
-                        deadline=args.deadline, report_every=args.report_every,
-                        keep_samples=max(10, SAMPLES_KEPT // targets), on_note=_err, path=path)
-        prober.name = target.name
-        return prober
-    except TimecheckError as exc:  # HOST PORT where PORT is not a number reads as two hosts
-        tokens = getattr(args, "targets", [])
-        if len(tokens) == 2 and target.host == tokens[1] and "cannot resolve" in str(exc):
-            raise TimecheckError("{} (if {!r} is meant as the port: a port number from 0 to 65535)".format(
-                exc, tokens[1])) from None
-        raise
-
-
-def _line_time(args: argparse.Namespace) -> str:
-    """-D: the wall-clock time before a line, as ping -D prints it."""
-    return "[{:.6f}] ".format(wall_ns() / NS_PER_S) if args.print_time else ""
-
-
-def _on_sample(text: Optional[Output], rows: Sequence[ProbeRows], progress: Progress,
-               args: argparse.Namespace, many: bool = False) -> Callable[[Sample], None]:
-    """What happens as each probe ends: its line (naming its target, with many), its rows, the progress."""
-    ended_count = itertools.count(1)
-
-    def ended(sample: Sample) -> None:
-        if text is not None:
-            text.line(_line_time(args) + format_sample(sample, sample.target, args.timeout, named=many))
-        for sink in rows:
-            sink.add(sample)
-        progress.update(next(ended_count))
-    return ended
-
-
-def _open_output(path: Optional[str], stack: contextlib.ExitStack) -> Optional[TextIO]:
-    """A file written at the end (--plot), opened first: a bad path is a usage error, not a lost run."""
-    if path is None:
-        return None
-    try:
-        stream = open(path, "w", encoding="utf-8")
-    except OSError as exc:
-        raise TimecheckError("cannot write {}: {}".format(path, exc.strerror or exc)) from None
-    stack.callback(_close_quietly, stream)
-    return stream
-
-
-def _write_plot(stream: Optional[TextIO], recorders: Sequence[Recorder]) -> Optional[str]:
-    if stream is None:
-        return None
-    try:
-        stream.write(render_svg(recorders[0].plot_data()) if len(recorders) == 1
-                     else render_fleet_svg(fleet_plot_data(recorders)))
-        stream.flush()
-    except (OSError, ValueError) as exc:
-        return getattr(exc, "strerror", None) or str(exc)
-    return None
-
-
-def _print_results(out: Output, args: argparse.Namespace, run: Run, recorders: Sequence[Recorder],
-                   summaries: Sequence[Dict[str, object]]) -> None:
-    if args.json:
-        out.line(json.dumps(summaries[0] if len(summaries) == 1 and run.source is None
-                            else fleet_summary(recorders, summaries, run.source)))
-    elif run.measuring:
-        for summary in summaries:
-            for line in format_summary(summary):
-                out.line(line)
-        if len(summaries) > 1 or run.source is not None:
-            for line in format_fleet_table(summaries, run.source):
-                out.line(line)
-    else:  # the tutorial's single round trip: the server's text, or its verdict
-        measurement = recorders[0]
-        sample = measurement.samples[0] if measurement.samples else None
-        if sample is not None and sample.status == OK:
-            out.line(printable(sample.reply_text))
-        elif sample is not None and sample.status == MISMATCHED:
-            out.line("Server is a liar!")
-
-
-def cmd_sntp(args: argparse.Namespace) -> int:
-    host, port = endpoint(args.host, args.port, NTP_PORT)
-    out = Output(sys.stdout)
-    prober = SntpProber(host, port, count=args.count, interval=args.interval, timeout=args.timeout,
-                        timestamps=args.timestamps, on_note=_err)
-    if not (args.quiet or args.json):
-        prober.on_sample = lambda sample: out.line(format_sntp_sample(sample, prober.target, args.timeout))
-        out.line("SNTP {} ({}): {}, interval {:g} s, timeout {:g} s, {} timestamps".format(
-            prober.target, prober.address[0], plural(args.count, "query", "queries"),
-            args.interval, args.timeout, prober.timestamps))
-    with _stop_signals(prober.stop, restore=args.restore_signals):
-        recorder = prober.run()
-    summary = recorder.summary()
-    for line in [json.dumps(summary)] if args.json else format_sntp_summary(summary):
-        out.line(line)
-    if out.error is not None:
-        raise TimecheckError("cannot write to standard output: {}".format(out.error))
-    reason = sntp_failure(recorder, args.timeout)
-    if reason is not None:
-        raise TimecheckError(reason, EXIT_FAILED)
-    return EXIT_OK
-
-
-def cmd_mesh(args: argparse.Namespace) -> int:
-    """Serve on --listen, and measure every other peer of --peers, as each node of a fleet does."""
-    peers = read_peers(args.peers)
-    host, port = endpoint(args.listen, None, DEFAULT_PORT, lowest_port=1)
-    me = find_self(peers, args.name, host, port, args.peers)
-    others = [peer for peer in peers if peer is not me]
-    if not others:
-        raise TimecheckError("{} names no peer but this node".format(args.peers))
-    source, key = me.name or format_address(me.host, me.port), _key_for(args)
-    probers = [_client_prober(args, peer, True, key, len(others), default_count=0) for peer in others]
-    with TimeServer(host, port, key=key, max_rate=args.max_rate, log=None,
-                    timestamps=args.timestamps or KERNEL) as server:
-        server.start()
-        return measure(args, probers, True, source,
-                       lambda: render_server_metrics(server, 0, source, build_info=False))
-
-
-def find_self(peers: Sequence[Peer], name: Optional[str], host: str, port: int, where: str) -> Peer:
-    """The peer that is this node: the one named name; else the one at --listen's address, or at
-    its port on an address of this machine."""
-    if name is not None:
-        mine = [peer for peer in peers if peer.name == name]
-    else:
-        mine = [peer for peer in peers if peer.port == port and peer.host == host] or [
-            peer for peer in peers if peer.port == port and _is_local(peer.host)]
-    if len(mine) == 1:
-        return mine[0]
-    if not mine:
-        raise TimecheckError("none of the peers in {} is this node (--listen {}{})".format(
-            where, format_address(host, port), ", --name " + name if name else ""))
-    raise TimecheckError("{} peers in {} could be this node: give its name with --name".format(
-        len(mine), where))
-
-
-def _is_local(host: str) -> bool:
-    """Whether host names an address of this machine: one a socket can bind."""
-    try:
-        family, address = resolve(host, 0)[0]
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.bind(address)
-    except (TimecheckError, OSError):
-        return False
-    return True
-
-
-def cmd_matrix(args: argparse.Namespace) -> int:
-    """The N x N tables of a mesh's (or clients') --json outputs: p50 RTT, loss, offset +- error."""
-    matrix = build_matrix([load_measurement(path) for path in args.files])
-    out = Output(sys.stdout)
-    for line in [json.dumps(matrix)] if args.json else format_matrix(matrix):
-        out.line(line)
-    if out.error is not None:
-        raise TimecheckError("cannot write to standard output: {}".format(out.error))
-    return EXIT_OK
-
-
-def load_measurement(path: str) -> Tuple[str, List[Mapping]]:
-    """(source, its targets' summaries) from a --json output: a mesh node's, or a client's; with
-    --report-every its last line.  The source is the node's name, else the file's name."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = [line for line in handle.read(MAX_MEASUREMENT_FILE).splitlines() if line.strip()]
-        measurement = json.loads(lines[-1])
-        summaries = measurement["targets"] if "targets" in measurement else [measurement]
-        if not all(isinstance(item, dict) and "target" in item for item in summaries):
-            raise ValueError("not a udp-timecheck --json output")
-    except (OSError, ValueError, IndexError, KeyError, TypeError) as exc:
-        raise TimecheckError("cannot read {}: {}".format(path, _why(exc))) from None
-    source = measurement.get("source") or os.path.splitext(os.path.basename(path))[0]
-    return printable(str(source)), summaries
-
-
-def build_matrix(measurements: Sequence[Tuple[str, Sequence[Mapping]]]) -> Dict[str, object]:
-    """Every (source, target) pair's p50 RTT, loss and offset; nodes in order of appearance."""
-    nodes, cells = [], []  # type: List[str], List[Dict[str, object]]
-    for source, summaries in measurements:
-        nodes += [source] if source not in nodes else []
-        for summary in summaries:
-            target = printable(str(summary.get("name") or summary["target"]))
-            cells.append({"source": source, "target": target, "rtt_p50_ms": summary["rtt_ms"]["median"],
-                          "loss_pct": summary["loss_pct"], "offset_ms": summary["offset_ms"],
-                          "offset_err_ms": summary["offset_err_ms"]})
-    nodes += [name for name in dict.fromkeys(cell["target"] for cell in cells) if name not in nodes]
-    present = {(cell["source"], cell["target"]) for cell in cells}
-    missing = [[source, target] for source, _ in measurements for target in nodes
-               if source != target and (source, target) not in present]
-    return {"nodes": nodes, "cells": cells, "missing": missing}
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    out = Output(sys.stdout)
-    status = EXIT_OK
-    with TimeServer("127.0.0.1", 0, log=lambda line: out.line("  server | " + line)) as server:
-        host, port = server.address[:2]
-        out.line("$ python3 udp_timecheck.py server {} {}".format(host, port))
-        out.line("  server | Server listening at {}; {}".format(server.address, describe_server(server)))
-        server.start()
-        for extra in ((), DEMO_ARGS):
-            command = ["client", host, str(port)] + list(extra)
-            out.line("\n$ python3 udp_timecheck.py " + " ".join(command))
-            status = max(status, main(command))
-    out.line("  server | Server stopped: {}".format(server.stats))
-    return status
-
-
 def _ranged(convert: Callable[[str], float], low: float, high: float, what: str) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
@@ -5654,33 +5365,6 @@ def _ranged(convert: Callable[[str], float], low: float, high: float, what: str)
             raise argparse.ArgumentTypeError("expected {}, got {!r}".format(what, text))
         return value
     return parse
-
-
-DSCP_NAMES = dict([("BE", 0), ("DF", 0), ("LE", 1), ("EF", 46), ("VA", 44)]
-                  + [("CS%d" % n, 8 * n) for n in range(8)]
-                  + [("AF%d%d" % (x, y), 8 * x + 2 * y) for x in range(1, 5) for y in range(1, 4)])
-
-
-def tos_value(text: str) -> int:
-    """A TOS byte: a number from 0 to 255 (0x.. too), or a DSCP name (EF, AF41, CS6: RFC 4594's)."""
-    name = text.strip().upper()
-    if name in DSCP_NAMES:
-        return DSCP_NAMES[name] << 2  # DSCP is the byte's upper six bits; ECN the lower two
-    try:
-        value = int(name, 0)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 255:
-        raise argparse.ArgumentTypeError("{!r} is neither a TOS byte from 0 to 255 nor a DSCP name "
-                                         "(EF, AF11 to AF43, CS0 to CS7, LE, BE)".format(text))
-    return value
-
-
-def dscp_name(tos: int) -> str:
-    """A TOS byte in words: its DSCP's name where it has one, and any ECN bits."""
-    names = {value << 2: name for name, value in reversed(list(DSCP_NAMES.items()))}
-    dscp = names.get(tos & ~3, "DSCP %d" % (tos >> 2))
-    return "0x{:02x} ({}{})".format(tos, dscp, ", ECN %d" % (tos & 3) if tos & 3 else "")
 
 
 def _truthy(text: str) -> bool:
@@ -5963,6 +5647,340 @@ def _add_path_options(client: argparse.ArgumentParser) -> None:
                              "chrony's xleave (the default, where the server can)")
     stamps.add_argument("--no-interleaved", dest="interleaved", action="store_false",
                         help="the server's transmit time as it reads it before sending")
+
+
+def _key_for(args: argparse.Namespace) -> Optional[bytes]:
+    key, warnings = load_key(args.key_file)
+    for warning in warnings:
+        _err(warning)
+    return key
+
+
+@contextlib.contextmanager
+def _metrics(listen: Optional[Tuple[str, int]], render: Callable[[], str],
+             log: Callable[[str], None]) -> Iterator[None]:
+    """--metrics: an exporter for the while, with a warning when others can reach it; its error
+    lines go to log, which never blocks."""
+    if listen is None:
+        yield
+        return
+    exporter = MetricsServer(listen[0], listen[1], render, log).start()
+    where = format_address(*exporter.address[:2])
+    _err("metrics at http://{}/metrics".format(where))  # the port, when 0 chose it
+    if not exporter.loopback:
+        _err("warning: metrics at {} can be read by anyone who can reach this port, and every connection "
+             "costs this process some memory and time (bounded): firewall the port, or listen on 127.0.0.1 "
+             "and scrape through an SSH tunnel".format(where))
+    try:
+        yield
+    finally:
+        exporter.close()
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    host, port = endpoint(args.host, args.port, DEFAULT_PORT, lowest_port=0)
+    output = LineWriter(sys.stdout)  # serving never waits for, or fails with, its output
+    server = TimeServer(host, port, faulty=args.faulty, key=_key_for(args),
+                        max_rate=args.max_rate, log=None if args.quiet else output.write,
+                        log_limit=None if args.verbose else LOG_LINES_PER_SECOND,
+                        timestamps=args.timestamps or KERNEL)
+    with server, _stop_signals(server.request_stop, restore=args.restore_signals), \
+            _metrics(args.metrics, lambda: render_server_metrics(server, output.dropped), output.write):
+        output.write("Server listening at {}; {}".format(server.address, describe_server(server)))
+        server.serve_forever()
+    stopped = "Server stopped: {}, log lines dropped {}".format(server.stats, output.dropped)
+    if not output.close(stopped):
+        _err(stopped)  # stdout is closed, full or blocked: the counters still go somewhere
+    return EXIT_OK
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    targets = client_targets(args.targets, args.targets_file)
+    measuring = is_measurement(args) or len(targets) > 1  # several targets: always a measurement
+    key = _key_for(args)
+    probers = [_client_prober(args, target, measuring, key, len(targets)) for target in targets]
+    return measure(args, probers, measuring)
+
+
+class Run(NamedTuple):
+    """What a measurement's command line asked for, beyond the probers themselves."""
+    measuring: bool
+    source: Optional[str] = None      # a mesh node's name
+    extra_metrics: Callable[[], str] = lambda: ""  # a mesh node's server's series
+
+
+def measure(args: argparse.Namespace, probers: Sequence[Prober], measuring: bool,
+            source: Optional[str] = None, extra_metrics: Callable[[], str] = lambda: "") -> int:
+    """Run the probers with the outputs the options ask for, print what they found, and return
+    the exit code (or raise TimecheckError)."""
+    run = Run(measuring, source, extra_metrics)
+    on_stdout = _stdout_writers(args)
+    text = Output(sys.stderr if on_stdout and not args.json else sys.stdout)  # stdout carries the rows
+    _check_distinct_outputs(args)
+    notes = LineWriter(sys.stderr)  # what goes wrong on the way, said at once, never blocking the probes
+    with contextlib.ExitStack() as stack:
+        rows, plot = _open_outputs(args, stack, notes)
+        _wire(args, run, probers, text, rows, Progress(sys.stderr if args.quiet else None,
+                                                         sum(prober.count for prober in probers)))
+        recorders, summaries = _run_probers(args, run, probers, stack, notes)
+        _print_results(text, args, run, recorders, summaries)
+        problems = [(sink.name, sink.error) for sink in rows] + [(args.plot, _write_plot(plot, recorders))]
+    notes.sync()  # what was said at once comes before what is said at the end
+    failed = ["{}: {}".format(name, error) for name, error in problems + [("standard output", text.error)]
+              if error is not None]
+    if failed:  # each output that failed, named once more
+        raise TimecheckError("cannot write to " + "; ".join(failed))
+    return _verdict(recorders, args.timeout)
+
+
+def _open_outputs(args: argparse.Namespace, stack: contextlib.ExitStack,
+                  notes: LineWriter) -> Tuple[List[ProbeRows], Optional[TextIO]]:
+    """--csv, --jsonl and --plot, opened before anything is sent: a bad path is a usage error."""
+    def on_error(name: str, error: str) -> None:
+        notes.write("udp-timecheck: cannot write to {}: {}; the measurement goes on without it".format(
+            name, error))
+    rows = [sink for sink in (_open_rows(args.csv, "csv", stack, on_error),
+                              _open_rows(args.jsonl, "jsonl", stack, on_error)) if sink is not None]
+    return rows, _open_output(args.plot, stack)
+
+
+def _wire(args: argparse.Namespace, run: Run, probers: Sequence[Prober], text: Output,
+          rows: Sequence[ProbeRows], progress: Progress) -> None:
+    """Where each prober's probes, reports and first line go."""
+    many = len(probers) > 1
+    lines = text if run.measuring and not (args.quiet or _stdout_writers(args)) else None
+    ended = _on_sample(lines, rows, progress, args, many)
+    for prober in probers:
+        prober.on_sample = ended
+        prober.on_report = lambda figures: text.line(
+            json.dumps(figures) if args.json else _line_time(args) + format_report(figures, many))
+        if run.measuring and not args.json:  # at each address tried: the header names the one in use
+            prober.on_start = lambda started: text.line(format_header(started, run.source))
+        if lines is not None:  # among the probe lines, each outage as it ends, as its probes did
+            prober.on_outage = functools.partial(
+                lambda target, outage: lines.line(_line_time(args) + format_outage(outage, target, many)),
+                prober.target)
+
+
+def _run_probers(args: argparse.Namespace, run: Run, probers: Sequence[Prober], stack: contextlib.ExitStack,
+                 notes: LineWriter) -> Tuple[List[Recorder], List[Dict[str, object]]]:
+    """The run itself, with its signals, its metrics and its reference; each target's summary."""
+    fleet = len(probers) > 1 or run.source is not None  # a mesh retries a peer that is not up yet
+    group = ProbeGroup(probers, deadline=args.deadline, report_every=args.report_every, retry_refused=True,
+                       recent=max(1024, RECENT_PROBES // len(probers))) if fleet else None
+    stack.enter_context(_stop_signals(group.stop if group else probers[0].stop, restore=args.restore_signals))
+    stack.enter_context(_metrics(args.metrics, lambda: render_client_metrics(probers, run.source)
+                                 + run.extra_metrics(), notes.write))
+    reference = Reference(*args.reference, timestamps=args.timestamps or KERNEL).start() \
+        if args.reference else None
+    recorders = group.run() if group else [probers[0].run()]  # a signal ends it; after it, nothing
+    summaries = [recorder.summary() for recorder in recorders]
+    if len(probers) > 1 or run.source is not None:
+        for summary, prober in zip(summaries, probers):
+            summary["name"] = prober.name  # a peer's name, when its file gives one
+    if reference is not None:
+        reference.stop(finish_burst=not recorders[0].interrupted)
+        for summary in summaries:
+            summary["reference"] = reference.result(summary)
+    return recorders, summaries
+
+
+def _verdict(recorders: Sequence[Recorder], timeout: float) -> int:
+    """EXIT_OK when every target gave valid replies; else TimecheckError naming those that did not."""
+    reasons = [(recorder.target, failure_reason(recorder, timeout)) for recorder in recorders]
+    failed = [(target, reason) for target, reason in reasons if reason is not None]
+    if len(recorders) == 1 and failed:
+        raise TimecheckError(failed[0][1], EXIT_FAILED)
+    if failed:
+        raise TimecheckError("{} of {} targets failed: {}".format(len(failed), len(recorders), "; ".join(
+            "{}: {}".format(target, reason) for target, reason in failed)), EXIT_FAILED)
+    return EXIT_OK
+
+
+def _check_distinct_outputs(args: argparse.Namespace) -> None:
+    """Two outputs in one file would corrupt both: a usage error, after links are resolved."""
+    seen = {}  # type: Dict[object, str]
+    for option, path in (("--csv", args.csv), ("--jsonl", args.jsonl), ("--plot", args.plot)):
+        if path is None or path == "-":
+            continue
+        try:
+            info = os.stat(path)
+            identity = (info.st_dev, info.st_ino)  # type: object
+        except OSError:
+            identity = os.path.realpath(path)
+        if identity in seen:
+            raise TimecheckError("{} and {} name the same file ({}); give each its own".format(
+                seen[identity], option, path))
+        seen[identity] = option
+
+
+def _stdout_writers(args: argparse.Namespace) -> List[str]:
+    """The options that write to stdout: at most one may."""
+    on_stdout = [name for name, wanted in (("--json", args.json), ("--csv -", args.csv == "-"),
+                                           ("--jsonl -", args.jsonl == "-")) if wanted]
+    if len(on_stdout) > 1:
+        raise TimecheckError("{} and {} both write to standard output; give one a file".format(*on_stdout))
+    return on_stdout
+
+
+def is_measurement(args: argparse.Namespace) -> bool:
+    """Whether any option that only makes sense for a measurement was given (MEASURING_OPTIONS)."""
+    return any(getattr(args, dest) not in (None, False) for dest, _ in MEASURING_OPTIONS)
+
+
+def _client_prober(args: argparse.Namespace, target: Peer, measuring: bool, key: Optional[bytes],
+                   targets: int = 1, default_count: int = DEFAULT_COUNT) -> Prober:
+    """The Prober the options ask for: with -w and no -c, no count limit; with no count limit and
+    no -i, a probe a second, as ping sends them.  With many targets, each keeps fewer probes for
+    the JSON, so that the whole stays small."""
+    count = args.count if args.count is not None else (
+        0 if args.deadline else default_count if measuring else 1)
+    interval = args.interval if args.interval is not None else UNTIL_STOPPED_INTERVAL if count == 0 else 0.0
+    try:
+        path = PathOptions(args.interleaved is not False, args.tos, args.ttl, args.source, args.ports or 1)
+        prober = Prober(target.host, target.port, count=count, interval=interval, timeout=args.timeout,
+                        size=args.size or 0, key=key, timestamps=args.timestamps or KERNEL,
+                        deadline=args.deadline, report_every=args.report_every,
+                        keep_samples=max(10, SAMPLES_KEPT // targets), on_note=_err, path=path)
+        prober.name = target.name
+        return prober
+    except TimecheckError as exc:  # HOST PORT where PORT is not a number reads as two hosts
+        tokens = getattr(args, "targets", [])
+        if len(tokens) == 2 and target.host == tokens[1] and "cannot resolve" in str(exc):
+            raise TimecheckError("{} (if {!r} is meant as the port: a port number from 0 to 65535)".format(
+                exc, tokens[1])) from None
+        raise
+
+
+def _line_time(args: argparse.Namespace) -> str:
+    """-D: the wall-clock time before a line, as ping -D prints it."""
+    return "[{:.6f}] ".format(wall_ns() / NS_PER_S) if args.print_time else ""
+
+
+def _on_sample(text: Optional[Output], rows: Sequence[ProbeRows], progress: Progress,
+               args: argparse.Namespace, many: bool = False) -> Callable[[Sample], None]:
+    """What happens as each probe ends: its line (naming its target, with many), its rows, the progress."""
+    ended_count = itertools.count(1)
+
+    def ended(sample: Sample) -> None:
+        if text is not None:
+            text.line(_line_time(args) + format_sample(sample, sample.target, args.timeout, named=many))
+        for sink in rows:
+            sink.add(sample)
+        progress.update(next(ended_count))
+    return ended
+
+
+def _open_output(path: Optional[str], stack: contextlib.ExitStack) -> Optional[TextIO]:
+    """A file written at the end (--plot), opened first: a bad path is a usage error, not a lost run."""
+    if path is None:
+        return None
+    try:
+        stream = open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise TimecheckError("cannot write {}: {}".format(path, exc.strerror or exc)) from None
+    stack.callback(_close_quietly, stream)
+    return stream
+
+
+def _write_plot(stream: Optional[TextIO], recorders: Sequence[Recorder]) -> Optional[str]:
+    if stream is None:
+        return None
+    try:
+        stream.write(render_svg(recorders[0].plot_data()) if len(recorders) == 1
+                     else render_fleet_svg(fleet_plot_data(recorders)))
+        stream.flush()
+    except (OSError, ValueError) as exc:
+        return getattr(exc, "strerror", None) or str(exc)
+    return None
+
+
+def _print_results(out: Output, args: argparse.Namespace, run: Run, recorders: Sequence[Recorder],
+                   summaries: Sequence[Dict[str, object]]) -> None:
+    if args.json:
+        out.line(json.dumps(summaries[0] if len(summaries) == 1 and run.source is None
+                            else fleet_summary(recorders, summaries, run.source)))
+    elif run.measuring:
+        for summary in summaries:
+            for line in format_summary(summary):
+                out.line(line)
+        if len(summaries) > 1 or run.source is not None:
+            for line in format_fleet_table(summaries, run.source):
+                out.line(line)
+    else:  # the tutorial's single round trip: the server's text, or its verdict
+        measurement = recorders[0]
+        sample = measurement.samples[0] if measurement.samples else None
+        if sample is not None and sample.status == OK:
+            out.line(printable(sample.reply_text))
+        elif sample is not None and sample.status == MISMATCHED:
+            out.line("Server is a liar!")
+
+
+def cmd_sntp(args: argparse.Namespace) -> int:
+    host, port = endpoint(args.host, args.port, NTP_PORT)
+    out = Output(sys.stdout)
+    prober = SntpProber(host, port, count=args.count, interval=args.interval, timeout=args.timeout,
+                        timestamps=args.timestamps, on_note=_err)
+    if not (args.quiet or args.json):
+        prober.on_sample = lambda sample: out.line(format_sntp_sample(sample, prober.target, args.timeout))
+        out.line("SNTP {} ({}): {}, interval {:g} s, timeout {:g} s, {} timestamps".format(
+            prober.target, prober.address[0], plural(args.count, "query", "queries"),
+            args.interval, args.timeout, prober.timestamps))
+    with _stop_signals(prober.stop, restore=args.restore_signals):
+        recorder = prober.run()
+    summary = recorder.summary()
+    for line in [json.dumps(summary)] if args.json else format_sntp_summary(summary):
+        out.line(line)
+    if out.error is not None:
+        raise TimecheckError("cannot write to standard output: {}".format(out.error))
+    reason = sntp_failure(recorder, args.timeout)
+    if reason is not None:
+        raise TimecheckError(reason, EXIT_FAILED)
+    return EXIT_OK
+
+
+def cmd_mesh(args: argparse.Namespace) -> int:
+    """Serve on --listen, and measure every other peer of --peers, as each node of a fleet does."""
+    peers = read_peers(args.peers)
+    host, port = endpoint(args.listen, None, DEFAULT_PORT, lowest_port=1)
+    me = find_self(peers, args.name, host, port, args.peers)
+    others = [peer for peer in peers if peer is not me]
+    if not others:
+        raise TimecheckError("{} names no peer but this node".format(args.peers))
+    source, key = me.name or format_address(me.host, me.port), _key_for(args)
+    probers = [_client_prober(args, peer, True, key, len(others), default_count=0) for peer in others]
+    with TimeServer(host, port, key=key, max_rate=args.max_rate, log=None,
+                    timestamps=args.timestamps or KERNEL) as server:
+        server.start()
+        return measure(args, probers, True, source,
+                       lambda: render_server_metrics(server, 0, source, build_info=False))
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    """The N x N tables of a mesh's (or clients') --json outputs: p50 RTT, loss, offset +- error."""
+    matrix = build_matrix([load_measurement(path) for path in args.files])
+    out = Output(sys.stdout)
+    for line in [json.dumps(matrix)] if args.json else format_matrix(matrix):
+        out.line(line)
+    if out.error is not None:
+        raise TimecheckError("cannot write to standard output: {}".format(out.error))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    out = Output(sys.stdout)
+    status = EXIT_OK
+    with TimeServer("127.0.0.1", 0, log=lambda line: out.line("  server | " + line)) as server:
+        host, port = server.address[:2]
+        out.line("$ python3 udp_timecheck.py server {} {}".format(host, port))
+        out.line("  server | Server listening at {}; {}".format(server.address, describe_server(server)))
+        server.start()
+        for extra in ((), DEMO_ARGS):
+            command = ["client", host, str(port)] + list(extra)
+            out.line("\n$ python3 udp_timecheck.py " + " ".join(command))
+            status = max(status, main(command))
+    out.line("  server | Server stopped: {}".format(server.stats))
+    return status
 
 
 # name: (cmd_<name>, what adds its arguments, its line in the top help, its epilog, its description)
