@@ -67,7 +67,7 @@ import textwrap
 import threading
 import time
 from typing import (Callable, Dict, Iterator, List, Mapping, NamedTuple, NoReturn,
-                    Optional, Sequence, TextIO, Tuple)
+                    Optional, Sequence, TextIO, Tuple, Union)
 
 
 def _needs_python_3(*, why: str = "udp_timecheck.py needs Python 3.6 or newer: run it with python3") -> str:
@@ -259,6 +259,11 @@ def clip(text: str, limit: int) -> str:
     elif len(text) <= limit:
         return shown
     return "{}... ({} characters in all)".format(shown, len(text))
+
+
+def _why(exc: Exception) -> str:
+    """An exception in a few words: an OSError's strerror, else its text."""
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def _ms(ns: Optional[float]) -> Optional[float]:
@@ -1985,7 +1990,7 @@ class Sample:
     __slots__ = ("seq", "request_id", "request_mac", "request", "status", "reason", "send_mono_ns",
                  "recv_mono_ns", "t1", "t1_user", "t1_kernel", "t2", "t3", "t3_kernel", "t4", "t4_kernel",
                  "t4_user", "server_stamp", "request_size", "reply_id", "reply_text", "reply_size", "timing",
-                 "server_clock", "ntp", "target", "port", "interleaved", "server_count", "server_marks",
+                 "server_clock_state", "ntp", "target", "port", "interleaved", "server_count", "server_marks",
                  "marks_back")
 
     def __init__(self, seq: int, request_id: int, request_mac: bytes = b"", target: str = "") -> None:
@@ -2002,7 +2007,7 @@ class Sample:
         self.server_stamp = self.reply_id = self.reply_text = None  # type: Optional[object]
         self.request_size = self.reply_size = 0
         self.timing = None  # type: Optional[Timing]
-        self.server_clock = None  # type: Optional[ClockState]  # when it asked, and the server said
+        self.server_clock_state = None  # type: Optional[ClockState]  # when it asked, and the server said
         self.ntp = None  # type: Optional[NtpReply]  # an NTP server's reply (SntpProber)
 
     @property
@@ -2032,29 +2037,6 @@ class Sample:
         """Work out what the probe measured, once its reply is recorded (again, with a better T3)."""
         self.timing = probe_timing(self.t1, self.t2, self.t3, self.t4, raw_ns=self.raw_rtt_ns,
                                    span_ns=self.t4_user - self.t1_user, kernel=kernel_mode and self.t4_kernel)
-
-    def as_dict(self) -> Dict[str, object]:
-        timing = self.timing
-        return {"seq": self.seq, "sent_at": iso_utc(self.t1), "id": self.request_id, "status": self.status,
-                "rtt_ms": _ms(self.rtt_ns), "raw_rtt_ms": _ms(self.raw_rtt_ns),
-                "server_proc_ms": _ms(self.server_proc_ns), "offset_ms": _ms(self.offset_ns),
-                "offset_err_ms": _ms(self.offset_err_ns), "reply_id": self.reply_id,
-                "lost_because": self.reason,
-                "t1_ns": self.t1, "t2_ns": self.t2, "t3_ns": self.t3, "t4_ns": self.t4,
-                "t1_from": KERNEL if self.t1_kernel else USER, "t4_from": KERNEL if self.t4_kernel else USER,
-                "t3_from": None if self.t3 is None else (KERNEL if self.t3_kernel else USER),
-                "port": self.port,
-                "timestamps": None if timing is None else (KERNEL if timing.kernel else USER),
-                "server_timestamps": self.server_stamp,
-                "trusted": None if timing is None else timing.trusted,
-                "untrusted_because": None if timing is None else timing.untrusted_because,
-                "target": self.target}
-
-
-SAMPLE_FIELDS = ("seq", "sent_at", "id", "status", "rtt_ms", "raw_rtt_ms", "server_proc_ms", "offset_ms",
-                 "offset_err_ms", "reply_id", "lost_because", "t1_ns", "t2_ns", "t3_ns", "t4_ns",
-                 "t1_from", "t4_from", "t3_from", "port", "timestamps", "server_timestamps", "trusted",
-                 "untrusted_because", "target")  # as_dict()'s keys
 
 
 class Arrival(NamedTuple):
@@ -2174,6 +2156,29 @@ RTT_FIGURES = ("min", "avg", "median", "p90", "p99", "max", "mdev")
 IPDV_FIGURES = ("median", "p99", "max")
 
 
+class Legs(NamedTuple):
+    """An answered probe's RTT and, when every timestamp is consistent, its legs: what the IPDVs
+    of probes numbered one after the other compare."""
+    rtt_ns: int
+    out_ns: Optional[int]   # T2 - T1
+    back_ns: Optional[int]  # T4 - T3
+
+
+def legs_of(sample: Sample) -> Legs:
+    if not sample.timing.trusted:
+        return Legs(sample.timing.rtt_ns, None, None)
+    return Legs(sample.timing.rtt_ns, sample.t2 - sample.t1, sample.t4 - sample.t3)
+
+
+class Ended(NamedTuple):
+    """A probe that has ended, remembered for the replies that come after it (late, duplicate,
+    or a lie that names it by its seq), and to check their MACs."""
+    seq: int
+    status: str
+    request_mac: bytes
+    request_id: int
+
+
 class Totals:
     """What a run, or one period of it (--report-every), found, in O(1) memory."""
     COUNTS = ("sent", "received", "lost", "in_flight", "not_up", "mismatched", "duplicates", "late",
@@ -2196,9 +2201,52 @@ class Totals:
         self.server_transmit_kernel = self.server_transmit_fallbacks = 0  # interleaved T3: kernel's, or not
         self.timeline = Timeline()
         self.runs = Runs()
+        self._estimate = None  # type: Optional[tuple]  # (when, offset, error, drift): clock_estimate()'s
 
-    def add_answer(self, sample: Sample,
-                   neighbours: Sequence[Tuple[int, Optional[int], Optional[int]]]) -> None:
+    def tally(self, sample: Sample, neighbours: Sequence[Legs], *, kernel_mode: bool,
+              transmit_stamps: bool) -> None:
+        """A probe that ended, whatever its end; with neighbours, the answered probes numbered
+        next to an answered one.  kernel_mode and transmit_stamps: what the run asked of the
+        kernel, so that each fallback is counted."""
+        self.sent += 1
+        elapsed_ns = sample.send_mono_ns - self.started_mono_ns
+        point_bin = self.timeline.bin_at(elapsed_ns)
+        point_bin.sent += 1
+        if sample.status == LOST:
+            self.lost += 1
+            point_bin.lost += 1
+            return
+        self.in_flight += sample.status == IN_FLIGHT
+        self.not_up += sample.status == NOT_UP
+        if sample.status != OK:
+            return
+        timing = sample.timing
+        self.received += 1
+        self.user_fallbacks += kernel_mode and not timing.kernel
+        self.transmit_fallbacks += transmit_stamps and not sample.t1_kernel
+        self.server_transmit_kernel += sample.t3_kernel
+        self.server_transmit_fallbacks += sample.interleaved and not sample.t3_kernel
+        self.untrusted += not timing.trusted
+        self.add_answer(sample, neighbours)
+        point_bin.rtt.add(timing.rtt_ns)
+        if timing.offset_ns is not None and timing.trusted:
+            point = OffsetPoint(elapsed_ns / NS_PER_S, sample.t1, timing.offset_ns, timing.rtt_ns)
+            if point_bin.best is None or point.rtt_ns < point_bin.best.rtt_ns:
+                point_bin.best = point
+
+    def clock_estimate(self, now_mono_ns: int) -> Tuple[Optional[float], Optional[float], Optional[float]]:
+        """(offset now, its error bound, drift in ppm): the drift fit's current estimate, else
+        the best sample's offset.  Worked out at most once a second (for --metrics)."""
+        if self._estimate is None or now_mono_ns - self._estimate[0] >= NS_PER_S:
+            fit = fit_drift(self.timeline.points(), (now_mono_ns - self.started_mono_ns) / NS_PER_S)
+            best = self.best
+            if fit is not None:
+                self._estimate = (now_mono_ns, fit.offset_end_ns, fit.offset_end_err_ns, fit.drift_ppm)
+            else:
+                self._estimate = (now_mono_ns, best and best.offset_ns, best and best.offset_err_ns, None)
+        return self._estimate[1:]
+
+    def add_answer(self, sample: Sample, neighbours: Sequence[Legs]) -> None:
         """An answered probe's figures, and its differences with the probes numbered next to it."""
         timing = sample.timing
         self.rtt.add(timing.rtt_ns)
@@ -2208,27 +2256,21 @@ class Totals:
             self.proc.add(timing.proc_ns)
         if sample.server_stamp is not None:
             self.server_stamps.add(sample.server_stamp)
-        mine = _legs(sample)
-        if mine[1] is not None:
-            self.send_delays.add(mine[1])
-            self.receive_delays.add(mine[2])
-        for rtt, out, back in neighbours:  # IPDV: consecutive probes by number, as irtt pairs them
-            self.jitter.add(abs(timing.rtt_ns - rtt))
-            if out is not None and mine[1] is not None:
-                self.send_ipdv.add(abs(mine[1] - out))
-                self.receive_ipdv.add(abs(mine[2] - back))
+        mine = legs_of(sample)
+        if mine.out_ns is not None:
+            self.send_delays.add(mine.out_ns)
+            self.receive_delays.add(mine.back_ns)
+        for legs in neighbours:  # IPDV: consecutive probes by number, as irtt pairs them
+            self.jitter.add(abs(timing.rtt_ns - legs.rtt_ns))
+            if legs.out_ns is not None and mine.out_ns is not None:
+                self.send_ipdv.add(abs(mine.out_ns - legs.out_ns))
+                self.receive_ipdv.add(abs(mine.back_ns - legs.back_ns))
         if not timing.trusted:
             self.untrusted_because[timing.untrusted_because] += 1
         elif self.best is None or sample.offset_err_ns < self.best.offset_err_ns:
             self.best = sample
 
 
-def _legs(sample: Sample) -> Tuple[int, Optional[int], Optional[int]]:
-    """(rtt, T2 - T1, T4 - T3) of an answered probe: what the IPDVs compare; the legs only
-    when every timestamp is consistent."""
-    if not sample.timing.trusted:
-        return sample.timing.rtt_ns, None, None
-    return sample.timing.rtt_ns, sample.t2 - sample.t1, sample.t4 - sample.t3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2733,9 +2775,14 @@ class MetricsStats:
         for name in self.__slots__:
             setattr(self, name, 0)
 
+    def as_dict(self) -> Dict[str, int]:
+        """A copy, taken in one C-level step: another thread only adds to the counters."""
+        return dict(zip(self.__slots__, operator.attrgetter(*self.__slots__)(self)))
+
 
 class MetricsServer:
-    """Serves GET /metrics, as render() gives it, from one daemon thread: Prometheus scrapes it.
+    """Serves GET /metrics, as render(stats) gives it, from one daemon thread: Prometheus scrapes
+    it; stats is the endpoint's own MetricsStats, for render to show what became of connections.
 
     Whatever connects costs a bounded amount: at most METRICS_CONNECTIONS at once
     (a new one closes the oldest), each with METRICS_DEADLINE seconds for its whole
@@ -2746,7 +2793,7 @@ class MetricsServer:
     increments, without a lock: a scrape never makes that loop wait.
     """
 
-    def __init__(self, host: str, port: int, render: Callable[[], str],
+    def __init__(self, host: str, port: int, render: Callable[[MetricsStats], str],
                  log: Optional[Callable[[str], None]] = None) -> None:
         family, address = resolve(host, port, passive=True)[0]
         self.socket = socket.socket(family, socket.SOCK_STREAM)
@@ -2868,21 +2915,13 @@ class MetricsServer:
 
     def _metrics_reply(self) -> bytes:
         try:
-            body = (self._render() + self._own_metrics()).encode("utf-8")
+            body = self._render(self.stats).encode("utf-8")
         except Exception as exc:  # a bug in rendering must not take the endpoint, nor the program, down
             self.stats.errors += 1
             self._note("the metrics could not be rendered: {!r}".format(exc))
             return _http_reply(500, "Internal Server Error")
         self.stats.served += 1
         return _http_reply(200, "OK", body, METRICS_TYPE)
-
-    def _own_metrics(self) -> str:
-        """The endpoint's own counters: what became of the connections to it."""
-        names = MetricsStats.__slots__
-        counts = dict(zip(names, operator.attrgetter(*names)(self.stats)))
-        return "\n".join(_metric("metrics_connections_total", "counter", "Connections to this metrics "
-                                 "endpoint, by what became of them.",
-                                 [({"result": name}, counts[name]) for name in names])) + "\n"
 
     def _expire(self, now: float) -> None:
         for connection in list(self._connections.values()):
@@ -2926,53 +2965,64 @@ class LocalEnd(NamedTuple):
     ports: Tuple[int, ...] = (0,)
 
 
-class Recorder:
-    """The state of one run, with its steps, as irtt's Recorder: probes in flight, what the
-    run and its current period found, and where each probe goes as it ends.
+class Period(NamedTuple):
+    """A stretch of a run that has ended (--report-every): its Totals, and when it ended."""
+    recorder: "Recorder"
+    totals: Totals
+    end_wall_ns: int
+    end_mono_ns: int
 
-    send() registers a probe, receive() matches a reply to one, refused() and
-    expire() end probes without one, report() closes a period, finish() the run;
-    summary() is the --json object.  Memory stays flat, whatever the run's
-    length: the probes in flight, the last RECENT_PROBES ended ones (for late,
-    duplicate and reordered replies), the first keep_samples for the JSON, and
-    the streaming Totals (of the whole run, and with reports of each period).
-    on_sample is called as each probe ends.
+
+class Recorder:
+    """The probe book of one run, as irtt's Recorder: the probes waiting for a reply, the ones
+    that ended (for late, duplicate and forged replies), and where each probe goes as it ends.
+
+    send() registers a probe, receive() matches a reply to one, port_unreachable()
+    and expire() end probes without one, next_period() closes a period, finish()
+    the run.  What the probes found goes into Totals (statistics): of the whole
+    run, and with reports, of the current period; summarize() (reports) makes the
+    --json object of it.  Memory stays flat, whatever the run's length: the probes
+    waiting, the last RECENT_PROBES ended ones, the first keep_samples for the
+    JSON, and the streaming Totals.  on_sample is called as each probe ends,
+    on_outage as each run of lost probes does.
+
+    A subclass for another protocol (SntpRecorder) overrides receive() and uses
+    the hooks: waiting, ended_probe(), count_event(), record_arrival(), end_probe().
     """
 
     def __init__(self, target: str, address: str, *, settings: Dict[str, object], request_size: int,
                  key: Optional[bytes] = None, timestamps: str = USER, transmit_stamps: bool = False,
                  keep_samples: int = SAMPLES_KEPT, reports: bool = False,
                  on_sample: Optional[Callable[[Sample], None]] = None, recent: Optional[int] = None,
-                 stop_on_refusal: bool = True, on_outage: Optional[Callable[["Outage"], None]] = None,
-                 local: Optional["LocalEnd"] = None,
+                 stop_on_refusal: bool = True, on_outage: Optional[Callable[[Outage], None]] = None,
+                 local: Optional[LocalEnd] = None,
                  clock_state: Callable[[], ClockState] = lambda: read_clock_state()) -> None:
         self.target, self.address, self.settings, self.request_size = target, address, settings, request_size
         self.local = local or LocalEnd()
-        self.on_outage, self.clock_state = on_outage, clock_state
-        self.directions = LossDirections()  # the whole run's: a period's split needs the count before it
-        self.marks = PathMarks(self.local.tos, self.local.ttl)
-        self.ports = [PortFigures(port) for port in self.local.ports]
-        self._held = collections.OrderedDict()  # type: Dict[int, Sample]  # seq -> answered, awaiting T3
-        self._in_order, self._next_seq = {}, 0  # type: Dict[int, Sample], int  # ended, by seq, until in turn
+        self.on_sample, self.on_outage, self.clock_state = on_sample, on_outage, clock_state
         self.stop_on_refusal = stop_on_refusal  # else a refusal is one lost probe: a mesh's peer starts late
-        self.key, self.keyed, self.on_sample = key, key is not None, on_sample
+        self.key, self.keyed = key, key is not None
         self.timestamps, self.transmit_stamps, self.keep_samples = timestamps, transmit_stamps, keep_samples
         self.started_ns, self.started_mono_ns, self.duration_ns = wall_ns(), monotonic_ns(), 0
         self.totals = Totals(self.started_ns, self.started_mono_ns)
-        self.period = Totals(self.started_ns, self.started_mono_ns)  # since the last report()
+        self.period = Totals(self.started_ns, self.started_mono_ns)  # since the last next_period()
         self._active = (self.totals, self.period) if reports else (self.totals,)
+        self.directions = LossDirections()  # the whole run's: a period's split needs the count before it
+        self.marks = PathMarks(self.local.tos, self.local.ttl)
+        self.ports = [PortFigures(port) for port in self.local.ports]
         self.samples = []  # type: List[Sample]  # the first keep_samples probes
         self.probes_sent = 0  # as they go: every probe sent ends in the totals by finish()
-        self.in_flight = {}  # type: Dict[int, Sample]  # request id -> probe, oldest first
-        self._in_flight_seq = {}  # type: Dict[int, Sample]
+        self.waiting = collections.OrderedDict()  # type: Dict[int, Sample]  # request id -> probe, oldest first
+        self._waiting_seq = {}  # type: Dict[int, Sample]
+        self._held = collections.OrderedDict()  # type: Dict[int, Sample]  # seq -> answered, awaiting T3
+        self._in_order, self._next_seq = {}, 0  # type: Dict[int, Sample], int  # ended, by seq, until in turn
         recent = recent or RECENT_PROBES
-        self._ended = RecentTable(recent)  # request id -> (seq, status, request MAC)
+        self._ended = RecentTable(recent)  # request id -> Ended
         self._ended_seq = RecentTable(recent)  # seq -> request id
-        self._legs = RecentTable(recent)  # seq -> (rtt, T2 - T1, T4 - T3) of answered probes
+        self._legs = RecentTable(recent)  # seq -> Legs of answered probes
         self.highest_seq = -1
-        self.server_clock = None  # type: Optional[ClockState]  # the latest the server told
-        self.local_clock = UNKNOWN_CLOCK  # this kernel's, read at the end of the run
-        self._estimate = None  # type: Optional[tuple]  # (when, offset, error, drift) for --metrics
+        self.server_clock_state = None  # type: Optional[ClockState]  # the latest the server told
+        self.local_clock_state = UNKNOWN_CLOCK  # this kernel's, read at the end of the run
         self.server_transmit_at_end = 0  # answered probes no later reply could bring a kernel T3 for
         self.interrupted = False
         self.stop_reason = self.last_error = None  # type: Optional[str]
@@ -2982,144 +3032,174 @@ class Recorder:
     def send(self, sample: Sample) -> None:
         """A probe about to go: from here on it counts, whatever happens to the send."""
         self.probes_sent += 1
-        self.in_flight[sample.request_id] = self._in_flight_seq[sample.seq] = sample
+        self.waiting[sample.request_id] = self._waiting_seq[sample.seq] = sample
         if len(self.samples) < self.keep_samples:
             self.samples.append(sample)
 
     def not_sent(self, sample: Sample, error: str) -> None:
-        self._count("errors")
+        self.count_event("errors")
         self.last_error = error
-        self._end(sample, LOST, NOT_SENT)
+        self.end_probe(sample, LOST, NOT_SENT)
 
     def not_received(self) -> None:
         """A receive that failed for another reason than an ICMP refusal."""
-        self._count("errors")
+        self.count_event("errors")
 
-    def refused(self, sample: Optional[Sample] = None) -> None:
+    def port_unreachable(self, sample: Optional[Sample] = None) -> None:
         """ICMP port unreachable: that probe (default: the oldest waiting) is lost; or, where
         refusals are retried, not yet up, until the target first answers (a mesh's late starter)."""
-        self._count("refused")
-        sample = sample or next(iter(self.in_flight.values()), None)
+        self.count_event("refused")
+        sample = sample or next(iter(self.waiting.values()), None)
         if sample is not None:
             up = self.stop_on_refusal or self.totals.received
-            self._end(sample, LOST if up else NOT_UP, REFUSED)
+            self.end_probe(sample, LOST if up else NOT_UP, REFUSED)
         if self.stop_on_refusal and not self.totals.received:  # nobody listens: waiting tells no more
             self.stop_reason = REFUSED
 
     def expire(self, now_mono_ns: int, timeout_ns: int) -> None:
         """End the probes whose time is up, oldest first."""
-        in_flight = self.in_flight
-        while in_flight:
-            sample = next(iter(in_flight.values()))
+        waiting = self.waiting
+        while waiting:
+            sample = next(iter(waiting.values()))
             if now_mono_ns - sample.send_mono_ns < timeout_ns:
                 break
-            self._end(sample, LOST, TIMED_OUT)
+            self.end_probe(sample, LOST, TIMED_OUT)
 
-    def receive(self, data: bytes, stamps: Arrival) -> None:
-        """A reply: matched to its probe by id (or by its seq, when the id is a lie); stamps may
-        be a plain (kernel_t4, user_t4, real_t4, recv_mono_ns)."""
-        stamps = stamps if type(stamps) is Arrival else Arrival(*stamps)
+    def receive(self, data: bytes, arrival: Arrival) -> None:
+        """A reply: matched to its probe by id (or by its seq, when the id is a lie)."""
         try:
             reply = decode_message(data)
         except WireError:
-            self._count("malformed")  # garbage is not a liar: only a well-formed reply can lie
+            self.count_event("malformed")  # garbage is not a liar: only a well-formed reply can lie
             return
-        sample = self.in_flight.get(reply.message_id)
+        sample = self.waiting.get(reply.message_id)
         if self.key is None and sample is not None and data == sample.request:  # with a key: forged
-            self._count("echoes")
+            self.count_event("echoes")
             sample.reason = ECHOED  # if no real reply comes before the timeout, this is why
             return
         ended = None if sample is not None else self._ended.get(reply.message_id)
-        claim = self._claim(reply, sample, ended)
+        claim = sample or ended or self._claim(reply)
         if self.key is not None and not self._authentic(reply, data, claim):
             if isinstance(claim, Sample):
                 claim.reason = FORGED
             return
-        self._classify(reply, data, stamps, sample, ended, claim)
+        self._classify(reply, data, arrival, sample, ended, claim)
 
-    def report(self) -> Dict[str, object]:
-        """The figures of the period since the last report, and its own span; a new one starts.
-
-        Only what a period has: no settings, no probes listed, no verdict on the run.
-        """
-        now, now_mono, period = wall_ns(), monotonic_ns(), self.period
-        figures = {"started_at": iso_utc(period.started_wall_ns),
-                   "duration_s": round((now_mono - period.started_mono_ns) / NS_PER_S, 6),
-                   "interval": {"start": iso_utc(period.started_wall_ns), "end": iso_utc(now)},
-                   "target": self.target, "address": self.address}
-        figures.update(self._figures(period, now_mono))
-        local = self.clock_state()
-        figures.update(self._one_way(period, local, figures["timestamps"]))
-        figures["clock"] = self._clock_figures(figures, local)
+    def next_period(self) -> Period:
+        """End the current period (--report-every) and start the next; the one that ended."""
+        now, now_mono = wall_ns(), monotonic_ns()
+        ended = Period(self, self.period, now, now_mono)
         self.period = Totals(now, now_mono)
         self._active = (self.totals, self.period)
-        return figures
+        return ended
 
     def finish(self, interrupted: bool, reason: str = INTERRUPTED) -> None:
-        """The end of the run: every probe still in flight is lost, for reason; an answered one
+        """The end of the run: every probe still waiting is lost, for reason; an answered one
         still waiting for its kernel T3 keeps the server's own; an outage still going ends."""
         self.interrupted = interrupted
-        self.local_clock = self.clock_state()
+        self.local_clock_state = self.clock_state()
         if reason == DEADLINE:
             self.stop_reason = DEADLINE
         end_mono_ns = monotonic_ns()
         self.duration_ns = end_mono_ns - self.started_mono_ns
-        for sample in list(self.in_flight.values()):  # at a deadline, as ping -w: not lost, unknown
-            self._end(sample, IN_FLIGHT if reason == DEADLINE else LOST, reason)
+        for sample in list(self.waiting.values()):  # at a deadline, as ping -w: not lost, unknown
+            self.end_probe(sample, IN_FLIGHT if reason == DEADLINE else LOST, reason)
         self.server_transmit_at_end = len(self._held)
         while self._held:
             self._close(self._held.popitem(last=False)[1])
         step_ns = int((self.settings.get("interval") or self.settings.get("timeout") or 0) * NS_PER_S)
-        ended = self.totals.runs.close(min(end_mono_ns, self.totals.runs.last_send_ns + step_ns))
+        ended = None if self.stop_reason == REFUSED else self.totals.runs.close(  # nobody listens: no outage
+            min(end_mono_ns, self.totals.runs.last_send_ns + step_ns))
         if ended is not None and self.on_outage is not None:  # as it would have ended: a probe later
             self.on_outage(Outage(self._next_seq - ended[0], ended[0], ended[1], True))
 
+    def ended_with(self, status: str) -> int:
+        """How many probes ended with status: OK, LOST, IN_FLIGHT (at a deadline), NOT_UP or
+        MISMATCHED."""
+        totals = self.totals
+        ended = {OK: totals.received, LOST: totals.lost, IN_FLIGHT: totals.in_flight, NOT_UP: totals.not_up}
+        return ended[status] if status in ended else totals.sent - sum(ended.values())  # MISMATCHED
+
+    # --- the hooks a subclass uses ---------------------------------------------------------
+
+    def ended_probe(self, request_id: int) -> Optional[Ended]:
+        """The probe with this id, if it has ended (and is still remembered)."""
+        return self._ended.get(request_id)
+
+    def count_event(self, *names: str) -> None:
+        """Count what happened (one of Totals.COUNTS each) in the run and its period."""
+        for totals in self._active:
+            for name in names:
+                setattr(totals, name, getattr(totals, name) + 1)
+
+    def record_arrival(self, sample: Sample, arrival: Arrival) -> None:
+        """When the reply came: the kernel's T4 if plausible, else ours; then what the probe measured."""
+        kernel_mode = self.timestamps == KERNEL
+        user_t4 = arrival.user_t4
+        t4 = arrival_ns(arrival.kernel_t4, user_t4, arrival.real_t4, user_t4 - sample.t1) \
+            if kernel_mode else None
+        sample.t4, sample.t4_kernel = (user_t4, False) if t4 is None else (t4, True)
+        sample.t4_user, sample.recv_mono_ns = user_t4, arrival.recv_mono_ns
+        sample.settle(kernel_mode=kernel_mode)
+
+    def end_probe(self, sample: Sample, status: str, reason: Optional[str] = None) -> None:
+        """A probe's end: no longer waiting; then, unless it waits for the kernel's T3 of its
+        reply (which comes with the next, interleaved), closed."""
+        if self.waiting.pop(sample.request_id, None) is None:
+            return  # ended already
+        del self._waiting_seq[sample.seq]
+        sample.status, sample.request = status, b""
+        if status not in (LOST, NOT_UP):
+            sample.reason = None
+        elif reason != TIMED_OUT or sample.reason is None:  # a forged reply or an echo says more
+            sample.reason = reason
+        self._ended.store(sample.request_id, Ended(sample.seq, status, sample.request_mac, sample.request_id))
+        self._ended_seq.store(sample.seq, sample.request_id)
+        if status == OK and sample.interleaved and len(self._held) < HELD_PROBES:
+            self._held[sample.seq] = sample
+        else:
+            self._close(sample)
+
     # --- what happens to a reply and a probe ----------------------------------------------
 
-    def _claim(self, reply: Message, sample: Optional[Sample], ended: Optional[tuple]) -> Optional[object]:
-        """The probe a reply answers: its own, by id; else, for a lie, by its echoed seq, or the
-        only one waiting.  A Sample in flight, an ended probe's (seq, status, MAC), or None."""
-        if sample is not None or ended is not None:
-            return sample or ended
+    def _claim(self, reply: Message) -> Union[Sample, Ended, None]:
+        """The probe a lie answers, when its id is no probe's: by its echoed seq (a waiting Sample,
+        or an Ended one), or the only one waiting; or None."""
         seq = reply.seq
         if seq is None:
-            return next(iter(self.in_flight.values())) if len(self.in_flight) == 1 else None
-        if seq in self._in_flight_seq:
-            return self._in_flight_seq[seq]
+            return next(iter(self.waiting.values())) if len(self.waiting) == 1 else None
+        if seq in self._waiting_seq:
+            return self._waiting_seq[seq]
         request_id = self._ended_seq.get(seq)
-        ended = None if request_id is None else self._ended.get(request_id)
-        return None if ended is None else ended + (request_id,)
+        return None if request_id is None else self._ended.get(request_id)
 
-    def _authentic(self, reply: Message, data: bytes, claim: Optional[object]) -> bool:
+    def _authentic(self, reply: Message, data: bytes, claim: Union[Sample, Ended, None]) -> bool:
         """Whether the reply's MAC is right for the request it claims to answer; counts it if not."""
         if reply.mac is None:
-            self._count("forged", "unsigned")
+            self.count_event("forged", "unsigned")
             return False
-        if isinstance(claim, Sample):
-            request_id, request_mac = claim.request_id, claim.request_mac
-        elif claim is not None:
-            request_mac, request_id = claim[2], (claim[3] if len(claim) > 3 else reply.message_id)
-        if claim is None or not mac_matches(self.key, reply_context(b"%d" % request_id, request_mac), data):
-            self._count("forged")  # tampered with, re-addressed, or replayed
+        if claim is None or not mac_matches(self.key, reply_context(b"%d" % claim.request_id,
+                                                                      claim.request_mac), data):
+            self.count_event("forged")  # tampered with, re-addressed, or replayed
             return False
         return True
 
-    def _classify(self, reply: Message, data: bytes, stamps: Arrival, sample: Optional[Sample],
-                  ended: Optional[tuple], claim: Optional[object]) -> None:
+    def _classify(self, reply: Message, data: bytes, arrival: Arrival, sample: Optional[Sample],
+                  ended: Optional[Ended], claim: Union[Sample, Ended, None]) -> None:
         if (sample is not None or ended is not None) and reply.ext is not None and "xs" in reply.ext:
             self._transmit_report(reply.ext["xs"], reply.ext["xt"])
         if sample is not None:
-            self._record(sample, reply, data, stamps)
-            self._end(sample, OK)
+            self._record(sample, reply, data, arrival)
+            self.end_probe(sample, OK)
         elif ended is not None:
-            self._count("late" if ended[1] == LOST else "duplicates")
+            self.count_event("late" if ended.status == LOST else "duplicates")
         else:
-            self._count("mismatched")
+            self.count_event("mismatched")
             if isinstance(claim, Sample):
-                self._record(claim, reply, data, stamps)
-                self._end(claim, MISMATCHED)
+                self._record(claim, reply, data, arrival)
+                self.end_probe(claim, MISMATCHED)
 
-    def _record(self, sample: Sample, reply: Message, data: bytes, stamps: Arrival) -> None:
+    def _record(self, sample: Sample, reply: Message, data: bytes, arrival: Arrival) -> None:
         """Keep what the reply says, and when it came."""
         sample.reply_id, sample.reply_text, sample.reply_size = reply.message_id, reply.text, len(data)
         ext = reply.ext
@@ -3128,21 +3208,12 @@ class Recorder:
             stamp = ext.get("ts")
             sample.server_stamp = stamp if stamp in (KERNEL, USER) else None
             if "clock" in ext:
-                sample.server_clock = decode_clock_state(ext["clock"])
-                self.server_clock = sample.server_clock or self.server_clock
+                sample.server_clock_state = decode_clock_state(ext["clock"])
+                self.server_clock_state = sample.server_clock_state or self.server_clock_state
             sample.server_count, sample.interleaved = ext.get("rx"), ext.get("xl") == 1
             sample.server_marks = (ext.get("tos"), ext.get("ttl"))
-        sample.marks_back = (stamps.tos, stamps.ttl)
-        self._arrived(sample, stamps)
-
-    def _arrived(self, sample: Sample, stamps: Arrival) -> None:
-        """When the reply came, the kernel's T4 if plausible, else ours; then what the probe measured."""
-        kernel_t4, user_t4, real_t4, sample.recv_mono_ns = stamps[:4]
-        kernel_mode = self.timestamps == KERNEL
-        t4 = arrival_ns(kernel_t4, user_t4, real_t4, user_t4 - sample.t1) if kernel_mode else None
-        sample.t4, sample.t4_kernel = (user_t4, False) if t4 is None else (t4, True)
-        sample.t4_user = user_t4
-        sample.settle(kernel_mode=kernel_mode)
+        sample.marks_back = (arrival.tos, arrival.ttl)
+        self.record_arrival(sample, arrival)
 
     def _transmit_report(self, seq: int, transmit_ns: int) -> None:
         """An interleaved reply's news of an earlier one: the kernel's stamp of it leaving (RFC 9769's
@@ -3156,30 +3227,13 @@ class Recorder:
                 sample.settle(kernel_mode=self.timestamps == KERNEL)
             self._close(sample)
 
-    def _end(self, sample: Sample, status: str, reason: Optional[str] = None) -> None:
-        """A probe's end: out of flight; then, unless it waits for the kernel's T3 of its reply
-        (which comes with the next, interleaved), closed."""
-        if self.in_flight.pop(sample.request_id, None) is None:
-            return  # ended already
-        del self._in_flight_seq[sample.seq]
-        sample.status, sample.request = status, b""
-        if status not in (LOST, NOT_UP):
-            sample.reason = None
-        elif reason != TIMED_OUT or sample.reason is None:  # a forged reply or an echo says more
-            sample.reason = reason
-        self._ended.store(sample.request_id, (sample.seq, status, sample.request_mac))
-        self._ended_seq.store(sample.seq, sample.request_id)
-        if status == OK and sample.interleaved and len(self._held) < HELD_PROBES:
-            self._held[sample.seq] = sample
-        else:
-            self._close(sample)
-
     def _close(self, sample: Sample) -> None:
         """A probe's figures, final: into the totals, the first samples, the writers; then, in the
         order the probes went, into the loss by direction and the outages."""
         neighbours = self._neighbours(sample) if sample.status == OK else ()
         for totals in self._active:
-            self._tally(totals, sample, neighbours)
+            totals.tally(sample, neighbours, kernel_mode=self.timestamps == KERNEL,
+                         transmit_stamps=self.transmit_stamps)
         if sample.status in (OK, LOST):
             self.ports[sample.port].add(sample.status, sample.rtt_ns)
         if sample.status == OK:
@@ -3204,218 +3258,19 @@ class Recorder:
             if ended is not None and totals is self.totals and self.on_outage is not None:
                 self.on_outage(Outage(sample.seq - ended[0], ended[0], ended[1]))
 
-    def _neighbours(self, sample: Sample) -> List[Tuple[int, Optional[int], Optional[int]]]:
+    def _neighbours(self, sample: Sample) -> List[Legs]:
         """The probes numbered next to an answered one that were answered before it; counts a
         reply that comes after one to a later probe as reordered, as irtt does."""
         if sample.seq < self.highest_seq:
-            self._count("reordered")
+            self.count_event("reordered")
         self.highest_seq = max(self.highest_seq, sample.seq)
         found = []
         for seq in (sample.seq - 1, sample.seq + 1):
             legs = self._legs.get(seq)
             if legs is not None:
                 found.append(legs)
-        self._legs.store(sample.seq, _legs(sample))
+        self._legs.store(sample.seq, legs_of(sample))
         return found
-
-    def _tally(self, totals: Totals, sample: Sample, neighbours: Sequence[tuple]) -> None:
-        totals.sent += 1
-        elapsed_ns = sample.send_mono_ns - totals.started_mono_ns
-        point_bin = totals.timeline.bin_at(elapsed_ns)
-        point_bin.sent += 1
-        if sample.status == LOST:
-            totals.lost += 1
-            point_bin.lost += 1
-            return
-        if sample.status == IN_FLIGHT:
-            totals.in_flight += 1
-        totals.not_up += sample.status == NOT_UP
-        if sample.status != OK:
-            return
-        timing = sample.timing
-        totals.received += 1
-        totals.user_fallbacks += self.timestamps == KERNEL and not timing.kernel
-        totals.transmit_fallbacks += self.transmit_stamps and not sample.t1_kernel
-        totals.server_transmit_kernel += sample.t3_kernel
-        totals.server_transmit_fallbacks += sample.interleaved and not sample.t3_kernel
-        totals.untrusted += not timing.trusted
-        totals.add_answer(sample, neighbours)
-        point_bin.rtt.add(timing.rtt_ns)
-        if timing.offset_ns is not None and timing.trusted:
-            point = OffsetPoint(elapsed_ns / NS_PER_S, sample.t1, timing.offset_ns, timing.rtt_ns)
-            if point_bin.best is None or point.rtt_ns < point_bin.best.rtt_ns:
-                point_bin.best = point
-
-    def _count(self, *names: str) -> None:
-        for totals in self._active:
-            for name in names:
-                setattr(totals, name, getattr(totals, name) + 1)
-
-    # --- for --metrics, from another thread -------------------------------------------
-
-    def metrics(self) -> Dict[str, object]:
-        """A snapshot of the run for a scrape, taken without a lock: each copy below is one
-        C-level step, and the probe loop only ever adds to what is copied."""
-        totals = self.totals
-        counts = dict(zip(Totals.COUNTS, operator.attrgetter(*Totals.COUNTS)(totals)))
-        counts["probes_sent"] = self.probes_sent
-        stats = totals.rtt.stats
-        offset_ns, error_ns, drift_ppm = self.clock_estimate()
-        return {"counts": counts, "rtt_buckets": list(totals.rtt_buckets), "rtt_count": stats.count,
-                "rtt_sum_ns": stats.mean * stats.count, "offset_ns": offset_ns, "offset_err_ns": error_ns,
-                "drift_ppm": drift_ppm, "server_clock": self.server_clock, "path": self._path_snapshot()}
-
-    def _path_snapshot(self) -> Dict[str, Optional[float]]:
-        """What the path did, as numbers over time: None where the run has no such figure."""
-        directions, marks, runs = self.directions, self.marks, self.totals.runs
-        tos_known = marks.tos_sent is not None and marks.tos_checked
-        hops = None if None in (marks.ttl_sent, marks.ttl_at_server) else marks.ttl_sent - marks.ttl_at_server
-        return {"lost_up": directions.up if directions.counted else None,
-                "lost_down": directions.down if directions.counted else None,
-                "tos_preserved": int(marks.tos_at_server == marks.tos_sent == marks.tos_back) if tos_known
-                else None,
-                "hops": hops, "path_changes": marks.change_count if marks.ttl_at_server is not None else None,
-                "outages": runs.outages, "outage_seconds": runs.outage_ns / NS_PER_S}
-
-    def clock_estimate(self) -> Tuple[Optional[float], Optional[float], Optional[float]]:
-        """(offset now, its error bound, drift in ppm): the drift fit's current estimate, else
-        the best sample's offset.  Worked out at most once a second."""
-        now = monotonic_ns()
-        if self._estimate is None or now - self._estimate[0] >= NS_PER_S:
-            fit = fit_drift(self.totals.timeline.points(), (now - self.started_mono_ns) / NS_PER_S)
-            best = self.totals.best
-            if fit is not None:
-                self._estimate = (now, fit.offset_end_ns, fit.offset_end_err_ns, fit.drift_ppm)
-            else:
-                self._estimate = (now, best and best.offset_ns, best and best.offset_err_ns, None)
-        return self._estimate[1:]
-
-    # --- what the run found ------------------------------------------------------------
-
-    @property
-    def received(self) -> int:
-        return self.totals.received
-
-    def __getattr__(self, name: str) -> int:
-        """The run's counts as attributes: recorder.lost, recorder.forged, ..."""
-        if name in Totals.COUNTS:
-            return getattr(self.totals, name)
-        raise AttributeError(name)
-
-    def count(self, status: str) -> int:
-        """How many probes ended with status: OK, LOST, IN_FLIGHT (at a deadline) or MISMATCHED."""
-        totals = self.totals
-        ended = {OK: totals.received, LOST: totals.lost, IN_FLIGHT: totals.in_flight, NOT_UP: totals.not_up}
-        return ended[status] if status in ended else totals.sent - sum(ended.values())  # MISMATCHED
-
-    def run_record(self) -> Dict[str, object]:
-        """The run's settings, first in the JSON: what was asked for, when, and how."""
-        record = {"version": __version__, "started_at": iso_utc(self.started_ns),
-                  "duration_s": round(self.duration_ns / NS_PER_S, 6)}
-        for name in ("count", "interval", "timeout", "size", "interleaved"):
-            record[name] = self.settings.get(name)
-        record.update(request_bytes=self.request_size, keyed=self.keyed)
-        return record
-
-    def summary(self) -> Dict[str, object]:
-        """Everything the run found, as the --json object: every key always there."""
-        return self._summary(self.totals, self.started_mono_ns + self.duration_ns, self.samples)
-
-    def _summary(self, totals: Totals, end_mono_ns: int, samples: Sequence[Sample]) -> Dict[str, object]:
-        """The run's record and the figures of totals, with the first probes: the --json object."""
-        summary = self.run_record()
-        summary.update(target=self.target, address=self.address, stopped_because=self.stop_reason,
-                       interrupted=self.interrupted)
-        summary.update(self._figures(totals, end_mono_ns))
-        summary.update(self.directions.figures())
-        summary.update(self._one_way(totals, self.local_clock, summary["timestamps"]))
-        summary.update(self.marks.figures() if self.local.tos is not None or self.local.ttl is not None
-                       else {"tos": None, "ttl": None})
-        summary.update(local_address=self.local.address, ports=[port.as_dict() for port in self.ports])
-        summary["reference"] = None  # client --reference fills it in
-        summary["clock"] = self._clock_figures(summary, self.local_clock)
-        summary.update(samples=[sample.as_dict() for sample in samples], samples_kept=len(samples),
-                       samples_cut=totals.sent > len(samples))
-        return summary
-
-    def _clock_figures(self, figures: Mapping, local: ClockState) -> Dict[str, object]:
-        server = self.server_clock
-        consistent = clocks_consistent(figures["offset_ms"], figures["offset_err_ms"], local, server)
-        return {"local": local.as_dict(), "server": (server or UNKNOWN_CLOCK).as_dict(),
-                "consistent": consistent}
-
-    def _figures(self, totals: Totals, end_mono_ns: int) -> Dict[str, object]:
-        """The figures of a run or a period: the keys of the summary and of each report."""
-        figures = {name: getattr(totals, name) for name in Totals.COUNTS if name != "unsigned"}
-        ended = totals.sent - totals.in_flight - totals.not_up  # neither is lost: in flight at a deadline,
-        # or refused before a retried target first answered
-        figures["loss_pct"] = round(100.0 * totals.lost / ended, 3) if ended else None
-        figures["rate_limited"] = totals.lost >= RATE_LIMIT_SHARE * ended > 0 and totals.runs.regular()
-        figures["timestamps"] = self._timestamp_summary(totals)
-        figures["rtt_ms"] = totals.rtt.summary_ms(RTT_FIGURES)
-        figures["jitter_ms"] = _ms(totals.jitter.mean) if totals.jitter.count else None
-        figures["server_proc_ms"] = totals.proc.summary_ms(("median",))["median"]
-        best = totals.best
-        figures.update(offset_ms=_ms(best and best.offset_ns), offset_err_ms=_ms(best and best.offset_err_ns),
-                       offset_seq=best and best.seq)
-        figures.update(send_ipdv_ms=totals.send_ipdv.summary_ms(IPDV_FIGURES),
-                       receive_ipdv_ms=totals.receive_ipdv.summary_ms(IPDV_FIGURES),
-                       send_queueing_ms=_ms(totals.send_delays.queueing_ns()),
-                       receive_queueing_ms=_ms(totals.receive_delays.queueing_ns()))
-        figures.update(_drift_figures(fit_drift(totals.timeline.points(),
-                                                (end_mono_ns - totals.started_mono_ns) / NS_PER_S)))
-        figures["histogram_ms"] = _histogram_rows(totals)
-        figures["outages"] = totals.runs.outage_figures()
-        return figures
-
-    def _one_way(self, totals: Totals, local: ClockState, stamps: Mapping) -> Dict[str, object]:
-        """Each leg's delay (T2 - T1 out, T4 - T3 back), when both kernels say their clocks are
-        synchronised: their medians, each within both kernels' maximum errors and the stamps' own."""
-        server = self.server_clock or UNKNOWN_CLOCK
-        reason = _unsynchronized(local, "this machine's") or _unsynchronized(server, "the server's")
-        if reason is None and totals.send_delays.reference is None:
-            reason = "no probe with consistent timestamps at both ends"
-        if reason is not None:
-            return {"owd_up_ms": None, "owd_down_ms": None, "owd_reason": reason}
-        kernel = stamps["client"] == KERNEL and stamps["server"] == KERNEL
-        error_ns = local.maxerror_ns + server.maxerror_ns + STAMP_ERROR_NS[KERNEL if kernel else USER]
-        return {"owd_up_ms": {"median": _ms(totals.send_delays.median_ns()), "err": _ms(error_ns)},
-                "owd_down_ms": {"median": _ms(totals.receive_delays.median_ns()), "err": _ms(error_ns)},
-                "owd_reason": None}
-
-    def plot_data(self) -> Dict[str, object]:
-        """What --plot draws: the run's per-interval aggregates, its drift line and its histogram."""
-        timeline, duration_s = self.totals.timeline, self.duration_ns / NS_PER_S
-        width_s = timeline.width_ns / NS_PER_S
-        bins = []
-        for index, item in enumerate(timeline.bins):
-            if not item.sent:
-                continue
-            quantiles = [item.rtt.quantile(q) / 1e6 for q in (0, 0.5, 0.99)] if item.rtt.count else None
-            best = item.best
-            bins.append({"start_s": index * width_s, "end_s": (index + 1) * width_s, "sent": item.sent,
-                         "lost": item.lost, "rtt_ms": quantiles,
-                         "offset_ms": best and best.offset_ns / 1e6,
-                         "offset_err_ms": best and best.rtt_ns / 2e6})
-        return {"title": "udp-timecheck {}, {}".format(self.target, iso_utc(self.started_ns)),
-                "duration_s": max(duration_s, width_s), "bins": bins,
-                "drift": fit_drift(timeline.points(), duration_s),
-                "histogram_ms": _histogram_rows(self.totals),
-                "largest_rtt_ms": _ms(self.totals.rtt.stats.max) or 0.0}
-
-    def _timestamp_summary(self, totals: Totals) -> Dict[str, object]:
-        stamps = totals.server_stamps
-        server = next(iter(stamps)) if len(stamps) == 1 else ("mixed" if stamps else None)
-        transmit = totals.server_transmit_kernel
-        at_end = self.server_transmit_at_end if totals is self.totals else 0  # no later reply could bring it
-        late = totals.server_transmit_fallbacks - at_end
-        return {"client": self.timestamps, "server": server, "transmit": self.transmit_stamps,
-                "server_transmit": None if server is None else (
-                    (KERNEL if not late else "mixed") if transmit else USER),
-                "server_transmit_fallbacks": totals.server_transmit_fallbacks,
-                "user_fallbacks": totals.user_fallbacks, "transmit_fallbacks": totals.transmit_fallbacks,
-                "untrusted": totals.untrusted, "untrusted_because": dict(totals.untrusted_because),
-                "described": describe_timestamps(self.timestamps, server)}
 
 
 class _UnguessableIds:
@@ -3475,7 +3330,7 @@ class Prober:
                  timestamps: str = KERNEL, deadline: Optional[float] = None,
                  report_every: Optional[float] = None, keep_samples: int = SAMPLES_KEPT,
                  on_sample: Optional[Callable[[Sample], None]] = None,
-                 on_report: Optional[Callable[[Dict[str, object]], None]] = None,
+                 on_report: Optional[Callable[[Period], None]] = None,
                  on_note: Optional[Callable[[str], None]] = None, path: PathOptions = DEFAULT_PATH,
                  on_outage: Optional[Callable[[Outage], None]] = None,
                  clock_state: Callable[[], ClockState] = lambda: read_clock_state()) -> None:
@@ -3520,7 +3375,7 @@ class Prober:
         for index, (family, address) in enumerate(self.addresses):
             self.family, self.address = family, address
             recorder = ProbeGroup([self], deadline=self.deadline, report_every=self.report_every).run()[0]
-            refused = recorder.stop_reason == REFUSED and not recorder.received
+            refused = recorder.stop_reason == REFUSED and not recorder.totals.received
             if not refused or index + 1 == len(self.addresses):
                 return recorder
             if self.on_note is not None:
@@ -3617,19 +3472,19 @@ class Prober:
             return None
         recorder.expire(now, self._timeout_ns)
         may_send = (not self.count or recorder.probes_sent < self.count) and (
-            self._interval_ns or not recorder.in_flight)
+            self._interval_ns or not recorder.waiting)
         if may_send and now >= self._next_send_ns:
             self._send_probe(recorder)
             self._next_send_ns = max(self._next_send_ns + self._interval_ns, now)
             if recorder.stop_reason is not None:
                 return None
             may_send = (not self.count or recorder.probes_sent < self.count) and (
-                self._interval_ns or not recorder.in_flight)
-        if not may_send and not recorder.in_flight:
+                self._interval_ns or not recorder.waiting)
+        if not may_send and not recorder.waiting:
             return None
         wake = self._next_send_ns if may_send else now + self._timeout_ns
-        if recorder.in_flight:
-            wake = min(wake, next(iter(recorder.in_flight.values())).send_mono_ns + self._timeout_ns)
+        if recorder.waiting:
+            wake = min(wake, next(iter(recorder.waiting.values())).send_mono_ns + self._timeout_ns)
         return wake
 
     def _reply_matters(self) -> bool:
@@ -3640,9 +3495,9 @@ class Prober:
             self.count and recorder.probes_sent >= self.count)
 
     def _report(self) -> None:
-        figures = self.recorder.report()
+        period = self.recorder.next_period()
         if self.on_report is not None:
-            self.on_report(figures)
+            self.on_report(period)
 
     def _send_probe(self, recorder: Recorder) -> None:
         sample, data = self.new_probe(recorder.probes_sent)
@@ -3656,7 +3511,7 @@ class Prober:
             send(data)
         except (ConnectionRefusedError, ConnectionResetError):  # an earlier probe's ICMP error
             sample.send_mono_ns, sample.t1 = send_mono_ns, t1
-            recorder.refused(sample)
+            recorder.port_unreachable(sample)
             return
         except OSError as exc:  # no route, a firewall...: like ping, sent and lost
             sample.send_mono_ns, sample.t1 = send_mono_ns, t1
@@ -3689,7 +3544,7 @@ class Prober:
                 read_transmit_stamp(sock, wall_ns() + NS_PER_S)
             return
         except (ConnectionRefusedError, ConnectionResetError):  # port unreachable (Windows: reset)
-            recorder.refused()
+            recorder.port_unreachable()
             return
         except OSError:
             recorder.not_received()
@@ -3822,16 +3677,17 @@ class SntpRecorder(Recorder):
         self.problems = collections.Counter()  # type: collections.Counter  # unusable replies, by why
         self.kissed = False  # a kiss-o'-death ended the run
 
-    def receive(self, data: bytes, stamps: Tuple[Optional[int], int, int, int]) -> None:
+    def receive(self, data: bytes, arrival: Arrival) -> None:
         try:
-            reply = decode_ntp(data, stamps[1])
+            reply = decode_ntp(data, arrival.user_t4)
         except WireError:
-            self._count("malformed")
+            self.count_event("malformed")
             return
-        sample = self.in_flight.get(reply.origin)
+        sample = self.waiting.get(reply.origin)
         if sample is None:  # a wrong origin: stale, or spoofed; or late, or a duplicate
-            ended = self._ended.get(reply.origin)
-            self._count("mismatched" if ended is None else "late" if ended[1] == LOST else "duplicates")
+            ended = self.ended_probe(reply.origin)
+            self.count_event("mismatched" if ended is None else
+                             "late" if ended.status == LOST else "duplicates")
             return
         sample.ntp, sample.reply_size = reply, len(data)
         problem = ntp_problem(reply)
@@ -3839,23 +3695,11 @@ class SntpRecorder(Recorder):
             self.problems[problem] += 1
             if is_kiss(reply):  # RFC 4330: stop, or at least slow down
                 self.kissed, self.stop_reason = True, problem  # we stop
-            self._end(sample, LOST, problem)
+            self.end_probe(sample, LOST, problem)
             return
         sample.t2, sample.t3 = reply.receive_ns, reply.transmit_ns
-        self._arrived(sample, stamps)
-        self._end(sample, OK)
-
-    def summary(self) -> Dict[str, object]:
-        """The run's summary with the NTP server's figures, from the lowest-delay query."""
-        summary = super().summary()
-        best = self.totals.best
-        reply = best.ntp if best is not None else None
-        summary.update(problems=dict(self.problems), delay_ms=_ms(best and best.timing.rtt_ns),
-                       stratum=reply and reply.stratum,
-                       refid=reply and describe_refid(reply.stratum, reply.refid), leap=reply and reply.leap,
-                       root_delay_ms=_ms(reply and reply.root_delay_ns),
-                       root_dispersion_ms=_ms(reply and reply.root_dispersion_ns))
-        return summary
+        self.record_arrival(sample, arrival)
+        self.end_probe(sample, OK)
 
 
 class SntpProber(Prober):
@@ -3972,7 +3816,7 @@ class Reference:
                 self.problems[why or sample.reason] += 1
             elif sample.status == OK and sample.timing.trusted:
                 self.answers.append((time.monotonic(), sample))
-        self.failed += not recorder.received
+        self.failed += not recorder.totals.received
         return recorder
 
     def _new_prober(self) -> Optional["SntpProber"]:
@@ -4063,6 +3907,199 @@ def _is_local(host: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 # 7. Reports: summary dicts, text, Prometheus, SVG
 # ----------------------------------------------------------------------------------------------
+
+def sample_record(sample: Sample) -> Dict[str, object]:
+    """One probe as the JSON's samples, --csv and --jsonl have it (SAMPLE_FIELDS, in order)."""
+    timing = sample.timing
+    return {"seq": sample.seq, "sent_at": iso_utc(sample.t1), "id": sample.request_id,
+            "status": sample.status,
+            "rtt_ms": _ms(sample.rtt_ns), "raw_rtt_ms": _ms(sample.raw_rtt_ns),
+            "server_proc_ms": _ms(sample.server_proc_ns), "offset_ms": _ms(sample.offset_ns),
+            "offset_err_ms": _ms(sample.offset_err_ns), "reply_id": sample.reply_id,
+            "lost_because": sample.reason,
+            "t1_ns": sample.t1, "t2_ns": sample.t2, "t3_ns": sample.t3, "t4_ns": sample.t4,
+            "t1_from": KERNEL if sample.t1_kernel else USER, "t4_from": KERNEL if sample.t4_kernel else USER,
+            "t3_from": None if sample.t3 is None else (KERNEL if sample.t3_kernel else USER),
+            "port": sample.port,
+            "timestamps": None if timing is None else (KERNEL if timing.kernel else USER),
+            "server_timestamps": sample.server_stamp,
+            "trusted": None if timing is None else timing.trusted,
+            "untrusted_because": None if timing is None else timing.untrusted_because,
+            "target": sample.target}
+
+
+SAMPLE_FIELDS = ("seq", "sent_at", "id", "status", "rtt_ms", "raw_rtt_ms", "server_proc_ms", "offset_ms",
+                 "offset_err_ms", "reply_id", "lost_because", "t1_ns", "t2_ns", "t3_ns", "t4_ns",
+                 "t1_from", "t4_from", "t3_from", "port", "timestamps", "server_timestamps", "trusted",
+                 "untrusted_because", "target")  # sample_record()'s keys
+
+
+def run_record(recorder: Recorder) -> Dict[str, object]:
+    """The run's settings, first in the JSON: what was asked for, when, and how."""
+    record = {"version": __version__, "started_at": iso_utc(recorder.started_ns),
+              "duration_s": round(recorder.duration_ns / NS_PER_S, 6)}
+    for name in ("count", "interval", "timeout", "size", "interleaved"):
+        record[name] = recorder.settings.get(name)
+    record.update(request_bytes=recorder.request_size, keyed=recorder.keyed)
+    return record
+
+
+def summarize(recorder: Recorder) -> Dict[str, object]:
+    """Everything a run found, as the --json object: every key always there."""
+    totals, samples = recorder.totals, recorder.samples
+    summary = run_record(recorder)
+    summary.update(target=recorder.target, address=recorder.address, stopped_because=recorder.stop_reason,
+                   interrupted=recorder.interrupted)
+    summary.update(_figures(recorder, totals, recorder.started_mono_ns + recorder.duration_ns))
+    summary.update(recorder.directions.figures())
+    summary.update(_one_way(recorder, totals, recorder.local_clock_state, summary["timestamps"]))
+    local = recorder.local
+    summary.update(recorder.marks.figures() if local.tos is not None or local.ttl is not None
+                   else {"tos": None, "ttl": None})
+    summary.update(local_address=local.address, ports=[port.as_dict() for port in recorder.ports])
+    summary["reference"] = None  # client --reference fills it in
+    summary["clock"] = _clock_figures(recorder, summary, recorder.local_clock_state)
+    summary.update(samples=[sample_record(sample) for sample in samples], samples_kept=len(samples),
+                   samples_cut=totals.sent > len(samples))
+    if isinstance(recorder, SntpRecorder):
+        summary.update(_sntp_figures(recorder))
+    return summary
+
+
+def _sntp_figures(recorder: SntpRecorder) -> Dict[str, object]:
+    """An NTP server's own figures, from the lowest-delay query."""
+    best = recorder.totals.best
+    reply = best.ntp if best is not None else None
+    return {"problems": dict(recorder.problems), "delay_ms": _ms(best and best.timing.rtt_ns),
+            "stratum": reply and reply.stratum,
+            "refid": reply and describe_refid(reply.stratum, reply.refid), "leap": reply and reply.leap,
+            "root_delay_ms": _ms(reply and reply.root_delay_ns),
+            "root_dispersion_ms": _ms(reply and reply.root_dispersion_ns)}
+
+
+def period_figures(period: Period) -> Dict[str, object]:
+    """The figures of a period (--report-every), with its own span: only what a period has, no
+    settings, no probes listed, no verdict on the run."""
+    recorder, totals = period.recorder, period.totals
+    figures = {"started_at": iso_utc(totals.started_wall_ns),
+               "duration_s": round((period.end_mono_ns - totals.started_mono_ns) / NS_PER_S, 6),
+               "interval": {"start": iso_utc(totals.started_wall_ns), "end": iso_utc(period.end_wall_ns)},
+               "target": recorder.target, "address": recorder.address}
+    figures.update(_figures(recorder, totals, period.end_mono_ns))
+    local = recorder.clock_state()
+    figures.update(_one_way(recorder, totals, local, figures["timestamps"]))
+    figures["clock"] = _clock_figures(recorder, figures, local)
+    return figures
+
+
+def _clock_figures(recorder: Recorder, figures: Mapping, local: ClockState) -> Dict[str, object]:
+    server = recorder.server_clock_state
+    consistent = clocks_consistent(figures["offset_ms"], figures["offset_err_ms"], local, server)
+    return {"local": local.as_dict(), "server": (server or UNKNOWN_CLOCK).as_dict(), "consistent": consistent}
+
+
+def _figures(recorder: Recorder, totals: Totals, end_mono_ns: int) -> Dict[str, object]:
+    """The figures of a run or a period: the keys of the summary and of each report."""
+    figures = {name: getattr(totals, name) for name in Totals.COUNTS if name != "unsigned"}
+    ended = totals.sent - totals.in_flight - totals.not_up  # neither is lost: in flight at a deadline,
+    # or refused before a retried target first answered
+    figures["loss_pct"] = round(100.0 * totals.lost / ended, 3) if ended else None
+    figures["rate_limited"] = totals.lost >= RATE_LIMIT_SHARE * ended > 0 and totals.runs.regular()
+    figures["timestamps"] = _timestamp_summary(recorder, totals)
+    figures["rtt_ms"] = totals.rtt.summary_ms(RTT_FIGURES)
+    figures["jitter_ms"] = _ms(totals.jitter.mean) if totals.jitter.count else None
+    figures["server_proc_ms"] = totals.proc.summary_ms(("median",))["median"]
+    best = totals.best
+    figures.update(offset_ms=_ms(best and best.offset_ns), offset_err_ms=_ms(best and best.offset_err_ns),
+                   offset_seq=best and best.seq)
+    figures.update(send_ipdv_ms=totals.send_ipdv.summary_ms(IPDV_FIGURES),
+                   receive_ipdv_ms=totals.receive_ipdv.summary_ms(IPDV_FIGURES),
+                   send_queueing_ms=_ms(totals.send_delays.queueing_ns()),
+                   receive_queueing_ms=_ms(totals.receive_delays.queueing_ns()))
+    figures.update(_drift_figures(fit_drift(totals.timeline.points(),
+                                            (end_mono_ns - totals.started_mono_ns) / NS_PER_S)))
+    figures["histogram_ms"] = _histogram_rows(totals)
+    figures["outages"] = totals.runs.outage_figures()
+    return figures
+
+
+def _one_way(recorder: Recorder, totals: Totals, local: ClockState, stamps: Mapping) -> Dict[str, object]:
+    """Each leg's delay (T2 - T1 out, T4 - T3 back), when both kernels say their clocks are
+    synchronised: their medians, each within both kernels' maximum errors and the stamps' own."""
+    server = recorder.server_clock_state or UNKNOWN_CLOCK
+    reason = _unsynchronized(local, "this machine's") or _unsynchronized(server, "the server's")
+    if reason is None and totals.send_delays.reference is None:
+        reason = "no probe with consistent timestamps at both ends"
+    if reason is not None:
+        return {"owd_up_ms": None, "owd_down_ms": None, "owd_reason": reason}
+    kernel = stamps["client"] == KERNEL and stamps["server"] == KERNEL
+    error_ns = local.maxerror_ns + server.maxerror_ns + STAMP_ERROR_NS[KERNEL if kernel else USER]
+    return {"owd_up_ms": {"median": _ms(totals.send_delays.median_ns()), "err": _ms(error_ns)},
+            "owd_down_ms": {"median": _ms(totals.receive_delays.median_ns()), "err": _ms(error_ns)},
+            "owd_reason": None}
+
+
+def _timestamp_summary(recorder: Recorder, totals: Totals) -> Dict[str, object]:
+    stamps = totals.server_stamps
+    server = next(iter(stamps)) if len(stamps) == 1 else ("mixed" if stamps else None)
+    at_end = recorder.server_transmit_at_end if totals is recorder.totals else 0  # no later reply could
+    late = totals.server_transmit_fallbacks - at_end
+    transmit = None if server is None else ((KERNEL if not late else "mixed") if totals.server_transmit_kernel
+                                            else USER)
+    return {"client": recorder.timestamps, "server": server, "transmit": recorder.transmit_stamps,
+            "server_transmit": transmit, "server_transmit_fallbacks": totals.server_transmit_fallbacks,
+            "user_fallbacks": totals.user_fallbacks, "transmit_fallbacks": totals.transmit_fallbacks,
+            "untrusted": totals.untrusted, "untrusted_because": dict(totals.untrusted_because),
+            "described": describe_timestamps(recorder.timestamps, server)}
+
+
+def plot_data(recorder: Recorder) -> Dict[str, object]:
+    """What --plot draws: the run's per-interval aggregates, its drift line and its histogram."""
+    timeline, duration_s = recorder.totals.timeline, recorder.duration_ns / NS_PER_S
+    width_s = timeline.width_ns / NS_PER_S
+    bins = []
+    for index, item in enumerate(timeline.bins):
+        if not item.sent:
+            continue
+        quantiles = [item.rtt.quantile(q) / 1e6 for q in (0, 0.5, 0.99)] if item.rtt.count else None
+        best = item.best
+        bins.append({"start_s": index * width_s, "end_s": (index + 1) * width_s, "sent": item.sent,
+                     "lost": item.lost, "rtt_ms": quantiles,
+                     "offset_ms": best and best.offset_ns / 1e6,
+                     "offset_err_ms": best and best.rtt_ns / 2e6})
+    return {"title": "udp-timecheck {}, {}".format(recorder.target, iso_utc(recorder.started_ns)),
+            "duration_s": max(duration_s, width_s), "bins": bins,
+            "drift": fit_drift(timeline.points(), duration_s),
+            "histogram_ms": _histogram_rows(recorder.totals),
+            "largest_rtt_ms": _ms(recorder.totals.rtt.stats.max) or 0.0}
+
+
+def snapshot(recorder: Recorder) -> Dict[str, object]:
+    """A run's figures for a scrape (--metrics), taken from another thread without a lock: each
+    copy below is one C-level step, and the probe loop only ever adds to what is copied."""
+    totals = recorder.totals
+    counts = dict(zip(Totals.COUNTS, operator.attrgetter(*Totals.COUNTS)(totals)))
+    counts["probes_sent"] = recorder.probes_sent
+    stats = totals.rtt.stats
+    offset_ns, error_ns, drift_ppm = totals.clock_estimate(monotonic_ns())
+    return {"counts": counts, "rtt_buckets": list(totals.rtt_buckets), "rtt_count": stats.count,
+            "rtt_sum_ns": stats.mean * stats.count, "offset_ns": offset_ns, "offset_err_ns": error_ns,
+            "drift_ppm": drift_ppm, "server_clock_state": recorder.server_clock_state,
+            "path": _path_snapshot(recorder)}
+
+
+def _path_snapshot(recorder: Recorder) -> Dict[str, Optional[float]]:
+    """What the path did, as numbers over time: None where the run has no such figure."""
+    directions, marks, runs = recorder.directions, recorder.marks, recorder.totals.runs
+    tos_known = marks.tos_sent is not None and marks.tos_checked
+    hops = None if None in (marks.ttl_sent, marks.ttl_at_server) else marks.ttl_sent - marks.ttl_at_server
+    return {"lost_up": directions.up if directions.counted else None,
+            "lost_down": directions.down if directions.counted else None,
+            "tos_preserved": int(marks.tos_at_server == marks.tos_sent == marks.tos_back) if tos_known
+            else None,
+            "hops": hops, "path_changes": marks.change_count if marks.ttl_at_server is not None else None,
+            "outages": runs.outages, "outage_seconds": runs.outage_ns / NS_PER_S}
+
 
 def describe_timestamps(client: str, server: Optional[str]) -> str:
     """Which timestamps each end used, in words: "kernel (both ends)", ..."""
@@ -4302,7 +4339,7 @@ def time_unit(largest_ms: float) -> Tuple[str, float, int]:
 
 
 def format_summary(summary: Mapping) -> List[str]:
-    """The human summary of Recorder.summary(), like ping's."""
+    """The human summary of summarize(recorder), like ping's."""
     lines = ["", "--- {} udp-timecheck statistics ---".format(summary["target"])] + format_counts(summary)
     lines += format_path(summary)
     rtt = summary["rtt_ms"]
@@ -4425,31 +4462,42 @@ def failure_reason(measurement: Recorder, timeout: float) -> Optional[str]:
 
     It fails without a valid reply, and with any liar, forged reply or echo.
     """
-    target = measurement.target
-    if measurement.echoes:
-        return "{} echoes requests back: it is an echo service, not a time server".format(target)
-    if measurement.unsigned and not measurement.received:
-        return "replies are not authenticated: is the server running with the same key?"
-    if measurement.forged:
-        return "{} failed authentication (tampered with, replayed, or another key)".format(
-            plural(measurement.forged, "reply", "replies"))
-    if measurement.mismatched:
-        return "the server is a liar: {} did not match a request id".format(
-            plural(measurement.mismatched, "reply", "replies"))
-    if measurement.received:
+    totals = measurement.totals
+    if totals.received and not (totals.echoes or totals.forged or totals.mismatched):
         return None
+    return _untrusted_replies(measurement) or _no_valid_reply(measurement, timeout)
+
+
+def _untrusted_replies(measurement: Recorder) -> Optional[str]:
+    """What the replies that came were, when they cannot be trusted: an echo, forged, or lies."""
+    target, totals = measurement.target, measurement.totals
+    if totals.echoes:
+        return "{} echoes requests back: it is an echo service, not a time server".format(target)
+    if totals.unsigned and not totals.received:
+        return "replies are not authenticated: is the server running with the same key?"
+    if totals.forged:
+        return "{} failed authentication (tampered with, replayed, or another key)".format(
+            plural(totals.forged, "reply", "replies"))
+    if totals.mismatched:
+        return "the server is a liar: {} did not match a request id".format(
+            plural(totals.mismatched, "reply", "replies"))
+    return None
+
+
+def _no_valid_reply(measurement: Recorder, timeout: float) -> str:
+    """Why no reply came, as best the run can tell: interrupted, refused, garbage, unsendable, silence."""
+    target, totals = measurement.target, measurement.totals
     if measurement.interrupted:
         return "interrupted after {:.1f} s, before any reply from {}".format(
             measurement.duration_ns / NS_PER_S, target)
-    if measurement.stop_reason == REFUSED or measurement.not_up:  # refused all along
+    if measurement.stop_reason == REFUSED or totals.not_up:  # refused all along
         return "connection refused by {}: no server is listening on that port".format(target)
-    if measurement.malformed:
-        count = measurement.malformed
+    if totals.malformed:
         return "{} sent {} that {} not udp-timecheck replies".format(
-            target, plural(count, "reply", "replies"), "is" if count == 1 else "are")
-    if measurement.errors:
+            target, plural(totals.malformed, "reply", "replies"), "is" if totals.malformed == 1 else "are")
+    if totals.errors:
         return "cannot send to {}: {}".format(target, measurement.last_error)
-    waited = "within {:g} s".format(timeout) if measurement.lost else "before the deadline ({:.1f} s)".format(
+    waited = "within {:g} s".format(timeout) if totals.lost else "before the deadline ({:.1f} s)".format(
         measurement.duration_ns / NS_PER_S)
     return ("no reply from {} {} (is the server running{}, and is its UDP port open to you?{})".format(
         target, waited, " with the same key" if measurement.keyed else "",
@@ -4492,14 +4540,15 @@ def format_sntp_summary(summary: Mapping) -> List[str]:
 
 def sntp_failure(recorder: SntpRecorder, timeout: float) -> Optional[str]:
     """Why an sntp run failed, in one line; None if it did not."""
-    if recorder.received and not recorder.mismatched:
+    totals = recorder.totals
+    if totals.received and not totals.mismatched:
         return None
     target = recorder.target
     if recorder.kissed:
         return "{} sent a {}: it asks this client to stop (RATE: to ask less often)".format(
             target, recorder.stop_reason)
-    if recorder.mismatched:
-        count = recorder.mismatched
+    if totals.mismatched:
+        count = totals.mismatched
         return "{} from {} {} no query's origin timestamp: stale, or forged".format(
             plural(count, "reply", "replies"), target, "echoes" if count == 1 else "echo")
     if recorder.problems:
@@ -4573,26 +4622,26 @@ def render_client_metrics(probers: Sequence[Prober], source: Optional[str] = Non
     labelled with its target (and with source, a mesh node's name)."""
     lines = _build_info()
     probers = [probers] if isinstance(probers, Prober) else probers  # one prober, as before fleets
-    running = [(prober, prober.recorder.metrics()) for prober in probers if prober.recorder is not None]
-    labelled = [(dict({"source": source} if source else {}, target=prober.target), snapshot)
-                for prober, snapshot in running]  # scraped before a run began: no series for it yet
+    running = [(prober, snapshot(prober.recorder)) for prober in probers if prober.recorder is not None]
+    labelled = [(dict({"source": source} if source else {}, target=prober.target), snap)
+                for prober, snap in running]  # scraped before a run began: no series for it yet
     for name, key, about in CLIENT_COUNTERS:
         lines += _metric(name, "counter", about, [(labels, snap["counts"][key]) for labels, snap in labelled])
     lines += _metric("rtt_seconds", "histogram", "Round-trip times, less the server's processing.", [],
                      header_alone=bool(labelled))
-    for labels, snapshot in labelled:
-        lines += _rtt_histogram(snapshot, labels)
+    for labels, snap in labelled:
+        lines += _rtt_histogram(snap, labels)
     for name, about, value in CLOCK_GAUGES:
-        samples = [(labels, value(snapshot)) for labels, snapshot in labelled]
+        samples = [(labels, value(snap)) for labels, snap in labelled]
         lines += _metric(name, "gauge", about, [(labels, got) for labels, got in samples if got is not None])
-    local = read_clock_state()
-    known = [(dict(labels, end=end), int(state.synchronized)) for labels, snapshot in labelled
-             for end, state in (("local", local), ("server", snapshot["server_clock"] or UNKNOWN_CLOCK))
+    local = probers[0].clock_state() if probers else UNKNOWN_CLOCK
+    known = [(dict(labels, end=end), int(state.synchronized)) for labels, snap in labelled
+             for end, state in (("local", local), ("server", snap["server_clock_state"] or UNKNOWN_CLOCK))
              if state.synchronized is not None]
     lines += _metric("clock_synchronized", "gauge",
                      "1 when that end's kernel says its clock is synchronised, else 0.", known)
     for name, kind, key, about in PATH_SERIES:
-        samples = [(labels, snapshot["path"][key]) for labels, snapshot in labelled]
+        samples = [(labels, snap["path"][key]) for labels, snap in labelled]
         lines += _metric(name, kind, about, [(labels, got) for labels, got in samples if got is not None])
     return "\n".join(lines) + "\n"
 
@@ -4618,6 +4667,14 @@ CLOCK_GAUGES = (
      lambda snap: snap["offset_err_ns"] and snap["offset_err_ns"] / NS_PER_S),
     ("clock_drift_ratio", "How much faster the server's clock runs than this machine's (ppm times 1e-6).",
      lambda snap: snap["drift_ppm"] and snap["drift_ppm"] * 1e-6))
+
+
+def render_endpoint_metrics(stats: MetricsStats) -> str:
+    """The metrics endpoint's own counters: what became of the connections to it."""
+    counts = stats.as_dict()
+    return "\n".join(_metric("metrics_connections_total", "counter", "Connections to this metrics "
+                             "endpoint, by what became of them.",
+                             [({"result": name}, count) for name, count in counts.items()])) + "\n"
 
 
 def _rtt_histogram(snapshot: Mapping, labels: Mapping[str, str]) -> List[str]:
@@ -4681,7 +4738,7 @@ def fleet_summary(recorders: Sequence[Recorder], summaries: Sequence[Dict[str, o
                   source: Optional[str] = None) -> Dict[str, object]:
     """The --json of several targets: the run's record, then one element per target with the keys
     of a single target's summary; a mesh node's adds its name as source."""
-    record = recorders[0].run_record()
+    record = run_record(recorders[0])
     record["started_at"] = min(summary["started_at"] for summary in summaries)
     record["duration_s"] = max(summary["duration_s"] for summary in summaries)
     if source is not None:
@@ -4918,7 +4975,7 @@ def fleet_plot_data(recorders: Sequence[Recorder]) -> Dict[str, object]:
     for recorder in recorders:
         width_s = recorder.totals.timeline.width_ns / NS_PER_S
         bins = [((index + 0.5) * width_s, item) for index, item in enumerate(recorder.totals.timeline.bins)]
-        targets.append({"target": recorder.target, "loss_pct": recorder.summary()["loss_pct"],
+        targets.append({"target": recorder.target, "loss_pct": summarize(recorder)["loss_pct"],
                         "rtt_ms": [(at, item.rtt.quantile(0.5) / 1e6) for at, item in bins if item.rtt.count],
                         "offset_ms": [(at, item.best.offset_ns / 1e6) for at, item in bins
                                       if item.best is not None]})
@@ -5099,11 +5156,6 @@ def _discard_output(stream: Optional[TextIO]) -> None:
         pass
 
 
-def _why(exc: Exception) -> str:
-    """An exception in a few words: an OSError's strerror, else its text."""
-    return getattr(exc, "strerror", None) or str(exc)
-
-
 def _err(line: str) -> None:
     """A diagnostic line on stderr; if even stderr fails, there is nowhere left to say so."""
     try:
@@ -5253,7 +5305,7 @@ class ProbeRows:
 
     def add(self, sample: Sample) -> None:
         if self.error is None:
-            row = sample.as_dict()
+            row = sample_record(sample)
             if self._csv is not None:
                 self._csv.writerow(row)
             else:
@@ -5664,7 +5716,8 @@ def _metrics(listen: Optional[Tuple[str, int]], render: Callable[[], str],
     if listen is None:
         yield
         return
-    exporter = MetricsServer(listen[0], listen[1], render, log).start()
+    exporter = MetricsServer(listen[0], listen[1], lambda stats: render() + render_endpoint_metrics(stats),
+                             log).start()
     where = format_address(*exporter.address[:2])
     _err("metrics at http://{}/metrics".format(where))  # the port, when 0 chose it
     if not exporter.loopback:
@@ -5752,8 +5805,9 @@ def _wire(args: argparse.Namespace, run: Run, probers: Sequence[Prober], text: O
     ended = _on_sample(lines, rows, progress, args, many)
     for prober in probers:
         prober.on_sample = ended
-        prober.on_report = lambda figures: text.line(
-            json.dumps(figures) if args.json else _line_time(args) + format_report(figures, many))
+        prober.on_report = lambda period: text.line(
+            json.dumps(period_figures(period)) if args.json
+            else _line_time(args) + format_report(period_figures(period), many))
         if run.measuring and not args.json:  # at each address tried: the header names the one in use
             prober.on_start = lambda started: text.line(format_header(started, run.source))
         if lines is not None:  # among the probe lines, each outage as it ends, as its probes did
@@ -5774,7 +5828,7 @@ def _run_probers(args: argparse.Namespace, run: Run, probers: Sequence[Prober], 
     reference = Reference(*args.reference, timestamps=args.timestamps or KERNEL).start() \
         if args.reference else None
     recorders = group.run() if group else [probers[0].run()]  # a signal ends it; after it, nothing
-    summaries = [recorder.summary() for recorder in recorders]
+    summaries = [summarize(recorder) for recorder in recorders]
     if len(probers) > 1 or run.source is not None:
         for summary, prober in zip(summaries, probers):
             summary["name"] = prober.name  # a peer's name, when its file gives one
@@ -5887,7 +5941,7 @@ def _write_plot(stream: Optional[TextIO], recorders: Sequence[Recorder]) -> Opti
     if stream is None:
         return None
     try:
-        stream.write(render_svg(recorders[0].plot_data()) if len(recorders) == 1
+        stream.write(render_svg(plot_data(recorders[0])) if len(recorders) == 1
                      else render_fleet_svg(fleet_plot_data(recorders)))
         stream.flush()
     except (OSError, ValueError) as exc:
@@ -5928,7 +5982,7 @@ def cmd_sntp(args: argparse.Namespace) -> int:
             args.interval, args.timeout, prober.timestamps))
     with _stop_signals(prober.stop, restore=args.restore_signals):
         recorder = prober.run()
-    summary = recorder.summary()
+    summary = summarize(recorder)
     for line in [json.dumps(summary)] if args.json else format_sntp_summary(summary):
         out.line(line)
     if out.error is not None:

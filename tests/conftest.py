@@ -559,5 +559,5 @@ def answer_probe(recorder, sample, rtt_ns, offset_ns=0, proc_ns=5000, request_id
     reply = b'[%d, "The time is now", {"seq": %d, "ts": "user", "t2": %d, "t3": %d}]' % (
         request_id or sample.request_id, sample.seq, t2, t3)
     t4 = sample.t1 + rtt_ns + proc_ns + wall_step_ns
-    recorder.receive(reply, (None, t4, t4, sample.send_mono_ns + rtt_ns + proc_ns))
+    recorder.receive(reply, utc.Arrival(None, t4, t4, sample.send_mono_ns + rtt_ns + proc_ns))
     return reply

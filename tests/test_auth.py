@@ -27,7 +27,7 @@ def key_file(tmp_path, mode=0o600, content=KEY + b"\n"):
 def test_same_key_on_both_ends_works(start_server):
     server = start_server(key=KEY)
     measurement = keyed_probe(server.address, count=10, interval=0.005)
-    summary = measurement.summary()
+    summary = utc.summarize(measurement)
     assert summary["received"] == 10 and summary["forged"] == 0 and summary["offset_ms"] is not None
 
 
@@ -75,7 +75,7 @@ def test_tampered_reply_is_forged(start_server, relay):
     hop = relay(server.address, tamper_second_reply)
     measurement = keyed_probe(hop.address, count=3, timeout=0.5)
     assert [sample.status for sample in measurement.samples] == [utc.OK, utc.LOST, utc.OK]
-    assert measurement.forged == 1
+    assert measurement.totals.forged == 1
 
 
 def test_tampering_is_what_the_key_catches(start_server, relay):
@@ -83,7 +83,7 @@ def test_tampering_is_what_the_key_catches(start_server, relay):
     server = start_server()
     hop = relay(server.address, tamper_second_reply)
     measurement = probe(hop.address, count=3, timeout=0.5)
-    assert measurement.received == 3 and measurement.forged == 0
+    assert measurement.totals.received == 3 and measurement.totals.forged == 0
 
 
 def test_reply_readdressed_to_another_request_is_forged(start_server, relay):
@@ -98,18 +98,18 @@ def test_reply_readdressed_to_another_request_is_forged(start_server, relay):
 
     hop = relay(server.address, readdress)
     measurement = keyed_probe(hop.address, count=5, timeout=0.5)
-    assert measurement.forged == 1 and measurement.duplicates == 0
+    assert measurement.totals.forged == 1 and measurement.totals.duplicates == 0
     assert [sample.status for sample in measurement.samples] == [utc.OK] * 3 + [utc.LOST, utc.OK]
 
 
 def test_old_replies_replayed_to_new_requests_are_forged(start_server, relay, monkeypatch, capsys):
     server = start_server(key=KEY)
     recorder = relay(server.address)
-    assert keyed_probe(recorder.address, count=5).received == 5
+    assert keyed_probe(recorder.address, count=5).totals.received == 5
     old = list(recorder.replies)
     replayer = relay(server.address, lambda index, data: [(0.0, old[index % len(old)])])
     measurement = keyed_probe(replayer.address, count=5, timeout=0.3)
-    assert measurement.received == 0 and measurement.forged == 5
+    assert measurement.totals.received == 0 and measurement.totals.forged == 5
     monkeypatch.setenv(utc.KEY_ENV, KEY.decode())
     assert utc.main(["client", *map(str, replayer.address), "-c", "5", "-W", "0.3", "-q"]) == 1
     captured = capsys.readouterr()
@@ -132,14 +132,14 @@ def test_any_forged_reply_fails_the_run(start_server, relay, tmp_path, monkeypat
 def test_keyed_faulty_server_is_a_liar_not_a_forger(start_server):
     server = start_server(key=KEY, faulty=1.0)
     measurement = keyed_probe(server.address, count=3)
-    assert measurement.mismatched == 3 and measurement.forged == 0
+    assert measurement.totals.mismatched == 3 and measurement.totals.forged == 0
 
 
 def test_size_with_a_key(start_server, relay):
     server = start_server(key=KEY)
     hop = relay(server.address)
     measurement = keyed_probe(hop.address, count=2, size=900)
-    assert measurement.received == 2 and [len(data) for data in hop.replies] == [900, 900]
+    assert measurement.totals.received == 2 and [len(data) for data in hop.replies] == [900, 900]
 
 
 def test_key_from_the_environment(monkeypatch):

@@ -23,7 +23,7 @@ def test_measurement_against_our_server(start_server):
     server = start_server()
     measurement = probe(server.address, count=20)
     assert statuses(measurement) == [utc.OK] * 20
-    summary = measurement.summary()
+    summary = utc.summarize(measurement)
     assert summary["sent"] == 20 and summary["received"] == 20 and summary["loss_pct"] == 0
     assert summary["duplicates"] == summary["late"] == summary["mismatched"] == summary["forged"] == 0
     rtt = summary["rtt_ms"]
@@ -40,7 +40,7 @@ def test_measurement_against_our_server(start_server):
 def test_shifted_server_clock_gives_that_offset(start_server, shift_s):
     shift_ns = int(shift_s * SECOND)
     server = start_server(clock=lambda: utc.wall_ns() + shift_ns)
-    summary = probe(server.address, count=20).summary()
+    summary = utc.summarize(probe(server.address, count=20))
     assert summary["received"] == 20
     assert abs(summary["offset_ms"] - shift_s * 1000) <= summary["offset_err_ms"] + 0.01
 
@@ -58,10 +58,10 @@ def test_lost_count_equals_replies_dropped_isochronous(start_server, relay):
     dropped = {3, 10, 20, 21, 39}
     hop = relay(server.address, drop(*dropped))
     measurement = probe(hop.address, count=40, interval=0.01, timeout=2)
-    assert measurement.count(utc.LOST) == len(dropped)
-    assert measurement.received == 40 - len(dropped)
+    assert measurement.ended_with(utc.LOST) == len(dropped)
+    assert measurement.totals.received == 40 - len(dropped)
     assert {sample.seq for sample in measurement.samples if sample.status == utc.LOST} == dropped
-    assert measurement.late == measurement.duplicates == measurement.mismatched == 0
+    assert measurement.totals.late == measurement.totals.duplicates == measurement.totals.mismatched == 0
 
 
 def test_lost_count_equals_replies_dropped_one_at_a_time(start_server, relay):
@@ -75,7 +75,7 @@ def test_duplicates_are_counted_not_received_twice(start_server, relay):
     server = start_server()
     hop = relay(server.address, lambda index, data: [(0.0, data)] * (2 if index in (1, 4) else 1))
     measurement = probe(hop.address, count=8, interval=0.01, timeout=2)
-    assert measurement.received == 8 and measurement.duplicates == 2
+    assert measurement.totals.received == 8 and measurement.totals.duplicates == 2
 
 
 def test_late_reply_is_counted_and_the_probe_stays_lost(start_server, relay):
@@ -83,21 +83,21 @@ def test_late_reply_is_counted_and_the_probe_stays_lost(start_server, relay):
     hop = relay(server.address, lambda index, data: [(0.8 if index == 2 else 0.0, data)])
     measurement = probe(hop.address, count=30, interval=0.05, timeout=0.3)
     assert measurement.samples[2].status == utc.LOST
-    assert measurement.late == 1 and measurement.count(utc.LOST) == 1 and measurement.received == 29
+    assert measurement.totals.late == 1 and measurement.ended_with(utc.LOST) == 1 and measurement.totals.received == 29
 
 
 def test_reordered_replies_are_matched_by_id(start_server, relay):
     server = start_server()
     hop = relay(server.address, lambda index, data: [(0.15 if index == 3 else 0.0, data)])
     measurement = probe(hop.address, count=10, interval=0.01, timeout=2)
-    assert measurement.received == 10
+    assert measurement.totals.received == 10
     assert measurement.samples[4].recv_mono_ns < measurement.samples[3].recv_mono_ns
 
 
 def test_lying_server_is_caught(start_server, capsys):
     server = start_server(faulty=1.0)
     measurement = probe(server.address, count=5, interval=0.01)
-    assert statuses(measurement) == [utc.MISMATCHED] * 5 and measurement.mismatched == 5
+    assert statuses(measurement) == [utc.MISMATCHED] * 5 and measurement.totals.mismatched == 5
     assert utc.main(["client", *map(str, server.address)]) == 1
     captured = capsys.readouterr()
     assert captured.out == "Server is a liar!\n"
@@ -109,7 +109,7 @@ def test_garbage_reply_is_not_an_answer(start_server, relay):
     hop = relay(server.address, lambda index, data: [(0.0, b"\x00garbage" if index == 1 else data)])
     measurement = probe(hop.address, count=3, interval=0.01, timeout=0.5)
     assert statuses(measurement) == [utc.OK, utc.LOST, utc.OK]
-    assert measurement.malformed == 1 and measurement.mismatched == 0  # garbage, not a liar
+    assert measurement.totals.malformed == 1 and measurement.totals.mismatched == 0  # garbage, not a liar
 
 
 def test_size_pads_both_directions(start_server, relay):
@@ -124,7 +124,7 @@ def test_the_largest_udp_datagram_both_ways(start_server, relay):
     server = start_server()
     hop = relay(server.address)
     measurement = probe(hop.address, count=2, size=65507)
-    assert measurement.received == 2
+    assert measurement.totals.received == 2
     assert [len(data) for data in hop.requests] == [65507] * 2
     assert [len(data) for data in hop.replies] == [65507] * 2
 

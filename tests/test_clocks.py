@@ -206,7 +206,7 @@ def test_which_clock_is_off_and_by_how_much(start_server, local_ms, server_ms, r
     # A reference that says it is within 15 us of UTC: its root distance is part of every bound.
     with FakeNtpServer(shift_ns=int(reference_ms * MS), root=(0, 1)) as ntp:
         reference = utc.Reference("127.0.0.1", ntp.port, clock=shifted(local_ms)).start()
-        summary = utc.Prober(*server.address[:2], count=20, clock=shifted(local_ms)).run().summary()
+        summary = utc.summarize(utc.Prober(*server.address[:2], count=20, clock=shifted(local_ms)).run())
         reference.stop(finish_burst=True)
     result = reference.result(summary)
     for whose, expected in (("local", local_ms - reference_ms), ("server", server_ms - reference_ms)):

@@ -96,7 +96,7 @@ def test_the_summary_gives_numpys_percentiles_of_its_own_rtts():
     rtts = [rtt for rtt in random_rtts(7, 300)]
     for seq, rtt in enumerate(rtts):
         answer_probe(recorder, send_probe(recorder, seq), rtt_ns=rtt)
-    summary = recorder.summary()
+    summary = utc.summarize(recorder)
     reported = [summary["rtt_ms"][name] * MS for name in ("median", "p90", "p99")]
     exact = numpy.percentile(numpy.array(rtts, dtype=float), [50, 90, 99])
     assert reported == pytest.approx(list(exact), abs=1)  # to the nanosecond the JSON shows
@@ -199,7 +199,7 @@ def test_a_summary_with_no_trusted_offset_says_why_and_does_not_crash():
     recorder = new_recorder(count=3)
     for seq in range(3):  # this machine's clock steps 40 ms during every probe
         answer_probe(recorder, send_probe(recorder, seq), rtt_ns=50 * US, wall_step_ns=40 * MS)
-    summary = recorder.summary()
+    summary = utc.summarize(recorder)
     lines = utc.format_summary(summary)
     assert summary["offset_ms"] is None and summary["server_proc_ms"] is not None
     assert ("server clock offset: unavailable (no probe's timestamps can be trusted: "

@@ -49,7 +49,7 @@ LOCAL_CLOCK = utc.ClockState(True, 1_200_000, 100_000, -12345, "kvm-clock")
 def finished(recorder, interrupted=False):
     recorder.finish(interrupted, utc.INTERRUPTED if interrupted else utc.TIMED_OUT)
     recorder.duration_ns = 3 * SECOND  # the run took a moment; say it took three seconds
-    recorder.local_clock = LOCAL_CLOCK  # and this machine's kernel said this, whatever this machine's says
+    recorder.local_clock_state = LOCAL_CLOCK  # and this machine's kernel said this, whatever this machine's says
     return recorder
 
 
@@ -74,8 +74,8 @@ def test_format_summary_exactly():
     first, second, third = (send(recorder, seq) for seq in range(3))
     reply = answer(recorder, first, 40, 0)
     answer(recorder, second, 60, 1)
-    recorder.receive(reply, (None, T0 + 50_000, T0 + 50_000, 45_000))  # the network's copy: a duplicate
-    lines = utc.format_summary(finished(recorder, interrupted=True).summary())
+    recorder.receive(reply, utc.Arrival(None, T0 + 50_000, T0 + 50_000, 45_000))  # the network's copy: a duplicate
+    lines = utc.format_summary(utc.summarize(finished(recorder, interrupted=True)))
     assert lines[:17] == [
         "",
         "--- 127.0.0.1:1060 udp-timecheck statistics ---",
@@ -108,7 +108,7 @@ def drift_line(rtt_us, ppm):
     recorder = new_recorder()
     for seq in range(12):
         answer(recorder, send(recorder, seq), rtt_us, 2000 + seq * ppm)
-    lines = utc.format_summary(finished(recorder).summary())
+    lines = utc.format_summary(utc.summarize(finished(recorder)))
     return lines, [line for line in lines if line.startswith("clock drift ")]
 
 
@@ -132,8 +132,8 @@ def test_a_drift_within_what_the_bounds_leave_open_is_not_claimed():
 
 def test_format_counts_in_the_singular_and_when_stopped():
     recorder = new_recorder()
-    recorder.refused(send(recorder, 0))
-    assert utc.format_counts(finished(recorder).summary()) == [
+    recorder.port_unreachable(send(recorder, 0))
+    assert utc.format_counts(utc.summarize(finished(recorder))) == [
         "1 probe sent, 0 received, 100% loss, 0 duplicates, 0 late, 0 reordered, 0 mismatched, 0 forged",
         "1 refused by the server's host, 0 could not be sent",
         "stopped after 1 of 5 probes: connection refused, nothing listens on that port"]
@@ -144,17 +144,17 @@ def interrupted(recorder, sample):
 
 
 def refused(recorder, sample):
-    recorder.refused(sample)
+    recorder.port_unreachable(sample)
 
 
 def echoed(recorder, sample):
-    recorder.receive(sample.request, (None, T0, T0, 0))
-    recorder.receive(sample.request, (None, T0, T0, 0))
+    recorder.receive(sample.request, utc.Arrival(None, T0, T0, 0))
+    recorder.receive(sample.request, utc.Arrival(None, T0, T0, 0))
 
 
 def malformed(recorder, sample):
     for _ in range(3):
-        recorder.receive(b"\x00 not json", (None, T0, T0, 0))
+        recorder.receive(b"\x00 not json", utc.Arrival(None, T0, T0, 0))
 
 
 def lied(recorder, sample):
@@ -182,7 +182,7 @@ def test_failure_reason_exactly(event, expected):
     sample = send(recorder, 0)
     if event is not None:
         event(recorder, sample)
-    if recorder.in_flight:
+    if recorder.waiting:
         finished(recorder)
     assert utc.failure_reason(recorder, 1.0) == expected
 
@@ -290,7 +290,7 @@ def test_a_name_with_a_dead_address_first_is_tried_at_the_next(start_server, mon
     monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
     notes = []
     measurement = utc.Prober("dual.test", server.address[1], count=3, on_note=notes.append).run()
-    assert measurement.received == 3 and measurement.address == "127.0.0.1"
+    assert measurement.totals.received == 3 and measurement.address == "127.0.0.1"
     assert notes == ["nobody listens at 127.0.0.2:{} (connection refused); trying 127.0.0.1".format(dead)]
 
 

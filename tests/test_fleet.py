@@ -53,8 +53,8 @@ def test_several_targets_on_loopback_served_by_one_wildcard_server(wildcard_serv
     assert all(target["received"] == 5 and target["address"] == host
                for target, host in zip(measurement["targets"], LOOPBACKS))
     assert measurement["count"] == 5 and measurement["interval"] == 0.01  # the run's record, beside them
-    assert set(measurement["targets"][0]) - {"name"} == set(utc.Recorder(
-        "h:1", "h", settings={}, request_size=150).summary())  # a single target's keys, each
+    assert set(measurement["targets"][0]) - {"name"} == set(utc.summarize(utc.Recorder(
+        "h:1", "h", settings={}, request_size=150)))  # a single target's keys, each
 
 
 def test_one_target_keeps_the_json_it_had(wildcard_server, capsys):

@@ -48,7 +48,7 @@ def scrape(port, timeout=5.0):
 
 
 def udp_answers(port, count=5):
-    return utc.Prober("127.0.0.1", port, count=count, interval=0.01, timeout=2).run().received
+    return utc.Prober("127.0.0.1", port, count=count, interval=0.01, timeout=2).run().totals.received
 
 
 @needs_linux("reads the server's threads and memory from /proc")
@@ -80,7 +80,7 @@ def test_slowloris_and_huge_headers_cost_a_bounded_amount(processes):
 
 def test_a_connection_that_never_finishes_is_cut_off_at_the_deadline(monkeypatch):
     monkeypatch.setattr(utc, "METRICS_DEADLINE", 0.5)
-    exporter = utc.MetricsServer("127.0.0.1", 0, lambda: "").start()
+    exporter = utc.MetricsServer("127.0.0.1", 0, utc.render_endpoint_metrics).start()
     try:
         with socket.create_connection(exporter.address[:2], timeout=10) as sock:
             sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # and nothing more
@@ -152,15 +152,15 @@ def test_any_clock_state_a_server_sends_is_range_checked_never_a_crash(clock):
     t2 = sample.t1 + 20_000
     text = json.dumps([sample.request_id, "The time is now",
                        {"seq": 0, "ts": "user", "clock": clock, "t2": t2, "t3": t2 + 5000}], allow_nan=True)
-    recorder.receive(text.encode(), (None, t2 + 30_000, t2 + 30_000, sample.send_mono_ns + 35_000))
+    recorder.receive(text.encode(), utc.Arrival(None, t2 + 30_000, t2 + 30_000, sample.send_mono_ns + 35_000))
     recorder.finish(False, utc.TIMED_OUT)
     valid = (type(clock) is int and clock == 1) or clock_state_in_range(clock)
     assert recorder.totals.malformed == (0 if valid else 1)  # the branch taken is the one expected
-    assert recorder.received == (1 if valid else 0)
-    summary = recorder.summary()
+    assert recorder.totals.received == (1 if valid else 0)
+    summary = utc.summarize(recorder)
     json.dumps(summary)  # the JSON, the text and the metrics come out whatever the server said
     utc.format_summary(summary)
-    recorder.metrics()
+    utc.snapshot(recorder)
 
 
 def test_a_clock_state_of_400_digits_is_malformed_and_the_monitor_lives_on(udp_peer, capsys):
@@ -326,7 +326,7 @@ def test_junk_from_a_keyed_clients_address_costs_it_nothing(start_server):
     finally:
         stop.set()
         sender.join(timeout=10)
-    assert recorder.received == 20 and server.stats.rate_limited == 0
+    assert recorder.totals.received == 20 and server.stats.rate_limited == 0
     assert server.stats.unauthenticated >= 50  # the junk: counted, dropped, and free
 
 
@@ -355,7 +355,7 @@ def test_an_echo_on_the_path_to_a_keyed_client_is_forged_not_an_echo_service(sta
     server = start_server(log=None, key=key)
     hop = relay(server.address, echo_requests=True)  # every request comes back too, before the reply
     recorder = utc.Prober(*hop.address[:2], count=5, interval=0.05, key=key).run()
-    assert recorder.received == 5 and recorder.echoes == 0 and recorder.forged == 5
+    assert recorder.totals.received == 5 and recorder.totals.echoes == 0 and recorder.totals.forged == 5
     assert utc.failure_reason(recorder, 1.0) == ("5 replies failed authentication (tampered with, replayed, "
                                                  "or another key)")
 

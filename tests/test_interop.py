@@ -54,7 +54,7 @@ def test_our_client_against_tutorial_server(reference_server, capsys):
 def test_our_measurement_against_tutorial_server(reference_server):
     _, port = reference_server()
     measurement = probe(("127.0.0.1", port), count=20)
-    summary = measurement.summary()
+    summary = utc.summarize(measurement)
     assert summary["received"] == 20 and summary["lost"] == 0
     assert summary["rtt_ms"]["median"] > 0
     assert summary["offset_ms"] is None and summary["server_proc_ms"] is None  # no timestamps

@@ -89,7 +89,7 @@ def fast_clock(ppm):
 
 def test_a_server_clock_500_ppm_fast_shows_as_500_ppm(start_server):
     server = start_server(clock=fast_clock(500), log=None)
-    summary = probe(server.address, count=400, interval=0.005).summary()
+    summary = utc.summarize(probe(server.address, count=400, interval=0.005))
     assert summary["received"] >= 390
     assert abs(summary["drift_ppm"] - 500) <= 3 * summary["drift_err_ppm"]
     if summary["timestamps"]["described"] == "kernel (both ends)":  # user-space stamps: a wider bound
@@ -108,8 +108,8 @@ def test_reordered_replies_are_counted(start_server, relay):
 
     hop = relay(server.address, swap_pairs)
     recorder = probe(hop.address, count=20, interval=0.01, timeout=2)
-    assert recorder.received == 20 and recorder.reordered == 5
-    assert recorder.summary()["reordered"] == 5
+    assert recorder.totals.received == 20 and recorder.totals.reordered == 5
+    assert utc.summarize(recorder)["reordered"] == 5
 
 
 def test_a_run_until_stopped_ends_at_its_deadline(start_server, capsys):
@@ -204,7 +204,7 @@ def test_csv_and_jsonl_rows_survive_a_sigkill(processes, start_server, tmp_path)
 def test_the_json_lists_the_first_probes_and_says_it_was_cut(start_server, capsys):
     server = start_server(log=None)
     prober = utc.Prober(*server.address[:2], count=50, keep_samples=20)
-    summary = prober.run().summary()
+    summary = utc.summarize(prober.run())
     assert summary["sent"] == 50 and len(summary["samples"]) == 20
     assert summary["samples_kept"] == 20 and summary["samples_cut"] is True
     assert [sample["seq"] for sample in summary["samples"]] == list(range(20))
@@ -250,7 +250,7 @@ def feed(recorder, first, count):
         reply = b'[%d, "The time is now", {"seq": %d, "ts": "kernel", "t2": %d, "t3": %d}]' % (
             sample.request_id, seq, t2, t2 + 5000)
         t4 = sample.t1 + 45_000 + (seq % 13) * 1000
-        recorder.receive(reply, (None, t4, t4, sample.send_mono_ns + 45_000 + (seq % 13) * 1000))
+        recorder.receive(reply, utc.Arrival(None, t4, t4, sample.send_mono_ns + 45_000 + (seq % 13) * 1000))
 
 
 def test_memory_stays_flat_however_many_probes(monkeypatch):
@@ -265,8 +265,8 @@ def test_memory_stays_flat_however_many_probes(monkeypatch):
         after_many = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-    assert recorder.received == 25000 and len(recorder.samples) == 100
+    assert recorder.totals.received == 25000 and len(recorder.samples) == 100
     assert after_many - after_few < 256 * 1024  # four times the probes, a quarter of a megabyte more at most
-    summary = recorder.summary()
+    summary = utc.summarize(recorder)
     assert summary["rtt_ms"]["median"] == pytest.approx(0.046, rel=0.05)
     assert math.isfinite(summary["drift_ppm"])

@@ -132,7 +132,7 @@ def synced(maxerror_ms):
 def test_one_way_delays_when_both_kernels_are_synchronised(start_server):
     shift_ns = 1_500_000  # the server's clock 1.5 ms ahead: within what both kernels claim (2 + 3 ms)
     server = start_server(log=None, clock=lambda: utc.wall_ns() + shift_ns, clock_state=synced(2))
-    summary = probe(server.address, count=20, interval=0.005, clock_state=synced(3)).summary()
+    summary = utc.summarize(probe(server.address, count=20, interval=0.005, clock_state=synced(3)))
     up, down = summary["owd_up_ms"], summary["owd_down_ms"]
     rtt_ms = summary["rtt_ms"]["max"]  # each true one-way delay lies from 0 to the round trip
     stamps = summary["timestamps"]
@@ -152,7 +152,7 @@ def test_no_one_way_delay_without_both_kernels_synchronised(start_server, server
                                                             capsys):
     server = start_server(log=None, clock_state=server_state)
     prober = utc.Prober(*server.address[:2], count=5, interval=0.005, clock_state=local_state)
-    summary = prober.run().summary()
+    summary = utc.summarize(prober.run())
     assert summary["owd_up_ms"] is summary["owd_down_ms"] is None and reason in summary["owd_reason"]
     assert summary["send_queueing_ms"] is not None  # each leg above its own minimum needs no sync
     assert any(line.startswith("one-way delays: not given ({}".format(reason))
@@ -287,7 +287,7 @@ with utc.TimeServer("127.0.0.1", 0) as server:
     prober = utc.Prober("127.0.0.1", port, count=0, interval=0.02, timeout=0.3, deadline=30)
     runner = __import__("threading").Thread(target=prober.run)
     runner.start()
-    wait_for(lambda: prober.recorder is not None and prober.recorder.received >= 10)
+    wait_for(lambda: prober.recorder is not None and prober.recorder.totals.received >= 10)
     nft("add", "table", "inet", "outage")
     nft("add", "chain", "inet", "outage", "input", "{{ type filter hook input priority 0 ; }}")
     nft("add", "rule", "inet", "outage", "input", "udp", "dport", str(port), "counter", "drop")
@@ -295,11 +295,11 @@ with utc.TimeServer("127.0.0.1", 0) as server:
     wait_for(lambda: prober.recorder.probes_sent >= sent + 25)  # half a second of probes dropped
     nft("insert", "rule", "inet", "outage", "input", "udp", "dport", str(port), "accept")  # the end
     dropped = int(nft("list", "table", "inet", "outage").split("packets ")[1].split()[0])
-    received = prober.recorder.received
-    wait_for(lambda: prober.recorder.lost >= dropped and prober.recorder.received >= received + 10)
+    received = prober.recorder.totals.received
+    wait_for(lambda: prober.recorder.totals.lost >= dropped and prober.recorder.totals.received >= received + 10)
     prober.stop()
     runner.join(10)
-summary = prober.recorder.summary()
+summary = utc.summarize(prober.recorder)
 stopped = sum(sample["lost_because"] == utc.INTERRUPTED for sample in summary["samples"])
 print(json.dumps({{"dropped": dropped, "lost": summary["lost"] - stopped, "lost_up": summary["lost_up"],
                   "lost_down": summary["lost_down"], "outages": summary["outages"]}}))
@@ -330,7 +330,7 @@ def test_the_path_as_prometheus_series_promtool_accepts(start_server, relay, tmp
                 forward=lambda index, data, client: seq_of(data) not in (3, 4))
     prober = utc.Prober(*hop.address[:2], count=10, interval=0.005, timeout=0.3,
                         path=utc.PathOptions(tos=0xb8, ttl=64))
-    summary = prober.run().summary()
+    summary = utc.summarize(prober.run())
     text = utc.render_client_metrics([prober])
     target = '{{target="{}"}}'.format(prober.target)
     expected = {"lost_up_total": 2, "lost_down_total": 1, "outages_total": 2, "tos_preserved": 0,

@@ -72,7 +72,7 @@ def test_without_recvmsg_a_server_and_a_client_still_measure(monkeypatch):
         server.start()
         assert server.timestamps == utc.USER and server.no_kernel_stamps == "no recvmsg on this platform"
         prober = utc.Prober(*server.address[:2], count=5, interval=0.01)
-        summary = prober.run().summary()
+        summary = utc.summarize(prober.run())
     assert summary["received"] == 5 and summary["timestamps"]["client"] == utc.USER
     assert "user timestamps (no kernel timestamps: no recvmsg on this platform)" in utc.format_header(prober)
 

@@ -57,7 +57,7 @@ def test_jitter_is_mean_absolute_consecutive_difference():
     probes = [send(recorder, seq) for seq in range(3)]
     for sample, rtt_ms in ((probes[0], 1), (probes[2], 2), (probes[1], 3)):  # the last two swapped
         answer(recorder, sample, rtt_ms * 1000, 0)
-    summary = recorder.summary()
+    summary = utc.summarize(recorder)
     assert summary["jitter_ms"] == pytest.approx(1.5, rel=0.001)
     assert summary["reordered"] == 1  # seq 1 came after seq 2
 

@@ -23,7 +23,7 @@ def shifted(seconds, base=None):
 def test_kernel_stamps_on_both_ends_by_default(start_server):
     server = start_server()
     assert server.timestamps == utc.KERNEL
-    summary = utc.Prober(*server.address[:2], count=20).run().summary()
+    summary = utc.summarize(utc.Prober(*server.address[:2], count=20).run())
     stamps = summary["timestamps"]
     assert stamps["client"] == stamps["server"] == utc.KERNEL and stamps["transmit"] is True
     assert stamps["described"] == "kernel (both ends)"
@@ -39,7 +39,7 @@ def test_kernel_stamps_on_both_ends_by_default(start_server):
 def test_shifted_server_clock_gives_its_offset_on_every_path(start_server, client_mode, server_mode):
     """The kernel stamps on the real clock; the server's injected clock is 5 s ahead of it."""
     server = start_server(clock=shifted(5), timestamps=server_mode)
-    summary = utc.Prober(*server.address[:2], count=20, timestamps=client_mode).run().summary()
+    summary = utc.summarize(utc.Prober(*server.address[:2], count=20, timestamps=client_mode).run())
     assert summary["received"] == 20
     assert abs(summary["offset_ms"] - 5000) <= summary["offset_err_ms"] + 0.01
     assert summary["timestamps"]["client"] == client_mode and summary["timestamps"]["server"] == server_mode
@@ -49,7 +49,7 @@ def test_shifted_server_clock_gives_its_offset_on_every_path(start_server, clien
 @KERNEL_STAMPS
 def test_shifted_client_clock_gives_the_opposite_offset(start_server):
     server = start_server()
-    summary = utc.Prober(*server.address[:2], count=20, clock=shifted(-7)).run().summary()
+    summary = utc.summarize(utc.Prober(*server.address[:2], count=20, clock=shifted(-7)).run())
     assert abs(summary["offset_ms"] - 7000) <= summary["offset_err_ms"] + 0.01
     stamps = summary["timestamps"]
     assert stamps["user_fallbacks"] <= 2 and stamps["transmit_fallbacks"] <= 2  # see above
@@ -60,7 +60,7 @@ def test_kernel_stamps_the_processes_disagree_with_fall_back_and_are_counted(sta
     """Our own reading of the kernel's clock is 30 s off: every kernel stamp is implausible."""
     monkeypatch.setattr(utc, "wall_ns", shifted(30, utc.wall_ns))
     server = start_server(clock=shifted(5))
-    summary = utc.Prober(*server.address[:2], count=10).run().summary()
+    summary = utc.summarize(utc.Prober(*server.address[:2], count=10).run())
     assert summary["received"] == 10
     assert server.stats.user_stamps == 10
     stamps = summary["timestamps"]
@@ -73,8 +73,8 @@ def test_kernel_stamps_the_processes_disagree_with_fall_back_and_are_counted(sta
 def test_user_timestamps_include_the_wake_ups(start_server):
     """The same server, both ways: user-space RTTs are never shorter than the kernel's."""
     server = start_server()
-    kernel = utc.Prober(*server.address[:2], count=200).run().summary()
-    user = utc.Prober(*server.address[:2], count=200, timestamps=utc.USER).run().summary()
+    kernel = utc.summarize(utc.Prober(*server.address[:2], count=200).run())
+    user = utc.summarize(utc.Prober(*server.address[:2], count=200, timestamps=utc.USER).run())
     assert user["timestamps"]["client"] == utc.USER and user["timestamps"]["transmit"] is False
     assert kernel["rtt_ms"]["min"] <= user["rtt_ms"]["median"]
     for summary in (kernel, user):
@@ -112,7 +112,7 @@ def test_wildcard_server_replies_from_the_address_asked(start_server):
         reply, source = sock.recvfrom(65535)
     assert source == ("127.0.0.2", port)  # not 127.0.0.1, the kernel's own choice of source
     measurement = utc.Prober("127.0.0.2", port, count=5).run()
-    assert measurement.received == 5
+    assert measurement.totals.received == 5
 
 
 @KERNEL_STAMPS
@@ -120,7 +120,7 @@ def test_wildcard_server_replies_from_the_address_asked(start_server):
 def test_dual_stack_wildcard_answers_ipv4_from_the_address_asked(start_server):
     server = start_server(host="::")
     measurement = utc.Prober("127.0.0.2", server.address[1], count=5).run()
-    assert measurement.received == 5
+    assert measurement.totals.received == 5
 
 
 NAMESPACE_SCRIPT = """
@@ -134,7 +134,7 @@ with utc.TimeServer("::", 0) as server:
         sock.settimeout(10)
         sock.sendto(utc.encode_request(1, "x", 0, pad_to=250), ("fd00::2", server.address[1]))
         reply, source = sock.recvfrom(65535)
-    print(source[0], utc.Prober("fd00::2", server.address[1], count=3).run().received)
+    print(source[0], utc.Prober("fd00::2", server.address[1], count=3).run().totals.received)
 """
 
 
