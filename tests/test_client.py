@@ -83,7 +83,8 @@ def test_late_reply_is_counted_and_the_probe_stays_lost(start_server, relay):
     hop = relay(server.address, lambda index, data: [(0.8 if index == 2 else 0.0, data)])
     measurement = probe(hop.address, count=30, interval=0.05, timeout=0.3)
     assert measurement.samples[2].status == utc.LOST
-    assert measurement.totals.late == 1 and measurement.ended_with(utc.LOST) == 1 and measurement.totals.received == 29
+    assert measurement.totals.late == 1 and measurement.ended_with(utc.LOST) == 1
+    assert measurement.totals.received == 29
 
 
 def test_reordered_replies_are_matched_by_id(start_server, relay):

@@ -49,7 +49,7 @@ LOCAL_CLOCK = utc.ClockState(True, 1_200_000, 100_000, -12345, "kvm-clock")
 def finished(recorder, interrupted=False):
     recorder.finish(interrupted, utc.INTERRUPTED if interrupted else utc.TIMED_OUT)
     recorder.duration_ns = 3 * SECOND  # the run took a moment; say it took three seconds
-    recorder.local_clock_state = LOCAL_CLOCK  # and this machine's kernel said this, whatever this machine's says
+    recorder.local_clock_state = LOCAL_CLOCK  # and this machine's kernel said this, whatever this one says
     return recorder
 
 
@@ -74,7 +74,7 @@ def test_format_summary_exactly():
     first, second, third = (send(recorder, seq) for seq in range(3))
     reply = answer(recorder, first, 40, 0)
     answer(recorder, second, 60, 1)
-    recorder.receive(reply, utc.Arrival(None, T0 + 50_000, T0 + 50_000, 45_000))  # the network's copy: a duplicate
+    recorder.receive(reply, utc.Arrival(None, T0 + 50_000, T0 + 50_000, 45_000))  # the network's copy
     lines = utc.format_summary(utc.summarize(finished(recorder, interrupted=True)))
     assert lines[:17] == [
         "",

@@ -296,7 +296,8 @@ with utc.TimeServer("127.0.0.1", 0) as server:
     nft("insert", "rule", "inet", "outage", "input", "udp", "dport", str(port), "accept")  # the end
     dropped = int(nft("list", "table", "inet", "outage").split("packets ")[1].split()[0])
     received = prober.recorder.totals.received
-    wait_for(lambda: prober.recorder.totals.lost >= dropped and prober.recorder.totals.received >= received + 10)
+    totals = prober.recorder.totals
+    wait_for(lambda: totals.lost >= dropped and totals.received >= received + 10)
     prober.stop()
     runner.join(10)
 summary = utc.summarize(prober.recorder)
