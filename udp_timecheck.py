@@ -469,14 +469,14 @@ def reply_context(request_id: bytes, request_mac: bytes) -> bytes:
 
 
 def encode_request(request_id: int, text: str, seq: Optional[int] = None, *, size: int = 0,
-                   pad_to: int = 0, key: Optional[bytes] = None, clock: bool = False,
+                   pad_to: int = 0, key: Optional[bytes] = None, ask_clock_state: bool = False,
                    options: Optional["RequestOptions"] = None) -> bytes:
     """A request datagram; without seq it is the tutorial's two-element form.
 
     With seq it carries our extension object, padded with a "pad" string to at
     least pad_to bytes (exactly, when pad_to leaves room for the pad field);
-    size asks the server to pad its reply to that many bytes, clock for its
-    kernel's clock state, options for a session's count (sid), the kernel's
+    size asks the server to pad its reply to that many bytes, ask_clock_state
+    for its kernel's clock state, options for a session's count (sid), the kernel's
     transmit stamp of the reply (xl, interleaved) and the path's marks (pi).
     With a key the MAC is appended as the last element.
     """
@@ -486,7 +486,7 @@ def encode_request(request_id: int, text: str, seq: Optional[int] = None, *, siz
     if options is not None and options.session is not None:
         wanted = b', "sid": %d%b%b' % (options.session, b', "xl": 1' if options.interleaved else b"",
                                        b', "pi": 1' if options.path else b"")
-    ext = b'"seq": %d%b%b%b' % (seq, wanted, b', "clock": 1' if clock else b"",
+    ext = b'"seq": %d%b%b%b' % (seq, wanted, b', "clock": 1' if ask_clock_state else b"",
                                 b', "size": %d' % size if size else b"")
     data = b'[%d, %b, {%b}%b]' % (request_id, json.dumps(text).encode(), ext,  # json.dumps' own layout
                                    b', "' + ZERO_MAC + b'"' if key is not None else b"")
@@ -512,7 +512,7 @@ class RequestFields(NamedTuple):
     request_id: bytes
     seq: Optional[bytes]
     size: int
-    wants_clock: bool
+    wants_clock_state: bool
 
 
 class RequestOptions(NamedTuple):
@@ -582,21 +582,22 @@ def parse_request(data: bytes) -> Tuple[RequestFields, RequestOptions]:
 
 def reply_parts(reply_id: bytes, time_text: bytes, *, seq: Optional[bytes], server_recv_ns: int,
                 stamp: bytes = KERNEL.encode(), size: int = 0, request_size: int = 0,
-                keyed: bool = False, clock: bytes = b"", extra: bytes = b"") -> Tuple[bytes, Optional[bytes]]:
+                keyed: bool = False, clock_state: bytes = b"",
+                extra: bytes = b"") -> Tuple[bytes, Optional[bytes]]:
     """The reply, split where the send timestamp T3 goes; ids and seq as decimal digits.
 
     A request in the tutorial's form (seq None) gets the tutorial's reply, whole
     (tail None).  Otherwise the reply is head + str(T3) + tail, built before T3
     is read so that reading it is the last thing before the send.  stamp says
-    where T2 came from: b"kernel" or b"user"; clock is the server's clock state
+    where T2 came from: b"kernel" or b"user"; clock_state is the server's
     as encode_clock_state() gives it, or nothing; extra is what the request's
     options asked for (encode_reply_extra()), or nothing.
     """
     if seq is None:
         return b'[%b, "%b"]' % (reply_id, time_text), None
     head = b'[%b, "%b", {"seq": %b, "ts": "%b", %b%b"t2": %d, "t3": ' % (
-        reply_id, time_text, seq, stamp, clock + b", " if clock else b"", extra + b", " if extra else b"",
-        server_recv_ns)
+        reply_id, time_text, seq, stamp, clock_state + b", " if clock_state else b"",
+        extra + b", " if extra else b"", server_recv_ns)
     tail = b'}, "' + ZERO_MAC + b'"]' if keyed else b"}]"
     if size:
         room = (min(size, request_size) - len(head) - len(b"%d" % server_recv_ns)
@@ -657,23 +658,24 @@ def fit_tutorial_reply(reply: bytes, limit: int) -> Optional[bytes]:
     return reply[:-2 - cut] + reply[-2:]
 
 
-def min_request_size(highest_seq: int, *, size: int = 0, keyed: bool = False, clock: bool = False,
+def min_request_size(highest_seq: int, *, size: int = 0, keyed: bool = False, clock_state: bool = False,
                      options: RequestOptions = NO_OPTIONS) -> int:
     """The smallest request our server can answer whole, for any id and time.
 
     A reply is never larger than its request, so requests are padded to the
     longest reply they can get: the largest id, T2 and T3 of TIMESTAMP_DIGITS
-    digits, the longer stamp, with clock the longest clock state, and with
+    digits, the longer stamp, with clock_state the longest clock state, and with
     options the longest of what they ask for.
     """
     worst_id = ID_LIMIT - 1
     extra = _worst_extra(options, highest_seq) if options.session is not None else b""
     head, tail = reply_parts(b"%d" % worst_id, SAMPLE_TEXT.encode(), seq=b"%d" % highest_seq,
                              server_recv_ns=10 ** (TIMESTAMP_DIGITS - 1), stamp=KERNEL.encode(),
-                             keyed=keyed, clock=b"x" * CLOCK_STATE_MAX if clock else b"", extra=extra)
+                             keyed=keyed, clock_state=b"x" * CLOCK_STATE_MAX if clock_state else b"",
+                             extra=extra)
     worst_options = options._replace(session=ID_LIMIT - 1) if options.session is not None else None
     request = encode_request(worst_id, SAMPLE_TEXT, highest_seq, size=size,
-                             key=b"k" if keyed else None, clock=clock, options=worst_options)
+                             key=b"k" if keyed else None, ask_clock_state=clock_state, options=worst_options)
     return max(len(head) + TIMESTAMP_DIGITS + len(tail), len(request) + PAD_OVERHEAD)
 
 
@@ -1120,15 +1122,6 @@ def message_calls(sock: socket.socket) -> Tuple[Callable, Callable]:
 
 
 NOTHING_YET = (BlockingIOError, socket.timeout)  # a receive that timed out, either way
-
-
-def _platform_stamps_refused(family: int) -> Optional[str]:
-    """kernel_stamps_refused() on a scratch socket: what a socket of this family will get."""
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as scratch:
-            return kernel_stamps_refused(scratch)
-    except OSError as exc:
-        return exc.strerror or str(exc)
 
 
 def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
@@ -2434,7 +2427,7 @@ class TimeServer:
 
     serve_forever() answers in the calling thread, start() in a background
     thread; shutdown() stops either from another thread; as a context manager
-    it shuts down and closes on exit.  clock returns wall-clock nanoseconds
+    it shuts down and closes on exit.  wall_clock returns nanoseconds
     since the epoch (tests inject a shifted one; the kernel's receive stamps
     are carried over to it by their age); timestamps is KERNEL where the
     platform has it, else USER; log receives one line per request, at most
@@ -2446,7 +2439,7 @@ class TimeServer:
                  max_rate: Optional[float] = None,
                  log: Optional[Callable[[str], None]] = None,
                  log_limit: Optional[int] = LOG_LINES_PER_SECOND,
-                 clock: Optional[Callable[[], int]] = None, timestamps: str = KERNEL,
+                 wall_clock: Optional[Callable[[], int]] = None, timestamps: str = KERNEL,
                  rng: Callable[[], float] = random.random,
                  clock_state: Callable[[], ClockState] = lambda: read_clock_state()) -> None:
         family, address = resolve(host, port, passive=True)[0]
@@ -2469,7 +2462,7 @@ class TimeServer:
         self.stats = ServerStats()
         self.keyed = key is not None
         self._faulty, self._key, self._rng = faulty, key, rng
-        self._clock, self._real_clock = clock or wall_ns, clock is None
+        self._wall_clock, self._real_clock = wall_clock or wall_ns, wall_clock is None
         self._read_clock_state = clock_state
         self._limiter = RateLimiter(max_rate) if max_rate else None
         self._loops = LoopGuard()
@@ -2500,7 +2493,7 @@ class TimeServer:
     def serve_forever(self) -> None:
         """Answer requests until shutdown(); a bad datagram is counted, never fatal."""
         recvmsg, sendmsg = message_calls(self.socket)
-        clock, arrival, reply_for, stats = self._clock, self._arrival, self._reply_for, self.stats
+        wall_clock, arrival, reply_for, stats = self._wall_clock, self._arrival, self._reply_for, self.stats
         log = self._log_request if self._log is not None else None
         self._idle.clear()
         try:
@@ -2514,7 +2507,7 @@ class TimeServer:
                         break
                     stats.errors += 1
                     continue
-                user_ns = clock()
+                user_ns = wall_clock()
                 if self._stopping:
                     break
                 server_recv_ns, stamp, control = arrival(ancillary, user_ns) if ancillary \
@@ -2542,13 +2535,13 @@ class TimeServer:
     def _keep_transmit_stamp(self, stamped: Tuple["_Session", bytes], before_ns: int) -> None:
         """The kernel's stamp of the reply just sent, for the session's next reply (interleaved)."""
         session, seq = stamped
-        real_ns = before_ns if self._real_clock else before_ns - clock_offset_ns(self._clock)
+        real_ns = before_ns if self._real_clock else before_ns - clock_offset_ns(self._wall_clock)
         stamp_ns = read_transmit_stamp(self.socket, real_ns)
         if stamp_ns is None:
             self.stats.transmit_user_stamps += 1
             session.previous = None
         else:
-            offset = 0 if self._real_clock else clock_offset_ns(self._clock)
+            offset = 0 if self._real_clock else clock_offset_ns(self._wall_clock)
             session.previous = (int(seq), stamp_ns + offset)
 
     def _send_plainly(self, reply: bytes, source: tuple) -> bool:
@@ -2563,7 +2556,7 @@ class TimeServer:
     def _arrival(self, ancillary: list, user_ns: int) -> Tuple[int, bytes, Sequence[tuple]]:
         """T2, where it came from (b"kernel" or b"user"), and the packet info to reply with."""
         kernel_ns, control = read_ancillary(ancillary)
-        real_ns = user_ns if self._real_clock else user_ns - clock_offset_ns(self._clock)
+        real_ns = user_ns if self._real_clock else user_ns - clock_offset_ns(self._wall_clock)
         server_recv_ns = arrival_ns(kernel_ns, user_ns, real_ns, MAX_QUEUE_WAIT_NS)
         if server_recv_ns is not None:
             return server_recv_ns, b"kernel", control
@@ -2573,7 +2566,7 @@ class TimeServer:
 
     def respond(self, data: bytes, source: tuple = ("127.0.0.1", 49152)) -> Optional[bytes]:
         """The reply serve_forever() would send to data from source, or None; no I/O."""
-        return self._reply_for(data, source, self._clock(), b"user")
+        return self._reply_for(data, source, self._wall_clock(), b"user")
 
     def _reply_for(self, data: bytes, source: tuple, server_recv_ns: int, stamp: bytes,
                    ancillary: Sequence[tuple] = ()) -> Optional[bytes]:
@@ -2586,7 +2579,7 @@ class TimeServer:
             stats.rate_limited += 1  # before any parsing: the cheapest refusal
             return None
         try:
-            (request_id, seq, size, wants_clock), options = parse_request(data)
+            (request_id, seq, size, wants_clock_state), options = parse_request(data)
         except NotARequest:
             stats.loops += 1
             return None
@@ -2601,9 +2594,10 @@ class TimeServer:
         reply_id = request_id
         if self._faulty and self._rng() < self._faulty:
             reply_id = b"%d" % (int(request_id) + 1)  # the tutorial's FAULTY_SERVER: a wrong id
-        clock = self._clock_state(server_recv_ns) if wants_clock else b""
+        clock_state = self._clock_state_fragment(server_recv_ns) if wants_clock_state else b""
         extra = self._session_extra(options, seq, source, ancillary) if options.session is not None else b""
-        reply = self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp, clock, extra)
+        reply = self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp, clock_state,
+                                  extra)
         if reply is None:
             stats.too_short += 1
         elif seq is None:
@@ -2656,7 +2650,7 @@ class TimeServer:
             return False
         return True
 
-    def _clock_state(self, now_ns: int) -> bytes:
+    def _clock_state_fragment(self, now_ns: int) -> bytes:
         """This kernel's clock state, for the replies that ask: read at most once a second."""
         second = now_ns // NS_PER_S
         if second != self._clock_second:
@@ -2670,7 +2664,7 @@ class TimeServer:
                                                                          source[0] == self.address[0]))
 
     def _build_reply(self, data: bytes, request_id: bytes, reply_id: bytes, seq: Optional[bytes], size: int,
-                     server_recv_ns: int, stamp: bytes, clock: bytes = b"",
+                     server_recv_ns: int, stamp: bytes, clock_state: bytes = b"",
                      extra: bytes = b"") -> Optional[bytes]:
         """The reply, T3 read last; None if it would be larger than the request.
 
@@ -2682,16 +2676,17 @@ class TimeServer:
         key = self._key
         head, tail = reply_parts(reply_id, b"%b.%06d" % (self._text_prefix, fraction // 1000), seq=seq,
                                  server_recv_ns=server_recv_ns, stamp=stamp, size=size,
-                                 request_size=len(data), keyed=key is not None, clock=clock, extra=extra)
-        if clock and len(head) + TIMESTAMP_DIGITS + len(tail) > len(data):
+                                 request_size=len(data), keyed=key is not None, clock_state=clock_state,
+                                 extra=extra)
+        if clock_state and len(head) + TIMESTAMP_DIGITS + len(tail) > len(data):
             return self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp, b"", extra)
         if tail is None:
             return fit_tutorial_reply(head, len(data))
         if key is None:
-            reply = b"%b%d%b" % (head, self._clock(), tail)  # T3: as late as the reply allows
+            reply = b"%b%d%b" % (head, self._wall_clock(), tail)  # T3: as late as the reply allows
         else:
             context = reply_context(request_id, mac_of_datagram(data))
-            reply = seal(key, context, b"%b%d%b" % (head, self._clock(), tail))
+            reply = seal(key, context, b"%b%d%b" % (head, self._wall_clock(), tail))
         return reply if len(reply) <= len(data) else None  # no reply is ever larger than its request
 
     def _log_request(self, data: bytes, source: tuple, server_recv_ns: int) -> None:
@@ -3317,7 +3312,7 @@ class Prober:
     probe ends, on_report every report_every seconds with that period's
     figures, on_note with a line about the run (another address tried), and
     on_start (set it after construction) with the prober as each address is tried.
-    clock is this machine's wall clock in ns (tests inject a shifted one);
+    wall_clock is this machine's wall clock in ns (tests inject a shifted one);
     timestamps is KERNEL to take T1 and T4 from the kernel where the platform
     has it, or USER; path is what the run asks of the path (PathOptions).
     """
@@ -3326,7 +3321,7 @@ class Prober:
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, count: int = 1,
                  interval: float = 0.0, timeout: float = DEFAULT_TIMEOUT, size: int = 0,
-                 key: Optional[bytes] = None, clock: Optional[Callable[[], int]] = None,
+                 key: Optional[bytes] = None, wall_clock: Optional[Callable[[], int]] = None,
                  timestamps: str = KERNEL, deadline: Optional[float] = None,
                  report_every: Optional[float] = None, keep_samples: int = SAMPLES_KEPT,
                  on_sample: Optional[Callable[[Sample], None]] = None,
@@ -3347,9 +3342,10 @@ class Prober:
         self.on_outage, self.clock_state = on_outage, clock_state
         self.on_start = None  # type: Optional[Callable[[Prober], None]]  # as each address is tried
         self.name = None  # type: Optional[str]  # a mesh peer's name, from the peers file
-        self.clock, self._real_clock = clock or wall_ns, clock is None
-        self.no_kernel_stamps = None if timestamps != KERNEL else _platform_stamps_refused(self.family)
-        self.timestamps = KERNEL if timestamps == KERNEL and self.no_kernel_stamps is None else USER
+        self.wall_clock, self._real_clock = wall_clock or wall_ns, wall_clock is None
+        self.asked_timestamps = timestamps
+        self.timestamps = timestamps  # what the run uses: decided once, as its sockets open
+        self.no_kernel_stamps = None  # type: Optional[str]  # why not, when kernel stamps were refused
         # Pad every request so the server's reply fits: it never answers with more bytes.
         smallest = min_request_size(count or 10 ** 12, size=size, keyed=key is not None, options=self.options)
         largest = MAX_UDP_PAYLOAD[self.family]
@@ -3358,7 +3354,7 @@ class Prober:
         self.request_size = size or smallest
         # The first probe, and one in CLOCK_EVERY, ask for the server's clock state: room for it.
         self._clock_request_size = size or min_request_size(count or 10 ** 12, keyed=key is not None,
-                                                            clock=True, options=self.options)
+                                                            clock_state=True, options=self.options)
         self.recorder = None  # type: Optional[Recorder]  # the run's, once it has begun
         self._transmit_stamps = self._stopping = False
         self._group = None  # type: Optional[ProbeGroup]  # the loop that drives this prober's run
@@ -3393,10 +3389,10 @@ class Prober:
     def new_probe(self, seq: int) -> Tuple[Sample, bytes]:
         """Probe number seq and its request datagram, as this prober sends it."""
         request_id = next(_REQUEST_IDS)  # unguessable, unlike the tutorial's 0..1000
-        clock = seq % CLOCK_EVERY == 0
-        data = encode_request(request_id, self._time_text(), seq,
-                              size=self.size, pad_to=self._clock_request_size if clock else self.request_size,
-                              key=self.key, clock=clock, options=self.options)
+        ask_clock_state = seq % CLOCK_EVERY == 0
+        pad_to = self._clock_request_size if ask_clock_state else self.request_size
+        data = encode_request(request_id, self._time_text(), seq, size=self.size, pad_to=pad_to, key=self.key,
+                              ask_clock_state=ask_clock_state, options=self.options)
         sample = Sample(seq, request_id, mac_of_datagram(data) if self.key is not None else b"", self.target)
         sample.request, sample.request_size = data, len(data)
         return sample, data
@@ -3440,13 +3436,19 @@ class Prober:
         sock.setblocking(False)
         return sock
 
-    def _recorder(self, group: "ProbeGroup") -> Recorder:
-        """A new Recorder, once the sockets have their timestamping options."""
-        if self.timestamps == KERNEL:
-            self.no_kernel_stamps = next(filter(None, map(kernel_stamps_refused, self._socks)), None)
-            self.timestamps = USER if self.no_kernel_stamps else KERNEL
+    def _decide_timestamps(self) -> None:
+        """Kernel timestamps where they were asked for and every socket takes them; else user-space
+        readings, and why (no_kernel_stamps).  Decided here only, once the sockets are open."""
+        asked = self.asked_timestamps == KERNEL
+        self.no_kernel_stamps = next(filter(None, map(kernel_stamps_refused, self._socks)), None) \
+            if asked else None
+        self.timestamps = KERNEL if asked and self.no_kernel_stamps is None else USER
         self._transmit_stamps = self.timestamps == KERNEL and all(
             map(enable_transmit_timestamps, self._socks))
+
+    def _recorder(self, group: "ProbeGroup") -> Recorder:
+        """A new Recorder, once the sockets have their timestamping options."""
+        self._decide_timestamps()
         settings = {"count": self.count, "interval": self.interval, "timeout": self.timeout,
                     "size": self.size or None, "deadline": group.deadline,
                     "interleaved": self.path.interleaved}
@@ -3504,9 +3506,9 @@ class Prober:
         sample.port = sample.seq % len(self._socks)  # round robin over the source ports (ECMP)
         sock = self._socks[sample.port]
         recorder.send(sample)  # registered before it goes: a stop from here on still counts it
-        send, clock = sock.send, self.clock
+        send, wall_clock = sock.send, self.wall_clock
         send_mono_ns = monotonic_ns()  # the monotonic reading first, T1 right before the send
-        t1 = clock()
+        t1 = wall_clock()
         try:
             send(data)
         except (ConnectionRefusedError, ConnectionResetError):  # an earlier probe's ICMP error
@@ -3529,7 +3531,7 @@ class Prober:
         The stamp leaves out our own way down through the send call, as the receive
         stamps leave out wake-ups.  One from before t1 belongs to an earlier probe.
         """
-        offset = 0 if self._real_clock else clock_offset_ns(self.clock)
+        offset = 0 if self._real_clock else clock_offset_ns(self.wall_clock)
         stamp_ns = read_transmit_stamp(sock, t1 - offset)
         return None if stamp_ns is None else stamp_ns + offset
 
@@ -3537,7 +3539,7 @@ class Prober:
         recorder = self.recorder
         try:
             data, ancillary, _, _ = self._recvmsg[sock](MAX_DATAGRAM, ANCILLARY_SPACE)
-            user_t4 = self.clock()  # the wall clock, then the monotonic one: T4 - T1 spans within it
+            user_t4 = self.wall_clock()  # the wall clock, then the monotonic one: T4 - T1 spans within it
             recv_mono_ns = monotonic_ns()
         except BlockingIOError:  # only transmit stamps that came too late: drop them
             if self._transmit_stamps:
@@ -3549,7 +3551,7 @@ class Prober:
         except OSError:
             recorder.not_received()
             return
-        real_t4 = user_t4 if self._real_clock else user_t4 - clock_offset_ns(self.clock)
+        real_t4 = user_t4 if self._real_clock else user_t4 - clock_offset_ns(self.wall_clock)
         if not ancillary:
             recorder.receive(data, Arrival(None, user_t4, real_t4, recv_mono_ns))
             return
@@ -3730,9 +3732,9 @@ class Reference:
     last usable answer is older than the interval.
     """
 
-    def __init__(self, host: str, port: int, *, clock: Optional[Callable[[], int]] = None,
+    def __init__(self, host: str, port: int, *, wall_clock: Optional[Callable[[], int]] = None,
                  timestamps: str = KERNEL, every: float = REFERENCE_EVERY) -> None:
-        self._options = {"clock": clock, "timestamps": timestamps, "timeout": DEFAULT_TIMEOUT}
+        self._options = {"wall_clock": wall_clock, "timestamps": timestamps, "timeout": DEFAULT_TIMEOUT}
         # Resolved now: a bad name is a usage error.  None later, when it no longer resolves.
         self.prober = SntpProber(host, port, count=REFERENCE_BURST, interval=REFERENCE_SPACING,
                                  **self._options)  # type: Optional[SntpProber]

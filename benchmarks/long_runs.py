@@ -57,7 +57,7 @@ sys.path.insert(0, {root!r})
 import udp_timecheck as utc
 start = utc.wall_ns()
 fast = lambda: (lambda now: now + (now - start) * {ppm} // 1000000)(utc.wall_ns())
-with utc.TimeServer("127.0.0.1", 0, clock=fast) as server:
+with utc.TimeServer("127.0.0.1", 0, wall_clock=fast) as server:
     print(server.address[1], flush=True)
     server.serve_forever()
 """

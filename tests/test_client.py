@@ -39,7 +39,7 @@ def test_measurement_against_our_server(start_server):
 @pytest.mark.parametrize("shift_s", [5.0, -3600.0])
 def test_shifted_server_clock_gives_that_offset(start_server, shift_s):
     shift_ns = int(shift_s * SECOND)
-    server = start_server(clock=lambda: utc.wall_ns() + shift_ns)
+    server = start_server(wall_clock=lambda: utc.wall_ns() + shift_ns)
     summary = utc.summarize(probe(server.address, count=20))
     assert summary["received"] == 20
     assert abs(summary["offset_ms"] - shift_s * 1000) <= summary["offset_err_ms"] + 0.01
@@ -197,7 +197,7 @@ def test_csv_to_a_bad_path_is_a_usage_error(start_server, tmp_path, capsys):
 
 
 def test_human_output_lines_and_summary(start_server, capsys):
-    server = start_server(clock=FakeClock(utc.wall_ns() + 2 * SECOND))
+    server = start_server(wall_clock=FakeClock(utc.wall_ns() + 2 * SECOND))
     assert utc.main(["client", *map(str, server.address), "--measure-delay", "-c", "4"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("UDP-TIMECHECK 127.0.0.1:{} (127.0.0.1): 4 probes of ".format(server.address[1]))

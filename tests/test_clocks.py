@@ -202,11 +202,11 @@ def shifted(ms):
     (5, 5, 5),      # all three agree
 ])
 def test_which_clock_is_off_and_by_how_much(start_server, local_ms, server_ms, reference_ms):
-    server = start_server(clock=shifted(server_ms), log=None)
+    server = start_server(wall_clock=shifted(server_ms), log=None)
     # A reference that says it is within 15 us of UTC: its root distance is part of every bound.
     with FakeNtpServer(shift_ns=int(reference_ms * MS), root=(0, 1)) as ntp:
-        reference = utc.Reference("127.0.0.1", ntp.port, clock=shifted(local_ms)).start()
-        summary = utc.summarize(utc.Prober(*server.address[:2], count=20, clock=shifted(local_ms)).run())
+        reference = utc.Reference("127.0.0.1", ntp.port, wall_clock=shifted(local_ms)).start()
+        summary = utc.summarize(utc.Prober(*server.address[:2], count=20, wall_clock=shifted(local_ms)).run())
         reference.stop(finish_burst=True)
     result = reference.result(summary)
     for whose, expected in (("local", local_ms - reference_ms), ("server", server_ms - reference_ms)):
@@ -271,12 +271,13 @@ def test_both_kernels_states_in_the_json_and_the_text(start_server, capsys):
 
 def test_the_server_sends_its_clock_only_when_asked_and_only_if_it_fits(start_server):
     with utc.TimeServer("127.0.0.1", 0) as server:
-        asked = utc.encode_request(7, "x", 0, clock=True, pad_to=utc.min_request_size(1, clock=True))
+        asked = utc.encode_request(7, "x", 0, ask_clock_state=True,
+                                   pad_to=utc.min_request_size(1, clock_state=True))
         reply = utc.decode_message(server.respond(asked))
         assert "clock" in reply.ext and utc.decode_clock_state(reply.ext["clock"]) is not None
         not_asked = utc.decode_message(server.respond(utc.encode_request(8, "x", 0, pad_to=300)))
         assert "clock" not in not_asked.ext
-        too_small = utc.encode_request(9, "x", 0, clock=True, pad_to=utc.min_request_size(1))
+        too_small = utc.encode_request(9, "x", 0, ask_clock_state=True, pad_to=utc.min_request_size(1))
         reply = server.respond(too_small)
         assert reply is not None and len(reply) <= len(too_small)
         assert "clock" not in utc.decode_message(reply).ext  # answered, without it

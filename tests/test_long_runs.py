@@ -88,7 +88,7 @@ def fast_clock(ppm):
 
 
 def test_a_server_clock_500_ppm_fast_shows_as_500_ppm(start_server):
-    server = start_server(clock=fast_clock(500), log=None)
+    server = start_server(wall_clock=fast_clock(500), log=None)
     summary = utc.summarize(probe(server.address, count=400, interval=0.005))
     assert summary["received"] >= 390
     assert abs(summary["drift_ppm"] - 500) <= 3 * summary["drift_err_ppm"]

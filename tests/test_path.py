@@ -131,7 +131,7 @@ def synced(maxerror_ms):
 
 def test_one_way_delays_when_both_kernels_are_synchronised(start_server):
     shift_ns = 1_500_000  # the server's clock 1.5 ms ahead: within what both kernels claim (2 + 3 ms)
-    server = start_server(log=None, clock=lambda: utc.wall_ns() + shift_ns, clock_state=synced(2))
+    server = start_server(log=None, wall_clock=lambda: utc.wall_ns() + shift_ns, clock_state=synced(2))
     summary = utc.summarize(probe(server.address, count=20, interval=0.005, clock_state=synced(3)))
     up, down = summary["owd_up_ms"], summary["owd_down_ms"]
     rtt_ms = summary["rtt_ms"]["max"]  # each true one-way delay lies from 0 to the round trip

@@ -62,7 +62,7 @@ def test_tutorial_request_gets_tutorial_reply_and_log_line(start_server):
 
 def test_extended_request_gets_server_timestamps_from_its_clock(start_server):
     clock = FakeClock()
-    server = start_server(clock=clock, timestamps=utc.USER)
+    server = start_server(wall_clock=clock, timestamps=utc.USER)
     reply = utc.decode_message(ask(server.address, request(5, seq=3, pad_to=200)))
     assert reply.message_id == 5
     assert reply.ext == {"seq": 3, "ts": "user", "t2": clock.now_ns, "t3": clock.now_ns}
@@ -72,7 +72,7 @@ def test_extended_request_gets_server_timestamps_from_its_clock(start_server):
 @needs_linux("kernel receive stamps (SO_TIMESTAMPNS)")
 def test_kernel_receive_stamp_is_carried_over_to_the_servers_clock(start_server):
     clock = FakeClock()  # stopped: any T2 before it is the kernel's stamp, aged on the real clock
-    server = start_server(clock=clock)
+    server = start_server(wall_clock=clock)
     assert server.timestamps == utc.KERNEL
     reply = utc.decode_message(ask(server.address, request(5, seq=3, pad_to=200)))
     assert reply.ext["ts"] == "kernel" and reply.ext["t3"] == clock.now_ns
@@ -127,7 +127,7 @@ def test_faulty_server_lies_with_the_given_probability():
 
 def test_log_is_limited_to_ten_lines_a_second(start_server):
     clock = FakeClock()
-    server = start_server(clock=clock)
+    server = start_server(wall_clock=clock)
     for request_id in range(25):
         assert ask(server.address, request(request_id)) is not None
     clock.advance(1)
@@ -143,7 +143,7 @@ def test_log_is_limited_to_ten_lines_a_second(start_server):
 
 def test_verbose_logs_every_request(start_server):
     clock = FakeClock()
-    server = start_server(clock=clock, log_limit=None)
+    server = start_server(wall_clock=clock, log_limit=None)
     for request_id in range(15):
         assert ask(server.address, request(request_id)) is not None
     server.shutdown()
@@ -217,7 +217,7 @@ def test_rate_limiter_table_is_bounded():
 
 def test_server_max_rate_drops_and_counts():
     clock = FakeClock()
-    with utc.TimeServer("127.0.0.1", 0, max_rate=3, clock=clock) as server:
+    with utc.TimeServer("127.0.0.1", 0, max_rate=3, wall_clock=clock) as server:
         answers = [server.respond(request(10 * i), ("127.0.0.1", 5000)) for i in range(5)]
         assert [answer is not None for answer in answers] == [True] * 3 + [False] * 2
         assert server.respond(request(9), ("127.0.0.2", 5000)) is not None
@@ -277,7 +277,7 @@ def _fuzz(rng):
 
 def test_fuzz_flood_leaves_the_server_answering_with_flat_memory_and_a_short_log(start_server):
     clock = FakeClock()  # every request in one second: the log limit must hold
-    server = start_server(clock=clock)
+    server = start_server(wall_clock=clock)
     rng = random.Random(20261125)
     datagrams = [_fuzz(rng) for _ in range(3000)]
 

@@ -38,7 +38,7 @@ def test_kernel_stamps_on_both_ends_by_default(start_server):
 @pytest.mark.parametrize("server_mode", [utc.KERNEL, utc.USER])
 def test_shifted_server_clock_gives_its_offset_on_every_path(start_server, client_mode, server_mode):
     """The kernel stamps on the real clock; the server's injected clock is 5 s ahead of it."""
-    server = start_server(clock=shifted(5), timestamps=server_mode)
+    server = start_server(wall_clock=shifted(5), timestamps=server_mode)
     summary = utc.summarize(utc.Prober(*server.address[:2], count=20, timestamps=client_mode).run())
     assert summary["received"] == 20
     assert abs(summary["offset_ms"] - 5000) <= summary["offset_err_ms"] + 0.01
@@ -49,7 +49,7 @@ def test_shifted_server_clock_gives_its_offset_on_every_path(start_server, clien
 @KERNEL_STAMPS
 def test_shifted_client_clock_gives_the_opposite_offset(start_server):
     server = start_server()
-    summary = utc.summarize(utc.Prober(*server.address[:2], count=20, clock=shifted(-7)).run())
+    summary = utc.summarize(utc.Prober(*server.address[:2], count=20, wall_clock=shifted(-7)).run())
     assert abs(summary["offset_ms"] - 7000) <= summary["offset_err_ms"] + 0.01
     stamps = summary["timestamps"]
     assert stamps["user_fallbacks"] <= 2 and stamps["transmit_fallbacks"] <= 2  # see above
@@ -59,7 +59,7 @@ def test_shifted_client_clock_gives_the_opposite_offset(start_server):
 def test_kernel_stamps_the_processes_disagree_with_fall_back_and_are_counted(start_server, monkeypatch):
     """Our own reading of the kernel's clock is 30 s off: every kernel stamp is implausible."""
     monkeypatch.setattr(utc, "wall_ns", shifted(30, utc.wall_ns))
-    server = start_server(clock=shifted(5))
+    server = start_server(wall_clock=shifted(5))
     summary = utc.summarize(utc.Prober(*server.address[:2], count=10).run())
     assert summary["received"] == 10
     assert server.stats.user_stamps == 10
