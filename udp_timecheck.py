@@ -13,21 +13,39 @@ tutorial's own client and server in both directions: what it adds (server
 timestamps, padding, authentication, clock state) travels in extra array
 elements, which the tutorial's code ignores.  README.md documents the datagrams.
 
-The module, in order:
+The module is in eight sections, each using only those before it; the banner
+of each carries its number.
 
-1. Constants, and the one exception family (TimecheckError).
-2. Wire format: pure encode_*/decode_* functions, ours and NTP's, no I/O.
-3. Statistics: exact percentiles in flat memory (Quantiles, FineSketch),
-   streaming summaries (LogHistogram, RunningStats), NTP's timing arithmetic
-   and when to trust it (probe_timing, arrival_ns), the drift fit, with an
-   error that includes the offsets' bounds, and its clock steps.
-4. Server: socket options and the kernel's clock state, TimeServer (start it
-   on port 0, stop it from another thread, use it as a context manager, give
-   it a clock), and MetricsServer for Prometheus.
-5. Client: Sample, the Recorder of a run, Prober (its run() returns the
-   Recorder), SntpProber for NTP servers, and Reference for --reference.
-6. Command line: formatting (format_*, render_*), the outputs, build_parser(),
-   a cmd_<name>(args) per subcommand, and main(argv=None) -> int.
+1. Foundations: the shared constants, the clocks (wall_ns, monotonic_ns), the
+   one exception family (TimecheckError; WireError for datagrams), and small
+   text helpers (printable, clip, iso_utc).
+2. Wire format: pure encode_*/decode_* functions, ours (requests, replies,
+   their MACs, the clock state) and NTP's; no I/O.
+3. Platform: socket options and ancillary data (kernel timestamps, packet
+   info, TOS and TTL), addresses and key files, the kernel's clock state.
+4. Statistics: the per-probe record (Sample, Arrival) and NTP's timing
+   arithmetic (probe_timing), exact percentiles in flat memory (Quantiles,
+   FineSketch), streaming summaries, the drift fit and its clock steps, and
+   the per-run aggregates (Totals and what it holds).
+5. Server: TimeServer (start it on port 0, stop it from another thread, use it
+   as a context manager, give it a wall clock), its guards against loops,
+   floods and replays, and MetricsServer for Prometheus.
+6. Client: the Recorder of a run (its probe book), Prober (its run() returns
+   the Recorder), ProbeGroup for many targets at once, SntpProber for NTP
+   servers, Reference for --reference, and a mesh's peers.
+7. Reports: what a run found as dicts (summarize, period_figures, plot_data,
+   snapshot), as text (format_*), as Prometheus' text (render_*_metrics) and
+   as SVG (render_svg).
+8. Command line: the outputs and signals, build_parser(), a cmd_<name>(args)
+   per subcommand, and main(argv=None) -> int.  Only here are argparse,
+   stdout and stderr.
+
+Where to start reading: main() and cmd_client() for what a run does, end to
+end; Prober._send_probe() and Recorder.receive() for one probe; TimeServer.
+_reply_for() for one request; summarize() for what the JSON holds.
+
+The names in __all__ are the API, as README.md lists them; everything else is
+an implementation detail and may change.
 """
 
 import argparse
@@ -74,24 +92,35 @@ def _needs_python_3(*, why: str = "udp_timecheck.py needs Python 3.6 or newer: r
     """Python 2 cannot parse this line, the first it meets that only Python 3 can, and shows it."""
     return why
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 __all__ = [
-    # the wire format
-    "Message", "WireError", "NotARequest", "encode_request", "decode_message", "request_fields",
-    "quick_fields", "reply_parts", "fit_tutorial_reply", "min_request_size", "seal", "mac_matches",
-    "mac_of_datagram", "reply_context",
-    # timing and statistics
-    "Timing", "probe_timing", "arrival_ns", "clock_offset_ns", "percentile", "Quantiles", "FineSketch",
-    "LogHistogram",
-    "SignedHistogram", "RunningStats", "OffsetPoint", "DriftFit", "fit_drift", "fit_line", "find_steps",
-    "chrony_weights", "wall_ns", "monotonic_ns",
-    # the server
-    "TimeServer", "ServerStats", "RateLimiter", "LoopGuard", "enable_kernel_timestamps",
+    # 1. foundations
+    "TimecheckError", "UnresolvedHost", "WireError", "NotARequest", "wall_ns", "monotonic_ns",
+    "clock_offset_ns", "KERNEL", "USER", "OK", "LOST", "MISMATCHED", "IN_FLIGHT", "NOT_UP", "EXIT_OK",
+    "EXIT_FAILED", "EXIT_USAGE", "DEFAULT_PORT",
+    # 2. the wire format
+    "Message", "encode_request", "decode_message", "RequestFields", "RequestOptions", "request_fields",
+    "quick_fields", "parse_request", "reply_parts", "ReplyExtra", "encode_reply_extra", "fit_tutorial_reply",
+    "min_request_size", "seal", "mac_matches", "mac_of_datagram", "reply_context", "ClockState",
+    "encode_clock_state", "decode_clock_state", "NtpReply", "encode_ntp_request", "decode_ntp", "ntp_problem",
+    # 3. the platform
+    "resolve", "split_target", "load_key", "read_clock_state", "enable_kernel_timestamps",
     "enable_transmit_timestamps", "enable_packet_info", "read_ancillary", "read_transmit_stamp",
-    # the client
-    "Prober", "Recorder", "Totals", "Timeline", "Sample",
-    # the command line
-    "TimecheckError", "build_parser", "main",
+    # 4. statistics
+    "Sample", "Arrival", "Timing", "probe_timing", "arrival_ns", "percentile", "Quantiles", "FineSketch",
+    "LogHistogram", "SignedHistogram", "RunningStats", "Runs", "LossDirections", "OffsetPoint", "DriftFit",
+    "fit_drift", "fit_line", "find_steps", "chrony_weights", "Timeline", "Totals",
+    # 5. the server
+    "TimeServer", "ServerStats", "RateLimiter", "ReplayGuard", "LoopGuard", "MetricsServer",
+    # 6. the client
+    "Recorder", "Period", "PathOptions", "Prober", "ProbeGroup", "SntpRecorder", "SntpProber", "Reference",
+    "Peer", "read_peers", "find_self",
+    # 7. reports
+    "summarize", "period_figures", "plot_data", "snapshot", "sample_record", "format_summary",
+    "render_svg", "render_fleet_svg", "render_client_metrics", "render_server_metrics", "fleet_summary",
+    "load_measurement", "build_matrix", "format_matrix",
+    # 8. the command line
+    "build_parser", "main",
 ]
 
 
@@ -233,6 +262,10 @@ class TimecheckError(Exception):
 
 
 
+
+
+class UnresolvedHost(TimecheckError):
+    """A host name the resolver does not know (a usage error, as any TimecheckError by default)."""
 
 
 class WireError(ValueError):
@@ -871,7 +904,7 @@ def resolve(host: str, port: int, passive: bool = False) -> List[Tuple[int, tupl
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0,
                                    socket.AI_PASSIVE if passive else 0)
     except (socket.gaierror, UnicodeError) as exc:
-        raise TimecheckError("cannot resolve host {!r}: {}".format(
+        raise UnresolvedHost("cannot resolve host {!r}: {}".format(
             host, getattr(exc, "strerror", None) or exc)) from None
     found = [(family, address) for family, _, _, _, address in infos if family in MAX_UDP_PAYLOAD]
     if not found:
@@ -4146,9 +4179,8 @@ def plural(count: int, noun: str, nouns: Optional[str] = None) -> str:
 
 
 def signed(value: float, digits: int = 3) -> str:
-    """'+0.012' or '-0.012', and never '-0.000'."""
-    text = "{:+.{}f}".format(value, digits)
-    return "+" + text[1:] if float(text) == 0 else text
+    """'+0.012' or '-0.012', and never '-0.000': a value that rounds to zero is +0."""
+    return "{:+.{}f}".format(0.0 if round(value, digits) == 0 else value, digits)
 
 
 LOST_LINES = {
@@ -5556,7 +5588,7 @@ def _add_server_arguments(server: argparse.ArgumentParser) -> None:
         "(default {})".format(DEFAULT_HOST)))
     server.add_argument("port", nargs="?", metavar="PORT", help=(
         "UDP port (default {}; 0: any free one)".format(DEFAULT_PORT)))
-    _add_common_options(server)
+    _add_common_options(server, server=True)
     _add_server_options(server)
 
 
@@ -5614,7 +5646,7 @@ def _add_sntp_options(sntp: argparse.ArgumentParser) -> None:
                       help="take send and receive times from the kernel (default, where it works)")
 
 
-def _add_common_options(sub: argparse.ArgumentParser) -> None:
+def _add_common_options(sub: argparse.ArgumentParser, server: bool = False) -> None:
     sub.add_argument("--key-file", metavar="PATH", help="shared secret for HMAC-SHA256 "
                      "authentication; or set {} (never a key on the command line)".format(KEY_ENV))
     sub.add_argument("--timestamps", choices=(KERNEL, USER),
@@ -5622,7 +5654,7 @@ def _add_common_options(sub: argparse.ArgumentParser) -> None:
                           "read them in user space after each wake-up")
     sub.add_argument("--measure_delay", "-measure_delay", type=_truthy, default=False, metavar="BOOL",
                      help="the tutorial's spelling (1/true/yes or 0/false/no)" + (
-                         "; the server accepts and ignores it" if sub.prog.endswith("server") else ""))
+                         "; the server accepts and ignores it" if server else ""))
 
 
 def _add_server_options(server: argparse.ArgumentParser) -> None:
@@ -5900,9 +5932,9 @@ def _client_prober(args: argparse.Namespace, target: Peer, measuring: bool, key:
                         keep_samples=max(10, SAMPLES_KEPT // targets), on_note=_err, path=path)
         prober.name = target.name
         return prober
-    except TimecheckError as exc:  # HOST PORT where PORT is not a number reads as two hosts
+    except UnresolvedHost as exc:  # HOST PORT where PORT is not a number reads as two hosts
         tokens = getattr(args, "targets", [])
-        if len(tokens) == 2 and target.host == tokens[1] and "cannot resolve" in str(exc):
+        if len(tokens) == 2 and target.host == tokens[1]:
             raise TimecheckError("{} (if {!r} is meant as the port: a port number from 0 to 65535)".format(
                 exc, tokens[1])) from None
         raise

@@ -131,3 +131,14 @@ def test_the_readme_names_every_key_of_the_json_and_of_each_probe(start_server, 
     named = set(re.findall(r"`(\w+)`", paragraph))
     assert set(summary) - named == set() and set(utc.SAMPLE_FIELDS) - named == set()
     assert set(summary["timestamps"]) <= set(re.findall(r"\b(\w+)\b", paragraph))
+
+
+def test_the_readmes_api_is_all_of_all_and_its_example_runs(capsys):
+    section = README[README.index("## Python API"):README.index("## Development")]
+    table = section[section.index("| section | names |"):]
+    named = set(re.findall(r"`([A-Za-z_]\w*)`", table)) - {"run", "exit_code", "mesh", "client"}
+    assert named == set(utc.__all__)
+    example = section[section.index("```python\n") + len("```python\n"):section.index("```\n\nThese")]
+    exec(compile(example, "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("20 ") and "--- 127.0.0.1:" in out[2]
