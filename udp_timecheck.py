@@ -388,18 +388,23 @@ def decode_message(data: bytes) -> Message:
     if quick is not None:
         return quick
     items = _json_array(data)
-    message_id, message_text = items[0], items[1]
+    message_id, message_text = _check_id_and_text(items[0], items[1])
+    ext = items[2] if len(items) > 2 and type(items[2]) is dict else None
+    if ext:
+        _check_extension(ext)
+    mac = items[3] if len(items) > 3 and type(items[3]) is str else None
+    return Message(message_id, message_text, ext, mac)
+
+
+def _check_id_and_text(message_id: object, message_text: object) -> Tuple[int, str]:
+    """A message's first two elements: an id of at most 64 bits, and a text that is text."""
     if type(message_id) is not int or not -ID_LIMIT < message_id < ID_LIMIT or type(message_text) is not str:
         raise WireError("not an id of at most 64 bits and a text")
     try:  # a JSON escape can smuggle in an unpaired surrogate: not text
         message_text.encode("utf-8")
     except UnicodeEncodeError:
         raise WireError("the text holds an unpaired surrogate") from None
-    ext = items[2] if len(items) > 2 and type(items[2]) is dict else None
-    if ext:
-        _check_extension(ext)
-    mac = items[3] if len(items) > 3 and type(items[3]) is str else None
-    return Message(message_id, message_text, ext, mac)
+    return message_id, message_text
 
 
 # Our server's replies, as reply_parts() lays them out (with no clock state, and ASCII text): the
@@ -458,8 +463,13 @@ def _check_extension(ext: Dict[str, object]) -> None:
             raise WireError("{!r} is not a whole number from 0 to {}".format(name, limit - 1))
         if name == "pad" and type(value) is not str:
             raise WireError("'pad' is not a string")
-        if name == "clock" and not (type(value) is int and value == 1) and not _clock_state_valid(value):
+        if name == "clock" and not _clock_member_valid(value):
             raise WireError("'clock' is neither 1 (a request's) nor a clock state in range (a reply's)")
+
+
+def _clock_member_valid(value: object) -> bool:
+    """A "clock" member: 1 in a request, a clock state in range in a reply."""
+    return (type(value) is int and value == 1) or _clock_state_valid(value)
 
 
 def _clock_state_valid(value: object) -> bool:
@@ -515,11 +525,7 @@ def encode_request(request_id: int, text: str, seq: Optional[int] = None, *, siz
     """
     if seq is None:
         return json.dumps([request_id, text]).encode()
-    wanted = b""
-    if options is not None and options.session is not None:
-        wanted = b', "sid": %d%b%b' % (options.session, b', "xl": 1' if options.interleaved else b"",
-                                       b', "pi": 1' if options.path else b"")
-    ext = b'"seq": %d%b%b%b' % (seq, wanted, b', "clock": 1' if ask_clock_state else b"",
+    ext = b'"seq": %d%b%b%b' % (seq, _options_members(options), b', "clock": 1' if ask_clock_state else b"",
                                 b', "size": %d' % size if size else b"")
     data = b'[%d, %b, {%b}%b]' % (request_id, json.dumps(text).encode(), ext,  # json.dumps' own layout
                                    b', "' + ZERO_MAC + b'"' if key is not None else b"")
@@ -528,6 +534,14 @@ def encode_request(request_id: int, text: str, seq: Optional[int] = None, *, siz
         pad = b" " * max(0, pad_to - len(data) - PAD_OVERHEAD)
         data = b'%b, "pad": "%b"%b' % (data[:end], pad, data[end:])
     return data if key is None else seal(key, REQUEST_LABEL, data)
+
+
+def _options_members(options: Optional["RequestOptions"]) -> bytes:
+    """A request's options as members of its extension object (after seq), or nothing."""
+    if options is None or options.session is None:
+        return b""
+    return b', "sid": %d%b%b' % (options.session, b', "xl": 1' if options.interleaved else b"",
+                                 b', "pi": 1' if options.path else b"")
 
 
 # The layout json.dumps gives our client's requests and the tutorial's: one regex
@@ -1215,20 +1229,22 @@ def _read_key_file(path: str) -> Tuple[bytes, int]:
 def split_target(text: str, lowest_port: int = 0) -> Tuple[str, Optional[int]]:
     """HOST, HOST:PORT, [IPV6] or [IPV6]:PORT, or a bare IPv6 address (which names no port):
     (host, port or None).  Anything else is a usage error."""
-    host, port = text, None  # type: str, Optional[str]
-    if text.startswith("["):
-        host, closed, rest = text[1:].partition("]")
-        if not closed or rest and (rest[0] != ":" or not rest[1:]):
-            raise TimecheckError("{!r}: expected [IPV6] or [IPV6]:PORT".format(text))
-        port = rest[1:] or None
-    elif text.count(":") == 1:
-        host, port = text.split(":")
+    host, port = _bracketed(text) if text.startswith("[") else text.split(":") if text.count(":") == 1 \
+        else (text, None)
     if host.isdigit():  # getaddrinfo would take "8080" for the address 0.0.31.144
         raise TimecheckError("{0!r} is not a host; give the host before the port, "
                              "as in: 127.0.0.1 {0}".format(host))
     if not host:
         raise TimecheckError("{!r} names no host".format(text))
     return host, None if port is None else port_number(port, text, lowest_port)
+
+
+def _bracketed(text: str) -> Tuple[str, Optional[str]]:
+    """[IPV6] or [IPV6]:PORT as (host, port text or None)."""
+    host, closed, rest = text[1:].partition("]")
+    if not closed or rest and (rest[0] != ":" or not rest[1:]):
+        raise TimecheckError("{!r}: expected [IPV6] or [IPV6]:PORT".format(text))
+    return host, rest[1:] or None
 
 
 def port_number(digits: str, where: str, lowest: int = 0) -> int:
@@ -2455,6 +2471,20 @@ class ServerStats:
                 "{0.replayed}, loops refused {0.loops}, send/receive errors {0.errors}".format(self))
 
 
+def _bound_socket(host: str, port: int) -> socket.socket:
+    """A UDP socket bound to host and port; on "::", IPv4 too, whatever the system's default."""
+    family, address = resolve(host, port, passive=True)[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6 and address[0] == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise _bind_error(address[0], port, exc) from None
+    return sock
+
+
 class TimeServer:
     """The time server: bind on construction (port 0 for any), then serve.
 
@@ -2475,24 +2505,17 @@ class TimeServer:
                  wall_clock: Optional[Callable[[], int]] = None, timestamps: str = KERNEL,
                  rng: Callable[[], float] = random.random,
                  clock_state: Callable[[], ClockState] = lambda: read_clock_state()) -> None:
-        family, address = resolve(host, port, passive=True)[0]
-        self.socket = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            if family == socket.AF_INET6 and address[0] == "::":  # IPv4 too, whatever the default
-                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            self.socket.bind(address)
-        except OSError as exc:
-            self.socket.close()
-            raise _bind_error(address[0], port, exc) from None
+        self.socket = _bound_socket(host, port)
         self.address = self.socket.getsockname()
         _set_receive_timeout(self.socket, RECEIVE_TIMEOUT)
         refused = kernel_stamps_refused(self.socket) if timestamps == KERNEL else None
-        self.timestamps = KERNEL if timestamps == KERNEL and refused is None else USER
+        self.timestamps = USER if timestamps != KERNEL or refused else KERNEL
         self.no_kernel_stamps = refused  # why, in words, when kernel stamps were asked for but refused
         # A wildcard server answers from the address each request was sent to: the
         # kernel's own choice can differ on a host with several, and clients drop that.
         self.packet_info = self.address[0] in ("0.0.0.0", "::") and enable_packet_info(self.socket)
         self.stats = ServerStats()
+        self._sendmsg = message_calls(self.socket)[1]
         self.keyed = key is not None
         self._faulty, self._key, self._rng = faulty, key, rng
         self._wall_clock, self._real_clock = wall_clock or wall_ns, wall_clock is None
@@ -2525,7 +2548,7 @@ class TimeServer:
 
     def serve_forever(self) -> None:
         """Answer requests until shutdown(); a bad datagram is counted, never fatal."""
-        recvmsg, sendmsg = message_calls(self.socket)
+        recvmsg = message_calls(self.socket)[0]
         wall_clock, arrival, reply_for, stats = self._wall_clock, self._arrival, self._reply_for, self.stats
         log = self._log_request if self._log is not None else None
         self._idle.clear()
@@ -2546,24 +2569,26 @@ class TimeServer:
                 server_recv_ns, stamp, control = arrival(ancillary, user_ns) if ancillary \
                     else (user_ns, b"user", ())
                 reply = reply_for(data, source, server_recv_ns, stamp, ancillary)
-                if reply is None:
-                    continue
-                stamped = self._stamped  # an interleaved session's reply: the kernel stamps it leaving
-                try:
-                    sendmsg((reply,), (*control, *self._send_extra) if self._send_extra else control, 0,
-                            source)
-                except OSError:  # e.g. a spoofed source port 0, or no route back
-                    if not (control and self._send_plainly(reply, source)):
-                        stats.errors += 1
-                        continue
-                if stamped is not None:
-                    self._keep_transmit_stamp(stamped, user_ns)
-                stats.served += 1
-                if log is not None:
+                if reply is not None and self._send(reply, control, source, user_ns) and log is not None:
                     log(data, source, server_recv_ns)
         finally:
             self._flush_log()
             self._idle.set()
+
+    def _send(self, reply: bytes, control: Sequence[tuple], source: tuple, user_ns: int) -> bool:
+        """Send reply to source with its control messages; whether it went (counted either way).
+        An interleaved session's reply is stamped by the kernel as it leaves: that stamp is kept."""
+        stamped = self._stamped
+        try:
+            self._sendmsg((reply,), (*control, *self._send_extra) if self._send_extra else control, 0, source)
+        except OSError:  # e.g. a spoofed source port 0, or no route back
+            if not (control and self._send_plainly(reply, source)):
+                self.stats.errors += 1
+                return False
+        if stamped is not None:
+            self._keep_transmit_stamp(stamped, user_ns)
+        self.stats.served += 1
+        return True
 
     def _keep_transmit_stamp(self, stamped: Tuple["_Session", bytes], before_ns: int) -> None:
         """The kernel's stamp of the reply just sent, for the session's next reply (interleaved)."""
@@ -2603,26 +2628,16 @@ class TimeServer:
 
     def _reply_for(self, data: bytes, source: tuple, server_recv_ns: int, stamp: bytes,
                    ancillary: Sequence[tuple] = ()) -> Optional[bytes]:
-        stats, self._stamped, self._send_extra = self.stats, None, ()
-        if self._refused_source(source):
-            stats.loops += 1
+        """The reply to data from source, or None (each refusal counted): refused before parsing,
+        not a request, not answerable, or too short for its reply."""
+        self._stamped, self._send_extra = None, ()
+        if self._turned_away(source, server_recv_ns):
             return None
-        limiter = self._limiter if self._key is None else None  # with a key: after authentication
-        if limiter is not None and not limiter.allow(source[0], server_recv_ns):
-            stats.rate_limited += 1  # before any parsing: the cheapest refusal
+        parsed = self._parsed(data)
+        if parsed is None:
             return None
-        try:
-            (request_id, seq, size, wants_clock_state), options = parse_request(data)
-        except NotARequest:
-            stats.loops += 1
-            return None
-        except WireError:
-            stats.malformed += 1
-            return None
-        if self._key is not None and not self._admitted(data, seq, source, server_recv_ns):
-            return None
-        if seq is None and self._loops.looping(source, int(request_id)):
-            stats.loops += 1
+        (request_id, seq, size, wants_clock_state), options = parsed
+        if not self._answerable(data, request_id, seq, source, server_recv_ns):
             return None
         reply_id = request_id
         if self._faulty and self._rng() < self._faulty:
@@ -2632,10 +2647,42 @@ class TimeServer:
         reply = self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp, clock_state,
                                   extra)
         if reply is None:
-            stats.too_short += 1
+            self.stats.too_short += 1
         elif seq is None:
             self._loops.answered(source, int(reply_id))
         return reply
+
+    def _turned_away(self, source: tuple, server_recv_ns: int) -> bool:
+        """Refused before any parsing, the cheapest refusals: a source that makes loops, and
+        (without a key; with one, after authentication) a sender over --max-rate."""
+        if self._refused_source(source):
+            self.stats.loops += 1
+            return True
+        limiter = self._limiter if self._key is None else None
+        if limiter is not None and not limiter.allow(source[0], server_recv_ns):
+            self.stats.rate_limited += 1
+            return True
+        return False
+
+    def _parsed(self, data: bytes) -> Optional[Tuple[RequestFields, RequestOptions]]:
+        """parse_request(data), or None for a reply (a loop in the making) or garbage, counted."""
+        try:
+            return parse_request(data)
+        except NotARequest:
+            self.stats.loops += 1
+        except WireError:
+            self.stats.malformed += 1
+        return None
+
+    def _answerable(self, data: bytes, request_id: bytes, seq: Optional[bytes], source: tuple,
+                    server_recv_ns: int) -> bool:
+        """With a key, admitted (_admitted); in the tutorial's form, not the echo of our own reply."""
+        if self._key is not None and not self._admitted(data, seq, source, server_recv_ns):
+            return False
+        if seq is None and self._loops.looping(source, int(request_id)):
+            self.stats.loops += 1
+            return False
+        return True
 
     def _session_extra(self, options: RequestOptions, seq: bytes, source: tuple,
                        ancillary: Sequence[tuple]) -> bytes:
@@ -3615,6 +3662,7 @@ class ProbeGroup:
         self._due = []  # type: List[Tuple[int, int, Prober]]  # a heap of (when, order, prober)
         self._pushes = itertools.count()
         self._selector = None  # type: Optional[selectors.BaseSelector]
+        self._deadline_ns = self._report_ns = self._next_report_ns = None  # type: Optional[int]
 
     def stop(self) -> None:
         """End the run soon, with what it has; safe in a signal handler, and to call again."""
@@ -3649,31 +3697,43 @@ class ProbeGroup:
         """Step each prober when it is due or has a reply waiting, until all are done; returns why
         the probes still waiting end.  When each is due is kept in a heap: a loop costs the same
         for a hundred targets as for one."""
-        deadline_ns = started + int(self.deadline * NS_PER_S) if self.deadline else None
-        report_ns = int(self.report_every * NS_PER_S) if self.report_every else None
-        next_report_ns = started + report_ns if report_ns else None
-        self._wakes = {prober: started for prober in self.probers}  # type: Dict[Prober, Optional[int]]
-        self._due = [(started, index, prober) for index, prober in enumerate(self.probers)]
-        self._pushes, self._selector = itertools.count(len(self.probers)), selector
+        self._begin(selector, started)
         while self._wakes and not self._stopping:
             now = monotonic_ns()
-            if deadline_ns is not None and now >= deadline_ns:
+            if self._deadline_ns is not None and now >= self._deadline_ns:
                 return DEADLINE
-            if next_report_ns is not None and now >= next_report_ns:
-                next_report_ns += report_ns
-                for prober in self.probers:
-                    prober._report()
+            self._report_when_due(now)
             next_wake = self._step_due(now)
             if next_wake is None:
                 break
-            wait_ns = min(at for at in (deadline_ns, next_report_ns, next_wake) if at is not None)
-            for key, _ in selector.select(max(0, wait_ns - monotonic_ns()) / NS_PER_S):
-                prober = key.data
-                if prober is not None:
-                    prober._receive_reply(key.fileobj)
-                    if prober._reply_matters():
-                        self._restep(prober, monotonic_ns())
+            self._receive(min(at for at in (self._deadline_ns, self._next_report_ns, next_wake)
+                              if at is not None))
         return INTERRUPTED
+
+    def _begin(self, selector: selectors.BaseSelector, started: int) -> None:
+        """Every prober due at once (each spreads its own first probe), the deadline, the reports."""
+        self._deadline_ns = started + int(self.deadline * NS_PER_S) if self.deadline else None
+        self._report_ns = int(self.report_every * NS_PER_S) if self.report_every else None
+        self._next_report_ns = started + self._report_ns if self._report_ns else None
+        self._wakes = {prober: started for prober in self.probers}  # type: Dict[Prober, Optional[int]]
+        self._due = [(started, index, prober) for index, prober in enumerate(self.probers)]
+        self._pushes, self._selector = itertools.count(len(self.probers)), selector
+
+    def _report_when_due(self, now: int) -> None:
+        if self._next_report_ns is not None and now >= self._next_report_ns:
+            self._next_report_ns += self._report_ns
+            for prober in self.probers:
+                prober._report()
+
+    def _receive(self, until_ns: int) -> None:
+        """Wait until until_ns for replies, and hand each to its prober; step those it changes."""
+        for key, _ in self._selector.select(max(0, until_ns - monotonic_ns()) / NS_PER_S):
+            prober = key.data
+            if prober is None:  # the waker: stop() was called
+                continue
+            prober._receive_reply(key.fileobj)
+            if prober._reply_matters():
+                self._restep(prober, monotonic_ns())
 
     def _step_due(self, now: int) -> Optional[int]:
         """Step the probers due by now; when the next is due, or None when all are done."""
@@ -3842,8 +3902,14 @@ class Reference:
             recorder = prober.run()
         except (TimecheckError, OSError) as exc:  # no route, EMFILE...: the next interval tries again
             self.failed += 1
-            self.problems[str(exc) if isinstance(exc, TimecheckError) else exc.strerror or str(exc)] += 1
+            self.problems[_why(exc)] += 1
             return None
+        self._keep(recorder)
+        self.failed += not recorder.totals.received
+        return recorder
+
+    def _keep(self, recorder: "SntpRecorder") -> None:
+        """A query's usable answers, for the verdict; why each other one failed, counted."""
         for sample in recorder.samples:
             if sample.status == LOST and sample.reason != INTERRUPTED:
                 why = {NOT_SENT: recorder.last_error,  # no route...: say which
@@ -3851,8 +3917,6 @@ class Reference:
                 self.problems[why or sample.reason] += 1
             elif sample.status == OK and sample.timing.trusted:
                 self.answers.append((time.monotonic(), sample))
-        self.failed += not recorder.totals.received
-        return recorder
 
     def _new_prober(self) -> Optional["SntpProber"]:
         """A prober for one query, resolving the name again; None (counted) when it does not."""
@@ -3882,19 +3946,26 @@ def read_peers(path: str) -> List[Peer]:
         raise TimecheckError("{} is larger than {} bytes: not a list of targets".format(path, MAX_PEERS_FILE))
     peers = []
     for number, line in enumerate(text.splitlines(), 1):
-        words = line.split("#", 1)[0].split()
-        if len(words) == 2 and words[1].isdigit():  # HOST PORT
-            words = ["{}:{}".format(*words) if ":" not in words[0] else "[{}]:{}".format(*words)]
-        if len(words) > 2:
-            raise TimecheckError("{}, line {}: expected [NAME] HOST:PORT, got {!r}".format(
-                path, number, line))
-        if words:
-            try:
-                host, port = split_target(words[-1])
-            except TimecheckError as exc:
-                raise TimecheckError("{}, line {}: {}".format(path, number, exc)) from None
-            peers.append(Peer(words[0] if len(words) == 2 else None, host, port))
+        try:
+            peer = _peer_of(line)
+        except TimecheckError as exc:
+            raise TimecheckError("{}, line {}: {}".format(path, number, exc)) from None
+        if peer is not None:
+            peers.append(peer)
     return peers
+
+
+def _peer_of(line: str) -> Optional[Peer]:
+    """A peers file's line as a Peer; None for a blank line or a comment."""
+    words = line.split("#", 1)[0].split()
+    if len(words) == 2 and words[1].isdigit():  # HOST PORT
+        words = ["{}:{}".format(*words) if ":" not in words[0] else "[{}]:{}".format(*words)]
+    if len(words) > 2:
+        raise TimecheckError("expected [NAME] HOST:PORT, got {!r}".format(line))
+    if not words:
+        return None
+    host, port = split_target(words[-1])
+    return Peer(words[0] if len(words) == 2 else None, host, port)
 
 
 def client_targets(tokens: Sequence[str], targets_file: Optional[str] = None) -> List[Peer]:
@@ -3914,11 +3985,8 @@ def client_targets(tokens: Sequence[str], targets_file: Optional[str] = None) ->
 def find_self(peers: Sequence[Peer], name: Optional[str], host: str, port: int, where: str) -> Peer:
     """The peer that is this node: the one named name; else the one at --listen's address, or at
     its port on an address of this machine."""
-    if name is not None:
-        mine = [peer for peer in peers if peer.name == name]
-    else:
-        mine = [peer for peer in peers if peer.port == port and peer.host == host] or [
-            peer for peer in peers if peer.port == port and _is_local(peer.host)]
+    mine = [peer for peer in peers if peer.name == name] if name is not None \
+        else _at_this_node(peers, host, port)
     if len(mine) == 1:
         return mine[0]
     if not mine:
@@ -3926,6 +3994,13 @@ def find_self(peers: Sequence[Peer], name: Optional[str], host: str, port: int, 
             where, format_address(host, port), ", --name " + name if name else ""))
     raise TimecheckError("{} peers in {} could be this node: give its name with --name".format(
         len(mine), where))
+
+
+def _at_this_node(peers: Sequence[Peer], host: str, port: int) -> List[Peer]:
+    """The peers at host and port; else those at port on an address of this machine."""
+    at_port = [peer for peer in peers if peer.port == port]
+    return [peer for peer in at_port if peer.host == host] or [
+        peer for peer in at_port if _is_local(peer.host)]
 
 
 def _is_local(host: str) -> bool:
@@ -4226,28 +4301,28 @@ def format_counts(summary: Mapping) -> List[str]:
         summary["mismatched"], summary["forged"])
     counts += "".join(", {} {}".format(summary[key], name) for key, name in (
         ("malformed", "malformed"), ("echoes", "echoed")) if summary[key])
-    lines = [counts]
-    if summary["rate_limited"]:
-        lines.append("rate-limited? the losses come as regularly as a server's --max-rate per address makes "
-                     "them: answered and lost probes in runs of nearly one length each")
-    if summary["in_flight"]:
-        lines.append("{} still in flight at the deadline: not counted as lost".format(
-            plural(summary["in_flight"], "probe")))
-    if summary["not_up"]:
-        lines.append("{} refused before the target first answered (not up yet): not counted as lost".format(
-            plural(summary["not_up"], "probe")))
-    if summary["refused"] or summary["errors"]:
-        lines.append("{} refused by the server's host, {} could not be sent".format(
-            summary["refused"], summary["errors"]))
+    notes = [(summary["rate_limited"], "rate-limited? the losses come as regularly as a server's --max-rate "
+              "per address makes them: answered and lost probes in runs of nearly one length each"),
+             (summary["in_flight"], "{} still in flight at the deadline: not counted as lost".format(
+                 plural(summary["in_flight"], "probe"))),
+             (summary["not_up"], "{} refused before the target first answered (not up yet): not counted "
+              "as lost".format(plural(summary["not_up"], "probe"))),
+             (summary["refused"] or summary["errors"], "{} refused by the server's host, {} could not be "
+              "sent".format(summary["refused"], summary["errors"]))]
+    return [counts] + [line for shown, line in notes if shown] + _format_end(summary)
+
+
+def _format_end(summary: Mapping) -> List[str]:
+    """Why the run ended before its count, if it did."""
     done = "{} of {}".format(summary["sent"], plural(summary["count"], "probe")) if summary["count"] \
         else plural(summary["sent"], "probe")
     if summary["interrupted"]:
-        lines.append("interrupted after {} ({:.1f} s)".format(done, summary["duration_s"]))
-    elif summary["stopped_because"] == REFUSED:
-        lines.append("stopped after {}: connection refused, nothing listens on that port".format(done))
-    elif summary["stopped_because"] == DEADLINE:
-        lines.append("the deadline ended it after {} ({:.1f} s)".format(done, summary["duration_s"]))
-    return lines
+        return ["interrupted after {} ({:.1f} s)".format(done, summary["duration_s"])]
+    if summary["stopped_because"] == REFUSED:
+        return ["stopped after {}: connection refused, nothing listens on that port".format(done)]
+    if summary["stopped_because"] == DEADLINE:
+        return ["the deadline ended it after {} ({:.1f} s)".format(done, summary["duration_s"])]
+    return []
 
 
 def format_outage(outage: Outage, target: str, named: bool = False) -> str:
@@ -4449,32 +4524,34 @@ def format_reference(reference: Mapping) -> List[str]:
     """The three clocks against the reference, and in words which is off, and by how much."""
     name = "reference {}{}".format(reference["host"], " (stratum {})".format(reference["stratum"])
                                    if reference["stratum"] is not None else "")
+    problems = "; ".join("{} x {}".format(count, problem) for problem, count in reference["problems"].items())
     if reference["local_offset_ms"] is None:
-        problems = "; ".join("{} x {}".format(count, problem)
-                             for problem, count in reference["problems"].items())
         return ["{}: no usable answer{}".format(name, " ({})".format(problems) if problems else "")]
     lines = ["{}: this machine {} ms \u00b1 {:.3f} ms (this clock minus the reference's)".format(
         name, signed(reference["local_offset_ms"]), reference["local_offset_err_ms"])]
     if reference.get("failed"):
         lines.append("{}: {} without a usable answer, of {}{}".format(
-            name, plural(reference["failed"], "query", "queries"), reference["queries"], "".join(
-                "; {} x {}".format(count, problem) for problem, count in reference["problems"].items())))
+            name, plural(reference["failed"], "query", "queries"), reference["queries"],
+            "; " + problems if problems else ""))
     if reference["server_offset_ms"] is None:
         return lines
     lines.append("{}: the server {} ms \u00b1 {:.3f} ms".format(
         name, signed(reference["server_offset_ms"]), reference["server_offset_err_ms"]))
+    return lines + [_reference_verdict(reference)]
+
+
+def _reference_verdict(reference: Mapping) -> str:
+    """Which clock the reference says is off, and by how much; none, within their bounds."""
     off = [(whose, reference[key + "_ms"], reference[key + "_err_ms"])
            for whose, key in (("this machine's", "local_offset"), ("the server's", "server_offset"))
            if abs(reference[key + "_ms"]) > reference[key + "_err_ms"]]
     verdict = "stale verdict (its last answer is {:.0f} s old)".format(reference["last_answer_age_s"]) \
         if reference.get("stale") else "verdict"
     if not off:
-        lines.append(verdict + ": both clocks agree with the reference, within their error bounds")
-    else:
-        lines.append(verdict + ": " + "; ".join("{} clock is off by {} ms (\u00b1 {:.3f} ms)".format(
-            whose, signed(value), error) for whose, value, error in off) + (
-            "; the other agrees with the reference" if len(off) == 1 else ""))
-    return lines
+        return verdict + ": both clocks agree with the reference, within their error bounds"
+    return verdict + ": " + "; ".join("{} clock is off by {} ms (\u00b1 {:.3f} ms)".format(
+        whose, signed(value), error) for whose, value, error in off) + (
+        "; the other agrees with the reference" if len(off) == 1 else "")
 
 
 def format_histogram(rows: Sequence[Sequence[float]]) -> List[str]:
@@ -4654,30 +4731,45 @@ def render_server_metrics(server: TimeServer, log_dropped: int, source: Optional
 def render_client_metrics(probers: Sequence[Prober], source: Optional[str] = None) -> str:
     """The client's /metrics: each target's counters, RTT histogram and clock gauges, every series
     labelled with its target (and with source, a mesh node's name)."""
-    lines = _build_info()
     probers = [probers] if isinstance(probers, Prober) else probers  # one prober, as before fleets
-    running = [(prober, snapshot(prober.recorder)) for prober in probers if prober.recorder is not None]
-    labelled = [(dict({"source": source} if source else {}, target=prober.target), snap)
-                for prober, snap in running]  # scraped before a run began: no series for it yet
+    labelled = [(dict({"source": source} if source else {}, target=prober.target), snapshot(prober.recorder))
+                for prober in probers if prober.recorder is not None]  # none before a run began
+    lines = _build_info() + _probe_counts(labelled)
+    for name, about, value in CLOCK_GAUGES:
+        lines += _metric(name, "gauge", about, _known(labelled, value))
+    local = probers[0].clock_state() if probers else UNKNOWN_CLOCK
+    lines += _metric("clock_synchronized", "gauge", "1 when that end's kernel says its clock is "
+                     "synchronised, else 0.", _synchronized(labelled, local))
+    for name, kind, key, about in PATH_SERIES:
+        lines += _metric(name, kind, about, _known(labelled, lambda snap, key=key: snap["path"][key]))
+    return "\n".join(lines) + "\n"
+
+
+def _probe_counts(labelled: Sequence[Tuple[Dict[str, str], Mapping]]) -> List[str]:
+    """Each target's counters, and its RTTs in Prometheus' buckets."""
+    lines = []
     for name, key, about in CLIENT_COUNTERS:
         lines += _metric(name, "counter", about, [(labels, snap["counts"][key]) for labels, snap in labelled])
     lines += _metric("rtt_seconds", "histogram", "Round-trip times, less the server's processing.", [],
                      header_alone=bool(labelled))
     for labels, snap in labelled:
         lines += _rtt_histogram(snap, labels)
-    for name, about, value in CLOCK_GAUGES:
-        samples = [(labels, value(snap)) for labels, snap in labelled]
-        lines += _metric(name, "gauge", about, [(labels, got) for labels, got in samples if got is not None])
-    local = probers[0].clock_state() if probers else UNKNOWN_CLOCK
-    known = [(dict(labels, end=end), int(state.synchronized)) for labels, snap in labelled
-             for end, state in (("local", local), ("server", snap["server_clock_state"] or UNKNOWN_CLOCK))
-             if state.synchronized is not None]
-    lines += _metric("clock_synchronized", "gauge",
-                     "1 when that end's kernel says its clock is synchronised, else 0.", known)
-    for name, kind, key, about in PATH_SERIES:
-        samples = [(labels, snap["path"][key]) for labels, snap in labelled]
-        lines += _metric(name, kind, about, [(labels, got) for labels, got in samples if got is not None])
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _known(labelled: Sequence[Tuple[Dict[str, str], Mapping]],
+           value: Callable[[Mapping], Optional[float]]) -> List[Tuple[Dict[str, str], float]]:
+    """Each target's value, where it has one: a series is absent, never NaN, while unknown."""
+    samples = [(labels, value(snap)) for labels, snap in labelled]
+    return [(labels, got) for labels, got in samples if got is not None]
+
+
+def _synchronized(labelled: Sequence[Tuple[Dict[str, str], Mapping]],
+                  local: ClockState) -> List[Tuple[Dict[str, str], int]]:
+    """Whether each end's kernel says its clock is synchronised, for each target; absent when unknown."""
+    ends = [(dict(labels, end=end), state) for labels, snap in labelled
+            for end, state in (("local", local), ("server", snap["server_clock_state"] or UNKNOWN_CLOCK))]
+    return [(labels, int(state.synchronized)) for labels, state in ends if state.synchronized is not None]
 
 
 PATH_SERIES = (
@@ -4784,6 +4876,17 @@ def fleet_summary(recorders: Sequence[Recorder], summaries: Sequence[Dict[str, o
 FLEET_COLUMNS = ("target", "sent", "received", "loss", "min", "p50", "p99", "jitter", "offset \u00b1 error")
 
 
+def format_round_trip(recorder: Recorder) -> Optional[str]:
+    """What the tutorial's client prints of its one round trip: the server's text, or its verdict
+    on a liar; None when no reply came (main says why, on stderr)."""
+    sample = recorder.samples[0] if recorder.samples else None
+    if sample is not None and sample.status == OK:
+        return printable(sample.reply_text)
+    if sample is not None and sample.status == MISMATCHED:
+        return "Server is a liar!"
+    return None
+
+
 def format_fleet_table(summaries: Sequence[Mapping], source: Optional[str] = None) -> List[str]:
     """One row per target: sent, received, loss, min, p50, p99, jitter, offset +- error, in one unit."""
     largest = max([summary["rtt_ms"]["max"] or 0 for summary in summaries] + [0])
@@ -4797,39 +4900,58 @@ def format_fleet_table(summaries: Sequence[Mapping], source: Optional[str] = Non
                      show(rtt["min"]), show(rtt["median"]), show(rtt["p99"]), show(summary["jitter_ms"]),
                      "-" if offset is None else "{} \u00b1 {}".format(
                          signed(offset * scale, digits), show(summary["offset_err_ms"]))))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(FLEET_COLUMNS))]
     title = "--- {}{}, rtt and offset in {} ---".format(
         plural(len(summaries), "target"), " from " + source if source else "", unit)
-    return ["", title] + ["  ".join(cell.ljust(width) if column == 0 else cell.rjust(width)
-                                    for column, (cell, width) in enumerate(zip(row, widths))).rstrip()
-                          for row in rows]
+    return ["", title] + _aligned(rows, first_left=True)
+
+
+def _aligned(rows: Sequence[Sequence[str]], first_left: bool = False) -> List[str]:
+    """Rows of cells as lines, each column as wide as its widest cell, numbers to the right."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) if first_left and column == 0 else cell.rjust(width)
+                      for column, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in rows]
 
 
 def format_matrix(matrix: Mapping) -> List[str]:
     """The N x N tables: rows are sources, columns targets, by number, with the numbers' legend."""
     nodes, cells = matrix["nodes"], {(cell["source"], cell["target"]): cell for cell in matrix["cells"]}
     sources = [node for node in nodes if any(source == node for source, _ in cells)]
-    unit, scale, digits = time_unit(max([cell["rtt_p50_ms"] or 0 for cell in cells.values()] + [0]))
-    number = lambda value: "{:.{}f}".format(value * scale, digits)  # noqa: E731
-    tables = (("p50 rtt ({})".format(unit), lambda cell: None if cell["rtt_p50_ms"] is None
-               else number(cell["rtt_p50_ms"])),
-              ("loss (%)", lambda cell: None if cell["loss_pct"] is None
-               else "{:g}".format(cell["loss_pct"])),
-              ("offset \u00b1 error ({}), the target's clock minus the source's".format(unit),
-               lambda cell: None if cell["offset_ms"] is None else "{}\u00b1{}".format(
-                   signed(cell["offset_ms"] * scale, digits), number(cell["offset_err_ms"]))))
     lines = ["nodes:"] + ["{:>4}  {}".format(index, node) for index, node in enumerate(nodes, 1)]
     lines.append("(rows: from; columns: to, by number; -- the node itself; ? not measured)")
-    for title, show in tables:
+    for title, show in _matrix_tables(cells):
         rows = [["from \\ to"] + [str(index) for index in range(1, len(nodes) + 1)]]
-        for source in sources:
-            rows.append([str(nodes.index(source) + 1)] + [
-                "--" if source == target else "?" if (source, target) not in cells
-                else show(cells[source, target]) or "-" for target in nodes])
-        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-        lines += ["", title] + ["  ".join(cell.rjust(width) for cell, width in zip(row, widths))
-                                for row in rows]
+        rows += [[str(nodes.index(source) + 1)] + [_matrix_text(cells, source, target, show)
+                                                   for target in nodes] for source in sources]
+        lines += ["", title] + _aligned(rows)
     return lines
+
+
+def _matrix_text(cells: Mapping, source: str, target: str, show: Callable[[Mapping], Optional[str]]) -> str:
+    """A cell of the matrix: -- on the diagonal, ? where not measured, - where there is no figure."""
+    if source == target:
+        return "--"
+    if (source, target) not in cells:
+        return "?"
+    return show(cells[source, target]) or "-"
+
+
+def _matrix_tables(cells: Mapping) -> List[Tuple[str, Callable[[Mapping], Optional[str]]]]:
+    """The matrix's tables: (title, a cell's text or None), every time in one unit."""
+    unit, scale, digits = time_unit(max([cell["rtt_p50_ms"] or 0 for cell in cells.values()] + [0]))
+
+    def number(value: float) -> str:
+        return "{:.{}f}".format(value * scale, digits)
+
+    def offset(cell: Mapping) -> str:
+        return "{}\u00b1{}".format(signed(cell["offset_ms"] * scale, digits), number(cell["offset_err_ms"]))
+    return [("p50 rtt ({})".format(unit), lambda cell: _unless_none(cell["rtt_p50_ms"], number)),
+            ("loss (%)", lambda cell: _unless_none(cell["loss_pct"], "{:g}".format)),
+            ("offset \u00b1 error ({}), the target's clock minus the source's".format(unit),
+             lambda cell: None if cell["offset_ms"] is None else offset(cell))]
+
+
+def _unless_none(value: Optional[float], show: Callable[[float], str]) -> Optional[str]:
+    return None if value is None else show(value)
 
 
 def _xml_text(text: str) -> str:
@@ -4939,22 +5061,48 @@ def _offset_panel(plot: Mapping, top: float, unit: Tuple[str, float]) -> List[st
     name, scale = unit
     points = [(item, item["offset_ms"] * scale, item["offset_err_ms"] * scale) for item in plot["bins"]
               if item["offset_ms"] is not None]
-    fit = plot["drift"]
-    lines = [(first, last, intercept / 1e6 * scale, fit.drift_ppm / 1e3 * scale)  # ppm: 1e-3 ms a second
-             for first, last, intercept in (fit.segments if fit is not None else ())]
-    values = [offset for _, offset, _ in points]
-    values += [start + slope * at for first, last, start, slope in lines for at in (first, last)]
-    margin = percentile(sorted(error for _, _, error in points) or [0.5], 0.5)  # a typical error bar
-    panel = Panel("offset", top, (0, plot["duration_s"]), (min(values or [0]) - margin,
-                                                            max(values or [1]) + margin), (
+    lines = _drift_segments(plot["drift"], scale)
+    panel = Panel("offset", top, (0, plot["duration_s"]), _offset_range(points, lines), (
         "Server clock offset, per interval: the lowest-rtt probe, \u00b1 half its rtt; the drift fit",
         "seconds into the run", "offset ({})".format(name)))
-    parts = panel.frame()
+    parts = panel.frame() + _error_bars(panel, points) + _drift_lines(panel, lines, top)
+    if not points:
+        parts.append('<text x="{}" y="{}">no offset: no probe\'s timestamps could be trusted</text>'.format(
+            SVG_LEFT + 10, top + 20))
+    return parts
+
+
+def _offset_range(points: Sequence[Tuple[Mapping, float, float]],
+                  lines: Sequence[Tuple[float, float, float, float]]) -> Tuple[float, float]:
+    """The offsets' and the drift lines' span, a typical error bar wider on each side."""
+    values = [offset for _, offset, _ in points]
+    values += [start + slope * at for first, last, start, slope in lines for at in (first, last)]
+    margin = percentile(sorted(error for _, _, error in points) or [0.5], 0.5)
+    return min(values or [0]) - margin, max(values or [1]) + margin
+
+
+def _drift_segments(fit: Optional[DriftFit], scale: float) -> List[Tuple[float, float, float, float]]:
+    """The drift fit's segments as (first s, last s, offset at 0, slope), in the plot's unit."""
+    if fit is None:
+        return []
+    slope = fit.drift_ppm / 1e3 * scale  # ppm: 1e-3 ms a second
+    return [(first, last, intercept / 1e6 * scale, slope) for first, last, intercept in fit.segments]
+
+
+def _error_bars(panel: "Panel", points: Sequence[Tuple[Mapping, float, float]]) -> List[str]:
+    """Each interval's best offset, a dot, with its error bar."""
+    parts = []
     for item, offset, error in points:
         x = panel.x((item["start_s"] + item["end_s"]) / 2)
         parts.append('<line x1="{0}" x2="{0}" y1="{1}" y2="{2}" stroke="#bbb"/>'.format(
             x, panel.y(offset - error), panel.y(offset + error)))
         parts.append('<circle cx="{}" cy="{}" r="1.8" fill="#31a354"/>'.format(x, panel.y(offset)))
+    return parts
+
+
+def _drift_lines(panel: "Panel", lines: Sequence[Tuple[float, float, float, float]], top: float) -> List[str]:
+    """The drift fit, a line for each segment between clock steps, and a dashed mark at each step."""
+    parts = []
     for index, (first, last, start, slope) in enumerate(lines):
         parts.append('<line class="drift" x1="{}" y1="{}" x2="{}" y2="{}" stroke="#e6550d" '
                      'stroke-width="1.5"/>'.format(panel.x(first), panel.y(start + slope * first),
@@ -4962,9 +5110,6 @@ def _offset_panel(plot: Mapping, top: float, unit: Tuple[str, float]) -> List[st
         if index:
             parts.append('<line class="step" x1="{0}" x2="{0}" y1="{1}" y2="{2}" stroke="#e6550d" '
                          'stroke-dasharray="4 3"/>'.format(panel.x(first), top, top + SVG_PANEL))
-    if not points:
-        parts.append('<text x="{}" y="{}">no offset: no probe\'s timestamps could be trusted</text>'.format(
-            SVG_LEFT + 10, top + 20))
     return parts
 
 
@@ -5114,19 +5259,18 @@ def load_measurement(path: str) -> Tuple[str, List[Mapping]]:
 
 def build_matrix(measurements: Sequence[Tuple[str, Sequence[Mapping]]]) -> Dict[str, object]:
     """Every (source, target) pair's p50 RTT, loss and offset; nodes in order of appearance."""
-    nodes, cells = [], []  # type: List[str], List[Dict[str, object]]
-    for source, summaries in measurements:
-        nodes += [source] if source not in nodes else []
-        for summary in summaries:
-            target = printable(str(summary.get("name") or summary["target"]))
-            cells.append({"source": source, "target": target, "rtt_p50_ms": summary["rtt_ms"]["median"],
-                          "loss_pct": summary["loss_pct"], "offset_ms": summary["offset_ms"],
-                          "offset_err_ms": summary["offset_err_ms"]})
-    nodes += [name for name in dict.fromkeys(cell["target"] for cell in cells) if name not in nodes]
+    cells = [_matrix_cell(source, summary) for source, summaries in measurements for summary in summaries]
+    nodes = list(dict.fromkeys([source for source, _ in measurements] + [cell["target"] for cell in cells]))
     present = {(cell["source"], cell["target"]) for cell in cells}
     missing = [[source, target] for source, _ in measurements for target in nodes
                if source != target and (source, target) not in present]
     return {"nodes": nodes, "cells": cells, "missing": missing}
+
+
+def _matrix_cell(source: str, summary: Mapping) -> Dict[str, object]:
+    return {"source": source, "target": printable(str(summary.get("name") or summary["target"])),
+            "rtt_p50_ms": summary["rtt_ms"]["median"], "loss_pct": summary["loss_pct"],
+            "offset_ms": summary["offset_ms"], "offset_err_ms": summary["offset_err_ms"]}
 
 
 def dscp_name(tos: int) -> str:
@@ -5857,20 +6001,31 @@ def _run_probers(args: argparse.Namespace, run: Run, probers: Sequence[Prober], 
     group = ProbeGroup(probers, deadline=args.deadline, report_every=args.report_every, retry_refused=True,
                        recent=max(1024, RECENT_PROBES // len(probers))) if fleet else None
     stack.enter_context(_stop_signals(group.stop if group else probers[0].stop, restore=args.restore_signals))
-    stack.enter_context(_metrics(args.metrics, lambda: render_client_metrics(probers, run.source)
-                                 + run.extra_metrics(), notes.write))
-    reference = Reference(*args.reference, timestamps=args.timestamps or KERNEL).start() \
-        if args.reference else None
+    reference = _start_services(args, run, probers, stack, notes)
     recorders = group.run() if group else [probers[0].run()]  # a signal ends it; after it, nothing
     summaries = [summarize(recorder) for recorder in recorders]
-    if len(probers) > 1 or run.source is not None:
-        for summary, prober in zip(summaries, probers):
-            summary["name"] = prober.name  # a peer's name, when its file gives one
+    for summary, prober in zip(summaries, probers if fleet else ()):
+        summary["name"] = prober.name  # a peer's name, when its file gives one
     if reference is not None:
-        reference.stop(finish_burst=not recorders[0].interrupted)
-        for summary in summaries:
-            summary["reference"] = reference.result(summary)
+        _add_reference(reference, recorders, summaries)
     return recorders, summaries
+
+
+def _start_services(args: argparse.Namespace, run: Run, probers: Sequence[Prober],
+                    stack: contextlib.ExitStack, notes: LineWriter) -> Optional[Reference]:
+    """What runs beside the probes for as long as they do: --metrics, and --reference (returned)."""
+    stack.enter_context(_metrics(args.metrics, lambda: render_client_metrics(probers, run.source)
+                                 + run.extra_metrics(), notes.write))
+    if args.reference is None:
+        return None
+    return Reference(*args.reference, timestamps=args.timestamps or KERNEL).start()
+
+
+def _add_reference(reference: Reference, recorders: Sequence[Recorder], summaries: Sequence[Dict]) -> None:
+    """--reference's verdict in each summary, once its burst is done (unless interrupted)."""
+    reference.stop(finish_burst=not recorders[0].interrupted)
+    for summary in summaries:
+        summary["reference"] = reference.result(summary)
 
 
 def _verdict(recorders: Sequence[Recorder], timeout: float) -> int:
@@ -5921,23 +6076,29 @@ def _client_prober(args: argparse.Namespace, target: Peer, measuring: bool, key:
     """The Prober the options ask for: with -w and no -c, no count limit; with no count limit and
     no -i, a probe a second, as ping sends them.  With many targets, each keeps fewer probes for
     the JSON, so that the whole stays small."""
-    count = args.count if args.count is not None else (
-        0 if args.deadline else default_count if measuring else 1)
-    interval = args.interval if args.interval is not None else UNTIL_STOPPED_INTERVAL if count == 0 else 0.0
+    count, interval = _count_and_interval(args, measuring, default_count)
     try:
         path = PathOptions(args.interleaved is not False, args.tos, args.ttl, args.source, args.ports or 1)
         prober = Prober(target.host, target.port, count=count, interval=interval, timeout=args.timeout,
                         size=args.size or 0, key=key, timestamps=args.timestamps or KERNEL,
                         deadline=args.deadline, report_every=args.report_every,
                         keep_samples=max(10, SAMPLES_KEPT // targets), on_note=_err, path=path)
-        prober.name = target.name
-        return prober
     except UnresolvedHost as exc:  # HOST PORT where PORT is not a number reads as two hosts
         tokens = getattr(args, "targets", [])
         if len(tokens) == 2 and target.host == tokens[1]:
             raise TimecheckError("{} (if {!r} is meant as the port: a port number from 0 to 65535)".format(
                 exc, tokens[1])) from None
         raise
+    prober.name = target.name
+    return prober
+
+
+def _count_and_interval(args: argparse.Namespace, measuring: bool, default_count: int) -> Tuple[int, float]:
+    """-c and -i as given; else, with -w, no count limit; without one, a probe a second."""
+    count = args.count if args.count is not None else (
+        0 if args.deadline else default_count if measuring else 1)
+    interval = args.interval if args.interval is not None else UNTIL_STOPPED_INTERVAL if count == 0 else 0.0
+    return count, interval
 
 
 def _line_time(args: argparse.Namespace) -> str:
@@ -5985,23 +6146,22 @@ def _write_plot(stream: Optional[TextIO], recorders: Sequence[Recorder]) -> Opti
 
 def _print_results(out: Output, args: argparse.Namespace, run: Run, recorders: Sequence[Recorder],
                    summaries: Sequence[Dict[str, object]]) -> None:
+    """The results on stdout: the JSON, the summaries and a fleet's table, or the one round trip."""
+    fleet = len(summaries) > 1 or run.source is not None
     if args.json:
-        out.line(json.dumps(summaries[0] if len(summaries) == 1 and run.source is None
-                            else fleet_summary(recorders, summaries, run.source)))
+        lines = [json.dumps(fleet_summary(recorders, summaries, run.source) if fleet else summaries[0])]
     elif run.measuring:
-        for summary in summaries:
-            for line in format_summary(summary):
-                out.line(line)
-        if len(summaries) > 1 or run.source is not None:
-            for line in format_fleet_table(summaries, run.source):
-                out.line(line)
+        lines = _summary_lines(summaries, run.source if fleet else None, fleet)
     else:  # the tutorial's single round trip: the server's text, or its verdict
-        measurement = recorders[0]
-        sample = measurement.samples[0] if measurement.samples else None
-        if sample is not None and sample.status == OK:
-            out.line(printable(sample.reply_text))
-        elif sample is not None and sample.status == MISMATCHED:
-            out.line("Server is a liar!")
+        lines = [line for line in [format_round_trip(recorders[0])] if line is not None]
+    for line in lines:
+        out.line(line)
+
+
+def _summary_lines(summaries: Sequence[Mapping], source: Optional[str], fleet: bool) -> List[str]:
+    """Each target's summary; with many (or from a mesh node), the table of them all."""
+    lines = [line for summary in summaries for line in format_summary(summary)]
+    return lines + (format_fleet_table(summaries, source) if fleet else [])
 
 
 def cmd_sntp(args: argparse.Namespace) -> int:
