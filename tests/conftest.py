@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULE = ROOT / "udp_timecheck.py"
 REFERENCE = Path(__file__).resolve().parent / "reference"
 LIFETIME = 120  # seconds any helper thread or process may live
-
+SECOND_NS = utc.NS_PER_S  # the units the module's clocks count in
+MS_NS = 1_000_000
+US_NS = 1_000
 
 
 def require_programs(*names):
@@ -135,18 +137,36 @@ def processes():
 
 
 def cli(*args):
-    """argv running our module as a script, the way users run it (on the simulated platform,
-    when there is one)."""
-    runner = [str(Path(simulate.__file__))] if simulate.SIMULATED else []
-    return [sys.executable] + runner + [str(MODULE)] + [str(arg) for arg in args]
+    """argv running the program in a process of its own, through tests/simulate.py: on the
+    simulated platform when there is one, and from the module's cached bytecode (Python
+    compiles a script it is given anew every time: a quarter of a second of CPU here)."""
+    return [sys.executable, str(Path(simulate.__file__)), str(MODULE)] + [str(arg) for arg in args]
+
+
+def as_script(*args):
+    """argv running udp_timecheck.py exactly as users run it: python udp_timecheck.py ARGS."""
+    return [sys.executable, str(MODULE)] + [str(arg) for arg in args]
 
 
 SIMULATED = simulate.SIMULATED
 
 
 def needs_linux(reason):
-    """Mark a test that cannot pass off Linux (on the simulated Windows or macOS too), and say why."""
+    """Mark a test of what the module does on Linux only, as the module sees its platform: it is
+    skipped on the simulated Windows or macOS too.  Say why."""
     return pytest.mark.skipif(not utc.LINUX, reason="needs Linux: " + reason)
+
+
+def needs_linux_machine(reason):
+    """Mark a test whose harness needs a real Linux machine (/proc, setrlimit), whatever platform
+    the module is made to see.  Say why."""
+    return pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a Linux machine: " + reason)
+
+
+def wall_clock_shifted_ns(shift_ns, base=None):
+    """A wall clock shift_ns ahead of base (the module's own wall clock unless given)."""
+    base = base or utc.wall_ns
+    return lambda: base() + int(shift_ns)
 
 
 def run(argv, timeout=60, **kwargs):
@@ -176,6 +196,12 @@ def cli_server(processes):
 def probe(address, **kwargs):
     """A measurement against address (host, port, ...) with Prober's keyword arguments."""
     return utc.Prober(address[0], address[1], **kwargs).run()
+
+
+@pytest.fixture
+def quick_reference_burst(monkeypatch):
+    """--reference's first queries 20 ms apart instead of 250: a test waits out the burst."""
+    monkeypatch.setattr(utc, "REFERENCE_SPACING", 0.02)
 
 
 @pytest.fixture
@@ -220,6 +246,17 @@ def ask(address, data, timeout=10.0):
             return sock.recv(65535)
         except socket.timeout:
             return None
+
+
+KEY = b"0123456789abcdef0123456789abcdef"  # a shared key, as a key file holds it
+
+
+def write_key_file(tmp_path, mode=0o600, content=KEY + b"\n"):
+    """A key file in tmp_path with this content and mode; returns its path."""
+    path = tmp_path / "key"
+    path.write_bytes(content)
+    path.chmod(mode)
+    return str(path)
 
 
 def request(request_id=491, seq=None, **kwargs):
@@ -423,9 +460,26 @@ def silent_port():
     return sock
 
 
-def closed_port():
-    """A loopback port with nothing bound to it, so the kernel answers port unreachable."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+def free_udp_ports(count):
+    """count distinct UDP ports on 127.0.0.1 with nothing bound to them now: a datagram to one is
+    answered by the kernel's port unreachable, and a test may bind one for a server."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    try:
+        for sock in sockets:  # all bound at once, so that no two are the same
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_udp_port():
+    return free_udp_ports(1)[0]
+
+
+def free_tcp_port():
+    """A TCP port on 127.0.0.1 with nothing bound to it now."""
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
@@ -528,6 +582,40 @@ def udp_peer():
     yield start
     for peer in peers:
         peer.__exit__(None, None, None)
+
+
+# --- a fake NTP server, for what chronyd would not do ------------------------------------------
+
+NTP_EPOCH = 2208988800  # 1900 to 1970, in seconds
+
+
+def ns_to_ntp(ns):
+    """Unix ns as a 64-bit NTP timestamp, written here apart from the module under test."""
+    seconds, nanoseconds = divmod(ns, SECOND_NS)
+    return ((seconds + NTP_EPOCH) % 2 ** 32) << 32 | (nanoseconds << 32) // SECOND_NS
+
+
+class FakeNtpServer(UdpPeer):
+    """A UdpPeer answering NTP queries as told: shifted by shift_ns, lying, or kissing.  root is
+    its root delay and dispersion, 16.16 seconds (by default 1/4 s and 1/16 s)."""
+
+    def __init__(self, shift_ns=0, leap=0, stratum=1, kiss=None, wrong_origin=False, version=4,
+                 zero_transmit=False, zero_receive=False, root=(1 << 14, 1 << 12)):
+        self.shift_ns, self.leap, self.stratum, self.kiss = shift_ns, leap, stratum, kiss
+        self.wrong_origin, self.version, self.zero_transmit = wrong_origin, version, zero_transmit
+        self.zero_receive, self.root = zero_receive, root
+        super().__init__(self._answer)
+
+    def _answer(self, data):
+        received = utc.wall_ns() + self.shift_ns
+        origin = struct.unpack("!Q", data[40:48])[0] + (1 if self.wrong_origin else 0)
+        refid = self.kiss.encode() if self.kiss else b"GPS\0"
+        transmit = 0 if self.zero_transmit else ns_to_ntp(utc.wall_ns() + self.shift_ns)
+        header = (self.leap << 6 | self.version << 3 | 4, 0 if self.kiss else self.stratum, 4, -20,
+                  self.root[0], self.root[1], refid)
+        times = (ns_to_ntp(received - SECOND_NS), origin, 0 if self.zero_receive else ns_to_ntp(received),
+                 transmit)
+        return struct.pack("!BBbbII4sQQQQ", *(header + times))
 
 
 # --- a Recorder fed by hand: probes sent a second apart, replies made up to order ---------------

@@ -4,7 +4,9 @@
 
 conftest.py applies it in the test process, and cli() runs the program through this file
 (`python tests/simulate.py udp_timecheck.py ARGS...`) so that every subprocess sees the
-same platform.  What it removes, as the issue that asked for it measured them:
+same platform; unset, the program runs as this machine has it, imported as a module (so
+from its cached bytecode) with the same argv and the same main().  What it removes, as the
+issue that asked for it measured them:
 
 - Windows: socket.recvmsg and sendmsg (so no ancillary data: no kernel timestamps, no
   packet info), time.clock_gettime, signal.SIGHUP; sys.platform is "win32" while the
@@ -87,6 +89,7 @@ def apply():
 
 if __name__ == "__main__":  # python simulate.py udp_timecheck.py ARGS...: the program, simulated
     apply()
+    sys.path.insert(0, str(MODULE.parent))
     import udp_timecheck
     sys.argv = sys.argv[1:]
     sys.exit(udp_timecheck.main())

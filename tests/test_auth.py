@@ -8,20 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import udp_timecheck as utc
-from conftest import ask, probe, request, run_cli
-
-KEY = b"0123456789abcdef0123456789abcdef"
+from conftest import KEY, ask, probe, request, run_cli, write_key_file
 
 
 def keyed_probe(address, **kwargs):
     return probe(address, key=KEY, **kwargs)
-
-
-def key_file(tmp_path, mode=0o600, content=KEY + b"\n"):
-    path = tmp_path / "key"
-    path.write_bytes(content)
-    path.chmod(mode)
-    return str(path)
 
 
 def test_same_key_on_both_ends_works(start_server):
@@ -53,8 +44,8 @@ def test_unkeyed_client_gets_silence_from_a_keyed_server(start_server, capsys):
 
 def test_keyed_client_rejects_an_unkeyed_server(start_server, tmp_path, capsys):
     server = start_server()
-    assert utc.main(["client", *map(str, server.address), "--key-file", key_file(tmp_path),
-                     "-c", "3", "--json"]) == 1
+    assert utc.main(["client", *map(str, server.address), "--key-file", write_key_file(tmp_path),
+                     "-c", "3", "-W", "0.3", "--json"]) == 1
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert summary["received"] == 0 and summary["forged"] == 3
@@ -108,13 +99,13 @@ def test_old_replies_replayed_to_new_requests_are_forged(start_server, relay, mo
     assert keyed_probe(recorder.address, count=5).totals.received == 5
     old = list(recorder.replies)
     replayer = relay(server.address, lambda index, data: [(0.0, old[index % len(old)])])
-    measurement = keyed_probe(replayer.address, count=5, timeout=0.3)
-    assert measurement.totals.received == 0 and measurement.totals.forged == 5
+    measurement = keyed_probe(replayer.address, count=3, timeout=0.3)
+    assert measurement.totals.received == 0 and measurement.totals.forged == 3
     monkeypatch.setenv(utc.KEY_ENV, KEY.decode())
-    assert utc.main(["client", *map(str, replayer.address), "-c", "5", "-W", "0.3", "-q"]) == 1
+    assert utc.main(["client", *map(str, replayer.address), "-c", "3", "-W", "0.3", "-q"]) == 1
     captured = capsys.readouterr()
-    assert "5 probes sent, 0 received, 100% loss" in captured.out and ", 5 forged" in captured.out
-    assert "5 replies failed authentication" in captured.err
+    assert "3 probes sent, 0 received, 100% loss" in captured.out and ", 3 forged" in captured.out
+    assert "3 replies failed authentication" in captured.err
 
 
 def test_any_forged_reply_fails_the_run(start_server, relay, tmp_path, monkeypatch, capsys):
@@ -142,35 +133,9 @@ def test_size_with_a_key(start_server, relay):
     assert measurement.totals.received == 2 and [len(data) for data in hop.replies] == [900, 900]
 
 
-def test_key_from_the_environment(monkeypatch):
-    monkeypatch.setenv(utc.KEY_ENV, "  secret from env \n")
-    assert utc.load_key(None) == (b"secret from env", [])
-    monkeypatch.delenv(utc.KEY_ENV)
-    assert utc.load_key(None) == (None, [])
-
-
-def test_key_file_wins_over_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv(utc.KEY_ENV, "from env")
-    assert utc.load_key(key_file(tmp_path))[0] == KEY
-
-
-@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
-def test_key_file_readable_by_others_is_warned_about(tmp_path):
-    key, warnings = utc.load_key(key_file(tmp_path, mode=0o644))
-    assert key == KEY and len(warnings) == 1 and "chmod 600" in warnings[0]
-    assert utc.load_key(key_file(tmp_path, mode=0o600))[1] == []
-
-
-@pytest.mark.parametrize("content", [b"", b"  \n\t"])
-def test_empty_key_is_a_usage_error(tmp_path, content):
-    with pytest.raises(utc.TimecheckError, match="empty") as caught:
-        utc.load_key(key_file(tmp_path, content=content))
-    assert caught.value.exit_code == 2
-
-
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 def test_keyed_processes_end_to_end(cli_server, tmp_path):
-    path = key_file(tmp_path)
+    path = write_key_file(tmp_path)
     _, port = cli_server("--key-file", path)
     keyed = run_cli("client", "127.0.0.1", port, "--key-file", path)
     assert keyed.returncode == 0 and keyed.stdout.startswith("The time is ")

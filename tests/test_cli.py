@@ -4,19 +4,19 @@ import configparser
 import signal
 import sys
 
-import pytest
-
 import udp_timecheck as utc
-from conftest import MODULE, POSIX_ONLY, cli, run, run_cli, silent_port
+from conftest import LISTENING, MODULE, POSIX_ONLY, as_script, cli, run, run_cli, silent_port
+
 
 @POSIX_ONLY
-def test_tutorial_server_command_serves_and_sigterm_exits_0_with_counters(cli_server):
-    # the tutorial's own server command line, with port 0 instead of 8080
-    server, port = cli_server("--measure_delay", "1", "--measure_delay", "1")
-    client = run_cli("client", "127.0.0.1", port, "--measure_delay", "1", "-c", "5", timeout=60)
+def test_tutorial_server_command_serves_and_sigterm_exits_0_with_counters(processes):
+    # the tutorial's own server command line, with port 0 instead of 8080, run as users run it
+    server = processes(as_script("server", "127.0.0.1", "0", "--measure_delay", "1", "--measure_delay", "1"))
+    port = int(server.stdout.expect(LISTENING).group(1))
+    client = run(as_script("client", "127.0.0.1", port, "--measure_delay", "1", "-c", "5"))
     assert client.returncode == 0, client.stderr
     assert "5 probes sent, 5 received, 0% loss" in client.stdout
-    assert run_cli("client", "127.0.0.1", port, timeout=60).returncode == 0
+    assert run(as_script("client", "127.0.0.1", port)).returncode == 0
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
     assert any(line.startswith("Server stopped: served 6, malformed 0, unauthenticated 0, rate-limited 0, "
@@ -83,40 +83,6 @@ def test_client_and_exit_codes_as_a_process(cli_server):
     assert silent.stderr.count("\n") == 1 and "no reply" in silent.stderr
     usage = run_cli("client", "127.0.0.1", "70000")
     assert usage.returncode == 2 and usage.stderr.count("\n") == 1 and "Traceback" not in usage.stderr
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["client", "127.0.0.1", "99999"], "port number from 0 to 65535"),
-    (["client", "127.0.0.1", "http"], "port number"),
-    (["client", "-c", "-1"], "whole number from 0"),
-    (["client", "-i", "-1"], "seconds from 0"),
-    (["client", "-i", "nan"], "seconds from 0"),
-    (["client", "-W", "0"], "seconds from 0.001"),
-    (["client", "no-such-host.invalid", "1060"], "cannot resolve host"),
-    (["client", "8080"], "give the host before the port"),
-    (["client", "--measure_delay", "maybe"], "expected 1/true/yes or 0/false/no"),
-    (["client", "--key-file", "/nonexistent/key"], "cannot read key file"),
-    (["server", "--faulty", "2"], "probability from 0 to 1"),
-    (["server", "--max-rate", "0"], "replies a second"),
-    (["server", "192.0.2.1", "0"], "bind 0.0.0.0"),
-    (["bogus"], "invalid choice"),
-    ([], "required"),
-])
-def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
-    assert utc.main(argv) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert captured.err.count("\n") == 1 and message in captured.err
-    assert captured.err.startswith("udp-timecheck: ")
-
-
-def test_help_and_version_exit_0(capsys):
-    assert utc.main(["--help"]) == 0
-    assert "server" in capsys.readouterr().out
-    assert utc.main(["client", "--help"]) == 0
-    assert "--measure-delay" in capsys.readouterr().out
-    assert utc.main(["--version"]) == 0
-    assert utc.__version__ in capsys.readouterr().out
 
 
 def test_measure_delay_spellings(start_server, capsys):

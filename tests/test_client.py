@@ -6,9 +6,7 @@ import json
 import pytest
 
 import udp_timecheck as utc
-from conftest import FakeClock, closed_port, ipv6_loopback_available, probe, silent_port
-
-SECOND = utc.NS_PER_S
+from conftest import SECOND_NS, FakeClock, free_udp_port, ipv6_loopback_available, probe, silent_port
 
 
 def drop(*indices):
@@ -38,7 +36,7 @@ def test_measurement_against_our_server(start_server):
 
 @pytest.mark.parametrize("shift_s", [5.0, -3600.0])
 def test_shifted_server_clock_gives_that_offset(start_server, shift_s):
-    shift_ns = int(shift_s * SECOND)
+    shift_ns = int(shift_s * SECOND_NS)
     server = start_server(wall_clock=lambda: utc.wall_ns() + shift_ns)
     summary = utc.summarize(probe(server.address, count=20))
     assert summary["received"] == 20
@@ -57,7 +55,7 @@ def test_lost_count_equals_replies_dropped_isochronous(start_server, relay):
     server = start_server()
     dropped = {3, 10, 20, 21, 39}
     hop = relay(server.address, drop(*dropped))
-    measurement = probe(hop.address, count=40, interval=0.01, timeout=2)
+    measurement = probe(hop.address, count=40, interval=0.01, timeout=0.5)
     assert measurement.ended_with(utc.LOST) == len(dropped)
     assert measurement.totals.received == 40 - len(dropped)
     assert {sample.seq for sample in measurement.samples if sample.status == utc.LOST} == dropped
@@ -85,14 +83,6 @@ def test_late_reply_is_counted_and_the_probe_stays_lost(start_server, relay):
     assert measurement.samples[2].status == utc.LOST
     assert measurement.totals.late == 1 and measurement.ended_with(utc.LOST) == 1
     assert measurement.totals.received == 29
-
-
-def test_reordered_replies_are_matched_by_id(start_server, relay):
-    server = start_server()
-    hop = relay(server.address, lambda index, data: [(0.15 if index == 3 else 0.0, data)])
-    measurement = probe(hop.address, count=10, interval=0.01, timeout=2)
-    assert measurement.totals.received == 10
-    assert measurement.samples[4].recv_mono_ns < measurement.samples[3].recv_mono_ns
 
 
 def test_lying_server_is_caught(start_server, capsys):
@@ -141,15 +131,6 @@ def test_measurement_over_ipv6(start_server, bind, capsys):
     assert "5 probes sent, 5 received" in out
 
 
-@pytest.mark.parametrize("size, message", [("50", "--size must be from 2"), ("70000", "argument --size")])
-def test_size_out_of_range_is_a_usage_error(start_server, size, message, capsys):
-    server = start_server()
-    assert utc.main(["client", *map(str, server.address), "--size", size]) == 2
-    assert message in capsys.readouterr().err
-    server.shutdown()
-    assert server.stats.served == 0
-
-
 def test_json_has_every_key_and_null_for_absent_values(start_server, relay, capsys):
     server = start_server()
     hop = relay(server.address, drop(1))
@@ -187,17 +168,8 @@ def test_csv_has_a_header_and_a_row_per_probe(start_server, tmp_path, capsys):
     assert "rtt min/avg/max/mdev" in capsys.readouterr().out
 
 
-def test_csv_to_a_bad_path_is_a_usage_error(start_server, tmp_path, capsys):
-    server = start_server()
-    bad = tmp_path / "missing-dir" / "run.csv"
-    assert utc.main(["client", *map(str, server.address), "--csv", str(bad)]) == 2
-    assert "cannot write" in capsys.readouterr().err
-    server.shutdown()
-    assert server.stats.served == 0  # nothing was sent before the error
-
-
 def test_human_output_lines_and_summary(start_server, capsys):
-    server = start_server(wall_clock=FakeClock(utc.wall_ns() + 2 * SECOND))
+    server = start_server(wall_clock=FakeClock(utc.wall_ns() + 2 * SECOND_NS))
     assert utc.main(["client", *map(str, server.address), "--measure-delay", "-c", "4"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("UDP-TIMECHECK 127.0.0.1:{} (127.0.0.1): 4 probes of ".format(server.address[1]))
@@ -224,7 +196,7 @@ def test_silent_server_ends_within_the_timeout_with_exit_1(capsys):
 
 
 def test_closed_port_is_reported_as_refused(capsys):
-    port = closed_port()
+    port = free_udp_port()
     assert utc.main(["client", "127.0.0.1", str(port), "--measure-delay", "-c", "1000"]) == 1
     captured = capsys.readouterr()
     assert "connection refused" in captured.err

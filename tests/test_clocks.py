@@ -4,31 +4,15 @@ import json
 import socket
 import struct
 import subprocess
-import threading
 
 import pytest
 
 import udp_timecheck as utc
-from conftest import LIFETIME, require_programs, wait_for
-
-SECOND = utc.NS_PER_S
-MS = 1_000_000
-NTP_EPOCH = 2208988800
-
-
-def ns_to_ntp(ns):
-    """Unix ns as a 64-bit NTP timestamp, written here apart from the module under test."""
-    seconds, nanoseconds = divmod(ns, SECOND)
-    return ((seconds + NTP_EPOCH) % 2 ** 32) << 32 | (nanoseconds << 32) // SECOND
+from conftest import (MS_NS, SECOND_NS, FakeNtpServer, free_udp_port, ns_to_ntp, require_programs, wait_for,
+                      wall_clock_shifted_ns)
 
 
 # --- a real NTP server: chronyd on loopback, never touching the clock (-x) --------------------
-
-def free_udp_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def answers(port):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -94,56 +78,9 @@ def test_client_reference_against_chronyd(chronyd, start_server, capsys):
     assert "verdict: both clocks agree with the reference, within their error bounds" in out
 
 
-# --- a fake NTP server, for what chronyd would not do ----------------------------------------
-
-class FakeNtpServer:
-    """Answers NTP queries on 127.0.0.1 from a thread, as told: shifted, lying, or kissing."""
-
-    def __init__(self, shift_ns=0, leap=0, stratum=1, kiss=None, wrong_origin=False, version=4,
-                 zero_transmit=False, zero_receive=False, root=(1 << 14, 1 << 12)):
-        self.shift_ns, self.leap, self.stratum, self.kiss = shift_ns, leap, stratum, kiss
-        self.wrong_origin, self.version, self.zero_transmit = wrong_origin, version, zero_transmit
-        self.zero_receive, self.root = zero_receive, root  # root delay and dispersion, 16.16 seconds
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.socket.bind(("127.0.0.1", 0))
-        self.socket.settimeout(0.1)
-        self.port = self.socket.getsockname()[1]
-        self.queries = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-
-    def _serve(self):
-        for _ in range(LIFETIME * 10):
-            if self._stop.is_set():
-                return
-            try:
-                data, source = self.socket.recvfrom(512)
-            except socket.timeout:
-                continue
-            received = utc.wall_ns() + self.shift_ns
-            self.queries += 1
-            origin = struct.unpack("!Q", data[40:48])[0] + (1 if self.wrong_origin else 0)
-            refid = self.kiss.encode() if self.kiss else b"GPS\0"
-            transmit = 0 if self.zero_transmit else ns_to_ntp(utc.wall_ns() + self.shift_ns)
-            header = (self.leap << 6 | self.version << 3 | 4, 0 if self.kiss else self.stratum, 4, -20,
-                      self.root[0], self.root[1], refid)  # by default root delay 1/4 s, dispersion 1/16 s
-            times = (ns_to_ntp(received - SECOND), origin, 0 if self.zero_receive else ns_to_ntp(received),
-                     transmit)
-            self.socket.sendto(struct.pack("!BBbbII4sQQQQ", *(header + times)), source)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self.socket.close()
-
-
 @pytest.mark.parametrize("shift_ms", [2500.0, -0.75, -3600 * 1000.0])
 def test_sntp_against_a_shifted_server_gives_its_offset(shift_ms, capsys):
-    with FakeNtpServer(shift_ns=int(shift_ms * MS)) as server:
+    with FakeNtpServer(shift_ns=int(shift_ms * MS_NS)) as server:
         assert utc.main(["sntp", "127.0.0.1", str(server.port), "-c", "3", "-i", "0.05", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert abs(summary["offset_ms"] - shift_ms) <= summary["offset_err_ms"] + 0.01
@@ -156,7 +93,7 @@ def test_sntp_against_a_shifted_server_gives_its_offset(shift_ms, capsys):
 def test_a_kiss_of_death_stops_the_run(code, capsys):
     with FakeNtpServer(kiss=code) as server:
         assert utc.main(["sntp", "127.0.0.1", str(server.port), "-c", "5", "-i", "0.05"]) == 1
-        queries = server.queries
+        queries = len(server.received)
     captured = capsys.readouterr()
     assert queries == 1  # it stopped at the first kiss
     assert "seq=0: kiss-o'-death {}".format(code) in captured.out
@@ -190,10 +127,6 @@ def test_an_unusable_reply_is_reported_and_not_used(changes, why, capsys):
 
 # --- three clocks, each shifted by a known amount -----------------------------------------------
 
-def shifted(ms):
-    return lambda: utc.wall_ns() + int(ms * MS)
-
-
 @pytest.mark.parametrize("local_ms, server_ms, reference_ms", [
     (0, 40, 0),     # the server is off
     (-30, 0, 0),    # this machine is off
@@ -201,12 +134,14 @@ def shifted(ms):
     (0, 0, 15),     # the reference is ahead of both: both are off, behind it
     (5, 5, 5),      # all three agree
 ])
-def test_which_clock_is_off_and_by_how_much(start_server, local_ms, server_ms, reference_ms):
-    server = start_server(wall_clock=shifted(server_ms), log=None)
+def test_which_clock_is_off_and_by_how_much(start_server, quick_reference_burst, local_ms, server_ms,
+                                            reference_ms):
+    server = start_server(wall_clock=wall_clock_shifted_ns(server_ms * MS_NS), log=None)
     # A reference that says it is within 15 us of UTC: its root distance is part of every bound.
-    with FakeNtpServer(shift_ns=int(reference_ms * MS), root=(0, 1)) as ntp:
-        reference = utc.Reference("127.0.0.1", ntp.port, wall_clock=shifted(local_ms)).start()
-        summary = utc.summarize(utc.Prober(*server.address[:2], count=20, wall_clock=shifted(local_ms)).run())
+    with FakeNtpServer(shift_ns=int(reference_ms * MS_NS), root=(0, 1)) as ntp:
+        local_clock = wall_clock_shifted_ns(local_ms * MS_NS)
+        reference = utc.Reference("127.0.0.1", ntp.port, wall_clock=local_clock).start()
+        summary = utc.summarize(utc.Prober(*server.address[:2], count=20, wall_clock=local_clock).run())
         reference.stop(finish_burst=True)
     result = reference.result(summary)
     for whose, expected in (("local", local_ms - reference_ms), ("server", server_ms - reference_ms)):
@@ -228,7 +163,7 @@ def test_compare_clocks_adds_the_bounds():
     assert utc.compare_clocks(12.0, 0.5, -3.0, 0.25) == expected
 
 
-def test_a_reference_with_no_answer_says_so():
+def test_a_reference_with_no_answer_says_so(quick_reference_burst):
     with FakeNtpServer(leap=3) as ntp:
         reference = utc.Reference("127.0.0.1", ntp.port).start()
         reference.stop(finish_burst=True)
@@ -285,7 +220,7 @@ def test_the_server_sends_its_clock_only_when_asked_and_only_if_it_fits(start_se
 
 def test_a_clock_state_round_trips_and_fits_its_room():
     for state in (utc.ClockState(True, 1_200_000, 100_000, -12345, "kvm-clock"),
-                  utc.ClockState(False, 16 * SECOND, 16 * SECOND, 500 * 1000, "tsc"),
+                  utc.ClockState(False, 16 * SECOND_NS, 16 * SECOND_NS, 500 * 1000, "tsc"),
                   utc.ClockState(None, None, None, None, None),
                   utc.ClockState(False, 10 ** 30, -10 ** 30, 10 ** 30, "a\x1b[2Jvery long source name " * 3)):
         encoded = utc.encode_clock_state(state)
@@ -298,7 +233,7 @@ def test_a_clock_state_round_trips_and_fits_its_room():
 
 
 def test_consistency_is_the_offset_within_its_bound_and_both_max_errors():
-    local, server = utc.ClockState(True, 2 * MS, 0, 0, "tsc"), utc.ClockState(True, 3 * MS, 0, 0, "tsc")
+    local, server = utc.ClockState(True, 2 * MS_NS, 0, 0, "tsc"), utc.ClockState(True, 3 * MS_NS, 0, 0, "tsc")
     assert utc.clocks_consistent(5.9, 1.0, local, server) is True   # 5.9 <= 1 + 2 + 3
     assert utc.clocks_consistent(-6.1, 1.0, local, server) is False
     assert utc.clocks_consistent(1.0, 1.0, local, None) is None
@@ -308,8 +243,8 @@ def test_consistency_is_the_offset_within_its_bound_and_both_max_errors():
 
 @pytest.mark.parametrize("unix_s", [0, 1_764_000_000, 2_085_978_495, 2_085_978_497, 2_200_000_000])
 def test_ntp_times_across_the_2036_wrap(unix_s):
-    ns = unix_s * SECOND + 123_456_789
-    assert abs(utc.ntp_to_ns(ns_to_ntp(ns), ns + 5 * SECOND) - ns) <= 1
+    ns = unix_s * SECOND_NS + 123_456_789
+    assert abs(utc.ntp_to_ns(ns_to_ntp(ns), ns + 5 * SECOND_NS) - ns) <= 1
 
 
 def test_short_or_strange_packets_are_refused():

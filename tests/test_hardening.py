@@ -11,15 +11,12 @@ import sys
 import threading
 import time
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import udp_timecheck as utc
-from conftest import MODULE, ROOT, cli, needs_linux, require_programs, run, wait_for
-from test_clocks import FakeNtpServer
-
-MS = 1_000_000
+from conftest import (FakeNtpServer, MODULE, ROOT, cli, needs_linux_machine, require_programs, run,
+                      wait_for)
 
 
 # --- the metrics endpoint: bounded, whatever connects --------------------------------------------
@@ -51,7 +48,7 @@ def udp_answers(port, count=5):
     return utc.Prober("127.0.0.1", port, count=count, interval=0.01, timeout=2).run().totals.received
 
 
-@needs_linux("reads the server's threads and memory from /proc")
+@needs_linux_machine("reads the server's threads and memory from /proc")
 def test_slowloris_and_huge_headers_cost_a_bounded_amount(processes):
     server = processes(cli("server", "127.0.0.1", "0", "-q", "--metrics", "127.0.0.1:0"))
     udp_port = int(server.stdout.expect(r"Server listening at \('127\.0\.0\.1', (\d+)\)").group(1))
@@ -92,7 +89,7 @@ def test_a_connection_that_never_finishes_is_cut_off_at_the_deadline(monkeypatch
         exporter.close()
 
 
-@needs_linux("reads CPU time from /proc and limits file descriptors with setrlimit")
+@needs_linux_machine("reads CPU time from /proc and limits file descriptors with setrlimit")
 def test_out_of_file_descriptors_the_endpoint_backs_off_instead_of_spinning(processes):
     limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))  # noqa: E731
     server = processes(cli("server", "127.0.0.1", "0", "--metrics", "127.0.0.1:0"), preexec_fn=limit)
@@ -103,12 +100,12 @@ def test_out_of_file_descriptors_the_endpoint_backs_off_instead_of_spinning(proc
         server.stdout.expect(r"cannot accept a metrics connection \(Too many open files\)", timeout=15)
         with open("/proc/{}/stat".format(server.proc.pid)) as stat:
             before = sum(int(field) for field in stat.read().split()[13:15])
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 1
         while time.monotonic() < deadline:
             threading.Event().wait(0.1)
         with open("/proc/{}/stat".format(server.proc.pid)) as stat:
             after = sum(int(field) for field in stat.read().split()[13:15])
-        assert (after - before) / os.sysconf("SC_CLK_TCK") < 0.5  # of 2 s: a spin would take them all
+        assert (after - before) / os.sysconf("SC_CLK_TCK") < 0.25  # of 1 s: a spin would take it all
         assert udp_answers(udp_port) == 5
     finally:
         for sock in held:
@@ -143,7 +140,7 @@ CLOCKS = st.one_of(NUMBERS, st.lists(NUMBERS, max_size=3), st.dictionaries(
     st.sampled_from(["sync", "maxerr_us", "esterr_us", "freq_ppb", "source", "other"]), NUMBERS, max_size=6))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clock=CLOCKS)
 def test_any_clock_state_a_server_sends_is_range_checked_never_a_crash(clock):
     from conftest import new_recorder, send_probe
@@ -191,9 +188,9 @@ def test_a_kiss_of_death_code_reaches_the_terminal_escaped(capsys):
 
 # --- --reference lives as long as the run ------------------------------------------------------------
 
-def test_a_reference_query_that_fails_is_counted_and_the_next_goes_on(monkeypatch):
+def test_a_reference_query_that_fails_is_counted_and_the_next_goes_on(monkeypatch, quick_reference_burst):
     with FakeNtpServer(root=(0, 1)) as ntp:
-        reference = utc.Reference("127.0.0.1", ntp.port, every=0.5)
+        reference = utc.Reference("127.0.0.1", ntp.port, every=0.2)
         failures = iter([True, True])
 
         def run(self, real=utc.SntpProber.run):
@@ -214,22 +211,25 @@ def test_a_reference_query_that_fails_is_counted_and_the_next_goes_on(monkeypatc
 
 
 NAMESPACE_OUTAGE = r"""
-import subprocess, sys, threading, time
+import subprocess, sys, time
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 import udp_timecheck as utc
-from test_clocks import FakeNtpServer
+from conftest import FakeNtpServer, wait_for
 LOOPBACK_ROUTES = ("127.0.0.0/8", "127.0.0.1")
+utc.REFERENCE_SPACING = 0.05                                   # a quick burst
 with FakeNtpServer(root=(0, 1)) as ntp:
-    reference = utc.Reference("127.0.0.1", ntp.port, every=0.3).start()
-    time.sleep(1.5)                                            # the burst, then some queries
+    reference = utc.Reference("127.0.0.1", ntp.port, every=0.1).start()
+    wait_for(lambda: len(reference.answers) >= 5, timeout=20)  # the burst, then a query after it
     for route in LOOPBACK_ROUTES:                              # the outage: no route to 127.0.0.1
         subprocess.run(["ip", "route", "del", "local", route, "dev", "lo", "table", "local"], check=True)
-    time.sleep(3)                                              # every query fails
+    before = reference.failed
+    wait_for(lambda: reference.failed >= before + 5, timeout=20)  # every query fails, counted
     for route in LOOPBACK_ROUTES:
         subprocess.run(["ip", "route", "add", "local", route, "dev", "lo", "table", "local"], check=True)
     during = reference.failed
-    time.sleep(2)                                              # and it resumes
+    resumed = reference.queries
+    wait_for(lambda: reference.queries >= resumed + 3, timeout=20)  # and it goes on
     reference.stop()
 result = reference.result({{"offset_ms": None, "offset_err_ms": None}})
 print(during, result["failed"], result["queries"], result["stale"], result["last_answer_age_s"])
@@ -237,7 +237,7 @@ print(result["problems"])
 """
 
 
-@needs_linux("a network namespace (unshare -rn) and ip")
+@needs_linux_machine("a network namespace (unshare -rn) and ip")
 def test_reference_across_an_outage_in_a_namespace_resumes_afterwards():
     require_programs("unshare", "ip")
     script = NAMESPACE_OUTAGE.format(root=str(ROOT), tests=str(ROOT / "tests"))
@@ -246,7 +246,7 @@ def test_reference_across_an_outage_in_a_namespace_resumes_afterwards():
     assert result.returncode == 0, result.stderr
     numbers, problems = result.stdout.splitlines()
     during, failed, queries, stale, age = numbers.split()
-    assert int(during) >= 5 and int(failed) >= int(during)  # the queries in the outage failed, counted
+    assert int(during) >= 5 and int(failed) <= int(during) + 1  # the queries in the outage failed, counted
     assert int(queries) >= int(failed) + 4 and stale == "False" and float(age) < 1.0  # and it went on
     assert "Network is unreachable" in problems
 
@@ -267,7 +267,7 @@ FULL_DISK = """mount -t tmpfs -o size=16k tmpfs "$1" && "$0" "$2" client 127.0.0
 exit $status"""
 
 
-@needs_linux("a small tmpfs in a mount namespace (unshare -rm)")
+@needs_linux_machine("a small tmpfs in a mount namespace (unshare -rm)")
 def test_a_full_disk_is_said_at_once_and_every_row_is_whole(processes, start_server, tmp_path):
     require_programs("unshare")
     server = start_server(log=None)
@@ -289,17 +289,6 @@ def test_a_full_disk_is_said_at_once_and_every_row_is_whole(processes, start_ser
     assert all(None not in row.values() and row["status"] == "ok" for row in rows)  # no row cut short
     lines = (tmp_path / "out" / "run.jsonl").read_text().splitlines()
     assert len(lines) >= 10 and all(json.loads(line)["seq"] == index for index, line in enumerate(lines))
-
-
-@pytest.mark.parametrize("outputs", [("--csv", "same", "--jsonl", "same"),
-                                     ("--csv", "p.svg", "--plot", "p.svg"),
-                                     ("--csv", "real.csv", "--jsonl", "link.csv")])
-def test_two_outputs_in_one_file_is_a_usage_error(outputs, tmp_path, capsys):
-    (tmp_path / "real.csv").write_text("")
-    (tmp_path / "link.csv").symlink_to(tmp_path / "real.csv")
-    argv = [word if word.startswith("--") else str(tmp_path / word) for word in outputs]
-    assert utc.main(["client", "127.0.0.1", "9", "-c", "1"] + argv) == 2
-    assert "name the same file" in capsys.readouterr().err
 
 
 # --- what a key protects ------------------------------------------------------------------------

@@ -3,9 +3,7 @@
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -13,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import udp_timecheck as utc
-from conftest import POSIX_ONLY, SPOOFING, ask, cli, request, run_cli, running_client, spoof, wait_for
+from conftest import (POSIX_ONLY, SPOOFING, ask, cli, needs_linux_machine, request, run_cli, running_client,
+                      spoof, wait_for)
 
 TUTORIAL_TEXT = "The time is 2019-05-04 16:20:56.975068"
 
@@ -105,16 +104,17 @@ REQUESTS = st.builds(
     st.integers(0, 2 ** 63 - 1), st.integers(0, 10 ** 6), st.integers(150, 400), st.booleans())
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(REQUESTS, st.floats(0, 1))
 def test_no_reply_of_ours_is_answered_as_a_request(data, faulty):
-    """Fed back to the server it came from, every reply is refused: no loop can start."""
+    """Every request here is answered; fed back to the server it came from, every such reply is
+    refused: no loop can start."""
     with utc.TimeServer("127.0.0.1", 0, faulty=faulty) as server:
         source = ("127.0.0.1", 45678)
         reply = server.respond(data, source)
-        if reply is not None:
-            assert server.respond(reply, source) is None
-            assert server.stats.loops == 1
+        assert reply is not None
+        assert server.respond(reply, source) is None
+        assert server.stats.loops == 1
 
 
 # --- 2. the server's output fails -------------------------------------------------------
@@ -148,7 +148,7 @@ def wait_for_port(process):
     return found[-1]
 
 
-PROC_FS = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the port in /proc")
+PROC_FS = needs_linux_machine("finds the port in /proc")
 
 
 @PROC_FS
@@ -190,8 +190,7 @@ def test_stdout_nobody_reads_never_stops_serving():
                                stderr=subprocess.PIPE)  # a pipe that is never read: it fills at 64 KB
     try:
         port = wait_for_port(process)
-        for _ in range(5):  # some 5000 lines of log: far beyond what the pipe holds
-            probe_until_answered(port, count=1000)
+        probe_until_answered(port, count=2000)  # some 250 KB of log: four times what the pipe holds
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)
@@ -200,7 +199,7 @@ def test_stdout_nobody_reads_never_stops_serving():
     finally:
         process.kill()
     assert process.returncode == 0 and "Traceback" not in err
-    assert "Server stopped: served 5000," in err  # stdout is blocked: the counters come out on stderr
+    assert "Server stopped: served 2000," in err  # stdout is blocked: the counters come out on stderr
     assert stopping < 5
 
 
@@ -313,50 +312,6 @@ def test_signals_during_a_client_summary_change_nothing(processes, start_server)
 
 # --- 5. keys ---------------------------------------------------------------------------------
 
-@POSIX_ONLY
-@pytest.mark.parametrize("path, message", [("/dev/zero", "not a regular file"),
-                                           ("/dev/null", "not a regular file"),
-                                           (".", "Is a directory")])
-def test_a_key_file_must_be_a_regular_file(path, message, capsys):
-    assert utc.main(["client", "--key-file", path]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err
-
-
-@POSIX_ONLY
-def test_a_fifo_as_key_file_is_refused_without_waiting_for_a_writer(tmp_path):
-    fifo = tmp_path / "key"
-    os.mkfifo(str(fifo))
-    result = run_cli("server", "127.0.0.1", "0", "--key-file", fifo, timeout=30)
-    assert result.returncode == 2 and "not a regular file" in result.stderr
-
-
-def test_a_huge_key_file_is_refused(tmp_path):
-    path = tmp_path / "key"
-    path.write_bytes(b"k" * (utc.MAX_KEY_FILE + 1))
-    path.chmod(0o600)
-    with pytest.raises(utc.TimecheckError, match="larger than") as caught:
-        utc.load_key(str(path))
-    assert caught.value.exit_code == 2
-
-
-def test_a_set_but_empty_variable_is_an_error(monkeypatch, capsys):
-    monkeypatch.setenv(utc.KEY_ENV, "")
-    assert utc.main(["client", "127.0.0.1", "9"]) == 2
-    assert "UDP_TIMECHECK_KEY is empty; unset it to run without a key" in capsys.readouterr().err
-    monkeypatch.setenv(utc.KEY_ENV, " \t\n")
-    assert utc.main(["server", "127.0.0.1", "0"]) == 2
-
-
-@pytest.mark.parametrize("key", ["secret\x1c", "\u00a0secret\u00a0", "  secret\n", "s\u00e9cret\x1f"])
-def test_the_same_key_gives_the_same_bytes_from_file_and_variable(tmp_path, key):
-    path = tmp_path / "key"
-    path.write_bytes(key.encode("utf-8"))
-    path.chmod(0o600)
-    from_file = utc.load_key(str(path), environ={})[0]
-    from_variable = utc.load_key(None, environ={utc.KEY_ENV: key})[0]
-    assert from_file == from_variable == key.encode("utf-8").strip()
-
 
 @POSIX_ONLY
 @pytest.mark.parametrize("keyed", [False, True])
@@ -374,41 +329,9 @@ def test_the_first_line_says_whether_a_key_is_required(cli_server, tmp_path, key
 
 # --- 6. what the client believes -------------------------------------------------------------
 
-class EchoService:
-    """A plain UDP echo service, on a thread, on an unprivileged loopback port."""
-
-    def __init__(self):
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.socket.bind(("127.0.0.1", 0))
-        self.socket.settimeout(0.2)
-        self.address = self.socket.getsockname()
-        self.running = True
-
-    def serve(self, limit=1000):
-        for _ in range(limit):
-            if not self.running:
-                break
-            try:
-                data, source = self.socket.recvfrom(65535)
-            except socket.timeout:
-                continue
-            self.socket.sendto(data, source)
-
-
-@pytest.fixture
-def echo_service():
-    import threading
-    service = EchoService()
-    thread = threading.Thread(target=service.serve, daemon=True)
-    thread.start()
-    yield service
-    service.running = False
-    thread.join(timeout=10)
-    service.socket.close()
-
-
 @pytest.mark.parametrize("extra", [[], ["-c", "3"]])
-def test_an_echo_service_is_not_a_time_server(echo_service, capsys, extra):
+def test_an_echo_service_is_not_a_time_server(udp_peer, capsys, extra):
+    echo_service = udp_peer(lambda data: data)
     assert utc.main(["client", *map(str, echo_service.address), "-W", "0.5", *extra]) == 1
     captured = capsys.readouterr()
     assert "The time is" not in captured.out  # our own request text is never shown as the server's

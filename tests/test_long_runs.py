@@ -12,10 +12,9 @@ import xml.etree.ElementTree as ElementTree
 import pytest
 
 import udp_timecheck as utc
-from conftest import POSIX_ONLY, cli, probe, running_client, wait_for
+from conftest import SECOND_NS, POSIX_ONLY, cli, probe, running_client, wait_for
 
-SECOND = utc.NS_PER_S
-T0 = 1_764_000_000 * SECOND
+T0 = 1_764_000_000 * SECOND_NS
 
 
 # --- the drift fit and the step detector, on synthetic points --------------------------------
@@ -28,7 +27,7 @@ def synthetic(ppm, seconds=10.0, count=200, rtt_us=50, noise_us=2.0, step_at=Non
         rtt = int((rtt_us + rng.expovariate(1 / 5.0)) * 1000)  # queueing: a tail above the floor
         offset = 1e6 + ppm * 1e3 * at + rng.gauss(0, noise_us * 1000) + (
             step_us * 1000 if step_at is not None and at >= step_at else 0)
-        points.append(utc.OffsetPoint(at, T0 + int(at * SECOND), offset, rtt))
+        points.append(utc.OffsetPoint(at, T0 + int(at * SECOND_NS), offset, rtt))
     return points
 
 
@@ -57,7 +56,7 @@ def test_a_clock_step_is_found_with_its_time_and_size():
     points = synthetic(20.0, step_at=6.0, step_us=-400.0)
     fit = utc.fit_drift(points, 10.0)
     ((at_ns, size_ns),) = fit.steps
-    assert abs(at_ns - (T0 + 6 * SECOND)) <= 0.1 * SECOND  # within a point of where it happened
+    assert abs(at_ns - (T0 + 6 * SECOND_NS)) <= 0.1 * SECOND_NS  # within a point of where it happened
     assert size_ns == pytest.approx(-400_000, abs=5000)
     assert abs(fit.drift_ppm - 20.0) <= 3 * fit.drift_err_ppm + 0.01  # the step does not bend the slope
     assert len(fit.segments) == 2
@@ -100,17 +99,6 @@ def test_a_server_clock_500_ppm_fast_shows_as_500_ppm(start_server):
 
 # --- reordering, until stopped, deadlines --------------------------------------------------
 
-def test_reordered_replies_are_counted(start_server, relay):
-    server = start_server()
-
-    def swap_pairs(index, data):  # replies 2 and 3, 6 and 7 ... come the other way round
-        return [(0.05 if index % 4 == 2 else 0.0, data)]
-
-    hop = relay(server.address, swap_pairs)
-    recorder = probe(hop.address, count=20, interval=0.01, timeout=2)
-    assert recorder.totals.received == 20 and recorder.totals.reordered == 5
-    assert utc.summarize(recorder)["reordered"] == 5
-
 
 def test_a_run_until_stopped_ends_at_its_deadline(start_server, capsys):
     server = start_server(log=None)
@@ -152,7 +140,7 @@ def test_reports_as_it_goes_in_text_with_times(start_server, capsys):
     assert len(reports) == 3
     for line in reports:
         stamp = float(line[1:line.index("]")])
-        assert abs(stamp - utc.wall_ns() / SECOND) < 60
+        assert abs(stamp - utc.wall_ns() / SECOND_NS) < 60
         assert " sent, " in line and "% loss, rtt p50 " in line and " p99 " in line and ", jitter " in line
         assert ", offset " in line
     assert all(line.startswith("[") for line in lines if " bytes from " in line)  # -D on probe lines too
@@ -230,12 +218,12 @@ def test_the_plot_is_an_svg_with_its_three_panels(start_server, relay, tmp_path,
 
 
 def test_a_long_run_is_plotted_from_a_bounded_timeline():
-    timeline = utc.Timeline(max_bins=16, width_ns=SECOND // 100)
+    timeline = utc.Timeline(max_bins=16, width_ns=SECOND_NS // 100)
     for index in range(10000):
-        item = timeline.bin_at(index * SECOND // 1000)  # ten seconds, a probe a millisecond
+        item = timeline.bin_at(index * SECOND_NS // 1000)  # ten seconds, a probe a millisecond
         item.sent += 1
     assert len(timeline.bins) <= 16 and sum(item.sent for item in timeline.bins) == 10000
-    assert timeline.width_ns >= 10 * SECOND // 16
+    assert timeline.width_ns >= 10 * SECOND_NS // 16
 
 
 # --- flat memory -----------------------------------------------------------------------------
@@ -254,19 +242,20 @@ def feed(recorder, first, count):
 
 
 def test_memory_stays_flat_however_many_probes(monkeypatch):
-    monkeypatch.setattr(utc, "RECENT_PROBES", 1000)  # a smaller table of recent probes fills sooner
-    monkeypatch.setattr(utc, "EXACT_VALUES", 2000)  # and a smaller budget of exact values
+    monkeypatch.setattr(utc, "RECENT_PROBES", 200)  # a smaller table of recent probes fills sooner
+    monkeypatch.setattr(utc, "EXACT_VALUES", 400)  # and a smaller budget of exact values
     recorder = utc.Recorder("h:1", "h", settings={"count": 0}, request_size=150, keep_samples=100)
     tracemalloc.start()
     try:
-        feed(recorder, 0, 5000)  # the tables of recent probes are full: from here on, a steady state
+        feed(recorder, 0, 1500)  # the tables of recent probes are full: from here on, a steady state
         after_few = tracemalloc.get_traced_memory()[0]
-        feed(recorder, 5000, 20000)
+        feed(recorder, 1500, 6000)
         after_many = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-    assert recorder.totals.received == 25000 and len(recorder.samples) == 100
-    assert after_many - after_few < 256 * 1024  # four times the probes, a quarter of a megabyte more at most
+    assert recorder.totals.received == 7500 and len(recorder.samples) == 100
+    # four times the probes: the per-second timeline's bins fill and merge, the rest stays put
+    assert after_many - after_few < 48 * 1024
     summary = utc.summarize(recorder)
     assert summary["rtt_ms"]["median"] == pytest.approx(0.046, rel=0.05)
     assert math.isfinite(summary["drift_ppm"])

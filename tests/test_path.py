@@ -9,9 +9,7 @@ import sys
 import pytest
 
 import udp_timecheck as utc
-from conftest import ROOT, needs_linux, probe, require_programs, run
-
-SECOND = utc.NS_PER_S
+from conftest import SECOND_NS, ROOT, needs_linux, probe, require_programs, run
 
 
 def seq_of(datagram):
@@ -87,7 +85,7 @@ def test_interleaved_t3_is_the_kernels_stamp_the_next_reply_carries(start_server
         reported = replies[sample["seq"] + 1]
         written = replies[sample["seq"]]["t3"]  # what the server read before its send
         assert reported["xs"] == sample["seq"] and sample["t3_ns"] == reported["xt"]
-        assert sample["t3_from"] == utc.KERNEL and written <= sample["t3_ns"] < written + SECOND // 100
+        assert sample["t3_from"] == utc.KERNEL and written <= sample["t3_ns"] < written + SECOND_NS // 100
     last = summary["samples"][-1]  # no later reply brought its stamp: the server's own
     assert last["t3_from"] == utc.USER and last["t3_ns"] == replies[last["seq"]]["t3"]
     assert summary["timestamps"]["server_transmit_fallbacks"] == 1
@@ -215,11 +213,6 @@ def test_tos_names_and_numbers():
             utc.tos_value(bad)
 
 
-def test_a_bad_tos_is_a_usage_error(capsys):
-    assert utc.main(["client", "127.0.0.1", "9", "--tos", "AF9"]) == 2
-    assert "neither a TOS byte from 0 to 255 nor a DSCP name" in capsys.readouterr().err
-
-
 # --- the source address and source ports ------------------------------------------------------
 
 def test_the_source_address_is_what_the_server_sees(start_server, capsys):
@@ -227,13 +220,6 @@ def test_the_source_address_is_what_the_server_sees(start_server, capsys):
     summary = measure_json(capsys, *server.address, "-c", 2, "-I", "127.0.0.2")
     assert summary["received"] == 2 and summary["local_address"] == "127.0.0.2"
     assert server.logs and all(line.startswith("127.0.0.2:") for line in server.logs)
-
-
-def test_a_source_address_not_on_this_machine_is_a_usage_error(start_server, capsys):
-    server = start_server()
-    assert utc.main(["client", *map(str, server.address), "-I", "192.0.2.1"]) == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and " from 192.0.2.1: " in err
 
 
 def test_several_source_ports_each_get_their_share_and_the_bad_one_shows(start_server, relay, capsys):

@@ -15,6 +15,7 @@ import pytest
 import udp_timecheck as utc
 from conftest import cli, ipv6_loopback_available, run
 
+
 def python2():
     """A Python 2 that runs (a pyenv shim may name one that does not), or None."""
     for path in (os.path.expanduser("~/.pyenv/versions/2.7.18/bin/python2.7"),
@@ -133,7 +134,7 @@ def test_an_ascii_stdout_gets_every_line_in_ascii(start_server):
 
 
 def test_sntp_on_an_ascii_stdout():
-    from test_clocks import FakeNtpServer
+    from conftest import FakeNtpServer
     with FakeNtpServer(root=(0, 1)) as ntp:
         result = run(cli("sntp", "127.0.0.1:{}".format(ntp.port), "-c", "2", "-i", "0.05"),
                      env=ascii_environment())
@@ -196,7 +197,7 @@ def test_client_and_sntp_take_host_colon_port(start_server, capsys):
     assert utc.main(["client", host, str(port), "-c", "2", "--json"]) == 0  # HOST PORT still works
     assert json.loads(capsys.readouterr().out)["received"] == 2
     assert utc.main(["client", "{}:{}".format(host, port), "9"]) == 0  # its own port wins over PORT
-    from test_clocks import FakeNtpServer
+    from conftest import FakeNtpServer
     with FakeNtpServer(root=(0, 1)) as ntp:
         assert utc.main(["sntp", "127.0.0.1:{}".format(ntp.port), "-c", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["received"] == 1
@@ -215,4 +216,3 @@ def test_server_takes_host_colon_port(processes):
     assert server.stdout.expect(r"^Server listening at \('127\.0\.0\.1', (\d+)\)")
     usage = run(cli("server", "127.0.0.1:1060", "1061"))
     assert usage.returncode == 2 and "give the port once" in usage.stderr
-

@@ -177,19 +177,6 @@ def test_bind_to_an_address_not_on_this_machine_suggests_all_interfaces():
     assert "0.0.0.0" in str(caught.value)
 
 
-def test_port_in_use_is_a_setup_error():
-    with utc.TimeServer("127.0.0.1", 0) as first:
-        with pytest.raises(utc.TimecheckError, match="already in use") as caught:
-            utc.TimeServer("127.0.0.1", first.address[1])
-    assert caught.value.exit_code == 2
-
-
-def test_unresolvable_host_is_a_setup_error():
-    with pytest.raises(utc.TimecheckError, match="cannot resolve") as caught:
-        utc.TimeServer("no-such-host.invalid", 0)
-    assert caught.value.exit_code == 2
-
-
 @pytest.mark.skipif(not ipv6_loopback_available(), reason="this machine has no ::1")
 def test_ipv6_loopback(start_server):
     server = start_server(host="::1")
@@ -232,7 +219,7 @@ def idle_server():
         yield server
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=2048))
 def test_any_bytes_never_raise_and_never_amplify(idle_server, data):
     reply = idle_server.respond(data)
@@ -249,15 +236,31 @@ EXTENSIONS = st.fixed_dictionaries({}, optional={
     "pad": st.text(max_size=300) | st.integers(), "t2": JSON_VALUES})
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(min_value=-2 ** 70, max_value=2 ** 70) | JSON_VALUES, st.text(max_size=80) | JSON_VALUES,
        st.lists(EXTENSIONS | JSON_VALUES, max_size=3))
 def test_any_json_request_never_raises_and_never_amplifies(idle_server, request_id, text, extra):
     data = json.dumps([request_id, text] + extra).encode("utf-8", "surrogatepass")
     reply = idle_server.respond(data)
     assert reply is None or len(reply) <= len(data)
-    if reply is not None:
-        assert utc.decode_message(reply).message_id in (request_id, request_id + 1)
+
+
+ANSWERABLE_EXTENSIONS = st.fixed_dictionaries(
+    {"pad": st.just(" " * 300)},  # room for any reply
+    optional={"seq": st.integers(0, 2 ** 64 - 1), "size": st.integers(0, 600),
+              "sid": st.integers(0, 2 ** 64 - 1), "xl": st.integers(0, 1), "pi": st.integers(0, 1)})
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=-2 ** 64 + 1, max_value=2 ** 64 - 1), st.text(max_size=80),
+       ANSWERABLE_EXTENSIONS)
+def test_any_well_formed_request_is_answered_with_its_id_and_no_larger(request_id, text, ext):
+    data = json.dumps([request_id, text, ext]).encode("utf-8", "surrogatepass")
+    with utc.TimeServer("127.0.0.1", 0) as server:  # a fresh one: no loop guard remembers the last id
+        reply = server.respond(data)
+    assert reply is not None and len(reply) <= len(data)
+    answer = utc.decode_message(reply)
+    assert answer.message_id == request_id and answer.seq == ext.get("seq")
 
 
 def _fuzz(rng):

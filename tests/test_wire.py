@@ -107,16 +107,8 @@ def test_real_requests_take_the_quick_route():
     assert utc.quick_fields(json.dumps([491, TEXT]).encode()) == (b"491", None, 0, False)  # the tutorial's
 
 
-CANONICAL_PIECES = st.tuples(
-    st.integers(-(10 ** 20), 10 ** 20), st.text(max_size=40), st.none() | st.integers(-3, 10 ** 20),
-    st.sampled_from([0, 0, 1, 250, 99999, 100000]), st.integers(0, 300), st.booleans())
-
-
-@settings(max_examples=500, deadline=None)
-@given(CANONICAL_PIECES)
-def test_quick_and_json_routes_agree(pieces):
-    """Requests as json.dumps lays them out, which the regex route takes when it can."""
-    request_id, text, seq, size, pad, keyed = pieces
+def canonical_request(request_id, text, seq, size, pad, keyed):
+    """A request as json.dumps lays it out, which the regex route takes when it can."""
     items = [request_id, text]
     if seq is not None:
         ext = {"seq": seq}
@@ -127,14 +119,39 @@ def test_quick_and_json_routes_agree(pieces):
         items.append(ext)
         if keyed:
             items.append("f" * 64)
-    data = json.dumps(items).encode()
-    try:
-        expected = utc.fields_of(utc.decode_message(data))
-    except utc.WireError:
+    return json.dumps(items).encode()
+
+
+SIZES, PADS = st.sampled_from([0, 0, 1, 250, 65507]), st.integers(0, 300)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.tuples(st.integers(-(2 ** 64) + 1, 2 ** 64 - 1), st.text(max_size=40),
+                 st.none() | st.integers(0, 2 ** 64 - 1), SIZES, PADS, st.booleans()))
+def test_quick_and_json_routes_agree_on_valid_requests(pieces):
+    data = canonical_request(*pieces)
+    expected = utc.fields_of(utc.decode_message(data))
+    assert utc.request_fields(data) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.tuples(st.integers(2 ** 64, 10 ** 20) | st.integers(-(10 ** 20), -(2 ** 64)), st.text(max_size=40),
+                 st.none() | st.integers(0, 10 ** 20), SIZES, PADS, st.booleans()))
+def test_quick_and_json_routes_both_refuse_an_id_out_of_range(pieces):
+    data = canonical_request(*pieces)
+    for route in (utc.decode_message, utc.request_fields):
         with pytest.raises(utc.WireError):
-            utc.request_fields(data)
-    else:
-        assert utc.request_fields(data) == expected
+            route(data)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.tuples(st.integers(-(2 ** 63), 2 ** 63), st.text(max_size=40),
+                 st.integers(2 ** 64, 10 ** 20) | st.integers(-5, -1), SIZES, PADS, st.booleans()))
+def test_quick_and_json_routes_both_refuse_a_seq_out_of_range(pieces):
+    data = canonical_request(*pieces)
+    for route in (utc.decode_message, utc.request_fields):
+        with pytest.raises(utc.WireError):
+            route(data)
 
 
 @pytest.mark.parametrize("data", HOSTILE.values(), ids=list(HOSTILE))
