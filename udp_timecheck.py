@@ -2622,8 +2622,11 @@ class TimeServer:
             self.stats.user_stamps += 1
         return user_ns, b"user", control
 
-    def respond(self, data: bytes, source: tuple = ("127.0.0.1", 49152)) -> Optional[bytes]:
-        """The reply serve_forever() would send to data from source, or None; no I/O."""
+    def respond(self, data: bytes, source: Optional[tuple] = None) -> Optional[bytes]:
+        """The reply serve_forever() would send to data from source, or None; no I/O.  By default
+        from a client at 192.0.2.1 (TEST-NET-1) on a port that is not the server's own."""
+        if source is None:
+            source = ("192.0.2.1", 49153 if self.address[1] == 49152 else 49152)
         return self._reply_for(data, source, self._wall_clock(), b"user")
 
     def _reply_for(self, data: bytes, source: tuple, server_recv_ns: int, stamp: bytes,
@@ -5355,6 +5358,7 @@ class LineWriter:
 
     def __init__(self, stream: Optional[TextIO], max_queued: int = LOG_QUEUE_LINES) -> None:
         self.queue_drops = self.write_drops = 0
+        self._writing = False  # a line is in os.write (which a blocked pipe holds for ever)
         self._stream, self._fd = stream, _file_descriptor(stream)
         self._encoding = getattr(stream, "encoding", None) or "utf-8"
         self._queue = queue.Queue(max_queued)  # type: queue.Queue  # (line or None, Event to set, last)
@@ -5379,6 +5383,15 @@ class LineWriter:
         """Write final_line after the others, waiting at most timeout seconds; False if not written."""
         return self._wait_for(final_line, True, timeout)
 
+    def abandon(self) -> int:
+        """Give up on the lines still waiting for a stream that did not take them in time (a
+        pipe nobody reads): they are dropped, and counted; returns how many."""
+        with self._queue.mutex:
+            waiting = sum(1 for line, written, _ in self._queue.queue if line is not None and written is None)
+        abandoned = waiting + self._writing
+        self.write_drops += abandoned
+        return abandoned
+
     def _wait_for(self, line: Optional[str], last: bool, timeout: float) -> bool:
         deadline, written = time.monotonic() + timeout, threading.Event()
         try:
@@ -5390,7 +5403,9 @@ class LineWriter:
     def _run(self) -> None:
         while True:
             line, written, last = self._queue.get()
+            self._writing = line is not None
             went = line is None or self._write(line + "\n")
+            self._writing = False
             self.write_drops += not went
             if written is not None and went:
                 written.set()
@@ -5919,9 +5934,11 @@ def cmd_server(args: argparse.Namespace) -> int:
             _metrics(args.metrics, lambda: render_server_metrics(server, output.dropped), output.write):
         output.write("Server listening at {}; {}".format(server.address, describe_server(server)))
         server.serve_forever()
-    stopped = "Server stopped: {}, log lines dropped {}".format(server.stats, output.dropped)
-    if not output.close(stopped):
-        _err(stopped)  # stdout is closed, full or blocked: the counters still go somewhere
+    def stopped() -> str:
+        return "Server stopped: {}, log lines dropped {}".format(server.stats, output.dropped)
+    if not output.close(stopped()):
+        output.abandon()  # what stdout never took is lost: counted, and
+        _err(stopped())  # stdout is closed, full or blocked: the counters still go somewhere
     return EXIT_OK
 
 

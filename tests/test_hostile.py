@@ -110,7 +110,7 @@ def test_no_reply_of_ours_is_answered_as_a_request(data, faulty):
     """Every request here is answered; fed back to the server it came from, every such reply is
     refused: no loop can start."""
     with utc.TimeServer("127.0.0.1", 0, faulty=faulty) as server:
-        source = ("127.0.0.1", 45678)
+        source = ("127.0.0.2", 45678)  # never the server's own address and port
         reply = server.respond(data, source)
         assert reply is not None
         assert server.respond(reply, source) is None
@@ -190,16 +190,19 @@ def test_stdout_nobody_reads_never_stops_serving():
                                stderr=subprocess.PIPE)  # a pipe that is never read: it fills at 64 KB
     try:
         port = wait_for_port(process)
-        probe_until_answered(port, count=2000)  # some 250 KB of log: four times what the pipe holds
+        probe_until_answered(port, count=1000)  # some 105 KB of log: more than the pipe holds
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)
         stopping = time.monotonic() - started
         err = process.stderr.read().decode()
+        written = process.stdout.read().count(b"\n")  # what the pipe held
     finally:
         process.kill()
     assert process.returncode == 0 and "Traceback" not in err
-    assert "Server stopped: served 2000," in err  # stdout is blocked: the counters come out on stderr
+    assert "Server stopped: served 1000," in err  # stdout is blocked: the counters come out on stderr
+    dropped = int(err.rsplit("log lines dropped ", 1)[1].split()[0])
+    assert dropped >= 100 and written + dropped == 1 + 1000  # every line written or counted, none lost
     assert stopping < 5
 
 
@@ -240,12 +243,14 @@ def test_a_blocked_line_writer_drops_and_counts():
 # --- 3. datagrams that cost far more than a request ------------------------------------
 
 def handling_cost(server, data, repeats=7, calls=40):
+    """CPU seconds for calls responds to data: this process's CPU time, not the clock's, so
+    that other processes on the machine (a parallel suite) do not count."""
     best = float("inf")
-    for _ in range(repeats):  # the least of several runs: the machine's noise only adds
-        started = time.perf_counter()
+    for _ in range(repeats):  # the least of several runs: caches and interrupts only add
+        started = time.process_time()
         for _ in range(calls):
-            server.respond(data, ("127.0.0.1", 40000))
-        best = min(best, time.perf_counter() - started)
+            server.respond(data, ("127.0.0.2", 40000))
+        best = min(best, time.process_time() - started)
     return best
 
 
@@ -269,13 +274,13 @@ def test_no_datagram_costs_more_than_a_few_requests_of_its_size(size):
     """Compared as a ratio with a real request of the same size, never as a time."""
     with utc.TimeServer("127.0.0.1", 0) as server:
         legitimate = utc.encode_request(1234567890123456789, TUTORIAL_TEXT, 0, size=size, pad_to=size)
-        assert server.respond(legitimate, ("127.0.0.1", 40000)) is not None
+        assert server.respond(legitimate, ("127.0.0.2", 40000)) is not None
         baseline = handling_cost(server, legitimate)
         for name, data in costly(size).items():  # some are requests at this size: answered or not,
             assert len(data) <= size                # none may cost much more than a real one
             assert handling_cost(server, data) <= 5 * baseline, name
         for name in ("floats", "integers", "nesting", "digits"):
-            assert server.respond(costly(size)[name], ("127.0.0.1", 40000)) is None, name
+            assert server.respond(costly(size)[name], ("127.0.0.2", 40000)) is None, name
 
 
 # --- 4. shutdown and signals --------------------------------------------------------------
@@ -382,7 +387,7 @@ def test_the_tutorials_shorter_requests_are_answered(request_id, faulty, text):
     """7 bytes shorter at microsecond 0, or an id one digit longer from --faulty: both answered."""
     with utc.TimeServer("127.0.0.1", 0, faulty=faulty) as server:
         data = json.dumps([request_id, text]).encode()
-        reply = server.respond(data, ("127.0.0.1", 40000))
+        reply = server.respond(data, ("127.0.0.2", 40000))
         assert reply is not None and len(reply) <= len(data)
         reply_id, reply_text = json.loads(reply)
         assert reply_id == request_id + (1 if faulty else 0)
@@ -392,7 +397,7 @@ def test_the_tutorials_shorter_requests_are_answered(request_id, faulty, text):
 def test_both_at_once_is_the_one_request_too_short_to_answer():
     """Microsecond 0 and a 9 made 10: a reply would need 8 bytes more, and the seconds stay."""
     with utc.TimeServer("127.0.0.1", 0, faulty=1.0) as server:
-        assert server.respond(json.dumps([9, SHORT_TEXT]).encode(), ("127.0.0.1", 40000)) is None
+        assert server.respond(json.dumps([9, SHORT_TEXT]).encode(), ("127.0.0.2", 40000)) is None
         assert server.stats.too_short == 1
 
 
