@@ -13,10 +13,10 @@ def test_tutorial_server_command_serves_and_sigterm_exits_0_with_counters(proces
     # the tutorial's own server command line, with port 0 instead of 8080, run as users run it
     server = processes(as_script("server", "127.0.0.1", "0", "--measure_delay", "1", "--measure_delay", "1"))
     port = int(server.stdout.expect(LISTENING).group(1))
-    client = run(as_script("client", "127.0.0.1", port, "--measure_delay", "1", "-c", "5"))
+    client = run_cli("client", "127.0.0.1", port, "--measure_delay", "1", "-c", "5")
     assert client.returncode == 0, client.stderr
     assert "5 probes sent, 5 received, 0% loss" in client.stdout
-    assert run(as_script("client", "127.0.0.1", port)).returncode == 0
+    assert run(as_script("client", "127.0.0.1", port)).returncode == 0  # the client as users run it too
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
     assert any(line.startswith("Server stopped: served 6, malformed 0, unauthenticated 0, rate-limited 0, "
