@@ -949,15 +949,20 @@ def kernel_stamps_refused(sock: socket.socket) -> Optional[str]:
     return None
 
 
-def enable_transmit_timestamps(sock: socket.socket) -> bool:
-    """Ask the kernel to stamp each datagram as it leaves, on the socket's error queue (Linux)."""
+def _set_timestamping(sock: socket.socket, flags: int) -> bool:
+    """SO_TIMESTAMPING's flags on sock, where the platform and the kernel take them."""
     if SO_TIMESTAMPING is None or not has_message_calls(sock):
         return False
     try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, TRANSMIT_STAMPS)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, flags)
     except OSError:
         return False
     return True
+
+
+def enable_transmit_timestamps(sock: socket.socket) -> bool:
+    """Ask the kernel to stamp each datagram as it leaves, on the socket's error queue (Linux)."""
+    return _set_timestamping(sock, TRANSMIT_STAMPS)
 
 
 def read_transmit_stamp(sock: socket.socket, not_before_ns: int) -> Optional[int]:
@@ -983,13 +988,7 @@ def read_transmit_stamp(sock: socket.socket, not_before_ns: int) -> Optional[int
 def enable_transmit_reports(sock: socket.socket) -> bool:
     """Let the kernel report software transmit stamps on sock's error queue, for the datagrams
     that ask with a control message (an interleaved session's replies); none is stamped yet."""
-    if SO_TIMESTAMPING is None or not has_message_calls(sock):
-        return False
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, SOF_TIMESTAMPING_REPORTS)
-    except OSError:
-        return False
-    return True
+    return _set_timestamping(sock, SOF_TIMESTAMPING_REPORTS)
 
 
 def transmit_stamp_request() -> Tuple[int, int, bytes]:

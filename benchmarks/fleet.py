@@ -33,7 +33,7 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from long_runs import DelayRelay  # noqa: E402 - the relay that holds datagrams, shared
+from long_runs import DelayRelay, report_targets  # noqa: E402 - the relay that holds datagrams, shared
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = str(ROOT / "udp_timecheck.py")
@@ -164,11 +164,7 @@ def main():
                     abs(figures["isolation_extra_ms"]) <= 0.5, "+- 0.5"),
                    ("the others' p50, ms", figures["others_max_ms"], figures["others_max_ms"] < 1, "< 1"),
                    ("mesh pairs missing", figures["mesh_missing"], figures["mesh_missing"] == 0, "0")]
-    print("\nTargets:")
-    for name, value, held, target in checks:
-        print("  {:<42} {:10.4f}  target {:<8} {}".format(name, value, target, "ok" if held else "MISSED"))
-    if args.check and not all(held for _, _, held, _ in checks):
-        sys.exit(1)
+    report_targets(checks, args.check, name_width=42)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,9 @@ def test_a_wrong_origin_is_not_an_answer(capsys):
     ({"stratum": 16}, "the server is not synchronised (leap 0, stratum 16)"),
     ({"version": 2}, "NTP version 2"),
     ({"zero_transmit": True}, "no transmit time"),
+    ({"zero_receive": True}, "no receive time"),  # and what RFC 5905 refuses besides
+    ({"root": (0, 0xFFFFFFFF)}, "the server is not synchronised (root distance 65536.000 s, above 1.5 s)"),
+    ({"root": (1 << 16, 70000)}, "the server is not synchronised (root distance 1.568 s, above 1.5 s)"),
 ])
 def test_an_unusable_reply_is_reported_and_not_used(changes, why, capsys):
     with FakeNtpServer(**changes) as server:

@@ -236,7 +236,7 @@ EXTENSIONS = st.fixed_dictionaries({}, optional={
     "pad": st.text(max_size=300) | st.integers(), "t2": JSON_VALUES})
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(min_value=-2 ** 70, max_value=2 ** 70) | JSON_VALUES, st.text(max_size=80) | JSON_VALUES,
        st.lists(EXTENSIONS | JSON_VALUES, max_size=3))
 def test_any_json_request_never_raises_and_never_amplifies(idle_server, request_id, text, extra):
