@@ -5291,22 +5291,30 @@ class Output:
 
     A stream that cannot be written (closed, a full disk) does not stop the
     program: the first failure is kept in .error, later lines are dropped.
-    A broken pipe (output piped into head) still ends it, as it should.
+    A broken pipe (output piped into head) still ends it, as it should: from
+    the main thread at once, and from another (the demo's server) at the main
+    thread's next line, never with a traceback in a thread.
     """
 
     def __init__(self, stream: Optional[TextIO]) -> None:
         self._stream = stream
         self._encoding = getattr(stream, "encoding", None) or "utf-8"
         self.error = None if stream is not None else "it is closed"  # type: Optional[str]
+        self.broken_pipe = False
 
     def line(self, text: str = "") -> None:
+        in_main = threading.current_thread() is threading.main_thread()
+        if self.broken_pipe and in_main:
+            raise BrokenPipeError(errno.EPIPE, "the output's reader has gone")
         if self.error is not None:
             return
         try:
             self._stream.write(fit_encoding(text, self._encoding) + "\n")
             self._stream.flush()
         except BrokenPipeError:
-            raise
+            if in_main:
+                raise
+            self.broken_pipe, self.error = True, "the output's reader has gone"
         except (OSError, ValueError) as exc:
             self.error = getattr(exc, "strerror", None) or str(exc)
             _discard_output(self._stream)

@@ -2,7 +2,11 @@
 
 import configparser
 import signal
+import subprocess
 import sys
+import threading
+
+import pytest
 
 import udp_timecheck as utc
 from conftest import LISTENING, MODULE, POSIX_ONLY, as_script, cli, run, run_cli, silent_port
@@ -103,6 +107,40 @@ def test_demo_runs_end_to_end():
     assert "\nThe time is " in demo.stdout
     assert "50 probes sent, 50 received, 0% loss" in demo.stdout
     assert "server clock offset " in demo.stdout and "  server | Server stopped: served 51" in demo.stdout
+
+
+class _PipeWithoutReader:
+    encoding = "utf-8"
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        pass
+
+
+def test_a_broken_pipe_in_a_thread_ends_the_program_from_the_main_thread():
+    out = utc.Output(_PipeWithoutReader())
+    thread = threading.Thread(target=out.line, args=("  server | a request",))  # the demo's server
+    thread.start()
+    thread.join(timeout=10)
+    assert out.broken_pipe  # said, not raised in the thread (no traceback there)
+    with pytest.raises(BrokenPipeError):
+        out.line("the main thread's next line")  # main() turns this into a quiet exit
+
+
+@POSIX_ONLY
+def test_the_demo_piped_into_a_reader_that_leaves_says_nothing_more():
+    demo = subprocess.Popen(cli("demo"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    try:
+        assert demo.stdout.readline().startswith("$ python3 udp_timecheck.py server")
+        demo.stdout.close()  # as head -1, or grep -q, leaves
+        assert demo.wait(timeout=60) == utc.EXIT_FAILED
+        err = demo.stderr.read()
+    finally:
+        demo.kill()
+    assert "Traceback" not in err and "Exception" not in err
 
 
 def test_import_has_no_side_effects():
