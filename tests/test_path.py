@@ -192,15 +192,18 @@ def test_a_relay_that_clears_the_mark_is_seen_on_its_leg(start_server, relay, ca
 def test_the_ttl_at_the_server_gives_the_hops_and_a_change_of_path(start_server, relay, capsys):
     server = start_server(log=None)
 
+    forwarded_before = []
+
     def reroute(index, data):  # after the tenth reply, requests leave the relay with 3 fewer hops left
         if index == 9:
             hop.mark(socket.IPPROTO_IP, socket.IP_TTL, 61)
+            forwarded_before.append(len(hop.requests))  # one thread forwards them all, in order
         return [(0.0, data)]
     hop = relay(server.address, reroute)
     summary = measure_json(capsys, *hop.address, "-c", 20, "-i", 0.005, "--ttl", "64")
     ttl = summary["ttl"]
     assert ttl["sent"] == 64 and ttl["received_by_server"] == 61 and ttl["hops"] == 3
-    changed = [seq_of(request) for request in hop.requests if seq_of(request) >= 10][0]
+    changed = seq_of(hop.requests[forwarded_before[0]])  # the first to leave with the new TTL
     assert [(change["from"], change["to"], change["seq"]) for change in ttl["changes"]] == [(64, 61, changed)]
 
 
