@@ -92,6 +92,7 @@ def _needs_python_3(*, why: str = "udp_timecheck.py needs Python 3.6 or newer: r
     """Python 2 cannot parse this line, the first it meets that only Python 3 can, and shows it."""
     return why
 
+
 __version__ = "1.2.0"
 __all__ = [
     # 1. foundations
@@ -1934,7 +1935,7 @@ class Timing(NamedTuple):
     offset_ns: Optional[float]  # NTP's offset, positive when the server's clock is ahead; None untrusted
     trusted: bool               # every timestamp is consistent: the offset can be used
     kernel: bool                # rtt_ns came from kernel timestamps, not from wake-ups
-    untrusted_because: Optional[str] = None  # why the offset cannot be used (UNTRUSTED_REASONS)
+    untrusted_because: Optional[str] = None  # why the offset cannot be used: a reason just below
 
 
 # Why a probe's timestamps give no offset
@@ -1944,7 +1945,6 @@ REVERSED_STAMPS = "T3 before T2"
 HELD_TOO_LONG = "T3 - T2 longer than the round trip"
 WALL_STEP = "this machine's clock stepped during the probe"
 KERNEL_STAMP = "a kernel timestamp outside the round trip"
-UNTRUSTED_REASONS = (NO_SERVER_STAMPS, ZERO_STAMP, REVERSED_STAMPS, HELD_TOO_LONG, WALL_STEP, KERNEL_STAMP)
 
 
 def _server_stamps_problem(t2: Optional[int], t3: Optional[int], raw_ns: int) -> Optional[str]:
