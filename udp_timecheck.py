@@ -24,8 +24,8 @@ of each carries its number.
 3. Platform: socket options and ancillary data (kernel timestamps, packet
    info, TOS and TTL), addresses and key files, the kernel's clock state.
 4. Statistics: the per-probe record (Sample, Arrival) and NTP's timing
-   arithmetic (probe_timing), exact percentiles in flat memory (Quantiles,
-   FineSketch), streaming summaries, the drift fit and its clock steps, and
+   arithmetic (probe_timing), exact percentiles in flat memory (Sketch),
+   streaming summaries, the drift fit and its clock steps, and
    the per-run aggregates (Totals and what it holds).
 5. Server: TimeServer (start it on port 0, stop it from another thread, use it
    as a context manager, give it a wall clock), its guards against loops,
@@ -108,8 +108,8 @@ __all__ = [
     "resolve", "split_target", "load_key", "read_clock_state", "enable_kernel_timestamps",
     "enable_transmit_timestamps", "enable_packet_info", "read_ancillary", "read_transmit_stamp",
     # 4. statistics
-    "Sample", "Arrival", "Timing", "probe_timing", "arrival_ns", "percentile", "Quantiles", "FineSketch",
-    "LogHistogram", "SignedHistogram", "RunningStats", "Runs", "LossDirections", "OffsetPoint", "DriftFit",
+    "Sample", "Arrival", "Timing", "probe_timing", "arrival_ns", "percentile", "PERCENTILES", "Sketch",
+    "sketch_key", "sketch_value", "RunningStats", "Runs", "LossDirections", "OffsetPoint", "DriftFit",
     "fit_drift", "fit_line", "find_steps", "chrony_weights", "Timeline", "Totals",
     # 5. the server
     "TimeServer", "ServerStats", "RateLimiter", "ReplayGuard", "LoopGuard", "MetricsServer",
@@ -223,6 +223,7 @@ EXACT_SHARE = 16                    # each other quantity keeps EXACT_VALUES / E
 EXACT_CHUNK = 32768                 # they are kept sorted in chunks of this many
 SKETCH_EXACT_NS = 10_000            # FineSketch: a bucket per nanosecond below 10 us ...
 SKETCH_RELATIVE_ERROR = 5e-5        # ... and within 0.005% above: percentiles within 0.01%
+BIN_RELATIVE_ERROR = 0.02           # a Timeline bin's RTTs, in buckets this fine: a plot's pixels
 STEP_MIN_POINTS = 3                 # on each side of a clock step
 STEP_FACTOR = 6.0                   # a step is this many times the offsets' scatter, at least
 
@@ -1291,7 +1292,8 @@ def tos_value(text: str) -> int:
 # ----------------------------------------------------------------------------------------------
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Linear interpolation between closest ranks (NumPy's default, Excel's PERCENTILE.INC)."""
+    """The one percentile method: linear interpolation between closest ranks (numpy.percentile's
+    default, Excel's PERCENTILE.INC)."""
     if not sorted_values:
         raise ValueError("percentile of no values")
     position = (len(sorted_values) - 1) * fraction
@@ -1300,247 +1302,32 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return sorted_values[lower] + (sorted_values[upper] - sorted_values[lower]) * (position - lower)
 
 
-_SKETCH_GAMMA = (1 + SKETCH_RELATIVE_ERROR) / (1 - SKETCH_RELATIVE_ERROR)
-_SKETCH_LOG_GAMMA = math.log(_SKETCH_GAMMA)
+PERCENTILES = (("median", 0.5), ("p90", 0.9), ("p99", 0.99))  # the summary's, by name: add one here
+@functools.lru_cache(maxsize=4)
+def _buckets(error: float) -> Tuple[int, float]:
+    """(below what magnitude a bucket holds one whole number, the log of a bucket's ratio) for
+    buckets within error of their values: 10 us and log(1.0001) for SKETCH_RELATIVE_ERROR."""
+    return round(1 / (2 * error)), math.log((1 + error) / (1 - error))
 
 
-class FineSketch:
-    """Counts of whole numbers of either sign, exact below SKETCH_EXACT_NS in magnitude and
-    within SKETCH_RELATIVE_ERROR above, as DDSketch keeps them: in one array over the range of
-    buckets in use, so that memory grows with the logarithm of the values' range (a few MB at
-    most, from -10 s to 10 s) and never with their count."""
-    __slots__ = ("count", "_low", "_counts")
-
-    def __init__(self) -> None:
-        self.count, self._low = 0, 0
-        self._counts = array.array("q")  # _counts[i] counts bucket key _low + i
-
-    @staticmethod
-    def key(value: int) -> int:
-        """The bucket of value; keys sort as the values do."""
-        if -SKETCH_EXACT_NS < value < SKETCH_EXACT_NS:
-            return value
-        steps = math.ceil(math.log(abs(value) / SKETCH_EXACT_NS) / _SKETCH_LOG_GAMMA)
-        return SKETCH_EXACT_NS + steps if value > 0 else -SKETCH_EXACT_NS - 1 - steps
-
-    @staticmethod
-    def value(key: int) -> float:
-        """A bucket's representative: within SKETCH_RELATIVE_ERROR of every value in it."""
-        if -SKETCH_EXACT_NS < key < SKETCH_EXACT_NS:
-            return float(key)
-        steps = key - SKETCH_EXACT_NS if key > 0 else -SKETCH_EXACT_NS - 1 - key
-        magnitude = 2 * SKETCH_EXACT_NS * _SKETCH_GAMMA ** steps / (_SKETCH_GAMMA + 1)
-        return magnitude if key > 0 else -magnitude
-
-    def add(self, value: int) -> None:
-        index = self.key(value) - self._low
-        if not 0 <= index < len(self._counts):
-            index = self._make_room(index)
-        self._counts[index] += 1
-        self.count += 1
-
-    def _make_room(self, index: int) -> int:
-        """Grow the array to hold index, by half again at least; returns index from the new low."""
-        counts = self._counts
-        if not counts:
-            self._low, self._counts = self._low + index, array.array("q", [0])
-            return 0
-        more = max(len(counts) // 2, index - len(counts) + 1 if index >= 0 else -index)
-        if index >= 0:
-            counts.extend(array.array("q", bytes(8 * more)))
-            return index
-        self._counts = array.array("q", bytes(8 * more)) + counts
-        self._low -= more
-        return index + more
-
-    def order_statistics(self, ranks: Sequence[int]) -> List[float]:
-        """The values at each 0-based rank, in ascending order of ranks."""
-        found, seen, wanted = [], 0, iter(ranks)
-        rank = next(wanted, None)
-        for index, count in enumerate(self._counts):
-            seen += count
-            while rank is not None and rank < seen:
-                found.append(self.value(self._low + index))
-                rank = next(wanted, None)
-            if rank is None:
-                break
-        return found
+def sketch_key(value: float, error: float = SKETCH_RELATIVE_ERROR) -> int:
+    """The bucket of a value once a Sketch is past its budget, as DDSketch's: one per whole number
+    below 1 / (2 * error) in magnitude (10 us), within error above; keys sort as values do."""
+    exact, log_gamma = _buckets(error)
+    if -exact < value < exact:
+        return round(value)
+    steps = math.ceil(math.log(abs(value) / exact) / log_gamma)
+    return exact + steps if value > 0 else -exact - 1 - steps
 
 
-class Quantiles:
-    """Every value of one quantity, for percentiles as numpy.percentile's linear interpolation
-    gives them.
-
-    The values (whole nanoseconds) are kept as they are, 4 or 8 bytes each, in sorted
-    chunks, while there are at most limit of them; past that they are counted in a
-    FineSketch, so that memory stays flat, and the percentiles stay within 0.01%.
-    """
-    __slots__ = ("limit", "count", "_chunks", "_pending", "_sketch")
-
-    def __init__(self, limit: Optional[int] = None) -> None:
-        self.limit, self.count = EXACT_VALUES if limit is None else limit, 0
-        self._chunks = []  # type: List[array.array]  # each sorted
-        self._pending = array.array("i")  # 4 bytes a value, until one does not fit
-        self._sketch = None  # type: Optional[FineSketch]
-
-    def add(self, value: int) -> None:
-        """value in whole nanoseconds (a float is rounded to one)."""
-        self.count += 1
-        if self.count > self.limit:  # past the budget: the exact values join the sketch when asked
-            if self._sketch is None:
-                self._sketch = FineSketch()
-            self._sketch.add(round(value))
-            return
-        pending = self._pending
-        try:
-            pending.append(value)
-        except (TypeError, OverflowError):  # a float, or beyond 4 bytes: the slow way
-            self._append(value)
-            pending = self._pending
-        if len(pending) >= EXACT_CHUNK:
-            self._chunks.append(array.array(self._pending.typecode, sorted(self._pending)))
-            self._pending = array.array(self._pending.typecode)
-
-    def _append(self, value: int) -> None:
-        try:
-            self._pending.append(value)
-        except TypeError:
-            self._append(round(value))
-        except OverflowError:  # beyond 2.1 s: 8 bytes a value from here on
-            self._pending = array.array("q", self._pending)
-            self._pending.append(value)
-
-    def _fold(self) -> None:
-        """The exact values into the sketch, once and for all: at a query, not in the probe loop."""
-        for chunk in self._chunks + [self._pending]:
-            for value in chunk:
-                self._sketch.add(value)
-        self._chunks, self._pending = [], array.array("i")
-
-    def quantiles(self, fractions: Sequence[float]) -> List[Optional[float]]:
-        """Each fraction's percentile (0.5: the median), None for no values."""
-        if not self.count:
-            return [None] * len(fractions)
-        positions = [(self.count - 1) * fraction for fraction in fractions]
-        ranks = sorted({rank for position in positions
-                        for rank in (int(position), min(int(position) + 1, self.count - 1))})
-        values = dict(zip(ranks, self._order_statistics(ranks)))
-        return [values[int(position)] + (values[min(int(position) + 1, self.count - 1)]
-                                         - values[int(position)]) * (position - int(position))
-                for position in positions]
-
-    def _order_statistics(self, ranks: Sequence[int]) -> List[float]:
-        if self._sketch is not None:
-            if self._chunks or self._pending:
-                self._fold()
-            return self._sketch.order_statistics(ranks)
-        chunks = self._chunks + [sorted(self._pending)]
-        if len(chunks) == 1:
-            return [float(chunks[0][rank]) for rank in ranks]
-        return [float(_kth_smallest(chunks, rank)) for rank in ranks]
-
-
-def _kth_smallest(chunks: Sequence[Sequence[int]], rank: int) -> int:
-    """The value at 0-based rank among sorted sequences of whole numbers: a binary search
-    on the value, counting with bisect, so that nothing is merged or copied."""
-    low = min(chunk[0] for chunk in chunks if len(chunk))
-    high = max(chunk[-1] for chunk in chunks if len(chunk))
-    while low < high:
-        middle = (low + high) // 2
-        if sum(bisect.bisect_right(chunk, middle) for chunk in chunks) > rank:
-            high = middle
-        else:
-            low = middle + 1
-    return low
-
-
-@functools.lru_cache(maxsize=8)
-def _gammas(relative_error: float) -> Tuple[float, float]:
-    gamma = (1 + relative_error) / (1 - relative_error)
-    return gamma, math.log(gamma)
-
-
-class LogHistogram:
-    """Counts of positive values in logarithmic buckets, as HdrHistogram and DDSketch keep them.
-
-    A quantile comes back within relative_error of the value at its rank,
-    from memory that grows with the logarithm of the values' range and never
-    with their count: some 800 buckets from 1 us to 10 s at 1%.
-    """
-
-    def __init__(self, relative_error: float = 0.01) -> None:
-        self._gamma, self._log_gamma = _gammas(relative_error)
-        self.buckets = {}  # type: Dict[int, int]  # index i counts values in (gamma**(i-1), gamma**i]
-        self.count = self.nonpositive = 0
-
-    def add(self, value: float) -> None:
-        self.count += 1
-        if value <= 0:
-            self.nonpositive += 1
-        else:
-            index = math.ceil(math.log(value) / self._log_gamma)
-            self.buckets[index] = self.buckets.get(index, 0) + 1
-
-    def merge(self, other: "LogHistogram") -> None:
-        self.count += other.count
-        self.nonpositive += other.nonpositive
-        for index, count in other.buckets.items():
-            self.buckets[index] = self.buckets.get(index, 0) + count
-
-    def value(self, index: int) -> float:
-        """The bucket's representative: within relative_error of anything in it."""
-        return 2 * self._gamma ** index / (self._gamma + 1)
-
-    def at_rank(self, rank: int) -> float:
-        """The rank-th smallest value (from 1), to within the relative error."""
-        seen = self.nonpositive
-        if rank <= seen:
-            return 0.0
-        for index in sorted(self.buckets):
-            seen += self.buckets[index]
-            if seen >= rank:
-                return self.value(index)
-        raise ValueError("rank {} of {} values".format(rank, self.count))
-
-    def quantile(self, fraction: float) -> Optional[float]:
-        """The smallest value with at least fraction of all at or below it (nearest rank)."""
-        return self.at_rank(max(1, math.ceil(fraction * self.count))) if self.count else None
-
-    def rows(self, most: int) -> List[Tuple[float, float, int]]:
-        """(low, high, count) rows of equal logarithmic width, at most most of them, from the
-        lowest bucket to the highest: a short run gets fewer, and none is empty of width."""
-        if not self.buckets:
-            return []
-        low, high = min(self.buckets), max(self.buckets)
-        per_row = max(1, math.ceil((high - low + 1) / most))
-        counts = [0] * ((high - low) // per_row + 1)
-        for index, count in self.buckets.items():
-            counts[(index - low) // per_row] += count
-        edge = lambda index: self._gamma ** index  # noqa: E731 - a bucket's upper edge
-        return [(edge(low + row * per_row - 1), edge(low + (row + 1) * per_row - 1), count)
-                for row, count in enumerate(counts)]
-
-
-class SignedHistogram:
-    """A LogHistogram for values of either sign, for delays that carry an unknown clock offset."""
-
-    def __init__(self, relative_error: float = 0.01) -> None:
-        self.positive, self.negative = LogHistogram(relative_error), LogHistogram(relative_error)
-
-    def add(self, value: float) -> None:
-        if value > 0:
-            self.positive.add(value)
-        else:
-            self.negative.add(-value)  # zero too: the smallest magnitude below the positives
-
-    def quantile(self, fraction: float) -> Optional[float]:
-        below, total = self.negative.count, self.negative.count + self.positive.count
-        if not total:
-            return None
-        rank = max(1, math.ceil(fraction * total))
-        if rank <= below:  # the rank-th smallest of the non-positive is the magnitude counted from the top
-            return -self.negative.at_rank(below - rank + 1)
-        return self.positive.at_rank(rank - below)
+def sketch_value(key: int, error: float = SKETCH_RELATIVE_ERROR) -> float:
+    """A bucket's representative: within error of every value in it."""
+    exact, log_gamma = _buckets(error)
+    if -exact < key < exact:
+        return float(key)
+    steps = key - exact if key > 0 else -exact - 1 - key
+    magnitude = 2 * exact * math.exp(log_gamma * steps) / (1 + math.exp(log_gamma))
+    return magnitude if key > 0 else -magnitude
 
 
 class RunningStats:
@@ -1558,14 +1345,201 @@ class RunningStats:
         self._squares += delta * (value - mean)
         if count == 1:
             self.min = self.max = value
-        elif value < self.min:
+        elif value < self.min:  # type: ignore[operator]  # set by the first value
             self.min = value
-        elif value > self.max:
+        elif value > self.max:  # type: ignore[operator]
             self.max = value
 
     @property
     def mdev(self) -> Optional[float]:
         return math.sqrt(self._squares / self.count) if self.count else None
+
+    def merge(self, other: "RunningStats") -> None:
+        """other's values added to these (Chan's parallel form of Welford's)."""
+        if not other.count:
+            return
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        self._squares += other._squares + delta * delta * self.count * other.count / count
+        self.mean += delta * other.count / count
+        self.min = other.min if self.min is None else min(self.min, other.min)  # type: ignore[type-var]
+        self.max = other.max if self.max is None else max(self.max, other.max)  # type: ignore[type-var]
+        self.count = count
+
+
+class Sketch:
+    """The distribution of one quantity, in whole ns of either sign: its running figures (stats),
+    its percentiles by percentile()'s method, and its histogram's rows.
+
+    While there are at most limit values, each is kept exactly, 4 or 8 bytes, in sorted chunks;
+    past that they are counted by sketch_key(), in one array over the keys in use, so that
+    memory grows with the logarithm of the values' range and never with their count.  relative
+    keeps the values against the first (one leg's delays carry the clocks' offset: hours, maybe);
+    error is the buckets' (a plot's need not be as fine).
+    """
+    __slots__ = ("limit", "stats", "origin", "error", "_relative", "_chunks", "_pending", "_low", "_counts")
+
+    def __init__(self, limit: Optional[int] = None, relative: bool = False,
+                 error: float = SKETCH_RELATIVE_ERROR) -> None:
+        self.limit, self.stats = EXACT_VALUES if limit is None else limit, RunningStats()
+        self.origin, self._relative, self.error = 0, relative, error
+        self._chunks = []  # type: List[array.array]  # each sorted
+        self._pending = array.array("i")  # 4 bytes a value, until one does not fit
+        self._low, self._counts = 0, None  # type: int, Optional[array.array]  # the buckets, past the limit
+
+    @property
+    def count(self) -> int:
+        return self.stats.count
+
+    def add(self, value: int) -> None:
+        """value in whole nanoseconds (a float is rounded to one)."""
+        stats = self.stats
+        if self._relative and not stats.count:
+            self.origin = value
+        stats.add(value)
+        value -= self.origin
+        if stats.count > self.limit:  # past the budget: the exact values join the buckets at a query
+            self._add_key(sketch_key(value, self.error))
+            return
+        pending = self._pending
+        try:
+            pending.append(value)
+        except (TypeError, OverflowError):  # a float, or beyond 4 bytes: the slow way
+            self._append(value)
+            pending = self._pending
+        if len(pending) >= EXACT_CHUNK:
+            self._chunks.append(array.array(pending.typecode, sorted(pending)))
+            self._pending = array.array(pending.typecode)
+
+    def merge(self, other: "Sketch") -> None:
+        """other's values added to these (a Timeline's neighbouring bins: the same error)."""
+        if other._counts is None:
+            for chunk in other._chunks + [other._pending]:
+                for value in chunk:
+                    self.add(value + other.origin)
+            return
+        other._fold()
+        self.stats.merge(other.stats)
+        for index, count in enumerate(other._counts):
+            if count:
+                self._add_key(other._low + index, count)
+
+    def quantiles(self, fractions: Sequence[float]) -> List[Optional[float]]:
+        """Each fraction's percentile (0.5: the median), by percentile()'s method; None for none."""
+        count = self.stats.count
+        if not count:
+            return [None] * len(fractions)
+        ranks = sorted({rank for fraction in fractions for position in [(count - 1) * fraction]
+                        for rank in (int(position), min(int(position) + 1, count - 1))})
+        values = dict(zip(ranks, self._order_statistics(ranks)))
+        return [percentile([values[int(position)], values[min(int(position) + 1, count - 1)]],
+                           position - int(position)) + self.origin
+                for position in [(count - 1) * fraction for fraction in fractions]]
+
+    def summary_ms(self, names: Sequence[str]) -> Dict[str, Optional[float]]:
+        """min, avg, median, p90, p99, max and mdev (as asked for), in ms; null for no values."""
+        stats = self.stats
+        figures = {"min": stats.min, "avg": stats.mean if stats.count else None, "max": stats.max,
+                   "mdev": stats.mdev}  # type: Dict[str, Optional[float]]
+        asked = [(name, fraction) for name, fraction in PERCENTILES if name in names]
+        figures.update(zip([name for name, _ in asked], self.quantiles([fraction for _, fraction in asked])))
+        return {name: _ms(figures[name]) for name in names}
+
+    def rows(self, most: int) -> List[Tuple[float, float, int]]:
+        """(low, high, count) rows of equal logarithmic width (linear where a value is not above 0)
+        from the least value to the greatest, most of them (one when all are equal)."""
+        stats = self.stats
+        if not stats.count:
+            return []
+        low, high = stats.min, stats.max
+        if low == high:
+            return [(low, high, stats.count)]
+        if low > 0:
+            edges = [low * (high / low) ** (row / most) for row in range(most)] + [high]
+        else:
+            edges = [low + (high - low) * row / most for row in range(most)] + [high]
+        below = [self._at_most(edge) for edge in edges[1:]]
+        return [(edges[row], edges[row + 1], below[row] - (below[row - 1] if row else 0))
+                for row in range(most)]
+
+    def _append(self, value: int) -> None:
+        try:
+            self._pending.append(value)
+        except TypeError:
+            self._append(round(value))
+        except OverflowError:  # beyond 2.1 s: 8 bytes a value from here on
+            self._pending = array.array("q", self._pending)
+            self._pending.append(value)
+
+    def _add_key(self, key: int, count: int = 1) -> None:
+        counts = self._counts
+        if counts is None:
+            counts, self._low = self._counts, self._low = array.array("q", [0]), key
+        index = key - self._low
+        if not 0 <= index < len(counts):
+            index = self._make_room(index)
+            counts = self._counts
+        counts[index] += count  # type: ignore[index]
+
+    def _make_room(self, index: int) -> int:
+        """Grow the buckets to hold index, by half again at least; returns index from the new low."""
+        counts = self._counts  # type: array.array  # type: ignore[assignment]
+        more = max(len(counts) // 2, index - len(counts) + 1 if index >= 0 else -index)
+        if index >= 0:
+            counts.extend(array.array("q", bytes(8 * more)))
+            return index
+        self._counts = array.array("q", bytes(8 * more)) + counts
+        self._low -= more
+        return index + more
+
+    def _fold(self) -> None:
+        """The exact values into the buckets, once and for all: at a query, not in the probe loop."""
+        for chunk in self._chunks + [self._pending]:
+            for value in chunk:
+                self._add_key(sketch_key(value, self.error))
+        self._chunks, self._pending = [], array.array("i")
+
+    def _sorted_chunks(self) -> List[Sequence[int]]:
+        return [chunk for chunk in self._chunks + [sorted(self._pending)] if len(chunk)]
+
+    def _order_statistics(self, ranks: Sequence[int]) -> List[float]:
+        """The values at each 0-based rank, ranks ascending."""
+        if self._counts is not None:
+            self._fold()
+            found, seen, wanted = [], 0, iter(ranks)
+            rank = next(wanted, None)
+            for index, count in enumerate(self._counts):
+                seen += count
+                while rank is not None and rank < seen:
+                    found.append(sketch_value(self._low + index, self.error))
+                    rank = next(wanted, None)
+            return found
+        chunks = self._sorted_chunks()
+        if len(chunks) == 1:
+            return [float(chunks[0][rank]) for rank in ranks]
+        return [float(_kth_smallest(chunks, rank)) for rank in ranks]
+
+    def _at_most(self, edge: float) -> int:
+        """How many values are at most edge (to the bucket, past the budget)."""
+        edge -= self.origin
+        if self._counts is None:
+            return sum(bisect.bisect_right(chunk, edge) for chunk in self._sorted_chunks())
+        self._fold()
+        last = sketch_key(edge, self.error) - self._low
+        return sum(self._counts[:max(0, last + 1)])
+
+
+def _kth_smallest(chunks: Sequence[Sequence[int]], rank: int) -> int:
+    """The value at 0-based rank among sorted sequences of whole numbers: a binary search
+    on the value, counting with bisect, so that nothing is merged or copied."""
+    low, high = min(chunk[0] for chunk in chunks), max(chunk[-1] for chunk in chunks)
+    while low < high:
+        middle = (low + high) // 2
+        if sum(bisect.bisect_right(chunk, middle) for chunk in chunks) > rank:
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 class Runs:
@@ -1716,7 +1690,7 @@ class PortFigures:
 
     def __init__(self, port: int) -> None:
         self.port, self.sent, self.received, self.lost = port, 0, 0, 0
-        self.rtt = Quantiles(EXACT_VALUES // EXACT_SHARE)
+        self.rtt = Sketch(EXACT_VALUES // EXACT_SHARE)
 
     def add(self, status: str, rtt_ns: Optional[int]) -> None:
         self.sent += 1
@@ -1726,9 +1700,8 @@ class PortFigures:
             self.rtt.add(rtt_ns)
 
     def as_dict(self) -> Dict[str, object]:
-        median, p99 = self.rtt.quantiles((0.5, 0.99))
         return {"port": self.port, "sent": self.sent, "received": self.received, "lost": self.lost,
-                "rtt_ms": {"median": _ms(median), "p99": _ms(p99)}}
+                "rtt_ms": self.rtt.summary_ms(("median", "p99"))}
 
 
 
@@ -2098,7 +2071,7 @@ class Bin:
 
     def __init__(self) -> None:
         self.sent = self.lost = 0
-        self.rtt = LogHistogram(0.05)  # enough for a plot's pixels
+        self.rtt = Sketch(0, error=BIN_RELATIVE_ERROR)
         self.best = None  # type: Optional[OffsetPoint]  # the trusted sample with the lowest RTT
 
     def merge(self, other: "Bin") -> None:
@@ -2145,54 +2118,6 @@ class Timeline:
         return [item.best for item in self.bins if item.best is not None]
 
 
-class Distribution:
-    """Welford's running figures and the exact percentiles (Quantiles) of one quantity, in ns."""
-    __slots__ = ("stats", "values")
-
-    def __init__(self, limit: Optional[int] = None) -> None:
-        self.stats, self.values = RunningStats(), Quantiles(limit)
-
-    def add(self, value: int) -> None:
-        self.stats.add(value)
-        self.values.add(value)
-
-    def summary_ms(self, names: Sequence[str]) -> Dict[str, Optional[float]]:
-        """min, avg, median, p90, p99, max and mdev (as asked for), in ms; null for no values."""
-        stats = self.stats
-        figures = {"min": stats.min, "avg": stats.mean if stats.count else None, "max": stats.max,
-                   "mdev": stats.mdev}
-        asked = [(name, fraction) for name, fraction in PERCENTILES if name in names]
-        figures.update(zip([name for name, _ in asked],
-                           self.values.quantiles([fraction for _, fraction in asked])))
-        return {name: _ms(figures[name]) for name in names}
-
-
-class Delays:
-    """One direction's delays (T2 - T1 out, T4 - T3 back), which carry the clocks' offset: their
-    median above their minimum shows on which leg the queueing was; the offset cancels out."""
-    __slots__ = ("reference", "lowest", "values")
-
-    def __init__(self, limit: Optional[int] = None) -> None:
-        self.reference = self.lowest = None  # type: Optional[int]
-        self.values = Quantiles(limit)
-
-    def add(self, delay_ns: int) -> None:
-        if self.reference is None:
-            self.reference = delay_ns  # values are kept against the first, so they stay small
-        value = delay_ns - self.reference
-        self.lowest = value if self.lowest is None else min(self.lowest, value)
-        self.values.add(value)
-
-    def median_ns(self) -> Optional[float]:
-        (middle,) = self.values.quantiles((0.5,))
-        return None if middle is None else self.reference + middle
-
-    def queueing_ns(self) -> Optional[float]:
-        (middle,) = self.values.quantiles((0.5,))
-        return None if middle is None else max(0.0, middle - self.lowest)
-
-
-PERCENTILES = (("median", 0.5), ("p90", 0.9), ("p99", 0.99))
 RTT_FIGURES = ("min", "avg", "median", "p90", "p99", "max", "mdev")
 IPDV_FIGURES = ("median", "p99", "max")
 
@@ -2231,11 +2156,10 @@ class Totals:
         for name in self.COUNTS:
             setattr(self, name, 0)
         share = EXACT_VALUES // EXACT_SHARE  # the RTT has the most of the budget
-        self.rtt, self.proc, self.jitter = Distribution(), Distribution(share), RunningStats()
-        self.rtt_rows = LogHistogram()  # the histogram's rows
+        self.rtt, self.proc, self.jitter = Sketch(), Sketch(share), RunningStats()
         self.rtt_buckets = [0] * (len(RTT_BUCKETS_NS) + 1)  # Prometheus' buckets, counted exactly
-        self.send_ipdv, self.receive_ipdv = Distribution(share), Distribution(share)
-        self.send_delays, self.receive_delays = Delays(share), Delays(share)
+        self.send_ipdv, self.receive_ipdv = Sketch(share), Sketch(share)
+        self.send_delays, self.receive_delays = Sketch(share, relative=True), Sketch(share, relative=True)
         self.best = None  # type: Optional[Sample]  # NTP's clock filter: the trusted sample of least error
         self.untrusted_because = collections.Counter()  # type: collections.Counter
         self.server_stamps = set()  # type: set
@@ -2291,7 +2215,6 @@ class Totals:
         """An answered probe's figures, and its differences with the probes numbered next to it."""
         timing = sample.timing
         self.rtt.add(timing.rtt_ns)
-        self.rtt_rows.add(timing.rtt_ns)
         self.rtt_buckets[bisect.bisect_left(RTT_BUCKETS_NS, timing.rtt_ns)] += 1
         if timing.proc_ns is not None:
             self.proc.add(timing.proc_ns)
@@ -4126,8 +4049,8 @@ def _figures(recorder: Recorder, totals: Totals, end_mono_ns: int) -> Dict[str, 
                    offset_seq=best and best.seq)
     figures.update(send_ipdv_ms=totals.send_ipdv.summary_ms(IPDV_FIGURES),
                    receive_ipdv_ms=totals.receive_ipdv.summary_ms(IPDV_FIGURES),
-                   send_queueing_ms=_ms(totals.send_delays.queueing_ns()),
-                   receive_queueing_ms=_ms(totals.receive_delays.queueing_ns()))
+                   send_queueing_ms=_ms(_queueing_ns(totals.send_delays)),
+                   receive_queueing_ms=_ms(_queueing_ns(totals.receive_delays)))
     figures.update(_drift_figures(fit_drift(totals.timeline.points(),
                                             (end_mono_ns - totals.started_mono_ns) / NS_PER_S)))
     figures["histogram_ms"] = _histogram_rows(totals)
@@ -4135,19 +4058,25 @@ def _figures(recorder: Recorder, totals: Totals, end_mono_ns: int) -> Dict[str, 
     return figures
 
 
+def _queueing_ns(delays: Sketch) -> Optional[float]:
+    """How far one leg's median delay lies above its least: the queueing on that leg."""
+    (median,) = delays.quantiles((0.5,))
+    return None if median is None else max(0.0, median - delays.stats.min)
+
+
 def _one_way(recorder: Recorder, totals: Totals, local: ClockState, stamps: Mapping) -> Dict[str, object]:
     """Each leg's delay (T2 - T1 out, T4 - T3 back), when both kernels say their clocks are
     synchronised: their medians, each within both kernels' maximum errors and the stamps' own."""
     server = recorder.server_clock_state or UNKNOWN_CLOCK
     reason = _unsynchronized(local, "this machine's") or _unsynchronized(server, "the server's")
-    if reason is None and totals.send_delays.reference is None:
+    if reason is None and not totals.send_delays.count:
         reason = "no probe with consistent timestamps at both ends"
     if reason is not None:
         return {"owd_up_ms": None, "owd_down_ms": None, "owd_reason": reason}
     kernel = stamps["client"] == KERNEL and stamps["server"] == KERNEL
     error_ns = local.maxerror_ns + server.maxerror_ns + STAMP_ERROR_NS[KERNEL if kernel else USER]
-    return {"owd_up_ms": {"median": _ms(totals.send_delays.median_ns()), "err": _ms(error_ns)},
-            "owd_down_ms": {"median": _ms(totals.receive_delays.median_ns()), "err": _ms(error_ns)},
+    return {"owd_up_ms": {"median": _ms(totals.send_delays.quantiles((0.5,))[0]), "err": _ms(error_ns)},
+            "owd_down_ms": {"median": _ms(totals.receive_delays.quantiles((0.5,))[0]), "err": _ms(error_ns)},
             "owd_reason": None}
 
 
@@ -4173,7 +4102,7 @@ def plot_data(recorder: Recorder) -> Dict[str, object]:
     for index, item in enumerate(timeline.bins):
         if not item.sent:
             continue
-        quantiles = [item.rtt.quantile(q) / 1e6 for q in (0, 0.5, 0.99)] if item.rtt.count else None
+        quantiles = [value / 1e6 for value in item.rtt.quantiles((0, 0.5, 0.99))] if item.rtt.count else None
         best = item.best
         bins.append({"start_s": index * width_s, "end_s": (index + 1) * width_s, "sent": item.sent,
                      "lost": item.lost, "rtt_ms": quantiles,
@@ -4234,7 +4163,7 @@ def _unsynchronized(state: ClockState, whose: str) -> Optional[str]:
 def _histogram_rows(totals: Totals) -> List[List[float]]:
     """About sqrt(n) rows, at most 10, from the fastest RTT to the slowest: never beyond them."""
     stats = totals.rtt.stats
-    rows = totals.rtt_rows.rows(max(1, min(10, round(math.sqrt(totals.received)))))
+    rows = totals.rtt.rows(max(1, min(10, round(math.sqrt(totals.received)))))
     if rows:
         rows[0] = (max(rows[0][0], stats.min), rows[0][1], rows[0][2])
         rows[-1] = (rows[-1][0], min(rows[-1][1], stats.max), rows[-1][2])
@@ -5157,7 +5086,8 @@ def fleet_plot_data(recorders: Sequence[Recorder]) -> Dict[str, object]:
         width_s = recorder.totals.timeline.width_ns / NS_PER_S
         bins = [((index + 0.5) * width_s, item) for index, item in enumerate(recorder.totals.timeline.bins)]
         targets.append({"target": recorder.target, "loss_pct": summarize(recorder)["loss_pct"],
-                        "rtt_ms": [(at, item.rtt.quantile(0.5) / 1e6) for at, item in bins if item.rtt.count],
+                        "rtt_ms": [(at, item.rtt.quantiles((0.5,))[0] / 1e6) for at, item in bins
+                                   if item.rtt.count],
                         "offset_ms": [(at, item.best.offset_ns / 1e6) for at, item in bins
                                       if item.best is not None]})
     return {"title": "udp-timecheck, {} targets, {}".format(len(recorders), iso_utc(recorders[0].started_ns)),

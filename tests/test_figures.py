@@ -22,7 +22,7 @@ def within_tolerance(got, exact):
 
 
 def percentiles(values, limit=None):
-    quantiles = utc.Quantiles(limit)
+    quantiles = utc.Sketch(limit)
     for value in values:
         quantiles.add(value)
     return quantiles.quantiles(FRACTIONS), numpy_percentiles(values, [100 * part for part in FRACTIONS])
@@ -72,14 +72,14 @@ def test_the_sketch_is_exact_below_ten_microseconds_and_relative_above():
     rng = random.Random(11)
     edges = [0, 1, -1, 9999, -9999, 10000, -10000]
     for value in edges + [rng.randrange(-10 ** 11, 10 ** 11) for _ in range(5000)]:
-        shown = utc.FineSketch.value(utc.FineSketch.key(value))
+        shown = utc.sketch_value(utc.sketch_key(value))
         assert abs(shown - value) <= (0 if abs(value) < 10000 else 5e-5 * abs(value) * (1 + 1e-9)), value
-    keys = [utc.FineSketch.key(value) for value in range(-30000, 30000, 7)]
+    keys = [utc.sketch_key(value) for value in range(-30000, 30000, 7)]
     assert keys == sorted(keys)
 
 
 def test_past_the_budget_memory_stays_flat():
-    quantiles = utc.Quantiles(limit=1000)
+    quantiles = utc.Sketch(limit=1000)
     rng = random.Random(2)
     for _ in range(20000):  # 50 to 52 us: some 400 buckets of 0.01%, all in use by now
         quantiles.add(rng.randrange(50 * US, 52 * US))
