@@ -100,8 +100,7 @@ __all__ = [
     "clock_offset_ns", "KERNEL", "USER", "OK", "LOST", "MISMATCHED", "IN_FLIGHT", "NOT_UP", "EXIT_OK",
     "EXIT_FAILED", "EXIT_USAGE", "DEFAULT_PORT",
     # 2. the wire format
-    "Message", "encode_request", "decode_message", "RequestFields", "RequestOptions", "request_fields",
-    "quick_fields", "parse_request", "reply_parts", "ReplyExtra", "encode_reply_extra", "fit_tutorial_reply",
+    "Message", "encode_request", "decode_message", "Request", "RequestOptions", "parse_request", "reply_parts", "ReplyExtra", "encode_reply_extra", "fit_tutorial_reply",
     "min_request_size", "seal", "mac_matches", "mac_of_datagram", "reply_context", "ClockState",
     "encode_clock_state", "decode_clock_state", "NtpReply", "encode_ntp_request", "decode_ntp", "ntp_problem",
     # 3. the platform
@@ -346,16 +345,14 @@ def _refuse_number(text: str) -> NoReturn:
     raise ValueError("not an integer: {!r}".format(text[:20]))
 
 
-# The C scanner behind json.loads, called without its Python wrappers.  It raises
-# StopIteration where json.loads says "Expecting value".
-_scan_json = json.scanner.make_scanner(json.JSONDecoder(
-    parse_float=_refuse_number, parse_constant=_refuse_number,
-    parse_int=None if hasattr(sys, "get_int_max_str_digits") else _bounded_int))
+# json.loads' decoder, told to refuse what no message holds; cost limits come first (_check_shape).
+_JSON = json.JSONDecoder(parse_float=_refuse_number, parse_constant=_refuse_number,
+                         parse_int=None if hasattr(sys, "get_int_max_str_digits") else _bounded_int)
 _EXT_LIMITS = {"seq": ID_LIMIT, "t2": ID_LIMIT, "t3": ID_LIMIT, "size": MAX_DATAGRAM + 1,  # from 0, below
-               "sid": ID_LIMIT, "rx": ID_LIMIT, "xs": ID_LIMIT, "xt": ID_LIMIT, "xl": 2, "pi": 2,
-               "tos": 256, "ttl": 256}
+               "sid": ID_LIMIT, "rx": ID_LIMIT, "xs": ID_LIMIT, "xt": ID_LIMIT, "xr": ID_LIMIT, "xl": 2,
+               "pi": 2, "tos": 256, "ttl": 256, "bye": ID_LIMIT}
 _CLOCK_INTS = ("maxerr_us", "esterr_us", "freq_ppb")  # a clock state's numbers, |n| <= CLOCK_VALUE_LIMIT
-_REPLY_ONLY = frozenset(("t2", "t3", "ts"))
+_REPLY_ONLY = frozenset(("t2", "t3", "ts", "bye"))
 
 
 # An array that starts with an integer and a string: where the separators after the
@@ -380,16 +377,20 @@ def _check_shape(text: str) -> None:
 
 
 def decode_message(data: bytes) -> Message:
-    """Decode a datagram, or raise WireError; nothing else escapes, whatever the bytes.
+    """Decode a request or a reply, or raise WireError; nothing else escapes, whatever the bytes.
 
     Every number in it is range-checked here, as the encoder's limits are: a
-    value out of range makes the datagram malformed.  A reply in the layout our
-    server gives is read by one regular expression, to the same Message.
+    value out of range makes the datagram malformed.
     """
-    quick = _quick_reply(data)
-    if quick is not None:
-        return quick
-    items = _json_array(data)
+    try:
+        text = data.decode("utf-8").strip(JSON_WHITESPACE)
+        _check_shape(text)
+        items = _JSON.decode(text)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, too deep or too long
+        raise WireError("not a JSON datagram: {}".format(exc if isinstance(exc, WireError)
+                                                         else type(exc).__name__)) from None
+    if type(items) is not list or len(items) < 2:
+        raise WireError("not an [id, text, ...] array")
     message_id, message_text = _check_id_and_text(items[0], items[1])
     ext = items[2] if len(items) > 2 and type(items[2]) is dict else None
     if ext:
@@ -406,54 +407,7 @@ def _check_id_and_text(message_id: object, message_text: object) -> Tuple[int, s
         message_text.encode("utf-8")
     except UnicodeEncodeError:
         raise WireError("the text holds an unpaired surrogate") from None
-    return message_id, message_text
-
-
-# Our server's replies, as reply_parts() lays them out (with no clock state, and ASCII text): the
-# client's every reply, read without decoding any JSON.  Anything else takes decode_message's way.
-_NUMBER = rb'(0|[1-9][0-9]{0,19})'
-_CANONICAL_REPLY = re.compile(
-    rb'\[(0|-?[1-9][0-9]{0,19}), "([ !#-\[\]-~]*)", \{"seq": ' + _NUMBER + rb', "ts": "(kernel|user)", '
-    rb'(?:"rx": ' + _NUMBER + rb'(, "xl": 1(?:, "xs": ' + _NUMBER + rb', "xt": ' + _NUMBER + rb')?)?'
-    rb'(?:, "tos": ([0-9]{1,3}))?(?:, "ttl": ([0-9]{1,3}))?, )?'
-    rb'"t2": ' + _NUMBER + rb', "t3": ' + _NUMBER + rb'(?:, "pad": "( *)")?\}(?:, "([0-9a-f]{64})")?\]')
-_QUICK_EXTRA = ("rx", "xl", "xs", "xt", "tos", "ttl")
-
-
-def _quick_reply(data: bytes) -> Optional[Message]:
-    """decode_message() of a reply in our server's layout, or None for anything else."""
-    match = _CANONICAL_REPLY.fullmatch(data)
-    if match is None:
-        return None
-    message_id, text, seq, stamp, *extra, t2, t3, pad, mac = match.groups()
-    message_id, seq, t2, t3 = int(message_id), int(seq), int(t2), int(t3)
-    if not -ID_LIMIT < message_id < ID_LIMIT or max(seq, t2, t3) >= ID_LIMIT:
-        return None  # out of range: decode_message says why
-    ext = {"seq": seq, "ts": stamp.decode(), "t2": t2, "t3": t3}  # type: Dict[str, object]
-    if extra[0] is not None:
-        for name, value in zip(_QUICK_EXTRA, extra):
-            if value is not None:
-                ext[name] = 1 if name == "xl" else int(value)
-        if ext.get("xs", 0) >= ID_LIMIT or ext.get("xt", 0) >= ID_LIMIT or ext.get("tos", 0) > 255 \
-                or ext.get("ttl", 0) > 255 or ext["rx"] >= ID_LIMIT:
-            return None
-    if pad is not None:
-        ext["pad"] = pad.decode()
-    return Message(message_id, text.decode(), ext, None if mac is None else mac.decode())
-
-
-def _json_array(data: bytes) -> list:
-    """The JSON array of at least two items that data holds, after the cost checks, or WireError."""
-    try:
-        text = data.decode("utf-8").strip(JSON_WHITESPACE)
-        _check_shape(text)
-        items, end = _scan_json(text, 0)
-    except (ValueError, RecursionError, StopIteration) as exc:  # bad UTF-8 or JSON, too deep or long
-        raise WireError("not a JSON datagram: {}".format(exc if isinstance(exc, WireError)
-                                                         else type(exc).__name__)) from None
-    if end != len(text) or type(items) is not list or len(items) < 2:
-        raise WireError("not an [id, text, ...] array")
-    return items
+    return message_id, message_text  # type: ignore[return-value]  # checked just above
 
 
 def _check_extension(ext: Dict[str, object]) -> None:
@@ -513,16 +467,29 @@ def reply_context(request_id: bytes, request_mac: bytes) -> bytes:
     return REPLY_LABEL + b"%b\n%b\n" % (request_id, request_mac)
 
 
+class RequestOptions(NamedTuple):
+    """What a request asks of the server beyond a reply: its count of the session's requests
+    (the loss in each direction), the kernel's transmit stamp of an earlier reply (interleaved,
+    as chrony's xleave): the one whose T2 is exchange, and the marks the path left on it."""
+    session: Optional[int] = None
+    interleaved: bool = False
+    path: bool = False
+    exchange: Optional[int] = None
+
+
+NO_OPTIONS = RequestOptions()
+
+
 def encode_request(request_id: int, text: str, seq: Optional[int] = None, *, size: int = 0,
                    pad_to: int = 0, key: Optional[bytes] = None, ask_clock_state: bool = False,
-                   options: Optional["RequestOptions"] = None) -> bytes:
+                   options: RequestOptions = NO_OPTIONS) -> bytes:
     """A request datagram; without seq it is the tutorial's two-element form.
 
     With seq it carries our extension object, padded with a "pad" string to at
     least pad_to bytes (exactly, when pad_to leaves room for the pad field);
     size asks the server to pad its reply to that many bytes, ask_clock_state
     for its kernel's clock state, options for a session's count (sid), the kernel's
-    transmit stamp of the reply (xl, interleaved) and the path's marks (pi).
+    transmit stamp of an earlier reply (xl, xr: interleaved) and the path's marks (pi).
     With a key the MAC is appended as the last element.
     """
     if seq is None:
@@ -538,95 +505,56 @@ def encode_request(request_id: int, text: str, seq: Optional[int] = None, *, siz
     return data if key is None else seal(key, REQUEST_LABEL, data)
 
 
-def _options_members(options: Optional["RequestOptions"]) -> bytes:
+def _options_members(options: RequestOptions) -> bytes:
     """A request's options as members of its extension object (after seq), or nothing."""
-    if options is None or options.session is None:
+    if options.session is None:
         return b""
-    return b', "sid": %d%b%b' % (options.session, b', "xl": 1' if options.interleaved else b"",
-                                 b', "pi": 1' if options.path else b"")
+    exchange = b', "xr": %d' % options.exchange if options.interleaved and options.exchange is not None \
+        else b""
+    return b', "sid": %d%b%b%b' % (options.session, b', "xl": 1' if options.interleaved else b"", exchange,
+                                   b', "pi": 1' if options.path else b"")
 
 
-# The layout json.dumps gives our client's requests and the tutorial's: one regex
-# finds the digits a reply copies, without decoding any JSON.  Anything else (other
-# spacing, escapes, other keys) goes through decode_message to the same fields.
-_CANONICAL_REQUEST = re.compile(
-    rb'\[(0|-?[1-9][0-9]{0,18}), "[ !#-\[\]-~]*"'
-    rb'(?:, \{"seq": (0|[1-9][0-9]{0,18})(?:, "sid": (0|[1-9][0-9]{0,18})(, "xl": 1)?(, "pi": 1)?)?'
-    rb'(?:, "size": ([1-9][0-9]{0,4}))?(?:, "pad": " *")?\}(?:, "[0-9a-f]{64}")?)?\]')
-
-
-class RequestFields(NamedTuple):
-    """What a reply copies from a request: its id and seq as decimal digits (seq None: the
-    tutorial's form), the size asked for, and whether it asks for the server's clock state."""
+class Request(NamedTuple):
+    """What a reply needs of a request: its id and seq as decimal digits (seq None: the tutorial's
+    form), the size asked for, whether it asks for the server's clock state, and its options."""
     request_id: bytes
     seq: Optional[bytes]
     size: int
     wants_clock_state: bool
+    options: RequestOptions = NO_OPTIONS
 
 
-class RequestOptions(NamedTuple):
-    """What a request asks of the server beyond a reply: its count of the session's requests
-    (the loss in each direction), the kernel's transmit stamp of its replies (interleaved, as
-    chrony's xleave), and the marks the path left on it (TOS, TTL)."""
-    session: Optional[int] = None
-    interleaved: bool = False
-    path: bool = False
+# The layout our client's requests and the tutorial's have (json.dumps'): one regex finds what a
+# reply needs, without decoding any JSON, on the server's hot path.  Anything else (other spacing,
+# escapes, other keys) goes through decode_message to the same fields.
+_NUMBER = rb'(0|[1-9][0-9]{0,18})'
+_CANONICAL_REQUEST = re.compile(
+    rb'\[(0|-?[1-9][0-9]{0,18}), "[ !#-\[\]-~]*"(?:, \{"seq": ' + _NUMBER + rb'(?:, "sid": ' + _NUMBER
+    + rb'(, "xl": 1(?:, "xr": ' + _NUMBER + rb')?)?(, "pi": 1)?)?(, "clock": 1)?(?:, "size": ([1-9][0-9]{0,4}))?'
+    rb'(?:, "pad": " *")?\}(?:, "[0-9a-f]{64}")?)?\]')
 
 
-NO_OPTIONS = RequestOptions()
-
-
-def fields_of(request: Message) -> RequestFields:
-    """What a reply needs of a request (see RequestFields).
-
-    seq is None for the tutorial's form: no extension object, or one without a seq.
-    A message carrying a server's timestamps is a reply: NotARequest.
-    """
-    if request.ext is not None and not _REPLY_ONLY.isdisjoint(request.ext):
+def parse_request(data: bytes) -> Request:
+    """The Request in data, or WireError (NotARequest: a reply, which could start a loop)."""
+    match = _CANONICAL_REQUEST.fullmatch(data)
+    if match is not None:
+        request_id, seq, session, interleaved, exchange, path, clock, size = match.groups()
+        if not size or int(size) <= MAX_DATAGRAM:  # else: out of range, as decode_message says
+            options = NO_OPTIONS if session is None else RequestOptions(
+                int(session), bool(interleaved), bool(path), exchange and int(exchange))
+            return Request(request_id, seq, int(size) if size else 0, bool(clock), options)
+    request = decode_message(data)
+    ext = request.ext
+    if ext is not None and not _REPLY_ONLY.isdisjoint(ext):
         raise NotARequest("a reply, not a request: it carries server timestamps")
     seq = request.seq
-    if seq is None:
-        return RequestFields(b"%d" % request.message_id, None, 0, False)
-    size = request.ext.get("size") or 0
-    return RequestFields(b"%d" % request.message_id, b"%d" % seq, size, request.ext.get("clock") == 1)
-
-
-def options_of(request: Message) -> RequestOptions:
-    ext = request.ext
-    if ext is None or request.seq is None or ext.get("sid") is None:
-        return NO_OPTIONS
-    return RequestOptions(ext["sid"], ext.get("xl") == 1, ext.get("pi") == 1)
-
-
-def quick_fields(data: bytes) -> Optional[RequestFields]:
-    """request_fields() for a request in the layout json.dumps gives, or None for any other."""
-    parsed = _quick_request(data)
-    return None if parsed is None else parsed[0]
-
-
-def _quick_request(data: bytes) -> Optional[Tuple[RequestFields, RequestOptions]]:
-    match = _CANONICAL_REQUEST.fullmatch(data)
-    if match is None:
-        return None
-    request_id, seq, session, interleaved, path, size = match.groups()
-    if size and int(size) > MAX_DATAGRAM:
-        return None  # out of range: decode_message says why
-    options = NO_OPTIONS if session is None else RequestOptions(int(session), bool(interleaved), bool(path))
-    return RequestFields(request_id, seq, int(size) if size else 0, False), options
-
-
-def request_fields(data: bytes) -> RequestFields:
-    """fields_of(decode_message(data)), the quick way for requests in json.dumps' layout."""
-    return parse_request(data)[0]
-
-
-def parse_request(data: bytes) -> Tuple[RequestFields, RequestOptions]:
-    """(fields_of, options_of) of a request, the quick way for one in json.dumps' layout."""
-    quick = _quick_request(data)
-    if quick is not None:
-        return quick
-    request = decode_message(data)
-    return fields_of(request), options_of(request)
+    if seq is None:  # no extension object, or one without a seq: the tutorial's form
+        return Request(b"%d" % request.message_id, None, 0, False)
+    options = NO_OPTIONS if ext.get("sid") is None else RequestOptions(  # type: ignore[union-attr]
+        ext["sid"], ext.get("xl") == 1, ext.get("pi") == 1, ext.get("xr"))  # type: ignore[index,union-attr]
+    return Request(b"%d" % request.message_id, b"%d" % seq, ext.get("size") or 0,  # type: ignore[union-attr]
+                   ext.get("clock") == 1, options)  # type: ignore[union-attr]
 
 
 def reply_parts(reply_id: bytes, time_text: bytes, *, seq: Optional[bytes], server_recv_ns: int,
@@ -722,7 +650,8 @@ def min_request_size(highest_seq: int, *, size: int = 0, keyed: bool = False, cl
                              server_recv_ns=10 ** (TIMESTAMP_DIGITS - 1), stamp=KERNEL.encode(),
                              keyed=keyed, clock_state=b"x" * CLOCK_STATE_MAX if clock_state else b"",
                              extra=extra)
-    worst_options = options._replace(session=ID_LIMIT - 1) if options.session is not None else None
+    worst_options = NO_OPTIONS if options.session is None else options._replace(
+        session=ID_LIMIT - 1, exchange=ID_LIMIT - 1 if options.interleaved else None)
     request = encode_request(worst_id, SAMPLE_TEXT, highest_seq, size=size,
                              key=b"k" if keyed else None, ask_clock_state=clock_state, options=worst_options)
     return max(len(head) + TIMESTAMP_DIGITS + len(tail), len(request) + PAD_OVERHEAD)
@@ -2561,7 +2490,7 @@ class TimeServer:
         parsed = self._parsed(data)
         if parsed is None:
             return None
-        (request_id, seq, size, wants_clock_state), options = parsed
+        request_id, seq, size, wants_clock_state, options = parsed
         if not self._answerable(data, request_id, seq, source, server_recv_ns):
             return None
         reply_id = request_id
@@ -2589,7 +2518,7 @@ class TimeServer:
             return True
         return False
 
-    def _parsed(self, data: bytes) -> Optional[Tuple[RequestFields, RequestOptions]]:
+    def _parsed(self, data: bytes) -> Optional[Request]:
         """parse_request(data), or None for a reply (a loop in the making) or garbage, counted."""
         try:
             return parse_request(data)

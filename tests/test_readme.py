@@ -93,7 +93,7 @@ def test_protocol_examples_are_what_the_code_sends():
     for match in (request, reply):
         assert int(match.group(1)) == len(match.group(2).encode())
         utc.decode_message(match.group(2).encode())
-    request_id, seq, size, clock = utc.request_fields(request.group(2).encode())
+    request_id, seq, size, clock, options = utc.parse_request(request.group(2).encode())
     assert utc.decode_message(reply.group(2).encode()).message_id == int(request_id)
     assert int(reply.group(1)) <= int(request.group(1))
 

@@ -54,8 +54,8 @@ def test_reply_parts_put_t3_last_and_round_trip():
 
 
 def test_two_element_request_gets_the_tutorials_reply_form():
-    fields = utc.request_fields(json.dumps([5, TEXT]).encode())
-    assert fields == (b"5", None, 0, False)
+    fields = utc.parse_request(json.dumps([5, TEXT]).encode())
+    assert fields[:4] == (b"5", None, 0, False)
     head, tail = utc.reply_parts(fields[0], SERVER_TEXT, seq=fields[1], size=fields[2], request_size=100,
                                  server_recv_ns=1)
     assert tail is None
@@ -66,7 +66,7 @@ def test_two_element_request_gets_the_tutorials_reply_form():
 
 def test_requested_size_pads_the_reply_but_never_beyond_the_request():
     data = utc.encode_request(99, TEXT, 4, size=1000, pad_to=1000)
-    request_id, seq, size, clock = utc.request_fields(data)
+    request_id, seq, size, clock = utc.parse_request(data)[:4]
     assert (request_id, seq, size, clock) == (b"99", b"4", 1000, False)
     t2 = 1_700_000_000_123_456_789
     head, tail = utc.reply_parts(request_id, SERVER_TEXT, seq=seq, size=size, request_size=len(data),
@@ -90,21 +90,25 @@ def test_requested_size_pads_the_reply_but_never_beyond_the_request():
      (b"18446744073709551615", b"18446744073709551615", 0, False)),   # 20 digits: the JSON route
 ])
 def test_request_fields(data, fields):
-    assert utc.request_fields(data) == fields
+    assert utc.parse_request(data)[:4] == fields
 
 
 @pytest.mark.parametrize("data", [b'[18446744073709551616, "x"]', b'[01, "x"]', b'[1, "x", {"seq": -1}]'])
 def test_request_fields_refuses_what_decode_refuses(data):
     with pytest.raises(utc.WireError):
-        utc.request_fields(data)
+        utc.parse_request(data)
 
 
-def test_real_requests_take_the_quick_route():
+def test_real_requests_take_the_quick_route(monkeypatch):
     """The server's speed rests on this: what clients really send never needs the JSON decoder."""
-    for prober in (utc.Prober("127.0.0.1", 9, count=1000), utc.Prober("127.0.0.1", 9, key=b"k" * 32),
-                   utc.Prober("127.0.0.1", 9, size=1400, key=b"k" * 32)):
-        assert utc.quick_fields(prober.new_probe(999)[1]) is not None
-    assert utc.quick_fields(json.dumps([491, TEXT]).encode()) == (b"491", None, 0, False)  # the tutorial's
+    requests = [utc.encode_request(2 ** 63 - 1, TEXT, 999, pad_to=300, key=key, size=size, ask_clock_state=clock,
+                                   options=utc.RequestOptions(2 ** 63 - 1, True, True, 1_764_000_000 * 10 ** 9))
+                for key in (None, b"k" * 32) for size in (0, 1400) for clock in (False, True)]
+    expected = [utc.parse_request(data) for data in requests + [json.dumps([491, TEXT]).encode()]]
+    monkeypatch.setattr(utc, "decode_message", None)  # the JSON route would fail now
+    assert [utc.parse_request(data) for data in requests] == expected[:-1]
+    assert utc.parse_request(json.dumps([491, TEXT]).encode()) == expected[-1]  # the tutorial's
+    assert expected[0].options.exchange == 1_764_000_000 * 10 ** 9 and expected[1].wants_clock_state
 
 
 def canonical_request(request_id, text, seq, size, pad, keyed):
@@ -130,8 +134,7 @@ SIZES, PADS = st.sampled_from([0, 0, 1, 250, 65507]), st.integers(0, 300)
                  st.none() | st.integers(0, 2 ** 64 - 1), SIZES, PADS, st.booleans()))
 def test_quick_and_json_routes_agree_on_valid_requests(pieces):
     data = canonical_request(*pieces)
-    expected = utc.fields_of(utc.decode_message(data))
-    assert utc.request_fields(data) == expected
+    assert utc.parse_request(data) == utc.parse_request(b" " + data)  # a leading space: the JSON route
 
 
 @settings(max_examples=150, deadline=None)
@@ -139,7 +142,7 @@ def test_quick_and_json_routes_agree_on_valid_requests(pieces):
                  st.none() | st.integers(0, 10 ** 20), SIZES, PADS, st.booleans()))
 def test_quick_and_json_routes_both_refuse_an_id_out_of_range(pieces):
     data = canonical_request(*pieces)
-    for route in (utc.decode_message, utc.request_fields):
+    for route in (utc.decode_message, utc.parse_request):
         with pytest.raises(utc.WireError):
             route(data)
 
@@ -149,7 +152,7 @@ def test_quick_and_json_routes_both_refuse_an_id_out_of_range(pieces):
                  st.integers(2 ** 64, 10 ** 20) | st.integers(-5, -1), SIZES, PADS, st.booleans()))
 def test_quick_and_json_routes_both_refuse_a_seq_out_of_range(pieces):
     data = canonical_request(*pieces)
-    for route in (utc.decode_message, utc.request_fields):
+    for route in (utc.decode_message, utc.parse_request):
         with pytest.raises(utc.WireError):
             route(data)
 
