@@ -84,7 +84,7 @@ import sys
 import textwrap
 import threading
 import time
-from typing import (Callable, Dict, Iterator, List, Mapping, NamedTuple, NoReturn,
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, NoReturn,
                     Optional, Sequence, TextIO, Tuple, Union)
 
 
@@ -100,12 +100,12 @@ __all__ = [
     "clock_offset_ns", "KERNEL", "USER", "OK", "LOST", "MISMATCHED", "IN_FLIGHT", "NOT_UP", "EXIT_OK",
     "EXIT_FAILED", "EXIT_USAGE", "DEFAULT_PORT",
     # 2. the wire format
-    "Message", "encode_request", "decode_message", "Request", "RequestOptions", "parse_request", "reply_parts", "ReplyExtra", "encode_reply_extra", "fit_tutorial_reply",
-    "min_request_size", "seal", "mac_matches", "mac_of_datagram", "reply_context", "ClockState",
+    "Message", "encode_request", "decode_message", "Request", "RequestOptions", "parse_request", "reply_parts",
+    "ReplyExtra", "encode_reply_extra", "fit_tutorial_reply", "min_request_size", "seal", "mac_matches", "mac_of_datagram", "reply_context", "ClockState",
     "encode_clock_state", "decode_clock_state", "NtpReply", "encode_ntp_request", "decode_ntp", "ntp_problem",
     # 3. the platform
     "resolve", "split_target", "load_key", "read_clock_state", "enable_kernel_timestamps",
-    "enable_transmit_timestamps", "enable_packet_info", "read_ancillary", "read_transmit_stamp",
+    "enable_packet_info", "read_ancillary", "ErrorQueue", "KernelClock", "source_address",
     # 4. statistics
     "Sample", "Arrival", "Timing", "probe_timing", "arrival_ns", "percentile", "PERCENTILES", "Sketch",
     "sketch_key", "sketch_value", "RunningStats", "Runs", "LossDirections", "OffsetPoint", "DriftFit",
@@ -113,11 +113,12 @@ __all__ = [
     # 5. the server
     "TimeServer", "ServerStats", "RateLimiter", "ReplayGuard", "LoopGuard", "MetricsServer",
     # 6. the client
-    "Recorder", "Period", "PathOptions", "Prober", "ProbeGroup", "SntpRecorder", "SntpProber", "Reference",
-    "Peer", "read_peers", "find_self",
+    "RunSpec", "PathOptions", "Outputs", "Events", "Recorder", "Period", "Measurement", "Prober",
+    "SntpRecorder", "SntpProber", "Reference", "Peer", "read_peers", "find_self",
     # 7. reports
     "summarize", "period_figures", "plot_data", "snapshot", "sample_record", "format_summary",
-    "render_svg", "render_fleet_svg", "render_client_metrics", "render_server_metrics", "fleet_summary",
+    "render_svg", "render_fleet_svg", "render_client_metrics", "render_snapshots", "client_snapshots",
+    "render_server_metrics", "fleet_summary",
     "load_measurement", "build_matrix", "format_matrix",
     # 8. the command line
     "build_parser", "main",
@@ -181,6 +182,7 @@ ZERO_MAC = b"0" * 64                # placeholder for the hex HMAC-SHA256 while 
 MAC_TRAILER = len(ZERO_MAC) + 2     # the MAC, its closing quote and the closing bracket
 REQUEST_LABEL = b"udp-timecheck/1 request\n"
 REPLY_LABEL = b"udp-timecheck/1 reply\n"
+BYE_LABEL = b"udp-timecheck/1 bye\n"     # what a server's goodbye's MAC covers besides itself
 PAD_OVERHEAD = len(b', "pad": ""')
 TIME_FRACTION = len(".123456")      # what str(datetime) leaves out at microsecond 0
 JSON_WHITESPACE = " \t\n\r"
@@ -192,8 +194,8 @@ OK, LOST, MISMATCHED, PENDING = "ok", "lost", "mismatched", "pending"
 IN_FLIGHT, NOT_UP = "in flight", "not up"  # at a deadline; refused before a retried target first answered
 # Why a probe was lost; a reply that failed authentication or echoed the request
 # leaves its probe waiting for a real one until the timeout.
-TIMED_OUT, REFUSED, FORGED, ECHOED, NOT_SENT, INTERRUPTED, DEADLINE = (
-    "timeout", "refused", "forged", "echo", "not sent", "interrupted", "deadline")
+TIMED_OUT, REFUSED, FORGED, ECHOED, NOT_SENT, INTERRUPTED, DEADLINE, GONE = (
+    "timeout", "refused", "forged", "echo", "not sent", "interrupted", "deadline", "gone")
 NS_PER_S = 1_000_000_000
 
 # Timestamps.  The kernel stamps each datagram as it arrives (on CLOCK_REALTIME):
@@ -207,8 +209,12 @@ WALL_STEP_TOLERANCE_NS = 50_000     # wall vs monotonic over one round trip, bey
 SAMPLES_KEPT = 1000                 # probes the JSON lists in full; --csv and --jsonl have every one
 RECENT_PROBES = 16384               # answered or lost probes remembered for late and duplicate replies
 HELD_PROBES = 64                    # answered probes waiting for their T3 from the kernel (interleaved)
+MAX_DRAINED = 1024                  # datagrams read off a socket at one go, at most
 TTL_CHANGES_KEPT = 100              # path changes the JSON lists; the count has them all
-DUPLICATE_WINDOW = 64               # a session's latest requests the server tells duplicates among
+SEQUENCE_WINDOW = 1024              # a session's latest seqs the server tells repeats among (WireGuard's)
+EXCHANGES_KEPT = 16                 # a session's latest interleaved replies whose stamps the server keeps
+PENDING_STAMPS_READ = 32            # replies whose transmit stamps the server reads at one go
+BYE_WINDOW_S = 60                   # a session heard from within this many seconds hears the goodbye
 STAMP_ERROR_NS = {"kernel": 10_000, "user": 1_000_000}  # where a timestamp can sit from its event
 TIMELINE_BINS = 256                 # per-interval aggregates for the drift fit and the plot
 TIMELINE_FIRST_WIDTH_NS = 10_000_000  # each bin's span at first; doubled whenever bins run out
@@ -811,9 +817,15 @@ SO_TIMESTAMPNS, SO_TIMESTAMPING = (
      "parisc64": (0x4013, 0x4014)}.get(platform.machine(), (35, 37)) if LINUX else (None, None))
 RECEIVE_STAMPS = (StampOption(SO_TIMESTAMPNS, TIMESPEC, 1) if LINUX else
                   StampOption(0x0400, TIMEVAL, 1000) if BSD else None)  # SO_TIMESTAMP, everywhere 0x400
-# SO_TIMESTAMPING: software transmit stamps, reported without the datagram's bytes
-TRANSMIT_STAMPS = (1 << 1) | (1 << 4) | (1 << 11)
+# SO_TIMESTAMPING: software transmit stamps (TX_SOFTWARE asks for them, SOFTWARE reports them),
+# numbered by the kernel (OPT_ID), without the datagram's bytes (OPT_TSONLY); on the error queue,
+# with the ICMP errors that IP_RECVERR puts there, each a struct sock_extended_err.
+SOF_TX_SOFTWARE, SOF_SOFTWARE, SOF_OPT_ID, SOF_OPT_TSONLY = 1 << 1, 1 << 4, 1 << 7, 1 << 11
 MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11 if LINUX else None)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25 if LINUX else None)
+EXTENDED_ERROR = struct.Struct("@IBBBBII")  # ee_errno, ee_origin, ee_type, ee_code, ee_pad, ee_info, ee_data
+SO_EE_ORIGIN_ICMPS, SO_EE_ORIGIN_TIMESTAMPING = (2, 3), 4
 # The destination of each datagram, so that a wildcard server replies from it: IP_PKTINFO
 # (in_pktinfo, sent back as it came) on Linux; IP_RECVDSTADDR (an in_addr, sent back as
 # IP_SENDSRCADDR) on the BSDs; IPV6_RECVPKTINFO everywhere that has IPv6 and sendmsg.
@@ -833,8 +845,10 @@ IPV6_HOPLIMIT = getattr(socket, "IPV6_HOPLIMIT", None)
 IPV6_RECVHOPLIMIT = getattr(socket, "IPV6_RECVHOPLIMIT", None)
 IPV6_UNICAST_HOPS = getattr(socket, "IPV6_UNICAST_HOPS", None)
 INT = struct.Struct("@i")
-SOF_TIMESTAMPING_TX_SOFTWARE, SOF_TIMESTAMPING_REPORTS = 1 << 1, (1 << 4) | (1 << 11)  # SOFTWARE, TSONLY
 ANCILLARY_SPACE = 256               # room for a timestamp and a packet-info message
+PENDING_STAMPS = 4096               # datagrams sent whose transmit stamps are still awaited, at most
+ERROR_QUEUE_READS = 256             # messages read off an error queue at one go, at most
+KERNEL_GAP_NOISE_NS = 1_000_000     # a wall clock nearer the kernel's than this is the kernel's
 
 
 def resolve(host: str, port: int, passive: bool = False) -> List[Tuple[int, tuple]]:
@@ -878,53 +892,6 @@ def kernel_stamps_refused(sock: socket.socket) -> Optional[str]:
     except OSError as exc:
         return "the kernel refused them ({})".format(exc.strerror or exc)
     return None
-
-
-def _set_timestamping(sock: socket.socket, flags: int) -> bool:
-    """SO_TIMESTAMPING's flags on sock, where the platform and the kernel take them."""
-    if SO_TIMESTAMPING is None or not has_message_calls(sock):
-        return False
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, flags)
-    except OSError:
-        return False
-    return True
-
-
-def enable_transmit_timestamps(sock: socket.socket) -> bool:
-    """Ask the kernel to stamp each datagram as it leaves, on the socket's error queue (Linux)."""
-    return _set_timestamping(sock, TRANSMIT_STAMPS)
-
-
-def read_transmit_stamp(sock: socket.socket, not_before_ns: int) -> Optional[int]:
-    """The kernel's stamp, in ns, of the datagram just sent on non-blocking sock, or None.
-
-    Stamps queue up in the order the datagrams left; one earlier than
-    not_before_ns (CLOCK_REALTIME before the send) belongs to an earlier one.
-    """
-    for _ in range(4):
-        try:
-            _, ancillary, _, _ = sock.recvmsg(1, ANCILLARY_SPACE, MSG_ERRQUEUE)
-        except OSError:  # BlockingIOError: nothing (more) queued
-            return None
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPING and len(payload) >= TIMESPEC.size:
-                seconds, nanoseconds = TIMESPEC.unpack_from(payload)  # the first of three: software
-                stamp_ns = seconds * NS_PER_S + nanoseconds
-                if stamp_ns >= not_before_ns:
-                    return stamp_ns
-    return None
-
-
-def enable_transmit_reports(sock: socket.socket) -> bool:
-    """Let the kernel report software transmit stamps on sock's error queue, for the datagrams
-    that ask with a control message (an interleaved session's replies); none is stamped yet."""
-    return _set_timestamping(sock, SOF_TIMESTAMPING_REPORTS)
-
-
-def transmit_stamp_request() -> Tuple[int, int, bytes]:
-    """The control message that asks the kernel to stamp one datagram as it leaves."""
-    return socket.SOL_SOCKET, SO_TIMESTAMPING, struct.pack("@I", SOF_TIMESTAMPING_TX_SOFTWARE)
 
 
 def _mark_options(sock: socket.socket) -> List[Tuple[int, Optional[int]]]:
@@ -974,6 +941,20 @@ def set_marks(sock: socket.socket, tos: Optional[int], ttl: Optional[int]) -> No
     for value, option in ((tos, IPV6_TCLASS if v6 else IP_TOS), (ttl, IPV6_UNICAST_HOPS if v6 else IP_TTL)):
         if value is not None and option is not None:
             sock.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, option, value)
+
+
+def source_address(family: int, address: tuple, source: Optional[str] = None) -> str:
+    """The address datagrams to address go from (from source, where given), as the kernel's
+    routes choose it: a socket connected, which sends nothing.  A usage error when none can."""
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            if source is not None:
+                probe.bind((source, 0))
+            probe.connect(address)
+            return probe.getsockname()[0]
+    except OSError as exc:
+        raise TimecheckError("cannot reach {}{}: {}".format(format_address(*address[:2]), " from " + source
+                                                            if source else "", exc.strerror or exc)) from None
 
 
 def default_ttl(sock: socket.socket) -> Optional[int]:
@@ -1096,6 +1077,177 @@ def message_calls(sock: socket.socket) -> Tuple[Callable, Callable]:
                 target: Optional[tuple] = None) -> int:
         return sock.sendto(b"".join(buffers), target) if target else sock.send(b"".join(buffers))
     return recvmsg, sendmsg
+
+
+def _set_timestamping(sock: socket.socket, flags: int) -> bool:
+    """SO_TIMESTAMPING's flags on sock, where the platform and the kernel take them."""
+    if SO_TIMESTAMPING is None or not has_message_calls(sock):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, flags)
+    except OSError:
+        return False
+    return True
+
+
+def transmit_stamp_request() -> Tuple[int, int, bytes]:
+    """The control message that asks the kernel to stamp one datagram as it leaves."""
+    return socket.SOL_SOCKET, SO_TIMESTAMPING, struct.pack("@I", SOF_TX_SOFTWARE)
+
+
+def _error_report(ancillary: Sequence[Tuple[int, int, bytes]]) -> Tuple[Optional[int], Optional[tuple]]:
+    """(the stamp in ns, sock_extended_err's fields) of a message off the error queue."""
+    stamp_ns = report = None
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPING and len(payload) >= TIMESPEC.size:
+            seconds, nanoseconds = TIMESPEC.unpack_from(payload)  # the first of three: software
+            stamp_ns = seconds * NS_PER_S + nanoseconds
+        elif kind in (IP_RECVERR, IPV6_RECVERR) and len(payload) >= EXTENDED_ERROR.size:
+            report = EXTENDED_ERROR.unpack_from(payload)
+    return stamp_ns, report
+
+
+class ErrorQueue:
+    """A socket's error queue (Linux): the kernel's stamps of its datagrams leaving, each matched
+    to its datagram by the kernel's own count of them (SOF_TIMESTAMPING_OPT_ID), and, with
+    refusals, the destinations an ICMP error says nobody listens at (IP_RECVERR).
+
+    every stamps every datagram the socket sends (a client's); else only those sent with
+    transmit_stamp_request() (a server's interleaved replies).  A stamp earlier than the
+    kernel's clock before its datagram's send is not taken: never a stamp for the wrong one.
+    """
+
+    def __init__(self, sock: socket.socket, every: bool, refusals: bool = False) -> None:
+        self.sock, self._flags = sock, SOF_SOFTWARE | SOF_OPT_ID | SOF_OPT_TSONLY | (SOF_TX_SOFTWARE * every)
+        self.stamps = LINUX and _set_timestamping(sock, self._flags)
+        self.refusals = refusals and self.stamps and _set_option(
+            sock, *((socket.IPPROTO_IPV6, IPV6_RECVERR) if sock.family == socket.AF_INET6
+                    else (socket.IPPROTO_IP, IP_RECVERR)))
+        self._pending = collections.OrderedDict()  # type: Dict[int, Tuple[object, int]]  # key: token, when
+        self._next_key = 0
+
+    def waiting(self) -> int:
+        """How many datagrams sent still await their stamps."""
+        return len(self._pending)
+
+    def sent(self, token: object, not_before_ns: int) -> None:
+        """A datagram the kernel stamps went, no earlier than not_before_ns: token is its stamp's."""
+        self._pending[self._next_key] = (token, not_before_ns)
+        self._next_key += 1
+        if len(self._pending) > PENDING_STAMPS:  # never stamped (a full error queue): forgotten
+            self._pending.popitem(last=False)
+
+    def recount(self) -> None:
+        """After a failed send, which the kernel may have counted: both count again from 0 (the
+        option set anew resets the kernel's), and the datagrams still waiting get no stamp."""
+        _set_timestamping(self.sock, self._flags & ~SOF_OPT_ID)
+        _set_timestamping(self.sock, self._flags)
+        self._pending.clear()
+        self._next_key = 0
+
+    def read(self, most: int = ERROR_QUEUE_READS) -> Tuple[List[Tuple[object, int]], List[tuple]]:
+        """At most most messages, without blocking: (token, stamp in ns) of the stamps that came,
+        and the destinations refused."""
+        stamps, refused = [], []  # type: List[Tuple[object, int]], List[tuple]
+        for _ in range(most):
+            try:
+                _, ancillary, _, address = self.sock.recvmsg(1, ANCILLARY_SPACE, MSG_ERRQUEUE)
+            except OSError:  # BlockingIOError: nothing (more) queued
+                break
+            stamp_ns, report = _error_report(ancillary)
+            if report is None:
+                continue
+            if report[1] == SO_EE_ORIGIN_TIMESTAMPING:
+                token, not_before_ns = self._pending.pop(report[6], (None, 0))  # ee_data: the kernel's count
+                if token is not None and stamp_ns is not None and stamp_ns >= not_before_ns:
+                    stamps.append((token, stamp_ns))
+            elif report[1] in SO_EE_ORIGIN_ICMPS and report[0] == errno.ECONNREFUSED:
+                refused.append(address)
+        return stamps, refused
+
+
+def _set_option(sock: socket.socket, level: int, option: Optional[int]) -> bool:
+    """A boolean socket option turned on; False where the platform or the kernel has none."""
+    if option is None:
+        return False
+    try:
+        sock.setsockopt(level, option, 1)
+    except OSError:
+        return False
+    return True
+
+
+def arrival_ns(kernel_ns: Optional[int], clock_ns: int, real_ns: int, max_age_ns: int) -> Optional[int]:
+    """When a datagram arrived, on the clock that read clock_ns, from the kernel's stamp.
+
+    The kernel stamps on CLOCK_REALTIME; real_ns is that clock, read with
+    clock_ns (the same reading when they are one clock), so the stamp's age
+    carries over to any clock.  A stamp later than that reading, or older than
+    max_age_ns (the longest the datagram can have waited), is implausible: None.
+    """
+    if kernel_ns is None:
+        return None
+    age = real_ns - kernel_ns
+    return clock_ns - age if 0 <= age <= max_age_ns else None
+
+
+def _wall_ahead_of_kernel_ns() -> int:
+    """How far this process's wall clock is ahead of the kernel's (CLOCK_REALTIME, which stamps
+    datagrams): none, unless something like libfaketime shifts the process's view.  Read around
+    a datagram to itself on loopback, which the kernel stamps during the send, three times, the
+    tightest kept; 0 where there are no such stamps, or within the readings' own noise."""
+    best = None  # type: Optional[Tuple[int, int]]
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            if kernel_stamps_refused(sock) is not None or RECEIVE_STAMPS is None:
+                return 0
+            sock.bind(("127.0.0.1", 0))
+            sock.settimeout(1.0)
+            for _ in range(3):
+                before = wall_ns()
+                sock.sendto(b"", sock.getsockname())
+                after = wall_ns()
+                stamp_ns = read_ancillary(sock.recvmsg(1, ANCILLARY_SPACE)[1] or [(0, 0, b"")])[0]
+                if stamp_ns is not None and (best is None or after - before < best[0]):
+                    best = (after - before, (before + after) // 2 - stamp_ns)
+    except OSError:
+        return 0
+    return 0 if best is None or abs(best[1]) < KERNEL_GAP_NOISE_NS else best[1]
+
+
+class KernelClock:
+    """The kernel's stamps (on CLOCK_REALTIME) carried over to the clock a run or a server reads,
+    wall_clock (a test's, injected: offset_ns is how far it is ahead, read at each use).
+
+    A process whose own reading of the wall clock disagrees with the kernel's (libfaketime's,
+    say: a constant gap) cannot place the kernel's stamps on its clock to the microsecond, so
+    it uses none (usable is False) and reads the clock itself, counted.  The gap is measured at
+    the start, and again, at most once a second, when a stamp's age looks impossible.  So it is
+    told apart from a datagram that simply waited long (a stalled process): that one's stamp is
+    kept, however old."""
+
+    def __init__(self, wall_clock: Optional[Callable[[], int]] = None) -> None:
+        self.wall_clock = wall_clock or wall_ns
+        self._injected = wall_clock is not None and wall_clock is not wall_ns
+        self.gap_ns, self._measured_ns = _wall_ahead_of_kernel_ns(), monotonic_ns()
+
+    @property
+    def usable(self) -> bool:
+        return not self.gap_ns
+
+    @property
+    def offset_ns(self) -> int:
+        return clock_offset_ns(self.wall_clock) if self._injected else 0
+
+    def arrival(self, kernel_ns: Optional[int], user_ns: int, max_age_ns: int) -> Optional[int]:
+        """A datagram's kernel stamp on this clock, read at user_ns; None when it is later than
+        that or older than max_age_ns (after measuring the gap again), or the clocks disagree."""
+        found = arrival_ns(kernel_ns, user_ns, user_ns - self.offset_ns, max_age_ns) if self.usable else None
+        if found is None and kernel_ns is not None and monotonic_ns() - self._measured_ns >= NS_PER_S:
+            self.gap_ns, self._measured_ns = _wall_ahead_of_kernel_ns(), monotonic_ns()
+            if self.usable:
+                found = arrival_ns(kernel_ns, user_ns, user_ns - self.offset_ns, max_age_ns)
+        return found
 
 
 NOTHING_YET = (BlockingIOError, socket.timeout)  # a receive that timed out, either way
@@ -1816,20 +1968,6 @@ def compare_clocks(server_ms: float, server_err_ms: float, reference_ms: float,
             "server_offset_err_ms": round(server_err_ms + reference_err_ms, 6)}
 
 
-def arrival_ns(kernel_ns: Optional[int], clock_ns: int, real_ns: int, max_age_ns: int) -> Optional[int]:
-    """When a datagram arrived, on the clock that read clock_ns, from the kernel's stamp.
-
-    The kernel stamps on CLOCK_REALTIME; real_ns is that clock, read with
-    clock_ns (the same reading when they are one clock), so the stamp's age
-    carries over to any clock.  A stamp later than that reading, or older than
-    max_age_ns (the longest the datagram can have waited), is implausible: None.
-    """
-    if kernel_ns is None:
-        return None
-    age = real_ns - kernel_ns
-    return clock_ns - age if 0 <= age <= max_age_ns else None
-
-
 class Timing(NamedTuple):
     """What one answered probe measured; see probe_timing()."""
     rtt_ns: int                 # the round trip, without the server's processing time
@@ -1916,6 +2054,10 @@ class RecentTable:
         """The value stored under key, left where it is."""
         return self._entries.get(key)
 
+    def items(self) -> List[Tuple[Any, Any]]:
+        """Every (key, value), least recently stored first."""
+        return list(self._entries.items())
+
     def store(self, key: object, value: object) -> None:
         entries = self._entries
         if len(entries) >= self.max_entries and key not in entries:
@@ -1934,7 +2076,7 @@ class Sample:
                  "recv_mono_ns", "t1", "t1_user", "t1_kernel", "t2", "t3", "t3_kernel", "t4", "t4_kernel",
                  "t4_user", "server_stamp", "request_size", "reply_id", "reply_text", "reply_size", "timing",
                  "server_clock_state", "ntp", "target", "port", "interleaved", "server_count", "server_marks",
-                 "marks_back")
+                 "marks_back", "lied", "asks", "t3_rejected")
 
     def __init__(self, seq: int, request_id: int, request_mac: bytes = b"", target: str = "") -> None:
         self.seq, self.request_id, self.request_mac, self.target = seq, request_id, request_mac, target
@@ -1943,8 +2085,9 @@ class Sample:
         self.reason = None  # type: Optional[str]  # why a lost probe was lost: see LOST_REASONS
         self.send_mono_ns = self.t1 = self.t1_user = self.port = 0  # port: which source port (its index)
         self.recv_mono_ns = self.t2 = self.t3 = self.t4 = self.t4_user = None  # type: Optional[int]
-        self.t1_kernel = self.t3_kernel = self.t4_kernel = False
+        self.t1_kernel = self.t3_kernel = self.t4_kernel = self.t3_rejected = self.lied = False
         self.interleaved = False  # the server stamps its reply leaving, and sends the stamp next time
+        self.asks = None  # type: Optional[int]  # the earlier probe whose kernel T3 this one's request asked for
         self.server_count = None  # type: Optional[int]  # the session's requests the server has had
         self.server_marks = self.marks_back = (None, None)  # (TOS, TTL) at the server; of the reply
         self.server_stamp = self.reply_id = self.reply_text = None  # type: Optional[object]
@@ -2082,8 +2225,10 @@ class Totals:
 
     def __init__(self, started_wall_ns: int, started_mono_ns: int) -> None:
         self.started_wall_ns, self.started_mono_ns = started_wall_ns, started_mono_ns
-        for name in self.COUNTS:
-            setattr(self, name, 0)
+        self.sent = self.received = self.lost = self.in_flight = self.not_up = self.mismatched = 0  # COUNTS
+        self.duplicates = self.late = self.reordered = self.forged = self.unsigned = self.malformed = 0
+        self.echoes = self.refused = self.errors = self.user_fallbacks = self.transmit_fallbacks = 0
+        self.untrusted = 0
         share = EXACT_VALUES // EXACT_SHARE  # the RTT has the most of the budget
         self.rtt, self.proc, self.jitter = Sketch(), Sketch(share), RunningStats()
         self.rtt_buckets = [0] * (len(RTT_BUCKETS_NS) + 1)  # Prometheus' buckets, counted exactly
@@ -2093,6 +2238,7 @@ class Totals:
         self.untrusted_because = collections.Counter()  # type: collections.Counter
         self.server_stamps = set()  # type: set
         self.server_transmit_kernel = self.server_transmit_fallbacks = 0  # interleaved T3: kernel's, or not
+        self.server_transmit_rejected = 0  # the kernel's, refused: they disagree with the server's clock
         self.timeline = Timeline()
         self.runs = Runs()
         self._estimate = None  # type: Optional[tuple]  # (when, offset, error, drift): clock_estimate()'s
@@ -2120,6 +2266,7 @@ class Totals:
         self.transmit_fallbacks += transmit_stamps and not sample.t1_kernel
         self.server_transmit_kernel += sample.t3_kernel
         self.server_transmit_fallbacks += sample.interleaved and not sample.t3_kernel
+        self.server_transmit_rejected += sample.t3_rejected
         self.untrusted += not timing.trusted
         self.add_answer(sample, neighbours)
         point_bin.rtt.add(timing.rtt_ns)
@@ -2279,29 +2426,39 @@ class LoopGuard:
 
 
 class _Session:
-    """A client session at the server: its requests received, and the kernel's transmit stamp of
-    the last reply to it, (seq, ns), for the next reply (interleaved)."""
-    __slots__ = ("received", "previous", "highest", "seen")
+    """A client session at the server: its requests counted (one the network duplicated, once),
+    a bit for each of the latest SEQUENCE_WINDOW seqs seen (WireGuard's replay counter), where
+    it was last heard from and the highest seq answered (for its goodbye), and its latest
+    interleaved exchanges: the T2 of each reply -> [its seq, the kernel's stamp of it leaving]."""
+    __slots__ = ("received", "highest", "seen", "exchanges", "source", "answered", "heard_ns")
 
     def __init__(self) -> None:
-        self.received, self.previous = 0, None  # type: int, Optional[Tuple[int, int]]
-        self.highest, self.seen = -1, 0  # the highest seq, and a bit for each of the latest seen
+        self.received, self.highest, self.seen, self.answered, self.heard_ns = 0, -1, 0, -1, 0
+        self.exchanges = collections.OrderedDict()  # type: Dict[int, List[Optional[int]]]
+        self.source = None  # type: Optional[tuple]
 
-    def count(self, seq: int) -> None:
-        """One more request; one the network duplicated (a seq among the latest seen) counts once,
-        so that the client's loss split stays exact."""
+    def count(self, seq: int) -> bool:
+        """One more request: whether it is new, neither among the latest seen nor older than they;
+        only a new one is counted, so that the client's loss split stays exact."""
         if seq > self.highest:
-            self.seen = ((self.seen << min(seq - self.highest, DUPLICATE_WINDOW)) | 1) & _WINDOW_MASK
+            self.seen = ((self.seen << min(seq - self.highest, SEQUENCE_WINDOW)) | 1) & _WINDOW_MASK
             self.highest = seq
-        elif self.highest - seq < DUPLICATE_WINDOW:
-            bit = 1 << (self.highest - seq)
-            if self.seen & bit:
-                return
-            self.seen |= bit
+        elif self.highest - seq >= SEQUENCE_WINDOW or self.seen >> (self.highest - seq) & 1:
+            return False
+        else:
+            self.seen |= 1 << (self.highest - seq)
         self.received += 1
+        return True
+
+    def exchanged(self, t2: int, seq: int) -> List[Optional[int]]:
+        """An interleaved reply about to go, known by its T2: where its stamp will be kept."""
+        entry = self.exchanges[t2] = [seq, None]
+        if len(self.exchanges) > EXCHANGES_KEPT:
+            self.exchanges.popitem(last=False)
+        return entry
 
 
-_WINDOW_MASK = (1 << DUPLICATE_WINDOW) - 1
+_WINDOW_MASK = (1 << SEQUENCE_WINDOW) - 1
 
 
 class ServerStats:
@@ -2310,11 +2467,13 @@ class ServerStats:
                  "errors", "not_logged", "user_stamps", "transmit_user_stamps")
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        self.served = self.malformed = self.unauthenticated = self.replayed = self.rate_limited = 0
+        self.too_short = self.loops = self.errors = self.not_logged = self.user_stamps = 0
+        self.transmit_user_stamps = 0
 
     def as_dict(self) -> Dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        """A copy, taken in one C-level step: another thread only adds to the counters."""
+        return dict(zip(self.__slots__, operator.attrgetter(*self.__slots__)(self)))
 
     def __str__(self) -> str:
         return ("served {0.served}, malformed {0.malformed}, unauthenticated {0.unauthenticated}, "
@@ -2343,44 +2502,43 @@ class TimeServer:
     thread; shutdown() stops either from another thread; as a context manager
     it shuts down and closes on exit.  wall_clock returns nanoseconds
     since the epoch (tests inject a shifted one; the kernel's receive stamps
-    are carried over to it by their age); timestamps is KERNEL where the
+    are carried over to it by KernelClock); timestamps is KERNEL where the
     platform has it, else USER; log receives one line per request, at most
-    log_limit a second (None: no limit).
+    log_limit a second (None: no limit).  goodbye() tells the sessions it
+    served lately that it stops.
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
-                 faulty: float = 0.0, key: Optional[bytes] = None,
-                 max_rate: Optional[float] = None,
+                 faulty: float = 0.0, key: Optional[bytes] = None, max_rate: Optional[float] = None,
                  log: Optional[Callable[[str], None]] = None,
                  log_limit: Optional[int] = LOG_LINES_PER_SECOND,
                  wall_clock: Optional[Callable[[], int]] = None, timestamps: str = KERNEL,
                  rng: Callable[[], float] = random.random,
-                 clock_state: Callable[[], ClockState] = lambda: read_clock_state()) -> None:
+                 clock_state: Callable[[], ClockState] = read_clock_state) -> None:
         self.socket = _bound_socket(host, port)
         self.address = self.socket.getsockname()
         _set_receive_timeout(self.socket, RECEIVE_TIMEOUT)
         refused = kernel_stamps_refused(self.socket) if timestamps == KERNEL else None
         self.timestamps = USER if timestamps != KERNEL or refused else KERNEL
         self.no_kernel_stamps = refused  # why, in words, when kernel stamps were asked for but refused
-        # A wildcard server answers from the address each request was sent to: the
-        # kernel's own choice can differ on a host with several, and clients drop that.
-        self.packet_info = self.address[0] in ("0.0.0.0", "::") and enable_packet_info(self.socket)
-        self.stats = ServerStats()
-        self._sendmsg = message_calls(self.socket)[1]
-        self.keyed = key is not None
-        self._faulty, self._key, self._rng = faulty, key, rng
-        self._wall_clock, self._real_clock = wall_clock or wall_ns, wall_clock is None
+        self._wildcard = self.address[0] in ("0.0.0.0", "::")
+        # A wildcard server answers from the address each request was sent to: the kernel's own
+        # choice can differ on a host with several, and clients drop that.
+        self.packet_info = self._wildcard and enable_packet_info(self.socket)
+        self.stats, self._sendmsg = ServerStats(), message_calls(self.socket)[1]
+        self.keyed, self._key, self._faulty, self._rng = key is not None, key, faulty, rng
+        self._clock = KernelClock(wall_clock)
+        self._wall_clock, self._started_ns = self._clock.wall_clock, self._clock.wall_clock()
         self._read_clock_state = clock_state
         self._limiter = RateLimiter(max_rate) if max_rate else None
-        self._loops = LoopGuard()
-        self._replays = ReplayGuard()
-        self._sessions = RecentTable(SOURCE_TABLE_SIZE)  # a client session's id -> _Session
+        self._loops, self._replays = LoopGuard(), ReplayGuard()
+        self._sessions = RecentTable(SOURCE_TABLE_SIZE)  # a session (with its source, unkeyed) -> _Session
         # The kernel stamps only the replies that ask (a control message each): others pay nothing.
-        self.transmit_stamps = self.timestamps == KERNEL and enable_transmit_reports(self.socket)
+        self._errors = ErrorQueue(self.socket, every=False) if self.timestamps == KERNEL else None
+        self.transmit_stamps = self._errors is not None and self._errors.stamps
         self._path_reported = False
-        self._stamped = None  # type: Optional[Tuple[_Session, bytes]]  # the reply being sent, to stamp
+        self._stamped = None  # type: Optional[List[Optional[int]]]  # the exchange of the reply going out
         self._send_extra = ()  # type: Tuple[tuple, ...]  # its control messages beyond packet info
-        self._wildcard = self.address[0] in ("0.0.0.0", "::")
         self._log, self._log_limit = log, log_limit
         self._log_second = self._log_lines = self._log_hidden = 0
         self._text_second, self._text_prefix = -1, b""
@@ -2408,6 +2566,7 @@ class TimeServer:
                 try:
                     data, ancillary, _, source = recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
                 except NOTHING_YET:  # the receive timeout: a look at _stopping when all is quiet
+                    self._collect_stamps()  # and at the error queue, so that it never fills
                     continue
                 except OSError:  # Windows reports an earlier reply's ICMP error here
                     if self.socket.fileno() < 0:
@@ -2420,38 +2579,42 @@ class TimeServer:
                 server_recv_ns, stamp, control = arrival(ancillary, user_ns) if ancillary \
                     else (user_ns, b"user", ())
                 reply = reply_for(data, source, server_recv_ns, stamp, ancillary)
-                if reply is not None and self._send(reply, control, source, user_ns) and log is not None:
+                if reply is not None and self._send(reply, control, source, server_recv_ns) and log is not None:
                     log(data, source, server_recv_ns)
         finally:
             self._flush_log()
             self._idle.set()
 
-    def _send(self, reply: bytes, control: Sequence[tuple], source: tuple, user_ns: int) -> bool:
+    def _send(self, reply: bytes, control: Sequence[tuple], source: tuple, server_recv_ns: int) -> bool:
         """Send reply to source with its control messages; whether it went (counted either way).
-        An interleaved session's reply is stamped by the kernel as it leaves: that stamp is kept."""
-        stamped = self._stamped
+        An interleaved session's reply is stamped by the kernel as it leaves: its stamp is kept,
+        once it comes, under the reply's own T2."""
         try:
             self._sendmsg((reply,), (*control, *self._send_extra) if self._send_extra else control, 0, source)
         except OSError:  # e.g. a spoofed source port 0, or no route back
-            if not (control and self._send_plainly(reply, source)):
-                self.stats.errors += 1
-                return False
-        if stamped is not None:
-            self._keep_transmit_stamp(stamped, user_ns)
+            if self._stamped is not None:
+                self._errors.recount()  # type: ignore[union-attr]
+            elif control and self._send_plainly(reply, source):
+                self.stats.served += 1
+                return True
+            self.stats.errors += 1
+            return False
+        if self._stamped is not None:
+            errors = self._errors  # type: ErrorQueue  # type: ignore[assignment]
+            errors.sent(self._stamped, server_recv_ns - self._clock.offset_ns)
+            if errors.waiting() > PENDING_STAMPS_READ:
+                self._collect_stamps()
         self.stats.served += 1
         return True
 
-    def _keep_transmit_stamp(self, stamped: Tuple["_Session", bytes], before_ns: int) -> None:
-        """The kernel's stamp of the reply just sent, for the session's next reply (interleaved)."""
-        session, seq = stamped
-        real_ns = before_ns if self._real_clock else before_ns - clock_offset_ns(self._wall_clock)
-        stamp_ns = read_transmit_stamp(self.socket, real_ns)
-        if stamp_ns is None:
-            self.stats.transmit_user_stamps += 1
-            session.previous = None
-        else:
-            offset = 0 if self._real_clock else clock_offset_ns(self._wall_clock)
-            session.previous = (int(seq), stamp_ns + offset)
+    def _collect_stamps(self) -> None:
+        """The kernel's stamps of interleaved replies leaving, read off the error queue at one go,
+        each kept with its exchange, on this server's clock."""
+        if self._errors is None or not self._errors.waiting():
+            return
+        offset, usable = self._clock.offset_ns, self._clock.usable
+        for entry, stamp_ns in self._errors.read()[0] if usable else ():
+            entry[1] = stamp_ns + offset  # type: ignore[index]
 
     def _send_plainly(self, reply: bytes, source: tuple) -> bool:
         """The reply without its source address, where the kernel refused that (a BSD that
@@ -2463,10 +2626,10 @@ class TimeServer:
         return True
 
     def _arrival(self, ancillary: list, user_ns: int) -> Tuple[int, bytes, Sequence[tuple]]:
-        """T2, where it came from (b"kernel" or b"user"), and the packet info to reply with."""
+        """T2, where it came from (b"kernel" or b"user"), and the packet info to reply with.  The
+        kernel's stamp stays T2 however long the request waited for this process (a stall)."""
         kernel_ns, control = read_ancillary(ancillary)
-        real_ns = user_ns if self._real_clock else user_ns - clock_offset_ns(self._wall_clock)
-        server_recv_ns = arrival_ns(kernel_ns, user_ns, real_ns, MAX_QUEUE_WAIT_NS)
+        server_recv_ns = self._clock.arrival(kernel_ns, user_ns, max(NS_PER_S, user_ns - self._started_ns))
         if server_recv_ns is not None:
             return server_recv_ns, b"kernel", control
         if self.timestamps == KERNEL:
@@ -2483,21 +2646,23 @@ class TimeServer:
     def _reply_for(self, data: bytes, source: tuple, server_recv_ns: int, stamp: bytes,
                    ancillary: Sequence[tuple] = ()) -> Optional[bytes]:
         """The reply to data from source, or None (each refusal counted): refused before parsing,
-        not a request, not answerable, or too short for its reply."""
+        not a request, not admitted, or too short for its reply."""
         self._stamped, self._send_extra = None, ()
         if self._turned_away(source, server_recv_ns):
             return None
-        parsed = self._parsed(data)
-        if parsed is None:
+        request = self._parsed(data)
+        if request is None:
             return None
-        request_id, seq, size, wants_clock_state, options = parsed
-        if not self._answerable(data, request_id, seq, source, server_recv_ns):
+        request_id, seq, size, wants_clock_state, options = request
+        session = None if options.session is None else self._session(options.session, source)
+        if not self._admitted(data, request, session, source, server_recv_ns):
             return None
         reply_id = request_id
         if self._faulty and self._rng() < self._faulty:
             reply_id = b"%d" % (int(request_id) + 1)  # the tutorial's FAULTY_SERVER: a wrong id
         clock_state = self._clock_state_fragment(server_recv_ns) if wants_clock_state else b""
-        extra = self._session_extra(options, seq, source, ancillary) if options.session is not None else b""
+        extra = b"" if session is None else self._session_extra(session, request, source, ancillary,
+                                                                 server_recv_ns)
         reply = self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp, clock_state,
                                   extra)
         if reply is None:
@@ -2528,38 +2693,80 @@ class TimeServer:
             self.stats.malformed += 1
         return None
 
-    def _answerable(self, data: bytes, request_id: bytes, seq: Optional[bytes], source: tuple,
-                    server_recv_ns: int) -> bool:
-        """With a key, admitted (_admitted); in the tutorial's form, not the echo of our own reply."""
-        if self._key is not None and not self._admitted(data, seq, source, server_recv_ns):
+    def _session(self, session_id: int, source: tuple) -> _Session:
+        """A session's state, known by its id: with a key, which authenticates it, from any
+        source; without, only from the address it came from (another cannot touch it)."""
+        key = session_id if self._key is not None else (source[0], session_id)  # type: object
+        session = self._sessions.take(key) or _Session()
+        self._sessions.store(key, session)
+        return session
+
+    def _admitted(self, data: bytes, request: Request, session: Optional[_Session], source: tuple,
+                  server_recv_ns: int) -> bool:
+        """Counted in its session; with a key, first authenticated, then not a replay, however
+        old (outside its session's window, or a MAC answered lately), then within its sender's
+        --max-rate: only authenticated requests spend an allowance.  In the tutorial's form,
+        not the echo of our own reply."""
+        stats, seq = self.stats, request.seq
+        if self._key is not None and (seq is None or not mac_matches(self._key, REQUEST_LABEL, data)):
+            stats.unauthenticated += 1  # silence: a keyed server cannot be used to probe or reflect
             return False
-        if seq is None and self._loops.looping(source, int(request_id)):
-            self.stats.loops += 1
+        fresh = True if session is None else session.count(int(seq))  # type: ignore[arg-type]
+        if self._key is not None:
+            if not fresh or (session is None and self._replays.seen(mac_of_datagram(data))):
+                stats.replayed += 1  # a captured request sent again, from anywhere: answered once
+                return False
+            if self._limiter is not None and not self._limiter.allow(source[0], server_recv_ns):
+                stats.rate_limited += 1
+                return False
+        if seq is None and self._loops.looping(source, int(request.request_id)):
+            stats.loops += 1
             return False
         return True
 
-    def _session_extra(self, options: RequestOptions, seq: bytes, source: tuple,
-                       ancillary: Sequence[tuple]) -> bytes:
-        """What a request's options ask for: the count of its session's requests; with interleaved,
-        the kernel's transmit stamp of the session's previous reply (and this one's, stamped as it
-        leaves); with path, the TOS and TTL it came with, the reply marked with the same TOS."""
-        key = (source[0], options.session)  # another sender cannot touch a session, nor guess one
-        session = self._sessions.take(key) or _Session()
-        session.count(int(seq))
-        self._sessions.store(key, session)
-        previous = session.previous if options.interleaved else None
+    def _session_extra(self, session: _Session, request: Request, source: tuple, ancillary: Sequence[tuple],
+                       server_recv_ns: int) -> bytes:
+        """What a request's options ask for: the count of its session's requests; interleaved, the
+        kernel's transmit stamp of the reply whose T2 it names (RFC 9769's way: never another
+        exchange's), and this reply stamped as it leaves; with path, the TOS and TTL it came
+        with, the reply marked with the same TOS."""
+        options, seq = request.options, int(request.seq)  # type: ignore[arg-type]
+        session.source, session.heard_ns = source, server_recv_ns
+        session.answered = max(session.answered, seq)
+        previous = None  # type: Optional[List[Optional[int]]]
         if options.interleaved and self.transmit_stamps:
-            self._stamped, session.previous = (session, seq), None
+            previous = session.exchanges.get(options.exchange) if options.exchange is not None else None
+            if previous is not None and previous[1] is None:
+                self._collect_stamps()  # it may be on the error queue by now
+            self._stamped = session.exchanged(server_recv_ns, seq)
+            self._send_extra = (transmit_stamp_request(),)
         tos = ttl = None
         if options.path:
             tos, ttl = self._marks(ancillary)
             if tos is not None:
-                self._send_extra = tos_mark(self.socket.family, tos)
-        if self._stamped is not None:
-            self._send_extra += (transmit_stamp_request(),)
-        return encode_reply_extra(ReplyExtra(
-            session.received, options.interleaved and self.transmit_stamps, *(previous or (None, None)),
-            tos, ttl))
+                self._send_extra += tos_mark(self.socket.family, tos)
+        known = previous if previous is not None and previous[1] is not None else [None, None]
+        return encode_reply_extra(ReplyExtra(session.received, options.interleaved and self.transmit_stamps,
+                                             known[0], known[1], tos, ttl))
+
+    def goodbye(self) -> int:
+        """Tell each session heard from within BYE_WINDOW_S that this server stops, and the last
+        seq it answered there, so that its client counts what follows as not up, not lost.  As
+        small as a request, to addresses that sent one lately; how many were told."""
+        told, now = 0, self._wall_clock()
+        for key, session in self._sessions.items():
+            if session.source is None or now - session.heard_ns > BYE_WINDOW_S * NS_PER_S:
+                continue
+            session_id = key if self._key is not None else key[1]  # type: ignore[index]
+            data = b'[%d, "bye", {"bye": %d}%b]' % (session_id, session.answered,
+                                                      b', "' + ZERO_MAC + b'"' if self._key else b"")
+            try:
+                self.socket.sendto(data if self._key is None else seal(self._key, BYE_LABEL, data),
+                                   session.source)
+                told += 1
+            except OSError:
+                pass  # no route back: that client will count its probes as lost
+        return told
 
     def _marks(self, ancillary: Sequence[tuple]) -> Tuple[Optional[int], Optional[int]]:
         """The TOS and TTL a datagram came with; the first request that asks turns their report
@@ -2568,21 +2775,6 @@ class TimeServer:
             self._path_reported = True
             enable_path_marks(self.socket)
         return read_marks(ancillary)
-
-    def _admitted(self, data: bytes, seq: Optional[bytes], source: tuple, server_recv_ns: int) -> bool:
-        """With a key: authenticated, not a replay, and within the sender's --max-rate, in that
-        order, so that only authenticated requests spend a sender's allowance."""
-        stats = self.stats
-        if seq is None or not mac_matches(self._key, REQUEST_LABEL, data):
-            stats.unauthenticated += 1  # silence: a keyed server cannot be used to probe or reflect
-            return False
-        if self._replays.seen(mac_of_datagram(data)):
-            stats.replayed += 1  # a captured request sent again, from anywhere: answered once
-            return False
-        if self._limiter is not None and not self._limiter.allow(source[0], server_recv_ns):
-            stats.rate_limited += 1
-            return False
-        return True
 
     def _clock_state_fragment(self, now_ns: int) -> bytes:
         """This kernel's clock state, for the replies that ask: read at most once a second."""
@@ -2882,16 +3074,173 @@ class MetricsServer:
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Client: the Recorder of a run, Prober, ProbeGroup, SntpProber, Reference, peers
+# 6. Client: what a run measures (RunSpec), its events, the probe book (Recorder), the one loop
+#    (Measurement), SNTP, the reference, and the targets and peers files
 # ----------------------------------------------------------------------------------------------
 
+class Peer(NamedTuple):
+    """A target, or a mesh's peer, as a file or the command line names it."""
+    name: Optional[str]
+    host: str
+    port: Optional[int]
+
+
+def read_peers(path: str) -> List[Peer]:
+    """A targets or peers file: one per line, NAME HOST:PORT, HOST:PORT, HOST PORT or HOST;
+    '#' starts a comment.  A usage error names the line that is wrong."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read(MAX_PEERS_FILE + 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TimecheckError("cannot read {}: {}".format(path, _why(exc))) from None
+    if len(text) > MAX_PEERS_FILE:
+        raise TimecheckError("{} is larger than {} bytes: not a list of targets".format(path, MAX_PEERS_FILE))
+    peers = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            peer = _peer_of(line)
+        except TimecheckError as exc:
+            raise TimecheckError("{}, line {}: {}".format(path, number, exc)) from None
+        if peer is not None:
+            peers.append(peer)
+    return peers
+
+
+def _peer_of(line: str) -> Optional[Peer]:
+    """A peers file's line as a Peer; None for a blank line or a comment."""
+    words = line.split("#", 1)[0].split()
+    if len(words) == 2 and words[1].isdigit():  # HOST PORT
+        words = ["{}:{}".format(*words) if ":" not in words[0] else "[{}]:{}".format(*words)]
+    if len(words) > 2:
+        raise TimecheckError("expected [NAME] HOST:PORT, got {!r}".format(line))
+    if not words:
+        return None
+    host, port = split_target(words[-1])
+    return Peer(words[0] if len(words) == 2 else None, host, port)
+
+
+def client_targets(tokens: Sequence[str], targets_file: Optional[str] = None) -> List[Peer]:
+    """TARGET [TARGET ...] [PORT] as the command line gives them, then those of --targets FILE:
+    HOST, HOST:PORT or [IPV6]:PORT each; a final bare number is the port of every target that
+    names none (1060 when there is none)."""
+    tokens, port = list(tokens), DEFAULT_PORT
+    if tokens and tokens[-1].isdigit() and (len(tokens) >= 2 or targets_file):
+        port = port_number(tokens.pop(), "PORT")
+    peers = [Peer(None, *split_target(token)) for token in tokens]
+    peers += read_peers(targets_file) if targets_file else []
+    if not peers:
+        peers = [Peer(None, DEFAULT_HOST, None)]
+    return [peer._replace(port=port if peer.port is None else peer.port) for peer in peers]
+
+
+def find_self(peers: Sequence[Peer], name: Optional[str], host: str, port: int, where: str) -> Peer:
+    """The peer that is this node: the one named name; else the one at --listen's address, or at
+    its port on an address of this machine."""
+    mine = [peer for peer in peers if peer.name == name] if name is not None \
+        else _at_this_node(peers, host, port)
+    if len(mine) == 1:
+        return mine[0]
+    if not mine:
+        raise TimecheckError("none of the peers in {} is this node (--listen {}{})".format(
+            where, format_address(host, port), ", --name " + name if name else ""))
+    raise TimecheckError("{} peers in {} could be this node: give its name with --name".format(
+        len(mine), where))
+
+
+def _at_this_node(peers: Sequence[Peer], host: str, port: int) -> List[Peer]:
+    """The peers at host and port; else those at port on an address of this machine."""
+    at_port = [peer for peer in peers if peer.port == port]
+    return [peer for peer in at_port if peer.host == host] or [
+        peer for peer in at_port if _is_local(peer.host)]
+
+
+def _is_local(host: str) -> bool:
+    """Whether host names an address of this machine: one a socket can bind."""
+    try:
+        family, address = resolve(host, 0)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind(address)
+    except (TimecheckError, OSError):
+        return False
+    return True
+
+
+class PathOptions(NamedTuple):
+    """What a run asks of the path beyond round trips: the server's transmit stamps in the kernel
+    (interleaved: where the server can), the probes' TOS and TTL (and the server's report of
+    the marks they came with), a source address to send from, and how many source ports to
+    spread the probes over (ECMP)."""
+    interleaved: bool = True
+    tos: Optional[int] = None
+    ttl: Optional[int] = None
+    source: Optional[str] = None
+    ports: int = 1
+
+
+DEFAULT_PATH = PathOptions()
+OURS, NTP = "udp-timecheck", "ntp"  # the protocols a run can speak
+
+
+class Outputs(NamedTuple):
+    """What the command line writes of a run besides its lines: the results as JSON, the probes'
+    rows, the plot, the metrics endpoint, -D's times (None, False: not asked for)."""
+    json: bool = False
+    quiet: bool = False
+    csv: Optional[str] = None
+    jsonl: Optional[str] = None
+    plot: Optional[str] = None
+    metrics: Optional[Tuple[str, int]] = None
+    print_time: bool = False
+
+
+class RunSpec(NamedTuple):
+    """What a run measures, and how: built once, by the command line or by an API caller, and
+    read by the loop, each Recorder and the reports.
+
+    count 0 runs until stop() or the deadline (seconds); interval 0 is the tutorial's loop (the
+    next probe once the last has ended), more sends on a fixed schedule, like ping and irtt.
+    wall_clock is this machine's clock in ns (tests inject a shifted one), clock_state its
+    kernel's; source names a mesh node; reference is an NTP server to compare clocks with.
+    """
+    targets: Tuple[Peer, ...] = ()
+    count: int = 1
+    interval: float = 0.0
+    timeout: float = DEFAULT_TIMEOUT
+    size: int = 0
+    key: Optional[bytes] = None
+    deadline: Optional[float] = None
+    report_every: Optional[float] = None
+    keep_samples: int = SAMPLES_KEPT
+    timestamps: str = KERNEL
+    path: PathOptions = DEFAULT_PATH
+    protocol: str = OURS
+    measuring: bool = True
+    source: Optional[str] = None
+    reference: Optional[Tuple[str, int]] = None
+    outputs: Outputs = Outputs()
+    wall_clock: Optional[Callable[[], int]] = None
+    clock_state: Callable[[], ClockState] = read_clock_state
+
+    @property
+    def fleet(self) -> bool:
+        """Several targets, or a mesh node's: a target that refuses is retried, not given up."""
+        return len(self.targets) > 1 or self.source is not None
+
+
 class LocalEnd(NamedTuple):
-    """This end of a run: the marks its probes go with (TOS; TTL, the system's default if not
-    set), its source address, and its source ports (one per socket: ECMP)."""
+    """This end of a run, as its sockets have it: the marks its probes go with (TOS; TTL, the
+    system's default if not set), its source address and ports, and its timestamps (KERNEL or
+    USER; why not the kernel's; whether the kernel stamps the probes leaving)."""
     tos: Optional[int] = None
     ttl: Optional[int] = None
     address: Optional[str] = None
     ports: Tuple[int, ...] = (0,)
+    timestamps: str = USER
+    no_kernel_stamps: Optional[str] = None
+    transmit_stamps: bool = False
+
+
+NO_LOCAL_END = LocalEnd()
 
 
 class Period(NamedTuple):
@@ -2902,61 +3251,137 @@ class Period(NamedTuple):
     end_mono_ns: int
 
 
+class Events:
+    """What a run tells as it goes, to one sink: the command line's outputs and its metrics
+    subclass it.  Here each is told to nobody."""
+
+    def started(self, recorder: "Recorder") -> None:
+        """A target's run begins at an address (again at the next, when nobody listened)."""
+
+    def sample(self, sample: Sample) -> None:
+        """A probe has ended: each once, in the order a target's were sent (seq)."""
+
+    def period(self, period: Period) -> None:
+        """A period of --report-every has ended."""
+
+    def outage(self, recorder: "Recorder", outage: Outage) -> None:
+        """A run of lost probes has ended (or the run did, during one)."""
+
+    def note(self, text: str) -> None:
+        """A line about the run: another address tried, a target given twice, a peer that left."""
+
+    def tick(self, recorders: Sequence["Recorder"]) -> None:
+        """Once a second, in the loop's thread: where --metrics takes its snapshots."""
+
+
+NO_EVENTS = Events()
+
+
+class _UnguessableIds:
+    """Random ids of ID_BITS bits from the operating system's CSPRNG, as secrets draws them, a
+    thousand at a time: one system call for a thousand probes.  Safe from any thread."""
+
+    def __init__(self) -> None:
+        self._pool, self._lock = collections.deque(), threading.Lock()  # type: collections.deque, Any
+
+    def __next__(self) -> int:
+        with self._lock:
+            if not self._pool:
+                drawn = secrets.token_bytes(8 * 1024)
+                self._pool.extend(int.from_bytes(drawn[start:start + 8], "big") >> (64 - ID_BITS)
+                                  for start in range(0, len(drawn), 8))
+            return self._pool.popleft()
+
+
+_REQUEST_IDS = _UnguessableIds()  # nothing is drawn until the first probe
+
+
+def _time_text() -> str:
+    """'The time is <this machine's local time>', as the tutorial's client says it; the date and
+    time are worked out once a second (localtime can cost a stat() of /etc/localtime)."""
+    seconds, fraction = divmod(wall_ns() // 1000, 1_000_000)
+    return "{}.{:06d}".format(_local_time_prefix(seconds), fraction)
+
+
+def request_sizes(spec: RunSpec, family: int) -> Tuple[int, int]:
+    """The size of spec's requests, and of those that ask for the server's clock state: padded
+    so that any reply fits (our server never answers with more bytes), or --size, checked."""
+    if spec.protocol == NTP:
+        return NTP_PACKET.size, NTP_PACKET.size
+    keyed, options = spec.key is not None, RequestOptions(
+        1, spec.path.interleaved, spec.path.tos is not None or spec.path.ttl is not None)
+    smallest = min_request_size(spec.count or 10 ** 12, size=spec.size, keyed=keyed, options=options)
+    largest = MAX_UDP_PAYLOAD[family]
+    if spec.size and not smallest <= spec.size <= largest:
+        raise TimecheckError("--size must be from {} to {} bytes".format(smallest, largest))
+    return spec.size or smallest, spec.size or min_request_size(
+        spec.count or 10 ** 12, keyed=keyed, clock_state=True, options=options)
+
+
 class Recorder:
-    """The probe book of one run, as irtt's Recorder: the probes waiting for a reply, the ones
-    that ended (for late, duplicate and forged replies), and where each probe goes as it ends.
+    """The probe book of one target's run, in our protocol, as irtt's Recorder: the probes waiting
+    for a reply, the ones that ended (for late, duplicate and forged replies), and where each
+    probe goes as it ends.
 
-    send() registers a probe, receive() matches a reply to one, port_unreachable()
-    and expire() end probes without one, next_period() closes a period, finish()
-    the run.  What the probes found goes into Totals (statistics): of the whole
-    run, and with reports, of the current period; summarize() (reports) makes the
-    --json object of it.  Memory stays flat, whatever the run's length: the probes
-    waiting, the last RECENT_PROBES ended ones, the first keep_samples for the
-    JSON, and the streaming Totals.  on_sample is called as each probe ends,
-    on_outage as each run of lost probes does.
+    request() makes a probe, send() registers it, receive() matches a datagram to one,
+    port_unreachable() and expire() end probes without one, next_period() closes a period,
+    finish() the run.  What the probes found goes into Totals: of the whole run, and with
+    reports of the current period; summarize() (reports) makes the --json object of it.  Memory
+    stays flat whatever the run's length.  Each probe goes to events as it ends, in seq order.
 
-    A subclass for another protocol (SntpRecorder) overrides receive() and uses
-    the hooks: waiting, ended_probe(), count_event(), record_arrival(), end_probe().
+    A reply is matched by its id, and is in time when its kernel stamp says so, however late this
+    process read it.  A datagram that cannot prove it belongs (a wrong id, a bad MAC) is counted
+    and changes no probe: a probe whose only reply lied ends a liar at its timeout, unless a key
+    proves the lie is the server's own.  SntpRecorder overrides request(), receive() and sizes.
     """
 
-    def __init__(self, target: str, address: str, *, settings: Dict[str, object], request_size: int,
-                 key: Optional[bytes] = None, timestamps: str = USER, transmit_stamps: bool = False,
-                 keep_samples: int = SAMPLES_KEPT, reports: bool = False,
-                 on_sample: Optional[Callable[[Sample], None]] = None, recent: Optional[int] = None,
-                 stop_on_refusal: bool = True, on_outage: Optional[Callable[[Outage], None]] = None,
-                 local: Optional[LocalEnd] = None,
-                 clock_state: Callable[[], ClockState] = lambda: read_clock_state()) -> None:
-        self.target, self.address, self.settings, self.request_size = target, address, settings, request_size
-        self.local = local or LocalEnd()
-        self.on_sample, self.on_outage, self.clock_state = on_sample, on_outage, clock_state
-        self.stop_on_refusal = stop_on_refusal  # else a refusal is one lost probe: a mesh's peer starts late
-        self.key, self.keyed = key, key is not None
-        self.timestamps, self.transmit_stamps, self.keep_samples = timestamps, transmit_stamps, keep_samples
+    def __init__(self, target: str, address: str, spec: RunSpec, local: LocalEnd = NO_LOCAL_END,
+                 events: Events = NO_EVENTS, name: Optional[str] = None) -> None:
+        self.target, self.address, self.spec, self.local, self.events = target, address, spec, local, events
+        self.name = name  # a peer's, when a targets or peers file gives one
+        self.key, self.keyed, self.keep_samples = spec.key, spec.key is not None, spec.keep_samples
+        self.timestamps, self.transmit_stamps = local.timestamps, local.transmit_stamps
+        self.clock_state, self.timeout_ns = spec.clock_state, int(spec.timeout * NS_PER_S)
+        self.request_size, self._clock_request_size = request_sizes(
+            spec, socket.AF_INET6 if ":" in address else socket.AF_INET)
+        self.session = next(_REQUEST_IDS)  # the server counts a session's requests: the loss split
+        self.options = RequestOptions(self.session, spec.path.interleaved,
+                                      spec.path.tos is not None or spec.path.ttl is not None)
         self.started_ns, self.started_mono_ns, self.duration_ns = wall_ns(), monotonic_ns(), 0
         self.totals = Totals(self.started_ns, self.started_mono_ns)
         self.period = Totals(self.started_ns, self.started_mono_ns)  # since the last next_period()
-        self._active = (self.totals, self.period) if reports else (self.totals,)
-        self.directions = LossDirections()  # the whole run's: a period's split needs the count before it
-        self.marks = PathMarks(self.local.tos, self.local.ttl)
-        self.ports = [PortFigures(port) for port in self.local.ports]
-        self.samples = []  # type: List[Sample]  # the first keep_samples probes
-        self.probes_sent = 0  # as they go: every probe sent ends in the totals by finish()
+        self._active = (self.totals, self.period) if spec.report_every else (self.totals,)
+        self.directions, self.marks = LossDirections(), PathMarks(local.tos, local.ttl)
+        self.ports = [PortFigures(port) for port in local.ports]
+        self.samples, self.probes_sent = [], 0  # type: List[Sample], int  # the first keep_samples
         self.waiting = collections.OrderedDict()  # type: Dict[int, Sample]  # request id -> probe, oldest first
-        self._waiting_seq = {}  # type: Dict[int, Sample]
+        self._waiting_seq, self._in_order, self._next_seq = {}, {}, 0  # type: Dict[int, Sample], Dict[int, Sample], int
         self._held = collections.OrderedDict()  # type: Dict[int, Sample]  # seq -> answered, awaiting T3
-        self._in_order, self._next_seq = {}, 0  # type: Dict[int, Sample], int  # ended, by seq, until in turn
-        recent = recent or RECENT_PROBES
-        self._ended = RecentTable(recent)  # request id -> Ended
-        self._ended_seq = RecentTable(recent)  # seq -> request id
-        self._legs = RecentTable(recent)  # seq -> Legs of answered probes
-        self.highest_seq = -1
+        self._unasked = collections.deque()  # type: collections.deque  # held seqs no request asked for yet
+        recent = max(1024, RECENT_PROBES // max(1, len(spec.targets)))
+        self._ended, self._ended_seq, self._legs = RecentTable(recent), RecentTable(recent), RecentTable(recent)
+        self.highest_seq, self.gone = -1, False  # the highest seq answered; whether the target said it left
         self.server_clock_state = None  # type: Optional[ClockState]  # the latest the server told
         self.local_clock_state = UNKNOWN_CLOCK  # this kernel's, read at the end of the run
-        self.server_transmit_at_end = 0  # answered probes no later reply could bring a kernel T3 for
-        self.interrupted = False
+        self.server_transmit_at_end, self.interrupted = 0, False  # answered probes no later reply could stamp
         self.stop_reason = self.last_error = None  # type: Optional[str]
 
-    # --- the steps ---------------------------------------------------------------------
+    # --- what the loop calls ----------------------------------------------------------------
+
+    def request(self, seq: int) -> Tuple[Sample, bytes]:
+        """Probe number seq and its datagram; interleaved, it asks for the kernel's transmit stamp
+        of the reply to an earlier probe, named by the T2 that reply carried (RFC 9769's way)."""
+        request_id = next(_REQUEST_IDS)  # unguessable, unlike the tutorial's 0..1000
+        ask_clock_state = seq % CLOCK_EVERY == 0
+        asked = self._to_ask()
+        options = self.options if asked is None else self.options._replace(exchange=asked.t2)
+        data = encode_request(request_id, _time_text(), seq, size=self.spec.size, key=self.key,
+                              pad_to=self._clock_request_size if ask_clock_state else self.request_size,
+                              ask_clock_state=ask_clock_state, options=options)
+        sample = Sample(seq, request_id, mac_of_datagram(data) if self.keyed else b"", self.target)
+        sample.request, sample.request_size = data, len(data)
+        sample.asks = None if asked is None else asked.seq
+        return sample, data
 
     def send(self, sample: Sample) -> None:
         """A probe about to go: from here on it counts, whatever happens to the send."""
@@ -2975,31 +3400,37 @@ class Recorder:
         self.count_event("errors")
 
     def port_unreachable(self, sample: Optional[Sample] = None) -> None:
-        """ICMP port unreachable: that probe (default: the oldest waiting) is lost; or, where
-        refusals are retried, not yet up, until the target first answers (a mesh's late starter)."""
+        """ICMP port unreachable for that probe (default: the oldest waiting): nobody listens.  A
+        single run that never had an answer stops, lost; else the target is not up, not lossy
+        (a mesh's late starter, a server that restarts)."""
         self.count_event("refused")
         sample = sample or next(iter(self.waiting.values()), None)
+        stops = not self.spec.fleet and not self.totals.received
         if sample is not None:
-            up = self.stop_on_refusal or self.totals.received
-            self.end_probe(sample, LOST if up else NOT_UP, REFUSED)
-        if self.stop_on_refusal and not self.totals.received:  # nobody listens: waiting tells no more
+            self.end_probe(sample, LOST if stops else NOT_UP, REFUSED)
+        if stops:  # nobody listens: waiting tells no more
             self.stop_reason = REFUSED
 
-    def expire(self, now_mono_ns: int, timeout_ns: int) -> None:
-        """End the probes whose time is up, oldest first."""
+    def expire(self, now_mono_ns: int) -> None:
+        """End the probes whose time is up, oldest first: lost; not up, after the target said it
+        left; a liar, when a lie was all that came."""
         waiting = self.waiting
         while waiting:
             sample = next(iter(waiting.values()))
-            if now_mono_ns - sample.send_mono_ns < timeout_ns:
+            if now_mono_ns - sample.send_mono_ns < self.timeout_ns:
                 break
-            self.end_probe(sample, LOST, TIMED_OUT)
+            self.end_probe(sample, *(MISMATCHED, None) if sample.lied else (NOT_UP, GONE) if self.gone
+                           else (LOST, TIMED_OUT))
 
     def receive(self, data: bytes, arrival: Arrival) -> None:
-        """A reply: matched to its probe by id (or by its seq, when the id is a lie)."""
+        """A datagram from the target: matched to its probe by id; a lie names one by its seq."""
         try:
             reply = decode_message(data)
         except WireError:
             self.count_event("malformed")  # garbage is not a liar: only a well-formed reply can lie
+            return
+        if reply.ext is not None and "bye" in reply.ext:
+            self._goodbye(reply, data)
             return
         sample = self.waiting.get(reply.message_id)
         if self.key is None and sample is not None and data == sample.request:  # with a key: forged
@@ -3012,7 +3443,12 @@ class Recorder:
             if isinstance(claim, Sample):
                 claim.reason = FORGED
             return
-        self._classify(reply, data, arrival, sample, ended, claim)
+        if sample is not None:
+            self._answered(sample, reply, data, arrival)
+        elif ended is not None:
+            self.count_event("late" if ended.status == LOST else "duplicates")
+        else:
+            self._lie(reply, data, arrival, claim)
 
     def next_period(self) -> Period:
         """End the current period (--report-every) and start the next; the one that ended."""
@@ -3023,33 +3459,33 @@ class Recorder:
         return ended
 
     def finish(self, interrupted: bool, reason: str = INTERRUPTED) -> None:
-        """The end of the run: every probe still waiting is lost, for reason; an answered one
-        still waiting for its kernel T3 keeps the server's own; an outage still going ends."""
-        self.interrupted = interrupted
-        self.local_clock_state = self.clock_state()
+        """The end of the run: every probe still waiting is lost, for reason (at a deadline, as
+        ping -w: in flight); an answered one awaiting its kernel T3 keeps the server's own; an
+        outage still going ends."""
+        self.interrupted, self.local_clock_state = interrupted, self.clock_state()
         if reason == DEADLINE:
             self.stop_reason = DEADLINE
         end_mono_ns = monotonic_ns()
         self.duration_ns = end_mono_ns - self.started_mono_ns
-        for sample in list(self.waiting.values()):  # at a deadline, as ping -w: not lost, unknown
+        for sample in list(self.waiting.values()):
             self.end_probe(sample, IN_FLIGHT if reason == DEADLINE else LOST, reason)
         self.server_transmit_at_end = len(self._held)
         while self._held:
             self._close(self._held.popitem(last=False)[1])
-        step_ns = int((self.settings.get("interval") or self.settings.get("timeout") or 0) * NS_PER_S)
+        step_ns = int((self.spec.interval or self.spec.timeout) * NS_PER_S)
         ended = None if self.stop_reason == REFUSED else self.totals.runs.close(  # nobody listens: no outage
             min(end_mono_ns, self.totals.runs.last_send_ns + step_ns))
-        if ended is not None and self.on_outage is not None:  # as it would have ended: a probe later
-            self.on_outage(Outage(self._next_seq - ended[0], ended[0], ended[1], True))
+        if ended is not None:  # as it would have ended: a probe later
+            self.events.outage(self, Outage(self._next_seq - ended[0], ended[0], ended[1], True))
 
     def ended_with(self, status: str) -> int:
         """How many probes ended with status: OK, LOST, IN_FLIGHT (at a deadline), NOT_UP or
-        MISMATCHED."""
+        MISMATCHED (a liar's)."""
         totals = self.totals
         ended = {OK: totals.received, LOST: totals.lost, IN_FLIGHT: totals.in_flight, NOT_UP: totals.not_up}
-        return ended[status] if status in ended else totals.sent - sum(ended.values())  # MISMATCHED
+        return ended[status] if status in ended else totals.sent - sum(ended.values())
 
-    # --- the hooks a subclass uses ---------------------------------------------------------
+    # --- the hooks a subclass uses ----------------------------------------------------------
 
     def ended_probe(self, request_id: int) -> Optional[Ended]:
         """The probe with this id, if it has ended (and is still remembered)."""
@@ -3071,9 +3507,16 @@ class Recorder:
         sample.t4_user, sample.recv_mono_ns = user_t4, arrival.recv_mono_ns
         sample.settle(kernel_mode=kernel_mode)
 
+    def in_time(self, sample: Sample, arrival: Arrival) -> bool:
+        """Whether a reply arrived within its probe's timeout: by the kernel's stamp, where there
+        is one, however late this process read it."""
+        age = arrival.real_t4 - arrival.kernel_t4 if arrival.kernel_t4 is not None else 0
+        age = age if 0 <= age <= arrival.recv_mono_ns - sample.send_mono_ns else 0
+        return arrival.recv_mono_ns - age - sample.send_mono_ns < self.timeout_ns
+
     def end_probe(self, sample: Sample, status: str, reason: Optional[str] = None) -> None:
         """A probe's end: no longer waiting; then, unless it waits for the kernel's T3 of its
-        reply (which comes with the next, interleaved), closed."""
+        reply (which a later reply brings, interleaved), closed."""
         if self.waiting.pop(sample.request_id, None) is None:
             return  # ended already
         del self._waiting_seq[sample.seq]
@@ -3084,12 +3527,54 @@ class Recorder:
             sample.reason = reason
         self._ended.store(sample.request_id, Ended(sample.seq, status, sample.request_mac, sample.request_id))
         self._ended_seq.store(sample.seq, sample.request_id)
-        if status == OK and sample.interleaved and len(self._held) < HELD_PROBES:
+        if status != OK:
+            self._stamp_of(sample, None)  # what it asked for will not come
+        if status == OK and sample.interleaved and self.options.interleaved:
             self._held[sample.seq] = sample
+            self._unasked.append(sample.seq)
+            if len(self._held) > HELD_PROBES:
+                self._close(self._held.popitem(last=False)[1])
         else:
             self._close(sample)
 
-    # --- what happens to a reply and a probe ----------------------------------------------
+    # --- what happens to a reply and a probe ------------------------------------------------
+
+    def _answered(self, sample: Sample, reply: Message, data: bytes, arrival: Arrival) -> None:
+        """The probe's own reply: in time by its kernel stamp, or late (the probe lost)."""
+        self._record(sample, reply, data, arrival)
+        if not self.in_time(sample, arrival):
+            self.count_event("late")
+            self.end_probe(sample, LOST, TIMED_OUT)
+            return
+        if sample.seq < self.highest_seq:  # in the order the replies came, as irtt counts them
+            self.count_event("reordered")
+        self.highest_seq, self.gone = max(self.highest_seq, sample.seq), False
+        self._stamp_of(sample, reply.ext)
+        self.end_probe(sample, OK)
+
+    def _lie(self, reply: Message, data: bytes, arrival: Arrival, claim: Union[Sample, Ended, None]) -> None:
+        """A well-formed reply that names no probe: counted.  The probe it claims keeps waiting for
+        its own, unless a key proves this lie is the server's (the tutorial's liar)."""
+        self.count_event("mismatched")
+        if isinstance(claim, Sample):
+            claim.lied, claim.reply_id = True, reply.message_id
+            if self.key is not None:
+                self._record(claim, reply, data, arrival)
+                self.end_probe(claim, MISMATCHED)
+
+    def _goodbye(self, reply: Message, data: bytes) -> None:
+        """The target's server says it stops: the probes after the last it answered are not lost
+        but not up, as are those after, until it answers again.  Only from this session's server."""
+        if reply.message_id != self.session or (self.key is not None and not mac_matches(
+                self.key, BYE_LABEL, data)):
+            self.count_event("forged" if self.key is not None else "mismatched")
+            return
+        last = reply.ext["bye"]  # type: ignore[index]
+        self.gone = True
+        self.events.note("{} says it has stopped (its last answer to this run: seq={}); probes from here "
+                         "on are not up, not lost, until it answers again".format(self.target, last))
+        for sample in [sample for sample in self.waiting.values() if sample.seq > last]:
+            self.end_probe(sample, NOT_UP, GONE)
 
     def _claim(self, reply: Message) -> Union[Sample, Ended, None]:
         """The probe a lie answers, when its id is no probe's: by its echoed seq (a waiting Sample,
@@ -3107,58 +3592,54 @@ class Recorder:
         if reply.mac is None:
             self.count_event("forged", "unsigned")
             return False
-        if claim is None or not mac_matches(self.key, reply_context(b"%d" % claim.request_id,
-                                                                      claim.request_mac), data):
+        if claim is None or not mac_matches(self.key, reply_context(  # type: ignore[arg-type]
+                b"%d" % claim.request_id, claim.request_mac), data):
             self.count_event("forged")  # tampered with, re-addressed, or replayed
             return False
         return True
-
-    def _classify(self, reply: Message, data: bytes, arrival: Arrival, sample: Optional[Sample],
-                  ended: Optional[Ended], claim: Union[Sample, Ended, None]) -> None:
-        if (sample is not None or ended is not None) and reply.ext is not None and "xs" in reply.ext:
-            self._transmit_report(reply.ext["xs"], reply.ext["xt"])
-        if sample is not None:
-            self._record(sample, reply, data, arrival)
-            self.end_probe(sample, OK)
-        elif ended is not None:
-            self.count_event("late" if ended.status == LOST else "duplicates")
-        else:
-            self.count_event("mismatched")
-            if isinstance(claim, Sample):
-                self._record(claim, reply, data, arrival)
-                self.end_probe(claim, MISMATCHED)
 
     def _record(self, sample: Sample, reply: Message, data: bytes, arrival: Arrival) -> None:
         """Keep what the reply says, and when it came."""
         sample.reply_id, sample.reply_text, sample.reply_size = reply.message_id, reply.text, len(data)
         ext = reply.ext
         if ext is not None:
-            sample.t2, sample.t3 = ext.get("t2"), ext.get("t3")
+            sample.t2, sample.t3 = ext.get("t2"), ext.get("t3")  # type: ignore[assignment]
             stamp = ext.get("ts")
             sample.server_stamp = stamp if stamp in (KERNEL, USER) else None
             if "clock" in ext:
                 sample.server_clock_state = decode_clock_state(ext["clock"])
                 self.server_clock_state = sample.server_clock_state or self.server_clock_state
-            sample.server_count, sample.interleaved = ext.get("rx"), ext.get("xl") == 1
-            sample.server_marks = (ext.get("tos"), ext.get("ttl"))
+            sample.server_count, sample.interleaved = ext.get("rx"), ext.get("xl") == 1  # type: ignore[assignment]
+            sample.server_marks = (ext.get("tos"), ext.get("ttl"))  # type: ignore[assignment]
         sample.marks_back = (arrival.tos, arrival.ttl)
         self.record_arrival(sample, arrival)
 
-    def _transmit_report(self, seq: int, transmit_ns: int) -> None:
-        """An interleaved reply's news of an earlier one: the kernel's stamp of it leaving (RFC 9769's
-        way).  It completes that probe; the held probes before it will get none (their reply's
-        stamp never came, or another reply went between) and keep the server's own T3."""
-        for held_seq in [held for held in self._held if held <= seq]:  # a few at most
-            sample = self._held.pop(held_seq)
-            if held_seq == seq and sample.t3 is not None and sample.t3 <= transmit_ns \
-                    and transmit_ns - sample.t2 <= sample.raw_rtt_ns:  # within what the client waited
-                sample.t3, sample.t3_kernel = transmit_ns, True
-                sample.settle(kernel_mode=self.timestamps == KERNEL)
-            self._close(sample)
+    def _to_ask(self) -> Optional[Sample]:
+        """The oldest answered probe still awaiting its kernel T3 that no request has asked for."""
+        while self._unasked:
+            sample = self._held.get(self._unasked.popleft())
+            if sample is not None:
+                return sample
+        return None
+
+    def _stamp_of(self, sample: Sample, ext: Optional[Dict[str, object]]) -> None:
+        """What sample's request asked for: the kernel's transmit stamp of an earlier probe's reply
+        (interleaved).  It is taken only for that exact exchange (xs, its seq, as asked) and within
+        the round trip that probe waited; either way that probe is then closed."""
+        asked = self._held.pop(sample.asks, None) if sample.asks is not None else None
+        if asked is None:
+            return
+        stamp = ext.get("xt") if ext is not None and ext.get("xs") == asked.seq else None
+        if stamp is not None and asked.t3 <= stamp and stamp - asked.t2 <= asked.raw_rtt_ns:  # type: ignore
+            asked.t3, asked.t3_kernel = stamp, True  # type: ignore[assignment]
+            asked.settle(kernel_mode=self.timestamps == KERNEL)
+        elif stamp is not None:
+            asked.t3_rejected = True  # it disagrees with the server's own clock: not taken
+        self._close(asked)
 
     def _close(self, sample: Sample) -> None:
         """A probe's figures, final: into the totals, the first samples, the writers; then, in the
-        order the probes went, into the loss by direction and the outages."""
+        order the probes went, to events, the loss by direction and the outages."""
         neighbours = self._neighbours(sample) if sample.status == OK else ()
         for totals in self._active:
             totals.tally(sample, neighbours, kernel_mode=self.timestamps == KERNEL,
@@ -3167,15 +3648,15 @@ class Recorder:
             self.ports[sample.port].add(sample.status, sample.rtt_ns)
         if sample.status == OK:
             self.marks.add(sample.seq, sample.t1, sample.port, sample.server_marks, sample.marks_back)
-        if self.on_sample is not None:
-            self.on_sample(sample)
         self._in_order[sample.seq] = sample
         while self._next_seq in self._in_order:
             self._in_turn(self._in_order.pop(self._next_seq))
             self._next_seq += 1
 
     def _in_turn(self, sample: Sample) -> None:
-        """A probe, in the order they went: runs of lost probes (outages), and the leg that lost it."""
+        """A probe, in the order they went: to events; its runs of lost probes (outages), and the
+        leg that lost it."""
+        self.events.sample(sample)
         status = sample.status
         if status not in (OK, LOST, MISMATCHED):
             return
@@ -3184,447 +3665,33 @@ class Recorder:
             return
         for totals in self._active:
             ended = totals.runs.add(status == LOST, sample.send_mono_ns)
-            if ended is not None and totals is self.totals and self.on_outage is not None:
-                self.on_outage(Outage(sample.seq - ended[0], ended[0], ended[1]))
+            if ended is not None and totals is self.totals:
+                self.events.outage(self, Outage(sample.seq - ended[0], ended[0], ended[1]))
 
     def _neighbours(self, sample: Sample) -> List[Legs]:
-        """The probes numbered next to an answered one that were answered before it; counts a
-        reply that comes after one to a later probe as reordered, as irtt does."""
-        if sample.seq < self.highest_seq:
-            self.count_event("reordered")
-        self.highest_seq = max(self.highest_seq, sample.seq)
-        found = []
-        for seq in (sample.seq - 1, sample.seq + 1):
-            legs = self._legs.get(seq)
-            if legs is not None:
-                found.append(legs)
+        """The probes numbered next to an answered one that were answered before it."""
+        found = [legs for legs in (self._legs.get(sample.seq - 1), self._legs.get(sample.seq + 1))
+                 if legs is not None]
         self._legs.store(sample.seq, legs_of(sample))
-        return found
-
-
-class _UnguessableIds:
-    """Random ids of ID_BITS bits from the operating system's CSPRNG, as secrets draws them, a
-    thousand at a time: one system call for a thousand probes.  Safe from any thread."""
-
-    def __init__(self) -> None:
-        self._pool, self._lock = collections.deque(), threading.Lock()  # type: collections.deque, object
-
-    def __next__(self) -> int:
-        with self._lock:
-            if not self._pool:
-                drawn = secrets.token_bytes(8 * 1024)
-                self._pool.extend(int.from_bytes(drawn[start:start + 8], "big") >> (64 - ID_BITS)
-                                  for start in range(0, len(drawn), 8))
-            return self._pool.popleft()
-
-
-_REQUEST_IDS = _UnguessableIds()  # nothing is drawn until the first probe
-
-
-class PathOptions(NamedTuple):
-    """What a run asks of the path beyond round trips: the server's transmit stamps in the kernel
-    (interleaved: where the server can), the probes' TOS and TTL (and the server's report of
-    the marks they came with), a source address to send from, and how many source ports to
-    spread the probes over (ECMP)."""
-    interleaved: bool = True
-    tos: Optional[int] = None
-    ttl: Optional[int] = None
-    source: Optional[str] = None
-    ports: int = 1
-
-
-DEFAULT_PATH = PathOptions()
-
-
-class Prober:
-    """Sends probes to one server and hands what comes back to a Recorder, which run() returns.
-
-    count probes (0: until stop(), or the deadline, in seconds); interval 0 is
-    the tutorial's loop, where the next probe goes when the last is answered
-    or timed out, and interval > 0 sends isochronously, like ping and irtt,
-    with replies matched by their random id.  on_sample is called as each
-    probe ends, on_report every report_every seconds with that period's
-    figures, on_note with a line about the run (another address tried), and
-    on_start (set it after construction) with the prober as each address is tried.
-    wall_clock is this machine's wall clock in ns (tests inject a shifted one);
-    timestamps is KERNEL to take T1 and T4 from the kernel where the platform
-    has it, or USER; path is what the run asks of the path (PathOptions).
-    """
-
-    recorder_class = Recorder  # type: type
-
-    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, count: int = 1,
-                 interval: float = 0.0, timeout: float = DEFAULT_TIMEOUT, size: int = 0,
-                 key: Optional[bytes] = None, wall_clock: Optional[Callable[[], int]] = None,
-                 timestamps: str = KERNEL, deadline: Optional[float] = None,
-                 report_every: Optional[float] = None, keep_samples: int = SAMPLES_KEPT,
-                 on_sample: Optional[Callable[[Sample], None]] = None,
-                 on_report: Optional[Callable[[Period], None]] = None,
-                 on_note: Optional[Callable[[str], None]] = None, path: PathOptions = DEFAULT_PATH,
-                 on_outage: Optional[Callable[[Outage], None]] = None,
-                 clock_state: Callable[[], ClockState] = lambda: read_clock_state()) -> None:
-        self.addresses = resolve(host, port)
-        self.path, self.session = path, next(_REQUEST_IDS)  # a session: the server counts its requests
-        self.options = RequestOptions(self.session, path.interleaved,
-                                      path.tos is not None or path.ttl is not None)
-        self.family, self.address = self.addresses[0]
-        self.target = format_address(host.strip("[]"), port)
-        self.count, self.interval, self.timeout = count, interval, timeout
-        self.deadline, self.report_every, self.keep_samples = deadline, report_every, keep_samples
-        self.size, self.key = size, key
-        self.on_sample, self.on_report, self.on_note = on_sample, on_report, on_note
-        self.on_outage, self.clock_state = on_outage, clock_state
-        self.on_start = None  # type: Optional[Callable[[Prober], None]]  # as each address is tried
-        self.name = None  # type: Optional[str]  # a mesh peer's name, from the peers file
-        self.wall_clock, self._real_clock = wall_clock or wall_ns, wall_clock is None
-        self.asked_timestamps = timestamps
-        self.timestamps = timestamps  # what the run uses: decided once, as its sockets open
-        self.no_kernel_stamps = None  # type: Optional[str]  # why not, when kernel stamps were refused
-        # Pad every request so the server's reply fits: it never answers with more bytes.
-        smallest = min_request_size(count or 10 ** 12, size=size, keyed=key is not None, options=self.options)
-        largest = MAX_UDP_PAYLOAD[self.family]
-        if size and not smallest <= size <= largest:
-            raise TimecheckError("--size must be from {} to {} bytes".format(smallest, largest))
-        self.request_size = size or smallest
-        # The first probe, and one in CLOCK_EVERY, ask for the server's clock state: room for it.
-        self._clock_request_size = size or min_request_size(count or 10 ** 12, keyed=key is not None,
-                                                            clock_state=True, options=self.options)
-        self.recorder = None  # type: Optional[Recorder]  # the run's, once it has begun
-        self._transmit_stamps = self._stopping = False
-        self._group = None  # type: Optional[ProbeGroup]  # the loop that drives this prober's run
-        self._socks = []  # type: List[socket.socket]  # one for each source port
-        self._recvmsg = {}  # type: Dict[socket.socket, Callable]  # each socket's, or a stand-in (Windows)
-        self._timeout_ns = self._interval_ns = self._next_send_ns = 0
-
-    def run(self) -> Recorder:
-        """Probe until every probe has ended; stop() or Ctrl-C ends the run early with what it has.
-
-        A name with several addresses (localhost: ::1, then 127.0.0.1) is tried
-        at the next one when nobody listens at this one.
-        """
-        for index, (family, address) in enumerate(self.addresses):
-            self.family, self.address = family, address
-            recorder = ProbeGroup([self], deadline=self.deadline, report_every=self.report_every).run()[0]
-            refused = recorder.stop_reason == REFUSED and not recorder.totals.received
-            if not refused or index + 1 == len(self.addresses):
-                return recorder
-            if self.on_note is not None:
-                self.on_note("nobody listens at {} (connection refused); trying {}".format(
-                    format_address(address[0], address[1]), self.addresses[index + 1][1][0]))
-        raise AssertionError("resolve() returns at least one address")
-
-    def stop(self) -> None:
-        """End the run soon, with what it has; safe in a signal handler, and to call again.
-        A stopped prober stays stopped."""
-        self._stopping = True
-        if self._group is not None:
-            self._group.stop()
-
-    def new_probe(self, seq: int) -> Tuple[Sample, bytes]:
-        """Probe number seq and its request datagram, as this prober sends it."""
-        request_id = next(_REQUEST_IDS)  # unguessable, unlike the tutorial's 0..1000
-        ask_clock_state = seq % CLOCK_EVERY == 0
-        pad_to = self._clock_request_size if ask_clock_state else self.request_size
-        data = encode_request(request_id, self._time_text(), seq, size=self.size, pad_to=pad_to, key=self.key,
-                              ask_clock_state=ask_clock_state, options=self.options)
-        sample = Sample(seq, request_id, mac_of_datagram(data) if self.key is not None else b"", self.target)
-        sample.request, sample.request_size = data, len(data)
-        return sample, data
-
-    def _time_text(self) -> str:
-        """'The time is <this machine's local time>', as the tutorial's client says it; the date
-        and time are worked out once a second (localtime can cost a stat() of /etc/localtime)."""
-        seconds, fraction = divmod(wall_ns() // 1000, 1_000_000)
-        return "{}.{:06d}".format(_local_time_prefix(seconds), fraction)
-
-    # --- the steps a ProbeGroup drives -------------------------------------------------------
-
-    def _open(self, stack: contextlib.ExitStack, group: "ProbeGroup",
-              first_send_ns: int) -> List[socket.socket]:
-        """The run's sockets (one a source port), connected and with their options, and its Recorder."""
-        self._socks = [self._socket(stack) for _ in range(self.path.ports)]
-        self._recvmsg = {sock: message_calls(sock)[0] for sock in self._socks}
-        self._group = group
-        self._timeout_ns, self._interval_ns = int(self.timeout * NS_PER_S), int(self.interval * NS_PER_S)
-        self._next_send_ns = first_send_ns
-        self.recorder = self._recorder(group)
-        if self._stopping:  # stopped before the run began
-            group.stop()
-        if self.on_start is not None:
-            self.on_start(self)
-        return self._socks
-
-    def _socket(self, stack: contextlib.ExitStack) -> socket.socket:
-        sock = stack.enter_context(socket.socket(self.family, socket.SOCK_DGRAM))
-        try:
-            if self.path.source is not None:
-                sock.bind((self.path.source, 0) + self.address[2:])
-            set_marks(sock, self.path.tos, self.path.ttl)
-            if self.options.path:
-                enable_path_marks(sock)  # the marks the replies come back with
-            sock.connect(self.address)  # replies from anyone else are dropped by the kernel
-        except OSError as exc:
-            raise TimecheckError("cannot reach {}{}: {}".format(self.target, " from " + self.path.source
-                                                                if self.path.source else "",
-                                                                exc.strerror or exc)) from None
-        sock.setblocking(False)
-        return sock
-
-    def _decide_timestamps(self) -> None:
-        """Kernel timestamps where they were asked for and every socket takes them; else user-space
-        readings, and why (no_kernel_stamps).  Decided here only, once the sockets are open."""
-        asked = self.asked_timestamps == KERNEL
-        self.no_kernel_stamps = next(filter(None, map(kernel_stamps_refused, self._socks)), None) \
-            if asked else None
-        self.timestamps = KERNEL if asked and self.no_kernel_stamps is None else USER
-        self._transmit_stamps = self.timestamps == KERNEL and all(
-            map(enable_transmit_timestamps, self._socks))
-
-    def _recorder(self, group: "ProbeGroup") -> Recorder:
-        """A new Recorder, once the sockets have their timestamping options."""
-        self._decide_timestamps()
-        settings = {"count": self.count, "interval": self.interval, "timeout": self.timeout,
-                    "size": self.size or None, "deadline": group.deadline,
-                    "interleaved": self.path.interleaved}
-        return self.recorder_class(self.target, self.address[0], settings=settings,
-                                   request_size=self.request_size, key=self.key, timestamps=self.timestamps,
-                                   transmit_stamps=self._transmit_stamps, keep_samples=self.keep_samples,
-                                   reports=bool(group.report_every), on_sample=self.on_sample,
-                                   recent=group.recent, stop_on_refusal=not group.retry_refused,
-                                   on_outage=self.on_outage, local=self._local_end(),
-                                   clock_state=self.clock_state)
-
-    def _local_end(self) -> LocalEnd:
-        """This end of the run, as its sockets have it."""
-        sock = self._socks[0]
-        return LocalEnd(self.path.tos, self.path.ttl if self.path.ttl is not None else default_ttl(sock),
-                        sock.getsockname()[0], tuple(each.getsockname()[1] for each in self._socks))
-
-    def _step(self, now: int) -> Optional[int]:
-        """Expire what timed out and send what is due; when to look again (ns), or None when
-        every probe has ended."""
-        recorder = self.recorder
-        if recorder.stop_reason is not None:
-            return None
-        recorder.expire(now, self._timeout_ns)
-        may_send = (not self.count or recorder.probes_sent < self.count) and (
-            self._interval_ns or not recorder.waiting)
-        if may_send and now >= self._next_send_ns:
-            self._send_probe(recorder)
-            self._next_send_ns = max(self._next_send_ns + self._interval_ns, now)
-            if recorder.stop_reason is not None:
-                return None
-            may_send = (not self.count or recorder.probes_sent < self.count) and (
-                self._interval_ns or not recorder.waiting)
-        if not may_send and not recorder.waiting:
-            return None
-        wake = self._next_send_ns if may_send else now + self._timeout_ns
-        if recorder.waiting:
-            wake = min(wake, next(iter(recorder.waiting.values())).send_mono_ns + self._timeout_ns)
-        return wake
-
-    def _reply_matters(self) -> bool:
-        """Whether a reply can change what this prober does next: in the tutorial's loop, the next
-        probe goes at once; after the last, the run may be over.  Else it goes at its time."""
-        recorder = self.recorder
-        return not self._interval_ns or recorder.stop_reason is not None or bool(
-            self.count and recorder.probes_sent >= self.count)
-
-    def _report(self) -> None:
-        period = self.recorder.next_period()
-        if self.on_report is not None:
-            self.on_report(period)
-
-    def _send_probe(self, recorder: Recorder) -> None:
-        sample, data = self.new_probe(recorder.probes_sent)
-        sample.port = sample.seq % len(self._socks)  # round robin over the source ports (ECMP)
-        sock = self._socks[sample.port]
-        recorder.send(sample)  # registered before it goes: a stop from here on still counts it
-        send, wall_clock = sock.send, self.wall_clock
-        send_mono_ns = monotonic_ns()  # the monotonic reading first, T1 right before the send
-        t1 = wall_clock()
-        try:
-            send(data)
-        except (ConnectionRefusedError, ConnectionResetError):  # an earlier probe's ICMP error
-            sample.send_mono_ns, sample.t1 = send_mono_ns, t1
-            recorder.port_unreachable(sample)
-            return
-        except OSError as exc:  # no route, a firewall...: like ping, sent and lost
-            sample.send_mono_ns, sample.t1 = send_mono_ns, t1
-            recorder.not_sent(sample, exc.strerror or str(exc))
-            return
-        sample.send_mono_ns, sample.t1 = send_mono_ns, t1
-        sample.t1_user = t1
-        kernel_t1 = self._transmit_time(sock, t1) if self._transmit_stamps else None
-        if kernel_t1 is not None:
-            sample.t1, sample.t1_kernel = kernel_t1, True
-
-    def _transmit_time(self, sock: socket.socket, t1: int) -> Optional[int]:
-        """T1 from the kernel's transmit stamp, carried over to our clock, or None.
-
-        The stamp leaves out our own way down through the send call, as the receive
-        stamps leave out wake-ups.  One from before t1 belongs to an earlier probe.
-        """
-        offset = 0 if self._real_clock else clock_offset_ns(self.wall_clock)
-        stamp_ns = read_transmit_stamp(sock, t1 - offset)
-        return None if stamp_ns is None else stamp_ns + offset
-
-    def _receive_reply(self, sock: socket.socket) -> None:
-        recorder = self.recorder
-        try:
-            data, ancillary, _, _ = self._recvmsg[sock](MAX_DATAGRAM, ANCILLARY_SPACE)
-            user_t4 = self.wall_clock()  # the wall clock, then the monotonic one: T4 - T1 spans within it
-            recv_mono_ns = monotonic_ns()
-        except BlockingIOError:  # only transmit stamps that came too late: drop them
-            if self._transmit_stamps:
-                read_transmit_stamp(sock, wall_ns() + NS_PER_S)
-            return
-        except (ConnectionRefusedError, ConnectionResetError):  # port unreachable (Windows: reset)
-            recorder.port_unreachable()
-            return
-        except OSError:
-            recorder.not_received()
-            return
-        real_t4 = user_t4 if self._real_clock else user_t4 - clock_offset_ns(self.wall_clock)
-        if not ancillary:
-            recorder.receive(data, Arrival(None, user_t4, real_t4, recv_mono_ns))
-            return
-        tos, ttl = read_marks(ancillary) if self.options.path else (None, None)
-        kernel_t4 = read_ancillary(ancillary)[0]
-        recorder.receive(data, Arrival(kernel_t4, user_t4, real_t4, recv_mono_ns, tos, ttl))
-
-
-class ProbeGroup:
-    """One loop, in one thread, that runs several Probers, each on its own schedule (its count,
-    interval and timeout) and with its own Recorder; run() returns them.
-
-    Their first probes are spread across the interval, so that they do not all go
-    at once; deadline (seconds) and report_every apply to them all.  retry_refused
-    keeps probing a target that refuses (a mesh's peer that has not started yet)
-    where a single run stops.  Kernel timestamps keep the figures of many targets
-    as exact as one's: a probe's RTT does not include the wait for the loop.
-    """
-
-    def __init__(self, probers: Sequence[Prober], *, deadline: Optional[float] = None,
-                 report_every: Optional[float] = None, retry_refused: bool = False,
-                 recent: Optional[int] = None) -> None:
-        self.probers, self.deadline, self.report_every = list(probers), deadline, report_every
-        self.retry_refused, self.recent = retry_refused, recent
-        self._stopping = False
-        self._waker = []  # type: List[socket.socket]  # a socket pair: stop() wakes the loop
-        self._wakes = {}  # type: Dict[Prober, Optional[int]]  # when each is due; None: being stepped
-        self._due = []  # type: List[Tuple[int, int, Prober]]  # a heap of (when, order, prober)
-        self._pushes = itertools.count()
-        self._selector = None  # type: Optional[selectors.BaseSelector]
-        self._deadline_ns = self._report_ns = self._next_report_ns = None  # type: Optional[int]
-
-    def stop(self) -> None:
-        """End the run soon, with what it has; safe in a signal handler, and to call again."""
-        self._stopping = True
-        try:
-            self._waker[1].send(b"\0")
-        except (OSError, IndexError):
-            pass  # no run yet, or its end is already on the way
-
-    def run(self) -> List[Recorder]:
-        with contextlib.ExitStack() as stack:
-            selector = stack.enter_context(selectors.DefaultSelector())
-            self._waker = [stack.enter_context(end) for end in socket.socketpair()]
-            self._waker[1].setblocking(False)
-            selector.register(self._waker[0], selectors.EVENT_READ)
-            started = monotonic_ns()
-            spread_ns = int(min((prober.interval for prober in self.probers), default=0) * NS_PER_S)
-            for index, prober in enumerate(self.probers):
-                first = started + spread_ns * index // len(self.probers)
-                for sock in prober._open(stack, self, first):
-                    selector.register(sock, selectors.EVENT_READ, prober)
-            try:
-                reason = self._loop(selector, started)
-            except KeyboardInterrupt:  # SIGINT's default, where no handler calls stop()
-                self._stopping, reason = True, INTERRUPTED
-            for prober in self.probers:
-                prober.recorder.finish(self._stopping or prober._stopping, reason)
-            self._waker = []
-        return [prober.recorder for prober in self.probers]
-
-    def _loop(self, selector: selectors.BaseSelector, started: int) -> str:
-        """Step each prober when it is due or has a reply waiting, until all are done; returns why
-        the probes still waiting end.  When each is due is kept in a heap: a loop costs the same
-        for a hundred targets as for one."""
-        self._begin(selector, started)
-        while self._wakes and not self._stopping:
-            now = monotonic_ns()
-            if self._deadline_ns is not None and now >= self._deadline_ns:
-                return DEADLINE
-            self._report_when_due(now)
-            next_wake = self._step_due(now)
-            if next_wake is None:
-                break
-            self._receive(min(at for at in (self._deadline_ns, self._next_report_ns, next_wake)
-                              if at is not None))
-        return INTERRUPTED
-
-    def _begin(self, selector: selectors.BaseSelector, started: int) -> None:
-        """Every prober due at once (each spreads its own first probe), the deadline, the reports."""
-        self._deadline_ns = started + int(self.deadline * NS_PER_S) if self.deadline else None
-        self._report_ns = int(self.report_every * NS_PER_S) if self.report_every else None
-        self._next_report_ns = started + self._report_ns if self._report_ns else None
-        self._wakes = {prober: started for prober in self.probers}  # type: Dict[Prober, Optional[int]]
-        self._due = [(started, index, prober) for index, prober in enumerate(self.probers)]
-        self._pushes, self._selector = itertools.count(len(self.probers)), selector
-
-    def _report_when_due(self, now: int) -> None:
-        if self._next_report_ns is not None and now >= self._next_report_ns:
-            self._next_report_ns += self._report_ns
-            for prober in self.probers:
-                prober._report()
-
-    def _receive(self, until_ns: int) -> None:
-        """Wait until until_ns for replies, and hand each to its prober; step those it changes."""
-        for key, _ in self._selector.select(max(0, until_ns - monotonic_ns()) / NS_PER_S):
-            prober = key.data
-            if prober is None:  # the waker: stop() was called
-                continue
-            prober._receive_reply(key.fileobj)
-            if prober._reply_matters():
-                self._restep(prober, monotonic_ns())
-
-    def _step_due(self, now: int) -> Optional[int]:
-        """Step the probers due by now; when the next is due, or None when all are done."""
-        due = self._due
-        while due:
-            wake, _, prober = due[0]
-            if self._wakes.get(prober) != wake:  # stale: that prober's wake moved since
-                heapq.heappop(due)
-            elif wake <= now:
-                heapq.heappop(due)
-                self._wakes[prober] = None  # its entry is gone: whatever its next wake, it goes back in
-                self._restep(prober, now)
-            else:
-                return wake
-        return None
-
-    def _restep(self, prober: Prober, now: int) -> None:
-        """Step prober, and note when to look again; one that is done stops being listened to."""
-        wake = prober._step(now)
-        if wake is None:
-            if prober in self._wakes:
-                del self._wakes[prober]
-                for sock in prober._socks:
-                    self._selector.unregister(sock)
-        elif self._wakes.get(prober) != wake:
-            self._wakes[prober] = wake
-            heapq.heappush(self._due, (wake, next(self._pushes), prober))
+        return found  # type: ignore[return-value]
 
 
 class SntpRecorder(Recorder):
     """A Recorder for an NTP server's replies: matched by their origin timestamp (our nonce),
     checked as RFC 4330 says, and refused (lost, with the reason) when unusable."""
 
-    def __init__(self, *args: object, **options: object) -> None:
-        super().__init__(*args, **options)
+    def __init__(self, target: str, address: str, spec: RunSpec, local: LocalEnd = NO_LOCAL_END,
+                 events: Events = NO_EVENTS, name: Optional[str] = None) -> None:
+        super().__init__(target, address, spec, local, events, name)
         self.problems = collections.Counter()  # type: collections.Counter  # unusable replies, by why
         self.kissed = False  # a kiss-o'-death ended the run
+
+    def request(self, seq: int) -> Tuple[Sample, bytes]:
+        nonce = secrets.randbits(64) or 1  # unguessable: an off-path forger cannot echo it
+        data = encode_ntp_request(nonce)
+        sample = Sample(seq, nonce, target=self.target)
+        sample.request, sample.request_size = data, len(data)
+        return sample, data
 
     def receive(self, data: bytes, arrival: Arrival) -> None:
         try:
@@ -3635,8 +3702,7 @@ class SntpRecorder(Recorder):
         sample = self.waiting.get(reply.origin)
         if sample is None:  # a wrong origin: stale, or spoofed; or late, or a duplicate
             ended = self.ended_probe(reply.origin)
-            self.count_event("mismatched" if ended is None else
-                             "late" if ended.status == LOST else "duplicates")
+            self.count_event("mismatched" if ended is None else "late" if ended.status == LOST else "duplicates")
             return
         sample.ntp, sample.reply_size = reply, len(data)
         problem = ntp_problem(reply)
@@ -3648,24 +3714,423 @@ class SntpRecorder(Recorder):
             return
         sample.t2, sample.t3 = reply.receive_ns, reply.transmit_ns
         self.record_arrival(sample, arrival)
+        if not self.in_time(sample, arrival):
+            self.count_event("late")
+            self.end_probe(sample, LOST, TIMED_OUT)
+            return
         self.end_probe(sample, OK)
 
 
+class Channel:
+    """A socket of a run.  Where the kernel names the destination an ICMP error is about (Linux:
+    IP_RECVERR), one socket a family and source port serves every target, as fping's does, and
+    replies are told apart by their source; elsewhere each target has its own, connected."""
+
+    def __init__(self, family: int, spec: RunSpec, stack: contextlib.ExitStack,
+                 target: Optional["Target"] = None) -> None:
+        self.sock = sock = stack.enter_context(socket.socket(family, socket.SOCK_DGRAM))
+        self.target = target  # the one target of a connected socket; None: shared
+        path = spec.path
+        try:
+            if path.source is not None or target is None:  # shared: its port now, not at the first send
+                sock.bind((path.source or ("::" if family == socket.AF_INET6 else "0.0.0.0"), 0))
+            set_marks(sock, path.tos, path.ttl)
+            if path.tos is not None or path.ttl is not None:
+                enable_path_marks(sock)  # the marks the replies come back with
+            if target is not None:
+                sock.connect(target.address)  # replies from anyone else are dropped by the kernel
+        except OSError as exc:
+            raise TimecheckError("cannot reach {}{}: {}".format(
+                target.label if target is not None else "the targets",
+                " from " + path.source if path.source else "", exc.strerror or exc)) from None
+        sock.setblocking(False)
+        self.recvmsg = message_calls(sock)[0]
+        self.no_kernel_stamps = kernel_stamps_refused(sock) if spec.timestamps == KERNEL else None
+        self.kernel = spec.timestamps == KERNEL and self.no_kernel_stamps is None
+        self.errors = ErrorQueue(sock, every=self.kernel, refusals=target is None)
+
+    def send(self, data: bytes, address: tuple) -> None:
+        if self.target is None:
+            self.sock.sendto(data, address)
+        else:
+            self.sock.send(data)  # a BSD refuses sendto on a connected socket (EISCONN)
+
+
+SHARED_CHANNELS = LINUX and IP_RECVERR is not None  # one socket for every target, as fping's
+
+
+class Target:
+    """One target of a run: where it is (its addresses, tried in turn while nobody listens at
+    one), the Recorder of the run at its current address, and when its next probe is due."""
+
+    def __init__(self, peer: Peer, spec: RunSpec) -> None:
+        self.peer, self.name = peer, peer.name
+        self.addresses = resolve(peer.host, peer.port or DEFAULT_PORT)
+        self.label = format_address(peer.host.strip("[]"), peer.port or DEFAULT_PORT)
+        self.index, self.next_ns, self.stopped = 0, 0, False
+        self.recorder = None  # type: Optional[Recorder]
+        request_sizes(spec, self.family)  # --size against this family's largest datagram: a usage error now
+
+    @property
+    def family(self) -> int:
+        return self.addresses[self.index][0]
+
+    @property
+    def address(self) -> tuple:
+        return self.addresses[self.index][1]
+
+    def key(self) -> Tuple[str, int]:
+        """The (host, port) its replies come from, as recvmsg says it."""
+        return self.address[0], self.address[1]
+
+
+class Measurement:
+    """The one loop of a run: every target of spec probed on its own schedule (its first probe
+    spread across the interval), from one thread; run() returns each target's Recorder, and
+    events hears what happens as it does.  One target is a run of one.
+
+    A probe's figures come from the kernel's stamps where it gives them, never from when this
+    loop happened to run: every reply already queued is read before any probe's time is up.
+    """
+
+    def __init__(self, spec: RunSpec, events: Events = NO_EVENTS) -> None:
+        self.spec, self.events = spec, events
+        self.targets = self._distinct([Target(peer, spec) for peer in spec.targets])
+        self.clock = KernelClock(spec.wall_clock)
+        self._stopping = False
+        self._waker = []  # type: List[socket.socket]  # a socket pair: stop() wakes the loop
+        self._channels = {}  # type: Dict[object, Channel]  # (family, port) or (target, port) -> its socket
+        self._owners = {}  # type: Dict[Tuple[str, int], Target]  # where replies come from -> its target
+        self._due = []  # type: List[Tuple[int, int, Target]]  # a heap of (when, order, target)
+        self._wakes = {}  # type: Dict[Target, int]  # when each target not done is due
+        self._order = itertools.count()
+        self._touched = set()  # type: set  # targets a datagram or a refusal changed: stepped at once
+        self._selector = None  # type: Optional[selectors.BaseSelector]
+        self._stack = None  # type: Optional[contextlib.ExitStack]
+
+    def stop(self) -> None:
+        """End the run soon, with what it has; safe in a signal handler, and to call again."""
+        self._stopping = True
+        try:
+            self._waker[1].send(b"\0")
+        except (OSError, IndexError):
+            pass  # no run yet, or its end is already on the way
+
+    def run(self) -> List[Recorder]:
+        with contextlib.ExitStack() as stack, selectors.DefaultSelector() as selector:
+            self._stack, self._selector = stack, selector
+            self._waker = [stack.enter_context(end) for end in socket.socketpair()]
+            for end in self._waker:
+                end.setblocking(False)
+            selector.register(self._waker[0], selectors.EVENT_READ)
+            started = monotonic_ns()
+            _make_room_for(len(self.targets) * self.spec.path.ports * (not SHARED_CHANNELS) + 8)
+            spread_ns = int(self.spec.interval * NS_PER_S)
+            for index, target in enumerate(self.targets):
+                self._begin(target, started + spread_ns * index // len(self.targets))
+            try:
+                reason = self._loop(started)
+            except KeyboardInterrupt:  # SIGINT's default, where no handler calls stop()
+                self._stopping, reason = True, INTERRUPTED
+            for target in self.targets:
+                target.recorder.finish(self._stopping, reason)  # type: ignore[union-attr]
+            self._waker = []
+        return [target.recorder for target in self.targets]  # type: ignore[misc]
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def _loop(self, started: int) -> str:
+        """Step each target when it is due, read every reply as it comes, until all are done;
+        returns why the probes still waiting end.  When each target is due is kept in a heap."""
+        spec, now = self.spec, started
+        deadline = started + int(spec.deadline * NS_PER_S) if spec.deadline else None
+        report_ns = int(spec.report_every * NS_PER_S) if spec.report_every else None
+        next_report, next_tick = started + (report_ns or 0), started + NS_PER_S
+        while self._wakes and not self._stopping:
+            if deadline is not None and now >= deadline:
+                return DEADLINE
+            if report_ns is not None and now >= next_report:
+                next_report += report_ns
+                for target in self.targets:
+                    self.events.period(target.recorder.next_period())  # type: ignore[union-attr]
+            if now >= next_tick:
+                next_tick = now + NS_PER_S
+                self.events.tick([target.recorder for target in self.targets])  # type: ignore[misc]
+            wake = self._step_due(now)
+            if wake is None:
+                break
+            now = self._wait(min(at for at in (deadline, next_report if report_ns else None, next_tick, wake)
+                                 if at is not None))
+        return INTERRUPTED
+
+    def _step_due(self, now: int) -> Optional[int]:
+        """Step the targets due by now, then read the transmit stamps of what they sent; when the
+        next is due, or None when all are done."""
+        due, used = self._due, collections.Counter()  # type: List[Tuple[int, int, Target]], Any
+        while due and due[0][0] <= now:
+            wake, _, target = heapq.heappop(due)
+            if self._wakes.get(target) == wake:  # else stale: its wake moved since
+                used.update(self._step(target, now))
+        for channel, sent in used.items():  # as many stamps as datagrams: no read that finds none
+            self._read_errors(channel, most=sent)
+        while due and self._wakes.get(due[0][2]) != due[0][0]:
+            heapq.heappop(due)
+        return due[0][0] if due else None
+
+    def _step(self, target: Target, now: int) -> List[Channel]:
+        """Expire what timed out, send what is due, and note when to look again; a channel a probe sent."""
+        recorder, spec, used = target.recorder, self.spec, []  # type: Recorder, RunSpec, List[Channel]
+        recorder.expire(now)
+        interval_ns = int(spec.interval * NS_PER_S)
+        while self._may_send(target) and now >= target.next_ns and recorder.stop_reason is None:
+            used.append(self._send(target, recorder))
+            behind = now - target.next_ns > max(NS_PER_S, recorder.timeout_ns)  # asleep: no burst after
+            target.next_ns = now if behind or not interval_ns else target.next_ns + interval_ns
+            if not interval_ns:
+                break
+        self._switch_if_refused(target)
+        recorder = target.recorder
+        sending = self._may_send(target)
+        if recorder.stop_reason is not None or not (sending or recorder.waiting):
+            self._wakes.pop(target, None)
+            return used
+        wake = target.next_ns if sending else now + recorder.timeout_ns
+        if recorder.waiting:
+            wake = min(wake, next(iter(recorder.waiting.values())).send_mono_ns + recorder.timeout_ns)
+        self._wakes[target] = wake
+        heapq.heappush(self._due, (wake, next(self._order), target))
+        return used
+
+    def _may_send(self, target: Target) -> bool:
+        recorder, count = target.recorder, self.spec.count
+        return not target.stopped and (not count or recorder.probes_sent < count) and bool(  # type: ignore
+            self.spec.interval or not recorder.waiting)  # type: ignore[union-attr]
+
+    def _send(self, target: Target, recorder: Recorder) -> Channel:
+        """One probe: its request, registered, then sent, T1 read right before the send."""
+        sample, data = recorder.request(recorder.probes_sent)
+        sample.port = sample.seq % self.spec.path.ports  # round robin over the source ports (ECMP)
+        channel = self._channel(target, sample.port)
+        recorder.send(sample)  # registered before it goes: a stop from here on still counts it
+        wall_clock, address = self.clock.wall_clock, target.address
+        sample.send_mono_ns = monotonic_ns()  # the monotonic reading first, T1 right before the send
+        sample.t1 = sample.t1_user = wall_clock()
+        try:
+            channel.send(data, address)
+        except (ConnectionRefusedError, ConnectionResetError):  # an earlier datagram's ICMP error
+            self._refused_earlier(channel, target, sample, data)
+        except OSError as exc:  # no route, a firewall...: like ping, sent and lost
+            recorder.not_sent(sample, exc.strerror or str(exc))
+            channel.errors.recount()
+        else:
+            if channel.kernel:
+                channel.errors.sent(sample, sample.t1 - self.clock.offset_ns)
+        return channel
+
+    def _refused_earlier(self, channel: Channel, target: Target, sample: Sample, data: bytes) -> None:
+        """A send that failed for an earlier datagram's refusal: a connected socket's was this
+        target's; a shared one names it on its error queue, and this probe goes again."""
+        if channel.target is not None:
+            target.recorder.port_unreachable(sample)  # type: ignore[union-attr]
+            return
+        self._read_errors(channel)
+        try:
+            channel.send(data, target.address)
+        except OSError as exc:
+            target.recorder.not_sent(sample, exc.strerror or str(exc))  # type: ignore[union-attr]
+            channel.errors.recount()
+        else:
+            if channel.kernel:
+                channel.errors.sent(sample, sample.t1 - self.clock.offset_ns)
+
+    def _wait(self, until_ns: int) -> int:
+        """Wait until until_ns for datagrams, read every one that came, and step the targets they
+        matter to; returns the time all that was queued by came in (a probe's end is judged by it)."""
+        selector = self._selector
+        ready = selector.select(max(0, until_ns - monotonic_ns()) / NS_PER_S)  # type: ignore[union-attr]
+        now = monotonic_ns()
+        if self._due and self._due[0][0] <= now:  # an end is due: what came before now, read first
+            ready += selector.select(0)  # type: ignore[union-attr]
+        for key in {key: None for key, _ in ready}:  # each once: the second look may see it again
+            if key.data is None:  # the waker: stop() was called
+                self._waker[0].recv(64)
+            else:
+                self._drain(key.data)
+        touched, self._touched = self._touched, set()
+        for target in touched:  # what a reply or a refusal changes: the tutorial's loop, an end
+            if target in self._wakes:
+                self._wakes[target] = now
+                heapq.heappush(self._due, (now, next(self._order), target))
+        return now
+
+    def _drain(self, channel: Channel) -> None:
+        """Every datagram queued on channel, each to its target (touched: to be stepped now)."""
+        clock, got = self.clock, False
+        for _ in range(MAX_DRAINED):
+            try:
+                data, ancillary, _, source = channel.recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
+                user_t4 = clock.wall_clock()  # the wall clock, then the monotonic one: T4 - T1 spans within
+                recv_mono_ns = monotonic_ns()
+            except BlockingIOError:
+                break
+            except (ConnectionRefusedError, ConnectionResetError):  # port unreachable (Windows: reset)
+                self._refusal(channel)
+                continue
+            except OSError:
+                if channel.target is not None and channel.target.recorder is not None:
+                    channel.target.recorder.not_received()
+                break
+            target = channel.target or self._owners.get((source[0], source[1]))
+            if target is None or target.recorder is None:
+                continue  # from nobody this run sends to: a shared socket is not connected
+            kernel_t4, tos, ttl = None, None, None
+            if ancillary:
+                kernel_t4 = read_ancillary(ancillary)[0]
+                tos, ttl = read_marks(ancillary) if target.recorder.options.path else (None, None)
+            target.recorder.receive(data, Arrival(kernel_t4, user_t4, user_t4 - clock.offset_ns, recv_mono_ns,
+                                                  tos, ttl))
+            self._touched.add(target)
+            got = True
+        if not got or channel.errors.waiting():  # woken for the error queue, or stamps still due
+            self._read_errors(channel)
+
+    def _refusal(self, channel: Channel) -> None:
+        """ICMP port unreachable: on a connected socket, its target's; else the error queue names it."""
+        if channel.target is not None:
+            if channel.target.recorder is not None:
+                channel.target.recorder.port_unreachable()
+                self._touched.add(channel.target)
+        else:
+            self._read_errors(channel)
+
+    def _read_errors(self, channel: Channel, most: int = ERROR_QUEUE_READS) -> None:
+        """The transmit stamps that came (T1 from the kernel, on our clock) and the refusals."""
+        if not (channel.errors.stamps or channel.errors.refusals):
+            return
+        stamps, refused = channel.errors.read(most)
+        for sample, stamp_ns in stamps if self.clock.usable else ():
+            if sample.recv_mono_ns is None:  # type: ignore[attr-defined]  # not settled without it
+                sample.t1, sample.t1_kernel = stamp_ns + self.clock.offset_ns, True  # type: ignore[attr-defined]
+        for address in refused:
+            target = self._owners.get((address[0], address[1]))
+            if target is not None and target.recorder is not None:
+                target.recorder.port_unreachable()
+                self._touched.add(target)
+
+    # --- targets, their channels and their addresses ------------------------------------------
+
+    def _begin(self, target: Target, first_ns: int) -> None:
+        """A target's run at its current address: its channels and its Recorder; due at first_ns."""
+        spec = self.spec
+        channels = [self._channel(target, port) for port in range(spec.path.ports)]
+        local = LocalEnd(spec.path.tos, spec.path.ttl if spec.path.ttl is not None else default_ttl(
+            channels[0].sock), source_address(target.family, target.address, spec.path.source),
+            tuple(channel.sock.getsockname()[1] for channel in channels),
+            KERNEL if all(channel.kernel for channel in channels) else USER,
+            next(filter(None, (channel.no_kernel_stamps for channel in channels)), None),
+            all(channel.kernel and channel.errors.stamps for channel in channels))
+        recorder_class = SntpRecorder if spec.protocol == NTP else Recorder
+        target.recorder = recorder_class(target.label, target.address[0], spec, local, self.events, target.name)
+        self._owners[target.key()] = target
+        target.next_ns = first_ns
+        self._wakes[target] = first_ns
+        heapq.heappush(self._due, (first_ns, next(self._order), target))
+        self.events.started(target.recorder)
+        if self._stopping:
+            self.stop()
+
+    def _channel(self, target: Target, port: int) -> Channel:
+        """The socket target's probes from source port number port go through, opened when first needed."""
+        key = (target.family, port) if SHARED_CHANNELS else (target, target.index, port)  # type: object
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = Channel(target.family, self.spec, self._stack,  # type: ignore[arg-type]
+                              None if SHARED_CHANNELS else target)
+            self._channels[key] = channel
+            self._selector.register(channel.sock, selectors.EVENT_READ, channel)  # type: ignore[union-attr]
+        return channel
+
+    def _switch_if_refused(self, target: Target) -> None:
+        """A name with several addresses (localhost: ::1, then 127.0.0.1) is tried at the next when
+        nobody listens at this one, before any answer; the run there starts anew."""
+        recorder = target.recorder
+        if recorder.stop_reason != REFUSED or recorder.totals.received \
+                or target.index + 1 >= len(target.addresses):  # type: ignore[union-attr]
+            return
+        self.events.note("nobody listens at {} (connection refused); trying {}".format(
+            format_address(*target.address[:2]), target.addresses[target.index + 1][1][0]))
+        self._owners.pop(target.key(), None)
+        target.index += 1
+        self._begin(target, monotonic_ns())
+
+    def _distinct(self, targets: List[Target]) -> List[Target]:
+        """The targets, each (host, port) once, after resolution: a second is merged into the first,
+        with a note; their replies could not be told apart, nor their metrics."""
+        first = {}  # type: Dict[Tuple[str, int], Target]
+        for target in targets:
+            if target.key() in first:
+                self.events.note("{} is given twice{}: measured once".format(
+                    target.label, "" if target.name is None else " (as {})".format(printable(target.name))))
+            else:
+                first[target.key()] = target
+        return list(first.values())
+
+
+def _make_room_for(sockets: int) -> None:
+    """Room for that many more sockets under RLIMIT_NOFILE: the soft limit raised toward the hard
+    one where needed; a usage error when even that is not enough, said before any probe goes."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit; its select() takes 512 sockets
+        if sockets > 500:
+            raise TimecheckError("{} sockets are needed (a target and source port each), and this "
+                                 "platform can wait on 500: fewer targets or --ports".format(sockets)) from None
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = sockets + len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else sockets + 64
+    if needed <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        raise TimecheckError("{} file descriptors are needed (a target and source port each), and the "
+                             "limit is {} (ulimit -Hn): fewer targets or --ports".format(needed, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else hard, hard))
+
+
+class Prober:
+    """One target measured as a run of one: Prober(host, port, count=..., ...) takes RunSpec's
+    fields; run() returns its Recorder, stop() ends it early (from a signal handler too)."""
+
+    protocol = OURS
+
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, events: Events = NO_EVENTS,
+                 **spec: Any) -> None:
+        self.spec = RunSpec(targets=(Peer(None, host, port),), protocol=self.protocol, **spec)
+        self.measurement = Measurement(self.spec, events)
+
+    @property
+    def target(self) -> str:
+        return self.measurement.targets[0].label
+
+    @property
+    def recorder(self) -> Optional[Recorder]:
+        """The run's Recorder, once it has begun (read from another thread, as it goes)."""
+        return self.measurement.targets[0].recorder
+
+    def run(self) -> Recorder:
+        return self.measurement.run()[0]
+
+    def stop(self) -> None:
+        self.measurement.stop()
+
+
 class SntpProber(Prober):
-    """Queries an NTP server (SNTPv4, RFC 4330) with Prober's loop, kernel timestamps and
+    """Queries an NTP server (SNTPv4, RFC 4330) with the run's loop, kernel timestamps and
     statistics: this machine's clock against the server's, per query and at best."""
-    recorder_class = SntpRecorder
 
-    def __init__(self, host: str, port: int = NTP_PORT, **options: object) -> None:
-        super().__init__(host, port, **options)
-        self.request_size = self._clock_request_size = NTP_PACKET.size
+    protocol = NTP
 
-    def new_probe(self, seq: int) -> Tuple[Sample, bytes]:
-        nonce = secrets.randbits(64) or 1  # unguessable: an off-path forger cannot echo it
-        data = encode_ntp_request(nonce)
-        sample = Sample(seq, nonce, target=self.target)
-        sample.request, sample.request_size = data, len(data)
-        return sample, data
+    def __init__(self, host: str, port: int = NTP_PORT, events: Events = NO_EVENTS, **spec: Any) -> None:
+        super().__init__(host, port, events, **spec)
 
 
 class Reference:
@@ -3781,93 +4246,6 @@ class Reference:
             return None
 
 
-class Peer(NamedTuple):
-    """A target, or a mesh's peer, as a file or the command line names it."""
-    name: Optional[str]
-    host: str
-    port: Optional[int]
-
-
-def read_peers(path: str) -> List[Peer]:
-    """A targets or peers file: one per line, NAME HOST:PORT, HOST:PORT, HOST PORT or HOST;
-    '#' starts a comment.  A usage error names the line that is wrong."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read(MAX_PEERS_FILE + 1)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TimecheckError("cannot read {}: {}".format(path, _why(exc))) from None
-    if len(text) > MAX_PEERS_FILE:
-        raise TimecheckError("{} is larger than {} bytes: not a list of targets".format(path, MAX_PEERS_FILE))
-    peers = []
-    for number, line in enumerate(text.splitlines(), 1):
-        try:
-            peer = _peer_of(line)
-        except TimecheckError as exc:
-            raise TimecheckError("{}, line {}: {}".format(path, number, exc)) from None
-        if peer is not None:
-            peers.append(peer)
-    return peers
-
-
-def _peer_of(line: str) -> Optional[Peer]:
-    """A peers file's line as a Peer; None for a blank line or a comment."""
-    words = line.split("#", 1)[0].split()
-    if len(words) == 2 and words[1].isdigit():  # HOST PORT
-        words = ["{}:{}".format(*words) if ":" not in words[0] else "[{}]:{}".format(*words)]
-    if len(words) > 2:
-        raise TimecheckError("expected [NAME] HOST:PORT, got {!r}".format(line))
-    if not words:
-        return None
-    host, port = split_target(words[-1])
-    return Peer(words[0] if len(words) == 2 else None, host, port)
-
-
-def client_targets(tokens: Sequence[str], targets_file: Optional[str] = None) -> List[Peer]:
-    """TARGET [TARGET ...] [PORT] as the command line gives them, then those of --targets FILE:
-    HOST, HOST:PORT or [IPV6]:PORT each; a final bare number is the port of every target that
-    names none (1060 when there is none)."""
-    tokens, port = list(tokens), DEFAULT_PORT
-    if tokens and tokens[-1].isdigit() and (len(tokens) >= 2 or targets_file):
-        port = port_number(tokens.pop(), "PORT")
-    peers = [Peer(None, *split_target(token)) for token in tokens]
-    peers += read_peers(targets_file) if targets_file else []
-    if not peers:
-        peers = [Peer(None, DEFAULT_HOST, None)]
-    return [peer._replace(port=port if peer.port is None else peer.port) for peer in peers]
-
-
-def find_self(peers: Sequence[Peer], name: Optional[str], host: str, port: int, where: str) -> Peer:
-    """The peer that is this node: the one named name; else the one at --listen's address, or at
-    its port on an address of this machine."""
-    mine = [peer for peer in peers if peer.name == name] if name is not None \
-        else _at_this_node(peers, host, port)
-    if len(mine) == 1:
-        return mine[0]
-    if not mine:
-        raise TimecheckError("none of the peers in {} is this node (--listen {}{})".format(
-            where, format_address(host, port), ", --name " + name if name else ""))
-    raise TimecheckError("{} peers in {} could be this node: give its name with --name".format(
-        len(mine), where))
-
-
-def _at_this_node(peers: Sequence[Peer], host: str, port: int) -> List[Peer]:
-    """The peers at host and port; else those at port on an address of this machine."""
-    at_port = [peer for peer in peers if peer.port == port]
-    return [peer for peer in at_port if peer.host == host] or [
-        peer for peer in at_port if _is_local(peer.host)]
-
-
-def _is_local(host: str) -> bool:
-    """Whether host names an address of this machine: one a socket can bind."""
-    try:
-        family, address = resolve(host, 0)[0]
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.bind(address)
-    except (TimecheckError, OSError):
-        return False
-    return True
-
-
 # ----------------------------------------------------------------------------------------------
 # 7. Reports: summary dicts, text, Prometheus, SVG
 # ----------------------------------------------------------------------------------------------
@@ -3902,9 +4280,9 @@ def run_record(recorder: Recorder) -> Dict[str, object]:
     """The run's settings, first in the JSON: what was asked for, when, and how."""
     record = {"version": __version__, "started_at": iso_utc(recorder.started_ns),
               "duration_s": round(recorder.duration_ns / NS_PER_S, 6)}
-    for name in ("count", "interval", "timeout", "size", "interleaved"):
-        record[name] = recorder.settings.get(name)
-    record.update(request_bytes=recorder.request_size, keyed=recorder.keyed)
+    spec = recorder.spec
+    record.update(count=spec.count, interval=spec.interval, timeout=spec.timeout, size=spec.size or None,
+                  interleaved=spec.path.interleaved, request_bytes=recorder.request_size, keyed=recorder.keyed)
     return record
 
 
@@ -4018,6 +4396,7 @@ def _timestamp_summary(recorder: Recorder, totals: Totals) -> Dict[str, object]:
                                             else USER)
     return {"client": recorder.timestamps, "server": server, "transmit": recorder.transmit_stamps,
             "server_transmit": transmit, "server_transmit_fallbacks": totals.server_transmit_fallbacks,
+            "server_transmit_rejected": totals.server_transmit_rejected,
             "user_fallbacks": totals.user_fallbacks, "transmit_fallbacks": totals.transmit_fallbacks,
             "untrusted": totals.untrusted, "untrusted_because": dict(totals.untrusted_because),
             "described": describe_timestamps(recorder.timestamps, server)}
@@ -4290,15 +4669,30 @@ def format_clock(summary: Mapping) -> List[str]:
 
 
 def format_stamps(stamps: Mapping, interleaved: bool = False) -> str:
-    """Where the timestamps came from, at each end, with the fallbacks."""
+    """Where the timestamps came from, at each end, with the fallbacks; what became of the server's
+    transmit stamps, in the words its evidence allows."""
     fallbacks = ", {} timed from user-space readings".format(plural(stamps["user_fallbacks"], "probe")) \
         if stamps["user_fallbacks"] else ""
-    transmit = {KERNEL: "; the server's send times from its kernel (interleaved)",
-                "mixed": "; the server's send times from its kernel (interleaved), but for {}".format(
-                    plural(stamps.get("server_transmit_fallbacks", 0), "probe")),
-                USER: "; the server's send times as it read them: it cannot stamp them in its kernel "
-                      "(not interleaved)" if interleaved else ""}.get(stamps.get("server_transmit"), "")
-    return "timestamps: {}{}{}".format(stamps["described"], fallbacks, transmit)
+    return "timestamps: {}{}{}".format(stamps["described"], fallbacks, _transmit_words(stamps, interleaved))
+
+
+def _transmit_words(stamps: Mapping, interleaved: bool) -> str:
+    """The server's send times: its kernel's (interleaved), or its own reading, and why."""
+    transmit, rejected = stamps.get("server_transmit"), stamps.get("server_transmit_rejected", 0)
+    why = "{} rejected: they disagree with the server's own clock".format(plural(rejected, "kernel stamp"))
+    if transmit == KERNEL:
+        return "; the server's send times from its kernel (interleaved)"
+    if transmit == "mixed":
+        return "; the server's send times from its kernel (interleaved), but for {}{}".format(
+            plural(stamps["server_transmit_fallbacks"], "probe"), " ({})".format(why) if rejected else "")
+    if transmit != USER or not interleaved:
+        return ""
+    if rejected:
+        return "; the server's send times as it read them: its {}".format(why)
+    if stamps["server_transmit_fallbacks"]:
+        return "; the server's send times as it read them: its kernel's were offered, none came in time"
+    return "; the server's send times as it read them (it offers none from its kernel: not interleaved)" \
+        if stamps["server"] == KERNEL else ""
 
 
 def time_unit(largest_ms: float) -> Tuple[str, float, int]:
@@ -4588,16 +4982,26 @@ def render_server_metrics(server: TimeServer, log_dropped: int, source: Optional
     return "\n".join(lines) + "\n"
 
 
-def render_client_metrics(probers: Sequence[Prober], source: Optional[str] = None) -> str:
+def client_snapshots(recorders: Sequence[Recorder],
+                     source: Optional[str] = None) -> List[Tuple[Dict[str, str], Dict[str, object]]]:
+    """Each target's snapshot() with its labels: target, and source (a mesh node's name)."""
+    return [(dict({"source": source} if source else {}, target=recorder.target), snapshot(recorder))
+            for recorder in recorders]
+
+
+def render_client_metrics(recorders: Union[Recorder, Sequence[Recorder]], source: Optional[str] = None) -> str:
+    """The client's /metrics, from its recorders: see render_snapshots()."""
+    recorders = [recorders] if isinstance(recorders, Recorder) else recorders
+    local = recorders[0].clock_state() if recorders else UNKNOWN_CLOCK
+    return render_snapshots(client_snapshots(recorders, source), local)
+
+
+def render_snapshots(labelled: Sequence[Tuple[Dict[str, str], Mapping]], local: ClockState) -> str:
     """The client's /metrics: each target's counters, RTT histogram and clock gauges, every series
-    labelled with its target (and with source, a mesh node's name)."""
-    probers = [probers] if isinstance(probers, Prober) else probers  # one prober, as before fleets
-    labelled = [(dict({"source": source} if source else {}, target=prober.target), snapshot(prober.recorder))
-                for prober in probers if prober.recorder is not None]  # none before a run began
+    labelled (client_snapshots()); local is this machine's clock state."""
     lines = _build_info() + _probe_counts(labelled)
     for name, about, value in CLOCK_GAUGES:
         lines += _metric(name, "gauge", about, _known(labelled, value))
-    local = probers[0].clock_state() if probers else UNKNOWN_CLOCK
     lines += _metric("clock_synchronized", "gauge", "1 when that end's kernel says its clock is "
                      "synchronised, else 0.", _synchronized(labelled, local))
     for name, kind, key, about in PATH_SERIES:
@@ -4694,15 +5098,15 @@ def describe_stamps(timestamps: str, refused: Optional[str]) -> str:
     return "{} timestamps{}".format(timestamps, why)
 
 
-def format_header(prober: Prober, source: Optional[str] = None) -> str:
+def format_header(recorder: Recorder, source: Optional[str] = None) -> str:
     """The first line of a measurement, like ping's; from a mesh node, it names the node."""
-    probes = "{} of {} bytes".format(plural(prober.count, "probe"), prober.request_size) if prober.count \
-        else "probes of {} bytes until stopped".format(prober.request_size)
+    spec = recorder.spec
+    probes = "{} of {} bytes".format(plural(spec.count, "probe"), recorder.request_size) if spec.count \
+        else "probes of {} bytes until stopped".format(recorder.request_size)
     return "UDP-TIMECHECK {}{} ({}): {}, interval {:g} s, timeout {:g} s{}, {}{}".format(
-        "from {} to ".format(source) if source else "", prober.target, prober.address[0], probes,
-        prober.interval, prober.timeout,
-        ", deadline {:g} s".format(prober.deadline) if prober.deadline else "",
-        describe_stamps(prober.timestamps, prober.no_kernel_stamps), ", HMAC-SHA256" if prober.key else "")
+        "from {} to ".format(source) if source else "", recorder.target, recorder.address, probes,
+        spec.interval, spec.timeout, ", deadline {:g} s".format(spec.deadline) if spec.deadline else "",
+        describe_stamps(recorder.timestamps, recorder.local.no_kernel_stamps), ", HMAC-SHA256" if spec.key else "")
 
 
 def format_report(figures: Mapping, named: bool = False) -> str:
@@ -5811,97 +6215,127 @@ def cmd_server(args: argparse.Namespace) -> int:
 def cmd_client(args: argparse.Namespace) -> int:
     targets = client_targets(args.targets, args.targets_file)
     measuring = is_measurement(args) or len(targets) > 1  # several targets: always a measurement
-    key = _key_for(args)
-    probers = [_client_prober(args, target, measuring, key, len(targets)) for target in targets]
-    return measure(args, probers, measuring)
+    try:
+        return measure(args, client_spec(args, targets, measuring))
+    except UnresolvedHost as exc:  # HOST PORT where PORT is not a number reads as two hosts
+        tokens = args.targets
+        if len(tokens) == 2 and str(exc).startswith("cannot resolve host {!r}".format(tokens[1])):
+            raise TimecheckError("{} (if {!r} is meant as the port: a port number from 0 to 65535)".format(
+                exc, tokens[1])) from None
+        raise
 
 
-class Run(NamedTuple):
-    """What a measurement's command line asked for, beyond the probers themselves."""
-    measuring: bool
-    source: Optional[str] = None      # a mesh node's name
-    extra_metrics: Callable[[], str] = lambda: ""  # a mesh node's server's series
+def client_spec(args: argparse.Namespace, targets: Sequence[Peer], measuring: bool,
+                source: Optional[str] = None) -> RunSpec:
+    """The run the client's (or a mesh node's) options ask for, built once: with -w and no -c, no
+    count limit; with no count limit and no -i, a probe a second, as ping sends them.  With many
+    targets each keeps fewer probes for the JSON, so that the whole stays small."""
+    count, interval = _count_and_interval(args, measuring, DEFAULT_COUNT if source is None else 0)
+    return RunSpec(
+        targets=tuple(targets), count=count, interval=interval, timeout=args.timeout, size=args.size or 0,
+        key=_key_for(args), deadline=args.deadline, report_every=args.report_every,
+        keep_samples=max(10, SAMPLES_KEPT // len(targets)), timestamps=args.timestamps or KERNEL,
+        path=PathOptions(args.interleaved is not False, args.tos, args.ttl, args.source, args.ports or 1),
+        measuring=measuring, source=source, reference=args.reference,
+        outputs=Outputs(args.json, args.quiet, args.csv, args.jsonl, args.plot, args.metrics, args.print_time))
 
 
-def measure(args: argparse.Namespace, probers: Sequence[Prober], measuring: bool,
-            source: Optional[str] = None, extra_metrics: Callable[[], str] = lambda: "") -> int:
-    """Run the probers with the outputs the options ask for, print what they found, and return
-    the exit code (or raise TimecheckError)."""
-    run = Run(measuring, source, extra_metrics)
-    on_stdout = _stdout_writers(args)
-    text = Output(sys.stderr if on_stdout and not args.json else sys.stdout)  # stdout carries the rows
-    _check_distinct_outputs(args)
+class Screen(Events):
+    """Where a run's events go on the command line: each probe's line and rows and the progress,
+    the header at each address tried, the period lines, the outages, the notes, and the
+    snapshots that --metrics serves (taken in the loop's thread, rendered in the endpoint's)."""
+
+    def __init__(self, spec: RunSpec, text: Output, rows: Sequence[ProbeRows]) -> None:
+        outputs = spec.outputs
+        self.spec, self.text, self.rows, self.many = spec, text, rows, len(spec.targets) > 1
+        self.lines = text if spec.measuring and not (outputs.quiet or _stdout_writers(outputs)) else None
+        self.progress = Progress(sys.stderr if outputs.quiet else None, spec.count * len(spec.targets))
+        self.snapshots = []  # type: List[Tuple[Dict[str, str], Dict[str, object]]]  # the latest
+        self._ended = 0
+
+    def started(self, recorder: Recorder) -> None:
+        if self.spec.measuring and not self.spec.outputs.json:  # the header names the address in use
+            self.text.line(format_header(recorder, self.spec.source))
+
+    def sample(self, sample: Sample) -> None:
+        if self.lines is not None:
+            self.lines.line(self._time() + format_sample(sample, sample.target, self.spec.timeout, self.many))
+        for sink in self.rows:
+            sink.add(sample)
+        self._ended += 1
+        self.progress.update(self._ended)
+
+    def period(self, period: Period) -> None:
+        figures = period_figures(period)
+        self.text.line(json.dumps(figures) if self.spec.outputs.json
+                       else self._time() + format_report(figures, self.many))
+
+    def outage(self, recorder: Recorder, outage: Outage) -> None:
+        if self.lines is not None:  # among the probe lines, as its probes were
+            self.lines.line(self._time() + format_outage(outage, recorder.target, self.many))
+
+    def note(self, text: str) -> None:
+        _err(text)
+
+    def tick(self, recorders: Sequence[Recorder]) -> None:
+        if self.spec.outputs.metrics is not None:
+            self.snapshots = client_snapshots(recorders, self.spec.source)
+
+    def _time(self) -> str:
+        """-D: the wall-clock time before a line, as ping -D prints it."""
+        return "[{:.6f}] ".format(wall_ns() / NS_PER_S) if self.spec.outputs.print_time else ""
+
+
+def measure(args: argparse.Namespace, spec: RunSpec, extra_metrics: Callable[[], str] = lambda: "") -> int:
+    """Run spec with the outputs it asks for, print what it found, and return the exit code (or
+    raise TimecheckError); extra_metrics: a mesh node's server's series."""
+    outputs = spec.outputs
+    on_stdout = _stdout_writers(outputs)
+    text = Output(sys.stderr if on_stdout and not outputs.json else sys.stdout)  # stdout carries the rows
+    _check_distinct_outputs(outputs)
     notes = LineWriter(sys.stderr)  # what goes wrong on the way, said at once, never blocking the probes
     with contextlib.ExitStack() as stack:
-        rows, plot = _open_outputs(args, stack, notes)
-        _wire(args, run, probers, text, rows, Progress(sys.stderr if args.quiet else None,
-                                                         sum(prober.count for prober in probers)))
-        recorders, summaries = _run_probers(args, run, probers, stack, notes)
-        _print_results(text, args, run, recorders, summaries)
-        problems = [(sink.name, sink.error) for sink in rows] + [(args.plot, _write_plot(plot, recorders))]
+        rows, plot = _open_outputs(outputs, stack, notes)
+        screen = Screen(spec, text, rows)
+        measurement = Measurement(spec, screen)
+        stack.enter_context(_stop_signals(measurement.stop, restore=args.restore_signals))
+        reference = _start_services(spec, screen, stack, notes, extra_metrics)
+        recorders = measurement.run()  # a signal ends it; after it, nothing
+        summaries = [summarize(recorder) for recorder in recorders]
+        if spec.fleet:
+            for summary, recorder in zip(summaries, recorders):
+                summary["name"] = recorder.name  # a peer's name, when its file gives one
+        if reference is not None:
+            _add_reference(reference, recorders, summaries)
+        _print_results(text, spec, recorders, summaries)
+        problems = [(sink.name, sink.error) for sink in rows] + [(outputs.plot, _write_plot(plot, recorders))]
     notes.sync()  # what was said at once comes before what is said at the end
     failed = ["{}: {}".format(name, error) for name, error in problems + [("standard output", text.error)]
               if error is not None]
     if failed:  # each output that failed, named once more
         raise TimecheckError("cannot write to " + "; ".join(failed))
-    return _verdict(recorders, args.timeout)
+    return _verdict(recorders, spec.timeout)
 
 
-def _open_outputs(args: argparse.Namespace, stack: contextlib.ExitStack,
+def _open_outputs(outputs: Outputs, stack: contextlib.ExitStack,
                   notes: LineWriter) -> Tuple[List[ProbeRows], Optional[TextIO]]:
     """--csv, --jsonl and --plot, opened before anything is sent: a bad path is a usage error."""
     def on_error(name: str, error: str) -> None:
         notes.write("udp-timecheck: cannot write to {}: {}; the measurement goes on without it".format(
             name, error))
-    rows = [sink for sink in (_open_rows(args.csv, "csv", stack, on_error),
-                              _open_rows(args.jsonl, "jsonl", stack, on_error)) if sink is not None]
-    return rows, _open_output(args.plot, stack)
+    rows = [sink for sink in (_open_rows(outputs.csv, "csv", stack, on_error),
+                              _open_rows(outputs.jsonl, "jsonl", stack, on_error)) if sink is not None]
+    return rows, _open_output(outputs.plot, stack)
 
 
-def _wire(args: argparse.Namespace, run: Run, probers: Sequence[Prober], text: Output,
-          rows: Sequence[ProbeRows], progress: Progress) -> None:
-    """Where each prober's probes, reports and first line go."""
-    many = len(probers) > 1
-    lines = text if run.measuring and not (args.quiet or _stdout_writers(args)) else None
-    ended = _on_sample(lines, rows, progress, args, many)
-    for prober in probers:
-        prober.on_sample = ended
-        prober.on_report = lambda period: text.line(
-            json.dumps(period_figures(period)) if args.json
-            else _line_time(args) + format_report(period_figures(period), many))
-        if run.measuring and not args.json:  # at each address tried: the header names the one in use
-            prober.on_start = lambda started: text.line(format_header(started, run.source))
-        if lines is not None:  # among the probe lines, each outage as it ends, as its probes did
-            prober.on_outage = functools.partial(
-                lambda target, outage: lines.line(_line_time(args) + format_outage(outage, target, many)),
-                prober.target)
-
-
-def _run_probers(args: argparse.Namespace, run: Run, probers: Sequence[Prober], stack: contextlib.ExitStack,
-                 notes: LineWriter) -> Tuple[List[Recorder], List[Dict[str, object]]]:
-    """The run itself, with its signals, its metrics and its reference; each target's summary."""
-    fleet = len(probers) > 1 or run.source is not None  # a mesh retries a peer that is not up yet
-    group = ProbeGroup(probers, deadline=args.deadline, report_every=args.report_every, retry_refused=True,
-                       recent=max(1024, RECENT_PROBES // len(probers))) if fleet else None
-    stack.enter_context(_stop_signals(group.stop if group else probers[0].stop, restore=args.restore_signals))
-    reference = _start_services(args, run, probers, stack, notes)
-    recorders = group.run() if group else [probers[0].run()]  # a signal ends it; after it, nothing
-    summaries = [summarize(recorder) for recorder in recorders]
-    for summary, prober in zip(summaries, probers if fleet else ()):
-        summary["name"] = prober.name  # a peer's name, when its file gives one
-    if reference is not None:
-        _add_reference(reference, recorders, summaries)
-    return recorders, summaries
-
-
-def _start_services(args: argparse.Namespace, run: Run, probers: Sequence[Prober],
-                    stack: contextlib.ExitStack, notes: LineWriter) -> Optional[Reference]:
+def _start_services(spec: RunSpec, screen: Screen, stack: contextlib.ExitStack, notes: LineWriter,
+                    extra_metrics: Callable[[], str]) -> Optional[Reference]:
     """What runs beside the probes for as long as they do: --metrics, and --reference (returned)."""
-    stack.enter_context(_metrics(args.metrics, lambda: render_client_metrics(probers, run.source)
-                                 + run.extra_metrics(), notes.write))
-    if args.reference is None:
+    stack.enter_context(_metrics(spec.outputs.metrics, lambda: render_snapshots(
+        screen.snapshots, spec.clock_state()) + extra_metrics(), notes.write))
+    if spec.reference is None:
         return None
-    return Reference(*args.reference, timestamps=args.timestamps or KERNEL).start()
+    return Reference(*spec.reference, timestamps=spec.timestamps).start()
 
 
 def _add_reference(reference: Reference, recorders: Sequence[Recorder], summaries: Sequence[Dict]) -> None:
@@ -5923,10 +6357,10 @@ def _verdict(recorders: Sequence[Recorder], timeout: float) -> int:
     return EXIT_OK
 
 
-def _check_distinct_outputs(args: argparse.Namespace) -> None:
+def _check_distinct_outputs(outputs: Outputs) -> None:
     """Two outputs in one file would corrupt both: a usage error, after links are resolved."""
     seen = {}  # type: Dict[object, str]
-    for option, path in (("--csv", args.csv), ("--jsonl", args.jsonl), ("--plot", args.plot)):
+    for option, path in (("--csv", outputs.csv), ("--jsonl", outputs.jsonl), ("--plot", outputs.plot)):
         if path is None or path == "-":
             continue
         try:
@@ -5940,10 +6374,10 @@ def _check_distinct_outputs(args: argparse.Namespace) -> None:
         seen[identity] = option
 
 
-def _stdout_writers(args: argparse.Namespace) -> List[str]:
+def _stdout_writers(outputs: Outputs) -> List[str]:
     """The options that write to stdout: at most one may."""
-    on_stdout = [name for name, wanted in (("--json", args.json), ("--csv -", args.csv == "-"),
-                                           ("--jsonl -", args.jsonl == "-")) if wanted]
+    on_stdout = [name for name, wanted in (("--json", outputs.json), ("--csv -", outputs.csv == "-"),
+                                           ("--jsonl -", outputs.jsonl == "-")) if wanted]
     if len(on_stdout) > 1:
         raise TimecheckError("{} and {} both write to standard output; give one a file".format(*on_stdout))
     return on_stdout
@@ -5954,53 +6388,12 @@ def is_measurement(args: argparse.Namespace) -> bool:
     return any(getattr(args, dest) not in (None, False) for dest, _ in MEASURING_OPTIONS)
 
 
-def _client_prober(args: argparse.Namespace, target: Peer, measuring: bool, key: Optional[bytes],
-                   targets: int = 1, default_count: int = DEFAULT_COUNT) -> Prober:
-    """The Prober the options ask for: with -w and no -c, no count limit; with no count limit and
-    no -i, a probe a second, as ping sends them.  With many targets, each keeps fewer probes for
-    the JSON, so that the whole stays small."""
-    count, interval = _count_and_interval(args, measuring, default_count)
-    try:
-        path = PathOptions(args.interleaved is not False, args.tos, args.ttl, args.source, args.ports or 1)
-        prober = Prober(target.host, target.port, count=count, interval=interval, timeout=args.timeout,
-                        size=args.size or 0, key=key, timestamps=args.timestamps or KERNEL,
-                        deadline=args.deadline, report_every=args.report_every,
-                        keep_samples=max(10, SAMPLES_KEPT // targets), on_note=_err, path=path)
-    except UnresolvedHost as exc:  # HOST PORT where PORT is not a number reads as two hosts
-        tokens = getattr(args, "targets", [])
-        if len(tokens) == 2 and target.host == tokens[1]:
-            raise TimecheckError("{} (if {!r} is meant as the port: a port number from 0 to 65535)".format(
-                exc, tokens[1])) from None
-        raise
-    prober.name = target.name
-    return prober
-
-
 def _count_and_interval(args: argparse.Namespace, measuring: bool, default_count: int) -> Tuple[int, float]:
     """-c and -i as given; else, with -w, no count limit; without one, a probe a second."""
     count = args.count if args.count is not None else (
         0 if args.deadline else default_count if measuring else 1)
     interval = args.interval if args.interval is not None else UNTIL_STOPPED_INTERVAL if count == 0 else 0.0
     return count, interval
-
-
-def _line_time(args: argparse.Namespace) -> str:
-    """-D: the wall-clock time before a line, as ping -D prints it."""
-    return "[{:.6f}] ".format(wall_ns() / NS_PER_S) if args.print_time else ""
-
-
-def _on_sample(text: Optional[Output], rows: Sequence[ProbeRows], progress: Progress,
-               args: argparse.Namespace, many: bool = False) -> Callable[[Sample], None]:
-    """What happens as each probe ends: its line (naming its target, with many), its rows, the progress."""
-    ended_count = itertools.count(1)
-
-    def ended(sample: Sample) -> None:
-        if text is not None:
-            text.line(_line_time(args) + format_sample(sample, sample.target, args.timeout, named=many))
-        for sink in rows:
-            sink.add(sample)
-        progress.update(next(ended_count))
-    return ended
 
 
 def _open_output(path: Optional[str], stack: contextlib.ExitStack) -> Optional[TextIO]:
@@ -6027,14 +6420,13 @@ def _write_plot(stream: Optional[TextIO], recorders: Sequence[Recorder]) -> Opti
     return None
 
 
-def _print_results(out: Output, args: argparse.Namespace, run: Run, recorders: Sequence[Recorder],
+def _print_results(out: Output, spec: RunSpec, recorders: Sequence[Recorder],
                    summaries: Sequence[Dict[str, object]]) -> None:
     """The results on stdout: the JSON, the summaries and a fleet's table, or the one round trip."""
-    fleet = len(summaries) > 1 or run.source is not None
-    if args.json:
-        lines = [json.dumps(fleet_summary(recorders, summaries, run.source) if fleet else summaries[0])]
-    elif run.measuring:
-        lines = _summary_lines(summaries, run.source if fleet else None, fleet)
+    if spec.outputs.json:
+        lines = [json.dumps(fleet_summary(recorders, summaries, spec.source) if spec.fleet else summaries[0])]
+    elif spec.measuring:
+        lines = _summary_lines(summaries, spec.source, spec.fleet)
     else:  # the tutorial's single round trip: the server's text, or its verdict
         lines = [line for line in [format_round_trip(recorders[0])] if line is not None]
     for line in lines:
@@ -6047,16 +6439,32 @@ def _summary_lines(summaries: Sequence[Mapping], source: Optional[str], fleet: b
     return lines + (format_fleet_table(summaries, source) if fleet else [])
 
 
+class SntpScreen(Events):
+    """Where an sntp run's events go: its header, as its sockets have it, and a line a query."""
+
+    def __init__(self, args: argparse.Namespace, out: Output) -> None:
+        self.args, self.out, self.shown = args, out, not (args.quiet or args.json)
+
+    def started(self, recorder: Recorder) -> None:
+        if self.shown:
+            self.out.line("SNTP {} ({}): {}, interval {:g} s, timeout {:g} s, {}".format(
+                recorder.target, recorder.address, plural(self.args.count, "query", "queries"),
+                self.args.interval, self.args.timeout,
+                describe_stamps(recorder.timestamps, recorder.local.no_kernel_stamps)))
+
+    def sample(self, sample: Sample) -> None:
+        if self.shown:
+            self.out.line(format_sntp_sample(sample, sample.target, self.args.timeout))
+
+    def note(self, text: str) -> None:
+        _err(text)
+
+
 def cmd_sntp(args: argparse.Namespace) -> int:
     host, port = endpoint(args.host, args.port, NTP_PORT)
     out = Output(sys.stdout)
-    prober = SntpProber(host, port, count=args.count, interval=args.interval, timeout=args.timeout,
-                        timestamps=args.timestamps, on_note=_err)
-    if not (args.quiet or args.json):
-        prober.on_sample = lambda sample: out.line(format_sntp_sample(sample, prober.target, args.timeout))
-        out.line("SNTP {} ({}): {}, interval {:g} s, timeout {:g} s, {} timestamps".format(
-            prober.target, prober.address[0], plural(args.count, "query", "queries"),
-            args.interval, args.timeout, prober.timestamps))
+    prober = SntpProber(host, port, SntpScreen(args, out), count=args.count, interval=args.interval,
+                        timeout=args.timeout, timestamps=args.timestamps)
     with _stop_signals(prober.stop, restore=args.restore_signals):
         recorder = prober.run()
     summary = summarize(recorder)
@@ -6064,7 +6472,7 @@ def cmd_sntp(args: argparse.Namespace) -> int:
         out.line(line)
     if out.error is not None:
         raise TimecheckError("cannot write to standard output: {}".format(out.error))
-    reason = sntp_failure(recorder, args.timeout)
+    reason = sntp_failure(recorder, args.timeout)  # type: ignore[arg-type]
     if reason is not None:
         raise TimecheckError(reason, EXIT_FAILED)
     return EXIT_OK
@@ -6078,13 +6486,12 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     others = [peer for peer in peers if peer is not me]
     if not others:
         raise TimecheckError("{} names no peer but this node".format(args.peers))
-    source, key = me.name or format_address(me.host, me.port), _key_for(args)
-    probers = [_client_prober(args, peer, True, key, len(others), default_count=0) for peer in others]
-    with TimeServer(host, port, key=key, max_rate=args.max_rate, log=None,
+    source = me.name or format_address(me.host, me.port)
+    spec = client_spec(args, others, True, source)
+    with TimeServer(host, port, key=spec.key, max_rate=args.max_rate, log=None,
                     timestamps=args.timestamps or KERNEL) as server:
         server.start()
-        return measure(args, probers, True, source,
-                       lambda: render_server_metrics(server, 0, source, build_info=False))
+        return measure(args, spec, lambda: render_server_metrics(server, 0, source, build_info=False))
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:

@@ -624,8 +624,7 @@ T0_NS = 1_764_000_000 * utc.NS_PER_S  # the wall clock at the first probe
 
 
 def new_recorder(count=5, key=None):
-    return utc.Recorder("127.0.0.1:1060", "127.0.0.1", request_size=150, timestamps=utc.USER, key=key,
-                        settings={"count": count, "interval": 0.0, "timeout": 1.0, "size": None})
+    return utc.Recorder("127.0.0.1:1060", "127.0.0.1", utc.RunSpec(count=count, key=key, timeout=1.0))
 
 
 def send_probe(recorder, seq):

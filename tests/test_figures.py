@@ -183,9 +183,8 @@ def test_contradictory_timestamps_give_no_offset_in_text_json_or_metrics(reason,
     assert "server clock offset: unavailable (" in text and " ms \u00b1 " not in text
     assert ("the server sends no timestamps" if reason == utc.NO_SERVER_STAMPS
             else "{} (8 probes)".format(reason)) in text
-    prober = utc.Prober("127.0.0.1", peer.port, count=8, interval=0.01)
-    prober.run()
-    assert "udp_timecheck_clock_offset_seconds" not in utc.render_client_metrics(prober)
+    recorder = utc.Prober("127.0.0.1", peer.port, count=8, interval=0.01).run()
+    assert "udp_timecheck_clock_offset_seconds" not in utc.render_client_metrics(recorder)
 
 
 def test_an_offset_comes_only_from_the_probes_that_agree(udp_peer, capsys):

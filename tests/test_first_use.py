@@ -241,7 +241,11 @@ def test_a_name_with_a_dead_address_first_is_tried_at_the_next(start_server, mon
 
     monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
     notes = []
-    measurement = utc.Prober("dual.test", server.address[1], count=3, on_note=notes.append).run()
+
+    class Notes(utc.Events):
+        def note(self, text):
+            notes.append(text)
+    measurement = utc.Prober("dual.test", server.address[1], Notes(), count=3).run()
     assert measurement.totals.received == 3 and measurement.address == "127.0.0.1"
     assert notes == ["nobody listens at 127.0.0.2:{} (connection refused); trying 127.0.0.1".format(dead)]
 

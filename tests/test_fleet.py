@@ -53,7 +53,7 @@ def test_several_targets_on_loopback_served_by_one_wildcard_server(wildcard_serv
                for target, host in zip(measurement["targets"], LOOPBACKS))
     assert measurement["count"] == 5 and measurement["interval"] == 0.01  # the run's record, beside them
     assert set(measurement["targets"][0]) - {"name"} == set(utc.summarize(utc.Recorder(
-        "h:1", "h", settings={}, request_size=150)))  # a single target's keys, each
+        "h:1", "h", utc.RunSpec())))  # a single target's keys, each
 
 
 def test_one_target_keeps_the_json_it_had(wildcard_server, capsys):

@@ -194,7 +194,7 @@ def test_a_reference_query_that_fails_is_counted_and_the_next_goes_on(monkeypatc
         failures = iter([True, True])
 
         def run(self, real=utc.SntpProber.run):
-            if self.count == 1 and next(failures, False):  # two queries after the burst: no descriptors
+            if self.spec.count == 1 and next(failures, False):  # two queries after the burst: no descriptors
                 raise OSError(24, "Too many open files")
             return real(self)
         monkeypatch.setattr(utc.SntpProber, "run", run)

@@ -244,7 +244,7 @@ def feed(recorder, first, count):
 def test_memory_stays_flat_however_many_probes(monkeypatch):
     monkeypatch.setattr(utc, "RECENT_PROBES", 100)  # a smaller table of recent probes fills sooner
     monkeypatch.setattr(utc, "EXACT_VALUES", 200)  # and a smaller budget of exact values
-    recorder = utc.Recorder("h:1", "h", settings={"count": 0}, request_size=150, keep_samples=100)
+    recorder = utc.Recorder("h:1", "h", utc.RunSpec(count=0, keep_samples=100))
     # The per-run timeline fills its bins, then merges them into half as many twice as wide:
     # memory measured just after a merge, at the same point of that saw-tooth each time.
     merge = utc.TIMELINE_BINS * utc.TIMELINE_FIRST_WIDTH_NS // 1_000_000  # in probes, a ms apart

@@ -100,7 +100,8 @@ def test_a_real_prometheus_scrapes_both_ends(measured, processes, tmp_path):
     wait_for(lambda: query(web, "udp_timecheck_probes_sent_total"), timeout=60)
     wait_for(lambda: query(web, 'udp_timecheck_server_requests_total{result="served"} > 50'), timeout=60)
     p99_query = "histogram_quantile(0.99, rate(udp_timecheck_rtt_seconds_bucket[5s]))"
-    wait_for(lambda: query(web, p99_query), timeout=30)  # a rate needs two scrapes
+    # a rate needs two scrapes a second apart: the client's figures are taken once a second
+    wait_for(lambda: query(web, p99_query) and query(web, p99_query)[0]["value"][1] != "NaN", timeout=30)
     assert 0 < float(query(web, p99_query)[0]["value"][1]) < 0.1
     # the kernel's clock state, where the platform tells it (not Windows): absent when unknown
     assert bool(query(web, 'udp_timecheck_clock_synchronized{end="local"}')) == (utc.LINUX or utc.BSD)

@@ -67,9 +67,10 @@ def test_loss_directions_in_order_and_across_a_server_that_forgot():
 
 def test_the_server_counts_a_duplicated_request_once():
     session = utc._Session()
-    for seq in [0, 1, 1, 3, 2, 2, 3, 200, 5, 5, 190, 190]:  # 5: too old to tell, each counted
-        session.count(seq)
-    assert session.received == 8  # 0 1 3 2 200 5 5 190
+    seqs = [0, 1, 1, 3, 2, 2, 3, 200, 5, 5, 190, 190, 200 + utc.SEQUENCE_WINDOW, 200, 201]
+    new = [session.count(seq) for seq in seqs]  # 200: out of the window by then, a repeat as far as it can tell
+    assert new == [True, True, False, True, True, False, False, True, True, False, True, False, True, False, True]
+    assert session.received == 9  # 0 1 3 2 200 5 190 1224 201
 
 
 # --- the server's transmit stamp, interleaved -----------------------------------------------
@@ -321,7 +322,7 @@ def test_the_path_as_prometheus_series_promtool_accepts(start_server, relay, tmp
     prober = utc.Prober(*hop.address[:2], count=10, interval=0.005, timeout=0.3,
                         path=utc.PathOptions(tos=0xb8, ttl=64))
     summary = utc.summarize(prober.run())
-    text = utc.render_client_metrics([prober])
+    text = utc.render_client_metrics([prober.recorder])
     target = '{{target="{}"}}'.format(prober.target)
     expected = {"lost_up_total": 2, "lost_down_total": 1, "outages_total": 2, "tos_preserved": 0,
                 "hops": 0, "path_changes_total": 0}  # the relay sends unmarked: the mark is lost

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 import udp_timecheck as utc
-from conftest import cli, ipv6_loopback_available, run
+from conftest import cli, free_udp_port, ipv6_loopback_available, run
 
 
 def python2():
@@ -72,10 +72,10 @@ def test_without_recvmsg_a_server_and_a_client_still_measure(monkeypatch):
     with utc.TimeServer("127.0.0.1", 0) as server:
         server.start()
         assert server.timestamps == utc.USER and server.no_kernel_stamps == "no recvmsg on this platform"
-        prober = utc.Prober(*server.address[:2], count=5, interval=0.01)
-        summary = utc.summarize(prober.run())
+        recorder = utc.Prober(*server.address[:2], count=5, interval=0.01).run()
+        summary = utc.summarize(recorder)
     assert summary["received"] == 5 and summary["timestamps"]["client"] == utc.USER
-    assert "user timestamps (no kernel timestamps: no recvmsg on this platform)" in utc.format_header(prober)
+    assert "user timestamps (no kernel timestamps: no recvmsg on this platform)" in utc.format_header(recorder)
 
 
 def test_windows_takes_its_receive_timeout_in_milliseconds_or_python_keeps_it(monkeypatch):
@@ -89,17 +89,22 @@ def test_windows_takes_its_receive_timeout_in_milliseconds_or_python_keeps_it(mo
             sock.recv(10)
 
 
-def test_a_reset_is_a_refusal_as_windows_reports_it():
-    recorder = utc.Recorder("h:1", "h", settings={"count": 1}, request_size=150)
-    sample = utc.Sample(0, 1)
-    recorder.send(sample)
-    prober = utc.Prober("127.0.0.1", 9, count=1)
+class ResetOnRefusal(NoMessageCalls):
+    """Windows' socket: no recvmsg, and a refusal reported by recvfrom as a reset (WSAECONNRESET)."""
 
-    def reset(*args):
-        raise ConnectionResetError(10054, "An existing connection was forcibly closed")
-    prober._recvmsg, prober.recorder = {None: reset}, recorder
-    prober._receive_reply(None)
-    assert recorder.totals.refused == 1 and sample.reason == utc.REFUSED
+    def recvfrom(self, *args):
+        try:
+            return super().recvfrom(*args)
+        except ConnectionRefusedError:
+            raise ConnectionResetError(10054, "An existing connection was forcibly closed") from None
+
+
+def test_a_reset_is_a_refusal_as_windows_reports_it(monkeypatch):
+    monkeypatch.setattr(socket, "socket", ResetOnRefusal)
+    monkeypatch.setattr(utc, "SHARED_CHANNELS", False)  # a connected socket a target, as on Windows
+    recorder = utc.Prober("127.0.0.1", free_udp_port(), count=1, timeout=5).run()
+    assert recorder.totals.refused == 1 and recorder.samples[0].reason == utc.REFUSED
+    assert recorder.duration_ns < 4 * utc.NS_PER_S  # said by the refusal, not by the timeout
 
 
 def test_the_header_says_which_timestamps_this_platform_gives(start_server, capsys):

@@ -52,8 +52,10 @@ def test_shifted_client_clock_gives_the_opposite_offset(start_server):
 
 
 @KERNEL_STAMPS
-def test_kernel_stamps_the_processes_disagree_with_fall_back_and_are_counted(start_server, monkeypatch):
-    """Our own reading of the kernel's clock is 30 s off: every kernel stamp is implausible."""
+def test_a_process_clock_that_disagrees_with_the_kernels_falls_back_and_is_counted(start_server, monkeypatch):
+    """This process's reading of the wall clock is 30 s ahead of the kernel's, as under libfaketime:
+    the gap is measured (a datagram to itself, which the kernel stamps), and no kernel stamp is
+    used on either end, not even as a 30-second backlog; the server is 5 s ahead, and says so."""
     monkeypatch.setattr(utc, "wall_ns", wall_clock_shifted_ns(30 * SECOND_NS, utc.wall_ns))
     server = start_server(wall_clock=wall_clock_shifted_ns(5 * SECOND_NS))
     summary = utc.summarize(utc.Prober(*server.address[:2], count=10).run())
@@ -62,7 +64,7 @@ def test_kernel_stamps_the_processes_disagree_with_fall_back_and_are_counted(sta
     stamps = summary["timestamps"]
     assert stamps["server"] == utc.USER and stamps["user_fallbacks"] == 10
     assert stamps["transmit_fallbacks"] == 10
-    assert abs(summary["offset_ms"] - 5000) <= summary["offset_err_ms"] + 0.01
+    assert abs(summary["offset_ms"] - 5000) <= summary["offset_err_ms"]
 
 
 @KERNEL_STAMPS
