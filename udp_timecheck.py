@@ -75,6 +75,7 @@ import queue
 import random
 import re
 import secrets
+import select
 import selectors
 import signal
 import socket
@@ -143,6 +144,7 @@ LOG_LINES_PER_SECOND = 10
 LOG_TEXT_BYTES = 180                # of client text per log line, after escaping: lines stay < 320
 LOG_QUEUE_LINES = 1000              # lines waiting for a slow or blocked stdout before they drop
 PROGRESS_EVERY = 0.25               # seconds between progress updates on a terminal (-q)
+SINK_STALL_S = 10.0                 # seconds an output waits for a reader that does not read (a FIFO's)
 SVG_WIDTH, SVG_LEFT, SVG_PLOT_WIDTH = 960, 80, 850  # --plot: pixels
 SVG_TOP, SVG_PANEL, SVG_GAP = 60, 220, 80
 SOURCE_TABLE_SIZE = 4096            # source addresses --max-rate and the loop guard keep; sessions
@@ -269,6 +271,19 @@ class TimecheckError(Exception):
 
 
 
+
+
+def _thread(target: Callable[[], None], name: str) -> threading.Thread:
+    """A daemon thread, started, that never takes a stop signal: only the main thread does, so that
+    one arriving while the program ends cannot find a default handler in another thread."""
+    def run() -> None:
+        block = getattr(signal, "pthread_sigmask", None)  # not on Windows
+        if block is not None:
+            block(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
+        target()
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
 
 
 class UnresolvedHost(TimecheckError):
@@ -2839,9 +2854,7 @@ class TimeServer:
     def start(self) -> "TimeServer":
         """Serve in a daemon thread; returns self."""
         self._idle.clear()
-        self.thread = threading.Thread(target=self.serve_forever, name="udp-timecheck-server",
-                                        daemon=True)
-        self.thread.start()
+        self.thread = _thread(self.serve_forever, "udp-timecheck-server")
         return self
 
     def request_stop(self) -> None:
@@ -2936,10 +2949,10 @@ class MetricsServer:
         self._selector.register(self._waker[0], selectors.EVENT_READ)
         self._stopping, self._backoff, self._listening_again = False, 0.0, 0.0
         self._logged_at, self._unlogged = -LOG_EVERY, 0
-        self.thread = threading.Thread(target=self._serve, name="udp-timecheck-metrics", daemon=True)
+        self.thread = None  # type: Optional[threading.Thread]
 
     def start(self) -> "MetricsServer":
-        self.thread.start()
+        self.thread = _thread(self._serve, "udp-timecheck-metrics")
         return self
 
     def close(self) -> None:
@@ -2948,7 +2961,8 @@ class MetricsServer:
             self._waker[1].send(b"\0")
         except OSError:
             pass
-        self.thread.join(timeout=5)
+        if self.thread is not None:
+            self.thread.join(timeout=5)
         for connection in list(self._connections.values()):
             self._drop(connection)
         for sock in (self.socket,) + tuple(self._waker):
@@ -4155,7 +4169,7 @@ class Reference:
         self.problems = collections.Counter()  # type: collections.Counter  # unusable answers, errors
         self.queries = self.failed = 0
         self._stopping, self._burst_done = threading.Event(), threading.Event()
-        self._thread = threading.Thread(target=self._run, name="udp-timecheck-reference", daemon=True)
+        self._thread = None  # type: Optional[threading.Thread]
 
     @property
     def best(self) -> Optional[Sample]:
@@ -4164,7 +4178,7 @@ class Reference:
                    default=None)
 
     def start(self) -> "Reference":
-        self._thread.start()
+        self._thread = _thread(self._run, "udp-timecheck-reference")
         return self
 
     def stop(self, finish_burst: bool = False) -> None:
@@ -4176,7 +4190,8 @@ class Reference:
         prober = self.prober
         if prober is not None:
             prober.stop()
-        self._thread.join(timeout=DEFAULT_TIMEOUT + 5)
+        if self._thread is not None:
+            self._thread.join(timeout=DEFAULT_TIMEOUT + 5)
 
     def result(self, summary: Mapping) -> Dict[str, object]:
         """The JSON's "reference": this machine and the server against the reference, from the
@@ -5549,38 +5564,126 @@ def dscp_name(tos: int) -> str:
 # 8. Command line: outputs, signals, build_parser(), cmd_<name>(args), main()
 # ----------------------------------------------------------------------------------------------
 
-class Output:
-    """Lines to a text stream, one write and flush each, so that threads never split a line.
+STOP_REQUESTED = threading.Event()  # a stop signal came: an output that waits for its reader gives up
 
-    A stream that cannot be written (closed, a full disk) does not stop the
-    program: the first failure is kept in .error, later lines are dropped.
-    A broken pipe (output piped into head) still ends it, as it should: from
-    the main thread at once, and from another (the demo's server) at the main
+
+class Sink:
+    """Lines to a file or to a text stream, the one way every output is written: each line whole,
+    to a file straight to the kernel (os.write: no buffer), to a stream written and flushed, so
+    that threads never split one.
+
+    The first failure (a full disk, a closed stream, a FIFO's reader gone or stalled) is kept in
+    .error and told once to on_error; the lines after it are dropped, and a regular file is cut
+    back to its last whole line.  A broken pipe on a stream (stdout piped into head) ends the
+    program instead, as it should: from the main thread at once, from another at the main
     thread's next line, never with a traceback in a thread.
     """
 
-    def __init__(self, stream: Optional[TextIO]) -> None:
-        self._stream = stream
+    def __init__(self, stream: Optional[TextIO] = None, name: str = "standard output",
+                 on_error: Optional[Callable[[str, str], None]] = None, fd: Optional[int] = None) -> None:
+        self.name, self.broken_pipe, self._on_error = name, False, on_error
+        self.error = None if stream is not None or fd is not None else "it is closed"  # type: Optional[str]
+        self._stream, self._fd, self._whole = stream, fd, 0  # bytes of whole lines in a regular file
+        self._regular = fd is not None and stat.S_ISREG(os.fstat(fd).st_mode)
         self._encoding = getattr(stream, "encoding", None) or "utf-8"
-        self.error = None if stream is not None else "it is closed"  # type: Optional[str]
-        self.broken_pipe = False
+
+    @classmethod
+    def open(cls, path: str, on_error: Optional[Callable[[str, str], None]] = None) -> "Sink":
+        """A file written anew, opened now (a bad path is a usage error, not a lost run) and never
+        waiting to: a FIFO without a reader is said to have none."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NONBLOCK", 0), 0o666)
+        except OSError as exc:
+            why = "it is a FIFO with no reader; start its reader first" if exc.errno == errno.ENXIO \
+                else exc.strerror or str(exc)
+            raise TimecheckError("cannot write {}: {}".format(path, why)) from None
+        return cls(None, path, on_error, fd)
 
     def line(self, text: str = "") -> None:
+        self.write(text + "\n")
+
+    def write(self, text: str) -> None:
         in_main = threading.current_thread() is threading.main_thread()
         if self.broken_pipe and in_main:
             raise BrokenPipeError(errno.EPIPE, "the output's reader has gone")
         if self.error is not None:
             return
         try:
-            self._stream.write(fit_encoding(text, self._encoding) + "\n")
-            self._stream.flush()
+            if self._fd is not None:
+                self._write_whole(text.encode(self._encoding, "backslashreplace"))
+            else:
+                self._stream.write(fit_encoding(text, self._encoding))  # type: ignore[union-attr]
+                self._stream.flush()  # type: ignore[union-attr]
         except BrokenPipeError:
-            if in_main:
-                raise
-            self.broken_pipe, self.error = True, "the output's reader has gone"
+            if self._fd is None:
+                if in_main:
+                    raise
+                self.broken_pipe = True
+            self._failed("the output's reader has gone")
         except (OSError, ValueError) as exc:
-            self.error = getattr(exc, "strerror", None) or str(exc)
+            self._failed(getattr(exc, "strerror", None) or str(exc))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _write_whole(self, data: bytes) -> None:
+        """All of data, waiting for a slow reader (a FIFO's) while no stop was asked for."""
+        waited = 0.0
+        while data:
+            try:
+                data = data[os.write(self._fd, data):]  # type: ignore[arg-type]
+            except BlockingIOError:
+                if STOP_REQUESTED.is_set() or waited >= SINK_STALL_S:
+                    raise OSError(errno.EAGAIN, "its reader has not read for {:g} s".format(waited)) from None
+                select.select([], [self._fd], [], 0.1)
+                waited += 0.1
+        if self._regular:
+            self._whole = os.lseek(self._fd, 0, os.SEEK_CUR)  # type: ignore[arg-type]
+
+    def _failed(self, error: str) -> None:
+        """Cut a file back to its last whole line, and say so, once."""
+        self.error = error
+        if self._regular:
+            try:
+                os.ftruncate(self._fd, self._whole)  # type: ignore[arg-type]
+            except OSError:
+                pass  # what it could not write is said already
+        elif self._fd is None:
             _discard_output(self._stream)
+        if self._on_error is not None:
+            self._on_error(self.name, error)
+
+
+def write_whole_file(path: str, text: str) -> Optional[str]:
+    """text as the whole of path: written to a file beside it, then renamed into place, so that the
+    file is whole or not there (a FIFO, or /dev/stdout, is written in place); why not, or None."""
+    try:
+        if os.path.exists(path) and not os.path.isfile(path):
+            sink = Sink.open(path)
+            sink.write(text)
+            sink.close()
+            return sink.error
+        import tempfile  # here: a run without --plot never needs it
+        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".part")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                stream.write(text)
+            os.chmod(temporary, 0o666 & ~_umask())
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+    except (OSError, TimecheckError) as exc:
+        return getattr(exc, "strerror", None) or str(exc)
+    return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 _ASCII_STAND_INS = str.maketrans({"\u00b1": "+/-", "\u00b5": "u", "\u2212": "-", "\u2013": "-",
@@ -5602,7 +5705,7 @@ def fit_encoding(text: str, encoding: str) -> str:
 def _discard_output(stream: Optional[TextIO]) -> None:
     """Point a failed stream at the null device, so that flushing it at exit cannot fail again."""
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # type: ignore[union-attr]
     except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
         pass
 
@@ -5617,23 +5720,23 @@ def _err(line: str) -> None:
 
 
 class LineWriter:
-    """Lines to a stream's file descriptor from a daemon thread: write() never blocks.
+    """Lines to a stream from a daemon thread, through a Sink: write() never blocks.
 
     The server's output, and the client's notes on stderr: a line that finds the
     queue full (the stream is slower than the lines come, or blocked: a pipe nobody
     reads) or that cannot be written (a full disk, a closed or broken stream) is
-    dropped and counted.  Serving and probing never wait for it.  A stream without a
-    file descriptor (a test's capture) is written to as a stream, from the same thread.
+    dropped and counted.  Serving and probing never wait for it.
     """
 
     def __init__(self, stream: Optional[TextIO], max_queued: int = LOG_QUEUE_LINES) -> None:
         self.queue_drops = self.write_drops = 0
         self._writing = False  # a line is in os.write (which a blocked pipe holds for ever)
-        self._stream, self._fd = stream, _file_descriptor(stream)
-        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+        fd = _file_descriptor(stream)  # a stream without one (a test's capture) is written as a stream
+        self._sink = Sink(None if fd is not None else stream, fd=fd)
+        if fd is not None:
+            self._sink._encoding = getattr(stream, "encoding", None) or "utf-8"
         self._queue = queue.Queue(max_queued)  # type: queue.Queue  # (line or None, Event to set, last)
-        self.thread = threading.Thread(target=self._run, name="udp-timecheck-output", daemon=True)
-        self.thread.start()
+        self.thread = _thread(self._run, "udp-timecheck-output")
 
     @property
     def dropped(self) -> int:
@@ -5674,7 +5777,9 @@ class LineWriter:
         while True:
             line, written, last = self._queue.get()
             self._writing = line is not None
-            went = line is None or self._write(line + "\n")
+            if line is not None:
+                self._sink.line(line)
+            went = line is None or self._sink.error is None
             self._writing = False
             self.write_drops += not went
             if written is not None and went:
@@ -5682,159 +5787,85 @@ class LineWriter:
             if last:
                 return
 
-    def _write(self, text: str) -> bool:
-        try:
-            if self._fd is None:
-                self._stream.write(text)
-                self._stream.flush()
-                return True
-            data = text.encode(self._encoding, "backslashreplace")
-            while data:
-                data = data[os.write(self._fd, data):]
-        except (OSError, ValueError, AttributeError):  # ENOSPC, EPIPE, EBADF, closed...: this line is lost
-            return False
-        return True
-
 
 def _file_descriptor(stream: Optional[TextIO]) -> Optional[int]:
     try:
-        return stream.fileno()
+        return stream.fileno()  # type: ignore[union-attr]
     except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
         return None  # closed (python ... >&-), or not a file at all
 
 
 @contextlib.contextmanager
 def _stop_signals(on_signal: Callable[[], None], restore: bool = True) -> Iterator[None]:
-    """Call on_signal() for each Ctrl-C or SIGTERM while inside, even if SIGINT came ignored.
+    """Call on_signal() once, at the first Ctrl-C or SIGTERM while inside, even if SIGINT came
+    ignored; the handler does nothing more after that, so that no storm of them can nest it.
 
-    restore=False (the program itself, about to exit) ignores them from then
-    on, so that a signal during the exit changes nothing: a Python handler
-    would be reset to the default, which kills, as the interpreter shuts down.
+    restore=False (the program itself, about to exit): from the first signal on, both are held
+    back (blocked) and stay so, a no-op handler left in place, so that none during the exit, nor
+    after the interpreter resets its handlers to the default, changes anything.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    signums, fired = (signal.SIGINT, signal.SIGTERM), []  # type: Tuple[int, int], List[bool]
+    block = getattr(signal, "pthread_sigmask", None)  # not on Windows
 
     def handler(signum: int, frame: object) -> None:
+        if fired:
+            return
+        fired.append(True)
+        STOP_REQUESTED.set()
+        if not restore and block is not None:
+            block(signal.SIG_BLOCK, signums)
         on_signal()
 
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    for signum in previous:
+    previous = {signum: signal.getsignal(signum) for signum in signums}
+    for signum in signums:
         signal.signal(signum, handler)
     try:
         yield
     finally:
-        if not restore:
-            _ignore_from_now(list(previous))
-        for signum, old in previous.items():
-            signal.signal(signum, (signal.SIG_DFL if old is None else old) if restore else signal.SIG_IGN)
+        if restore:
+            for signum, old in previous.items():
+                signal.signal(signum, signal.SIG_DFL if old is None else old)
+            STOP_REQUESTED.clear()
+        elif block is not None:
+            block(signal.SIG_BLOCK, signums)  # held back for good: the handler stays, and never runs
+        else:
+            for signum in signums:
+                signal.signal(signum, signal.SIG_IGN)
 
 
-def _ignore_from_now(signums: List[int]) -> None:
-    """Hold the signals back before they are ignored: one that came just before would find
-    SIG_IGN when Python gets to it, and print "ignored due to race condition".  Held back, the
-    kernel discards it as they become ignored; one already caught runs its handler here."""
-    block = getattr(signal, "pthread_sigmask", None)  # not on Windows
-    if block is not None:
-        block(signal.SIG_BLOCK, signums)
-    _let_handlers_run()
+def format_row(sample: Sample, kind: str) -> str:
+    """One probe as a CSV row (SAMPLE_FIELDS, in order) or a JSON Lines object, with its newline."""
+    record = sample_record(sample)
+    if kind == "jsonl":
+        return json.dumps(record) + "\n"
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(["" if record[name] is None else record[name] for name in SAMPLE_FIELDS])
+    return buffer.getvalue()
 
 
-def _let_handlers_run() -> None:
-    """A Python call: the interpreter runs the handlers of signals already caught at its start."""
+class Rows:
+    """--csv or --jsonl: a row per probe, through a Sink, as the probes end (seq order); CSV with a
+    header row.  A file is opened before anything is sent."""
 
+    def __init__(self, sink: Sink, kind: str) -> None:
+        self.sink, self.kind = sink, kind
+        if kind == "csv":
+            sink.write(",".join(SAMPLE_FIELDS) + "\r\n")
 
-class ProbeRows:
-    """One row per probe as it ends, so that a killed run keeps every probe that ended: CSV with a
-    header row, or JSON Lines, to a file or to a text stream (stdout).
+    @property
+    def name(self) -> str:
+        return self.sink.name
 
-    To a file, each row goes whole to the kernel (os.write, no buffer), and when a
-    write fails (a full disk) the file is cut back to the last whole row: it never
-    ends in half a row.  The first failure is kept in .error and told to on_error
-    at once; the run goes on without this output.
-    """
-
-    def __init__(self, target: object, name: str, kind: str,
-                 on_error: Callable[[str, str], None] = lambda name, error: None) -> None:
-        self.name, self.error, self._on_error = name, None, on_error  # type: str, Optional[str], Callable
-        self._fd = target if isinstance(target, int) else None  # a file's descriptor, else a stream
-        self._stream = None if self._fd is not None else target  # type: Optional[TextIO]
-        self._whole = 0  # bytes of whole rows in the file
-        self._buffer = io.StringIO()
-        self._csv = csv.DictWriter(self._buffer, fieldnames=SAMPLE_FIELDS) if kind == "csv" else None
-        if self._csv is not None:
-            self._csv.writeheader()
-            self._write(self._take())
+    @property
+    def error(self) -> Optional[str]:
+        return self.sink.error
 
     def add(self, sample: Sample) -> None:
-        if self.error is None:
-            row = sample_record(sample)
-            if self._csv is not None:
-                self._csv.writerow(row)
-            else:
-                self._buffer.write(json.dumps(row) + "\n")
-            self._write(self._take())
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def _take(self) -> str:
-        text = self._buffer.getvalue()
-        self._buffer.seek(0)
-        self._buffer.truncate()
-        return text
-
-    def _write(self, text: str) -> None:
-        try:
-            if self._fd is None:
-                self._stream.write(text)
-                self._stream.flush()
-                return
-            data = text.encode("utf-8")
-            while data:
-                data = data[os.write(self._fd, data):]
-            self._whole += len(text.encode("utf-8"))
-        except BrokenPipeError:
-            raise
-        except (OSError, ValueError) as exc:
-            self._failed(getattr(exc, "strerror", None) or str(exc))
-
-    def _failed(self, error: str) -> None:
-        """Cut the file back to its last whole row, and say so, once."""
-        self.error = error
-        if self._fd is not None:
-            try:
-                os.ftruncate(self._fd, self._whole)
-            except OSError:
-                pass  # not a regular file (a FIFO, a terminal): nothing to cut back
-        self._on_error(self.name, error)
-
-
-def _open_rows(path: Optional[str], kind: str, stack: contextlib.ExitStack,
-               on_error: Callable[[str, str], None]) -> Optional[ProbeRows]:
-    """--csv or --jsonl: opened before anything is sent, so a bad path is a usage error, not a lost run."""
-    if path is None:
-        return None
-    if path == "-":
-        return ProbeRows(sys.stdout, "standard output", kind, on_error)
-    if os.path.isfile(path) and os.path.getsize(path):
-        _err("note: {} exists; writing it anew".format(path))
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    except OSError as exc:
-        raise TimecheckError("cannot write {}: {}".format(path, exc.strerror or exc)) from None
-    rows = ProbeRows(descriptor, path, kind, on_error)
-    stack.callback(rows.close)
-    return rows
-
-
-def _close_quietly(stream: TextIO) -> None:
-    try:
-        stream.close()
-    except OSError:  # what it could not write has been reported already
-        pass
+        if self.sink.error is None:
+            self.sink.write(format_row(sample, self.kind))
 
 
 class Progress:
@@ -5842,13 +5873,13 @@ class Progress:
     is not silent.  Nothing at all when the stream is not a terminal."""
 
     def __init__(self, stream: Optional[TextIO], total: int) -> None:
-        self._stream = stream if stream is not None and stream.isatty() else None
+        self._sink = Sink(stream, "the terminal") if stream is not None and stream.isatty() else None
         self._total, self._started, self._next = total, time.monotonic(), 0.0
         self._shown = False
 
     def update(self, done: int) -> None:
         now = time.monotonic()
-        if self._stream is None or now < self._next:
+        if self._sink is None or now < self._next:
             return
         self._next = now + PROGRESS_EVERY
         if not self._total:  # until stopped
@@ -5862,13 +5893,8 @@ class Progress:
             self._show("\r" + " " * 60 + "\r")
 
     def _show(self, text: str) -> None:
-        try:
-            self._stream.write(text)
-            self._stream.flush()
-            self._shown = True
-        except (OSError, ValueError):
-            self._stream = None
-
+        self._sink.write(text)  # type: ignore[union-attr]
+        self._shown = True
 
 def _ranged(convert: Callable[[str], float], low: float, high: float, what: str) -> Callable[[str], float]:
     def parse(text: str) -> float:
@@ -6245,7 +6271,7 @@ class Screen(Events):
     the header at each address tried, the period lines, the outages, the notes, and the
     snapshots that --metrics serves (taken in the loop's thread, rendered in the endpoint's)."""
 
-    def __init__(self, spec: RunSpec, text: Output, rows: Sequence[ProbeRows]) -> None:
+    def __init__(self, spec: RunSpec, text: Sink, rows: Sequence[Rows]) -> None:
         outputs = spec.outputs
         self.spec, self.text, self.rows, self.many = spec, text, rows, len(spec.targets) > 1
         self.lines = text if spec.measuring and not (outputs.quiet or _stdout_writers(outputs)) else None
@@ -6291,11 +6317,12 @@ def measure(args: argparse.Namespace, spec: RunSpec, extra_metrics: Callable[[],
     raise TimecheckError); extra_metrics: a mesh node's server's series."""
     outputs = spec.outputs
     on_stdout = _stdout_writers(outputs)
-    text = Output(sys.stderr if on_stdout and not outputs.json else sys.stdout)  # stdout carries the rows
+    text = Sink(sys.stderr if on_stdout and not outputs.json else sys.stdout)  # stdout carries the rows
     _check_distinct_outputs(outputs)
     notes = LineWriter(sys.stderr)  # what goes wrong on the way, said at once, never blocking the probes
     with contextlib.ExitStack() as stack:
-        rows, plot = _open_outputs(outputs, stack, notes)
+        rows = _open_rows(outputs, stack, notes)
+        _check_plot(outputs.plot)
         screen = Screen(spec, text, rows)
         measurement = Measurement(spec, screen)
         stack.enter_context(_stop_signals(measurement.stop, restore=args.restore_signals))
@@ -6308,7 +6335,8 @@ def measure(args: argparse.Namespace, spec: RunSpec, extra_metrics: Callable[[],
         if reference is not None:
             _add_reference(reference, recorders, summaries)
         _print_results(text, spec, recorders, summaries)
-        problems = [(sink.name, sink.error) for sink in rows] + [(outputs.plot, _write_plot(plot, recorders))]
+        problems = [(sink.name, sink.error) for sink in rows] + [(outputs.plot, _write_plot(outputs.plot,
+                                                                                            recorders))]
     notes.sync()  # what was said at once comes before what is said at the end
     failed = ["{}: {}".format(name, error) for name, error in problems + [("standard output", text.error)]
               if error is not None]
@@ -6317,15 +6345,23 @@ def measure(args: argparse.Namespace, spec: RunSpec, extra_metrics: Callable[[],
     return _verdict(recorders, spec.timeout)
 
 
-def _open_outputs(outputs: Outputs, stack: contextlib.ExitStack,
-                  notes: LineWriter) -> Tuple[List[ProbeRows], Optional[TextIO]]:
-    """--csv, --jsonl and --plot, opened before anything is sent: a bad path is a usage error."""
+def _open_rows(outputs: Outputs, stack: contextlib.ExitStack, notes: LineWriter) -> List[Rows]:
+    """--csv and --jsonl, opened before anything is sent: a bad path is a usage error, not a lost run.
+    A failure on the way is said at once, and the measurement goes on without that output."""
     def on_error(name: str, error: str) -> None:
         notes.write("udp-timecheck: cannot write to {}: {}; the measurement goes on without it".format(
             name, error))
-    rows = [sink for sink in (_open_rows(outputs.csv, "csv", stack, on_error),
-                              _open_rows(outputs.jsonl, "jsonl", stack, on_error)) if sink is not None]
-    return rows, _open_output(outputs.plot, stack)
+    rows = []
+    for path, kind in ((outputs.csv, "csv"), (outputs.jsonl, "jsonl")):
+        if path == "-":
+            rows.append(Rows(Sink(sys.stdout, on_error=on_error), kind))
+        elif path is not None:
+            if os.path.isfile(path) and os.path.getsize(path):
+                _err("note: {} exists; writing it anew".format(path))
+            sink = Sink.open(path, on_error)
+            stack.callback(sink.close)
+            rows.append(Rows(sink, kind))
+    return rows
 
 
 def _start_services(spec: RunSpec, screen: Screen, stack: contextlib.ExitStack, notes: LineWriter,
@@ -6396,31 +6432,25 @@ def _count_and_interval(args: argparse.Namespace, measuring: bool, default_count
     return count, interval
 
 
-def _open_output(path: Optional[str], stack: contextlib.ExitStack) -> Optional[TextIO]:
-    """A file written at the end (--plot), opened first: a bad path is a usage error, not a lost run."""
+def _check_plot(path: Optional[str]) -> None:
+    """--plot's file, tried before anything is sent: a bad path is a usage error, not a lost run."""
+    if path is None or (os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)):
+        return  # a FIFO or a device: written in place
+    error = "it is a directory" if os.path.isdir(path) else write_whole_file(path + ".udp-timecheck-try", "")
+    if error is not None:
+        raise TimecheckError("cannot write {}: {}".format(path, error))
+    os.unlink(path + ".udp-timecheck-try")
+
+
+def _write_plot(path: Optional[str], recorders: Sequence[Recorder]) -> Optional[str]:
+    """--plot, whole: written beside, then renamed into place, even when stdout's reader has gone."""
     if path is None:
         return None
-    try:
-        stream = open(path, "w", encoding="utf-8")
-    except OSError as exc:
-        raise TimecheckError("cannot write {}: {}".format(path, exc.strerror or exc)) from None
-    stack.callback(_close_quietly, stream)
-    return stream
+    return write_whole_file(path, render_svg(plot_data(recorders[0])) if len(recorders) == 1
+                            else render_fleet_svg(fleet_plot_data(recorders)))
 
 
-def _write_plot(stream: Optional[TextIO], recorders: Sequence[Recorder]) -> Optional[str]:
-    if stream is None:
-        return None
-    try:
-        stream.write(render_svg(plot_data(recorders[0])) if len(recorders) == 1
-                     else render_fleet_svg(fleet_plot_data(recorders)))
-        stream.flush()
-    except (OSError, ValueError) as exc:
-        return getattr(exc, "strerror", None) or str(exc)
-    return None
-
-
-def _print_results(out: Output, spec: RunSpec, recorders: Sequence[Recorder],
+def _print_results(out: Sink, spec: RunSpec, recorders: Sequence[Recorder],
                    summaries: Sequence[Dict[str, object]]) -> None:
     """The results on stdout: the JSON, the summaries and a fleet's table, or the one round trip."""
     if spec.outputs.json:
@@ -6442,7 +6472,7 @@ def _summary_lines(summaries: Sequence[Mapping], source: Optional[str], fleet: b
 class SntpScreen(Events):
     """Where an sntp run's events go: its header, as its sockets have it, and a line a query."""
 
-    def __init__(self, args: argparse.Namespace, out: Output) -> None:
+    def __init__(self, args: argparse.Namespace, out: Sink) -> None:
         self.args, self.out, self.shown = args, out, not (args.quiet or args.json)
 
     def started(self, recorder: Recorder) -> None:
@@ -6462,7 +6492,7 @@ class SntpScreen(Events):
 
 def cmd_sntp(args: argparse.Namespace) -> int:
     host, port = endpoint(args.host, args.port, NTP_PORT)
-    out = Output(sys.stdout)
+    out = Sink(sys.stdout)
     prober = SntpProber(host, port, SntpScreen(args, out), count=args.count, interval=args.interval,
                         timeout=args.timeout, timestamps=args.timestamps)
     with _stop_signals(prober.stop, restore=args.restore_signals):
@@ -6497,7 +6527,7 @@ def cmd_mesh(args: argparse.Namespace) -> int:
 def cmd_matrix(args: argparse.Namespace) -> int:
     """The N x N tables of a mesh's (or clients') --json outputs: p50 RTT, loss, offset +- error."""
     matrix = build_matrix([load_measurement(path) for path in args.files])
-    out = Output(sys.stdout)
+    out = Sink(sys.stdout)
     for line in [json.dumps(matrix)] if args.json else format_matrix(matrix):
         out.line(line)
     if out.error is not None:
@@ -6506,7 +6536,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    out = Output(sys.stdout)
+    out = Sink(sys.stdout)
     status = EXIT_OK
     with TimeServer("127.0.0.1", 0, log=lambda line: out.line("  server | " + line)) as server:
         host, port = server.address[:2]

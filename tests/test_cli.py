@@ -120,7 +120,7 @@ class _PipeWithoutReader:
 
 
 def test_a_broken_pipe_in_a_thread_ends_the_program_from_the_main_thread():
-    out = utc.Output(_PipeWithoutReader())
+    out = utc.Sink(_PipeWithoutReader())
     thread = threading.Thread(target=out.line, args=("  server | a request",))  # the demo's server
     thread.start()
     thread.join(timeout=10)
