@@ -118,7 +118,7 @@ __all__ = [
     "SntpRecorder", "SntpProber", "Reference", "Peer", "read_peers", "find_self",
     # 7. reports
     "summarize", "period_figures", "plot_data", "snapshot", "sample_record", "format_summary",
-    "render_svg", "render_fleet_svg", "render_client_metrics", "render_snapshots", "client_snapshots",
+    "render_svg", "render_client_metrics", "render_snapshots", "client_snapshots",
     "render_server_metrics", "fleet_summary",
     "load_measurement", "build_matrix", "format_matrix",
     # 8. the command line
@@ -4358,9 +4358,8 @@ def _clock_figures(recorder: Recorder, figures: Mapping, local: ClockState) -> D
 def _figures(recorder: Recorder, totals: Totals, end_mono_ns: int) -> Dict[str, object]:
     """The figures of a run or a period: the keys of the summary and of each report."""
     figures = {name: getattr(totals, name) for name in Totals.COUNTS if name != "unsigned"}
-    ended = totals.sent - totals.in_flight - totals.not_up  # neither is lost: in flight at a deadline,
-    # or refused before a retried target first answered
-    figures["loss_pct"] = round(100.0 * totals.lost / ended, 3) if ended else None
+    ended = totals.sent - totals.in_flight - totals.not_up
+    figures["loss_pct"] = _loss_pct(totals)
     figures["rate_limited"] = totals.lost >= RATE_LIMIT_SHARE * ended > 0 and totals.runs.regular()
     figures["timestamps"] = _timestamp_summary(recorder, totals)
     figures["rtt_ms"] = totals.rtt.summary_ms(RTT_FIGURES)
@@ -4378,6 +4377,13 @@ def _figures(recorder: Recorder, totals: Totals, end_mono_ns: int) -> Dict[str, 
     figures["histogram_ms"] = _histogram_rows(totals)
     figures["outages"] = totals.runs.outage_figures()
     return figures
+
+
+def _loss_pct(totals: Totals) -> Optional[float]:
+    """The share lost of the probes that ended: not those in flight at a deadline, nor those sent
+    while the target was not up (refused, or gone)."""
+    ended = totals.sent - totals.in_flight - totals.not_up
+    return round(100.0 * totals.lost / ended, 3) if ended else None
 
 
 def _queueing_ns(delays: Sketch) -> Optional[float]:
@@ -4417,25 +4423,34 @@ def _timestamp_summary(recorder: Recorder, totals: Totals) -> Dict[str, object]:
             "described": describe_timestamps(recorder.timestamps, server)}
 
 
-def plot_data(recorder: Recorder) -> Dict[str, object]:
-    """What --plot draws: the run's per-interval aggregates, its drift line and its histogram."""
+def plot_data(recorders: Union[Recorder, Sequence[Recorder]]) -> Dict[str, object]:
+    """What --plot draws, of one target or many: each one's per-interval aggregates (the least,
+    median and 99th percentile RTT, the probes lost, the best offset and its bound), its drift
+    line, its histogram and its loss."""
+    recorders = [recorders] if isinstance(recorders, Recorder) else recorders
+    targets = [_target_plot(recorder) for recorder in recorders]
+    start = iso_utc(recorders[0].started_ns)
+    return {"title": "udp-timecheck {}, {}".format(recorders[0].target, start) if len(recorders) == 1
+            else "udp-timecheck, {} targets, {}".format(len(recorders), start),
+            "duration_s": max(target.pop("duration_s") for target in targets), "targets": targets,
+            "largest_rtt_ms": max((_ms(recorder.totals.rtt.stats.max) or 0.0) for recorder in recorders)}
+
+
+def _target_plot(recorder: Recorder) -> Dict[str, object]:
+    """One target's part of plot_data()."""
     timeline, duration_s = recorder.totals.timeline, recorder.duration_ns / NS_PER_S
-    width_s = timeline.width_ns / NS_PER_S
-    bins = []
+    width_s, bins = timeline.width_ns / NS_PER_S, []
     for index, item in enumerate(timeline.bins):
         if not item.sent:
             continue
         quantiles = [value / 1e6 for value in item.rtt.quantiles((0, 0.5, 0.99))] if item.rtt.count else None
         best = item.best
         bins.append({"start_s": index * width_s, "end_s": (index + 1) * width_s, "sent": item.sent,
-                     "lost": item.lost, "rtt_ms": quantiles,
-                     "offset_ms": best and best.offset_ns / 1e6,
+                     "lost": item.lost, "rtt_ms": quantiles, "offset_ms": best and best.offset_ns / 1e6,
                      "offset_err_ms": best and best.rtt_ns / 2e6})
-    return {"title": "udp-timecheck {}, {}".format(recorder.target, iso_utc(recorder.started_ns)),
-            "duration_s": max(duration_s, width_s), "bins": bins,
-            "drift": fit_drift(timeline.points(), duration_s),
-            "histogram_ms": _histogram_rows(recorder.totals),
-            "largest_rtt_ms": _ms(recorder.totals.rtt.stats.max) or 0.0}
+    return {"target": recorder.target, "loss_pct": _loss_pct(recorder.totals), "bins": bins,
+            "duration_s": max(duration_s, width_s), "drift": fit_drift(timeline.points(), duration_s),
+            "histogram_ms": _histogram_rows(recorder.totals)}
 
 
 def snapshot(recorder: Recorder) -> Dict[str, object]:
@@ -5295,9 +5310,13 @@ class Panel:
 
 
 def render_svg(plot: Mapping) -> str:
-    """A run as a standalone SVG that any browser opens: RTT over time with the lost probes
-    marked, the clock offset with its error bars and drift line, and the RTT histogram, all
-    in one time unit (us when every RTT is under a millisecond, else ms) on round ticks."""
+    """A run as a standalone SVG that any browser opens, in one time unit (us when every RTT is
+    under a millisecond, else ms) on round ticks.  One target: RTT over time with the lost probes
+    marked, the clock offset with its error bars and drift line, and the RTT histogram.  Several:
+    a legend, each one's median RTT and offset over time as a line of its own, and its loss."""
+    if len(plot["targets"]) > 1:
+        return _render_fleet_svg(plot)
+    plot = dict(plot, **plot["targets"][0])
     height = SVG_TOP + 3 * (SVG_PANEL + SVG_GAP)
     unit = time_unit(plot["largest_rtt_ms"])[:2]
     parts = ['<?xml version="1.0" encoding="UTF-8"?>',
@@ -5426,26 +5445,8 @@ TARGET_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f
 DASHES = ("", ' stroke-dasharray="6 3"', ' stroke-dasharray="2 2"')
 
 
-def fleet_plot_data(recorders: Sequence[Recorder]) -> Dict[str, object]:
-    """What the plot of several targets draws: each target's median RTT and best offset per
-    interval of its timeline, and its loss."""
-    targets = []
-    for recorder in recorders:
-        width_s = recorder.totals.timeline.width_ns / NS_PER_S
-        bins = [((index + 0.5) * width_s, item) for index, item in enumerate(recorder.totals.timeline.bins)]
-        targets.append({"target": recorder.target, "loss_pct": summarize(recorder)["loss_pct"],
-                        "rtt_ms": [(at, item.rtt.quantiles((0.5,))[0] / 1e6) for at, item in bins
-                                   if item.rtt.count],
-                        "offset_ms": [(at, item.best.offset_ns / 1e6) for at, item in bins
-                                      if item.best is not None]})
-    return {"title": "udp-timecheck, {} targets, {}".format(len(recorders), iso_utc(recorders[0].started_ns)),
-            "duration_s": max(recorder.duration_ns for recorder in recorders) / NS_PER_S, "targets": targets,
-            "largest_rtt_ms": max((_ms(recorder.totals.rtt.stats.max) or 0.0) for recorder in recorders)}
-
-
-def render_fleet_svg(plot: Mapping) -> str:
-    """Several targets as one standalone SVG: a legend, each target's median RTT over time as a line
-    of its own colour, its offset over time, and its loss as a bar; readable for 20 targets and more."""
+def _render_fleet_svg(plot: Mapping) -> str:
+    """Several targets: readable for 20 and more, each line told apart by its colour and dashes."""
     targets = plot["targets"]
     legend_rows = math.ceil(len(targets) / 4)
     top = SVG_TOP + 16 * legend_rows + 20
@@ -5480,23 +5481,30 @@ def _legend(targets: Sequence[Mapping], top: float) -> List[str]:
 
 def _fleet_rtt_panel(plot: Mapping, top: float, unit: Tuple[str, float]) -> List[str]:
     name, scale = unit
-    values = [rtt * scale for target in plot["targets"] for _, rtt in target["rtt_ms"]]
-    panel = Panel("rtt", top, (0, plot["duration_s"]), (0, _robust_range(values)[1] * 1.1), (
+    lines = [_points(target, lambda item: item["rtt_ms"] and item["rtt_ms"][1], scale)
+             for target in plot["targets"]]
+    panel = Panel("rtt", top, (0, plot["duration_s"]), (0, _robust_range(
+        [rtt for line in lines for _, rtt in line])[1] * 1.1), (
         "Round-trip time per target: the median of each interval", "seconds into the run",
         "rtt ({})".format(name)))
-    return panel.frame() + [_polyline(panel, index, [(at, rtt * scale) for at, rtt in target["rtt_ms"]])
-                            for index, target in enumerate(plot["targets"]) if target["rtt_ms"]]
+    return panel.frame() + [_polyline(panel, index, line) for index, line in enumerate(lines) if line]
 
 
 def _fleet_offset_panel(plot: Mapping, top: float, unit: Tuple[str, float]) -> List[str]:
     name, scale = unit
-    values = [offset * scale for target in plot["targets"] for _, offset in target["offset_ms"]]
-    low, high = _robust_range(values)
+    lines = [_points(target, lambda item: item["offset_ms"], scale) for target in plot["targets"]]
+    low, high = _robust_range([offset for line in lines for _, offset in line])
     panel = Panel("offset", top, (0, plot["duration_s"]), (min(low, 0), max(high, 0)), (
         "Each server's clock offset: the lowest-rtt probe of each interval", "seconds into the run",
         "offset ({})".format(name)))
-    return panel.frame() + [_polyline(panel, index, [(at, ms * scale) for at, ms in target["offset_ms"]])
-                            for index, target in enumerate(plot["targets"]) if target["offset_ms"]]
+    return panel.frame() + [_polyline(panel, index, line) for index, line in enumerate(lines) if line]
+
+
+def _points(target: Mapping, value: Callable[[Mapping], Optional[float]],
+            scale: float) -> List[Tuple[float, float]]:
+    """A target's line: (the middle of each interval, its value there, scaled), where it has one."""
+    return [((item["start_s"] + item["end_s"]) / 2, value(item) * scale) for item in target["bins"]  # type: ignore
+            if value(item) is not None]
 
 
 def _fleet_loss_panel(plot: Mapping, top: float, unit: Tuple[str, float]) -> List[str]:
@@ -6446,8 +6454,7 @@ def _write_plot(path: Optional[str], recorders: Sequence[Recorder]) -> Optional[
     """--plot, whole: written beside, then renamed into place, even when stdout's reader has gone."""
     if path is None:
         return None
-    return write_whole_file(path, render_svg(plot_data(recorders[0])) if len(recorders) == 1
-                            else render_fleet_svg(fleet_plot_data(recorders)))
+    return write_whole_file(path, render_svg(plot_data(recorders)))
 
 
 def _print_results(out: Sink, spec: RunSpec, recorders: Sequence[Recorder],
