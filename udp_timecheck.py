@@ -244,21 +244,23 @@ wall_ns = getattr(time, "time_ns", None) or _nanoseconds(time.time)  # type: Cal
 monotonic_ns = getattr(time, "perf_counter_ns", None) or _nanoseconds(time.perf_counter)  # type: Callable[[], int]
 
 
-def clock_offset_ns(clock: Callable[[], int]) -> int:
-    """How far clock is ahead of CLOCK_REALTIME, the kernel's stamps' clock.
+def clock_offset_ns(clock: Callable[[], int], reference: Optional[Callable[[], int]] = None) -> int:
+    """How far clock is ahead of reference (by default wall_ns, CLOCK_REALTIME as this process
+    reads it).
 
-    Read between two readings of the real clock, three times, keeping the
+    Read between two readings of the reference, three times, keeping the
     tightest: the time a reading takes (longest the first time round) must not
     count as offset.
     """
+    reference = reference or wall_ns
     best = None  # type: Optional[Tuple[int, int]]
     for _ in range(3):
-        before = wall_ns()
+        before = reference()
         reading = clock()
-        after = wall_ns()
+        after = reference()
         if best is None or after - before < best[0]:
             best = (after - before, reading - (before + after) // 2)
-    return best[1]
+    return best[1]  # type: ignore[index]  # three readings: never None
 
 
 class TimecheckError(Exception):
@@ -1999,6 +2001,7 @@ ZERO_STAMP = "a server timestamp of zero"
 REVERSED_STAMPS = "T3 before T2"
 HELD_TOO_LONG = "T3 - T2 longer than the round trip"
 WALL_STEP = "this machine's clock stepped during the probe"
+PREEMPTED = "a clock reading around the probe came late (this process was preempted)"
 KERNEL_STAMP = "a kernel timestamp outside the round trip"
 
 
@@ -2016,12 +2019,14 @@ def _server_stamps_problem(t2: Optional[int], t3: Optional[int], raw_ns: int) ->
 
 
 def probe_timing(t1: int, t2: Optional[int], t3: Optional[int], t4: int, *, raw_ns: int, span_ns: int,
-                 kernel: bool) -> Timing:
+                 kernel: bool, delayed: bool = False) -> Timing:
     """RTT, server processing time and clock offset of one probe, NTP's way.
 
     raw_ns is the monotonic time from before the send to after the receive, and
     span_ns the wall clock over the same interval, read next to it: when the two
     disagree, the wall clock stepped, and neither (T4 - T1) nor the offset can be
+    trusted; unless delayed: a reading was late (the process preempted), and the
+    clock did not step, so kernel stamps stand, and user-space ones cannot be
     trusted.  With kernel stamps (t4 from the kernel), the RTT is
     (T4 - T1) - (T3 - T2) when that is positive and no longer than raw_ns; else,
     and with user-space stamps, it is raw_ns - (T3 - T2), wake-ups included.
@@ -2030,10 +2035,10 @@ def probe_timing(t1: int, t2: Optional[int], t3: Optional[int], t4: int, *, raw_
     """
     problem = _server_stamps_problem(t2, t3, raw_ns)
     proc = None if problem else t3 - t2
-    steady = abs(span_ns - raw_ns) <= WALL_STEP_TOLERANCE_NS + raw_ns // 1000
+    steady = abs(span_ns - raw_ns) <= WALL_STEP_TOLERANCE_NS + raw_ns // 1000 or (delayed and kernel)
     rtt = raw_ns - (proc or 0)
     if not steady:
-        problem = problem or WALL_STEP
+        problem = problem or (PREEMPTED if delayed else WALL_STEP)
     elif proc is not None and proc > t4 - t1:
         problem, proc, rtt = HELD_TOO_LONG, None, raw_ns
     if kernel:
@@ -2091,7 +2096,7 @@ class Sample:
                  "recv_mono_ns", "t1", "t1_user", "t1_kernel", "t2", "t3", "t3_kernel", "t4", "t4_kernel",
                  "t4_user", "server_stamp", "request_size", "reply_id", "reply_text", "reply_size", "timing",
                  "server_clock_state", "ntp", "target", "port", "interleaved", "server_count", "server_marks",
-                 "marks_back", "lied", "asks", "t3_rejected")
+                 "marks_back", "lied", "asks", "t3_rejected", "delayed")
 
     def __init__(self, seq: int, request_id: int, request_mac: bytes = b"", target: str = "") -> None:
         self.seq, self.request_id, self.request_mac, self.target = seq, request_id, request_mac, target
@@ -2100,7 +2105,7 @@ class Sample:
         self.reason = None  # type: Optional[str]  # why a lost probe was lost: see LOST_REASONS
         self.send_mono_ns = self.t1 = self.t1_user = self.port = 0  # port: which source port (its index)
         self.recv_mono_ns = self.t2 = self.t3 = self.t4 = self.t4_user = None  # type: Optional[int]
-        self.t1_kernel = self.t3_kernel = self.t4_kernel = self.t3_rejected = self.lied = False
+        self.t1_kernel = self.t3_kernel = self.t4_kernel = self.t3_rejected = self.lied = self.delayed = False
         self.interleaved = False  # the server stamps its reply leaving, and sends the stamp next time
         self.asks = None  # type: Optional[int]  # the earlier probe whose kernel T3 this one's request asked for
         self.server_count = None  # type: Optional[int]  # the session's requests the server has had
@@ -2135,9 +2140,12 @@ class Sample:
         return self.timing.rtt_ns / 2 + (root_distance_ns(self.ntp) if self.ntp is not None else 0)
 
     def settle(self, *, kernel_mode: bool) -> None:
-        """Work out what the probe measured, once its reply is recorded (again, with a better T3)."""
-        self.timing = probe_timing(self.t1, self.t2, self.t3, self.t4, raw_ns=self.raw_rtt_ns,
-                                   span_ns=self.t4_user - self.t1_user, kernel=kernel_mode and self.t4_kernel)
+        """Work out what the probe measured, once its reply is recorded (again, with a better T3);
+        a probe whose readings were delayed keeps its kernel stamps only if it has both."""
+        self.timing = probe_timing(self.t1, self.t2, self.t3, self.t4,  # type: ignore[arg-type]
+                                   raw_ns=self.raw_rtt_ns, span_ns=self.t4_user - self.t1_user,  # type: ignore
+                                   kernel=kernel_mode and self.t4_kernel and (self.t1_kernel or not self.delayed),
+                                   delayed=self.delayed)
 
 
 class Arrival(NamedTuple):
@@ -3362,6 +3370,7 @@ class Recorder:
         self.options = RequestOptions(self.session, spec.path.interleaved,
                                       spec.path.tos is not None or spec.path.ttl is not None)
         self.started_ns, self.started_mono_ns, self.duration_ns = wall_ns(), monotonic_ns(), 0
+        self._wall_base = None  # type: Optional[int]  # the wall clock less the monotonic one, as the run has it
         self.totals = Totals(self.started_ns, self.started_mono_ns)
         self.period = Totals(self.started_ns, self.started_mono_ns)  # since the last next_period()
         self._active = (self.totals, self.period) if spec.report_every else (self.totals,)
@@ -3519,7 +3528,25 @@ class Recorder:
             if kernel_mode else None
         sample.t4, sample.t4_kernel = (user_t4, False) if t4 is None else (t4, True)
         sample.t4_user, sample.recv_mono_ns = user_t4, arrival.recv_mono_ns
+        sample.delayed = self._delayed(sample)
         sample.settle(kernel_mode=kernel_mode)
+
+    def _delayed(self, sample: Sample) -> bool:
+        """Whether the wall and monotonic readings around sample disagree because one came late
+        (the process preempted between them), not because the clock stepped: a step still shows
+        in a reading taken now, after the probe, where the one before it agreed with the run's."""
+        before = sample.t1_user - sample.send_mono_ns
+        after = sample.t4_user - sample.recv_mono_ns  # type: ignore[operator]
+        if self._wall_base is None:  # the first probe's first reading is the run's
+            self._wall_base = before
+        tolerance = WALL_STEP_TOLERANCE_NS + (sample.recv_mono_ns - sample.send_mono_ns) // 1000  # type: ignore
+        if abs(after - before) <= tolerance:
+            self._wall_base = after
+            return False
+        now = clock_offset_ns(self.spec.wall_clock or wall_ns, monotonic_ns)
+        stepped = abs(now - after) <= tolerance and abs(before - self._wall_base) <= tolerance
+        self._wall_base = now
+        return not stepped
 
     def in_time(self, sample: Sample, arrival: Arrival) -> bool:
         """Whether a reply arrived within its probe's timeout: by the kernel's stamp, where there
@@ -4855,10 +4882,11 @@ def format_histogram(rows: Sequence[Sequence[float]]) -> List[str]:
 def failure_reason(measurement: Recorder, timeout: float) -> Optional[str]:
     """Why a run failed, in one line, with what to check; None if it did not.
 
-    It fails without a valid reply, and with any liar, forged reply or echo.
+    It fails without a valid reply, and with any forged reply, echo or liar: a probe whose only
+    reply named another (a datagram that names none while the real reply comes is counted, no more).
     """
     totals = measurement.totals
-    if totals.received and not (totals.echoes or totals.forged or totals.mismatched):
+    if totals.received and not (totals.echoes or totals.forged or measurement.ended_with(MISMATCHED)):
         return None
     return _untrusted_replies(measurement) or _no_valid_reply(measurement, timeout)
 
@@ -4873,9 +4901,10 @@ def _untrusted_replies(measurement: Recorder) -> Optional[str]:
     if totals.forged:
         return "{} failed authentication (tampered with, replayed, or another key)".format(
             plural(totals.forged, "reply", "replies"))
-    if totals.mismatched:
-        return "the server is a liar: {} did not match a request id".format(
-            plural(totals.mismatched, "reply", "replies"))
+    liars = measurement.ended_with(MISMATCHED)
+    if liars:
+        return "the server is a liar: {} got only a reply that did not match its request id".format(
+            plural(liars, "probe"))
     return None
 
 
@@ -5238,10 +5267,14 @@ def _matrix_tables(cells: Mapping) -> List[Tuple[str, Callable[[Mapping], Option
 
     def offset(cell: Mapping) -> str:
         return "{}\u00b1{}".format(signed(cell["offset_ms"] * scale, digits), number(cell["offset_err_ms"]))
-    return [("p50 rtt ({})".format(unit), lambda cell: _unless_none(cell["rtt_p50_ms"], number)),
-            ("loss (%)", lambda cell: _unless_none(cell["loss_pct"], "{:g}".format)),
-            ("offset \u00b1 error ({}), the target's clock minus the source's".format(unit),
-             lambda cell: None if cell["offset_ms"] is None else offset(cell))]
+    tables = [("p50 rtt ({})".format(unit), lambda cell: _unless_none(cell["rtt_p50_ms"], number)),
+              ("loss (%)", lambda cell: _unless_none(cell["loss_pct"], "{:g}".format)),
+              ("offset \u00b1 error ({}), the target's clock minus the source's".format(unit),
+               lambda cell: None if cell["offset_ms"] is None else offset(cell))]  # type: List[Tuple[str, Any]]
+    if any(cell.get("not_up") for cell in cells.values()):
+        tables.append(("not up (probes sent while the target was not up: refused, or after it said it "
+                       "stopped; not lost)", lambda cell: str(cell.get("not_up") or 0)))
+    return tables
 
 
 def _unless_none(value: Optional[float], show: Callable[[float], str]) -> Optional[str]:
@@ -5558,7 +5591,8 @@ def build_matrix(measurements: Sequence[Tuple[str, Sequence[Mapping]]]) -> Dict[
 def _matrix_cell(source: str, summary: Mapping) -> Dict[str, object]:
     return {"source": source, "target": printable(str(summary.get("name") or summary["target"])),
             "rtt_p50_ms": summary["rtt_ms"]["median"], "loss_pct": summary["loss_pct"],
-            "offset_ms": summary["offset_ms"], "offset_err_ms": summary["offset_err_ms"]}
+            "offset_ms": summary["offset_ms"], "offset_err_ms": summary["offset_err_ms"],
+            "not_up": summary.get("not_up", 0)}
 
 
 def dscp_name(tos: int) -> str:
@@ -6238,6 +6272,8 @@ def cmd_server(args: argparse.Namespace) -> int:
             _metrics(args.metrics, lambda: render_server_metrics(server, output.dropped), output.write):
         output.write("Server listening at {}; {}".format(server.address, describe_server(server)))
         server.serve_forever()
+        server.goodbye()  # its clients count what follows as not up, not lost
+
     def stopped() -> str:
         return "Server stopped: {}, log lines dropped {}".format(server.stats, output.dropped)
     if not output.close(stopped()):
@@ -6528,7 +6564,10 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     with TimeServer(host, port, key=spec.key, max_rate=args.max_rate, log=None,
                     timestamps=args.timestamps or KERNEL) as server:
         server.start()
-        return measure(args, spec, lambda: render_server_metrics(server, 0, source, build_info=False))
+        try:
+            return measure(args, spec, lambda: render_server_metrics(server, 0, source, build_info=False))
+        finally:
+            server.goodbye()  # the peers that go on count what follows as not up, not lost
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:

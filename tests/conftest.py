@@ -623,28 +623,45 @@ class FakeNtpServer(UdpPeer):
 T0_NS = 1_764_000_000 * utc.NS_PER_S  # the wall clock at the first probe
 
 
-def new_recorder(count=5, key=None):
-    return utc.Recorder("127.0.0.1:1060", "127.0.0.1", utc.RunSpec(count=count, key=key, timeout=1.0))
+class SteppingClock:
+    """This machine's wall clock in the frame send_probe() and answer_probe() use: T0_NS at the
+    recorder's start (set origin to its started_mono_ns), running with the monotonic clock, and
+    stepped by hand (shift_ns)."""
+
+    def __init__(self):
+        self.origin, self.shift_ns = utc.monotonic_ns(), 0
+
+    def __call__(self):
+        return T0_NS + utc.monotonic_ns() - self.origin + self.shift_ns
 
 
-def send_probe(recorder, seq):
-    """A probe through the recorder's first step, sent seq seconds into the run."""
+def new_recorder(count=5, key=None, wall_clock=None, local=utc.LocalEnd()):
+    return utc.Recorder("127.0.0.1:1060", "127.0.0.1",
+                        utc.RunSpec(count=count, key=key, timeout=1.0, wall_clock=wall_clock), local)
+
+
+def send_probe(recorder, seq, wall_shift_ns=0):
+    """A probe through the recorder's first step, sent seq seconds into the run (the wall clock
+    stepped by wall_shift_ns since the start)."""
     sample = utc.Sample(seq, 1000 + seq)
     sample.request = utc.encode_request(sample.request_id, "The time is now", seq)
     recorder.send(sample)
     sample.send_mono_ns = recorder.started_mono_ns + seq * utc.NS_PER_S
-    sample.t1 = sample.t1_user = T0_NS + seq * utc.NS_PER_S
+    sample.t1 = sample.t1_user = T0_NS + seq * utc.NS_PER_S + wall_shift_ns
     return sample
 
 
-def answer_probe(recorder, sample, rtt_ns, offset_ns=0, proc_ns=5000, request_id=None, wall_step_ns=0):
+def answer_probe(recorder, sample, rtt_ns, offset_ns=0, proc_ns=5000, request_id=None, wall_step_ns=0,
+                 late_reading_ns=0, kernel_t4=False):
     """The reply to sample, back rtt_ns (and proc_ns at the server) after it left, the server's
-    clock offset_ns ahead, and this machine's wall clock stepped by wall_step_ns on the way;
-    returns the reply."""
+    clock offset_ns ahead, and this machine's wall clock stepped by wall_step_ns on the way; the
+    monotonic reading after it late_reading_ns late (preempted); stamped by the kernel, with
+    kernel_t4; returns the reply."""
     t2 = sample.t1 + rtt_ns // 2 + offset_ns
     t3 = t2 + proc_ns
     reply = b'[%d, "The time is now", {"seq": %d, "ts": "user", "t2": %d, "t3": %d}]' % (
         request_id or sample.request_id, sample.seq, t2, t3)
     t4 = sample.t1 + rtt_ns + proc_ns + wall_step_ns
-    recorder.receive(reply, utc.Arrival(None, t4, t4, sample.send_mono_ns + rtt_ns + proc_ns))
+    recorder.receive(reply, utc.Arrival(t4 if kernel_t4 else None, t4, t4,
+                                        sample.send_mono_ns + rtt_ns + proc_ns + late_reading_ns))
     return reply

@@ -8,7 +8,7 @@ import tracemalloc
 import pytest
 
 import udp_timecheck as utc
-from conftest import T0_NS, answer_probe, new_recorder, send_probe
+from conftest import T0_NS, SteppingClock, answer_probe, new_recorder, send_probe
 from conftest import FakeNtpServer
 
 US, MS, SECOND = 1000, 1_000_000, utc.NS_PER_S
@@ -200,14 +200,41 @@ def test_an_offset_comes_only_from_the_probes_that_agree(udp_peer, capsys):
 
 
 def test_a_summary_with_no_trusted_offset_says_why_and_does_not_crash():
-    recorder = new_recorder(count=3)
-    for seq in range(3):  # this machine's clock steps 40 ms during every probe
-        answer_probe(recorder, send_probe(recorder, seq), rtt_ns=50 * US, wall_step_ns=40 * MS)
+    clock = SteppingClock()
+    recorder = new_recorder(count=3, wall_clock=clock)
+    clock.origin = recorder.started_mono_ns
+    for seq in range(3):  # this machine's clock steps 40 ms during every probe, and stays stepped
+        sample = send_probe(recorder, seq, wall_shift_ns=clock.shift_ns)
+        clock.shift_ns += 40 * MS
+        answer_probe(recorder, sample, rtt_ns=50 * US, wall_step_ns=40 * MS)
     summary = utc.summarize(recorder)
     lines = utc.format_summary(summary)
     assert summary["offset_ms"] is None and summary["server_proc_ms"] is not None
     assert ("server clock offset: unavailable (no probe's timestamps can be trusted: "
             "this machine's clock stepped during the probe (3 probes))") in lines
+
+
+def test_a_late_clock_reading_is_not_a_clock_step():
+    """A reading after the reply came 3 ms late (the process preempted between the wall and the
+    monotonic one), and the clock never stepped: with user-space stamps the probe is untrusted, and
+    says why; with the kernel's at both ends it stands.  A real step is still one."""
+    clock = SteppingClock()
+    recorder = new_recorder(count=4, wall_clock=clock, local=utc.LocalEnd(timestamps=utc.KERNEL))
+    clock.origin = recorder.started_mono_ns
+    user = send_probe(recorder, 0)
+    answer_probe(recorder, user, rtt_ns=50 * US, late_reading_ns=3 * MS)
+    stamped = send_probe(recorder, 1)
+    stamped.t1_kernel = True
+    answer_probe(recorder, stamped, rtt_ns=50 * US, late_reading_ns=3 * MS, kernel_t4=True)
+    stepped = send_probe(recorder, 2)
+    clock.shift_ns = 40 * MS
+    answer_probe(recorder, stepped, rtt_ns=50 * US, wall_step_ns=40 * MS, kernel_t4=True)
+    after = send_probe(recorder, 3, wall_shift_ns=40 * MS)
+    answer_probe(recorder, after, rtt_ns=50 * US)
+    assert user.timing.untrusted_because == utc.PREEMPTED and not user.timing.kernel
+    assert stamped.timing.trusted and stamped.timing.kernel and stamped.timing.rtt_ns == 50 * US
+    assert stepped.timing.untrusted_because == utc.WALL_STEP
+    assert after.timing.trusted  # the stepped clock is the run's clock from then on
 
 
 def test_the_root_distance_is_part_of_an_ntp_offsets_bound(capsys):

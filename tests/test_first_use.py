@@ -142,8 +142,9 @@ def malformed(recorder, sample):
         recorder.receive(b"\x00 not json", utc.Arrival(None, T0_NS, T0_NS, 0))
 
 
-def lied(recorder, sample):
+def lied(recorder, sample):  # and nothing else came before its timeout
     answer_probe(recorder, sample, 40 * US_NS, 0, request_id=sample.request_id + 1)
+    recorder.expire(sample.send_mono_ns + 2 * SECOND_NS)
 
 
 def forged(recorder, sample):
@@ -159,7 +160,7 @@ def forged(recorder, sample):
     (refused, "connection refused by 127.0.0.1:1060: no server is listening on that port"),
     (echoed, "127.0.0.1:1060 echoes requests back: it is an echo service, not a time server"),
     (malformed, "127.0.0.1:1060 sent 3 replies that are not udp-timecheck replies"),
-    (lied, "the server is a liar: 1 reply did not match a request id"),
+    (lied, "the server is a liar: 1 probe got only a reply that did not match its request id"),
     (forged, "2 replies failed authentication (tampered with, replayed, or another key)"),
 ])
 def test_failure_reason_exactly(event, expected):
