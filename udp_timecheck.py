@@ -840,6 +840,7 @@ RECEIVE_STAMPS = (StampOption(SO_TIMESTAMPNS, TIMESPEC, 1) if LINUX else
 SOF_TX_SOFTWARE, SOF_SOFTWARE, SOF_OPT_ID, SOF_OPT_TSONLY = 1 << 1, 1 << 4, 1 << 7, 1 << 11
 MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11 if LINUX else None)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if LINUX else None)
 IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25 if LINUX else None)
 EXTENDED_ERROR = struct.Struct("@IBBBBII")  # ee_errno, ee_origin, ee_type, ee_code, ee_pad, ee_info, ee_data
 SO_EE_ORIGIN_ICMPS, SO_EE_ORIGIN_TIMESTAMPING = (2, 3), 4
@@ -866,6 +867,8 @@ ANCILLARY_SPACE = 256               # room for a timestamp and a packet-info mes
 PENDING_STAMPS = 4096               # datagrams sent whose transmit stamps are still awaited, at most
 ERROR_QUEUE_READS = 256             # messages read off an error queue at one go, at most
 KERNEL_GAP_NOISE_NS = 1_000_000     # a wall clock nearer the kernel's than this is the kernel's
+RECEIVE_BUFFER_PER_TARGET = 65536   # bytes of waiting replies a shared socket has room for, a target ...
+RECEIVE_BUFFER_MAX = 8 << 20        # ... up to this (the server's too), as far as the system allows
 
 
 def resolve(host: str, port: int, passive: bool = False) -> List[Tuple[int, tuple]]:
@@ -958,6 +961,17 @@ def set_marks(sock: socket.socket, tos: Optional[int], ttl: Optional[int]) -> No
     for value, option in ((tos, IPV6_TCLASS if v6 else IP_TOS), (ttl, IPV6_UNICAST_HOPS if v6 else IP_TTL)):
         if value is not None and option is not None:
             sock.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, option, value)
+
+
+def enlarge_receive_buffer(sock: socket.socket, size: int) -> None:
+    """Room for size bytes of datagrams waiting on sock (a stalled process loses none that fits):
+    as far as the system allows (net.core.rmem_max), and beyond with the privilege to (root)."""
+    for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+        try:
+            if option is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < size:
+                sock.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError:
+            pass  # not allowed: the system's own size stays
 
 
 def source_address(family: int, address: tuple, source: Optional[str] = None) -> str:
@@ -2401,8 +2415,9 @@ class ReplayGuard:
     REPLAY_ENTRIES of them (the oldest go first), as NTS and WireGuard keep theirs: a request
     captured on the path and sent again, from any source, is answered once."""
 
-    def __init__(self, max_entries: int = REPLAY_ENTRIES, window_s: float = REPLAY_WINDOW_S) -> None:
-        self.max_entries, self._window_ns = max_entries, int(window_s * NS_PER_S)
+    def __init__(self, max_entries: Optional[int] = None, window_s: Optional[float] = None) -> None:
+        self.max_entries = REPLAY_ENTRIES if max_entries is None else max_entries
+        self._window_ns = int((REPLAY_WINDOW_S if window_s is None else window_s) * NS_PER_S)
         self._seen = collections.OrderedDict()  # type: Dict[int, int]  # MAC's first 64 bits -> when
 
     def __len__(self) -> int:
@@ -2541,6 +2556,7 @@ class TimeServer:
         self.socket = _bound_socket(host, port)
         self.address = self.socket.getsockname()
         _set_receive_timeout(self.socket, RECEIVE_TIMEOUT)
+        enlarge_receive_buffer(self.socket, RECEIVE_BUFFER_MAX)  # a stall, or a fleet's burst: none dropped
         refused = kernel_stamps_refused(self.socket) if timestamps == KERNEL else None
         self.timestamps = USER if timestamps != KERNEL or refused else KERNEL
         self.no_kernel_stamps = refused  # why, in words, when kernel stamps were asked for but refused
@@ -3785,6 +3801,8 @@ class Channel:
                 target.label if target is not None else "the targets",
                 " from " + path.source if path.source else "", exc.strerror or exc)) from None
         sock.setblocking(False)
+        if target is None:  # one socket's room for the replies of every target: a stall loses none
+            enlarge_receive_buffer(sock, min(RECEIVE_BUFFER_MAX, RECEIVE_BUFFER_PER_TARGET * len(spec.targets)))
         self.recvmsg = message_calls(sock)[0]
         self.no_kernel_stamps = kernel_stamps_refused(sock) if spec.timestamps == KERNEL else None
         self.kernel = spec.timestamps == KERNEL and self.no_kernel_stamps is None
@@ -6321,6 +6339,7 @@ class Screen(Events):
         self.lines = text if spec.measuring and not (outputs.quiet or _stdout_writers(outputs)) else None
         self.progress = Progress(sys.stderr if outputs.quiet else None, spec.count * len(spec.targets))
         self.snapshots = []  # type: List[Tuple[Dict[str, str], Dict[str, object]]]  # the latest
+        self._rendered = (None, "")  # type: Tuple[object, str]  # the snapshots last rendered, and how
         self._ended = 0
 
     def started(self, recorder: Recorder) -> None:
@@ -6350,6 +6369,13 @@ class Screen(Events):
     def tick(self, recorders: Sequence[Recorder]) -> None:
         if self.spec.outputs.metrics is not None:
             self.snapshots = client_snapshots(recorders, self.spec.source)
+
+    def metrics(self) -> str:
+        """The latest snapshots as Prometheus' text, rendered once each however often scraped."""
+        snapshots = self.snapshots
+        if self._rendered[0] is not snapshots:
+            self._rendered = (snapshots, render_snapshots(snapshots, self.spec.clock_state()))
+        return self._rendered[1]
 
     def _time(self) -> str:
         """-D: the wall-clock time before a line, as ping -D prints it."""
@@ -6411,8 +6437,7 @@ def _open_rows(outputs: Outputs, stack: contextlib.ExitStack, notes: LineWriter)
 def _start_services(spec: RunSpec, screen: Screen, stack: contextlib.ExitStack, notes: LineWriter,
                     extra_metrics: Callable[[], str]) -> Optional[Reference]:
     """What runs beside the probes for as long as they do: --metrics, and --reference (returned)."""
-    stack.enter_context(_metrics(spec.outputs.metrics, lambda: render_snapshots(
-        screen.snapshots, spec.clock_state()) + extra_metrics(), notes.write))
+    stack.enter_context(_metrics(spec.outputs.metrics, lambda: screen.metrics() + extra_metrics(), notes.write))
     if spec.reference is None:
         return None
     return Reference(*spec.reference, timestamps=spec.timestamps).start()

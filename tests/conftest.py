@@ -635,7 +635,7 @@ class SteppingClock:
         return T0_NS + utc.monotonic_ns() - self.origin + self.shift_ns
 
 
-def new_recorder(count=5, key=None, wall_clock=None, local=utc.LocalEnd()):
+def new_recorder(count=5, key=None, wall_clock=None, local=utc.NO_LOCAL_END):
     return utc.Recorder("127.0.0.1:1060", "127.0.0.1",
                         utc.RunSpec(count=count, key=key, timeout=1.0, wall_clock=wall_clock), local)
 
