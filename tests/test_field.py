@@ -35,6 +35,7 @@ def delayed(seconds):
 # --- a stalled client: the kernel's stamps say when a reply came ---------------------------------
 
 @POSIX_ONLY
+@needs_linux("the kernel's receive stamps say when a reply came; without them, a stall counts")
 def test_a_stalled_client_loses_no_reply_that_arrived_in_time(start_server, relay):
     """Stopped for 0.4 s on a 100 ms path with -W 0.3: every reply reached its socket in time,
     as the relay delivered it, so none is lost or late."""
@@ -87,6 +88,7 @@ def test_scraping_as_hard_as_sixteen_connections_can_changes_no_probe(processes)
 # --- a stalled server: its kernel's stamp stays T2 -------------------------------------------------
 
 @POSIX_ONLY
+@needs_linux("the server's kernel receive stamps say when a request came; without them, a stall counts")
 def test_a_stalled_server_is_the_servers_time_not_the_networks(cli_server):
     """The server stopped for 1.5 s: the requests that waited for it show as its processing
     time, each from its kernel's receive stamp; the round trips stay what loopback takes."""
