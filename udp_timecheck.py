@@ -133,7 +133,7 @@ __all__ = [
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1060                 # the tutorial's declared default
 MAX_DATAGRAM = 65535                # receive buffer, the tutorial's MAX_BYTES
-MAX_UDP_PAYLOAD = {socket.AF_INET: 65507, socket.AF_INET6: 65527}
+MAX_UDP_PAYLOAD = {socket.AF_INET: 65507, socket.AF_INET6: 65527}  # type: Dict[int, int]
 FAULTY_PROBABILITY = 0.5            # how often the tutorial's FAULTY_SERVER lies
 DEFAULT_COUNT = 1000                # the tutorial's measuring loop
 DEFAULT_TIMEOUT = 1.0
@@ -347,7 +347,7 @@ class Message(NamedTuple):
     """A decoded request or reply: ``[id, text, ext?, mac?]``."""
     message_id: int
     text: str
-    ext: Optional[Dict[str, object]]   # our extension object; None in the tutorial's form
+    ext: Optional[Dict[str, Any]]      # our extension object (JSON's values); None in the tutorial's form
     mac: Optional[str]                 # hex HMAC-SHA256, present when a key is in use
 
     @property
@@ -430,10 +430,10 @@ def _check_id_and_text(message_id: object, message_text: object) -> Tuple[int, s
         message_text.encode("utf-8")
     except UnicodeEncodeError:
         raise WireError("the text holds an unpaired surrogate") from None
-    return message_id, message_text  # type: ignore[return-value]  # checked just above
+    return message_id, message_text  # checked just above
 
 
-def _check_extension(ext: Dict[str, object]) -> None:
+def _check_extension(ext: Dict[str, Any]) -> None:
     """The extension object's known members, each of its type and in its range; unknown names
     pass, as room for later extensions."""
     for name, value in ext.items():
@@ -565,7 +565,7 @@ def parse_request(data: bytes) -> Request:
         request_id, seq, session, interleaved, exchange, path, clock, size = match.groups()
         if not size or int(size) <= MAX_DATAGRAM:  # else: out of range, as decode_message says
             options = NO_OPTIONS if session is None else RequestOptions(
-                int(session), bool(interleaved), bool(path), exchange and int(exchange))
+                int(session), bool(interleaved), bool(path), int(exchange) if exchange else None)
             return Request(request_id, seq, int(size) if size else 0, bool(clock), options)
     request = decode_message(data)
     ext = request.ext
@@ -574,10 +574,10 @@ def parse_request(data: bytes) -> Request:
     seq = request.seq
     if seq is None:  # no extension object, or one without a seq: the tutorial's form
         return Request(b"%d" % request.message_id, None, 0, False)
-    options = NO_OPTIONS if ext.get("sid") is None else RequestOptions(  # type: ignore[union-attr]
-        ext["sid"], ext.get("xl") == 1, ext.get("pi") == 1, ext.get("xr"))  # type: ignore[index,union-attr]
-    return Request(b"%d" % request.message_id, b"%d" % seq, ext.get("size") or 0,  # type: ignore[union-attr]
-                   ext.get("clock") == 1, options)  # type: ignore[union-attr]
+    ext = ext or {}  # a seq: there is one
+    options = NO_OPTIONS if ext.get("sid") is None else RequestOptions(
+        ext["sid"], ext.get("xl") == 1, ext.get("pi") == 1, ext.get("xr"))
+    return Request(b"%d" % request.message_id, b"%d" % seq, ext.get("size") or 0, ext.get("clock") == 1, options)
 
 
 def reply_parts(reply_id: bytes, time_text: bytes, *, seq: Optional[bytes], server_recv_ns: int,
@@ -626,7 +626,7 @@ def encode_reply_extra(extra: ReplyExtra) -> bytes:
         parts.append(b'"rx": %d' % extra.received)
     if extra.interleaved:
         parts.append(b'"xl": 1')
-        if extra.previous_t3 is not None:
+        if extra.previous_t3 is not None and extra.previous_seq is not None:
             parts.append(b'"xs": %d, "xt": %d' % (extra.previous_seq, extra.previous_t3))
     parts += [b'"%b": %d' % (name, value) for name, value in ((b"tos", extra.tos), (b"ttl", extra.ttl))
               if value is not None]
@@ -677,7 +677,7 @@ def min_request_size(highest_seq: int, *, size: int = 0, keyed: bool = False, cl
         session=ID_LIMIT - 1, exchange=ID_LIMIT - 1 if options.interleaved else None)
     request = encode_request(worst_id, SAMPLE_TEXT, highest_seq, size=size,
                              key=b"k" if keyed else None, ask_clock_state=clock_state, options=worst_options)
-    return max(len(head) + TIMESTAMP_DIGITS + len(tail), len(request) + PAD_OVERHEAD)
+    return max(len(head) + TIMESTAMP_DIGITS + len(tail or b""), len(request) + PAD_OVERHEAD)
 
 
 class ClockState(NamedTuple):
@@ -688,7 +688,7 @@ class ClockState(NamedTuple):
     freq_ppb: Optional[int]       # the frequency correction being applied, parts per billion
     source: Optional[str]         # the clock source: tsc, kvm-clock, ...
 
-    def as_dict(self) -> Dict[str, object]:
+    def as_dict(self) -> Dict[str, Any]:
         return {"synchronized": self.synchronized, "maxerror_ms": _ms(self.maxerror_ns),
                 "esterror_ms": _ms(self.esterror_ns),
                 "freq_ppm": None if self.freq_ppb is None else self.freq_ppb / 1000, "source": self.source}
@@ -699,7 +699,7 @@ UNKNOWN_CLOCK = ClockState(None, None, None, None, None)
 
 def encode_clock_state(state: ClockState) -> bytes:
     """The "clock" member of a reply's extension object: whole numbers only, as the protocol has."""
-    fields = {"sync": state.synchronized}  # type: Dict[str, object]
+    fields = {"sync": state.synchronized}  # type: Dict[str, Any]
     for name, value in zip(_CLOCK_INTS, (state.maxerror_ns, state.esterror_ns, state.freq_ppb)):
         if value is not None:
             value = value if name == "freq_ppb" else value // 1000  # the errors in us
@@ -709,7 +709,7 @@ def encode_clock_state(state: ClockState) -> bytes:
     return b'"clock": ' + json.dumps(fields).encode()
 
 
-def decode_clock_state(value: object) -> Optional[ClockState]:
+def decode_clock_state(value: Any) -> Optional[ClockState]:
     """A reply's "clock" member, or None when it is not one (decode_message has range-checked it)."""
     if not _clock_state_valid(value):
         return None
@@ -832,7 +832,7 @@ class StampOption(NamedTuple):
 SO_TIMESTAMPNS, SO_TIMESTAMPING = (
     {"sparc": (0x21, 0x23), "sparc64": (0x21, 0x23), "parisc": (0x4013, 0x4014),
      "parisc64": (0x4013, 0x4014)}.get(platform.machine(), (35, 37)) if LINUX else (None, None))
-RECEIVE_STAMPS = (StampOption(SO_TIMESTAMPNS, TIMESPEC, 1) if LINUX else
+RECEIVE_STAMPS = (StampOption(SO_TIMESTAMPNS, TIMESPEC, 1) if SO_TIMESTAMPNS is not None else
                   StampOption(0x0400, TIMEVAL, 1000) if BSD else None)  # SO_TIMESTAMP, everywhere 0x400
 # SO_TIMESTAMPING: software transmit stamps (TX_SOFTWARE asks for them, SOFTWARE reports them),
 # numbered by the kernel (OPT_ID), without the datagram's bytes (OPT_TSONLY); on the error queue,
@@ -871,7 +871,7 @@ RECEIVE_BUFFER_PER_TARGET = 65536   # bytes of waiting replies a shared socket h
 RECEIVE_BUFFER_MAX = 8 << 20        # ... up to this (the server's too), as far as the system allows
 
 
-def resolve(host: str, port: int, passive: bool = False) -> List[Tuple[int, tuple]]:
+def resolve(host: str, port: int, passive: bool = False) -> List[Tuple[int, Any]]:
     """Every (family, sockaddr) for host and port, IPv4 or IPv6, in the resolver's order.
 
     "[::1]" is taken for "::1", as the tool itself prints such addresses; no
@@ -885,7 +885,8 @@ def resolve(host: str, port: int, passive: bool = False) -> List[Tuple[int, tupl
     except (socket.gaierror, UnicodeError) as exc:
         raise UnresolvedHost("cannot resolve host {!r}: {}".format(
             host, getattr(exc, "strerror", None) or exc)) from None
-    found = [(family, address) for family, _, _, _, address in infos if family in MAX_UDP_PAYLOAD]
+    found = [(int(family), address) for family, _, _, _, address in infos
+             if family in MAX_UDP_PAYLOAD]  # type: List[Tuple[int, Any]]
     if not found:
         raise TimecheckError("host {!r} has no IPv4 or IPv6 address".format(host))
     return found
@@ -992,9 +993,11 @@ def default_ttl(sock: socket.socket) -> Optional[int]:
     """The TTL (hop limit) sock's datagrams leave with, or None where the platform will not say."""
     v6 = sock.family == socket.AF_INET6
     option = IPV6_UNICAST_HOPS if v6 else IP_TTL
+    if option is None:  # no such option here
+        return None
     try:
         ttl = sock.getsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, option)
-    except (OSError, TypeError):  # TypeError: no such option here (None)
+    except OSError:
         return None
     return ttl if 0 < ttl < 256 else None
 
@@ -1067,12 +1070,12 @@ _PACKET_INFO_LEVELS = frozenset((socket.IPPROTO_IP, socket.IPPROTO_IPV6))
 _PACKET_INFO_KINDS = frozenset(kind for kind in (IP_PKTINFO, IPV6_PKTINFO) if kind is not None)
 
 
-def _stamp_ns(payload: bytes) -> Optional[int]:
+def _stamp_ns(payload: bytes, stamps: StampOption) -> Optional[int]:
     """A receive stamp's payload in ns since the epoch, or None when it is not one."""
-    if len(payload) != RECEIVE_STAMPS.layout.size:
+    if len(payload) != stamps.layout.size:
         return None
-    seconds, fraction = RECEIVE_STAMPS.layout.unpack(payload)
-    return seconds * NS_PER_S + fraction * RECEIVE_STAMPS.unit_ns
+    seconds, fraction = stamps.layout.unpack(payload)
+    return seconds * NS_PER_S + fraction * stamps.unit_ns
 
 
 def read_ancillary(ancillary: Sequence[Tuple[int, int, bytes]]) -> Tuple[Optional[int], Sequence[tuple]]:
@@ -1086,7 +1089,7 @@ def read_ancillary(ancillary: Sequence[Tuple[int, int, bytes]]) -> Tuple[Optiona
     kernel_ns, control = None, []
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and RECEIVE_STAMPS is not None and kind == RECEIVE_STAMPS.option:
-            kernel_ns = _stamp_ns(payload)
+            kernel_ns = _stamp_ns(payload, RECEIVE_STAMPS)
         elif level == socket.IPPROTO_IP and kind == IP_RECVDSTADDR and IP_PKTINFO is None:
             control.append((level, IP_SENDSRCADDR, payload))  # the BSDs: sent back as the source
         elif level in _PACKET_INFO_LEVELS and kind in (IP_PKTINFO, IPV6_PKTINFO):
@@ -1121,9 +1124,9 @@ def _set_timestamping(sock: socket.socket, flags: int) -> bool:
     return True
 
 
-def transmit_stamp_request() -> Tuple[int, int, bytes]:
-    """The control message that asks the kernel to stamp one datagram as it leaves."""
-    return socket.SOL_SOCKET, SO_TIMESTAMPING, struct.pack("@I", SOF_TX_SOFTWARE)
+# The control message that asks the kernel to stamp one datagram as it leaves (none elsewhere).
+TRANSMIT_STAMP_REQUEST = ((socket.SOL_SOCKET, SO_TIMESTAMPING, struct.pack("@I", SOF_TX_SOFTWARE)),) \
+    if SO_TIMESTAMPING is not None else ()
 
 
 def _error_report(ancillary: Sequence[Tuple[int, int, bytes]]) -> Tuple[Optional[int], Optional[tuple]]:
@@ -1144,7 +1147,7 @@ class ErrorQueue:
     refusals, the destinations an ICMP error says nobody listens at (IP_RECVERR).
 
     every stamps every datagram the socket sends (a client's); else only those sent with
-    transmit_stamp_request() (a server's interleaved replies).  A stamp earlier than the
+    TRANSMIT_STAMP_REQUEST (a server's interleaved replies).  A stamp earlier than the
     kernel's clock before its datagram's send is not taken: never a stamp for the wrong one.
     """
 
@@ -1154,7 +1157,7 @@ class ErrorQueue:
         self.refusals = refusals and self.stamps and _set_option(
             sock, *((socket.IPPROTO_IPV6, IPV6_RECVERR) if sock.family == socket.AF_INET6
                     else (socket.IPPROTO_IP, IP_RECVERR)))
-        self._pending = collections.OrderedDict()  # type: Dict[int, Tuple[object, int]]  # key: token, when
+        self._pending = collections.OrderedDict()  # type: collections.OrderedDict[int, Tuple[object, int]]
         self._next_key = 0
 
     def waiting(self) -> int:
@@ -1448,7 +1451,7 @@ class RunningStats:
 
     def __init__(self) -> None:
         self.count, self.mean, self._squares = 0, 0.0, 0.0
-        self.min = self.max = None  # type: Optional[float]
+        self.min = self.max = 0.0  # once count says there are values
 
     def add(self, value: float) -> None:
         count = self.count = self.count + 1
@@ -1457,9 +1460,9 @@ class RunningStats:
         self._squares += delta * (value - mean)
         if count == 1:
             self.min = self.max = value
-        elif value < self.min:  # type: ignore[operator]  # set by the first value
+        elif value < self.min:
             self.min = value
-        elif value > self.max:  # type: ignore[operator]
+        elif value > self.max:
             self.max = value
 
     @property
@@ -1474,8 +1477,8 @@ class RunningStats:
         delta = other.mean - self.mean
         self._squares += other._squares + delta * delta * self.count * other.count / count
         self.mean += delta * other.count / count
-        self.min = other.min if self.min is None else min(self.min, other.min)  # type: ignore[type-var]
-        self.max = other.max if self.max is None else max(self.max, other.max)  # type: ignore[type-var]
+        self.min, self.max = (other.min, other.max) if not self.count else (
+            min(self.min, other.min), max(self.max, other.max))
         self.count = count
 
 
@@ -1551,8 +1554,9 @@ class Sketch:
     def summary_ms(self, names: Sequence[str]) -> Dict[str, Optional[float]]:
         """min, avg, median, p90, p99, max and mdev (as asked for), in ms; null for no values."""
         stats = self.stats
-        figures = {"min": stats.min, "avg": stats.mean if stats.count else None, "max": stats.max,
-                   "mdev": stats.mdev}  # type: Dict[str, Optional[float]]
+        known = stats.count > 0
+        figures = {"min": stats.min if known else None, "avg": stats.mean if known else None,
+                   "max": stats.max if known else None, "mdev": stats.mdev}  # type: Dict[str, Optional[float]]
         asked = [(name, fraction) for name, fraction in PERCENTILES if name in names]
         figures.update(zip([name for name, _ in asked], self.quantiles([fraction for _, fraction in asked])))
         return {name: _ms(figures[name]) for name in names}
@@ -1700,10 +1704,10 @@ class Runs:
 
     def regular(self) -> bool:
         """Whether both kinds of run come at nearly one length each, as a token bucket makes them."""
-        return all(runs.count >= RATE_LIMIT_RUNS and runs.mdev <= RATE_LIMIT_SPREAD * runs.mean
+        return all(runs.count >= RATE_LIMIT_RUNS and (runs.mdev or 0.0) <= RATE_LIMIT_SPREAD * runs.mean
                    for runs in (self.answered, self.lost))
 
-    def outage_figures(self) -> Dict[str, object]:
+    def outage_figures(self) -> Dict[str, Any]:
         return {"count": self.outages, "longest_s": round(self.longest_outage_ns / NS_PER_S, 6),
                 "total_s": round(self.outage_ns / NS_PER_S, 6)}
 
@@ -1784,8 +1788,8 @@ class PathMarks:
                 self.changes.append((sent_ns, seq, before, server_ttl))
         self._ttl_by_port[port] = self.ttl_at_server = server_ttl
 
-    def figures(self) -> Dict[str, object]:
-        hops = None if None in (self.ttl_sent, self.ttl_at_server) else self.ttl_sent - self.ttl_at_server
+    def figures(self) -> Dict[str, Any]:
+        hops = None if self.ttl_sent is None or self.ttl_at_server is None else self.ttl_sent - self.ttl_at_server
         changes = [{"at": iso_utc(at_ns), "seq": seq, "from": before, "to": after}
                    for at_ns, seq, before, after in self.changes]
         return {"tos": {"sent": self.tos_sent, "received_by_server": self.tos_at_server,
@@ -1807,11 +1811,11 @@ class PortFigures:
     def add(self, status: str, rtt_ns: Optional[int]) -> None:
         self.sent += 1
         self.lost += status == LOST
-        if status == OK:
+        if status == OK and rtt_ns is not None:
             self.received += 1
             self.rtt.add(rtt_ns)
 
-    def as_dict(self) -> Dict[str, object]:
+    def as_dict(self) -> Dict[str, Any]:
         return {"port": self.port, "sent": self.sent, "received": self.received, "lost": self.lost,
                 "rtt_ms": self.rtt.summary_ms(("median", "p99"))}
 
@@ -1973,15 +1977,17 @@ def _end_bounds_ns(points: Sequence[OffsetPoint]) -> Tuple[float, float]:
     """The offsets' error bounds at the start and at the end: the median half-RTT of the
     first and of the last quarter of the points."""
     quarter = max(1, len(points) // 4)
-    return tuple(percentile(sorted(point.rtt_ns for point in part), 0.5) / 2
-                 for part in (points[:quarter], points[-quarter:]))
+    first, last = (percentile(sorted(point.rtt_ns for point in part), 0.5) / 2
+                   for part in (points[:quarter], points[-quarter:]))
+    return first, last
 
 
 def clocks_consistent(offset_ms: Optional[float], error_ms: Optional[float], local: ClockState,
                       server: Optional[ClockState]) -> Optional[bool]:
     """Whether a measured offset fits what the two kernels claim of their clocks:
     |offset| <= its error bound + both kernels' maximum errors; None when a figure is missing."""
-    if offset_ms is None or server is None or local.maxerror_ns is None or server.maxerror_ns is None:
+    if offset_ms is None or error_ms is None or server is None or local.maxerror_ns is None \
+            or server.maxerror_ns is None:
         return None
     return abs(offset_ms) <= error_ms + (local.maxerror_ns + server.maxerror_ns) / 1e6
 
@@ -2048,7 +2054,7 @@ def probe_timing(t1: int, t2: Optional[int], t3: Optional[int], t4: int, *, raw_
     the round trip give no offset and are not subtracted: untrusted_because says why.
     """
     problem = _server_stamps_problem(t2, t3, raw_ns)
-    proc = None if problem else t3 - t2
+    proc = t3 - t2 if problem is None and t2 is not None and t3 is not None else None
     steady = abs(span_ns - raw_ns) <= WALL_STEP_TOLERANCE_NS + raw_ns // 1000 or (delayed and kernel)
     rtt = raw_ns - (proc or 0)
     if not steady:
@@ -2062,7 +2068,7 @@ def probe_timing(t1: int, t2: Optional[int], t3: Optional[int], t4: int, *, raw_
             rtt = kernel_rtt
         else:
             problem = problem or KERNEL_STAMP
-    offset = None if problem else ((t2 - t1) + (t3 - t4)) / 2
+    offset = ((t2 - t1) + (t3 - t4)) / 2 if problem is None and t2 is not None and t3 is not None else None
     return Timing(rtt, proc, offset, problem is None, kernel, problem)
 
 
@@ -2075,16 +2081,16 @@ class RecentTable:
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self._entries = collections.OrderedDict()  # type: Dict[object, object]  # O(1) off the front
+        self._entries = collections.OrderedDict()  # type: collections.OrderedDict[Any, Any]  # O(1) off the front
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def take(self, key: object) -> Optional[object]:
+    def take(self, key: object) -> Any:
         """The value stored under key, removed (store it again to keep it)."""
         return self._entries.pop(key, None)
 
-    def get(self, key: object) -> Optional[object]:
+    def get(self, key: object) -> Any:
         """The value stored under key, left where it is."""
         return self._entries.get(key)
 
@@ -2123,7 +2129,7 @@ class Sample:
         self.interleaved = False  # the server stamps its reply leaving, and sends the stamp next time
         self.asks = None  # type: Optional[int]  # the earlier probe whose kernel T3 this one's request asked for
         self.server_count = None  # type: Optional[int]  # the session's requests the server has had
-        self.server_marks = self.marks_back = (None, None)  # (TOS, TTL) at the server; of the reply
+        self.server_marks = self.marks_back = (None, None)  # type: Tuple[Optional[int], Optional[int]]
         self.server_stamp = self.reply_id = self.reply_text = None  # type: Optional[object]
         self.request_size = self.reply_size = 0
         self.timing = None  # type: Optional[Timing]
@@ -2149,9 +2155,10 @@ class Sample:
     @property
     def offset_err_ns(self) -> Optional[float]:
         """Half the RTT; for an NTP server, plus its root distance (RFC 5905): its own error."""
-        if self.offset_ns is None:
+        timing = self.timing
+        if timing is None or timing.offset_ns is None:
             return None
-        return self.timing.rtt_ns / 2 + (root_distance_ns(self.ntp) if self.ntp is not None else 0)
+        return timing.rtt_ns / 2 + (root_distance_ns(self.ntp) if self.ntp is not None else 0)
 
     def settle(self, *, kernel_mode: bool) -> None:
         """Work out what the probe measured, once its reply is recorded (again, with a better T3);
@@ -2239,10 +2246,11 @@ class Legs(NamedTuple):
     back_ns: Optional[int]  # T4 - T3
 
 
-def legs_of(sample: Sample) -> Legs:
-    if not sample.timing.trusted:
-        return Legs(sample.timing.rtt_ns, None, None)
-    return Legs(sample.timing.rtt_ns, sample.t2 - sample.t1, sample.t4 - sample.t3)
+def legs_of(sample: Sample, timing: Timing) -> Legs:
+    t2, t3, t4 = sample.t2, sample.t3, sample.t4
+    if not timing.trusted or t2 is None or t3 is None or t4 is None:
+        return Legs(timing.rtt_ns, None, None)
+    return Legs(timing.rtt_ns, t2 - sample.t1, t4 - t3)
 
 
 class Ended(NamedTuple):
@@ -2295,9 +2303,9 @@ class Totals:
             return
         self.in_flight += sample.status == IN_FLIGHT
         self.not_up += sample.status == NOT_UP
-        if sample.status != OK:
-            return
         timing = sample.timing
+        if sample.status != OK or timing is None:
+            return
         self.received += 1
         self.user_fallbacks += kernel_mode and not timing.kernel
         self.transmit_fallbacks += transmit_stamps and not sample.t1_kernel
@@ -2305,7 +2313,7 @@ class Totals:
         self.server_transmit_fallbacks += sample.interleaved and not sample.t3_kernel
         self.server_transmit_rejected += sample.t3_rejected
         self.untrusted += not timing.trusted
-        self.add_answer(sample, neighbours)
+        self.add_answer(sample, timing, neighbours)
         point_bin.rtt.add(timing.rtt_ns)
         if timing.offset_ns is not None and timing.trusted:
             point = OffsetPoint(elapsed_ns / NS_PER_S, sample.t1, timing.offset_ns, timing.rtt_ns)
@@ -2324,27 +2332,27 @@ class Totals:
                 self._estimate = (now_mono_ns, best and best.offset_ns, best and best.offset_err_ns, None)
         return self._estimate[1:]
 
-    def add_answer(self, sample: Sample, neighbours: Sequence[Legs]) -> None:
+    def add_answer(self, sample: Sample, timing: Timing, neighbours: Sequence[Legs]) -> None:
         """An answered probe's figures, and its differences with the probes numbered next to it."""
-        timing = sample.timing
         self.rtt.add(timing.rtt_ns)
         self.rtt_buckets[bisect.bisect_left(RTT_BUCKETS_NS, timing.rtt_ns)] += 1
         if timing.proc_ns is not None:
             self.proc.add(timing.proc_ns)
         if sample.server_stamp is not None:
             self.server_stamps.add(sample.server_stamp)
-        mine = legs_of(sample)
-        if mine.out_ns is not None:
-            self.send_delays.add(mine.out_ns)
-            self.receive_delays.add(mine.back_ns)
+        out, back = legs_of(sample, timing)[1:]
+        if out is not None and back is not None:
+            self.send_delays.add(out)
+            self.receive_delays.add(back)
         for legs in neighbours:  # IPDV: consecutive probes by number, as irtt pairs them
             self.jitter.add(abs(timing.rtt_ns - legs.rtt_ns))
-            if legs.out_ns is not None and mine.out_ns is not None:
-                self.send_ipdv.add(abs(mine.out_ns - legs.out_ns))
-                self.receive_ipdv.add(abs(mine.back_ns - legs.back_ns))
+            if out is not None and back is not None and legs.out_ns is not None and legs.back_ns is not None:
+                self.send_ipdv.add(abs(out - legs.out_ns))
+                self.receive_ipdv.add(abs(back - legs.back_ns))
+        error = sample.offset_err_ns
         if not timing.trusted:
             self.untrusted_because[timing.untrusted_because] += 1
-        elif self.best is None or sample.offset_err_ns < self.best.offset_err_ns:
+        elif error is not None and (self.best is None or error < (self.best.offset_err_ns or math.inf)):
             self.best = sample
 
 
@@ -2364,7 +2372,7 @@ def _time_prefix(second: int) -> bytes:
     return datetime.datetime.fromtimestamp(second).strftime("The time is %Y-%m-%d %H:%M:%S").encode("ascii")
 
 
-_LAST_PREFIX = [-1, ""]  # the second, and its "The time is ...": one for every prober in the process
+_LAST_PREFIX = [-1, ""]  # type: List[Any]  # the second, and its "The time is ...": once for the process
 
 
 def _local_time_prefix(second: int) -> str:
@@ -2418,7 +2426,7 @@ class ReplayGuard:
     def __init__(self, max_entries: Optional[int] = None, window_s: Optional[float] = None) -> None:
         self.max_entries = REPLAY_ENTRIES if max_entries is None else max_entries
         self._window_ns = int((REPLAY_WINDOW_S if window_s is None else window_s) * NS_PER_S)
-        self._seen = collections.OrderedDict()  # type: Dict[int, int]  # MAC's first 64 bits -> when
+        self._seen = collections.OrderedDict()  # type: collections.OrderedDict[int, int]  # MAC's 64 bits -> when
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -2472,7 +2480,7 @@ class _Session:
 
     def __init__(self) -> None:
         self.received, self.highest, self.seen, self.answered, self.heard_ns = 0, -1, 0, -1, 0
-        self.exchanges = collections.OrderedDict()  # type: Dict[int, List[Optional[int]]]
+        self.exchanges = collections.OrderedDict()  # type: collections.OrderedDict[int, List[Optional[int]]]
         self.source = None  # type: Optional[tuple]
 
     def count(self, seq: int) -> bool:
@@ -2778,7 +2786,7 @@ class TimeServer:
             if previous is not None and previous[1] is None:
                 self._collect_stamps()  # it may be on the error queue by now
             self._stamped = session.exchanged(server_recv_ns, seq)
-            self._send_extra = (transmit_stamp_request(),)
+            self._send_extra = TRANSMIT_STAMP_REQUEST
         tos = ttl = None
         if options.path:
             tos, ttl = self._marks(ancillary)
@@ -2796,7 +2804,7 @@ class TimeServer:
         for key, session in self._sessions.items():
             if session.source is None or now - session.heard_ns > BYE_WINDOW_S * NS_PER_S:
                 continue
-            session_id = key if self._key is not None else key[1]  # type: ignore[index]
+            session_id = key if self._key is not None else key[1]
             data = b'[%d, "bye", {"bye": %d}%b]' % (session_id, session.answered,
                                                       b', "' + ZERO_MAC + b'"' if self._key else b"")
             try:
@@ -2843,7 +2851,7 @@ class TimeServer:
                                  server_recv_ns=server_recv_ns, stamp=stamp, size=size,
                                  request_size=len(data), keyed=key is not None, clock_state=clock_state,
                                  extra=extra)
-        if clock_state and len(head) + TIMESTAMP_DIGITS + len(tail) > len(data):
+        if clock_state and len(head) + TIMESTAMP_DIGITS + len(tail or b"") > len(data):
             return self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp, b"", extra)
         if tail is None:
             return fit_tutorial_reply(head, len(data))
@@ -2865,12 +2873,16 @@ class TimeServer:
             return
         self._log_lines += 1
         request = decode_message(data)  # only for the lines shown: the hot path never decodes
-        self._log("{} Request ID: {}. Client request, {}".format(
+        self._say("{} Request ID: {}. Client request, {}".format(
             format_address(*source[:2]), request.message_id, clip(request.text, LOG_TEXT_BYTES)))
+
+    def _say(self, line: str) -> None:
+        if self._log is not None:
+            self._log(line)
 
     def _flush_log(self) -> None:
         if self._log_hidden:
-            self._log("... {} more {} not shown".format(self._log_hidden,
+            self._say("... {} more {} not shown".format(self._log_hidden,
                                                         "request" if self._log_hidden == 1 else "requests"))
             self.stats.not_logged += self._log_hidden
             self._log_hidden = 0
@@ -2930,8 +2942,8 @@ class MetricsStats:
                  "errors")
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        self.accepted = self.served = self.not_found = self.evicted = self.timed_out = self.too_large = 0
+        self.accept_errors = self.errors = 0
 
     def as_dict(self) -> Dict[str, int]:
         """A copy, taken in one C-level step: another thread only adds to the counters."""
@@ -2966,7 +2978,7 @@ class MetricsServer:
         self.address = self.socket.getsockname()
         self.loopback = ipaddress.ip_address(self.address[0].split("%")[0]).is_loopback
         self.stats, self._render, self._log = MetricsStats(), render, log
-        self._connections = collections.OrderedDict()  # type: Dict[int, _Connection]  # oldest first
+        self._connections = collections.OrderedDict()  # type: collections.OrderedDict[int, _Connection]
         self._selector = selectors.DefaultSelector()
         self._selector.register(self.socket, selectors.EVENT_READ)
         self._waker = socket.socketpair()
@@ -3241,7 +3253,7 @@ class RunSpec(NamedTuple):
     kernel's; source names a mesh node; reference is an NTP server to compare clocks with.
     """
     targets: Tuple[Peer, ...] = ()
-    count: int = 1
+    count: int = 1  # type: ignore[assignment]  # a field, as -c names it: tuple's count() is not used
     interval: float = 0.0
     timeout: float = DEFAULT_TIMEOUT
     size: int = 0
@@ -3393,9 +3405,9 @@ class Recorder:
         self.directions, self.marks = LossDirections(), PathMarks(local.tos, local.ttl)
         self.ports = [PortFigures(port) for port in local.ports]
         self.samples, self.probes_sent = [], 0  # type: List[Sample], int  # the first keep_samples
-        self.waiting = collections.OrderedDict()  # type: Dict[int, Sample]  # request id -> probe, oldest first
+        self.waiting = collections.OrderedDict()  # type: collections.OrderedDict[int, Sample]  # by id, oldest first
         self._waiting_seq, self._in_order, self._next_seq = {}, {}, 0  # type: Dict[int, Sample], Dict[int, Sample], int
-        self._held = collections.OrderedDict()  # type: Dict[int, Sample]  # seq -> answered, awaiting T3
+        self._held = collections.OrderedDict()  # type: collections.OrderedDict[int, Sample]  # by seq: awaiting T3
         self._unasked = collections.deque()  # type: collections.deque  # held seqs no request asked for yet
         recent = max(1024, RECENT_PROBES // max(1, len(spec.targets)))
         self._ended, self._ended_seq, self._legs = RecentTable(recent), RecentTable(recent), RecentTable(recent)
@@ -3660,14 +3672,14 @@ class Recorder:
         sample.reply_id, sample.reply_text, sample.reply_size = reply.message_id, reply.text, len(data)
         ext = reply.ext
         if ext is not None:
-            sample.t2, sample.t3 = ext.get("t2"), ext.get("t3")  # type: ignore[assignment]
+            sample.t2, sample.t3 = ext.get("t2"), ext.get("t3")
             stamp = ext.get("ts")
             sample.server_stamp = stamp if stamp in (KERNEL, USER) else None
             if "clock" in ext:
                 sample.server_clock_state = decode_clock_state(ext["clock"])
                 self.server_clock_state = sample.server_clock_state or self.server_clock_state
-            sample.server_count, sample.interleaved = ext.get("rx"), ext.get("xl") == 1  # type: ignore[assignment]
-            sample.server_marks = (ext.get("tos"), ext.get("ttl"))  # type: ignore[assignment]
+            sample.server_count, sample.interleaved = ext.get("rx"), ext.get("xl") == 1
+            sample.server_marks = (ext.get("tos"), ext.get("ttl"))
         sample.marks_back = (arrival.tos, arrival.ttl)
         self.record_arrival(sample, arrival)
 
@@ -3679,7 +3691,7 @@ class Recorder:
                 return sample
         return None
 
-    def _stamp_of(self, sample: Sample, ext: Optional[Dict[str, object]]) -> None:
+    def _stamp_of(self, sample: Sample, ext: Optional[Dict[str, Any]]) -> None:
         """What sample's request asked for: the kernel's transmit stamp of an earlier probe's reply
         (interleaved).  It is taken only for that exact exchange (xs, its seq, as asked) and within
         the round trip that probe waited; either way that probe is then closed."""
@@ -3687,8 +3699,8 @@ class Recorder:
         if asked is None:
             return
         stamp = ext.get("xt") if ext is not None and ext.get("xs") == asked.seq else None
-        if stamp is not None and asked.t3 <= stamp and stamp - asked.t2 <= asked.raw_rtt_ns:  # type: ignore
-            asked.t3, asked.t3_kernel = stamp, True  # type: ignore[assignment]
+        if stamp is not None and asked.t3 <= stamp and stamp - asked.t2 <= asked.raw_rtt_ns:
+            asked.t3, asked.t3_kernel = stamp, True
             asked.settle(kernel_mode=self.timestamps == KERNEL)
         elif stamp is not None:
             asked.t3_rejected = True  # it disagrees with the server's own clock: not taken
@@ -3729,8 +3741,8 @@ class Recorder:
         """The probes numbered next to an answered one that were answered before it."""
         found = [legs for legs in (self._legs.get(sample.seq - 1), self._legs.get(sample.seq + 1))
                  if legs is not None]
-        self._legs.store(sample.seq, legs_of(sample))
-        return found  # type: ignore[return-value]
+        self._legs.store(sample.seq, legs_of(sample, sample.timing))  # type: ignore[arg-type]  # answered
+        return found
 
 
 class SntpRecorder(Recorder):
@@ -3831,6 +3843,13 @@ class Target:
         request_sizes(spec, self.family)  # --size against this family's largest datagram: a usage error now
 
     @property
+    def run(self) -> Recorder:
+        """The Recorder of its run, once that has begun."""
+        if self.recorder is None:
+            raise RuntimeError("{}: no run has begun".format(self.label))
+        return self.recorder
+
+    @property
     def family(self) -> int:
         return self.addresses[self.index][0]
 
@@ -3892,9 +3911,9 @@ class Measurement:
             except KeyboardInterrupt:  # SIGINT's default, where no handler calls stop()
                 self._stopping, reason = True, INTERRUPTED
             for target in self.targets:
-                target.recorder.finish(self._stopping, reason)  # type: ignore[union-attr]
+                target.run.finish(self._stopping, reason)
             self._waker = []
-        return [target.recorder for target in self.targets]  # type: ignore[misc]
+        return [target.run for target in self.targets]
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -3911,10 +3930,10 @@ class Measurement:
             if report_ns is not None and now >= next_report:
                 next_report += report_ns
                 for target in self.targets:
-                    self.events.period(target.recorder.next_period())  # type: ignore[union-attr]
+                    self.events.period(target.run.next_period())
             if now >= next_tick:
                 next_tick = now + NS_PER_S
-                self.events.tick([target.recorder for target in self.targets])  # type: ignore[misc]
+                self.events.tick([target.run for target in self.targets])
             wake = self._step_due(now)
             if wake is None:
                 break
@@ -3938,7 +3957,7 @@ class Measurement:
 
     def _step(self, target: Target, now: int) -> List[Channel]:
         """Expire what timed out, send what is due, and note when to look again; a channel a probe sent."""
-        recorder, spec, used = target.recorder, self.spec, []  # type: Recorder, RunSpec, List[Channel]
+        recorder, spec, used = target.run, self.spec, []  # type: Recorder, RunSpec, List[Channel]
         recorder.expire(now)
         interval_ns = int(spec.interval * NS_PER_S)
         while self._may_send(target) and now >= target.next_ns and recorder.stop_reason is None:
@@ -3948,7 +3967,7 @@ class Measurement:
             if not interval_ns:
                 break
         self._switch_if_refused(target)
-        recorder = target.recorder
+        recorder = target.run
         sending = self._may_send(target)
         if recorder.stop_reason is not None or not (sending or recorder.waiting):
             self._wakes.pop(target, None)
@@ -3961,9 +3980,9 @@ class Measurement:
         return used
 
     def _may_send(self, target: Target) -> bool:
-        recorder, count = target.recorder, self.spec.count
-        return not target.stopped and (not count or recorder.probes_sent < count) and bool(  # type: ignore
-            self.spec.interval or not recorder.waiting)  # type: ignore[union-attr]
+        recorder, count = target.run, self.spec.count
+        return not target.stopped and (not count or recorder.probes_sent < count) and bool(
+            self.spec.interval or not recorder.waiting)
 
     def _send(self, target: Target, recorder: Recorder) -> Channel:
         """One probe: its request, registered, then sent, T1 read right before the send."""
@@ -3990,13 +4009,13 @@ class Measurement:
         """A send that failed for an earlier datagram's refusal: a connected socket's was this
         target's; a shared one names it on its error queue, and this probe goes again."""
         if channel.target is not None:
-            target.recorder.port_unreachable(sample)  # type: ignore[union-attr]
+            target.run.port_unreachable(sample)
             return
         self._read_errors(channel)
         try:
             channel.send(data, target.address)
         except OSError as exc:
-            target.recorder.not_sent(sample, exc.strerror or str(exc))  # type: ignore[union-attr]
+            target.run.not_sent(sample, exc.strerror or str(exc))
             channel.errors.recount()
         else:
             if channel.kernel:
@@ -4112,9 +4131,8 @@ class Measurement:
     def _switch_if_refused(self, target: Target) -> None:
         """A name with several addresses (localhost: ::1, then 127.0.0.1) is tried at the next when
         nobody listens at this one, before any answer; the run there starts anew."""
-        recorder = target.recorder
-        if recorder.stop_reason != REFUSED or recorder.totals.received \
-                or target.index + 1 >= len(target.addresses):  # type: ignore[union-attr]
+        recorder = target.run
+        if recorder.stop_reason != REFUSED or recorder.totals.received or target.index + 1 >= len(target.addresses):
             return
         self.events.note("nobody listens at {} (connection refused); trying {}".format(
             format_address(*target.address[:2]), target.addresses[target.index + 1][1][0]))
@@ -4205,9 +4223,10 @@ class Reference:
 
     def __init__(self, host: str, port: int, *, wall_clock: Optional[Callable[[], int]] = None,
                  timestamps: str = KERNEL, every: float = REFERENCE_EVERY) -> None:
-        self._options = {"wall_clock": wall_clock, "timestamps": timestamps, "timeout": DEFAULT_TIMEOUT}
+        self._options = {"wall_clock": wall_clock, "timestamps": timestamps,
+                         "timeout": DEFAULT_TIMEOUT}  # type: Dict[str, Any]
         # Resolved now: a bad name is a usage error.  None later, when it no longer resolves.
-        self.prober = SntpProber(host, port, count=REFERENCE_BURST, interval=REFERENCE_SPACING,
+        self.prober = SntpProber(host, port, NO_EVENTS, count=REFERENCE_BURST, interval=REFERENCE_SPACING,
                                  **self._options)  # type: Optional[SntpProber]
         self.host, self.port, self.every = host, port, every
         self.answers = collections.deque(maxlen=REFERENCE_KEPT)  # type: collections.deque  # (when, Sample)
@@ -4238,7 +4257,7 @@ class Reference:
         if self._thread is not None:
             self._thread.join(timeout=DEFAULT_TIMEOUT + 5)
 
-    def result(self, summary: Mapping) -> Dict[str, object]:
+    def result(self, summary: Mapping) -> Dict[str, Any]:
         """The JSON's "reference": this machine and the server against the reference, from the
         best answer and the best probe (the offsets are null when either has none), and how the
         queries went."""
@@ -4253,25 +4272,25 @@ class Reference:
                   "stale": age is not None and age > self.every,
                   "local_offset_ms": None, "local_offset_err_ms": None,
                   "server_offset_ms": None, "server_offset_err_ms": None}
-        if best is not None:
-            result["local_offset_ms"] = _ms(-best.offset_ns)
-            result["local_offset_err_ms"] = _ms(best.offset_err_ns)
-        if best is not None and summary["offset_ms"] is not None:
-            result.update(compare_clocks(summary["offset_ms"], summary["offset_err_ms"], best.offset_ns / 1e6,
-                                         best.offset_err_ns / 1e6))
+        offset, error = (best.offset_ns, best.offset_err_ns) if best is not None else (None, None)
+        if offset is not None and error is not None:
+            result.update(local_offset_ms=_ms(-offset), local_offset_err_ms=_ms(error))
+            if summary["offset_ms"] is not None:
+                result.update(compare_clocks(summary["offset_ms"], summary["offset_err_ms"], offset / 1e6,
+                                             error / 1e6))
         return result
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             recorder = self._query()
             self._burst_done.set()
-            if recorder is not None and recorder.kissed:  # RFC 4330: stop, or at least slow down
+            if isinstance(recorder, SntpRecorder) and recorder.kissed:  # RFC 4330: stop, or at least slow down
                 return
             if self._stopping.wait(self.every):
                 return
             self.prober = self._new_prober()
 
-    def _query(self) -> Optional["SntpRecorder"]:
+    def _query(self) -> Optional[Recorder]:
         """Run the current prober; what it found is kept, and a failure counted with why."""
         prober, self.queries = self.prober, self.queries + 1
         if prober is None:  # the name did not resolve this time
@@ -4287,20 +4306,20 @@ class Reference:
         self.failed += not recorder.totals.received
         return recorder
 
-    def _keep(self, recorder: "SntpRecorder") -> None:
+    def _keep(self, recorder: Recorder) -> None:
         """A query's usable answers, for the verdict; why each other one failed, counted."""
         for sample in recorder.samples:
             if sample.status == LOST and sample.reason != INTERRUPTED:
                 why = {NOT_SENT: recorder.last_error,  # no route...: say which
-                       TIMED_OUT: "no reply within {:g} s".format(DEFAULT_TIMEOUT)}.get(sample.reason)
+                       TIMED_OUT: "no reply within {:g} s".format(DEFAULT_TIMEOUT)}.get(sample.reason or "")
                 self.problems[why or sample.reason] += 1
-            elif sample.status == OK and sample.timing.trusted:
+            elif sample.status == OK and sample.timing is not None and sample.timing.trusted:
                 self.answers.append((time.monotonic(), sample))
 
     def _new_prober(self) -> Optional["SntpProber"]:
         """A prober for one query, resolving the name again; None (counted) when it does not."""
         try:
-            return SntpProber(self.host, self.port, count=1, **self._options)
+            return SntpProber(self.host, self.port, NO_EVENTS, count=1, **self._options)
         except TimecheckError as exc:
             self.problems[str(exc)] += 1
             return None
@@ -4310,7 +4329,7 @@ class Reference:
 # 7. Reports: summary dicts, text, Prometheus, SVG
 # ----------------------------------------------------------------------------------------------
 
-def sample_record(sample: Sample) -> Dict[str, object]:
+def sample_record(sample: Sample) -> Dict[str, Any]:
     """One probe as the JSON's samples, --csv and --jsonl have it (SAMPLE_FIELDS, in order)."""
     timing = sample.timing
     return {"seq": sample.seq, "sent_at": iso_utc(sample.t1), "id": sample.request_id,
@@ -4336,7 +4355,7 @@ SAMPLE_FIELDS = ("seq", "sent_at", "id", "status", "rtt_ms", "raw_rtt_ms", "serv
                  "untrusted_because", "target")  # sample_record()'s keys
 
 
-def run_record(recorder: Recorder) -> Dict[str, object]:
+def run_record(recorder: Recorder) -> Dict[str, Any]:
     """The run's settings, first in the JSON: what was asked for, when, and how."""
     record = {"version": __version__, "started_at": iso_utc(recorder.started_ns),
               "duration_s": round(recorder.duration_ns / NS_PER_S, 6)}
@@ -4346,7 +4365,7 @@ def run_record(recorder: Recorder) -> Dict[str, object]:
     return record
 
 
-def summarize(recorder: Recorder) -> Dict[str, object]:
+def summarize(recorder: Recorder) -> Dict[str, Any]:
     """Everything a run found, as the --json object: every key always there."""
     totals, samples = recorder.totals, recorder.samples
     summary = run_record(recorder)
@@ -4368,25 +4387,25 @@ def summarize(recorder: Recorder) -> Dict[str, object]:
     return summary
 
 
-def _sntp_figures(recorder: SntpRecorder) -> Dict[str, object]:
+def _sntp_figures(recorder: SntpRecorder) -> Dict[str, Any]:
     """An NTP server's own figures, from the lowest-delay query."""
     best = recorder.totals.best
     reply = best.ntp if best is not None else None
-    return {"problems": dict(recorder.problems), "delay_ms": _ms(best and best.timing.rtt_ns),
+    return {"problems": dict(recorder.problems), "delay_ms": _ms(best.rtt_ns if best is not None else None),
             "stratum": reply and reply.stratum,
             "refid": reply and describe_refid(reply.stratum, reply.refid), "leap": reply and reply.leap,
             "root_delay_ms": _ms(reply and reply.root_delay_ns),
             "root_dispersion_ms": _ms(reply and reply.root_dispersion_ns)}
 
 
-def period_figures(period: Period) -> Dict[str, object]:
+def period_figures(period: Period) -> Dict[str, Any]:
     """The figures of a period (--report-every), with its own span: only what a period has, no
     settings, no probes listed, no verdict on the run."""
     recorder, totals = period.recorder, period.totals
     figures = {"started_at": iso_utc(totals.started_wall_ns),
                "duration_s": round((period.end_mono_ns - totals.started_mono_ns) / NS_PER_S, 6),
-               "interval": {"start": iso_utc(totals.started_wall_ns), "end": iso_utc(period.end_wall_ns)},
-               "target": recorder.target, "address": recorder.address}
+               "period": {"start": iso_utc(totals.started_wall_ns), "end": iso_utc(period.end_wall_ns)},
+               "target": recorder.target, "address": recorder.address}  # type: Dict[str, Any]
     figures.update(_figures(recorder, totals, period.end_mono_ns))
     local = recorder.clock_state()
     figures.update(_one_way(recorder, totals, local, figures["timestamps"]))
@@ -4394,13 +4413,13 @@ def period_figures(period: Period) -> Dict[str, object]:
     return figures
 
 
-def _clock_figures(recorder: Recorder, figures: Mapping, local: ClockState) -> Dict[str, object]:
+def _clock_figures(recorder: Recorder, figures: Mapping, local: ClockState) -> Dict[str, Any]:
     server = recorder.server_clock_state
     consistent = clocks_consistent(figures["offset_ms"], figures["offset_err_ms"], local, server)
     return {"local": local.as_dict(), "server": (server or UNKNOWN_CLOCK).as_dict(), "consistent": consistent}
 
 
-def _figures(recorder: Recorder, totals: Totals, end_mono_ns: int) -> Dict[str, object]:
+def _figures(recorder: Recorder, totals: Totals, end_mono_ns: int) -> Dict[str, Any]:
     """The figures of a run or a period: the keys of the summary and of each report."""
     figures = {name: getattr(totals, name) for name in Totals.COUNTS if name != "unsigned"}
     ended = totals.sent - totals.in_flight - totals.not_up
@@ -4411,8 +4430,9 @@ def _figures(recorder: Recorder, totals: Totals, end_mono_ns: int) -> Dict[str, 
     figures["jitter_ms"] = _ms(totals.jitter.mean) if totals.jitter.count else None
     figures["server_proc_ms"] = totals.proc.summary_ms(("median",))["median"]
     best = totals.best
-    figures.update(offset_ms=_ms(best and best.offset_ns), offset_err_ms=_ms(best and best.offset_err_ns),
-                   offset_seq=best and best.seq)
+    figures.update(offset_ms=_ms(None if best is None else best.offset_ns),
+                   offset_err_ms=_ms(None if best is None else best.offset_err_ns),
+                   offset_seq=None if best is None else best.seq)
     figures.update(send_ipdv_ms=totals.send_ipdv.summary_ms(IPDV_FIGURES),
                    receive_ipdv_ms=totals.receive_ipdv.summary_ms(IPDV_FIGURES),
                    send_queueing_ms=_ms(_queueing_ns(totals.send_delays)),
@@ -4437,11 +4457,13 @@ def _queueing_ns(delays: Sketch) -> Optional[float]:
     return None if median is None else max(0.0, median - delays.stats.min)
 
 
-def _one_way(recorder: Recorder, totals: Totals, local: ClockState, stamps: Mapping) -> Dict[str, object]:
+def _one_way(recorder: Recorder, totals: Totals, local: ClockState, stamps: Mapping) -> Dict[str, Any]:
     """Each leg's delay (T2 - T1 out, T4 - T3 back), when both kernels say their clocks are
     synchronised: their medians, each within both kernels' maximum errors and the stamps' own."""
     server = recorder.server_clock_state or UNKNOWN_CLOCK
     reason = _unsynchronized(local, "this machine's") or _unsynchronized(server, "the server's")
+    if local.maxerror_ns is None or server.maxerror_ns is None:  # said by _unsynchronized: unknown
+        return {"owd_up_ms": None, "owd_down_ms": None, "owd_reason": reason}
     if reason is None and not totals.send_delays.count:
         reason = "no probe with consistent timestamps at both ends"
     if reason is not None:
@@ -4453,7 +4475,7 @@ def _one_way(recorder: Recorder, totals: Totals, local: ClockState, stamps: Mapp
             "owd_reason": None}
 
 
-def _timestamp_summary(recorder: Recorder, totals: Totals) -> Dict[str, object]:
+def _timestamp_summary(recorder: Recorder, totals: Totals) -> Dict[str, Any]:
     stamps = totals.server_stamps
     server = next(iter(stamps)) if len(stamps) == 1 else ("mixed" if stamps else None)
     at_end = recorder.server_transmit_at_end if totals is recorder.totals else 0  # no later reply could
@@ -4468,7 +4490,7 @@ def _timestamp_summary(recorder: Recorder, totals: Totals) -> Dict[str, object]:
             "described": describe_timestamps(recorder.timestamps, server)}
 
 
-def plot_data(recorders: Union[Recorder, Sequence[Recorder]]) -> Dict[str, object]:
+def plot_data(recorders: Union[Recorder, Sequence[Recorder]]) -> Dict[str, Any]:
     """What --plot draws, of one target or many: each one's per-interval aggregates (the least,
     median and 99th percentile RTT, the probes lost, the best offset and its bound), its drift
     line, its histogram and its loss."""
@@ -4481,14 +4503,15 @@ def plot_data(recorders: Union[Recorder, Sequence[Recorder]]) -> Dict[str, objec
             "largest_rtt_ms": max((_ms(recorder.totals.rtt.stats.max) or 0.0) for recorder in recorders)}
 
 
-def _target_plot(recorder: Recorder) -> Dict[str, object]:
+def _target_plot(recorder: Recorder) -> Dict[str, Any]:
     """One target's part of plot_data()."""
     timeline, duration_s = recorder.totals.timeline, recorder.duration_ns / NS_PER_S
     width_s, bins = timeline.width_ns / NS_PER_S, []
     for index, item in enumerate(timeline.bins):
         if not item.sent:
             continue
-        quantiles = [value / 1e6 for value in item.rtt.quantiles((0, 0.5, 0.99))] if item.rtt.count else None
+        quantiles = [(value or 0) / 1e6 for value in item.rtt.quantiles((0, 0.5, 0.99))] if item.rtt.count \
+            else None
         best = item.best
         bins.append({"start_s": index * width_s, "end_s": (index + 1) * width_s, "sent": item.sent,
                      "lost": item.lost, "rtt_ms": quantiles, "offset_ms": best and best.offset_ns / 1e6,
@@ -4498,7 +4521,7 @@ def _target_plot(recorder: Recorder) -> Dict[str, object]:
             "histogram_ms": _histogram_rows(recorder.totals)}
 
 
-def snapshot(recorder: Recorder) -> Dict[str, object]:
+def snapshot(recorder: Recorder) -> Dict[str, Any]:
     """A run's figures for a scrape (--metrics), taken from another thread without a lock: each
     copy below is one C-level step, and the probe loop only ever adds to what is copied."""
     totals = recorder.totals
@@ -4516,7 +4539,7 @@ def _path_snapshot(recorder: Recorder) -> Dict[str, Optional[float]]:
     """What the path did, as numbers over time: None where the run has no such figure."""
     directions, marks, runs = recorder.directions, recorder.marks, recorder.totals.runs
     tos_known = marks.tos_sent is not None and marks.tos_checked
-    hops = None if None in (marks.ttl_sent, marks.ttl_at_server) else marks.ttl_sent - marks.ttl_at_server
+    hops = None if marks.ttl_sent is None or marks.ttl_at_server is None else marks.ttl_sent - marks.ttl_at_server
     return {"lost_up": directions.up if directions.counted else None,
             "lost_down": directions.down if directions.counted else None,
             "tos_preserved": int(marks.tos_at_server == marks.tos_sent == marks.tos_back) if tos_known
@@ -4545,15 +4568,11 @@ def _unsynchronized(state: ClockState, whose: str) -> Optional[str]:
 
 def _histogram_rows(totals: Totals) -> List[List[float]]:
     """About sqrt(n) rows, at most 10, from the fastest RTT to the slowest: never beyond them."""
-    stats = totals.rtt.stats
     rows = totals.rtt.rows(max(1, min(10, round(math.sqrt(totals.received)))))
-    if rows:
-        rows[0] = (max(rows[0][0], stats.min), rows[0][1], rows[0][2])
-        rows[-1] = (rows[-1][0], min(rows[-1][1], stats.max), rows[-1][2])
-    return [[_ms(low), _ms(high), count] for low, high, count in rows]
+    return [[round(low / 1e6, 6), round(high / 1e6, 6), count] for low, high, count in rows]
 
 
-def _drift_figures(fit: Optional[DriftFit]) -> Dict[str, object]:
+def _drift_figures(fit: Optional[DriftFit]) -> Dict[str, Any]:
     if fit is None:
         return {"drift_ppm": None, "drift_err_ppm": None, "offset_end_ms": None, "offset_end_err_ms": None,
                 "clock_steps": []}
@@ -4589,7 +4608,7 @@ def format_sample(sample: Sample, target: str, timeout: float, named: bool = Fal
         return "{} {}".format(target, format_sample(sample, target, timeout))
     if sample.status == OK:
         line = "{} bytes from {}: seq={} rtt={:.3f} ms".format(
-            sample.reply_size, target, sample.seq, sample.rtt_ns / 1e6)
+            sample.reply_size, target, sample.seq, (sample.rtt_ns or 0) / 1e6)
         if sample.offset_ns is not None:
             line += " offset={} ms".format(signed(sample.offset_ns / 1e6))
         return line
@@ -4598,7 +4617,7 @@ def format_sample(sample: Sample, target: str, timeout: float, named: bool = Fal
             sample.seq, sample.reply_id, sample.request_id)
     if sample.status == IN_FLIGHT:
         return "seq={}: still in flight at the deadline".format(sample.seq)
-    return "seq={}: {}".format(sample.seq, LOST_LINES.get(sample.reason, LOST_LINES[TIMED_OUT]).format(
+    return "seq={}: {}".format(sample.seq, LOST_LINES.get(sample.reason or TIMED_OUT, LOST_LINES[TIMED_OUT]).format(
         timeout=timeout))
 
 
@@ -4672,9 +4691,9 @@ def format_path(summary: Mapping) -> List[str]:
 
 
 def _show_ms(*values: Optional[float]) -> str:
-    if None in values:
+    if any(value is None for value in values):
         return "n/a"
-    return "/".join("{:.3f}".format(value) for value in values) + " ms"
+    return "/".join("{:.3f}".format(value or 0) for value in values) + " ms"
 
 
 def format_one_way(summary: Mapping) -> str:
@@ -4948,13 +4967,13 @@ def _no_valid_reply(measurement: Recorder, timeout: float) -> str:
 
 def format_sntp_sample(sample: Sample, target: str, timeout: float) -> str:
     """A line for one NTP query: the offset and delay, and what the server says of itself."""
-    if sample.status != OK:
-        reason = LOST_LINES.get(sample.reason, sample.reason) or LOST_LINES[TIMED_OUT]
-        return "seq={}: {}".format(sample.seq, reason.format(timeout=timeout))
     reply = sample.ntp
+    if sample.status != OK or reply is None:
+        reason = LOST_LINES.get(sample.reason or TIMED_OUT, sample.reason or LOST_LINES[TIMED_OUT])
+        return "seq={}: {}".format(sample.seq, reason.format(timeout=timeout))
     return ("{}: seq={} offset={} ms delay={:.3f} ms stratum {} refid {} leap {} root delay {:.3f} ms "
             "root dispersion {:.3f} ms").format(
-        target, sample.seq, signed(sample.offset_ns / 1e6), sample.rtt_ns / 1e6, reply.stratum,
+        target, sample.seq, signed((sample.offset_ns or 0) / 1e6), (sample.rtt_ns or 0) / 1e6, reply.stratum,
         describe_refid(reply.stratum, reply.refid), reply.leap, reply.root_delay_ns / 1e6,
         reply.root_dispersion_ns / 1e6)
 
@@ -5060,7 +5079,7 @@ def render_server_metrics(server: TimeServer, log_dropped: int, source: Optional
 
 
 def client_snapshots(recorders: Sequence[Recorder],
-                     source: Optional[str] = None) -> List[Tuple[Dict[str, str], Dict[str, object]]]:
+                     source: Optional[str] = None) -> List[Tuple[Dict[str, str], Dict[str, Any]]]:
     """Each target's snapshot() with its labels: target, and source (a mesh node's name)."""
     return [(dict({"source": source} if source else {}, target=recorder.target), snapshot(recorder))
             for recorder in recorders]
@@ -5082,8 +5101,12 @@ def render_snapshots(labelled: Sequence[Tuple[Dict[str, str], Mapping]], local: 
     lines += _metric("clock_synchronized", "gauge", "1 when that end's kernel says its clock is "
                      "synchronised, else 0.", _synchronized(labelled, local))
     for name, kind, key, about in PATH_SERIES:
-        lines += _metric(name, kind, about, _known(labelled, lambda snap, key=key: snap["path"][key]))
+        lines += _metric(name, kind, about, _known(labelled, functools.partial(_path_value, key)))
     return "\n".join(lines) + "\n"
+
+
+def _path_value(key: str, snap: Mapping) -> Optional[float]:
+    return snap["path"][key]
 
 
 def _probe_counts(labelled: Sequence[Tuple[Dict[str, str], Mapping]]) -> List[str]:
@@ -5201,8 +5224,8 @@ def format_report(figures: Mapping, named: bool = False) -> str:
     return line
 
 
-def fleet_summary(recorders: Sequence[Recorder], summaries: Sequence[Dict[str, object]],
-                  source: Optional[str] = None) -> Dict[str, object]:
+def fleet_summary(recorders: Sequence[Recorder], summaries: Sequence[Dict[str, Any]],
+                  source: Optional[str] = None) -> Dict[str, Any]:
     """The --json of several targets: the run's record, then one element per target with the keys
     of a single target's summary; a mesh node's adds its name as source."""
     record = run_record(recorders[0])
@@ -5222,7 +5245,7 @@ def format_round_trip(recorder: Recorder) -> Optional[str]:
     on a liar; None when no reply came (main says why, on stderr)."""
     sample = recorder.samples[0] if recorder.samples else None
     if sample is not None and sample.status == OK:
-        return printable(sample.reply_text)
+        return printable(str(sample.reply_text))
     if sample is not None and sample.status == MISMATCHED:
         return "Server is a liar!"
     return None
@@ -5596,7 +5619,7 @@ def load_measurement(path: str) -> Tuple[str, List[Mapping]]:
     return printable(str(source)), summaries
 
 
-def build_matrix(measurements: Sequence[Tuple[str, Sequence[Mapping]]]) -> Dict[str, object]:
+def build_matrix(measurements: Sequence[Tuple[str, Sequence[Mapping]]]) -> Dict[str, Any]:
     """Every (source, target) pair's p50 RTT, loss and offset; nodes in order of appearance."""
     cells = [_matrix_cell(source, summary) for source, summaries in measurements for summary in summaries]
     nodes = list(dict.fromkeys([source for source, _ in measurements] + [cell["target"] for cell in cells]))
@@ -5606,7 +5629,7 @@ def build_matrix(measurements: Sequence[Tuple[str, Sequence[Mapping]]]) -> Dict[
     return {"nodes": nodes, "cells": cells, "missing": missing}
 
 
-def _matrix_cell(source: str, summary: Mapping) -> Dict[str, object]:
+def _matrix_cell(source: str, summary: Mapping) -> Dict[str, Any]:
     return {"source": source, "target": printable(str(summary.get("name") or summary["target"])),
             "rtt_p50_ms": summary["rtt_ms"]["median"], "loss_pct": summary["loss_pct"],
             "offset_ms": summary["offset_ms"], "offset_err_ms": summary["offset_err_ms"],
@@ -5697,7 +5720,7 @@ class Sink:
             except BlockingIOError:
                 if STOP_REQUESTED.is_set() or waited >= SINK_STALL_S:
                     raise OSError(errno.EAGAIN, "its reader has not read for {:g} s".format(waited)) from None
-                select.select([], [self._fd], [], 0.1)
+                select.select([], [self._fd or 0], [], 0.1)
                 waited += 0.1
         if self._regular:
             self._whole = os.lseek(self._fd, 0, os.SEEK_CUR)  # type: ignore[arg-type]
@@ -6338,7 +6361,7 @@ class Screen(Events):
         self.spec, self.text, self.rows, self.many = spec, text, rows, len(spec.targets) > 1
         self.lines = text if spec.measuring and not (outputs.quiet or _stdout_writers(outputs)) else None
         self.progress = Progress(sys.stderr if outputs.quiet else None, spec.count * len(spec.targets))
-        self.snapshots = []  # type: List[Tuple[Dict[str, str], Dict[str, object]]]  # the latest
+        self.snapshots = []  # type: List[Tuple[Dict[str, str], Dict[str, Any]]]  # the latest
         self._rendered = (None, "")  # type: Tuple[object, str]  # the snapshots last rendered, and how
         self._ended = 0
 
@@ -6519,7 +6542,7 @@ def _write_plot(path: Optional[str], recorders: Sequence[Recorder]) -> Optional[
 
 
 def _print_results(out: Sink, spec: RunSpec, recorders: Sequence[Recorder],
-                   summaries: Sequence[Dict[str, object]]) -> None:
+                   summaries: Sequence[Dict[str, Any]]) -> None:
     """The results on stdout: the JSON, the summaries and a fleet's table, or the one round trip."""
     if spec.outputs.json:
         lines = [json.dumps(fleet_summary(recorders, summaries, spec.source) if spec.fleet else summaries[0])]
@@ -6584,7 +6607,7 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     others = [peer for peer in peers if peer is not me]
     if not others:
         raise TimecheckError("{} names no peer but this node".format(args.peers))
-    source = me.name or format_address(me.host, me.port)
+    source = me.name or format_address(me.host, port)
     spec = client_spec(args, others, True, source)
     with TimeServer(host, port, key=spec.key, max_rate=args.max_rate, log=None,
                     timestamps=args.timestamps or KERNEL) as server:
