@@ -101,8 +101,9 @@ __all__ = [
     "clock_offset_ns", "KERNEL", "USER", "OK", "LOST", "MISMATCHED", "IN_FLIGHT", "NOT_UP", "EXIT_OK",
     "EXIT_FAILED", "EXIT_USAGE", "DEFAULT_PORT",
     # 2. the wire format
-    "Message", "encode_request", "decode_message", "Request", "RequestOptions", "parse_request", "reply_parts",
-    "ReplyExtra", "encode_reply_extra", "fit_tutorial_reply", "min_request_size", "seal", "mac_matches", "mac_of_datagram", "reply_context", "ClockState",
+    "Message", "encode_request", "decode_message", "Request", "RequestOptions", "parse_request",
+    "reply_parts", "ReplyExtra", "encode_reply_extra", "fit_tutorial_reply", "min_request_size", "seal",
+    "mac_matches", "mac_of_datagram", "reply_context", "ClockState",
     "encode_clock_state", "decode_clock_state", "NtpReply", "encode_ntp_request", "decode_ntp", "ntp_problem",
     # 3. the platform
     "resolve", "split_target", "load_key", "read_clock_state", "enable_kernel_timestamps",
@@ -554,7 +555,8 @@ class Request(NamedTuple):
 _NUMBER = rb'(0|[1-9][0-9]{0,18})'
 _CANONICAL_REQUEST = re.compile(
     rb'\[(0|-?[1-9][0-9]{0,18}), "[ !#-\[\]-~]*"(?:, \{"seq": ' + _NUMBER + rb'(?:, "sid": ' + _NUMBER
-    + rb'(, "xl": 1(?:, "xr": ' + _NUMBER + rb')?)?(, "pi": 1)?)?(, "clock": 1)?(?:, "size": ([1-9][0-9]{0,4}))?'
+    + rb'(, "xl": 1(?:, "xr": ' + _NUMBER + rb')?)?(, "pi": 1)?)?(, "clock": 1)?'
+    rb'(?:, "size": ([1-9][0-9]{0,4}))?'
     rb'(?:, "pad": " *")?\}(?:, "[0-9a-f]{64}")?)?\]')
 
 
@@ -577,7 +579,8 @@ def parse_request(data: bytes) -> Request:
     ext = ext or {}  # a seq: there is one
     options = NO_OPTIONS if ext.get("sid") is None else RequestOptions(
         ext["sid"], ext.get("xl") == 1, ext.get("pi") == 1, ext.get("xr"))
-    return Request(b"%d" % request.message_id, b"%d" % seq, ext.get("size") or 0, ext.get("clock") == 1, options)
+    return Request(b"%d" % request.message_id, b"%d" % seq, ext.get("size") or 0, ext.get("clock") == 1,
+                   options)
 
 
 def reply_parts(reply_id: bytes, time_text: bytes, *, seq: Optional[bytes], server_recv_ns: int,
@@ -1788,8 +1791,14 @@ class PathMarks:
                 self.changes.append((sent_ns, seq, before, server_ttl))
         self._ttl_by_port[port] = self.ttl_at_server = server_ttl
 
+    @property
+    def hops(self) -> Optional[int]:
+        """The TTL sent less the TTL the server received: routers on the way out."""
+        sent, received = self.ttl_sent, self.ttl_at_server
+        return None if sent is None or received is None else sent - received
+
     def figures(self) -> Dict[str, Any]:
-        hops = None if self.ttl_sent is None or self.ttl_at_server is None else self.ttl_sent - self.ttl_at_server
+        hops = self.hops
         changes = [{"at": iso_utc(at_ns), "seq": seq, "from": before, "to": after}
                    for at_ns, seq, before, after in self.changes]
         return {"tos": {"sent": self.tos_sent, "received_by_server": self.tos_at_server,
@@ -2163,10 +2172,12 @@ class Sample:
     def settle(self, *, kernel_mode: bool) -> None:
         """Work out what the probe measured, once its reply is recorded (again, with a better T3);
         a probe whose readings were delayed keeps its kernel stamps only if it has both."""
-        self.timing = probe_timing(self.t1, self.t2, self.t3, self.t4,  # type: ignore[arg-type]
-                                   raw_ns=self.raw_rtt_ns, span_ns=self.t4_user - self.t1_user,  # type: ignore
-                                   kernel=kernel_mode and self.t4_kernel and (self.t1_kernel or not self.delayed),
-                                   delayed=self.delayed)
+        t4, received_ns, t4_user = self.t4, self.recv_mono_ns, self.t4_user
+        if t4 is None or received_ns is None or t4_user is None:
+            return  # no reply recorded: nothing measured
+        kernel = kernel_mode and self.t4_kernel and (self.t1_kernel or not self.delayed)
+        self.timing = probe_timing(self.t1, self.t2, self.t3, t4, raw_ns=received_ns - self.send_mono_ns,
+                                   span_ns=t4_user - self.t1_user, kernel=kernel, delayed=self.delayed)
 
 
 class Arrival(NamedTuple):
@@ -2626,7 +2637,8 @@ class TimeServer:
                 server_recv_ns, stamp, control = arrival(ancillary, user_ns) if ancillary \
                     else (user_ns, b"user", ())
                 reply = reply_for(data, source, server_recv_ns, stamp, ancillary)
-                if reply is not None and self._send(reply, control, source, server_recv_ns) and log is not None:
+                if reply is not None and self._send(reply, control, source, server_recv_ns) \
+                        and log is not None:
                     log(data, source, server_recv_ns)
         finally:
             self._flush_log()
@@ -3410,7 +3422,7 @@ class Recorder:
         self._held = collections.OrderedDict()  # type: collections.OrderedDict[int, Sample]  # by seq: awaiting T3
         self._unasked = collections.deque()  # type: collections.deque  # held seqs no request asked for yet
         recent = max(1024, RECENT_PROBES // max(1, len(spec.targets)))
-        self._ended, self._ended_seq, self._legs = RecentTable(recent), RecentTable(recent), RecentTable(recent)
+        self._ended, self._ended_seq, self._legs = (RecentTable(recent) for _ in range(3))
         self.highest_seq, self.gone = -1, False  # the highest seq answered; whether the target said it left
         self.server_clock_state = None  # type: Optional[ClockState]  # the latest the server told
         self.local_clock_state = UNKNOWN_CLOCK  # this kernel's, read at the end of the run
@@ -3771,7 +3783,8 @@ class SntpRecorder(Recorder):
         sample = self.waiting.get(reply.origin)
         if sample is None:  # a wrong origin: stale, or spoofed; or late, or a duplicate
             ended = self.ended_probe(reply.origin)
-            self.count_event("mismatched" if ended is None else "late" if ended.status == LOST else "duplicates")
+            self.count_event("mismatched" if ended is None else
+                             "late" if ended.status == LOST else "duplicates")
             return
         sample.ntp, sample.reply_size = reply, len(data)
         problem = ntp_problem(reply)
@@ -3814,7 +3827,8 @@ class Channel:
                 " from " + path.source if path.source else "", exc.strerror or exc)) from None
         sock.setblocking(False)
         if target is None:  # one socket's room for the replies of every target: a stall loses none
-            enlarge_receive_buffer(sock, min(RECEIVE_BUFFER_MAX, RECEIVE_BUFFER_PER_TARGET * len(spec.targets)))
+            enlarge_receive_buffer(sock, min(RECEIVE_BUFFER_MAX,
+                                             RECEIVE_BUFFER_PER_TARGET * len(spec.targets)))
         self.recvmsg = message_calls(sock)[0]
         self.no_kernel_stamps = kernel_stamps_refused(sock) if spec.timestamps == KERNEL else None
         self.kernel = spec.timestamps == KERNEL and self.no_kernel_stamps is None
@@ -4108,7 +4122,8 @@ class Measurement:
             next(filter(None, (channel.no_kernel_stamps for channel in channels)), None),
             all(channel.kernel and channel.errors.stamps for channel in channels))
         recorder_class = SntpRecorder if spec.protocol == NTP else Recorder
-        target.recorder = recorder_class(target.label, target.address[0], spec, local, self.events, target.name)
+        target.recorder = recorder_class(target.label, target.address[0], spec, local, self.events,
+                                         target.name)
         self._owners[target.key()] = target
         target.next_ns = first_ns
         self._wakes[target] = first_ns
@@ -4132,7 +4147,8 @@ class Measurement:
         """A name with several addresses (localhost: ::1, then 127.0.0.1) is tried at the next when
         nobody listens at this one, before any answer; the run there starts anew."""
         recorder = target.run
-        if recorder.stop_reason != REFUSED or recorder.totals.received or target.index + 1 >= len(target.addresses):
+        if recorder.stop_reason != REFUSED or recorder.totals.received \
+                or target.index + 1 >= len(target.addresses):
             return
         self.events.note("nobody listens at {} (connection refused); trying {}".format(
             format_address(*target.address[:2]), target.addresses[target.index + 1][1][0]))
@@ -4161,7 +4177,8 @@ def _make_room_for(sockets: int) -> None:
     except ImportError:  # Windows: no such limit; its select() takes 512 sockets
         if sockets > 500:
             raise TimecheckError("{} sockets are needed (a target and source port each), and this "
-                                 "platform can wait on 500: fewer targets or --ports".format(sockets)) from None
+                                 "platform can wait on 500: fewer targets or --ports".format(
+                                     sockets)) from None
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = sockets + len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else sockets + 64
@@ -4284,7 +4301,7 @@ class Reference:
         while not self._stopping.is_set():
             recorder = self._query()
             self._burst_done.set()
-            if isinstance(recorder, SntpRecorder) and recorder.kissed:  # RFC 4330: stop, or at least slow down
+            if isinstance(recorder, SntpRecorder) and recorder.kissed:  # RFC 4330: stop, or slow down
                 return
             if self._stopping.wait(self.every):
                 return
@@ -4361,7 +4378,8 @@ def run_record(recorder: Recorder) -> Dict[str, Any]:
               "duration_s": round(recorder.duration_ns / NS_PER_S, 6)}
     spec = recorder.spec
     record.update(count=spec.count, interval=spec.interval, timeout=spec.timeout, size=spec.size or None,
-                  interleaved=spec.path.interleaved, request_bytes=recorder.request_size, keyed=recorder.keyed)
+                  interleaved=spec.path.interleaved, request_bytes=recorder.request_size,
+                  keyed=recorder.keyed)
     return record
 
 
@@ -4539,7 +4557,7 @@ def _path_snapshot(recorder: Recorder) -> Dict[str, Optional[float]]:
     """What the path did, as numbers over time: None where the run has no such figure."""
     directions, marks, runs = recorder.directions, recorder.marks, recorder.totals.runs
     tos_known = marks.tos_sent is not None and marks.tos_checked
-    hops = None if marks.ttl_sent is None or marks.ttl_at_server is None else marks.ttl_sent - marks.ttl_at_server
+    hops = marks.hops
     return {"lost_up": directions.up if directions.counted else None,
             "lost_down": directions.down if directions.counted else None,
             "tos_preserved": int(marks.tos_at_server == marks.tos_sent == marks.tos_back) if tos_known
@@ -4617,8 +4635,8 @@ def format_sample(sample: Sample, target: str, timeout: float, named: bool = Fal
             sample.seq, sample.reply_id, sample.request_id)
     if sample.status == IN_FLIGHT:
         return "seq={}: still in flight at the deadline".format(sample.seq)
-    return "seq={}: {}".format(sample.seq, LOST_LINES.get(sample.reason or TIMED_OUT, LOST_LINES[TIMED_OUT]).format(
-        timeout=timeout))
+    line = LOST_LINES.get(sample.reason or TIMED_OUT, LOST_LINES[TIMED_OUT])
+    return "seq={}: {}".format(sample.seq, line.format(timeout=timeout))
 
 
 def format_loss(figures: Mapping) -> str:
@@ -5085,7 +5103,8 @@ def client_snapshots(recorders: Sequence[Recorder],
             for recorder in recorders]
 
 
-def render_client_metrics(recorders: Union[Recorder, Sequence[Recorder]], source: Optional[str] = None) -> str:
+def render_client_metrics(recorders: Union[Recorder, Sequence[Recorder]],
+                          source: Optional[str] = None) -> str:
     """The client's /metrics, from its recorders: see render_snapshots()."""
     recorders = [recorders] if isinstance(recorders, Recorder) else recorders
     local = recorders[0].clock_state() if recorders else UNKNOWN_CLOCK
@@ -5206,7 +5225,8 @@ def format_header(recorder: Recorder, source: Optional[str] = None) -> str:
     return "UDP-TIMECHECK {}{} ({}): {}, interval {:g} s, timeout {:g} s{}, {}{}".format(
         "from {} to ".format(source) if source else "", recorder.target, recorder.address, probes,
         spec.interval, spec.timeout, ", deadline {:g} s".format(spec.deadline) if spec.deadline else "",
-        describe_stamps(recorder.timestamps, recorder.local.no_kernel_stamps), ", HMAC-SHA256" if spec.key else "")
+        describe_stamps(recorder.timestamps, recorder.local.no_kernel_stamps),
+        ", HMAC-SHA256" if spec.key else "")
 
 
 def format_report(figures: Mapping, named: bool = False) -> str:
@@ -6348,7 +6368,8 @@ def client_spec(args: argparse.Namespace, targets: Sequence[Peer], measuring: bo
         keep_samples=max(10, SAMPLES_KEPT // len(targets)), timestamps=args.timestamps or KERNEL,
         path=PathOptions(args.interleaved is not False, args.tos, args.ttl, args.source, args.ports or 1),
         measuring=measuring, source=source, reference=args.reference,
-        outputs=Outputs(args.json, args.quiet, args.csv, args.jsonl, args.plot, args.metrics, args.print_time))
+        outputs=Outputs(args.json, args.quiet, args.csv, args.jsonl, args.plot, args.metrics,
+                        args.print_time))
 
 
 class Screen(Events):
@@ -6460,7 +6481,8 @@ def _open_rows(outputs: Outputs, stack: contextlib.ExitStack, notes: LineWriter)
 def _start_services(spec: RunSpec, screen: Screen, stack: contextlib.ExitStack, notes: LineWriter,
                     extra_metrics: Callable[[], str]) -> Optional[Reference]:
     """What runs beside the probes for as long as they do: --metrics, and --reference (returned)."""
-    stack.enter_context(_metrics(spec.outputs.metrics, lambda: screen.metrics() + extra_metrics(), notes.write))
+    stack.enter_context(_metrics(spec.outputs.metrics, lambda: screen.metrics() + extra_metrics(),
+                                 notes.write))
     if spec.reference is None:
         return None
     return Reference(*spec.reference, timestamps=spec.timestamps).start()

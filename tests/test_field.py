@@ -40,8 +40,8 @@ def test_a_stalled_client_loses_no_reply_that_arrived_in_time(start_server, rela
     """Stopped for 0.4 s on a 100 ms path with -W 0.3: every reply reached its socket in time,
     as the relay delivered it, so none is lost or late."""
     hop = relay(start_server(log=None).address, delayed(0.1))
-    client = subprocess.Popen(cli("client", *hop.address[:2], "-c", "30", "-i", "0.05", "-W", "0.3", "--json"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    argv = cli("client", *hop.address[:2], "-c", "30", "-i", "0.05", "-W", "0.3", "--json")
+    client = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     wait_for(lambda: len(hop.replies) >= 10)
     client.send_signal(signal.SIGSTOP)
     time.sleep(0.4)  # the stall itself, which this test is about: replies queue meanwhile
@@ -265,7 +265,8 @@ def test_a_replay_bends_no_loss_split(start_server, relay):
             hop.front.sendto(requests[index - 5], hop.address)
         return True
 
-    hop = relay(server.address, lambda index, data: [] if index in (3, 11) else [(0.0, data)], forward=forward)
+    hop = relay(server.address, lambda index, data: [] if index in (3, 11) else [(0.0, data)],
+                forward=forward)
     summary = utc.summarize(utc.Prober(*hop.address[:2], count=20, interval=0.02, key=KEY).run())
     assert server.stats.replayed >= 15
     assert (summary["lost"], summary["lost_up"], summary["lost_down"]) == (2, 0, 2)

@@ -75,7 +75,8 @@ def test_without_recvmsg_a_server_and_a_client_still_measure(monkeypatch):
         recorder = utc.Prober(*server.address[:2], count=5, interval=0.01).run()
         summary = utc.summarize(recorder)
     assert summary["received"] == 5 and summary["timestamps"]["client"] == utc.USER
-    assert "user timestamps (no kernel timestamps: no recvmsg on this platform)" in utc.format_header(recorder)
+    header = utc.format_header(recorder)
+    assert "user timestamps (no kernel timestamps: no recvmsg on this platform)" in header
 
 
 def test_windows_takes_its_receive_timeout_in_milliseconds_or_python_keeps_it(monkeypatch):

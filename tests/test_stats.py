@@ -58,7 +58,7 @@ def test_histogram_counts_everything_once_in_a_few_honest_rows(count, limit):
     assert len(rows) <= max(1, round(math.sqrt(count))) and len(rows) <= 10
     assert rows[0][0] == min(values) and rows[-1][1] == max(values)  # never beyond them
     assert all(earlier[1] == pytest.approx(later[0]) for earlier, later in zip(rows, rows[1:]))
-    if limit is None and count > 1:  # exactly the values in each row: the first from its low, then (low, high]
+    if limit is None and count > 1:  # exactly the values in each row: the first's from its low, (low, high]
         assert [row[2] for row in rows] == [sum(1 for value in values if (value >= low if index == 0 else
                                                                           value > low) and value <= high)
                                             for index, (low, high, _) in enumerate(rows)]
