@@ -102,8 +102,8 @@ def test_request_fields_refuses_what_decode_refuses(data):
 def test_real_requests_take_the_quick_route(monkeypatch):
     """The server's speed rests on this: what clients really send never needs the JSON decoder."""
     options = utc.RequestOptions(2 ** 63 - 1, True, True, 1_764_000_000 * 10 ** 9)
-    requests = [utc.encode_request(2 ** 63 - 1, TEXT, 999, pad_to=300, key=key, size=size, ask_clock_state=clock,
-                                   options=options)
+    requests = [utc.encode_request(2 ** 63 - 1, TEXT, 999, pad_to=300, key=key, size=size,
+                                   ask_clock_state=clock, options=options)
                 for key in (None, b"k" * 32) for size in (0, 1400) for clock in (False, True)]
     expected = [utc.parse_request(data) for data in requests + [json.dumps([491, TEXT]).encode()]]
     monkeypatch.setattr(utc, "decode_message", None)  # the JSON route would fail now
