@@ -14,6 +14,8 @@ import time
 import urllib.request
 
 
+import pytest
+
 import udp_timecheck as utc
 from conftest import (KEY, MS_NS, POSIX_ONLY, cli, free_udp_port, free_udp_ports, needs_linux, request,
                       require_programs, run_cli, wait_for)
@@ -293,19 +295,27 @@ def test_stamps_that_never_come_leave_the_probes_in_order(udp_peer, tmp_path, ca
     assert [sample["seq"] for sample in summary["samples"]] == list(range(100))
 
 
-def interleaved_with_stamps_that_disagree(data):
-    """A server whose kernel stamps of its replies leaving lie 5 ms before its own T3."""
-    request_ = utc.decode_message(data)
-    now = utc.wall_ns()
-    exchange = request_.ext.get("xr")
-    earlier = b', "xs": %d, "xt": %d' % (request_.seq - 1, exchange - 5 * MS_NS) if exchange else b""
-    return b'[%d, "x", {"seq": %d, "ts": "kernel", "rx": %d, "xl": 1%b, "t2": %d, "t3": %d}]' % (
-        request_.message_id, request_.seq, request_.seq + 1, earlier, now, now + 1000)
+def stamps_that_disagree(shift_ns):
+    """A server whose kernel stamps of its replies leaving lie shift_ns from the reply's T2: before its
+    own T3 (-5 ms), or later than the client waited for that reply (+50 ms)."""
+    def answer(data):
+        request_ = utc.decode_message(data)
+        now = utc.wall_ns()
+        exchange = request_.ext.get("xr")
+        earlier = b', "xs": %d, "xt": %d' % (request_.seq - 1, exchange + shift_ns) if exchange else b""
+        return b'[%d, "x", {"seq": %d, "ts": "kernel", "rx": %d, "xl": 1%b, "t2": %d, "t3": %d}]' % (
+            request_.message_id, request_.seq, request_.seq + 1, earlier, now, now + 1000)
+    return answer
 
 
-def test_kernel_stamps_that_disagree_are_said_rejected_not_missing(udp_peer, capsys):
-    peer = udp_peer(interleaved_with_stamps_that_disagree)
-    assert utc.main(["client", "127.0.0.1", str(peer.port), "-c", "10", "-i", "0.005"]) == 0
-    text = capsys.readouterr().out
-    assert "9 kernel stamps rejected: they disagree with the server's own clock" in text
-    assert "cannot stamp" not in text
+@pytest.mark.parametrize("shift_ns", [-5 * MS_NS, 50 * MS_NS], ids=["before its T3", "beyond the round trip"])
+def test_kernel_stamps_that_disagree_are_said_rejected_not_missing(udp_peer, capsys, shift_ns):
+    peer = udp_peer(stamps_that_disagree(shift_ns))
+    assert utc.main(["client", "127.0.0.1", str(peer.port), "-c", "10", "-i", "0.005", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    stamps = summary["timestamps"]
+    assert stamps["server_transmit_rejected"] == 9 and stamps["server_transmit"] == "user"
+    assert all(sample["t3_from"] == "user" for sample in summary["samples"])
+    assert "9 kernel stamps rejected: they disagree with the server's own clock" in "\n".join(
+        utc.format_summary(summary))
+    assert "cannot stamp" not in "\n".join(utc.format_summary(summary))

@@ -273,3 +273,55 @@ def test_the_sntp_summary_follows_the_bound_too():
     summary["offset_ms"] = -0.009
     lines = utc.format_sntp_summary(summary)
     assert any("(the server's clock is behind this machine's;" in line for line in lines)
+
+
+# --- behaviours that only a mutant would miss ---------------------------------------------------
+
+def test_queueing_is_measured_above_each_legs_least_delay_wherever_it_comes():
+    """Out-leg delays of 7, 5, 6, 8, 9 ms and back-leg ones of 3, 5, 4, 2, 1 ms (the server 2, 0,
+    1, 3 and 4 ms ahead, a 10 ms round trip): the least of each is not its first probe's."""
+    recorder = new_recorder(count=5)
+    for seq, offset_ms in enumerate((2, 0, 1, 3, 4)):
+        answer_probe(recorder, send_probe(recorder, seq), rtt_ns=10 * MS, offset_ns=offset_ms * MS)
+    summary = utc.summarize(recorder)
+    assert summary["send_queueing_ms"] == 2.0 and summary["receive_queueing_ms"] == 2.0  # 7 - 5, 3 - 1
+
+
+def test_a_drift_through_a_path_whose_delay_varies_is_chronys_weighted_fit():
+    """Every other probe crosses a queue that grows, and its offset leans with it: chrony's weights,
+    1 / (1 + (delay - least) / spread) ** 2 with the delays' interquartile spread, keep the fit near
+    the truth (100 ppm); the weighted least squares is numpy's, the weights chrony's, as documented."""
+    import numpy
+    points = []
+    for index in range(40):
+        at_s = index * 2.5
+        queue_ns = 40 * MS if index % 2 else 0
+        lean_ns = 20 * MS * at_s / 100 if index % 2 else 0  # the slow probes' offsets lean, more and more
+        points.append(utc.OffsetPoint(at_s, T0_NS, 100 * 1000 * at_s + lean_ns, 1 * MS + queue_ns))
+    fit = utc.fit_drift(points, 100.0)
+    delays = numpy.array([point.rtt_ns for point in points], dtype=float)
+    spread = numpy.percentile(delays, 75) - numpy.percentile(delays, 25)
+    weights = 1 / (1 + (delays - delays.min()) / spread) ** 2
+    slope, _ = numpy.polyfit([point.at_s for point in points], [point.offset_ns for point in points], 1,
+                             w=numpy.sqrt(weights))  # polyfit weighs residuals, not their squares
+    assert fit.drift_ppm == pytest.approx(slope / 1000, rel=1e-9)
+    assert 100 < fit.drift_ppm < 150  # unweighted, the leaning half would pull it to 200
+
+
+def test_a_clocks_offset_is_read_in_the_tightest_of_three_brackets():
+    reference = iter([0, 1000, 2000, 2010, 3000, 3020])  # the first bracket a thousand wide
+    clock = iter([900, 2105, 3110])  # read 400 late in the first, the truth (100) in the others
+    assert utc.clock_offset_ns(lambda: next(clock), lambda: next(reference)) == 100
+
+
+def test_the_exact_budgets_edge_is_its_last_exact_value():
+    values = [10 ** 5 + 7919 * index for index in range(100)]  # all above 10 us: a bucket is not exact
+    exact = utc.Sketch(limit=100)
+    for value in values:
+        exact.add(value)
+    got, truth = exact.quantiles(FRACTIONS), numpy_percentiles(values, [100 * part for part in FRACTIONS])
+    assert got == pytest.approx(list(truth), rel=1e-12)  # the hundredth value still kept as it is
+    exact.add(values[0])  # the 101st: every value into the buckets, each within 0.005%
+    truth = numpy_percentiles(values + values[:1], [100 * part for part in FRACTIONS])
+    assert exact.quantiles(FRACTIONS) == pytest.approx(list(truth), rel=1e-4)
+    assert exact.quantiles(FRACTIONS) != pytest.approx(list(truth), rel=1e-12)
