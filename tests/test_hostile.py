@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -301,6 +302,44 @@ def test_any_number_of_signals_in_any_order_exit_0_with_the_counters(cli_server,
     assert out[-1].startswith("Server stopped: served 1,")
     errors = server.rest(server.stderr)
     assert errors == [], "\n".join(errors)
+
+
+def stopped_cleanly(server):
+    """A server that has exited: 0, its count of what it served the last line, nothing on stderr."""
+    assert server.wait(timeout=10) == 0
+    out, errors = server.rest(server.stdout), server.rest(server.stderr)
+    assert out and out[-1].startswith("Server stopped: ") and errors == [], errors
+    return out
+
+
+@POSIX_ONLY
+def test_sigterm_then_sigint_any_time_apart_exit_0(processes):
+    """The race of the shutdown: the second signal 0 to 50 ms after the first, twenty servers at once."""
+    servers = [processes(cli("server", "127.0.0.1", "0", "-q")) for _ in range(20)]
+    for server in servers:
+        server.stdout.expect("Server listening")
+    for index, server in enumerate(servers):
+        server.signal(signal.SIGTERM)
+        threading.Event().wait(index * 0.0025)  # the gap between the two: the race this test is about
+        server.signal(signal.SIGINT)
+    for server in servers:
+        stopped_cleanly(server)
+
+
+@POSIX_ONLY
+def test_a_storm_of_both_signals_until_the_server_exits(processes):
+    for _ in range(5):
+        server = processes(cli("server", "127.0.0.1", "0", "-q"))
+        server.stdout.expect("Server listening")
+        deadline, sent = time.monotonic() + 10, 0
+        while server.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                os.kill(server.proc.pid, signal.SIGINT if sent % 2 else signal.SIGTERM)
+            except ProcessLookupError:
+                break
+            sent += 1
+        stopped_cleanly(server)
+        assert sent >= 2
 
 
 @POSIX_ONLY
