@@ -113,7 +113,7 @@ __all__ = [
     "sketch_key", "sketch_value", "RunningStats", "Runs", "LossDirections", "OffsetPoint", "DriftFit",
     "fit_drift", "fit_line", "find_steps", "chrony_weights", "Timeline", "Totals",
     # 5. the server
-    "TimeServer", "ServerStats", "RateLimiter", "ReplayGuard", "LoopGuard", "MetricsServer",
+    "TimeServer", "ServerSpec", "ServerStats", "RateLimiter", "ReplayGuard", "LoopGuard", "MetricsServer",
     # 6. the client
     "RunSpec", "PathOptions", "Outputs", "Events", "Recorder", "Period", "Measurement", "Prober",
     "SntpRecorder", "SntpProber", "Reference", "Peer", "read_peers", "find_self",
@@ -215,7 +215,7 @@ HELD_PROBES = 64                    # answered probes waiting for their T3 from 
 MAX_DRAINED = 1024                  # datagrams read off a socket at one go, at most
 TTL_CHANGES_KEPT = 100              # path changes the JSON lists; the count has them all
 SEQUENCE_WINDOW = 1024              # a session's latest seqs the server tells repeats among (WireGuard's)
-EXCHANGES_KEPT = 16                 # a session's latest interleaved replies whose stamps the server keeps
+EXCHANGES_KEPT = 32                 # a session's latest interleaved replies whose stamps the server keeps
 PENDING_STAMPS_READ = 32            # replies whose transmit stamps the server reads at one go
 BYE_WINDOW_S = 60                   # a session heard from within this many seconds hears the goodbye
 STAMP_ERROR_NS = {"kernel": 10_000, "user": 1_000_000}  # where a timestamp can sit from its event
@@ -583,28 +583,25 @@ def parse_request(data: bytes) -> Request:
                    options)
 
 
-def reply_parts(reply_id: bytes, time_text: bytes, *, seq: Optional[bytes], server_recv_ns: int,
-                stamp: bytes = KERNEL.encode(), size: int = 0, request_size: int = 0,
-                keyed: bool = False, clock_state: bytes = b"",
-                extra: bytes = b"") -> Tuple[bytes, Optional[bytes]]:
+def reply_parts(reply_id: bytes, time_text: bytes, seq: Optional[bytes], server_recv_ns: int, *,
+                stamp: bytes = b"kernel", pad_to: int = 0, keyed: bool = False,
+                members: bytes = b"") -> Tuple[bytes, Optional[bytes]]:
     """The reply, split where the send timestamp T3 goes; ids and seq as decimal digits.
 
     A request in the tutorial's form (seq None) gets the tutorial's reply, whole
     (tail None).  Otherwise the reply is head + str(T3) + tail, built before T3
-    is read so that reading it is the last thing before the send.  stamp says
-    where T2 came from: b"kernel" or b"user"; clock_state is the server's
-    as encode_clock_state() gives it, or nothing; extra is what the request's
-    options asked for (encode_reply_extra()), or nothing.
+    is read so that reading it is the last thing before the send, padded to
+    pad_to bytes where there is room.  stamp says where T2 came from: b"kernel"
+    or b"user"; members are what the request asked for beyond that: the
+    clock state (encode_clock_state()), its options' (encode_reply_extra()).
     """
     if seq is None:
         return b'[%b, "%b"]' % (reply_id, time_text), None
-    head = b'[%b, "%b", {"seq": %b, "ts": "%b", %b%b"t2": %d, "t3": ' % (
-        reply_id, time_text, seq, stamp, clock_state + b", " if clock_state else b"",
-        extra + b", " if extra else b"", server_recv_ns)
+    head = b'[%b, "%b", {"seq": %b, "ts": "%b", %b"t2": %d, "t3": ' % (
+        reply_id, time_text, seq, stamp, members + b", " if members else b"", server_recv_ns)
     tail = b'}, "' + ZERO_MAC + b'"]' if keyed else b"}]"
-    if size:
-        room = (min(size, request_size) - len(head) - len(b"%d" % server_recv_ns)
-                - len(tail) - PAD_OVERHEAD)
+    if pad_to:
+        room = pad_to - len(head) - len(b"%d" % server_recv_ns) - len(tail) - PAD_OVERHEAD
         if room >= 0:
             tail = b', "pad": "' + b" " * room + b'"' + tail
     return head, tail
@@ -672,10 +669,9 @@ def min_request_size(highest_seq: int, *, size: int = 0, keyed: bool = False, cl
     """
     worst_id = ID_LIMIT - 1
     extra = _worst_extra(options, highest_seq) if options.session is not None else b""
-    head, tail = reply_parts(b"%d" % worst_id, SAMPLE_TEXT.encode(), seq=b"%d" % highest_seq,
-                             server_recv_ns=10 ** (TIMESTAMP_DIGITS - 1), stamp=KERNEL.encode(),
-                             keyed=keyed, clock_state=b"x" * CLOCK_STATE_MAX if clock_state else b"",
-                             extra=extra)
+    head, tail = reply_parts(b"%d" % worst_id, SAMPLE_TEXT.encode(), b"%d" % highest_seq,
+                             10 ** (TIMESTAMP_DIGITS - 1), keyed=keyed, members=b", ".join(filter(None, (
+                                 b"x" * CLOCK_STATE_MAX if clock_state else b"", extra))))
     worst_options = NO_OPTIONS if options.session is None else options._replace(
         session=ID_LIMIT - 1, exchange=ID_LIMIT - 1 if options.interleaved else None)
     request = encode_request(worst_id, SAMPLE_TEXT, highest_seq, size=size,
@@ -2552,26 +2548,35 @@ def _bound_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class ServerSpec(NamedTuple):
+    """What a server does beyond answering: the tutorial's faulty replies (a probability, rng's), a
+    shared key, --max-rate, at most log_limit log lines a second (None: all), its wall clock (tests
+    inject a shifted one), whose timestamps (KERNEL where the platform has them, else USER), and
+    its kernel's clock state."""
+    faulty: float = 0.0
+    key: Optional[bytes] = None
+    max_rate: Optional[float] = None
+    log_limit: Optional[int] = LOG_LINES_PER_SECOND
+    wall_clock: Optional[Callable[[], int]] = None
+    timestamps: str = KERNEL
+    rng: Callable[[], float] = random.random
+    clock_state: Callable[[], ClockState] = read_clock_state
+
+
 class TimeServer:
     """The time server: bind on construction (port 0 for any), then serve.
 
     serve_forever() answers in the calling thread, start() in a background
     thread; shutdown() stops either from another thread; as a context manager
-    it shuts down and closes on exit.  wall_clock returns nanoseconds
-    since the epoch (tests inject a shifted one; the kernel's receive stamps
-    are carried over to it by KernelClock); timestamps is KERNEL where the
-    platform has it, else USER; log receives one line per request, at most
-    log_limit a second (None: no limit).  goodbye() tells the sessions it
-    served lately that it stops.
+    it shuts down and closes on exit.  log receives one line per request, at
+    most ServerSpec's log_limit a second; the other keywords are ServerSpec's.
+    goodbye() tells the sessions it served lately that it stops.
     """
 
-    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
-                 faulty: float = 0.0, key: Optional[bytes] = None, max_rate: Optional[float] = None,
-                 log: Optional[Callable[[str], None]] = None,
-                 log_limit: Optional[int] = LOG_LINES_PER_SECOND,
-                 wall_clock: Optional[Callable[[], int]] = None, timestamps: str = KERNEL,
-                 rng: Callable[[], float] = random.random,
-                 clock_state: Callable[[], ClockState] = read_clock_state) -> None:
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 log: Optional[Callable[[str], None]] = None, **options: Any) -> None:
+        self.spec = ServerSpec(**options)
+        faulty, key, max_rate, log_limit, wall_clock, timestamps, rng, clock_state = self.spec
         self.socket = _bound_socket(host, port)
         self.address = self.socket.getsockname()
         _set_receive_timeout(self.socket, RECEIVE_TIMEOUT)
@@ -2722,8 +2727,7 @@ class TimeServer:
         clock_state = self._clock_state_fragment(server_recv_ns) if wants_clock_state else b""
         extra = b"" if session is None else self._session_extra(session, request, source, ancillary,
                                                                  server_recv_ns)
-        reply = self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp, clock_state,
-                                  extra)
+        reply = self._build_reply(data, request, reply_id, server_recv_ns, stamp, (clock_state, extra))
         if reply is None:
             self.stats.too_short += 1
         elif seq is None:
@@ -2848,29 +2852,27 @@ class TimeServer:
         return port < PRIVILEGED_PORTS or (port == self.address[1] and (self._wildcard or
                                                                          source[0] == self.address[0]))
 
-    def _build_reply(self, data: bytes, request_id: bytes, reply_id: bytes, seq: Optional[bytes], size: int,
-                     server_recv_ns: int, stamp: bytes, clock_state: bytes = b"",
-                     extra: bytes = b"") -> Optional[bytes]:
-        """The reply, T3 read last; None if it would be larger than the request.
-
-        The clock state goes in only if it fits: the client pads for it.
-        """
+    def _build_reply(self, data: bytes, request: Request, reply_id: bytes, server_recv_ns: int, stamp: bytes,
+                     members: Tuple[bytes, bytes] = (b"", b"")) -> Optional[bytes]:
+        """The reply, T3 read last; None if it would be larger than the request.  members are the
+        clock state and what the options asked for: the clock state goes in only if it fits (the
+        client pads for it)."""
         second, fraction = divmod(server_recv_ns, NS_PER_S)
         if second != self._text_second:  # formatting the date once a second is enough
             self._text_second, self._text_prefix = second, _time_prefix(second)
-        key = self._key
-        head, tail = reply_parts(reply_id, b"%b.%06d" % (self._text_prefix, fraction // 1000), seq=seq,
-                                 server_recv_ns=server_recv_ns, stamp=stamp, size=size,
-                                 request_size=len(data), keyed=key is not None, clock_state=clock_state,
-                                 extra=extra)
+        key, clock_state, extra = self._key, members[0], members[1]
+        head, tail = reply_parts(reply_id, b"%b.%06d" % (self._text_prefix, fraction // 1000), request.seq,
+                                 server_recv_ns, stamp=stamp, keyed=key is not None,
+                                 pad_to=min(request.size, len(data)) if request.size else 0,
+                                 members=b", ".join(filter(None, members)))
         if clock_state and len(head) + TIMESTAMP_DIGITS + len(tail or b"") > len(data):
-            return self._build_reply(data, request_id, reply_id, seq, size, server_recv_ns, stamp, b"", extra)
+            return self._build_reply(data, request, reply_id, server_recv_ns, stamp, (b"", extra))
         if tail is None:
             return fit_tutorial_reply(head, len(data))
         if key is None:
             reply = b"%b%d%b" % (head, self._wall_clock(), tail)  # T3: as late as the reply allows
         else:
-            context = reply_context(request_id, mac_of_datagram(data))
+            context = reply_context(request.request_id, mac_of_datagram(data))
             reply = seal(key, context, b"%b%d%b" % (head, self._wall_clock(), tail))
         return reply if len(reply) <= len(data) else None  # no reply is ever larger than its request
 

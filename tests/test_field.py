@@ -311,7 +311,7 @@ def stamps_that_disagree(shift_ns):
 @pytest.mark.parametrize("shift_ns", [-5 * MS_NS, 50 * MS_NS], ids=["before its T3", "beyond the round trip"])
 def test_kernel_stamps_that_disagree_are_said_rejected_not_missing(udp_peer, capsys, shift_ns):
     peer = udp_peer(stamps_that_disagree(shift_ns))
-    assert utc.main(["client", "127.0.0.1", str(peer.port), "-c", "10", "-i", "0.005", "--json"]) == 0
+    assert utc.main(["client", "127.0.0.1", str(peer.port), "-c", "10", "--json"]) == 0  # one at a time
     summary = json.loads(capsys.readouterr().out)
     stamps = summary["timestamps"]
     assert stamps["server_transmit_rejected"] == 9 and stamps["server_transmit"] == "user"

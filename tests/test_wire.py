@@ -44,8 +44,7 @@ SERVER_TEXT = b"The time is 2026-01-01 00:00:00.000001"
 
 
 def test_reply_parts_put_t3_last_and_round_trip():
-    head, tail = utc.reply_parts(b"99", SERVER_TEXT, seq=b"4", request_size=400,
-                                 server_recv_ns=1_700_000_000_123_456_789, stamp=b"kernel")
+    head, tail = utc.reply_parts(b"99", SERVER_TEXT, b"4", 1_700_000_000_123_456_789, stamp=b"kernel")
     reply = utc.decode_message(head + b"1700000000123999999" + tail)
     assert reply.message_id == 99
     assert reply.ext == {"seq": 4, "ts": "kernel", "t2": 1_700_000_000_123_456_789,
@@ -56,8 +55,7 @@ def test_reply_parts_put_t3_last_and_round_trip():
 def test_two_element_request_gets_the_tutorials_reply_form():
     fields = utc.parse_request(json.dumps([5, TEXT]).encode())
     assert fields[:4] == (b"5", None, 0, False)
-    head, tail = utc.reply_parts(fields[0], SERVER_TEXT, seq=fields[1], size=fields[2], request_size=100,
-                                 server_recv_ns=1)
+    head, tail = utc.reply_parts(fields[0], SERVER_TEXT, fields[1], 1)
     assert tail is None
     assert json.loads(head) == [5, SERVER_TEXT.decode()]
     # the same bytes json.dumps would give, as the tutorial's server sends
@@ -69,13 +67,11 @@ def test_requested_size_pads_the_reply_but_never_beyond_the_request():
     request_id, seq, size, clock = utc.parse_request(data)[:4]
     assert (request_id, seq, size, clock) == (b"99", b"4", 1000, False)
     t2 = 1_700_000_000_123_456_789
-    head, tail = utc.reply_parts(request_id, SERVER_TEXT, seq=seq, size=size, request_size=len(data),
-                                 server_recv_ns=t2)
+    head, tail = utc.reply_parts(request_id, SERVER_TEXT, seq, t2, pad_to=min(size, len(data)))
     assert len(head) + len(str(t2)) + len(tail) == 1000
-    # a request that asks for more than it carries gets a reply of its own size at most
-    head, tail = utc.reply_parts(request_id, SERVER_TEXT, seq=seq, size=size, request_size=500,
-                                 server_recv_ns=t2)
-    assert len(head) + len(str(t2)) + len(tail) <= 500
+    with utc.TimeServer("127.0.0.1", 0) as server:  # a request asking for more than it carries
+        short = utc.encode_request(99, TEXT, 4, size=1000, pad_to=500)
+        assert len(short) == 500 and len(server.respond(short)) <= 500  # gets its own size at most
 
 
 @pytest.mark.parametrize("data, fields", [
