@@ -87,9 +87,9 @@ def test_late_reply_is_counted_and_the_probe_stays_lost(start_server, relay):
 
 def test_lying_server_is_caught(start_server, capsys):
     server = start_server(faulty=1.0)
-    measurement = probe(server.address, count=5, interval=0.01)
+    measurement = probe(server.address, count=5, interval=0.01, timeout=0.2)
     assert statuses(measurement) == [utc.MISMATCHED] * 5 and measurement.totals.mismatched == 5
-    assert utc.main(["client", *map(str, server.address)]) == 1
+    assert utc.main(["client", *map(str, server.address), "-W", "0.2"]) == 1
     captured = capsys.readouterr()
     assert captured.out == "Server is a liar!\n"
     assert "liar" in captured.err
