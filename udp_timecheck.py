@@ -20,29 +20,35 @@ of each carries its number.
    one exception family (TimecheckError; WireError for datagrams), and small
    text helpers (printable, clip, iso_utc).
 2. Wire format: pure encode_*/decode_* functions, ours (requests, replies,
-   their MACs, the clock state) and NTP's; no I/O.
+   their MACs, the clock state) and NTP's; one decoder (decode_message), and
+   the server's own fast way to a Request (parse_request); no I/O.
 3. Platform: socket options and ancillary data (kernel timestamps, packet
-   info, TOS and TTL), addresses and key files, the kernel's clock state.
+   info, TOS and TTL), the error queue (ErrorQueue: transmit stamps, refusals),
+   the kernel's clock carried over to ours (KernelClock), addresses and key
+   files, the kernel's clock state.
 4. Statistics: the per-probe record (Sample, Arrival) and NTP's timing
-   arithmetic (probe_timing), exact percentiles in flat memory (Sketch),
-   streaming summaries, the drift fit and its clock steps, and
-   the per-run aggregates (Totals and what it holds).
+   arithmetic (probe_timing), every distribution in one Sketch (exact, then
+   buckets: flat memory) with one percentile method (percentile), the drift
+   fit and its clock steps, and what a run found (Totals).
 5. Server: TimeServer (start it on port 0, stop it from another thread, use it
-   as a context manager, give it a wall clock), its guards against loops,
-   floods and replays, and MetricsServer for Prometheus.
-6. Client: the Recorder of a run (its probe book), Prober (its run() returns
-   the Recorder), ProbeGroup for many targets at once, SntpProber for NTP
-   servers, Reference for --reference, and a mesh's peers.
+   as a context manager, give it a wall clock: ServerSpec), its guards against
+   loops, floods and replays, and MetricsServer for Prometheus.
+6. Client: what a run measures (RunSpec, built once), what it tells as it
+   goes (Events, one sink), the probe book of each target (Recorder; for NTP
+   SntpRecorder), the one loop for one target or many (Measurement; Prober is
+   a run of one), Reference for --reference, and targets and peers files.
 7. Reports: what a run found as dicts (summarize, period_figures, plot_data,
    snapshot), as text (format_*), as Prometheus' text (render_*_metrics) and
-   as SVG (render_svg).
-8. Command line: the outputs and signals, build_parser(), a cmd_<name>(args)
-   per subcommand, and main(argv=None) -> int.  Only here are argparse,
-   stdout and stderr.
+   as SVG (render_svg, one target or many).
+8. Command line: the outputs (Sink, the one way lines are written) and the
+   signals, build_parser(), a cmd_<name>(args) per subcommand, and
+   main(argv=None) -> int.  Only here are argparse, stdout and stderr.
 
 Where to start reading: main() and cmd_client() for what a run does, end to
-end; Prober._send_probe() and Recorder.receive() for one probe; TimeServer.
-_reply_for() for one request; summarize() for what the JSON holds.
+end; Measurement._step() and Recorder.receive() for one probe; TimeServer.
+_reply_for() for one request; summarize() for what the JSON holds; RunSpec,
+PERCENTILES and sample_record() to add a setting, a percentile or an output
+field.
 
 The names in __all__ are the API, as README.md lists them; everything else is
 an implementation detail and may change.
