@@ -186,7 +186,7 @@ TIME_ERROR, STA_UNSYNC = 5, 0x0040  # adjtimex(2): the clock is not synchronised
 CLOCK_SOURCE_FILE = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
 MAX_KEY_FILE = 4096                 # bytes: a key, not a file to read until memory runs out
 MAX_PEERS_FILE = 1 << 20            # bytes: a --targets or --peers file
-MAX_MEASUREMENT_FILE = 1 << 28      # bytes of a --json output that matrix reads
+MAX_MEASUREMENT_FILE = 64 << 20     # bytes of a --json output that matrix reads
 ZERO_MAC = b"0" * 64                # placeholder for the hex HMAC-SHA256 while it is computed
 MAC_TRAILER = len(ZERO_MAC) + 2     # the MAC, its closing quote and the closing bracket
 REQUEST_LABEL = b"udp-timecheck/1 request\n"
@@ -346,6 +346,18 @@ def format_address(host: str, port: int) -> str:
     return "[{}]:{}".format(host, port) if ":" in host else "{}:{}".format(host, port)
 
 
+def address_text(sockaddr: tuple) -> str:
+    """A socket address's host as people write it: an IPv6 one with its scope (fe80::1%eth0), which
+    Python's own text leaves out from 3.7 on."""
+    host = sockaddr[0]
+    if len(sockaddr) < 4 or not sockaddr[3] or "%" in host:
+        return host
+    try:
+        return "{}%{}".format(host, socket.if_indextoname(sockaddr[3]))
+    except (OSError, AttributeError):  # no such interface now, or no if_indextoname (Windows)
+        return "{}%{}".format(host, sockaddr[3])
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Wire format: pure encode_*/decode_* functions, ours and NTP's; no I/O
 # ----------------------------------------------------------------------------------------------
@@ -370,6 +382,10 @@ def _bounded_int(digits: str) -> int:
     return int(digits)
 
 
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError("{} is not a number JSON allows".format(name))
+
+
 def _refuse_number(text: str) -> NoReturn:
     # No float is ever valid here: refusing the first costs nothing, decoding thousands does.
     raise ValueError("not an integer: {!r}".format(text[:20]))
@@ -378,6 +394,8 @@ def _refuse_number(text: str) -> NoReturn:
 # json.loads' decoder, told to refuse what no message holds; cost limits come first (_check_shape).
 _JSON = json.JSONDecoder(parse_float=_refuse_number, parse_constant=_refuse_number,
                          parse_int=None if hasattr(sys, "get_int_max_str_digits") else _bounded_int)
+# The same for a file that holds figures (matrix): floats, but no NaN or Infinity, and no huge integer.
+_STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_bounded_int)
 _EXT_LIMITS = {"seq": ID_LIMIT, "t2": ID_LIMIT, "t3": ID_LIMIT, "size": MAX_DATAGRAM + 1,  # from 0, below
                "sid": ID_LIMIT, "rx": ID_LIMIT, "xs": ID_LIMIT, "xt": ID_LIMIT, "xr": ID_LIMIT, "xl": 2,
                "pi": 2, "tos": 256, "ttl": 256, "bye": ID_LIMIT}
@@ -801,6 +819,13 @@ def ntp_problem(reply: NtpReply) -> Optional[str]:
         return "the server is not synchronised (root distance {:.3f} s, above {:g} s)".format(
             root_distance_ns(reply) / NS_PER_S, MAX_ROOT_DISTANCE_NS / NS_PER_S)
     return None
+
+
+# RFC 5905's kiss codes, as a user reads them (section 7.4)
+KISS_CODES = {"RATE": "RATE: ask less often", "DENY": "DENY: access refused", "RSTR": "RSTR: access refused",
+              "AUTH": "AUTH: authentication failed", "CRYP": "CRYP: cryptographic authentication failed",
+              "NKEY": "NKEY: no key found for this client", "INIT": "INIT: the server has not synchronised yet",
+              "STEP": "STEP: the server's clock stepped", "DROP": "DROP: lost peer in the symmetric mode"}
 
 
 def describe_refid(stratum: int, refid: bytes) -> str:
@@ -1315,7 +1340,7 @@ def load_key(path: Optional[str],
     """
     warnings = []  # type: List[str]
     if path is not None:
-        key, mode = _read_key_file(path)
+        key, mode = read_input(path, MAX_KEY_FILE, "key file")
         if os.name == "posix" and mode & 0o077:  # as ssh warns about private keys
             warnings.append("warning: key file {} is accessible by group or others (mode {:03o}); "
                             "run: chmod 600 {}".format(path, mode & 0o777, path))
@@ -1331,20 +1356,27 @@ def load_key(path: Optional[str],
     return key, warnings
 
 
-def _read_key_file(path: str) -> Tuple[bytes, int]:
-    """A key file's bytes and mode; it must be a regular file of sane size."""
-    try:  # non-blocking: opening a FIFO must not wait for a writer
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with open(descriptor, "rb") as key_file:
-            info = os.fstat(descriptor)
-            if not stat.S_ISREG(info.st_mode):
-                raise TimecheckError("key file {} is not a regular file".format(path))
-            key = key_file.read(MAX_KEY_FILE + 1)
-    except OSError as exc:
-        raise TimecheckError("cannot read key file {}: {}".format(path, exc.strerror or exc)) from None
-    if len(key) > MAX_KEY_FILE:
-        raise TimecheckError("key file {} is larger than {} bytes: not a key".format(path, MAX_KEY_FILE))
-    return key, info.st_mode
+def read_input(path: str, limit: int, what: str, stdin: bool = False) -> Tuple[bytes, int]:
+    """An input file's bytes, at most limit of them, and its mode: a regular file, opened without
+    waiting (a FIFO would wait for a writer, and Ctrl-C with it), or with stdin, - for standard
+    input.  A usage error names the file, what it was to be, and what is wrong."""
+    if stdin and path == "-":
+        data = sys.stdin.buffer.read(limit + 1)
+        mode = stat.S_IFREG | 0o600
+    else:
+        try:
+            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with open(descriptor, "rb") as handle:
+                mode = os.fstat(descriptor).st_mode
+                if not stat.S_ISREG(mode):
+                    raise TimecheckError("{} {} is not a regular file{}".format(
+                        what, path, " (- reads standard input)" if stdin else ""))
+                data = handle.read(limit + 1)
+        except OSError as exc:
+            raise TimecheckError("cannot read {} {}: {}".format(what, path, exc.strerror or exc)) from None
+    if len(data) > limit:
+        raise TimecheckError("{} {} is larger than {} bytes: not a {}".format(what, path, limit, what))
+    return data, mode
 
 
 def split_target(text: str, lowest_port: int = 0) -> Tuple[str, Optional[int]]:
@@ -3155,16 +3187,15 @@ class Peer(NamedTuple):
     port: Optional[int]
 
 
-def read_peers(path: str) -> List[Peer]:
-    """A targets or peers file: one per line, NAME HOST:PORT, HOST:PORT, HOST PORT or HOST;
-    '#' starts a comment.  A usage error names the line that is wrong."""
+def read_peers(path: str, what: str = "targets file") -> List[Peer]:
+    """A targets or peers file (- for standard input): one per line, NAME HOST:PORT, HOST:PORT,
+    HOST PORT or HOST; '#' starts a comment.  A usage error names the line that is wrong; a file
+    that names none is one too."""
+    data = read_input(path, MAX_PEERS_FILE, what, stdin=True)[0]
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read(MAX_PEERS_FILE + 1)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TimecheckError("cannot read {}: {}".format(path, _why(exc))) from None
-    if len(text) > MAX_PEERS_FILE:
-        raise TimecheckError("{} is larger than {} bytes: not a list of targets".format(path, MAX_PEERS_FILE))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TimecheckError("cannot read {} {}: {}".format(what, path, exc)) from None
     peers = []
     for number, line in enumerate(text.splitlines(), 1):
         try:
@@ -3173,6 +3204,8 @@ def read_peers(path: str) -> List[Peer]:
             raise TimecheckError("{}, line {}: {}".format(path, number, exc)) from None
         if peer is not None:
             peers.append(peer)
+    if not peers:
+        raise TimecheckError("{} {} names no target (only blank lines and comments)".format(what, path))
     return peers
 
 
@@ -3186,7 +3219,7 @@ def _peer_of(line: str) -> Optional[Peer]:
     if not words:
         return None
     host, port = split_target(words[-1])
-    return Peer(words[0] if len(words) == 2 else None, host, port)
+    return Peer(printable(words[0]) if len(words) == 2 else None, host, port)  # a name, safe on a terminal
 
 
 def client_targets(tokens: Sequence[str], targets_file: Optional[str] = None) -> List[Peer]:
@@ -3195,7 +3228,7 @@ def client_targets(tokens: Sequence[str], targets_file: Optional[str] = None) ->
     names none (1060 when there is none)."""
     tokens, port = list(tokens), DEFAULT_PORT
     if tokens and tokens[-1].isdigit() and (len(tokens) >= 2 or targets_file):
-        port = port_number(tokens.pop(), "PORT")
+        port = port_number(tokens[-1], tokens.pop())
     peers = [Peer(None, *split_target(token)) for token in tokens]
     peers += read_peers(targets_file) if targets_file else []
     if not peers:
@@ -3930,7 +3963,7 @@ class Measurement:
                 self._begin(target, started + spread_ns * index // len(self.targets))
             try:
                 reason = self._loop(started)
-            except KeyboardInterrupt:  # SIGINT's default, where no handler calls stop()
+            except (KeyboardInterrupt, BrokenPipeError):  # SIGINT's default; stdout's reader gone
                 self._stopping, reason = True, INTERRUPTED
             for target in self.targets:
                 target.run.finish(self._stopping, reason)
@@ -4130,7 +4163,7 @@ class Measurement:
             next(filter(None, (channel.no_kernel_stamps for channel in channels)), None),
             all(channel.kernel and channel.errors.stamps for channel in channels))
         recorder_class = SntpRecorder if spec.protocol == NTP else Recorder
-        target.recorder = recorder_class(target.label, target.address[0], spec, local, self.events,
+        target.recorder = recorder_class(target.label, address_text(target.address), spec, local, self.events,
                                          target.name)
         self._owners[target.key()] = target
         target.next_ns = first_ns
@@ -5029,8 +5062,9 @@ def sntp_failure(recorder: SntpRecorder, timeout: float) -> Optional[str]:
         return None
     target = recorder.target
     if recorder.kissed:
-        return "{} sent a {}: it asks this client to stop (RATE: to ask less often)".format(
-            target, recorder.stop_reason)
+        code = (recorder.stop_reason or "?").rsplit(" ", 1)[-1]
+        return "{} sent a {}: it asks this client to stop ({})".format(
+            target, recorder.stop_reason, KISS_CODES.get(code, "a code RFC 5905 does not name"))
     if totals.mismatched:
         count = totals.mismatched
         return "{} from {} {} no query's origin timestamp: stale, or forged".format(
@@ -5628,37 +5662,77 @@ def _polyline(panel: Panel, index: int, points: Sequence[Tuple[float, float]]) -
         colour, dashes, " ".join("{},{}".format(panel.x(at), panel.y(value)) for at, value in points))
 
 
-def load_measurement(path: str) -> Tuple[str, List[Mapping]]:
-    """(source, its targets' summaries) from a --json output: a mesh node's, or a client's; with
-    --report-every its last line.  The source is the node's name, else the file's name."""
+def load_measurement(path: str) -> Tuple[str, List[Dict[str, Any]]]:
+    """(source, a cell a target) from a --json output, a mesh node's or a client's (with
+    --report-every, its last line); the source is the node's name, else the file's.  Read up to
+    MAX_MEASUREMENT_FILE bytes before any parsing, and every figure checked: a usage error names
+    the file and the key; a name is made safe for a terminal."""
+    data = read_input(path, MAX_MEASUREMENT_FILE, "matrix input", stdin=True)[0]
     try:
-        with open(path, encoding="utf-8") as handle:
-            lines = [line for line in handle.read(MAX_MEASUREMENT_FILE).splitlines() if line.strip()]
-        measurement = json.loads(lines[-1])
-        summaries = measurement["targets"] if "targets" in measurement else [measurement]
-        if not all(isinstance(item, dict) and "target" in item for item in summaries):
-            raise ValueError("not a udp-timecheck --json output")
-    except (OSError, ValueError, IndexError, KeyError, TypeError) as exc:
-        raise TimecheckError("cannot read {}: {}".format(path, _why(exc))) from None
+        lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
+        measurement = _STRICT_JSON.decode(lines[-1]) if lines else None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, NaN, too deep or long a number
+        raise TimecheckError("cannot read matrix input {}: {}".format(path, _json_error(exc))) from None
+    if not isinstance(measurement, dict):
+        raise TimecheckError("matrix input {} is not the --json output of a udp-timecheck client or mesh "
+                             "node".format(path))
+    summaries = measurement.get("targets", [measurement])
+    if not isinstance(summaries, list):
+        raise TimecheckError("{}: 'targets' is not a list".format(path))
     source = measurement.get("source") or os.path.splitext(os.path.basename(path))[0]
-    return printable(str(source)), summaries
+    return printable(str(source)), [_matrix_cell(path, index, item) for index, item in enumerate(summaries)]
 
 
-def build_matrix(measurements: Sequence[Tuple[str, Sequence[Mapping]]]) -> Dict[str, Any]:
-    """Every (source, target) pair's p50 RTT, loss and offset; nodes in order of appearance."""
-    cells = [_matrix_cell(source, summary) for source, summaries in measurements for summary in summaries]
+def _json_error(exc: Exception) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(":")[0]
+
+
+# name: (where in a summary, the least, the most, may be null); every time in ms, loss in %
+MATRIX_FIGURES = {"rtt_p50_ms": (("rtt_ms", "median"), 0.0, 1e12, True),
+                  "loss_pct": (("loss_pct",), 0.0, 100.0, True),
+                  "offset_ms": (("offset_ms",), -1e12, 1e12, True),
+                  "offset_err_ms": (("offset_err_ms",), 0.0, 1e12, True),
+                  "not_up": (("not_up",), 0, 1e15, False)}  # type: Dict[str, Tuple[Tuple[str, ...], float, float, bool]]
+
+
+def _matrix_cell(path: str, index: int, summary: object) -> Dict[str, Any]:
+    """A target's figures, each where a matrix cell has it, every one a finite number in range."""
+    where = "{}: targets[{}]".format(path, index)
+    if not isinstance(summary, dict) or not isinstance(summary.get("target"), str):
+        raise TimecheckError("{} is not a target's summary (no 'target')".format(where))
+    name = summary.get("name") or summary["target"]
+    cell = {"target": printable(name if isinstance(name, str) else summary["target"])}  # type: Dict[str, Any]
+    for figure, (keys, least, most, nullable) in MATRIX_FIGURES.items():
+        value = summary.get(keys[0], 0 if figure == "not_up" else "nothing")  # type: Any
+        for key in keys[1:]:
+            value = value.get(key, "nothing") if isinstance(value, dict) else "nothing"
+        if value is None and nullable:
+            cell[figure] = None
+        elif type(value) not in (int, float) or not least <= value <= most:  # NaN fails too
+            raise TimecheckError("{}.{}: expected {} from {:g} to {:g}, got {}".format(
+                where, ".".join(keys), "null or a number" if nullable else "a number", least, most,
+                clip(value if value == "nothing" else json.dumps(value), 40)))
+        else:
+            cell[figure] = value
+    return cell
+
+
+def build_matrix(measurements: Sequence[Tuple[str, Sequence[Mapping]]],
+                 files: Sequence[str] = ()) -> Dict[str, Any]:
+    """Every (source, target) pair's p50 RTT, loss, offset and probes not up; nodes in order of
+    appearance.  Two files of one source node are a usage error that names them (files)."""
+    seen = {}  # type: Dict[str, str]
+    for (source, _), path in zip(measurements, list(files) or [""] * len(measurements)):
+        if source in seen:
+            raise TimecheckError("{} and {} are both {}'s measurements: give one".format(seen[source], path,
+                                                                                       source))
+        seen[source] = path
+    cells = [dict(cell, source=source) for source, cells_of in measurements for cell in cells_of]
     nodes = list(dict.fromkeys([source for source, _ in measurements] + [cell["target"] for cell in cells]))
     present = {(cell["source"], cell["target"]) for cell in cells}
     missing = [[source, target] for source, _ in measurements for target in nodes
                if source != target and (source, target) not in present]
     return {"nodes": nodes, "cells": cells, "missing": missing}
-
-
-def _matrix_cell(source: str, summary: Mapping) -> Dict[str, Any]:
-    return {"source": source, "target": printable(str(summary.get("name") or summary["target"])),
-            "rtt_p50_ms": summary["rtt_ms"]["median"], "loss_pct": summary["loss_pct"],
-            "offset_ms": summary["offset_ms"], "offset_err_ms": summary["offset_err_ms"],
-            "not_up": summary.get("not_up", 0)}
 
 
 def dscp_name(tos: int) -> str:
@@ -5723,11 +5797,11 @@ class Sink:
                 self._stream.write(fit_encoding(text, self._encoding))  # type: ignore[union-attr]
                 self._stream.flush()  # type: ignore[union-attr]
         except BrokenPipeError:
+            self._failed("the output's reader has gone")
             if self._fd is None:
+                self.broken_pipe = True
                 if in_main:
                     raise
-                self.broken_pipe = True
-            self._failed("the output's reader has gone")
         except (OSError, ValueError) as exc:
             self._failed(getattr(exc, "strerror", None) or str(exc))
 
@@ -6046,6 +6120,19 @@ def _listen_address(text: str) -> Tuple[str, int]:
     return host, port
 
 
+def _source_address(text: str) -> str:
+    """-I: an address this machine can send from: not multicast, broadcast or unspecified."""
+    try:
+        address = ipaddress.ip_address(text.strip("[]").split("%")[0])
+    except ValueError:
+        return text  # a name: the kernel says whether it is this machine's
+    kind = "multicast" if address.is_multicast else "unspecified" if address.is_unspecified else \
+        "broadcast" if address == ipaddress.IPv4Address("255.255.255.255") else None
+    if kind is not None:
+        raise argparse.ArgumentTypeError("{!r} is a {} address: it cannot be a source".format(text, kind))
+    return text
+
+
 def _interval(text: str) -> float:
     """0 (back to back) or from MIN_INTERVAL: below that, the "loss" would be our own doing."""
     what = "0 (back to back) or seconds from {:g} to 3600".format(MIN_INTERVAL)
@@ -6285,7 +6372,8 @@ def _add_path_options(client: argparse.ArgumentParser) -> None:
     path.add_argument("--ttl", type=_ranged(int, 1, 255, "hops from 1 to 255"), metavar="N",
                       help="send the probes with this TTL (hop limit); the server says what arrived: the "
                            "hop count, and any change in it")
-    path.add_argument("-I", "--source", metavar="ADDR", help="send from this local address, as ping -I")
+    path.add_argument("-I", "--source", metavar="ADDR", type=_source_address,
+                      help="send from this local address, as ping -I")
     ports = _ranged(int, 1, MAX_SOURCE_PORTS, "from 1 to {}".format(MAX_SOURCE_PORTS))
     path.add_argument("--ports", type=ports,
                       metavar="N", help="spread the probes over N source ports, one socket each, and give "
@@ -6396,7 +6484,7 @@ class Screen(Events):
             self.text.line(format_header(recorder, self.spec.source))
 
     def sample(self, sample: Sample) -> None:
-        if self.lines is not None:
+        if self.lines is not None and not self.lines.broken_pipe:  # its reader gone: the run ends
             self.lines.line(self._time() + format_sample(sample, sample.target, self.spec.timeout, self.many))
         for sink in self.rows:
             sink.add(sample)
@@ -6409,7 +6497,7 @@ class Screen(Events):
                        else self._time() + format_report(figures, self.many))
 
     def outage(self, recorder: Recorder, outage: Outage) -> None:
-        if self.lines is not None:  # among the probe lines, as its probes were
+        if self.lines is not None and not self.lines.broken_pipe:  # among the probe lines, as its probes were
             self.lines.line(self._time() + format_outage(outage, recorder.target, self.many))
 
     def note(self, text: str) -> None:
@@ -6453,9 +6541,9 @@ def measure(args: argparse.Namespace, spec: RunSpec, extra_metrics: Callable[[],
                 summary["name"] = recorder.name  # a peer's name, when its file gives one
         if reference is not None:
             _add_reference(reference, recorders, summaries)
-        _print_results(text, spec, recorders, summaries)
         problems = [(sink.name, sink.error) for sink in rows] + [(outputs.plot, _write_plot(outputs.plot,
                                                                                             recorders))]
+        _print_results(text, spec, recorders, summaries)  # last: stdout's reader may have gone
     notes.sync()  # what was said at once comes before what is said at the end
     failed = ["{}: {}".format(name, error) for name, error in problems + [("standard output", text.error)]
               if error is not None]
@@ -6628,7 +6716,7 @@ def cmd_sntp(args: argparse.Namespace) -> int:
 
 def cmd_mesh(args: argparse.Namespace) -> int:
     """Serve on --listen, and measure every other peer of --peers, as each node of a fleet does."""
-    peers = read_peers(args.peers)
+    peers = read_peers(args.peers, "peers file")
     host, port = endpoint(args.listen, None, DEFAULT_PORT, lowest_port=1)
     me = find_self(peers, args.name, host, port, args.peers)
     others = [peer for peer in peers if peer is not me]
@@ -6647,7 +6735,7 @@ def cmd_mesh(args: argparse.Namespace) -> int:
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     """The N x N tables of a mesh's (or clients') --json outputs: p50 RTT, loss, offset +- error."""
-    matrix = build_matrix([load_measurement(path) for path in args.files])
+    matrix = build_matrix([load_measurement(path) for path in args.files], args.files)
     out = Sink(sys.stdout)
     for line in [json.dumps(matrix)] if args.json else format_matrix(matrix):
         out.line(line)

@@ -89,15 +89,18 @@ def test_sntp_against_a_shifted_server_gives_its_offset(shift_ms, capsys):
     assert summary["root_dispersion_ms"] == pytest.approx(62.5)
 
 
-@pytest.mark.parametrize("code", ["RATE", "DENY", "RSTR"])
-def test_a_kiss_of_death_stops_the_run(code, capsys):
+@pytest.mark.parametrize("code, meaning", [("RATE", "RATE: ask less often"), ("DENY", "DENY: access refused"),
+                                           ("RSTR", "RSTR: access refused"),
+                                           ("XYZZ", "a code RFC 5905 does not name")])
+def test_a_kiss_of_death_stops_the_run_and_says_what_its_code_means(code, meaning, capsys):
     with FakeNtpServer(kiss=code) as server:
         assert utc.main(["sntp", "127.0.0.1", str(server.port), "-c", "5", "-i", "0.05"]) == 1
         queries = len(server.received)
     captured = capsys.readouterr()
     assert queries == 1  # it stopped at the first kiss
     assert "seq=0: kiss-o'-death {}".format(code) in captured.out
-    assert "sent a kiss-o'-death {}: it asks this client to stop".format(code) in captured.err
+    assert "sent a kiss-o'-death {}: it asks this client to stop ({})".format(code, meaning) in captured.err
+    assert code == "RATE" or "less often" not in captured.err
 
 
 def test_a_wrong_origin_is_not_an_answer(capsys):

@@ -135,7 +135,7 @@ def test_a_server_clock_that_disagrees_with_its_kernel_is_not_read_as_a_backlog(
 # --- peers that come and go -----------------------------------------------------------------------
 
 def test_mesh_peers_that_end_apart_are_not_up_not_lost(tmp_path):
-    """Three nodes, each for 1.5 s, started 0.5 s apart: each peer's end (a goodbye, or refusals) and
+    """Three nodes, each for 2.5 s, started 0.5 s apart: each peer's end (a goodbye, or refusals) and
     start show as not up, never as loss, on a path that loses nothing."""
     ports = free_udp_ports(3)
     peers = tmp_path / "peers"
@@ -143,7 +143,7 @@ def test_mesh_peers_that_end_apart_are_not_up_not_lost(tmp_path):
     nodes = []
     for port in ports:
         nodes.append(subprocess.Popen(cli("mesh", "--peers", peers, "--listen", "127.0.0.1:{}".format(port),
-                                          "-w", "1.5", "-i", "0.05", "--json"), stdout=subprocess.PIPE,
+                                          "-w", "2.5", "-i", "0.05", "--json"), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, universal_newlines=True))
         time.sleep(0.5)  # the stagger itself, which this test is about
     outputs = [json_of(node) for node in nodes]
