@@ -9,7 +9,6 @@ import re
 import resource
 import signal
 import subprocess
-import threading
 import time
 import urllib.request
 from xml.etree import ElementTree
@@ -19,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import udp_timecheck as utc
-from conftest import POSIX_ONLY, cli, needs_linux, needs_linux_machine, run
+from conftest import POSIX_ONLY, cli, needs_linux, needs_linux_machine, run, wait_for
 
 FUZZ_EXAMPLES = int(os.environ.get("UDP_TIMECHECK_FUZZ_EXAMPLES", "300"))  # CI's fuzz step: 10000
 RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f\u202a-\u202e\u2066-\u2069]")  # what must never reach a terminal
@@ -126,9 +125,9 @@ def test_ctrl_c_ends_a_run_whose_fifo_reader_never_reads(tmp_path, processes, st
     try:
         server = start_server(log=None)
         client = processes(cli("client", *server.address[:2], "-c", "0", "-i", "0.001", "-q", "--csv", fifo))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and os.stat(str(fifo)).st_size == 0 and server.stats.served < 2000:
-            threading.Event().wait(0.05)  # until the pipe is surely full (64 KB: some 300 rows)
+        served = []  # until the pipe is full (64 KB: some 250 rows) and holds the run up: nothing served
+        wait_for(lambda: served.append(server.stats.served) or len(served) > 30 and served[-1] > 50
+                 and served[-1] == served[-30], timeout=30)
         client.signal(signal.SIGINT)
         stopped = time.monotonic()
         assert client.wait(timeout=10) == utc.EXIT_USAGE
