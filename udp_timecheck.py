@@ -141,11 +141,13 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1060                 # the tutorial's declared default
 MAX_DATAGRAM = 65535                # receive buffer, the tutorial's MAX_BYTES
 MAX_UDP_PAYLOAD = {socket.AF_INET: 65507, socket.AF_INET6: 65527}  # type: Dict[int, int]
+FAMILY_NAMES = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}  # type: Dict[int, str]
 FAULTY_PROBABILITY = 0.5            # how often the tutorial's FAULTY_SERVER lies
-DEFAULT_COUNT = 1000                # the tutorial's measuring loop
+DEFAULT_COUNT = 1000                # --measure-delay: the tutorial's measuring loop
 DEFAULT_TIMEOUT = 1.0
 MIN_INTERVAL = 0.001                # seconds between probes, unless back to back (0)
-UNTIL_STOPPED_INTERVAL = 1.0        # seconds between probes with -c 0 or -w, unless -i: ping's
+DEFAULT_INTERVAL = 1.0              # seconds between probes, unless -i or --measure-delay: ping's
+MIN_SIZE = 340                      # --size: the largest request any run needs (keyed, --tos, 10^12 probes)
 DEMO_ARGS = ("--measure-delay", "-c", "50", "-i", "0.02")
 LOG_LINES_PER_SECOND = 10
 LOG_TEXT_BYTES = 180                # of client text per log line, after escaping: lines stay < 320
@@ -824,7 +826,8 @@ def ntp_problem(reply: NtpReply) -> Optional[str]:
 # RFC 5905's kiss codes, as a user reads them (section 7.4)
 KISS_CODES = {"RATE": "RATE: ask less often", "DENY": "DENY: access refused", "RSTR": "RSTR: access refused",
               "AUTH": "AUTH: authentication failed", "CRYP": "CRYP: cryptographic authentication failed",
-              "NKEY": "NKEY: no key found for this client", "INIT": "INIT: the server has not synchronised yet",
+              "NKEY": "NKEY: no key found for this client",
+              "INIT": "INIT: the server has not synchronised yet",
               "STEP": "STEP: the server's clock stepped", "DROP": "DROP: lost peer in the symmetric mode"}
 
 
@@ -901,8 +904,9 @@ RECEIVE_BUFFER_PER_TARGET = 65536   # bytes of waiting replies a shared socket h
 RECEIVE_BUFFER_MAX = 8 << 20        # ... up to this (the server's too), as far as the system allows
 
 
-def resolve(host: str, port: int, passive: bool = False) -> List[Tuple[int, Any]]:
-    """Every (family, sockaddr) for host and port, IPv4 or IPv6, in the resolver's order.
+def resolve(host: str, port: int, passive: bool = False, wanted: int = 0) -> List[Tuple[int, Any]]:
+    """Every (family, sockaddr) for host and port, IPv4 or IPv6 (or only the wanted family: -4, -6), in
+    the resolver's order.
 
     "[::1]" is taken for "::1", as the tool itself prints such addresses; no
     address at all is a usage error.
@@ -916,9 +920,10 @@ def resolve(host: str, port: int, passive: bool = False) -> List[Tuple[int, Any]
         raise UnresolvedHost("cannot resolve host {!r}: {}".format(
             host, getattr(exc, "strerror", None) or exc)) from None
     found = [(int(family), address) for family, _, _, _, address in infos
-             if family in MAX_UDP_PAYLOAD]  # type: List[Tuple[int, Any]]
+             if family in MAX_UDP_PAYLOAD and family in (wanted or family,)]  # type: List[Tuple[int, Any]]
     if not found:
-        raise TimecheckError("host {!r} has no IPv4 or IPv6 address".format(host))
+        raise TimecheckError("host {!r} has no {} address".format(
+            host, FAMILY_NAMES.get(wanted, "IPv4 or IPv6")))
     return found
 
 
@@ -1802,7 +1807,8 @@ class PathMarks:
     def __init__(self, tos_sent: Optional[int], ttl_sent: Optional[int]) -> None:
         self.tos_sent, self.ttl_sent = tos_sent, ttl_sent
         self.tos_at_server = self.tos_back = self.ttl_at_server = None  # type: Optional[int]
-        self.tos_checked = self.tos_changed_out = self.tos_changed_back = 0  # replies, and how many differed
+        # replies whose TOS at the server is known, those whose TOS back is too, and how many differed
+        self.tos_checked = self.tos_checked_back = self.tos_changed_out = self.tos_changed_back = 0
         self.changes = []  # type: List[Tuple[int, int, int, int]]  # (wall ns, seq, from, to), the first kept
         self.change_count = 0
         self._ttl_by_port = {}  # type: Dict[int, int]
@@ -1811,11 +1817,14 @@ class PathMarks:
             back: Tuple[Optional[int], Optional[int]]) -> None:
         """An answered probe's marks: (TOS, TTL) at the server, and as its reply arrived."""
         (server_tos, server_ttl), back_tos = server, back[0]
-        if server_tos is not None and back_tos is not None:
-            self.tos_checked += 1
+        if server_tos is not None:  # what arrived, as the server says: whether or not this end can read
+            self.tos_checked += 1  # what came back (Windows cannot)
             self.tos_changed_out += self.tos_sent is not None and server_tos != self.tos_sent
-            self.tos_changed_back += back_tos != server_tos
-            self.tos_at_server, self.tos_back = server_tos, back_tos
+            self.tos_at_server = server_tos
+            if back_tos is not None:
+                self.tos_checked_back += 1
+                self.tos_changed_back += back_tos != server_tos
+                self.tos_back = back_tos
         if server_ttl is None:
             return
         before = self._ttl_by_port.get(port)
@@ -1837,6 +1846,7 @@ class PathMarks:
                    for at_ns, seq, before, after in self.changes]
         return {"tos": {"sent": self.tos_sent, "received_by_server": self.tos_at_server,
                         "received_back": self.tos_back, "checked": self.tos_checked,
+                        "checked_back": self.tos_checked_back,
                         "changed_out": self.tos_changed_out, "changed_back": self.tos_changed_back},
                 "ttl": {"sent": self.ttl_sent, "received_by_server": self.ttl_at_server, "hops": hops,
                         "changes": changes, "change_count": self.change_count}}
@@ -3278,6 +3288,7 @@ class PathOptions(NamedTuple):
     ttl: Optional[int] = None
     source: Optional[str] = None
     ports: int = 1
+    family: int = 0  # -4, -6: AF_INET or AF_INET6; 0, either
 
 
 DEFAULT_PATH = PathOptions()
@@ -3413,12 +3424,12 @@ def request_sizes(spec: RunSpec, family: int) -> Tuple[int, int]:
         return NTP_PACKET.size, NTP_PACKET.size
     keyed, options = spec.key is not None, RequestOptions(
         1, spec.path.interleaved, spec.path.tos is not None or spec.path.ttl is not None)
-    smallest = min_request_size(spec.count or 10 ** 12, size=spec.size, keyed=keyed, options=options)
     largest = MAX_UDP_PAYLOAD[family]
-    if spec.size and not smallest <= spec.size <= largest:
-        raise TimecheckError("--size must be from {} to {} bytes".format(smallest, largest))
-    return spec.size or smallest, spec.size or min_request_size(
-        spec.count or 10 ** 12, keyed=keyed, clock_state=True, options=options)
+    if spec.size and not MIN_SIZE <= spec.size <= largest:
+        raise TimecheckError("--size must be from {} to {} bytes (IPv{})".format(
+            MIN_SIZE, largest, 4 if family == socket.AF_INET else 6))
+    return spec.size or min_request_size(spec.count or 10 ** 12, keyed=keyed, options=options), \
+        spec.size or min_request_size(spec.count or 10 ** 12, keyed=keyed, clock_state=True, options=options)
 
 
 class Recorder:
@@ -3891,7 +3902,7 @@ class Target:
 
     def __init__(self, peer: Peer, spec: RunSpec) -> None:
         self.peer, self.name = peer, peer.name
-        self.addresses = resolve(peer.host, peer.port or DEFAULT_PORT)
+        self.addresses = resolve(peer.host, peer.port or DEFAULT_PORT, wanted=spec.path.family)
         self.label = format_address(peer.host.strip("[]"), peer.port or DEFAULT_PORT)
         self.index, self.next_ns, self.stopped = 0, 0, False
         self.recorder = None  # type: Optional[Recorder]
@@ -4594,7 +4605,7 @@ def snapshot(recorder: Recorder) -> Dict[str, Any]:
 def _path_snapshot(recorder: Recorder) -> Dict[str, Optional[float]]:
     """What the path did, as numbers over time: None where the run has no such figure."""
     directions, marks, runs = recorder.directions, recorder.marks, recorder.totals.runs
-    tos_known = marks.tos_sent is not None and marks.tos_checked
+    tos_known = marks.tos_sent is not None and marks.tos_checked_back
     hops = marks.hops
     return {"lost_up": directions.up if directions.counted else None,
             "lost_down": directions.down if directions.counted else None,
@@ -4647,6 +4658,33 @@ def signed(value: float, digits: int = 3) -> str:
     return "{:+.{}f}".format(0.0 if round(value, digits) == 0 else value, digits)
 
 
+class TimeUnit(NamedTuple):
+    """The one unit of a summary's times (and of a table's, a plot's): its name, its scale from
+    ms, and the decimals it is shown with."""
+    name: str
+    scale: float
+    digits: int
+
+    def show(self, *values_ms: float) -> str:
+        """'1.2/3.4 us': values in this unit, then its name."""
+        shown = ("{:.{}f}".format(value * self.scale, self.digits) for value in values_ms)
+        return "/".join(shown) + " " + self.name
+
+    def bound(self, value_ms: float, error_ms: float) -> str:
+        """'+1.2 us \u00b1 0.4 us': a signed value and its error bound."""
+        value = signed(value_ms * self.scale, self.digits)
+        return "{} {} \u00b1 {}".format(value, self.name, self.show(error_ms))
+
+
+MILLISECONDS = TimeUnit("ms", 1.0, 3)
+
+
+def time_unit(largest_ms: float) -> TimeUnit:
+    """Microseconds when everything is under a millisecond, as on a LAN or loopback, where 0.003
+    ms would say little; else milliseconds."""
+    return TimeUnit("us", 1000.0, 1) if largest_ms < 1.0 else MILLISECONDS
+
+
 LOST_LINES = {
     TIMED_OUT: "lost, no reply within {timeout:g} s",
     REFUSED: "refused: nothing listens on that port (ICMP port unreachable)",
@@ -4655,6 +4693,7 @@ LOST_LINES = {
     NOT_SENT: "not sent: the kernel refused it",
     INTERRUPTED: "interrupted before its reply",
     DEADLINE: "cut off by the deadline",
+    GONE: "not up: the server said it stopped (not counted as lost)",
 }
 
 
@@ -4694,8 +4733,8 @@ def format_counts(summary: Mapping) -> List[str]:
               "per address makes them: answered and lost probes in runs of nearly one length each"),
              (summary["in_flight"], "{} still in flight at the deadline: not counted as lost".format(
                  plural(summary["in_flight"], "probe"))),
-             (summary["not_up"], "{} refused before the target first answered (not up yet): not counted "
-              "as lost".format(plural(summary["not_up"], "probe"))),
+             (summary["not_up"], "{} sent while the target was not up (refused before its first answer, or "
+              "after it said it stopped): not counted as lost".format(plural(summary["not_up"], "probe"))),
              (summary["refused"] or summary["errors"], "{} refused by the server's host, {} could not be "
               "sent".format(summary["refused"], summary["errors"]))]
     return [counts] + [line for shown, line in notes if shown] + _format_end(summary)
@@ -4724,7 +4763,7 @@ def format_outage(outage: Outage, target: str, named: bool = False) -> str:
         ", still going at the end" if outage.at_end else "")
 
 
-def format_path(summary: Mapping) -> List[str]:
+def format_path(summary: Mapping, unit: TimeUnit = MILLISECONDS) -> List[str]:
     """What the path did: which leg lost what, the outages, the probes' marks and hops, each
     source port, and the one-way delays."""
     lines = []
@@ -4741,25 +4780,19 @@ def format_path(summary: Mapping) -> List[str]:
     ports = summary.get("ports") or []
     if len(ports) > 1:
         lines += ["source port {}: {} sent, {} received, {} lost, rtt median/p99 = {}".format(
-            port["port"], port["sent"], port["received"], port["lost"], _show_ms(
-                port["rtt_ms"]["median"], port["rtt_ms"]["p99"])) for port in ports]
+            port["port"], port["sent"], port["received"], port["lost"], "n/a" if port["rtt_ms"]["median"] is
+            None else unit.show(port["rtt_ms"]["median"], port["rtt_ms"]["p99"])) for port in ports]
     return lines
 
 
-def _show_ms(*values: Optional[float]) -> str:
-    if any(value is None for value in values):
-        return "n/a"
-    return "/".join("{:.3f}".format(value or 0) for value in values) + " ms"
-
-
-def format_one_way(summary: Mapping) -> str:
+def format_one_way(summary: Mapping, unit: TimeUnit = MILLISECONDS) -> str:
     up, down = summary["owd_up_ms"], summary["owd_down_ms"]
     if up is None:
         return "one-way delays: not given ({}); the queueing above needs no synchronised " \
                "clocks".format(summary["owd_reason"])
-    return "one-way delay median: out {:.3f} ms \u00b1 {:.3f} ms, back {:.3f} ms \u00b1 {:.3f} ms (both " \
-           "kernels synchronised: their max errors, and the timestamps')".format(
-               up["median"], up["err"], down["median"], down["err"])
+    return "one-way delay median: out {} \u00b1 {}, back {} \u00b1 {} (both kernels synchronised: their " \
+           "max errors, and the timestamps')".format(unit.show(up["median"]), unit.show(up["err"]),
+                                                 unit.show(down["median"]), unit.show(down["err"]))
 
 
 def format_marks(tos: Optional[Mapping], ttl: Optional[Mapping]) -> List[str]:
@@ -4769,9 +4802,10 @@ def format_marks(tos: Optional[Mapping], ttl: Optional[Mapping]) -> List[str]:
         if not tos["checked"]:
             lines.append("TOS {} sent: the server did not say what arrived".format(dscp_name(tos["sent"])))
         else:
-            lines.append("TOS {} sent, {} at the server, {} back: {}".format(
-                dscp_name(tos["sent"]), dscp_name(tos["received_by_server"]), dscp_name(tos["received_back"]),
-                _tos_verdict(tos)))
+            back = "unknown back (this platform cannot read it)" if tos["received_back"] is None else \
+                dscp_name(tos["received_back"]) + " back"
+            lines.append("TOS {} sent, {} at the server, {}: {}".format(
+                dscp_name(tos["sent"]), dscp_name(tos["received_by_server"]), back, _tos_verdict(tos)))
     if ttl is not None and ttl["received_by_server"] is not None:
         lines.append("TTL {} sent, {} at the server: {}".format(
             ttl["sent"] if ttl["sent"] is not None else "(unknown)", ttl["received_by_server"],
@@ -4785,20 +4819,24 @@ def format_marks(tos: Optional[Mapping], ttl: Optional[Mapping]) -> List[str]:
 
 def _tos_verdict(tos: Mapping) -> str:
     """Whether the marking survived, and on which leg it changed."""
-    legs = [("on the way out", tos["changed_out"]), ("on the way back", tos["changed_back"])]
-    changed = ["changed {} ({} of {})".format(leg, count, plural(tos["checked"], "reply", "replies"))
-               for leg, count in legs if count]
-    return "; ".join(changed) if changed else "kept both ways"
+    legs = [("on the way out", tos["changed_out"], tos["checked"]),
+            ("on the way back", tos["changed_back"], tos["checked_back"])]
+    changed = ["changed {} ({} of {})".format(leg, count, plural(checked, "reply", "replies"))
+               for leg, count, checked in legs if count]
+    if changed:
+        return "; ".join(changed)
+    return "kept both ways" if tos["checked_back"] else "kept on the way out"
 
 
-def offset_words(offset_ms: float, error_ms: float, ahead: str, behind: str, level: str) -> str:
+def offset_words(offset_ms: float, error_ms: float, ahead: str, behind: str, level: str,
+                 unit: TimeUnit = MILLISECONDS) -> str:
     """A direction only when the offset lies outside its bound: else level, within the bound."""
     if abs(offset_ms) <= error_ms:
-        return "{} within \u00b1 {:.3f} ms".format(level, error_ms)
+        return "{} within \u00b1 {}".format(level, unit.show(error_ms))
     return ahead if offset_ms > 0 else behind
 
 
-def format_clock(summary: Mapping) -> List[str]:
+def format_clock(summary: Mapping, unit: TimeUnit = MILLISECONDS) -> List[str]:
     """The server's processing time when it is missing, and its clock offset, in words."""
     reasons = summary["timestamps"]["untrusted_because"]
     no_stamps = summary["server_proc_ms"] is None and set(reasons) == {NO_SERVER_STAMPS}
@@ -4813,9 +4851,9 @@ def format_clock(summary: Mapping) -> List[str]:
         return lines + ["server clock offset: unavailable ({})".format(why)]
     offset, error = summary["offset_ms"], summary["offset_err_ms"]
     words = offset_words(offset, error, "server ahead of this machine", "server behind this machine",
-                         "server level with this machine")
-    return lines + ["server clock offset {} ms \u00b1 {:.3f} ms ({}; from seq {}, the lowest-rtt "
-                    "probe)".format(signed(offset), error, words, summary["offset_seq"])]
+                         "server level with this machine", unit)
+    return lines + ["server clock offset {} ({}; from seq {}, the lowest-rtt probe)".format(
+        unit.bound(offset, error), words, summary["offset_seq"])]
 
 
 def format_stamps(stamps: Mapping, interleaved: bool = False) -> str:
@@ -4845,23 +4883,15 @@ def _transmit_words(stamps: Mapping, interleaved: bool) -> str:
         if stamps["server"] == KERNEL else ""
 
 
-def time_unit(largest_ms: float) -> Tuple[str, float, int]:
-    """(unit, scale from ms, decimals): microseconds when everything is under a millisecond,
-    as on a LAN or loopback, where 0.003 ms would say little."""
-    return ("us", 1000.0, 1) if largest_ms < 1.0 else ("ms", 1.0, 3)
-
-
 def format_summary(summary: Mapping) -> List[str]:
     """The human summary of summarize(recorder), like ping's."""
-    lines = ["", "--- {} udp-timecheck statistics ---".format(summary["target"])] + format_counts(summary)
-    lines += format_path(summary)
     rtt = summary["rtt_ms"]
+    unit = MILLISECONDS if rtt["min"] is None else time_unit(rtt["max"])  # every time of it, in one unit
+    show = unit.show
+    lines = ["", "--- {} udp-timecheck statistics ---".format(summary["target"])] + format_counts(summary)
+    lines += format_path(summary, unit)
     if rtt["min"] is None:
         return lines
-    unit, scale, digits = time_unit(rtt["max"])
-    def show(*values: float) -> str:
-        return "/".join("{:.{}f}".format(value * scale, digits) for value in values) + " " + unit
-
     lines.append("rtt min/avg/max/mdev = " + show(rtt["min"], rtt["avg"], rtt["max"], rtt["mdev"]))
     lines.append("rtt median/p90/p99 = " + show(rtt["median"], rtt["p90"], rtt["p99"]))
     jitter = summary["jitter_ms"]
@@ -4872,40 +4902,42 @@ def format_summary(summary: Mapping) -> List[str]:
             show(out["median"], out["p99"], out["max"]), show(back["median"], back["p99"], back["max"])))
         lines.append("queueing above each direction's least delay, median: out {}, back {}".format(
             show(summary["send_queueing_ms"]), show(summary["receive_queueing_ms"])))
-        lines.append(format_one_way(summary))
+        lines.append(format_one_way(summary, unit))
     if summary["server_proc_ms"] is not None:
         lines.append("server processing median {}: from its kernel receiving a request to its reply, "
                      "left out of each rtt".format(show(summary["server_proc_ms"])))
-    lines += format_clock(summary) + format_drift(summary) + format_clocks(summary)
+    lines += format_clock(summary, unit) + format_drift(summary, unit) + format_clocks(summary, unit)
     if summary["reference"] is not None:
-        lines += format_reference(summary["reference"])
+        lines += format_reference(summary["reference"], unit)
     lines.append(format_stamps(summary["timestamps"], bool(summary.get("interleaved"))))
     return lines + format_histogram(summary["histogram_ms"])
 
 
-def format_drift(summary: Mapping) -> List[str]:
+def format_drift(summary: Mapping, unit: TimeUnit = MILLISECONDS) -> List[str]:
     """The clocks' relative rate, the offset at the end, and any clock steps."""
     if summary["drift_ppm"] is None:
         return []
     drift, error = summary["drift_ppm"], summary["drift_err_ppm"]
     claim = DRIFT_CLAIM_FACTOR * error
     pace = "faster than" if drift > claim else "slower than" if drift < -claim else "no faster or slower than"
-    end = "{} ms \u00b1 {:.3f} ms".format(signed(summary["offset_end_ms"]), summary["offset_end_err_ms"])
+    end = unit.bound(summary["offset_end_ms"], summary["offset_end_err_ms"])
     lines = ["clock drift {} ppm \u00b1 {:.3f} ppm (the server's clock runs {} this machine's); offset at "
              "the end {}".format(signed(drift), error, pace, end)]
-    lines += ["clock step of {} ms at {}".format(signed(step["size_ms"]), step["at"])
+    lines += ["clock step of {} {} at {}".format(signed(step["size_ms"] * unit.scale, unit.digits), unit.name,
+                                                step["at"])
               for step in summary["clock_steps"]]
     return lines
 
 
-def format_clock_state(whose: str, state: Mapping, remote: bool = False) -> str:
+def format_clock_state(whose: str, state: Mapping, remote: bool = False,
+                       unit: TimeUnit = MILLISECONDS) -> str:
     """What a kernel says of its clock, in words: 'server clock: synchronised, max error ...';
     each figure only when that kernel (remote: the server's) gave it."""
     if state["synchronized"] is None:
         return "{}: unknown (no kernel clock state{})".format(whose, ": the server did not say" if remote
                                                              else " here")
     words = ["synchronised" if state["synchronized"] else "NOT synchronised (the kernel says so)"]
-    words += ["{} {:.3f} ms".format(name, state[key]) for name, key in (
+    words += ["{} {}".format(name, unit.show(state[key])) for name, key in (
         ("max error", "maxerror_ms"), ("estimated error", "esterror_ms")) if state[key] is not None]
     if state["freq_ppm"] is not None:
         words.append("frequency correction {} ppm".format(signed(state["freq_ppm"])))
@@ -4913,38 +4945,38 @@ def format_clock_state(whose: str, state: Mapping, remote: bool = False) -> str:
     return "{}: {}{}".format(whose, ", ".join(words), source)
 
 
-def format_clocks(summary: Mapping) -> List[str]:
+def format_clocks(summary: Mapping, unit: TimeUnit = MILLISECONDS) -> List[str]:
     """Both kernels' views of their clocks, and whether the measured offset fits them."""
     clock = summary["clock"]
-    lines = [format_clock_state("server clock", clock["server"], remote=True),
-             format_clock_state("this machine's clock", clock["local"])]
+    lines = [format_clock_state("server clock", clock["server"], True, unit),
+             format_clock_state("this machine's clock", clock["local"], False, unit)]
     if clock["consistent"] is not None:
         lines.append("the offset is {}consistent with what both kernels claim (|offset| within its bound and "
                      "both max errors)".format("" if clock["consistent"] else "NOT "))
     return lines
 
 
-def format_reference(reference: Mapping) -> List[str]:
+def format_reference(reference: Mapping, unit: TimeUnit = MILLISECONDS) -> List[str]:
     """The three clocks against the reference, and in words which is off, and by how much."""
     name = "reference {}{}".format(reference["host"], " (stratum {})".format(reference["stratum"])
                                    if reference["stratum"] is not None else "")
     problems = "; ".join("{} x {}".format(count, problem) for problem, count in reference["problems"].items())
     if reference["local_offset_ms"] is None:
         return ["{}: no usable answer{}".format(name, " ({})".format(problems) if problems else "")]
-    lines = ["{}: this machine {} ms \u00b1 {:.3f} ms (this clock minus the reference's)".format(
-        name, signed(reference["local_offset_ms"]), reference["local_offset_err_ms"])]
+    lines = ["{}: this machine {} (this clock minus the reference's)".format(
+        name, unit.bound(reference["local_offset_ms"], reference["local_offset_err_ms"]))]
     if reference.get("failed"):
         lines.append("{}: {} without a usable answer, of {}{}".format(
             name, plural(reference["failed"], "query", "queries"), reference["queries"],
             "; " + problems if problems else ""))
     if reference["server_offset_ms"] is None:
         return lines
-    lines.append("{}: the server {} ms \u00b1 {:.3f} ms".format(
-        name, signed(reference["server_offset_ms"]), reference["server_offset_err_ms"]))
-    return lines + [_reference_verdict(reference)]
+    lines.append("{}: the server {}".format(
+        name, unit.bound(reference["server_offset_ms"], reference["server_offset_err_ms"])))
+    return lines + [_reference_verdict(reference, unit)]
 
 
-def _reference_verdict(reference: Mapping) -> str:
+def _reference_verdict(reference: Mapping, unit: TimeUnit) -> str:
     """Which clock the reference says is off, and by how much; none, within their bounds."""
     off = [(whose, reference[key + "_ms"], reference[key + "_err_ms"])
            for whose, key in (("this machine's", "local_offset"), ("the server's", "server_offset"))
@@ -4953,8 +4985,8 @@ def _reference_verdict(reference: Mapping) -> str:
         if reference.get("stale") else "verdict"
     if not off:
         return verdict + ": both clocks agree with the reference, within their error bounds"
-    return verdict + ": " + "; ".join("{} clock is off by {} ms (\u00b1 {:.3f} ms)".format(
-        whose, signed(value), error) for whose, value, error in off) + (
+    return verdict + ": " + "; ".join("{} clock is off by {}".format(
+        whose, unit.bound(value, error)) for whose, value, error in off) + (
         "; the other agrees with the reference" if len(off) == 1 else "")
 
 
@@ -5240,10 +5272,11 @@ def _rtt_histogram(snapshot: Mapping, labels: Mapping[str, str]) -> List[str]:
 
 
 def describe_server(server: TimeServer) -> str:
-    """What the server's first line says after its address: who it answers, its timestamps, and
-    what this platform cannot do."""
+    """The server's first line: where it listens, who it answers, its timestamps, and what this
+    platform cannot do."""
     access = "key required (HMAC-SHA256)" if server.keyed else "no key: answers anyone"
-    words = "{}; {}".format(access, describe_stamps(server.timestamps, server.no_kernel_stamps))
+    stamps = describe_stamps(server.timestamps, server.no_kernel_stamps)
+    words = "Server listening at {}; {}; {}".format(format_address(*server.address[:2]), access, stamps)
     if server.address[0] in ("0.0.0.0", "::") and not server.packet_info:
         words += ("; replies from the kernel's choice of source address (this platform cannot say which "
                   "address a request came to: on a host with several, bind one)")
@@ -5672,7 +5705,8 @@ def load_measurement(path: str) -> Tuple[str, List[Dict[str, Any]]]:
         lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
         measurement = _STRICT_JSON.decode(lines[-1]) if lines else None
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, NaN, too deep or long a number
-        raise TimecheckError("cannot read matrix input {}: {}".format(path, _json_error(exc))) from None
+        raise TimecheckError("matrix input {} is not JSON ({}): matrix reads what 'mesh --json' or 'client "
+                             "--json' printed, a file a node".format(path, _json_error(exc))) from None
     if not isinstance(measurement, dict):
         raise TimecheckError("matrix input {} is not the --json output of a udp-timecheck client or mesh "
                              "node".format(path))
@@ -6147,15 +6181,46 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise TimecheckError("{} (see: {} --help)".format(message, self.prog))
 
 
-SERVER_EPILOG = """examples:
-  %(prog)s 0.0.0.0 1060     all IPv4 interfaces: what a cloud VM wants
-  %(prog)s :: 1060 -q       all IPv6 interfaces, IPv4 too; no line per request
-  %(prog)s 0.0.0.0 1060 --key-file key
+class _Options:
+    """Where a command's options go: its own list, or a titled group that only --help-all
+    shows (so that --help fits a screen); an option works the same wherever it is listed."""
 
-exit codes: 0 stopped by Ctrl-C or SIGTERM; 2 a usage or set-up error (a port
-in use, an address not on this machine, an unreadable key)"""
-# What makes the client measure: an option that only makes sense for a measurement.  -W and
-# --key-file do not (one round trip has a timeout, and may need a key).  (dest, as written)
+    def __init__(self, parser: Any, title: Optional[str] = None, shown: bool = True) -> None:
+        self.group = parser if title is None else parser.add_argument_group(title)
+        self.shown = shown
+
+    def add(self, *names: str, **settings: Any) -> argparse.Action:
+        if not self.shown:
+            settings["help"] = argparse.SUPPRESS
+        return self.group.add_argument(*names, **settings)
+
+    def exclusive(self) -> "_Options":
+        """Options of which at most one may be given (-4 or -6)."""
+        options = _Options(self.group)
+        options.group, options.shown = self.group.add_mutually_exclusive_group(), self.shown
+        return options
+
+
+class _HelpAll(argparse.Action):
+    """--help-all: the command's help with every option, in its groups; then exit."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, command: str = "", top: str = "",
+                 **settings: Any) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS, **settings)
+        self.command, self.top = command, top
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        build_parser(self.top, full_help=True).parse_args([self.command, "--help"])
+
+
+SERVER_EPILOG = """examples:
+  %(prog)s 0.0.0.0 1060     all IPv4 interfaces: a cloud VM's
+  %(prog)s :: 1060 -q       all IPv6 interfaces, IPv4 too; quiet
+
+exit codes: 0 stopped by Ctrl-C or SIGTERM; 2 a usage or set-up error"""
+# What makes the client measure: an option that only makes sense for a measurement.  -W,
+# --key-file, -4 and -6 do not (one round trip has a timeout, may need a key, and a family).
 MEASURING_OPTIONS = (("measure_delay", "--measure-delay"), ("count", "-c"), ("interval", "-i"),
                      ("deadline", "-w"), ("quiet", "-q"), ("json", "--json"), ("csv", "--csv"),
                      ("jsonl", "--jsonl"), ("plot", "--plot"), ("reference", "--reference"),
@@ -6163,123 +6228,141 @@ MEASURING_OPTIONS = (("measure_delay", "--measure-delay"), ("count", "-c"), ("in
                      ("timestamps", "--timestamps"), ("metrics", "--metrics"), ("tos", "--tos"),
                      ("ttl", "--ttl"), ("ports", "--ports"))
 MEASURING_RULE = textwrap.fill(
-    "Without options the client asks once, as the tutorial's does.  Any of {options} makes it measure: "
-    "{count} probes back to back (-i 0, the tutorial's loop), unless -c says otherwise; with -c 0 or -w, "
-    "until Ctrl-C or the deadline, a probe a second unless -i says otherwise.  -W, --key-file, -I and "
-    "--interleaved do not make it measure.".format(
+    "Without options the client asks once, as the tutorial's does.  Any of {options} makes it measure, "
+    "as ping does: a probe a second until Ctrl-C, -c or -w.  --measure-delay is the tutorial's loop: "
+    "{count} probes, each sent when the last is answered or timed out (-i 0).  -W, --key-file, -4, -6, "
+    "-I and --interleaved do not make it measure.".format(
         options=", ".join(written for _, written in MEASURING_OPTIONS), count=DEFAULT_COUNT),
-    72, break_on_hyphens=False)
+    78, break_on_hyphens=False)
 CLIENT_EPILOG = MEASURING_RULE + """
 
-TARGET is HOST, HOST:PORT or [IPV6]:PORT; HOST PORT works too.
-
 examples:
-  %(prog)s 203.0.113.7 1060                     the server's time, once
-  %(prog)s 203.0.113.7:1060 --measure-delay     {count} probes, then statistics
-  %(prog)s 203.0.113.7 1060 -c 100 -i 0.2 --json
-  %(prog)s 203.0.113.7 1060 -w 60 -q            a probe a second for a minute
+  %(prog)s 203.0.113.7 1060            the server's time, once
+  %(prog)s 203.0.113.7 1060 -c 20      20 probes, a second apart
+  %(prog)s 203.0.113.7:1060 --measure-delay --json
 
-exit codes: 0 at least one valid reply, and no liar, forged reply or echo;
-1 no valid reply, a liar, a forged reply or an echo service; 2 a usage or
-set-up error""".replace("{count}", str(DEFAULT_COUNT))
+exit codes: 0 a valid reply, and no liar, forged reply or echo; 1 no valid
+reply, a liar, a forged reply or an echo service; 2 a usage or set-up error"""
 TOP_EPILOG = """examples:
-  %(prog)s demo                                    a server and a client on loopback
-  %(prog)s server 0.0.0.0 1060                     serve on every IPv4 interface
-  %(prog)s client 203.0.113.7 1060                 the server's time, once
-  %(prog)s client 203.0.113.7:1060 --measure-delay RTT, loss and the clock offset
-  %(prog)s sntp 169.254.169.123                    this machine against an NTP server
+  %(prog)s demo                           a server and a client, here
+  %(prog)s server 0.0.0.0 1060            serve on every IPv4 interface
+  %(prog)s client 203.0.113.7 1060        the server's time, once
+  %(prog)s client 203.0.113.7 1060 -c 20  RTT, loss and the clock offset
+  %(prog)s sntp 169.254.169.123           this machine against NTP
 
 '%(prog)s COMMAND --help' says more about each."""
 SNTP_EPILOG = """examples:
-  %(prog)s 169.254.169.123      the Amazon Time Sync Service, from an EC2 instance
+  %(prog)s 169.254.169.123     the Amazon Time Sync Service, on EC2
   %(prog)s pool.ntp.org -c 8 -i 2 --json
 
 exit codes: 0 at least one usable answer; 1 none (silence, kiss-o'-death, an
 unsynchronised server), or a reply with a wrong origin; 2 a usage error"""
-MESH_EPILOG = """Every node of a fleet runs the same command, with the same peers file:
-each serves on --listen and measures every other peer, until Ctrl-C or SIGTERM
-(or -c, -w), a probe a second unless -i says otherwise.  With --metrics, every
-series carries source (this node) and target labels: one Prometheus that
-scrapes every node holds the whole matrix.  'matrix' turns the nodes' --json
-outputs into N x N tables.
+MESH_EPILOG = """Every node runs the same command with the same peers file: it serves on --listen
+and measures every other peer, a probe a second until Ctrl-C, -c or -w.  Its
+--metrics series carry source (this node) and target labels, so one Prometheus
+scraping every node holds the whole matrix; 'matrix' makes N x N tables of the
+nodes' --json outputs.
 
 examples:
   %(prog)s --peers fleet.txt --listen 0.0.0.0:1060 --metrics 9102
-  %(prog)s --peers fleet.txt --listen 10.0.0.5:1060 -w 60 --json > node5.json"""
-MATRIX_EPILOG = """examples:
+  %(prog)s --peers fleet.txt --listen 10.0.0.5:1060 --json >n5.json"""
+MATRIX_EPILOG = """It reads what 'mesh --json' (or 'client --json') printed, one file a node.
+
+examples:
   %(prog)s node1.json node2.json node3.json
   %(prog)s *.json --json"""
 DEMO_DESCRIPTION = """Start a server on 127.0.0.1, on a free port, and run two clients against
 it in this same process: the tutorial's single round trip, then a
 measurement of 50 probes.  Both sides' output is shown; the server's lines
 are marked "server |".  Nothing leaves this machine."""
+MORE_OPTIONS = "\n\n--help-all shows every option: {}."
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    """The command line; prog is the name in messages (default: the name it was run as)."""
-    parser = _ArgumentParser(prog=prog, description=(
-        "UDP latency and clock check: a time server, and a client that measures round-trip "
-        "time, loss and the server's clock offset, to one server, a fleet, or a whole mesh."),
+def build_parser(prog: Optional[str] = None, full_help: bool = False) -> argparse.ArgumentParser:
+    """The command line; prog is the name in messages (default: the name it was run as), and
+    full_help lists every option in --help, as --help-all does."""
+    parser = _ArgumentParser(prog=prog, allow_abbrev=False, description=(
+        "UDP latency and clock check: a time server, and a client that measures round-trip\n"
+        "time, loss and the server's clock offset: to one server, a fleet, or a mesh."),
         epilog=TOP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     commands.required = True
-    for name, (func, add_arguments, about, epilog, description) in SUBCOMMANDS.items():
-        sub = commands.add_parser(name, help=about, epilog=epilog, description=description,
+    for name, (func, add_arguments, about, epilog, usage) in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=about, epilog=epilog, usage=usage, allow_abbrev=False,
+                                  description=DEMO_DESCRIPTION if name == "demo" else None,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_arguments(sub)
-        sub.set_defaults(func=func, help_prog=sub.prog)
+        hidden = add_arguments(sub, full_help)
+        if hidden:
+            sub.add_argument("--help-all", action=_HelpAll, command=name, top=parser.prog,
+                             help="list every option")
+            if not full_help:
+                sub.epilog = (sub.epilog or "") + MORE_OPTIONS.format(hidden)
+        sub.set_defaults(func=func, help_prog=sub.prog, program=parser.prog)
     return parser
 
 
-def _add_server_arguments(server: argparse.ArgumentParser) -> None:
+def _add_server_arguments(server: argparse.ArgumentParser, full_help: bool) -> str:
     server.add_argument("host", nargs="?", metavar="HOST", help=(
         "address to listen on, or HOST:PORT: 0.0.0.0 for all IPv4 interfaces, :: for IPv6 and IPv4 "
         "(default {})".format(DEFAULT_HOST)))
     server.add_argument("port", nargs="?", metavar="PORT", help=(
         "UDP port (default {}; 0: any free one)".format(DEFAULT_PORT)))
-    _add_common_options(server, server=True)
-    _add_server_options(server)
+    verbosity = server.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="no line per request")
+    verbosity.add_argument("-v", "--verbose", action="store_true",
+                           help="a line for every request (default: at most {} a second)".format(
+                               LOG_LINES_PER_SECOND))
+    _add_key_option(_Options(server))
+    _add_max_rate_option(_Options(server))
+    _add_metrics_option(_Options(server))
+    server.add_argument("--faulty", nargs="?", const=FAULTY_PROBABILITY, default=0.0, metavar="P",
+                        type=_ranged(float, 0, 1, "a probability from 0 to 1"),
+                        help="answer with a wrong id with probability P (default %(const)s), "
+                             "as the tutorial's FAULTY_SERVER")
+    _add_timestamps_option(_Options(server))
+    server.add_argument("--measure_delay", "-measure_delay", type=_truthy, default=False, metavar="BOOL",
+                        help="the tutorial's; accepted and ignored")
+    return ""
 
 
-def _add_client_arguments(client: argparse.ArgumentParser) -> None:
+def _add_client_arguments(client: argparse.ArgumentParser, full_help: bool) -> str:
     client.add_argument("targets", nargs="*", metavar="TARGET", help=(
-        "a server: HOST, HOST:PORT or [IPV6]:PORT, a name or an address; several are measured at once; "
-        "a final PORT is the port of every target that names none (default {}:{})".format(
-            DEFAULT_HOST, DEFAULT_PORT)))
-    client.add_argument("--targets", dest="targets_file", metavar="FILE", help=(
-        "more targets, one a line ([NAME] HOST:PORT; # starts a comment)"))
-    _add_common_options(client)
-    _add_client_options(client)
+        "a server: HOST, HOST:PORT or [IPV6]:PORT (default {}:{}); several are measured at once; "
+        "a final PORT is that of every target without one".format(DEFAULT_HOST, DEFAULT_PORT)))
+    main = _Options(client)
+    _add_measuring_options(main, mesh=False)
+    main.add("--measure-delay", action="store_true", help="measure as the tutorial's loop: {} probes, "
+             "back to back".format(DEFAULT_COUNT))
+    _add_key_option(main)
+    main.add("--targets", dest="targets_file", metavar="FILE",
+             help="more targets, one a line ([NAME] HOST:PORT; # starts a comment)")
+    return _add_advanced_options(client, full_help, mesh=False)
 
 
-def _add_mesh_arguments(mesh: argparse.ArgumentParser) -> None:
-    mesh.add_argument("--peers", required=True, metavar="FILE", help=(
+def _add_mesh_arguments(mesh: argparse.ArgumentParser, full_help: bool) -> str:
+    main = _Options(mesh)
+    main.add("--peers", required=True, metavar="FILE", help=(
         "the fleet, one peer a line: NAME HOST:PORT or HOST:PORT (# starts a comment); the same file on "
         "every node"))
-    mesh.add_argument("--listen", required=True, metavar="HOST:PORT", help=(
-        "where this node's server listens; the peer at that address (or named --name) is this node"))
-    mesh.add_argument("--name", metavar="NAME", help="this node's name in --peers, when its address "
-                                                     "does not tell")
-    mesh.add_argument("--max-rate", type=_ranged(float, 0.01, 1e9, "replies a second, above 0"), metavar="N",
-                      help="this node's server answers at most N requests a second per source address")
-    _add_common_options(mesh)
-    _add_client_options(mesh)
+    main.add("--listen", required=True, metavar="HOST:PORT", help=(
+        "where this node's server listens; the peer at that address (or --name) is this node"))
+    main.add("--name", metavar="NAME", help="this node's name in --peers, when its address does not tell")
+    _add_measuring_options(main, mesh=True)
+    _add_key_option(main)
+    _add_metrics_option(main)
+    _add_max_rate_option(main)
+    return _add_advanced_options(mesh, full_help, mesh=True)
 
 
-def _add_matrix_arguments(matrix: argparse.ArgumentParser) -> None:
+def _add_matrix_arguments(matrix: argparse.ArgumentParser, full_help: bool) -> str:
     matrix.add_argument("files", nargs="+", metavar="FILE",
                         help="the --json output of a mesh node or a client")
     matrix.add_argument("--json", action="store_true", help="the matrix as one JSON object")
+    return ""
 
 
-def _add_metrics_option(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--metrics", metavar="[HOST:]PORT", type=_listen_address,
-                     help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST: 127.0.0.1 unless "
-                          "given)")
-
-
-def _add_sntp_options(sntp: argparse.ArgumentParser) -> None:
+def _add_sntp_arguments(sntp: argparse.ArgumentParser, full_help: bool) -> str:
     sntp.add_argument("host", metavar="HOST", help="the NTP server: a name, an IPv4 or an IPv6 address, "
                                                    "or HOST:PORT ([IPV6]:PORT)")
     sntp.add_argument("port", nargs="?", metavar="PORT", help="UDP port (default {})".format(NTP_PORT))
@@ -6288,102 +6371,110 @@ def _add_sntp_options(sntp: argparse.ArgumentParser) -> None:
     sntp.add_argument("-i", "--interval", type=_ranged(float, 0.01, 3600, "seconds from 0.01 to 3600"),
                       default=1.0, help="seconds between queries (default %(default)s; public servers may "
                                         "answer a faster client with a kiss-o'-death)")
-    sntp.add_argument("-W", "--timeout", type=_ranged(float, 0.001, 3600, "seconds from 0.001 to 3600"),
-                      default=DEFAULT_TIMEOUT, help="seconds to wait for a reply (default %(default)s)")
+    _add_timeout_option(_Options(sntp))
+    _add_family_options(_Options(sntp))
     sntp.add_argument("-q", "--quiet", action="store_true", help="the summary only")
     sntp.add_argument("--json", action="store_true", help="one JSON object instead of text")
-    sntp.add_argument("--timestamps", choices=(KERNEL, USER), default=KERNEL,
-                      help="take send and receive times from the kernel (default, where it works)")
+    _add_timestamps_option(_Options(sntp))
+    return ""
 
 
-def _add_common_options(sub: argparse.ArgumentParser, server: bool = False) -> None:
-    sub.add_argument("--key-file", metavar="PATH", help="shared secret for HMAC-SHA256 "
-                     "authentication; or set {} (never a key on the command line)".format(KEY_ENV))
-    sub.add_argument("--timestamps", choices=(KERNEL, USER),
-                     help="take receive times from the kernel (default, where it works) or "
-                          "read them in user space after each wake-up")
-    sub.add_argument("--measure_delay", "-measure_delay", type=_truthy, default=False, metavar="BOOL",
-                     help="the tutorial's spelling (1/true/yes or 0/false/no)" + (
-                         "; the server accepts and ignores it" if server else ""))
+def _add_measuring_options(options: _Options, mesh: bool) -> None:
+    """ping's first options, in ping's order: count, interval, deadline, timeout, family."""
+    each = " to each peer" if mesh else ""
+    options.add("-c", "--count", type=_ranged(int, 0, 10 ** 9, "a whole number from 0"), metavar="N",
+                help="probes to send{} (default: until Ctrl-C or -w{}); 0: until Ctrl-C or -w".format(
+                    each, "" if mesh else "; {} with --measure-delay".format(DEFAULT_COUNT)))
+    options.add("-i", "--interval", type=_interval, metavar="SECONDS", help=(
+        "seconds between probes{}, from {:g} (default {:g}, as ping{})".format(
+            each, MIN_INTERVAL, DEFAULT_INTERVAL, "" if mesh else "; 0 with --measure-delay: each probe "
+            "when the last is answered or timed out")))
+    options.add("-w", "--deadline", type=_ranged(float, 0.001, 10 ** 9, "seconds above 0"),
+                metavar="SECONDS", help="stop after SECONDS, unless -c is reached first, as ping -w")
+    _add_timeout_option(options)
+    _add_family_options(options)
+    options.add("-q", "--quiet", action="store_true", help="the summary only (and progress on stderr, "
+                                                            "when it is a terminal)")
+    options.add("--json", action="store_true", help="one JSON object instead of text")
 
 
-def _add_server_options(server: argparse.ArgumentParser) -> None:
-    verbosity = server.add_mutually_exclusive_group()
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="no line per request")
-    verbosity.add_argument("-v", "--verbose", action="store_true",
-                           help="a line for every request (default: at most {} a second)".format(
-                               LOG_LINES_PER_SECOND))
-    server.add_argument("--faulty", nargs="?", const=FAULTY_PROBABILITY, default=0.0, metavar="P",
-                        type=_ranged(float, 0, 1, "a probability from 0 to 1"),
-                        help="answer with a wrong id with probability P (default %(const)s), "
-                             "as the tutorial's FAULTY_SERVER")
-    server.add_argument("--max-rate", type=_ranged(float, 0.01, 1e9, "replies a second, above 0"),
-                        metavar="N", help="answer at most N requests a second per source address")
-    _add_metrics_option(server)
+def _add_timeout_option(options: _Options) -> None:
+    options.add("-W", "--timeout", type=_ranged(float, 0.001, 3600, "seconds from 0.001 to 3600"),
+                metavar="SECONDS", default=DEFAULT_TIMEOUT,
+                help="seconds to wait for each reply (default {:g})".format(DEFAULT_TIMEOUT))
 
 
-def _add_client_options(client: argparse.ArgumentParser) -> None:
-    client.add_argument("--measure-delay", action="store_true",
-                        help="measure: many probes, then statistics (so does any option from -c to "
-                             "--timestamps below)")
-    client.add_argument("-c", "--count", type=_ranged(int, 0, 10 ** 9, "a whole number from 0"),
-                        help="probes to send (default {}, or with -w none: until the deadline); 0: until "
-                             "Ctrl-C, SIGTERM or the deadline".format(DEFAULT_COUNT))
-    client.add_argument("-w", "--deadline", type=_ranged(float, 0.001, 10 ** 9, "seconds above 0"),
-                        metavar="SECONDS", help="run until SECONDS have passed, unless -c is reached first, "
-                                                "as ping -w")
-    client.add_argument("-i", "--interval", type=_interval,
-                        help="seconds between probes, from {:g}; 0 (default with -c N) sends the next as "
-                             "soon as the last is answered or timed out; {:g} with -c 0 or -w".format(
-                                 MIN_INTERVAL, UNTIL_STOPPED_INTERVAL))
-    client.add_argument("-q", "--quiet", action="store_true",
-                        help="the summary only (and progress on stderr, when it is a terminal)")
-    client.add_argument("--json", action="store_true", help="one JSON object instead of text")
-    client.add_argument("--csv", metavar="FILE", help="also write one row per probe to FILE as it ends "
-                                                       "(- for stdout)")
-    client.add_argument("--jsonl", metavar="FILE", help="also write one JSON object per probe to FILE as it "
-                                                         "ends (- for stdout)")
-    client.add_argument("--report-every", type=_ranged(float, 0.01, 10 ** 9, "seconds from 0.01"),
-                        metavar="SECONDS", help="print that period's figures every SECONDS (with --json, "
-                                                "one JSON line each, then the summary)")
-    client.add_argument("-D", dest="print_time", action="store_true",
-                        help="the wall-clock time (Unix seconds) before every probe and report line, "
-                             "as ping -D")
-    client.add_argument("--reference", metavar="NTPHOST[:PORT]", type=_host_and_port,
-                        help="also measure this machine against an NTP server, and say which clock is off: "
-                             "this machine's, the server's, or neither")
-    _add_metrics_option(client)
-    client.add_argument("--plot", metavar="FILE.svg", help="draw the run as a standalone SVG: RTT over "
-                                                            "time, the offset and its drift, the histogram")
-    client.add_argument("--size", type=_ranged(int, 1, 65527, "bytes from 1 to 65527"),
-                        help="pad requests and replies to SIZE bytes (MTU and fragmentation tests; "
-                             "at least what a request needs, about 150)")
-    client.add_argument("-W", "--timeout", type=_ranged(float, 0.001, 3600, "seconds from 0.001 to 3600"),
-                        default=DEFAULT_TIMEOUT, help="seconds to wait for a reply (default %(default)s); "
-                                                      "it does not make a measurement")
-    _add_path_options(client)
+def _add_family_options(options: _Options) -> None:
+    family = options.exclusive()
+    family.add("-4", dest="family", action="store_const", const=socket.AF_INET, default=0,
+               help="IPv4 only")
+    family.add("-6", dest="family", action="store_const", const=socket.AF_INET6, help="IPv6 only")
 
 
-def _add_path_options(client: argparse.ArgumentParser) -> None:
-    path = client.add_argument_group("the path")
-    path.add_argument("--tos", type=tos_value, metavar="VALUE",
-                      help="mark the probes with this TOS byte (a number, 0x.. too) or DSCP name (EF, "
-                           "AF41, CS6, ...); the server says what arrived, and marks its reply the same")
-    path.add_argument("--ttl", type=_ranged(int, 1, 255, "hops from 1 to 255"), metavar="N",
-                      help="send the probes with this TTL (hop limit); the server says what arrived: the "
-                           "hop count, and any change in it")
-    path.add_argument("-I", "--source", metavar="ADDR", type=_source_address,
-                      help="send from this local address, as ping -I")
-    ports = _ranged(int, 1, MAX_SOURCE_PORTS, "from 1 to {}".format(MAX_SOURCE_PORTS))
-    path.add_argument("--ports", type=ports,
-                      metavar="N", help="spread the probes over N source ports, one socket each, and give "
-                                        "loss and RTT per port: equal-cost paths (ECMP) apart")
-    stamps = path.add_mutually_exclusive_group()
-    stamps.add_argument("--interleaved", action="store_true", default=None,
-                        help="the server's transmit time from its kernel, sent with its next reply, as "
-                             "chrony's xleave (the default, where the server can)")
-    stamps.add_argument("--no-interleaved", dest="interleaved", action="store_false",
-                        help="the server's transmit time as it reads it before sending")
+def _add_key_option(options: _Options) -> None:
+    options.add("--key-file", metavar="PATH", help="shared secret for HMAC-SHA256 authentication; or set "
+                                                   "{} (never a key on the command line)".format(KEY_ENV))
+
+
+def _add_max_rate_option(options: _Options) -> None:
+    options.add("--max-rate", type=_ranged(float, 0.01, 1e9, "replies a second, above 0"), metavar="N",
+                help="answer at most N requests a second per source address")
+
+
+def _add_metrics_option(options: _Options) -> None:
+    options.add("--metrics", metavar="[HOST:]PORT", type=_listen_address,
+                help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST: 127.0.0.1 unless given)")
+
+
+def _add_timestamps_option(options: _Options) -> None:
+    options.add("--timestamps", choices=(KERNEL, USER),
+                help="take times from the kernel (default, where it works) or read the clock after "
+                     "each wake-up")
+
+
+def _add_advanced_options(command: argparse.ArgumentParser, shown: bool, mesh: bool) -> str:
+    """The groups that --help lists by title only; their titles, for its last line."""
+    outputs = _Options(command, "outputs", shown)
+    outputs.add("--csv", metavar="FILE", help="also write a row per probe to FILE as it ends (- for stdout)")
+    outputs.add("--jsonl", metavar="FILE", help="the same as one JSON object a line (JSON Lines)")
+    outputs.add("--report-every", type=_ranged(float, 0.01, 10 ** 9, "seconds from 0.01"), metavar="SECONDS",
+                help="print that period's figures every SECONDS (with --json, a JSON line each)")
+    outputs.add("-D", dest="print_time", action="store_true",
+                help="the wall-clock time (Unix seconds) before every line, as ping -D")
+    outputs.add("--plot", metavar="FILE.svg", help="draw the run as a standalone SVG")
+    if not mesh:
+        _add_metrics_option(outputs)
+    clocks = _Options(command, "clocks", shown)
+    clocks.add("--reference", metavar="NTPHOST[:PORT]", type=_host_and_port,
+               help="also measure this machine against an NTP server, and say which clock is off")
+    _add_timestamps_option(clocks)
+    stamps = clocks.exclusive()
+    stamps.add("--interleaved", action="store_true", default=None,
+               help="the server's send times from its kernel, with its next reply, as chrony's xleave "
+                    "(default, where the server can)")
+    stamps.add("--no-interleaved", dest="interleaved", action="store_false",
+               help="the server's send times as it reads them before sending")
+    _add_path_options(_Options(command, "the path", shown))
+    if mesh:
+        return "outputs, clocks, the path"
+    tutorial = _Options(command, "the tutorial's", shown)
+    tutorial.add("--measure_delay", "-measure_delay", type=_truthy, default=False, metavar="BOOL",
+                 help="its spelling of --measure-delay (1/true/yes or 0/false/no)")
+    return "outputs, clocks, the path, the tutorial's"
+
+
+def _add_path_options(path: _Options) -> None:
+    path.add("-s", "--size", type=_ranged(int, MIN_SIZE, 65527, "bytes from {} to 65527".format(MIN_SIZE)),
+             help="pad requests and replies to SIZE bytes, from {} (MTU and fragmentation tests)".format(
+                 MIN_SIZE))
+    path.add("-t", "--ttl", type=_ranged(int, 1, 255, "hops from 1 to 255"), metavar="TTL",
+             help="send with this TTL (hop limit); the server says what arrived: the hops, and their changes")
+    path.add("-Q", "--tos", type=tos_value, metavar="TOS",
+             help="mark the probes with this TOS byte (0x.. too) or DSCP name (EF, AF41, CS6, ...); the "
+                  "server says what arrived, and marks its reply the same")
+    path.add("-I", "--source", metavar="ADDR", type=_source_address, help="send from this local address")
+    path.add("--ports", type=_ranged(int, 1, MAX_SOURCE_PORTS, "from 1 to {}".format(MAX_SOURCE_PORTS)),
+             metavar="N", help="spread the probes over N source ports, with loss and RTT for each (ECMP)")
 
 
 def _key_for(args: argparse.Namespace) -> Optional[bytes]:
@@ -6424,7 +6515,7 @@ def cmd_server(args: argparse.Namespace) -> int:
                         timestamps=args.timestamps or KERNEL)
     with server, _stop_signals(server.request_stop, restore=args.restore_signals), \
             _metrics(args.metrics, lambda: render_server_metrics(server, output.dropped), output.write):
-        output.write("Server listening at {}; {}".format(server.address, describe_server(server)))
+        output.write(describe_server(server))
         server.serve_forever()
         server.goodbye()  # its clients count what follows as not up, not lost
 
@@ -6454,12 +6545,13 @@ def client_spec(args: argparse.Namespace, targets: Sequence[Peer], measuring: bo
     """The run the client's (or a mesh node's) options ask for, built once: with -w and no -c, no
     count limit; with no count limit and no -i, a probe a second, as ping sends them.  With many
     targets each keeps fewer probes for the JSON, so that the whole stays small."""
-    count, interval = _count_and_interval(args, measuring, DEFAULT_COUNT if source is None else 0)
+    count, interval = _count_and_interval(args, measuring)
     return RunSpec(
         targets=tuple(targets), count=count, interval=interval, timeout=args.timeout, size=args.size or 0,
         key=_key_for(args), deadline=args.deadline, report_every=args.report_every,
         keep_samples=max(10, SAMPLES_KEPT // len(targets)), timestamps=args.timestamps or KERNEL,
-        path=PathOptions(args.interleaved is not False, args.tos, args.ttl, args.source, args.ports or 1),
+        path=PathOptions(args.interleaved is not False, args.tos, args.ttl, args.source, args.ports or 1,
+                         args.family),
         measuring=measuring, source=source, reference=args.reference,
         outputs=Outputs(args.json, args.quiet, args.csv, args.jsonl, args.plot, args.metrics,
                         args.print_time))
@@ -6631,16 +6723,20 @@ def is_measurement(args: argparse.Namespace) -> bool:
     return any(getattr(args, dest) not in (None, False) for dest, _ in MEASURING_OPTIONS)
 
 
-def _count_and_interval(args: argparse.Namespace, measuring: bool, default_count: int) -> Tuple[int, float]:
-    """-c and -i as given; else, with -w, no count limit; without one, a probe a second."""
+def _count_and_interval(args: argparse.Namespace, measuring: bool) -> Tuple[int, float]:
+    """-c and -i as given.  Else ping's: a probe a second, until stopped (Ctrl-C, -w); with
+    --measure-delay, the tutorial's loop: DEFAULT_COUNT probes back to back.  Not measuring: one."""
+    tutorial = getattr(args, "measure_delay", False)  # a mesh has no --measure-delay
     count = args.count if args.count is not None else (
-        0 if args.deadline else default_count if measuring else 1)
-    interval = args.interval if args.interval is not None else UNTIL_STOPPED_INTERVAL if count == 0 else 0.0
+        1 if not measuring else DEFAULT_COUNT if tutorial and not args.deadline else 0)
+    interval = args.interval if args.interval is not None else 0.0 if tutorial else DEFAULT_INTERVAL
     return count, interval
 
 
 def _check_plot(path: Optional[str]) -> None:
     """--plot's file, tried before anything is sent: a bad path is a usage error, not a lost run."""
+    if path is not None and not path.lower().endswith(".svg"):
+        raise TimecheckError("--plot draws an SVG: give it a FILE.svg, not {!r}".format(path))
     if path is None or (os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)):
         return  # a FIFO or a device: written in place
     error = "it is a directory" if os.path.isdir(path) else write_whole_file(path + ".udp-timecheck-try", "")
@@ -6700,7 +6796,8 @@ def cmd_sntp(args: argparse.Namespace) -> int:
     host, port = endpoint(args.host, args.port, NTP_PORT)
     out = Sink(sys.stdout)
     prober = SntpProber(host, port, SntpScreen(args, out), count=args.count, interval=args.interval,
-                        timeout=args.timeout, timestamps=args.timestamps)
+                        timeout=args.timeout, timestamps=args.timestamps or KERNEL,
+                        path=PathOptions(family=args.family))
     with _stop_signals(prober.stop, restore=args.restore_signals):
         recorder = prober.run()
     summary = summarize(recorder)
@@ -6727,6 +6824,7 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     with TimeServer(host, port, key=spec.key, max_rate=args.max_rate, log=None,
                     timestamps=args.timestamps or KERNEL) as server:
         server.start()
+        _err("mesh node {}: {}".format(source, describe_server(server)))  # stdout may be --json
         try:
             return measure(args, spec, lambda: render_server_metrics(server, 0, source, build_info=False))
         finally:
@@ -6749,31 +6847,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     status = EXIT_OK
     with TimeServer("127.0.0.1", 0, log=lambda line: out.line("  server | " + line)) as server:
         host, port = server.address[:2]
-        out.line("$ python3 udp_timecheck.py server {} {}".format(host, port))
-        out.line("  server | Server listening at {}; {}".format(server.address, describe_server(server)))
+        typed = ("python3 " if args.program.endswith(".py") else "") + args.program
+        out.line("$ {} server {} {}".format(typed, host, port))
+        out.line("  server | " + describe_server(server))
         server.start()
         for extra in ((), DEMO_ARGS):
             command = ["client", host, str(port)] + list(extra)
-            out.line("\n$ python3 udp_timecheck.py " + " ".join(command))
+            out.line("\n$ {} {}".format(typed, " ".join(command)))
             status = max(status, main(command))
     out.line("  server | Server stopped: {}".format(server.stats))
     return status
 
 
-# name: (cmd_<name>, what adds its arguments, its line in the top help, its epilog, its description)
+# name: (cmd_<name>, what adds its arguments (and says which groups --help leaves out), its line in
+# the top help, its epilog, its usage line (None: argparse's))
 SUBCOMMANDS = collections.OrderedDict((
-    ("server", (cmd_server, _add_server_arguments, "answer time requests", SERVER_EPILOG, None)),
+    ("server", (cmd_server, _add_server_arguments, "answer time requests", SERVER_EPILOG,
+                "%(prog)s [options] [HOST] [PORT]")),
     ("client", (cmd_client, _add_client_arguments, "ask the time once, or measure one server or many",
-                CLIENT_EPILOG, None)),
-    ("sntp", (cmd_sntp, _add_sntp_options, "this machine's clock against an NTP server (SNTPv4)",
+                CLIENT_EPILOG, "%(prog)s [options] [TARGET ...] [PORT]")),
+    ("sntp", (cmd_sntp, _add_sntp_arguments, "this machine's clock against an NTP server (SNTPv4)",
               SNTP_EPILOG, None)),
     ("mesh", (cmd_mesh, _add_mesh_arguments, "serve, and measure every other peer of a fleet", MESH_EPILOG,
-              None)),
+              "%(prog)s --peers FILE --listen HOST:PORT [options]")),
     ("matrix", (cmd_matrix, _add_matrix_arguments, "the N x N tables of a mesh's --json outputs",
                 MATRIX_EPILOG, None)),
-    ("demo", (cmd_demo, lambda demo: None, "run a server and a client on loopback, show both", None,
-              DEMO_DESCRIPTION)),
+    ("demo", (cmd_demo, lambda demo, full_help: "", "run a server and a client on loopback, show both", None,
+              None)),
 ))
+
+
+def program_name() -> str:
+    """The program as it was run, for hints and --version: udp-timecheck (pip's command),
+    python3 -m udp_timecheck, or the script's file name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name == "udp_timecheck":
+        return os.path.basename(sys.executable or "python3").replace(".exe", "") + " -m udp_timecheck"
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name.replace(".exe", "") or "udp-timecheck"
+
+
+# An option that looks like a key: refused before parsing, so that its value is never echoed.
+KEY_LIKE_OPTION = re.compile(r"--?(key|secret|password|psk|hmac)(?!-file$)[\w-]*$", re.IGNORECASE)
+
+
+def refuse_key_options(argv: Sequence[str]) -> None:
+    """A key is never an argument: ps shows every user the command line."""
+    for word in itertools.takewhile(lambda word: word != "--", argv):
+        name = word.split("=", 1)[0]
+        if KEY_LIKE_OPTION.match(name):
+            raise TimecheckError("{} is not an option: a key on the command line can be read by every user "
+                                 "of this machine (ps); put it in a file for --key-file PATH, or in {} "
+                                 "(what followed it is not shown)".format(name, KEY_ENV))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -6782,7 +6907,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        args, extras = build_parser(None if argv is None else "udp_timecheck.py").parse_known_args(argv)
+        refuse_key_options(sys.argv[1:] if argv is None else argv)
+        parser = build_parser(program_name() if argv is None else "udp_timecheck.py")
+        args, extras = parser.parse_known_args(argv)
         if extras:  # the subcommand's help, where the options that were meant are
             raise TimecheckError("unrecognized arguments: {} (see: {} --help)".format(
                 " ".join(extras), args.help_prog))

@@ -179,7 +179,8 @@ def run_cli(*args, timeout=60, **kwargs):
     return run(cli(*args), timeout=timeout, **kwargs)
 
 
-LISTENING = r"Server listening at \('127\.0\.0\.1', (\d+)\)"  # ours and the tutorial's first line
+# ours (127.0.0.1:PORT) and the tutorial's (a Python tuple) first line
+LISTENING = r"Server listening at \(?'?127\.0\.0\.1'?(?:, |:)(\d+)"
 
 
 @pytest.fixture

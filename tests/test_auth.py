@@ -45,7 +45,7 @@ def test_unkeyed_client_gets_silence_from_a_keyed_server(start_server, capsys):
 def test_keyed_client_rejects_an_unkeyed_server(start_server, tmp_path, capsys):
     server = start_server()
     assert utc.main(["client", *map(str, server.address), "--key-file", write_key_file(tmp_path),
-                     "-c", "3", "-W", "0.3", "--json"]) == 1
+                     "-c", "3", "-i", "0", "-W", "0.3", "--json"]) == 1
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert summary["received"] == 0 and summary["forged"] == 3
@@ -102,7 +102,7 @@ def test_old_replies_replayed_to_new_requests_are_forged(start_server, relay, mo
     measurement = keyed_probe(replayer.address, count=3, timeout=0.3)
     assert measurement.totals.received == 0 and measurement.totals.forged == 3
     monkeypatch.setenv(utc.KEY_ENV, KEY.decode())
-    assert utc.main(["client", *map(str, replayer.address), "-c", "3", "-W", "0.3", "-q"]) == 1
+    assert utc.main(["client", *map(str, replayer.address), "-c", "3", "-i", "0", "-W", "0.3", "-q"]) == 1
     captured = capsys.readouterr()
     assert "3 probes sent, 0 received, 100% loss" in captured.out and ", 3 forged" in captured.out
     assert "3 replies failed authentication" in captured.err
@@ -113,7 +113,7 @@ def test_any_forged_reply_fails_the_run(start_server, relay, tmp_path, monkeypat
     hop = relay(server.address, lambda index, data: [(0.0, data), (0.0, _rewrite_digit_of_t2(data))]
                 if index == 0 else [(0.0, data)])
     monkeypatch.setenv(utc.KEY_ENV, KEY.decode())
-    assert utc.main(["client", *map(str, hop.address), "-c", "3", "--json"]) == 1
+    assert utc.main(["client", *map(str, hop.address), "-c", "3", "-i", "0", "--json"]) == 1
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert summary["received"] == 3 and summary["forged"] == 1

@@ -125,7 +125,7 @@ def test_the_largest_udp_datagram_both_ways(start_server, relay):
 def test_measurement_over_ipv6(start_server, bind, capsys):
     server = start_server(host=bind)
     port = str(server.address[1])
-    assert utc.main(["client", "::1", port, "-c", "5", "-q"]) == 0
+    assert utc.main(["client", "::1", port, "-c", "5", "-i", "0", "-q"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("UDP-TIMECHECK [::1]:{} (::1): 5 probes".format(port))
     assert "5 probes sent, 5 received" in out
@@ -134,7 +134,7 @@ def test_measurement_over_ipv6(start_server, bind, capsys):
 def test_json_has_every_key_and_null_for_absent_values(start_server, relay, capsys):
     server = start_server()
     hop = relay(server.address, drop(1))
-    assert utc.main(["client", *map(str, hop.address), "--json", "-c", "3", "-W", "0.5"]) == 0
+    assert utc.main(["client", *map(str, hop.address), "--json", "-c", "3", "-i", "0", "-W", "0.5"]) == 0
     summary = json.loads(capsys.readouterr().out)
     for key in ("target", "sent", "received", "lost", "loss_pct", "duplicates", "late", "mismatched",
                 "forged", "rtt_ms", "jitter_ms", "server_proc_ms", "offset_ms", "offset_err_ms", "samples"):
@@ -149,7 +149,8 @@ def test_json_has_every_key_and_null_for_absent_values(start_server, relay, caps
 
 def test_json_with_no_reply_at_all(capsys):
     with silent_port() as sock:
-        assert utc.main(["client", *map(str, sock.getsockname()), "--json", "-c", "2", "-W", "0.2"]) == 1
+        assert utc.main(["client", *map(str, sock.getsockname()), "--json", "-c", "2", "-i", "0",
+                         "-W", "0.2"]) == 1
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert summary["received"] == 0 and summary["offset_ms"] is None and summary["jitter_ms"] is None
@@ -160,7 +161,8 @@ def test_json_with_no_reply_at_all(capsys):
 def test_csv_has_a_header_and_a_row_per_probe(start_server, tmp_path, capsys):
     server = start_server()
     path = tmp_path / "run.csv"
-    assert utc.main(["client", *map(str, server.address), "-q", "-c", "5", "--csv", str(path)]) == 0
+    assert utc.main(["client", *map(str, server.address), "-q", "-c", "5", "-i", "0",
+                     "--csv", str(path)]) == 0
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["seq"] for row in rows] == ["0", "1", "2", "3", "4"]
@@ -183,7 +185,7 @@ def test_human_output_lines_and_summary(start_server, capsys):
 
 def test_quiet_prints_only_the_summary(start_server, capsys):
     server = start_server()
-    assert utc.main(["client", *map(str, server.address), "-q", "-c", "5"]) == 0
+    assert utc.main(["client", *map(str, server.address), "-q", "-c", "5", "-i", "0"]) == 0
     out = capsys.readouterr().out
     assert "seq=" not in out and "5 probes sent, 5 received" in out
 

@@ -66,7 +66,7 @@ def test_sntp_text_against_chronyd(chronyd, capsys):
 
 def test_client_reference_against_chronyd(chronyd, start_server, capsys):
     server = start_server(log=None)
-    argv = ["client", *map(str, server.address[:2]), "-c", "20",
+    argv = ["client", *map(str, server.address[:2]), "-c", "20", "-i", "0",
             "--reference", "127.0.0.1:{}".format(chronyd)]
     assert utc.main(argv + ["--json"]) == 0
     reference = json.loads(capsys.readouterr().out)["reference"]
@@ -193,14 +193,14 @@ def test_this_kernels_clock_state():
 
 def test_both_kernels_states_in_the_json_and_the_text(start_server, capsys):
     server = start_server(log=None)
-    assert utc.main(["client", *map(str, server.address[:2]), "-c", "3", "--json"]) == 0
+    assert utc.main(["client", *map(str, server.address[:2]), "-c", "3", "-i", "0", "--json"]) == 0
     clock = json.loads(capsys.readouterr().out)["clock"]
     local = utc.read_clock_state()
     assert clock["local"]["synchronized"] == local.synchronized == clock["server"]["synchronized"]
     for end in ("local", "server"):
         assert set(clock[end]) == {"synchronized", "maxerror_ms", "esterror_ms", "freq_ppm", "source"}
     assert clock["consistent"] in (True, None)  # one machine, one clock: what the kernel claims holds
-    assert utc.main(["client", *map(str, server.address[:2]), "-c", "3", "-q"]) == 0
+    assert utc.main(["client", *map(str, server.address[:2]), "-c", "3", "-i", "0", "-q"]) == 0
     out = capsys.readouterr().out
     if local.synchronized is None:  # Windows: neither end can tell
         assert "server clock: unknown (no kernel clock state: the server did not say)" in out

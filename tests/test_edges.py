@@ -144,7 +144,7 @@ def test_names_from_a_file_reach_the_terminal_escaped(tmp_path, capsys, start_se
     targets = tmp_path / "targets"
     targets.write_text("clear\x1b[2J\x07\u202e 127.0.0.1:{0}\ntitle\x1b]0;pwned\x07 127.0.0.2:{0}\n".format(
         server.address[1]))
-    utc.main(["client", "--targets", str(targets), "-c", "2", "-W", "0.2"])
+    utc.main(["client", "--targets", str(targets), "-c", "2", "-i", "0", "-W", "0.2"])
     out = capsys.readouterr()
     assert not RAW.search(out.out + out.err)
     assert "clear\\x1b[2J\\x07\\u202e" in out.out  # said, escaped
@@ -153,7 +153,8 @@ def test_names_from_a_file_reach_the_terminal_escaped(tmp_path, capsys, start_se
 def test_a_target_given_twice_is_measured_once_with_a_note_and_one_metric_series(capsys, start_server):
     server = start_server(log=None)
     port = server.address[1]
-    argv = ["client", "127.0.0.1:{}".format(port), "127.000.000.001:{}".format(port), "-c", "2", "--json"]
+    argv = ["client", "127.0.0.1:{}".format(port), "127.000.000.001:{}".format(port), "-c", "2", "-i", "0",
+            "--json"]
     assert utc.main(argv) == 0  # two ways to write one address
     out = capsys.readouterr()
     assert len(json.loads(out.out)["targets"]) == 1
@@ -229,7 +230,12 @@ def test_the_plot_is_whole_when_stdouts_reader_has_gone(tmp_path, start_server):
 def test_a_plot_that_cannot_be_written_is_said_before_the_run(tmp_path, capsys):
     usage_error(["client", "127.0.0.1", "9", "-c", "1", "--plot", str(tmp_path / "no" / "p.svg")], capsys,
                 "cannot write {}".format(tmp_path / "no" / "p.svg"))
-    usage_error(["client", "127.0.0.1", "9", "-c", "1", "--plot", str(tmp_path)], capsys, "it is a directory")
+    (tmp_path / "d.svg").mkdir()
+    usage_error(["client", "127.0.0.1", "9", "-c", "1", "--plot", str(tmp_path / "d.svg")], capsys,
+                "it is a directory")
+    usage_error(["client", "127.0.0.1", "9", "-c", "1", "--plot", str(tmp_path / "x.png")], capsys,
+                "--plot draws an SVG: give it a FILE.svg")
+    assert not (tmp_path / "x.png").exists()
 
 
 # --- file descriptors -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ shifted clock, one clock on both ends."""
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -68,7 +69,7 @@ def scraper(where, stop, served):
 def test_scraping_as_hard_as_sixteen_connections_can_changes_no_probe(processes):
     """The server in a process of its own: the scraping threads here take this one's CPU."""
     server = processes(cli("server", "0.0.0.0", "0", "-q"))
-    port = server.stdout.expect(r"Server listening at \('0\.0\.0\.0', (\d+)\)").group(1)
+    port = server.stdout.expect(r"Server listening at 0\.0\.0\.0:(\d+)").group(1)
     targets = ["127.0.1.{}:{}".format(host, port) for host in range(1, 201)]
     client = processes(cli("client", *targets, "-i", "0.1", "-w", "2.5", "-q", "--json", "--metrics", "0"))
     where = client.stderr.expect(METRICS_AT).group(1)
@@ -124,7 +125,7 @@ def test_a_server_clock_that_disagrees_with_its_kernel_is_not_read_as_a_backlog(
     assert library is not None, "faketime's library is not where Debian puts it"
     server = processes(cli("server", "127.0.0.1", "0", "-q"), env=dict(
         os.environ, LD_PRELOAD=library, FAKETIME="+1h", FAKETIME_DONT_FAKE_MONOTONIC="1"))
-    port = int(server.stdout.expect(r"Server listening at \('127\.0\.0\.1', (\d+)\)").group(1))
+    port = int(server.stdout.expect(r"Server listening at 127\.0\.0\.1:(\d+)").group(1))
     result = run_cli("client", "127.0.0.1", port, "-c", "20", "-i", "0.01", "--json")
     summary = json.loads(result.stdout)
     assert summary["received"] == 20 and summary["timestamps"]["server"] == "user"
@@ -174,6 +175,24 @@ def test_a_server_that_restarts_is_not_up_meanwhile_not_lost(processes):
     summary = json.loads(client.rest(client.stdout)[-1])
     assert summary["lost"] == 0 and summary["not_up"] >= 5 and summary["loss_pct"] == 0
     assert summary["received"] + summary["not_up"] + summary["in_flight"] == summary["sent"]
+
+
+@POSIX_ONLY
+def test_after_a_goodbye_the_probe_lines_say_not_up_never_lost(cli_server, processes):
+    server, port = cli_server("-q")
+    client = processes(cli("client", "127.0.0.1", port, "-i", "0.05", "-w", "1.5"))
+    client.stdout.expect(r"seq=3 ")  # into the run: then the server stops, and says goodbye
+    server.signal(signal.SIGTERM)
+    assert server.wait(timeout=10) == 0
+    assert client.wait(timeout=30) == 0
+    out = "\n".join(client.rest(client.stdout))
+    assert "seq=" in out and "lost, no reply" not in out and ", 0% loss" in out
+    assert re.search(r"\d+ probes sent while the target was not up \(refused before its first answer, or "
+                     r"after it said it stopped\): not counted as lost", out)
+    gone = utc.Sample(7, 0)
+    gone.status, gone.reason = utc.NOT_UP, utc.GONE  # no reply, and none refused: a firewall's silence
+    assert utc.format_sample(gone, "127.0.0.1:1060", 1.0) == (
+        "seq=7: not up: the server said it stopped (not counted as lost)")
 
 
 # --- strangers on the path --------------------------------------------------------------------------
@@ -228,7 +247,8 @@ def test_a_spoofed_reply_cannot_discard_the_genuine_one(start_server, relay, cap
 
 def test_a_liars_own_reply_still_makes_it_a_liar(start_server, capsys):
     server = start_server(log=None, faulty=1.0)
-    assert utc.main(["client", *map(str, server.address[:2]), "-c", "3", "-W", "0.2"]) == utc.EXIT_FAILED
+    assert utc.main(["client", *map(str, server.address[:2]), "-c", "3", "-i", "0",
+                     "-W", "0.2"]) == utc.EXIT_FAILED
     out = capsys.readouterr()
     assert out.out.count("Server is a liar!") == 3 and "the server is a liar: 3 probes" in out.err
 
@@ -311,7 +331,8 @@ def stamps_that_disagree(shift_ns):
 @pytest.mark.parametrize("shift_ns", [-5 * MS_NS, 50 * MS_NS], ids=["before its T3", "beyond the round trip"])
 def test_kernel_stamps_that_disagree_are_said_rejected_not_missing(udp_peer, capsys, shift_ns):
     peer = udp_peer(stamps_that_disagree(shift_ns))
-    assert utc.main(["client", "127.0.0.1", str(peer.port), "-c", "10", "--json"]) == 0  # one at a time
+    assert utc.main(["client", "127.0.0.1", str(peer.port), "-c", "10", "-i", "0",
+                     "--json"]) == 0  # one at a time
     summary = json.loads(capsys.readouterr().out)
     stamps = summary["timestamps"]
     assert stamps["server_transmit_rejected"] == 9 and stamps["server_transmit"] == "user"

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import re
 import signal
 import socket
 
@@ -75,10 +76,10 @@ def test_format_summary_exactly():
         "synchronised clocks",
         "server processing median 5.0 us: from its kernel receiving a request to its reply, left out of "
         "each rtt",
-        "server clock offset +0.000 ms \u00b1 0.020 ms (server level with this machine within "
-        "\u00b1 0.020 ms; from seq 0, the lowest-rtt probe)",
+        "server clock offset +0.0 us \u00b1 20.0 us (server level with this machine within "
+        "\u00b1 20.0 us; from seq 0, the lowest-rtt probe)",  # the rtt's unit: one unit a summary
         "server clock: unknown (no kernel clock state: the server did not say)",
-        "this machine's clock: synchronised, max error 1.200 ms, estimated error 0.100 ms, frequency "
+        "this machine's clock: synchronised, max error 1200.0 us, estimated error 100.0 us, frequency "
         "correction -12.345 ppm (kvm-clock)",
         "timestamps: user-space (both ends)",
         "rtt histogram:",
@@ -106,6 +107,22 @@ def test_format_summary_in_milliseconds_with_a_drift():
     assert drift == ["clock drift +1000.000 ppm \u00b1 136.364 ppm (the server's clock runs faster than "
                      "this machine's); offset at the end +5.000 ms \u00b1 0.750 ms"]  # 2 ms, 1 ms/s for 3 s
     assert lines[-1].endswith(" ms |" + "#" * 40 + " 12")
+
+
+def units_of(line):
+    """The time units a line's figures are in."""
+    return set(re.findall(r"\d (us|ms)\b", line))
+
+
+@pytest.mark.parametrize("rtt_us", [40, 1500])
+def test_every_time_in_a_summary_is_in_the_rtts_unit(rtt_us):
+    """One unit a summary, chosen from the RTTs: the clock lines follow the rtt line's."""
+    lines, _ = drift_line(rtt_us, 10)
+    summary_lines = [line for line in lines if not re.match(r" +[\d.]+ - ", line)]  # the histogram's own
+    (rtt_unit,) = units_of(next(line for line in lines if line.startswith("rtt min/")))
+    assert rtt_unit == ("us" if rtt_us < 1000 else "ms")
+    assert all(units_of(line) <= {rtt_unit} for line in summary_lines), summary_lines
+    assert sum(bool(units_of(line)) for line in summary_lines) >= 6
 
 
 def test_a_drift_within_what_the_bounds_leave_open_is_not_claimed():
@@ -224,7 +241,7 @@ def test_back_to_back_is_still_zero(start_server, capsys):
 @pytest.mark.skipif(not ipv6_loopback_available(), reason="this machine has no ::1")
 def test_a_bracketed_ipv6_address_works(start_server, capsys):
     server = start_server(host="::1")
-    assert utc.main(["client", "[::1]", str(server.address[1]), "-c", "2", "-q"]) == 0
+    assert utc.main(["client", "[::1]", str(server.address[1]), "-c", "2", "-i", "0", "-q"]) == 0
     assert "UDP-TIMECHECK [::1]:{} (::1)".format(server.address[1]) in capsys.readouterr().out
 
 
@@ -253,7 +270,7 @@ def test_a_name_with_a_dead_address_first_is_tried_at_the_next(start_server, mon
 
 def test_csv_to_standard_output_keeps_it_clean(start_server, capsys):
     server = start_server()
-    assert utc.main(["client", *map(str, server.address[:2]), "-c", "4", "--csv", "-"]) == 0
+    assert utc.main(["client", *map(str, server.address[:2]), "-c", "4", "-i", "0", "--csv", "-"]) == 0
     captured = capsys.readouterr()
     rows = list(csv.DictReader(io.StringIO(captured.out)))
     assert [row["seq"] for row in rows] == ["0", "1", "2", "3"] and all(row["status"] == "ok" for row in rows)
@@ -264,7 +281,8 @@ def test_an_existing_csv_gets_a_note(start_server, tmp_path, capsys):
     server = start_server()
     path = tmp_path / "run.csv"
     path.write_text("an earlier run\n")
-    assert utc.main(["client", *map(str, server.address[:2]), "-c", "2", "-q", "--csv", str(path)]) == 0
+    assert utc.main(["client", *map(str, server.address[:2]), "-c", "2", "-i", "0",
+                     "-q", "--csv", str(path)]) == 0
     assert "note: {} exists; writing it anew".format(path) in capsys.readouterr().err
     assert path.read_text().startswith("seq,sent_at,id,status,")
 
@@ -299,7 +317,7 @@ def test_progress_shows_on_a_terminal_only():
 
 def test_lost_probes_say_why(start_server, capsys):
     port = free_udp_port()
-    assert utc.main(["client", "127.0.0.1", str(port), "-c", "3"]) == 1
+    assert utc.main(["client", "127.0.0.1", str(port), "-c", "3", "-i", "0"]) == 1
     assert "seq=0: refused: nothing listens on that port" in capsys.readouterr().out
     server = start_server()
     assert utc.main(["client", *map(str, server.address[:2]), "-c", "1", "-W", "0.2"], ) == 0

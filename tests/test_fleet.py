@@ -57,7 +57,8 @@ def test_several_targets_on_loopback_served_by_one_wildcard_server(wildcard_serv
 
 
 def test_one_target_keeps_the_json_it_had(wildcard_server, capsys):
-    assert utc.main(["client", "127.0.0.1", str(wildcard_server.address[1]), "-c", "2", "--json"]) == 0
+    assert utc.main(["client", "127.0.0.1", str(wildcard_server.address[1]), "-c", "2", "-i", "0",
+                     "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert "targets" not in summary and summary["received"] == 2 and "name" not in summary
 

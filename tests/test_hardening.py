@@ -51,7 +51,7 @@ def udp_answers(port, count=5):
 @needs_linux_machine("reads the server's threads and memory from /proc")
 def test_slowloris_and_huge_headers_cost_a_bounded_amount(processes):
     server = processes(cli("server", "127.0.0.1", "0", "-q", "--metrics", "127.0.0.1:0"))
-    udp_port = int(server.stdout.expect(r"Server listening at \('127\.0\.0\.1', (\d+)\)").group(1))
+    udp_port = int(server.stdout.expect(r"Server listening at 127\.0\.0\.1:(\d+)").group(1))
     port = metrics_port(server)
     pid = server.proc.pid
     threads, rss_kb = proc_status(pid, "Threads"), proc_status(pid, "VmRSS")
@@ -93,7 +93,7 @@ def test_a_connection_that_never_finishes_is_cut_off_at_the_deadline(monkeypatch
 def test_out_of_file_descriptors_the_endpoint_backs_off_instead_of_spinning(processes):
     limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))  # noqa: E731
     server = processes(cli("server", "127.0.0.1", "0", "--metrics", "127.0.0.1:0"), preexec_fn=limit)
-    udp_port = int(server.stdout.expect(r"Server listening at \('127\.0\.0\.1', (\d+)\)").group(1))
+    udp_port = int(server.stdout.expect(r"Server listening at 127\.0\.0\.1:(\d+)").group(1))
     port = metrics_port(server)
     held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]  # beyond its fds
     try:

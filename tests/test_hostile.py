@@ -121,7 +121,7 @@ def test_no_reply_of_ours_is_answered_as_a_request(data, faulty):
 # --- 2. the server's output fails -------------------------------------------------------
 
 def probe_until_answered(port, count=50):
-    result = run_cli("client", "127.0.0.1", port, "-c", count, "-q")
+    result = run_cli("client", "127.0.0.1", port, "-c", count, "-i", "0", "-q")
     assert result.returncode == 0, result.stderr
     assert "{} probes sent, {} received".format(count, count) in result.stdout
 
@@ -373,7 +373,7 @@ def test_the_first_line_says_whether_a_key_is_required(cli_server, tmp_path, key
 
 # --- 6. what the client believes -------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [[], ["-c", "3"]])
+@pytest.mark.parametrize("extra", [[], ["-c", "3", "-i", "0"]])
 def test_an_echo_service_is_not_a_time_server(udp_peer, capsys, extra):
     echo_service = udp_peer(lambda data: data)
     assert utc.main(["client", *map(str, echo_service.address), "-W", "0.5", *extra]) == 1
@@ -385,7 +385,7 @@ def test_an_echo_service_is_not_a_time_server(udp_peer, capsys, extra):
 def test_garbage_is_malformed_not_a_liar(start_server, relay, capsys):
     server = start_server()
     hop = relay(server.address, lambda index, data: [(0.0, b"\x00 not json")])
-    assert utc.main(["client", *map(str, hop.address), "-c", "3", "-W", "0.3", "--json"]) == 1
+    assert utc.main(["client", *map(str, hop.address), "-c", "3", "-i", "0", "-W", "0.3", "--json"]) == 1
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert summary["malformed"] == 3 and summary["mismatched"] == 0 and summary["received"] == 0
@@ -395,7 +395,8 @@ def test_garbage_is_malformed_not_a_liar(start_server, relay, capsys):
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_a_csv_on_a_full_disk_is_said_at_once_and_the_summary_still_comes_out(start_server, capsys):
     server = start_server()
-    assert utc.main(["client", *map(str, server.address), "-c", "5", "-q", "--csv", "/dev/full"]) == 2
+    assert utc.main(["client", *map(str, server.address), "-c", "5", "-i", "0",
+                     "-q", "--csv", "/dev/full"]) == 2
     captured = capsys.readouterr()
     assert "5 probes sent, 5 received" in captured.out
     assert captured.err.splitlines() == [  # once as it happens, once more at the end
@@ -408,7 +409,7 @@ def test_a_csv_on_a_full_disk_is_said_at_once_and_the_summary_still_comes_out(st
 def test_stdout_on_a_full_disk_is_one_line_for_the_client(start_server):
     server = start_server()
     with open("/dev/full", "w") as full:
-        result = subprocess.run(cli("client", *server.address[:2], "-c", "5"), stdout=full,
+        result = subprocess.run(cli("client", *server.address[:2], "-c", "5", "-i", "0"), stdout=full,
                                 stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr == "udp-timecheck: cannot write to standard output: No space left on device\n"

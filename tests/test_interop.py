@@ -67,7 +67,7 @@ def test_our_client_catches_tutorial_faulty_server(reference_server, capsys):
     assert utc.main(["client", "127.0.0.1", str(port), "-W", "0.2"]) == 1
     captured = capsys.readouterr()
     assert captured.out == "Server is a liar!\n" and "liar" in captured.err
-    assert utc.main(["client", "127.0.0.1", str(port), "-c", "5", "-q", "-W", "0.2"]) == 1
+    assert utc.main(["client", "127.0.0.1", str(port), "-c", "5", "-i", "0", "-q", "-W", "0.2"]) == 1
     assert "5 mismatched" in capsys.readouterr().out
 
 

@@ -78,7 +78,7 @@ def test_the_rule_in_help_and_readme_is_the_behaviours(capsys):
     readme = " ".join(README.split())
     listed = ", ".join(written for _, written in utc.MEASURING_OPTIONS)
     assert "Any of " + listed + " makes it measure" in help_text
-    assert "-W, --key-file, -I and --interleaved do not make it measure" in help_text
+    assert "-W, --key-file, -4, -6, -I and --interleaved do not make it measure" in help_text
     assert listed.replace(", ", "`, `") in readme  # the README lists the same options, in `code`
 
 
@@ -88,7 +88,7 @@ def test_w_alone_has_no_count_limit_and_a_probe_a_second(start_server, capsys):
     server = start_server(log=None)
     assert utc.main(["client", *map(str, server.address[:2]), "-w", "1.5", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["count"] == 0 and summary["interval"] == utc.UNTIL_STOPPED_INTERVAL
+    assert summary["count"] == 0 and summary["interval"] == utc.DEFAULT_INTERVAL
     assert summary["sent"] == 2 and summary["stopped_because"] == "deadline"  # at 0 and 1 s
 
 
@@ -131,8 +131,8 @@ def test_the_header_after_a_fallback_names_the_address_that_answered(start_serve
     with silent_port() as nobody:  # the first address: a port that refuses, on 127.0.0.2
         refused = ("127.0.0.2", nobody.getsockname()[1])
     addresses = [(utc.socket.AF_INET, refused), (utc.socket.AF_INET, ("127.0.0.1", port))]
-    monkeypatch.setattr(utc, "resolve", lambda host, port_, passive=False: addresses)
-    assert utc.main(["client", "localhost", str(port), "-c", "2"]) == 0
+    monkeypatch.setattr(utc, "resolve", lambda host, port_, passive=False, wanted=0: addresses)
+    assert utc.main(["client", "localhost", str(port), "-c", "2", "-i", "0"]) == 0
     captured = capsys.readouterr()
     headers = [line for line in captured.out.splitlines() if line.startswith("UDP-TIMECHECK ")]
     assert headers[0].startswith("UDP-TIMECHECK localhost:{} (127.0.0.2)".format(port))

@@ -118,7 +118,8 @@ def test_a_real_prometheus_scrapes_both_ends(measured, processes, tmp_path):
 
 def test_metrics_beyond_loopback_come_with_a_warning(start_server, capsys):
     server = start_server(log=None)
-    assert utc.main(["client", *map(str, server.address[:2]), "-c", "2", "-q", "--metrics", "0.0.0.0:0"]) == 0
+    assert utc.main(["client", *map(str, server.address[:2]), "-c", "2", "-i", "0",
+                     "-q", "--metrics", "0.0.0.0:0"]) == 0
     err = capsys.readouterr().err
     assert "metrics at http://0.0.0.0:" in err and "can be read by anyone who can reach this port" in err
 

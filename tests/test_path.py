@@ -50,7 +50,7 @@ def test_the_lost_after_the_last_reply_are_neither_up_nor_down(start_server, rel
 
 def test_a_server_without_a_count_gives_no_split(reference_server, capsys):
     _, port = reference_server()
-    summary = measure_json(capsys, "127.0.0.1", port, "-c", 3)
+    summary = measure_json(capsys, "127.0.0.1", port, "-c", 3, "-i", "0")
     assert summary["received"] == 3
     assert summary["lost_up"] is summary["lost_down"] is summary["lost_direction_unknown"] is None
 
@@ -119,7 +119,7 @@ def test_without_interleaving_every_t3_is_the_servers_own(start_server, relay, c
 
 def test_interleaved_against_the_tutorials_server(reference_server, capsys):
     _, port = reference_server()
-    summary = measure_json(capsys, "127.0.0.1", port, "-c", 4, "--interleaved")
+    summary = measure_json(capsys, "127.0.0.1", port, "-c", 4, "-i", "0", "--interleaved")
     assert summary["received"] == 4 and summary["timestamps"]["server_transmit"] is None
 
 
@@ -222,7 +222,7 @@ def test_tos_names_and_numbers():
 
 def test_the_source_address_is_what_the_server_sees(start_server, capsys):
     server = start_server()
-    summary = measure_json(capsys, *server.address, "-c", 2, "-I", "127.0.0.2")
+    summary = measure_json(capsys, *server.address, "-c", 2, "-i", "0", "-I", "127.0.0.2")
     assert summary["received"] == 2 and summary["local_address"] == "127.0.0.2"
     assert server.logs and all(line.startswith("127.0.0.2:") for line in server.logs)
 

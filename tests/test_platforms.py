@@ -6,6 +6,7 @@ here check the platform paths directly, whatever the platform of this run.
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -13,7 +14,8 @@ import subprocess
 import pytest
 
 import udp_timecheck as utc
-from conftest import cli, free_udp_port, ipv6_loopback_available, run
+from conftest import (LISTENING, as_script, cli, free_udp_port, ipv6_loopback_available, needs_linux_machine,
+                      run)
 
 
 def python2():
@@ -110,7 +112,7 @@ def test_a_reset_is_a_refusal_as_windows_reports_it(monkeypatch):
 
 def test_the_header_says_which_timestamps_this_platform_gives(start_server, capsys):
     server = start_server(log=None)
-    assert utc.main(["client", *map(str, server.address[:2]), "-c", "2"]) == 0
+    assert utc.main(["client", *map(str, server.address[:2]), "-c", "2", "-i", "0"]) == 0
     header = capsys.readouterr().out.splitlines()[0]
     if utc.LINUX:
         assert header.endswith(", kernel timestamps")
@@ -198,9 +200,9 @@ def test_client_and_sntp_take_host_colon_port(start_server, capsys):
     host, port = server.address[:2]
     assert utc.main(["client", "{}:{}".format(host, port)]) == 0
     assert capsys.readouterr().out.startswith("The time is ")
-    assert utc.main(["client", "{}:{}".format(host, port), "-c", "2", "--json"]) == 0
+    assert utc.main(["client", "{}:{}".format(host, port), "-c", "2", "-i", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["target"] == "{}:{}".format(host, port)
-    assert utc.main(["client", host, str(port), "-c", "2", "--json"]) == 0  # HOST PORT still works
+    assert utc.main(["client", host, str(port), "-c", "2", "-i", "0", "--json"]) == 0  # HOST PORT still works
     assert json.loads(capsys.readouterr().out)["received"] == 2
     assert utc.main(["client", "{}:{}".format(host, port), "9"]) == 0  # its own port wins over PORT
     from conftest import FakeNtpServer
@@ -212,13 +214,44 @@ def test_client_and_sntp_take_host_colon_port(start_server, capsys):
 @pytest.mark.skipif(not ipv6_loopback_available(), reason="this machine has no ::1")
 def test_client_takes_bracketed_ipv6_and_port(start_server, capsys):
     server = start_server("::1")
-    assert utc.main(["client", "[::1]:{}".format(server.address[1]), "-c", "2", "--json"]) == 0
+    assert utc.main(["client", "[::1]:{}".format(server.address[1]), "-c", "2", "-i", "0", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["received"] == 2 and summary["target"] == "[::1]:{}".format(server.address[1])
 
 
 def test_server_takes_host_colon_port(processes):
     server = processes(cli("server", "127.0.0.1:0"))
-    assert server.stdout.expect(r"^Server listening at \('127\.0\.0\.1', (\d+)\)")
+    assert server.stdout.expect(r"^Server listening at 127\.0\.0\.1:(\d+)")
     usage = run(cli("server", "127.0.0.1:1060", "1061"))
     assert usage.returncode == 2 and "give the port once" in usage.stderr
+
+
+# --- a simulated client against this machine's real server ----------------------------------------
+
+def simulated(platform, *args):
+    """argv of the program on a simulated platform, whatever this run's own."""
+    return dict(os.environ, UDP_TIMECHECK_SIMULATE=platform), cli(*args)
+
+
+@needs_linux_machine("the server reads each request's TOS with IP_RECVTOS")
+def test_a_windows_clients_tos_is_reported_back_as_on_linux(processes):
+    server = processes(as_script("server", "127.0.0.1", "0", "-q"))  # this machine as it is
+    port = server.stdout.expect(LISTENING).group(1)
+    env, argv = simulated("windows", "client", "127.0.0.1", port, "-c", "3", "-i", "0", "-Q", "EF")
+    text = run(argv + ["-q"], env=env)
+    summary = json.loads(run(argv + ["--json"], env=env).stdout)
+    assert summary["tos"]["received_by_server"] == 0xb8 and summary["tos"]["received_back"] is None
+    assert summary["tos"]["checked"] == 3 and summary["tos"]["checked_back"] == 0
+    assert ("TOS 0xb8 (EF) sent, 0xb8 (EF) at the server, unknown back (this platform cannot read it): "
+            "kept on the way out") in text.stdout
+
+
+@pytest.mark.parametrize("platform", ["windows", "macos"])
+def test_the_sntp_header_says_the_stamps_its_json_says(platform):
+    from conftest import FakeNtpServer
+    with FakeNtpServer(root=(0, 1)) as ntp:
+        env, argv = simulated(platform, "sntp", "127.0.0.1:{}".format(ntp.port), "-c", "2", "-i", "0.05")
+        header = run(argv, env=env).stdout.splitlines()[0]
+        summary = json.loads(run(argv + ["--json"], env=env).stdout)
+    said = re.search(r", (kernel|user) timestamps", header).group(1)
+    assert said == summary["timestamps"]["client"] == "user"  # neither simulated kernel stamps a receive here

@@ -125,7 +125,7 @@ def test_the_readmes_measurement_example_is_what_the_program_prints(start_server
 
 def test_the_readme_names_every_key_of_the_json_and_of_each_probe(start_server, capsys):
     server = start_server(log=None)
-    assert utc.main(["client", *map(str, server.address[:2]), "-c", "2", "--json"]) == 0
+    assert utc.main(["client", *map(str, server.address[:2]), "-c", "2", "-i", "0", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     paragraph = README[README.index("`--json` prints the same as one object"):README.index("### Long runs")]
     named = set(re.findall(r"`(\w+)`", paragraph))

@@ -93,7 +93,7 @@ def test_user_timestamps_are_said_and_still_bound_the_offset(start_server):
 
 def test_cli_timestamps_option_on_both_ends(start_server, capsys):
     server = start_server(timestamps=utc.USER)
-    argv = ["client", *map(str, server.address[:2]), "-c", "3", "--timestamps", "user"]
+    argv = ["client", *map(str, server.address[:2]), "-c", "3", "-i", "0", "--timestamps", "user"]
     assert utc.main(argv) == 0
     out = capsys.readouterr().out
     assert ", user timestamps" in out.splitlines()[0]

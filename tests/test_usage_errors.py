@@ -14,8 +14,9 @@ from conftest import MODULE, run
 @pytest.mark.parametrize("argv, message", [
     (["client", "127.0.0.1", "99999"], "port number from 0 to 65535"),
     (["client", "127.0.0.1", "http"], "port number"),
-    (["client", "-c", "-1"], "whole number from 0"),
-    (["client", "-i", "-1"], "seconds from 0"),
+    (["client", "--count=-1"], "whole number from 0"),
+    (["client", "-c", "-1"], "argument -c/--count: expected one argument"),  # -1 reads as an option (-4, -6)
+    (["client", "--interval=-1"], "seconds from 0"),
     (["client", "-i", "nan"], "seconds from 0"),
     (["client", "-W", "0"], "seconds from 0.001"),
     (["client", "no-such-host.invalid", "1060"], "cannot resolve host"),
@@ -94,13 +95,25 @@ def test_the_name_in_messages_is_the_one_it_was_run_as():
     assert usage.returncode == 2 and "(see: udp-timecheck client --help)" in usage.stderr
 
 
-@pytest.mark.parametrize("size, message", [("50", "--size must be from 2"), ("70000", "argument --size")])
+@pytest.mark.parametrize("size, message", [
+    ("50", "expected bytes from {} to 65527".format(utc.MIN_SIZE)), ("70000", "argument -s/--size"),
+    ("65520", "--size must be from {} to 65507 bytes (IPv4)".format(utc.MIN_SIZE))])
 def test_size_out_of_range_is_a_usage_error(start_server, size, message, capsys):
     server = start_server()
     assert utc.main(["client", *map(str, server.address), "--size", size]) == 2
     assert message in capsys.readouterr().err
     server.shutdown()
     assert server.stats.served == 0
+
+
+def test_the_one_size_minimum_holds_any_request_and_help_names_it(capsys):
+    """MIN_SIZE is enough for the longest request a run can need: keyed, asking for the path's marks,
+    and a seq of a count's largest; --help names that figure."""
+    options = utc.RequestOptions(1, True, True)
+    needed = utc.min_request_size(10 ** 12, size=65527, keyed=True, options=options)
+    assert needed <= utc.MIN_SIZE < needed + 8
+    assert utc.main(["client", "--help-all"]) == 0
+    assert "from {}".format(utc.MIN_SIZE) in " ".join(capsys.readouterr().out.split())
 
 
 def test_csv_to_a_bad_path_is_a_usage_error(start_server, tmp_path, capsys):
@@ -154,7 +167,8 @@ def test_mesh_usage_errors(peers_text, listen, message, tmp_path, capsys):
 def test_matrix_of_an_unreadable_file_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("not json")
     assert utc.main(["matrix", str(tmp_path / "bad.json")]) == 2
-    assert "cannot read" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not JSON" in err and "matrix reads what 'mesh --json' or 'client --json' printed" in err
 
 
 def test_port_in_use_is_a_setup_error():
