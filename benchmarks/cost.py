@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -104,7 +105,7 @@ class Server:
 
 
 def ours_port(line):
-    return int(line.split("', ")[1].split(")")[0])
+    return int(re.search(r"Server listening at \S*:(\d+);", line).group(1))
 
 
 def build_load(tmp):
@@ -142,18 +143,17 @@ def server_section(load, rounds):
         ours.stop()
     median = {name: statistics.median(values) for name, values in rates.items()}
     for name, values in rates.items():
-        print("  {:<22} {:>9.0f} replies/s  (rounds: {})".format(name, median[name],
-                                                                 ", ".join("{:.0f}".format(v) for v in values)))
+        rounds = ", ".join("{:.0f}".format(value) for value in values)
+        print("  {:<22} {:>9.0f} replies/s  (rounds: {})".format(name, median[name], rounds))
     return {"server_plain": median["ours, plain"] / median["echo, plain"],
             "server_interleaved": median["ours, interleaved"] / median["echo, interleaved"],
             "server_us_per_request": 1e6 / median["ours, plain"]}
 
 
 def client_section(port, count=20000):
-    probes = run_for_cpu([sys.executable, MODULE, "client", "127.0.0.1", str(port), "-c", str(count),
-                          "-i", "0", "-q"])
-    once = statistics.median(run_for_cpu([sys.executable, MODULE, "client", "127.0.0.1", str(port), "-c", "1"])
-                             for _ in range(5))
+    client = [sys.executable, MODULE, "client", "127.0.0.1", str(port)]
+    probes = run_for_cpu(client + ["-c", str(count), "-i", "0", "-q"])
+    once = statistics.median(run_for_cpu(client + ["-c", "1"]) for _ in range(5))
     per_probe = (probes - once) / count * 1e6
     print("  {} probes at -i 0: {:.2f} s of CPU, {:.2f} s of it start-up: {:.1f} us a probe".format(
         count, probes, once, per_probe))
@@ -169,18 +169,20 @@ def fleet_section(seconds=10):
         wall = time.monotonic() - started
     finally:
         server.stop()
-    print("  100 targets at -i 0.1 for {} s: {:.2f} s of CPU: {:.1%} of a core".format(seconds, cpu, cpu / wall))
+    print("  100 targets at -i 0.1 for {} s: {:.2f} s of CPU: {:.1%} of a core".format(
+        seconds, cpu, cpu / wall))
     return {"fleet_core_share": cpu / wall}
 
 
 def startup_section(port, runs=10):
-    bare = statistics.median(run_for_cpu([sys.executable, "-c", "pass"]) for _ in range(runs))
-    script = statistics.median(run_for_cpu([sys.executable, MODULE, "client", "127.0.0.1", str(port), "-c", "1"])
-                               for _ in range(runs))
-    compiling = statistics.median(run_for_cpu([sys.executable, "-c", "compile(open({!r}).read(), 'f', 'exec')".format(
-        MODULE)]) for _ in range(runs))
-    importing = statistics.median(run_for_cpu([sys.executable, "-c", "import sys; sys.path.insert(0, {!r}); "
-                                               "import udp_timecheck".format(str(ROOT))]) for _ in range(runs))
+    def median_cpu(argv):
+        return statistics.median(run_for_cpu(argv) for _ in range(runs))
+
+    bare = median_cpu([sys.executable, "-c", "pass"])
+    script = median_cpu([sys.executable, MODULE, "client", "127.0.0.1", str(port), "-c", "1"])
+    compiling = median_cpu([sys.executable, "-c", "compile(open({!r}).read(), 'f', 'exec')".format(MODULE)])
+    importing = median_cpu([sys.executable, "-c", "import sys; sys.path.insert(0, {!r}); "
+                            "import udp_timecheck".format(str(ROOT))])
     print("  python -c pass {:.3f} s; client -c 1 as a script {:.3f} s: {:.3f} s above it".format(
         bare, script, script - bare))
     print("  of which compiling the file {:.3f} s, importing it from cached bytecode {:.3f} s".format(
@@ -195,7 +197,8 @@ def report(figures, saved):
         value = figures[name]
         met = value >= goal if higher else value <= goal
         was = saved.get(name)
-        worse = was is not None and (value < was * (1 - REGRESSION) if higher else value > was * (1 + REGRESSION))
+        worse = was is not None and (
+            value < was * (1 - REGRESSION) if higher else value > was * (1 + REGRESSION))
         print("  {:<70} {:>8.3f}  goal {} {:<6g} {}{}".format(
             what, value, ">=" if higher else "<=", goal, "met" if met else "MISSED",
             "" if was is None else "  (saved {:.3f}{})".format(was, ", REGRESSION" if worse else "")))

@@ -24,6 +24,7 @@ Every process runs on 127.0.0.0/8 and is started and stopped here.
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -143,7 +144,7 @@ def main():
     print("udp-timecheck fleets, Python {}, {} CPUs".format(sys.version.split()[0], os.cpu_count()))
     server = subprocess.Popen([sys.executable, MODULE, "server", "0.0.0.0", "0", "-q"],
                               stdout=subprocess.PIPE, universal_newlines=True)
-    port = int(server.stdout.readline().split("', ")[1].split(")")[0])
+    port = int(re.search(r"Server listening at \S*:(\d+);", server.stdout.readline()).group(1))
     try:
         rows = scale(port, (1, 10, 50, 100) if args.quick else (1, 10, 50, 100, 200))
         figures = {} if args.quick else isolation(port)

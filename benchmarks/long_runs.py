@@ -27,6 +27,7 @@ import csv
 import heapq
 import json
 import random
+import re
 import select
 import socket
 import subprocess
@@ -67,7 +68,8 @@ class Server:
     def __init__(self, argv):
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, universal_newlines=True)
         first = self.proc.stdout.readline()
-        self.port = int(first.split("', ")[1].split(")")[0]) if first.startswith("Server") else int(first)
+        self.port = int(re.search(r"Server listening at \S*:(\d+);", first).group(1)) \
+            if first.startswith("Server") else int(first)
 
     def stop(self):
         self.proc.terminate()

@@ -247,7 +247,7 @@ class Server:
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      universal_newlines=True)
         first = self.proc.stdout.readline()
-        match = re.search(r"Server listening at \('[^']*', (\d+)\)", first)
+        match = re.search(r"Server listening at \S*:(\d+);", first)
         self.port = int(match.group(1)) if match else int(first)
         self.scraper = None
         if "--metrics" in argv:

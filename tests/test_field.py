@@ -171,8 +171,9 @@ def test_a_server_that_restarts_is_not_up_meanwhile_not_lost(processes):
     time.sleep(0.4)
     second = processes(cli("server", "127.0.0.1", port, "-q"))
     second.stdout.expect("Server listening")
-    assert client.wait(timeout=30) == 0
+    code = client.wait(timeout=30)
     summary = json.loads(client.rest(client.stdout)[-1])
+    assert code == 0, (client.rest(client.stderr), summary, first.rest(first.stdout), port)
     assert summary["lost"] == 0 and summary["not_up"] >= 5 and summary["loss_pct"] == 0
     assert summary["received"] + summary["not_up"] + summary["in_flight"] == summary["sent"]
 

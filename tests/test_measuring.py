@@ -1,4 +1,4 @@
-"""What makes the client measure, one rule stated three times (behaviour, --help, README), and
+"""What makes the client measure, one rule stated three times (behaviour, --help, docs/usage.md), and
 -w as ping's: until the deadline, unless -c comes first; a probe in flight then is not lost."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import udp_timecheck as utc
 from conftest import ROOT, silent_port, wait_for
 
-README = (ROOT / "README.md").read_text()
+USAGE = (ROOT / "docs" / "usage.md").read_text()
 
 
 def measured(out):
@@ -72,14 +72,15 @@ def test_the_other_options_ask_once_as_the_tutorial_does(extra, start_server, tm
     assert server.stats.served == 1
 
 
-def test_the_rule_in_help_and_readme_is_the_behaviours(capsys):
+def test_the_rule_in_help_and_the_usage_page_is_the_behaviours(capsys):
     assert utc.main(["client", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    readme = " ".join(README.split())
+    usage = " ".join(USAGE.split())
     listed = ", ".join(written for _, written in utc.MEASURING_OPTIONS)
     assert "Any of " + listed + " makes it measure" in help_text
     assert "-W, --key-file, -4, -6, -I and --interleaved do not make it measure" in help_text
-    assert listed.replace(", ", "`, `") in readme  # the README lists the same options, in `code`
+    assert listed.replace(", ", "`, `") in usage  # the usage page lists the same options, in `code`
+    assert "`-W`, `--key-file`, `-4`, `-6`, `-I` and `--interleaved` do not make it measure" in usage
 
 
 # --- -w, as ping's -w ------------------------------------------------------------------------

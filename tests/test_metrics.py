@@ -128,11 +128,11 @@ def test_label_values_are_escaped():
     assert utc._labels({"target": 'a"b\\c\nd'}) == '{target="a\\"b\\\\c\\nd"}'
 
 
-def test_the_readmes_alert_rule_and_scrape_config_are_valid(tmp_path):
+def test_the_monitoring_pages_alert_rule_and_scrape_config_are_valid(tmp_path):
     require_programs("promtool")
     import re
-    readme = (MODULE.parent / "README.md").read_text()
-    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    page = (MODULE.parent / "docs" / "monitoring.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", page, re.S)
     rules = tmp_path / "rules.yml"
     rules.write_text(next(block for block in blocks if block.startswith("groups:")))
     check = subprocess.run(["promtool", "check", "rules", str(rules)], stdout=subprocess.PIPE,

@@ -2,7 +2,6 @@
 needs no privilege at all."""
 
 import json
-import os
 import re
 import shlex
 import sys
