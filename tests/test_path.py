@@ -83,14 +83,19 @@ def test_interleaved_t3_is_the_kernels_stamp_the_next_reply_carries(start_server
     summary = measure_json(capsys, *hop.address, "-c", 12, "-i", 0.01)
     assert summary["received"] == 12 and summary["timestamps"]["server_transmit"] == utc.KERNEL
     replies = {seq_of(reply): json.loads(reply)[2] for reply in hop.replies}
-    for sample in summary["samples"][:-1]:
-        reported = replies[sample["seq"] + 1]
+    # A request names the last exchange its client had heard of: on a loaded machine, not always
+    # the one before it.  The stamp a later reply brought is that exchange's T3, all others the
+    # server's own reading.
+    brought = {reply["xs"]: reply["xt"] for reply in replies.values() if "xs" in reply}
+    for sample in summary["samples"]:
         written = replies[sample["seq"]]["t3"]  # what the server read before its send
-        assert reported["xs"] == sample["seq"] and sample["t3_ns"] == reported["xt"]
-        assert sample["t3_from"] == utc.KERNEL and written <= sample["t3_ns"] < written + SECOND_NS // 100
-    last = summary["samples"][-1]  # no later reply brought its stamp: the server's own
-    assert last["t3_from"] == utc.USER and last["t3_ns"] == replies[last["seq"]]["t3"]
-    assert summary["timestamps"]["server_transmit_fallbacks"] == 1
+        if sample["seq"] in brought:
+            assert sample["t3_from"] == utc.KERNEL and sample["t3_ns"] == brought[sample["seq"]]
+            assert written <= sample["t3_ns"] < written + SECOND_NS  # the same send, stamped as it left
+        else:
+            assert sample["t3_from"] == utc.USER and sample["t3_ns"] == written
+    assert summary["samples"][-1]["seq"] not in brought  # no later reply brought its stamp
+    assert 1 <= len(brought) == 12 - summary["timestamps"]["server_transmit_fallbacks"]
 
 
 @needs_linux("SO_TIMESTAMPING's transmit stamps")
