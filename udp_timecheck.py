@@ -59,28 +59,21 @@ import array
 import bisect
 import collections
 import contextlib
-import csv
 import ctypes
 import datetime
 import errno
 import functools
-import hashlib
 import heapq
-import hmac
-import html
 import io
 import itertools
-import ipaddress
 import json
 import json.scanner
 import math
 import operator
 import os
-import platform
 import queue
 import random
 import re
-import secrets
 import select
 import selectors
 import signal
@@ -88,7 +81,6 @@ import socket
 import stat
 import struct
 import sys
-import textwrap
 import threading
 import time
 from typing import (Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, NoReturn,
@@ -161,7 +153,7 @@ MAX_SOURCE_PORTS = 64               # --ports: sockets of one run
 REPLAY_WINDOW_S = 300               # seconds a keyed server remembers the requests it answered ...
 REPLAY_ENTRIES = 65536              # ... up to this many (some 8 MB): a replay within them gets no answer
 PRIVILEGED_PORTS = 1024             # echo, daytime, DNS, NTP...: never answered (loop DoS)
-ID_BITS = 63                        # request ids: secrets.randbits(63)
+ID_BITS = 63                        # request ids: 63 random bits from os.urandom, as secrets draws them
 ID_LIMIT = 2 ** 64                  # larger ids and timestamps are malformed
 TIMESTAMP_DIGITS = 20               # room for any time_ns() value until 5138 AD
 SAMPLE_TEXT = "The time is 2000-01-01 00:00:00.000000"
@@ -419,11 +411,23 @@ def _check_shape(text: str) -> None:
     """
     if text.count("\\") > MAX_ESCAPES:
         raise WireError("more than {} escapes".format(MAX_ESCAPES))
+    if text.count(",") + text.count(":") <= MAX_SEPARATORS:
+        return  # too few to count after the text, and too few to cost much
     start = _REQUEST_START.match(text)
     if start is None:
         raise WireError("not an [id, text, ...] array")
     if text.count(",", start.end()) + text.count(":", start.end()) > MAX_SEPARATORS:
         raise WireError("more than {} commas and colons after the text".format(MAX_SEPARATORS))
+
+
+# Our server's replies, in the layout reply_parts() gives them, without a clock state: read by
+# one regex on the client's hot path.  Any other datagram is decoded as JSON, to the same Message.
+_BYTE = rb'([0-9]{1,2}|1[0-9]{2}|2[0-4][0-9]|25[0-5])'
+_CANONICAL_REPLY = re.compile(
+    rb'\[(0|-?[1-9][0-9]{0,18}), "([ !#-\[\]-~]*)", \{"seq": ([0-9]{1,19}), "ts": "(kernel|user)", '
+    rb'(?:"rx": ([0-9]{1,19}), )?(?:"xl": (1), (?:"xs": ([0-9]{1,19}), "xt": ([0-9]{1,19}), )?)?'
+    rb'(?:"tos": ' + _BYTE + rb', )?(?:"ttl": ' + _BYTE + rb', )?'
+    rb'"t2": ([0-9]{1,19}), "t3": ([0-9]{1,19})(?:, "pad": " *")?\}(?:, "([0-9a-f]{64})")?\]')
 
 
 def decode_message(data: bytes) -> Message:
@@ -432,6 +436,9 @@ def decode_message(data: bytes) -> Message:
     Every number in it is range-checked here, as the encoder's limits are: a
     value out of range makes the datagram malformed.
     """
+    match = _CANONICAL_REPLY.fullmatch(data)
+    if match is not None:
+        return _canonical_reply(match)
     try:
         text = data.decode("utf-8").strip(JSON_WHITESPACE)
         _check_shape(text)
@@ -447,6 +454,24 @@ def decode_message(data: bytes) -> Message:
         _check_extension(ext)
     mac = items[3] if len(items) > 3 and type(items[3]) is str else None
     return Message(message_id, message_text, ext, mac)
+
+
+def _canonical_reply(match: Any) -> Message:
+    """The Message of a reply _CANONICAL_REPLY matched: every number within its limit by the
+    pattern's digits, the text printable ASCII."""
+    message_id, text, seq, stamp, rx, xl, xs, xt, tos, ttl, t2, t3, mac = match.groups()
+    ext = {"seq": int(seq), "ts": KERNEL if stamp == b"kernel" else USER, "t2": int(t2),
+           "t3": int(t3)}  # type: Dict[str, Any]
+    if rx is not None:
+        ext["rx"] = int(rx)
+    if xl is not None:
+        ext["xl"] = 1
+        if xs is not None:
+            ext["xs"], ext["xt"] = int(xs), int(xt)
+    for name, digits in (("tos", tos), ("ttl", ttl)) if tos is not None or ttl is not None else ():
+        if digits is not None:
+            ext[name] = int(digits)
+    return Message(int(message_id), text.decode(), ext, None if mac is None else mac.decode())
 
 
 def _check_id_and_text(message_id: object, message_text: object) -> Tuple[int, str]:
@@ -491,6 +516,8 @@ def _clock_state_valid(value: object) -> bool:
 
 
 def _mac(key: bytes, context: bytes, unsigned: bytes) -> bytes:
+    import hashlib  # here, as hmac below: only a key needs them (start-up is paid on every run)
+    import hmac
     return hmac.new(key, context + unsigned, hashlib.sha256).hexdigest().encode("ascii")
 
 
@@ -508,6 +535,7 @@ def mac_matches(key: bytes, context: bytes, data: bytes) -> bool:
     """True if the datagram ends with the right MAC of itself (MAC zeroed) under context."""
     if len(data) <= MAC_TRAILER or not data.endswith(b'"]'):
         return False
+    import hmac
     expected = _mac(key, context, data[:-MAC_TRAILER] + ZERO_MAC + b'"]')
     return hmac.compare_digest(expected, mac_of_datagram(data))
 
@@ -546,13 +574,17 @@ def encode_request(request_id: int, text: str, seq: Optional[int] = None, *, siz
         return json.dumps([request_id, text]).encode()
     ext = b'"seq": %d%b%b%b' % (seq, _options_members(options), b', "clock": 1' if ask_clock_state else b"",
                                 b', "size": %d' % size if size else b"")
-    data = b'[%d, %b, {%b}%b]' % (request_id, json.dumps(text).encode(), ext,  # json.dumps' own layout
+    quoted = b'"%b"' % text.encode() if _PRINTABLE_ASCII.fullmatch(text) else json.dumps(text).encode()
+    data = b'[%d, %b, {%b}%b]' % (request_id, quoted, ext,  # json.dumps' own layout
                                    b', "' + ZERO_MAC + b'"' if key is not None else b"")
     if pad_to > len(data):  # "pad" last in the object, as json.dumps would put it, without a second dumps
         end = data.rindex(b"}")
         pad = b" " * max(0, pad_to - len(data) - PAD_OVERHEAD)
         data = b'%b, "pad": "%b"%b' % (data[:end], pad, data[end:])
     return data if key is None else seal(key, REQUEST_LABEL, data)
+
+
+_PRINTABLE_ASCII = re.compile(r'[ !#-\[\]-~]*')  # what json.dumps leaves as it is, between the quotes
 
 
 def _options_members(options: RequestOptions) -> bytes:
@@ -586,9 +618,10 @@ _CANONICAL_REQUEST = re.compile(
     rb'(?:, "pad": " *")?\}(?:, "[0-9a-f]{64}")?)?\]')
 
 
-def parse_request(data: bytes) -> Request:
-    """The Request in data, or WireError (NotARequest: a reply, which could start a loop)."""
-    match = _CANONICAL_REQUEST.fullmatch(data)
+def parse_request(data: bytes, match: Optional[Any] = None) -> Request:
+    """The Request in data, or WireError (NotARequest: a reply, which could start a loop); match
+    is _CANONICAL_REQUEST's, when the caller has it."""
+    match = match or _CANONICAL_REQUEST.fullmatch(data)
     if match is not None:
         request_id, seq, session, interleaved, exchange, path, clock, size = match.groups()
         if not size or int(size) <= MAX_DATAGRAM:  # else: out of range, as decode_message says
@@ -647,16 +680,16 @@ class ReplyExtra(NamedTuple):
 
 def encode_reply_extra(extra: ReplyExtra) -> bytes:
     """ReplyExtra as members of a reply's extension object, in the order our client's regex reads."""
-    parts = []
-    if extra.received is not None:
-        parts.append(b'"rx": %d' % extra.received)
-    if extra.interleaved:
-        parts.append(b'"xl": 1')
-        if extra.previous_t3 is not None and extra.previous_seq is not None:
-            parts.append(b'"xs": %d, "xt": %d' % (extra.previous_seq, extra.previous_t3))
-    parts += [b'"%b": %d' % (name, value) for name, value in ((b"tos", extra.tos), (b"ttl", extra.ttl))
-              if value is not None]
-    return b", ".join(parts)
+    received, interleaved, previous_seq, previous_t3, tos, ttl = extra
+    members = b'"rx": %d' % received if received is not None else b""
+    if interleaved:
+        members += b'"xl": 1' if not members else b', "xl": 1'
+        if previous_t3 is not None and previous_seq is not None:
+            members += b', "xs": %d, "xt": %d' % (previous_seq, previous_t3)
+    if tos is not None or ttl is not None:
+        members = b", ".join(filter(None, [members] + [b'"%b": %d' % (name, value) for name, value in (
+            (b"tos", tos), (b"ttl", ttl)) if value is not None]))
+    return members
 
 
 def _worst_extra(options: RequestOptions, highest_seq: int) -> bytes:
@@ -864,13 +897,15 @@ class StampOption(NamedTuple):
 # (SO_TIMESTAMPNS, SO_TIMESTAMPING) by architecture; most share asm-generic's values.
 SO_TIMESTAMPNS, SO_TIMESTAMPING = (
     {"sparc": (0x21, 0x23), "sparc64": (0x21, 0x23), "parisc": (0x4013, 0x4014),
-     "parisc64": (0x4013, 0x4014)}.get(platform.machine(), (35, 37)) if LINUX else (None, None))
+     "parisc64": (0x4013, 0x4014)}.get(os.uname().machine, (35, 37)) if LINUX else (None, None))
 RECEIVE_STAMPS = (StampOption(SO_TIMESTAMPNS, TIMESPEC, 1) if SO_TIMESTAMPNS is not None else
                   StampOption(0x0400, TIMEVAL, 1000) if BSD else None)  # SO_TIMESTAMP, everywhere 0x400
 # SO_TIMESTAMPING: software transmit stamps (TX_SOFTWARE asks for them, SOFTWARE reports them),
 # numbered by the kernel (OPT_ID), without the datagram's bytes (OPT_TSONLY); on the error queue,
-# with the ICMP errors that IP_RECVERR puts there, each a struct sock_extended_err.
+# with the ICMP errors that IP_RECVERR puts there, each a struct sock_extended_err.  OPT_RX_FILTER
+# (Linux 6.12 on) keeps SOFTWARE from adding a second receive stamp to every datagram read.
 SOF_TX_SOFTWARE, SOF_SOFTWARE, SOF_OPT_ID, SOF_OPT_TSONLY = 1 << 1, 1 << 4, 1 << 7, 1 << 11
+SOF_OPT_RX_FILTER = 1 << 17
 MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11 if LINUX else None)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if LINUX else None)
@@ -1149,14 +1184,17 @@ def message_calls(sock: socket.socket) -> Tuple[Callable, Callable]:
 
 
 def _set_timestamping(sock: socket.socket, flags: int) -> bool:
-    """SO_TIMESTAMPING's flags on sock, where the platform and the kernel take them."""
+    """SO_TIMESTAMPING's flags on sock, where the platform and the kernel take them (with
+    OPT_RX_FILTER where the kernel knows it)."""
     if SO_TIMESTAMPING is None or not has_message_calls(sock):
         return False
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, flags)
-    except OSError:
-        return False
-    return True
+    for tried in (flags | SOF_OPT_RX_FILTER, flags):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, tried)
+        except OSError:
+            continue
+        return True
+    return False
 
 
 # The control message that asks the kernel to stamp one datagram as it leaves (none elsewhere).
@@ -2638,6 +2676,7 @@ class TimeServer:
         self.packet_info = self._wildcard and enable_packet_info(self.socket)
         self.stats, self._sendmsg = ServerStats(), message_calls(self.socket)[1]
         self.keyed, self._key, self._faulty, self._rng = key is not None, key, faulty, rng
+        self._plain = key is None and not faulty  # a request with no options needs nothing more
         self._clock = KernelClock(wall_clock)
         self._wall_clock, self._started_ns = self._clock.wall_clock, self._clock.wall_clock()
         self._read_clock_state = clock_state
@@ -2667,10 +2706,14 @@ class TimeServer:
         self.close()
 
     def serve_forever(self) -> None:
-        """Answer requests until shutdown(); a bad datagram is counted, never fatal."""
+        """Answer requests until shutdown(); a bad datagram is counted, never fatal.  The usual
+        datagram, the kernel's stamp then its destination, is read here, in the loop."""
         recvmsg = message_calls(self.socket)[0]
         wall_clock, arrival, reply_for, stats = self._wall_clock, self._arrival, self._reply_for, self.stats
         log = self._log_request if self._log is not None else None
+        usual = self.timestamps == KERNEL and self._clock.usable and not self._clock.offset_ns
+        unpack, stamp_kind, info_kinds = TIMESPEC.unpack, SO_TIMESTAMPNS, _PACKET_INFO_KINDS
+        none = (0, 0, b"")
         self._idle.clear()
         try:
             while not self._stopping:
@@ -2687,8 +2730,18 @@ class TimeServer:
                 user_ns = wall_clock()
                 if self._stopping:
                     break
-                server_recv_ns, stamp, control = arrival(ancillary, user_ns) if ancillary \
-                    else (user_ns, b"user", ())
+                # The usual datagram (the kernel's stamp, then its destination, if any) read here;
+                # any other, and an old stamp, by _arrival() and the clock's checks.
+                first, rest = (ancillary[0], ancillary[1:]) if usual and ancillary else (none, ())
+                kernel_ns = -NS_PER_S
+                if first[1] == stamp_kind and (not rest or len(rest) == 1 and rest[0][1] in info_kinds):
+                    seconds, nanoseconds = unpack(first[2])
+                    kernel_ns = seconds * NS_PER_S + nanoseconds
+                if 0 <= user_ns - kernel_ns <= NS_PER_S:
+                    server_recv_ns, stamp, control = kernel_ns, b"kernel", rest
+                else:
+                    server_recv_ns, stamp, control = arrival(ancillary, user_ns) if ancillary \
+                        else (user_ns, b"user", ())
                 reply = reply_for(data, source, server_recv_ns, stamp, ancillary)
                 if reply is not None and self._send(reply, control, source, server_recv_ns) \
                         and log is not None:
@@ -2762,7 +2815,14 @@ class TimeServer:
         self._stamped, self._send_extra = None, ()
         if self._turned_away(source, server_recv_ns):
             return None
-        request = self._parsed(data)
+        match = _CANONICAL_REQUEST.fullmatch(data)
+        if match is not None and match.lastindex == 2 and self._plain:  # an id and a seq, no more
+            request_id, seq = match.groups()[:2]
+            reply = self._build_reply(data, Request(request_id, seq, 0, False), request_id, server_recv_ns,
+                                      stamp)
+            self.stats.too_short += reply is None
+            return reply
+        request = self._parsed(data, match)
         if request is None:
             return None
         request_id, seq, size, wants_clock_state, options = request
@@ -2794,10 +2854,10 @@ class TimeServer:
             return True
         return False
 
-    def _parsed(self, data: bytes) -> Optional[Request]:
+    def _parsed(self, data: bytes, match: Optional[Any]) -> Optional[Request]:
         """parse_request(data), or None for a reply (a loop in the making) or garbage, counted."""
         try:
-            return parse_request(data)
+            return parse_request(data, match)
         except NotARequest:
             self.stats.loops += 1
         except WireError:
@@ -2908,11 +2968,12 @@ class TimeServer:
         second, fraction = divmod(server_recv_ns, NS_PER_S)
         if second != self._text_second:  # formatting the date once a second is enough
             self._text_second, self._text_prefix = second, _time_prefix(second)
-        key, clock_state, extra = self._key, members[0], members[1]
+        key, (clock_state, extra) = self._key, members
         head, tail = reply_parts(reply_id, b"%b.%06d" % (self._text_prefix, fraction // 1000), request.seq,
                                  server_recv_ns, stamp=stamp, keyed=key is not None,
                                  pad_to=min(request.size, len(data)) if request.size else 0,
-                                 members=b", ".join(filter(None, members)))
+                                 members=clock_state + b", " + extra if clock_state and extra
+                                 else clock_state or extra)
         if clock_state and len(head) + TIMESTAMP_DIGITS + len(tail or b"") > len(data):
             return self._build_reply(data, request, reply_id, server_recv_ns, stamp, (b"", extra))
         if tail is None:
@@ -3038,6 +3099,7 @@ class MetricsServer:
             raise _bind_error(address[0], port, exc) from None
         self.socket.setblocking(False)
         self.address = self.socket.getsockname()
+        import ipaddress  # here, as in _source_address: only these two need it
         self.loopback = ipaddress.ip_address(self.address[0].split("%")[0]).is_loopback
         self.stats, self._render, self._log = MetricsStats(), render, log
         self._connections = collections.OrderedDict()  # type: collections.OrderedDict[int, _Connection]
@@ -3401,7 +3463,7 @@ class _UnguessableIds:
     def __next__(self) -> int:
         with self._lock:
             if not self._pool:
-                drawn = secrets.token_bytes(8 * 1024)
+                drawn = os.urandom(8 * 1024)  # what secrets.token_bytes() reads
                 self._pool.extend(int.from_bytes(drawn[start:start + 8], "big") >> (64 - ID_BITS)
                                   for start in range(0, len(drawn), 8))
             return self._pool.popleft()
@@ -3820,7 +3882,7 @@ class SntpRecorder(Recorder):
         self.kissed = False  # a kiss-o'-death ended the run
 
     def request(self, seq: int) -> Tuple[Sample, bytes]:
-        nonce = secrets.randbits(64) or 1  # unguessable: an off-path forger cannot echo it
+        nonce = next(_REQUEST_IDS) or 1  # unguessable: an off-path forger cannot echo it
         data = encode_ntp_request(nonce)
         sample = Sample(seq, nonce, target=self.target)
         sample.request, sample.request_size = data, len(data)
@@ -4010,11 +4072,12 @@ class Measurement:
     def _step_due(self, now: int) -> Optional[int]:
         """Step the targets due by now, then read the transmit stamps of what they sent; when the
         next is due, or None when all are done."""
-        due, used = self._due, collections.Counter()  # type: List[Tuple[int, int, Target]], Any
+        due, used = self._due, {}  # type: List[Tuple[int, int, Target]], Dict[Channel, int]
         while due and due[0][0] <= now:
             wake, _, target = heapq.heappop(due)
             if self._wakes.get(target) == wake:  # else stale: its wake moved since
-                used.update(self._step(target, now))
+                for channel in self._step(target, now):
+                    used[channel] = used.get(channel, 0) + 1
         for channel, sent in used.items():  # as many stamps as datagrams: no read that finds none
             self._read_errors(channel, most=sent)
         while due and self._wakes.get(due[0][2]) != due[0][0]:
@@ -4135,6 +4198,8 @@ class Measurement:
                                                   tos, ttl))
             self._touched.add(target)
             got = True
+            if not target.recorder.waiting and len(self.targets) == 1:
+                break  # nothing more is due: no read that finds nothing (a straggler wakes the poll)
         if not got or channel.errors.waiting():  # woken for the error queue, or stamps still due
             self._read_errors(channel)
 
@@ -5147,7 +5212,7 @@ def _sample_value(value: float) -> str:
 
 def _build_info() -> List[str]:
     return _metric("build_info", "gauge", "The version of udp-timecheck and of Python, as labels.",
-                   [({"version": __version__, "python": platform.python_version()}, 1)])
+                   [({"version": __version__, "python": "{}.{}.{}".format(*sys.version_info)}, 1)])
 
 
 def render_server_metrics(server: TimeServer, log_dropped: int, source: Optional[str] = None,
@@ -5415,7 +5480,7 @@ def _unless_none(value: Optional[float], show: Callable[[float], str]) -> Option
 
 
 def _xml_text(text: str) -> str:
-    return html.escape(text, quote=False)
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def round_ticks(low: float, high: float, most: int = 6, whole: bool = False) -> List[float]:
@@ -6057,6 +6122,7 @@ def format_row(sample: Sample, kind: str) -> str:
     record = sample_record(sample)
     if kind == "jsonl":
         return json.dumps(record) + "\n"
+    import csv  # here: only --csv needs it (start-up is paid on every run)
     buffer = io.StringIO()
     csv.writer(buffer).writerow(["" if record[name] is None else record[name] for name in SAMPLE_FIELDS])
     return buffer.getvalue()
@@ -6156,6 +6222,7 @@ def _listen_address(text: str) -> Tuple[str, int]:
 
 def _source_address(text: str) -> str:
     """-I: an address this machine can send from: not multicast, broadcast or unspecified."""
+    import ipaddress
     try:
         address = ipaddress.ip_address(text.strip("[]").split("%")[0])
     except ValueError:
@@ -6227,13 +6294,13 @@ MEASURING_OPTIONS = (("measure_delay", "--measure-delay"), ("count", "-c"), ("in
                      ("report_every", "--report-every"), ("print_time", "-D"), ("size", "--size"),
                      ("timestamps", "--timestamps"), ("metrics", "--metrics"), ("tos", "--tos"),
                      ("ttl", "--ttl"), ("ports", "--ports"))
-MEASURING_RULE = textwrap.fill(
-    "Without options the client asks once, as the tutorial's does.  Any of {options} makes it measure, "
-    "as ping does: a probe a second until Ctrl-C, -c or -w.  --measure-delay is the tutorial's loop: "
-    "{count} probes, each sent when the last is answered or timed out (-i 0).  -W, --key-file, -4, -6, "
-    "-I and --interleaved do not make it measure.".format(
-        options=", ".join(written for _, written in MEASURING_OPTIONS), count=DEFAULT_COUNT),
-    78, break_on_hyphens=False)
+MEASURING_RULE = """Without options the client asks once, as the tutorial's does.  Any of
+--measure-delay, -c, -i, -w, -q, --json, --csv, --jsonl, --plot, --reference,
+--report-every, -D, --size, --timestamps, --metrics, --tos, --ttl, --ports
+makes it measure, as ping does: a probe a second until Ctrl-C, -c or -w.
+--measure-delay is the tutorial's loop: 1000 probes, each sent when the last
+is answered or timed out (-i 0).  -W, --key-file, -4, -6, -I and --interleaved
+do not make it measure."""  # its options are MEASURING_OPTIONS (a test holds them equal)
 CLIENT_EPILOG = MEASURING_RULE + """
 
 examples:

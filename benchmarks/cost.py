@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # "from cached bytecode" needs a cache to be written
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import udp_timecheck as utc  # noqa: E402 - the module under test, from this checkout
@@ -119,15 +120,21 @@ def build_load(tmp):
 
 
 def throughput(load, port, mode, payload, seconds=2.0, warmup=0.5):
-    result = subprocess.run([load, str(port), str(warmup), str(seconds), str(WINDOW), mode, str(payload)],
+    command = [load, str(port), str(warmup), str(seconds), str(WINDOW), mode, str(payload)]
+    result = subprocess.run(pinned(command, 0),
                             stdout=subprocess.PIPE, check=True, universal_newlines=True, timeout=60)
     figures = json.loads(result.stdout)
     return figures["replies"] / figures["seconds"]
 
 
+def pinned(argv, cpu):
+    """argv on one CPU, where taskset is: the server and its load apart, every round alike."""
+    return ["taskset", "-c", str(cpu)] + argv if shutil.which("taskset") and os.cpu_count() > 1 else argv
+
+
 def server_section(load, rounds):
-    echo = Server([sys.executable, "-c", BARE_ECHO.format(root=str(ROOT))], int)
-    ours = Server([sys.executable, MODULE, "server", "0.0.0.0", "0"], ours_port)
+    echo = Server(pinned([sys.executable, "-c", BARE_ECHO.format(root=str(ROOT))], 1), int)
+    ours = Server(pinned([sys.executable, MODULE, "server", "0.0.0.0", "0"], 1), ours_port)
     plain = utc.encode_request(1234567890123456789, "The time is 2026-11-25 18:34:10.123456", 0,
                                pad_to=utc.min_request_size(utc.DEFAULT_COUNT)).hex()
     pad_to = utc.min_request_size(10 ** 12, options=utc.RequestOptions(777, True))
