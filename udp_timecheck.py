@@ -871,6 +871,115 @@ def describe_refid(stratum: int, refid: bytes) -> str:
     return socket.inet_ntoa(refid)
 
 
+# STAMP (RFC 8762) and its TLVs (RFC 8972): the Session-Sender's test packet and the
+# Session-Reflector's, unauthenticated (44 bytes) and authenticated (112, HMAC-SHA-256
+# truncated to 16 bytes over what precedes it), then TLVs.  Timestamps are NTP's 64 bits.
+STAMP_PORT = 862
+STAMP_SENDER = struct.Struct("!IQHH28x")
+STAMP_REFLECTOR = struct.Struct("!IQHHQIQH2xB3x")
+STAMP_SENDER_KEYED = struct.Struct("!I12xQHH68x")
+STAMP_REFLECTOR_KEYED = struct.Struct("!I12xQHH4xQ8xI12xQH6xB15x")
+STAMP_HMAC_BYTES = 16
+STAMP_TLV = struct.Struct("!BBH")
+TLV_PADDING, TLV_CLASS_OF_SERVICE, TLV_FOLLOW_UP = 1, 4, 7   # IANA's STAMP TLV types
+TLV_UNRECOGNIZED = 0x80             # the U flag: the reflector did not know the TLV
+FOLLOW_UP = struct.Struct("!IQB3x")
+NTP_TIME = struct.Struct("!Q")
+STAMP_ESTIMATE = "a STAMP error estimate"  # where a reflector's clock state came from
+TIMESTAMP_SW_LOCAL = 2              # RFC 8972's timestamping methods: 1 hardware, 2 software, 3 control plane
+
+
+class StampPacket(NamedTuple):
+    """A STAMP test packet, its fields as on the wire.  The reflector's alone: receive (T2), and
+    the sender's seq, timestamp, error estimate and TTL it reflects.  tlvs are (flags, type, value)."""
+    seq: int
+    timestamp: int
+    error: int
+    ssid: int
+    receive: int = 0
+    sender_seq: int = 0
+    sender_timestamp: int = 0
+    sender_error: int = 0
+    sender_ttl: int = 0
+    tlvs: Tuple[Tuple[int, int, bytes], ...] = ()
+
+
+def stamp_base(reflector: bool, keyed: bool) -> struct.Struct:
+    """The fixed part of a STAMP packet (the HMAC not counted)."""
+    return (STAMP_REFLECTOR_KEYED if keyed else STAMP_REFLECTOR) if reflector else \
+        (STAMP_SENDER_KEYED if keyed else STAMP_SENDER)
+
+
+def stamp_hmac(key: bytes, signed: bytes) -> bytes:
+    """RFC 8762's HMAC: HMAC-SHA-256 of what precedes it, its first 16 bytes."""
+    import hashlib
+    import hmac
+    return hmac.new(key, signed, hashlib.sha256).digest()[:STAMP_HMAC_BYTES]
+
+
+def encode_stamp(packet: StampPacket, reflector: bool, key: Optional[bytes] = None, size: int = 0) -> bytes:
+    """A STAMP packet, its TLVs after the fixed part (and the HMAC, with a key), zero-padded to size."""
+    base = stamp_base(reflector, key is not None)
+    fields = packet[:4] + (packet[4:9] if reflector else ())
+    data = base.pack(*fields)
+    if key is not None:
+        data += stamp_hmac(key, data)
+    data += b"".join(STAMP_TLV.pack(flags, kind, len(value)) + value for flags, kind, value in packet.tlvs)
+    return data + bytes(max(0, size - len(data)))
+
+
+def decode_stamp(data: bytes, reflector: bool, key: Optional[bytes] = None) -> StampPacket:
+    """A STAMP packet, or WireError: too short, or (with a key) its HMAC wrong.  What follows the
+    fixed part is read as TLVs as long as they parse; zeros, or anything else, are padding."""
+    base = stamp_base(reflector, key is not None)
+    end = base.size + (STAMP_HMAC_BYTES if key is not None else 0)
+    if len(data) < end:
+        raise WireError("{} bytes: not a STAMP packet ({} at least)".format(len(data), end))
+    if key is not None:
+        import hmac
+        if not hmac.compare_digest(stamp_hmac(key, data[:base.size]), data[base.size:end]):
+            raise WireError("its HMAC is not right")
+    return StampPacket(*base.unpack_from(data), tlvs=decode_stamp_tlvs(data, end))  # type: ignore[misc]
+
+
+def decode_stamp_tlvs(data: bytes, offset: int) -> Tuple[Tuple[int, int, bytes], ...]:
+    """The TLVs from offset on, as (flags, type, value), until what follows does not parse as one."""
+    tlvs = []
+    while offset + STAMP_TLV.size <= len(data):
+        flags, kind, length = STAMP_TLV.unpack_from(data, offset)
+        if kind == 0 or offset + STAMP_TLV.size + length > len(data):
+            break  # type 0 is reserved: padding, as a TWAMP-light reflector's zeros
+        offset += STAMP_TLV.size
+        tlvs.append((flags, kind, data[offset:offset + length]))
+        offset += length
+    return tuple(tlvs)
+
+
+def encode_error_estimate(synchronized: Optional[bool], error_ns: Optional[int]) -> int:
+    """RFC 4656's error estimate: S only when synchronised, Z 0 (NTP format), and the scale and
+    multiplier of the smallest error it can say that is not below error_ns (unknown: the largest)."""
+    units = -(-max(error_ns, 1) * (1 << 32) // NS_PER_S) if error_ns is not None else 255 << 63
+    scale = max(0, units.bit_length() - 8)
+    multiplier = -(-units >> scale)
+    if multiplier > 255:
+        scale, multiplier = scale + 1, -(-units >> (scale + 1))
+    if scale > 63:
+        scale, multiplier = 63, 255
+    return (0x8000 if synchronized else 0) | scale << 8 | multiplier
+
+
+def decode_error_estimate(value: int) -> Tuple[bool, int]:
+    """(synchronised, the error in ns, rounded up) of an error estimate."""
+    scale, multiplier = value >> 8 & 0x3F, value & 0xFF
+    return bool(value & 0x8000), -(-multiplier * (1 << scale) * NS_PER_S // (1 << 32))
+
+
+def ns_to_ntp(ns: int) -> int:
+    """ns since 1970 as a 64-bit NTP timestamp (its era's)."""
+    seconds, rest = divmod(ns, NS_PER_S)
+    return ((seconds + NTP_EPOCH_OFFSET) & 0xFFFFFFFF) << 32 | (rest << 32) // NS_PER_S
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Platform: socket options, ancillary data, addresses, key files, the kernel's clock state
 # ----------------------------------------------------------------------------------------------
@@ -1807,11 +1916,12 @@ class LossDirections:
     more than the requests of lost probes that arrived, whose replies were lost; the others'
     requests were.  Probes come in the order they were sent.  The lost after the last answer,
     or across a count that went back (a server that forgot the session), stay unknown."""
-    __slots__ = ("up", "down", "unknown", "counted", "_gap", "_previous")
+    __slots__ = ("up", "down", "unknown", "counted", "proven", "_gap", "_previous")
 
     def __init__(self) -> None:
         self.up = self.down = self.unknown = 0
         self.counted = False  # whether any reply carried the server's count
+        self.proven = True  # whether the counts are the server's own (a stateless STAMP reflector's are not)
         self._gap, self._previous = 0, 0  # lost since the last answer; the count it carried
 
     def add(self, lost: bool, server_count: Optional[int] = None) -> None:
@@ -1831,7 +1941,7 @@ class LossDirections:
 
     def figures(self) -> Dict[str, Optional[int]]:
         """lost_up, lost_down and lost_direction_unknown, which sum to the lost; None without a count."""
-        if not self.counted:
+        if not (self.counted and self.proven):
             return {"lost_up": None, "lost_down": None, "lost_direction_unknown": None}
         return {"lost_up": self.up, "lost_down": self.down,
                 "lost_direction_unknown": self.unknown + self._gap}
@@ -2647,6 +2757,10 @@ class ServerSpec(NamedTuple):
     timestamps: str = KERNEL
     rng: Callable[[], float] = random.random
     clock_state: Callable[[], ClockState] = read_clock_state
+    stamp: Optional[str] = None  # a STAMP reflector: STATEFUL or STATELESS; None: our protocol
+
+
+STATEFUL, STATELESS = "stateful", "stateless"  # a STAMP reflector's seqs: its own, or the sender's
 
 
 class TimeServer:
@@ -2662,7 +2776,7 @@ class TimeServer:
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  log: Optional[Callable[[str], None]] = None, **options: Any) -> None:
         self.spec = ServerSpec(**options)
-        faulty, key, max_rate, log_limit, wall_clock, timestamps, rng, clock_state = self.spec
+        faulty, key, max_rate, log_limit, wall_clock, timestamps, rng, clock_state, stamp = self.spec
         self.socket = _bound_socket(host, port)
         self.address = self.socket.getsockname()
         _set_receive_timeout(self.socket, RECEIVE_TIMEOUT)
@@ -2697,6 +2811,10 @@ class TimeServer:
         self._idle = threading.Event()
         self._idle.set()
         self.thread = None  # type: Optional[threading.Thread]  # start()'s
+        if stamp is not None:  # a STAMP reflector answers STAMP alone
+            self._reply_for, self._log_request = self._reflect, self._log_reflection  # type: ignore[method-assign]
+            self._error_second, self._error_estimate = -1, 0
+            self._path_reported = enable_path_marks(self.socket) or True  # every reflection carries the TTL
 
     def __enter__(self) -> "TimeServer":
         return self
@@ -2842,6 +2960,94 @@ class TimeServer:
             self._loops.answered(source, int(reply_id))
         return reply
 
+    def _reflect(self, data: bytes, source: tuple, server_recv_ns: int, stamp: bytes,
+                 ancillary: Sequence[tuple] = ()) -> Optional[bytes]:
+        """STAMP (RFC 8762 section 4.3): the reflection of a Session-Sender's packet, as large as
+        it, or None (counted).  A session is a source and its SSID; stateful, its own count of
+        the packets that came is the reply's seq (the sender's loss split), stateless the sender's."""
+        self._stamped, self._send_extra = None, ()
+        if self._turned_away(source, server_recv_ns):
+            return None
+        try:
+            packet = decode_stamp(data, False, self._key)
+        except WireError:
+            self.stats.malformed += self._key is None
+            self.stats.unauthenticated += self._key is not None
+            return None
+        if self._key is None and data[16:24] != bytes(8):  # MBZ, where a reflection has its T2: never
+            self.stats.malformed += 1  # reflected (a loop between reflectors), nor anything but STAMP
+            return None
+        session = self._known_session((source[0], source[1], packet.ssid))  # SSIDs are 16 bits: with the port
+        if not session.count(packet.seq) and self._key is not None:
+            self.stats.replayed += 1
+            return None
+        if self._key is not None and self._limiter is not None and not self._limiter.allow(
+                source[0], server_recv_ns):
+            self.stats.rate_limited += 1
+            return None
+        tos, ttl = self._marks(ancillary)
+        reflected = StampPacket(
+            packet.seq if self.spec.stamp == STATELESS else session.received - 1, 0,
+            self._stamp_error(server_recv_ns), packet.ssid, ns_to_ntp(server_recv_ns), packet.seq,
+            packet.timestamp, packet.error, ttl or 0, self._reflect_tlvs(packet.tlvs, session, tos))
+        if self.transmit_stamps:
+            self._stamped = session.exchanged(server_recv_ns, reflected.seq)
+            self._send_extra += TRANSMIT_STAMP_REQUEST
+        return self._stamped_reflection(reflected, len(data))
+
+    def _stamped_reflection(self, reflected: StampPacket, size: int) -> bytes:
+        """The reflection, its T3 read last."""
+        data = encode_stamp(reflected, True, self._key, size)  # its HMAC made again below, with T3
+        at = 16 if self._key is not None else 4
+        data = data[:at] + NTP_TIME.pack(ns_to_ntp(self._wall_clock())) + data[at + NTP_TIME.size:]
+        if self._key is not None:
+            end = STAMP_REFLECTOR_KEYED.size
+            data = data[:end] + stamp_hmac(self._key, data[:end]) + data[end + STAMP_HMAC_BYTES:]
+        return data
+
+    def _reflect_tlvs(self, tlvs: Sequence[Tuple[int, int, bytes]], session: "_Session",
+                      tos: Optional[int]) -> Tuple[Tuple[int, int, bytes], ...]:
+        """RFC 8972's TLVs, answered: Class of Service (the DSCP and ECN received; the reply
+        marked with the DSCP asked), Follow-Up Telemetry (the kernel's transmit stamp of the
+        session's previous reflection), padding copied; any other marked unrecognised."""
+        answered = []
+        for flags, kind, value in tlvs:
+            if kind == TLV_CLASS_OF_SERVICE and len(value) >= 4 and tos is not None:
+                word = int.from_bytes(value[:2], "big")  # DSCP1 (asked), DSCP2, ECN (received), RP
+                value = (word & 0xFC03 | tos >> 2 << 4 | (tos & 3) << 2).to_bytes(2, "big") + value[2:]
+                self._send_extra += tos_mark(self.socket.family, word >> 10 << 2)
+            elif kind == TLV_FOLLOW_UP and len(value) >= FOLLOW_UP.size:
+                value = self._follow_up(session) + value[FOLLOW_UP.size:]
+            elif kind != TLV_PADDING:
+                flags |= TLV_UNRECOGNIZED
+            answered.append((flags, kind, value))
+        return tuple(answered)
+
+    def _follow_up(self, session: "_Session") -> bytes:
+        """Follow-Up Telemetry: the seq and the kernel's transmit stamp of the session's previous
+        reflection (our interleaved T3), zeros where there is none."""
+        previous = next(reversed(session.exchanges.values()), None) if session.exchanges else None
+        if previous is not None and previous[1] is None:
+            self._collect_stamps()
+        if previous is None or previous[1] is None:
+            return bytes(FOLLOW_UP.size)
+        return FOLLOW_UP.pack(previous[0], ns_to_ntp(previous[1]), TIMESTAMP_SW_LOCAL)
+
+    def _stamp_error(self, now_ns: int) -> int:
+        """This server's error estimate, from its kernel's clock state: read at most once a second."""
+        second = now_ns // NS_PER_S
+        if second != self._error_second:
+            state = self._read_clock_state()
+            self._error_second, self._error_estimate = second, encode_error_estimate(
+                state.synchronized, state.maxerror_ns)
+        return self._error_estimate
+
+    def _log_reflection(self, data: bytes, source: tuple, server_recv_ns: int) -> None:
+        """A line for a packet reflected, at most log_limit a second."""
+        if self._log_allowed(server_recv_ns):
+            seq, _, _, ssid = STAMP_SENDER.unpack_from(data)
+            self._say("{} STAMP seq {} SSID {}: reflected".format(format_address(*source[:2]), seq, ssid))
+
     def _turned_away(self, source: tuple, server_recv_ns: int) -> bool:
         """Refused before any parsing, the cheapest refusals: a source that makes loops, and
         (without a key; with one, after authentication) a sender over --max-rate."""
@@ -2867,7 +3073,9 @@ class TimeServer:
     def _session(self, session_id: int, source: tuple) -> _Session:
         """A session's state, known by its id: with a key, which authenticates it, from any
         source; without, only from the address it came from (another cannot touch it)."""
-        key = session_id if self._key is not None else (source[0], session_id)  # type: object
+        return self._known_session(session_id if self._key is not None else (source[0], session_id))
+
+    def _known_session(self, key: object) -> _Session:
         session = self._sessions.take(key) or _Session()
         self._sessions.store(key, session)
         return session
@@ -2985,16 +3193,22 @@ class TimeServer:
             reply = seal(key, context, b"%b%d%b" % (head, self._wall_clock(), tail))
         return reply if len(reply) <= len(data) else None  # no reply is ever larger than its request
 
-    def _log_request(self, data: bytes, source: tuple, server_recv_ns: int) -> None:
-        """The tutorial's line for an answered request, at most log_limit a second."""
+    def _log_allowed(self, server_recv_ns: int) -> bool:
+        """Whether a line may be shown: at most log_limit a second; the others are counted."""
         second = server_recv_ns // NS_PER_S
         if second != self._log_second:
             self._flush_log()
             self._log_second, self._log_lines = second, 0
         if self._log_limit is not None and self._log_lines >= self._log_limit:
             self._log_hidden += 1
-            return
+            return False
         self._log_lines += 1
+        return True
+
+    def _log_request(self, data: bytes, source: tuple, server_recv_ns: int) -> None:
+        """The tutorial's line for an answered request, at most log_limit a second."""
+        if not self._log_allowed(server_recv_ns):
+            return
         request = decode_message(data)  # only for the lines shown: the hot path never decodes
         self._say("{} Request ID: {}. Client request, {}".format(
             format_address(*source[:2]), request.message_id, clip(request.text, LOG_TEXT_BYTES)))
@@ -3294,11 +3508,12 @@ def _peer_of(line: str) -> Optional[Peer]:
     return Peer(printable(words[0]) if len(words) == 2 else None, host, port)  # a name, safe on a terminal
 
 
-def client_targets(tokens: Sequence[str], targets_file: Optional[str] = None) -> List[Peer]:
+def client_targets(tokens: Sequence[str], targets_file: Optional[str] = None,
+                   port: int = DEFAULT_PORT) -> List[Peer]:
     """TARGET [TARGET ...] [PORT] as the command line gives them, then those of --targets FILE:
     HOST, HOST:PORT or [IPV6]:PORT each; a final bare number is the port of every target that
-    names none (1060 when there is none)."""
-    tokens, port = list(tokens), DEFAULT_PORT
+    names none (else port)."""
+    tokens = list(tokens)
     if tokens and tokens[-1].isdigit() and (len(tokens) >= 2 or targets_file):
         port = port_number(tokens[-1], tokens.pop())
     peers = [Peer(None, *split_target(token)) for token in tokens]
@@ -3354,7 +3569,7 @@ class PathOptions(NamedTuple):
 
 
 DEFAULT_PATH = PathOptions()
-OURS, NTP = "udp-timecheck", "ntp"  # the protocols a run can speak
+OURS, NTP, STAMP = "udp-timecheck", "ntp", "stamp"  # the protocols a run can speak
 
 
 class Outputs(NamedTuple):
@@ -3484,6 +3699,13 @@ def request_sizes(spec: RunSpec, family: int) -> Tuple[int, int]:
     so that any reply fits (our server never answers with more bytes), or --size, checked."""
     if spec.protocol == NTP:
         return NTP_PACKET.size, NTP_PACKET.size
+    if spec.protocol == STAMP:
+        least, largest = len(encode_stamp(StampPacket(0, 0, 0, 0, tlvs=stamp_tlvs(spec)), False, spec.key)), \
+            MAX_UDP_PAYLOAD[family]
+        if spec.size and not least <= spec.size <= largest:
+            raise TimecheckError("--size must be from {} to {} bytes for STAMP (IPv{})".format(
+                least, largest, 4 if family == socket.AF_INET else 6))
+        return spec.size or least, spec.size or least
     keyed, options = spec.key is not None, RequestOptions(
         1, spec.path.interleaved, spec.path.tos is not None or spec.path.ttl is not None)
     largest = MAX_UDP_PAYLOAD[family]
@@ -3492,6 +3714,15 @@ def request_sizes(spec: RunSpec, family: int) -> Tuple[int, int]:
             MIN_SIZE, largest, 4 if family == socket.AF_INET else 6))
     return spec.size or min_request_size(spec.count or 10 ** 12, keyed=keyed, options=options), \
         spec.size or min_request_size(spec.count or 10 ** 12, keyed=keyed, clock_state=True, options=options)
+
+
+def stamp_tlvs(spec: RunSpec) -> Tuple[Tuple[int, int, bytes], ...]:
+    """The TLVs a STAMP probe carries: Follow-Up Telemetry, interleaved (the reflector's transmit
+    stamp of its previous reply); Class of Service with --tos (the DSCP to reflect with)."""
+    tlvs = [(0, TLV_FOLLOW_UP, bytes(FOLLOW_UP.size))] if spec.path.interleaved else []
+    if spec.path.tos is not None:
+        tlvs.append((0, TLV_CLASS_OF_SERVICE, (spec.path.tos >> 2 << 10).to_bytes(2, "big") + bytes(2)))
+    return tuple(tlvs)
 
 
 class Recorder:
@@ -3917,6 +4148,89 @@ class SntpRecorder(Recorder):
         self.end_probe(sample, OK)
 
 
+class StampRecorder(Recorder):
+    """A Recorder for a STAMP Session-Reflector (RFC 8762): a probe is a Session-Sender test
+    packet, its reflection matched by the seq and the timestamp it carried (an off-path forger
+    knows neither), and, with a key, its HMAC.  T2 and T3 come from the reflection, a later
+    one's Follow-Up Telemetry brings the kernel's T3.  The loss split needs a stateful reflector,
+    and one proves it is only when its seq differs from ours (a stateless one copies ours)."""
+
+    def __init__(self, target: str, address: str, spec: RunSpec, local: LocalEnd = NO_LOCAL_END,
+                 events: Events = NO_EVENTS, name: Optional[str] = None) -> None:
+        super().__init__(target, address, spec, local, events, name)
+        self.ssid = self.session & 0xFFFF or 1  # RFC 8972's session id: 0 is not one
+        self.tlvs, self._error = stamp_tlvs(spec), 0
+        self.directions.proven = False
+        self._reflected = RecentTable(HELD_PROBES * 4)  # the reflector's seq -> ours (Follow-Up Telemetry)
+
+    def request(self, seq: int) -> Tuple[Sample, bytes]:
+        if seq % CLOCK_EVERY == 0:  # this machine's error estimate, from its kernel's clock state
+            state = self.clock_state()
+            self._error = encode_error_estimate(state.synchronized, state.maxerror_ns)
+        timestamp = ns_to_ntp((self.spec.wall_clock or wall_ns)())
+        wire_seq = seq & 0xFFFFFFFF
+        data = encode_stamp(StampPacket(wire_seq, timestamp, self._error, self.ssid, tlvs=self.tlvs), False,
+                            self.key, self.request_size)
+        sample = Sample(seq, wire_seq << 64 | timestamp, target=self.target)  # what its reflection echoes
+        sample.request, sample.request_size = data, len(data)
+        return sample, data
+
+    def receive(self, data: bytes, arrival: Arrival) -> None:
+        try:
+            reply = decode_stamp(data, True, self.key)
+        except WireError:
+            self.count_event("forged" if self.key is not None else "malformed")
+            return
+        request_id = reply.sender_seq << 64 | reply.sender_timestamp
+        sample = self.waiting.get(request_id)
+        if sample is None:  # stale, spoofed, late or a duplicate: the probe waits on for its own
+            ended = self.ended_probe(request_id)
+            self.count_event("mismatched" if ended is None else
+                             "late" if ended.status == LOST else "duplicates")
+            return
+        follow_up = self._record_reflection(sample, reply, len(data), arrival)
+        if not self.in_time(sample, arrival):
+            self.count_event("late")
+            self.end_probe(sample, LOST, TIMED_OUT)
+            return
+        if sample.seq < self.highest_seq:
+            self.count_event("reordered")
+        self.highest_seq = max(self.highest_seq, sample.seq)
+        self._stamp_of(sample, follow_up)
+        self.end_probe(sample, OK)
+        self._unasked.clear()  # a reflector stamps its previous reply: nothing to ask for
+
+    def _record_reflection(self, sample: Sample, reply: StampPacket, size: int,
+                           arrival: Arrival) -> Optional[Dict[str, Any]]:
+        """What the reflection says; the Follow-Up Telemetry of an earlier probe's, as our
+        interleaved replies carry it (xs, xt), or None."""
+        near = arrival.user_t4
+        sample.reply_id, sample.reply_size = sample.request_id, size
+        sample.t2, sample.t3 = ntp_to_ns(reply.receive, near), ntp_to_ns(reply.timestamp, near)
+        synchronized, error_ns = decode_error_estimate(reply.error)
+        self.server_clock_state = ClockState(synchronized, error_ns, None, None, STAMP_ESTIMATE)
+        sample.server_clock_state = self.server_clock_state
+        if reply.seq != reply.sender_seq:
+            self.directions.proven = True
+        sample.server_count = reply.seq + 1  # a stateful reflector's count of the session's packets
+        tlvs = {kind: value for flags, kind, value in reply.tlvs if not flags & TLV_UNRECOGNIZED}
+        cos = tlvs.get(TLV_CLASS_OF_SERVICE, b"")
+        word = int.from_bytes(cos[:2], "big") if len(cos) >= 4 else None
+        sample.server_marks = (None if word is None else (word >> 4 & 0x3F) << 2 | word >> 2 & 3,
+                               reply.sender_ttl or None)
+        sample.marks_back = (arrival.tos, arrival.ttl)
+        self.record_arrival(sample, arrival)
+        follow_up = tlvs.get(TLV_FOLLOW_UP, b"")
+        sample.interleaved = len(follow_up) >= FOLLOW_UP.size
+        self._reflected.store(reply.seq, sample.seq)
+        if not sample.interleaved:
+            return None
+        seq, stamp, _ = FOLLOW_UP.unpack_from(follow_up)
+        earlier = self._reflected.get(seq) if stamp else None
+        sample.asks = earlier
+        return None if earlier is None else {"xs": earlier, "xt": ntp_to_ns(stamp, near)}
+
+
 class Channel:
     """A socket of a run.  Where the kernel names the destination an ICMP error is about (Linux:
     IP_RECVERR), one socket a family and source port serves every target, as fping's does, and
@@ -3964,8 +4278,9 @@ class Target:
 
     def __init__(self, peer: Peer, spec: RunSpec) -> None:
         self.peer, self.name = peer, peer.name
-        self.addresses = resolve(peer.host, peer.port or DEFAULT_PORT, wanted=spec.path.family)
-        self.label = format_address(peer.host.strip("[]"), peer.port or DEFAULT_PORT)
+        port = peer.port or (STAMP_PORT if spec.protocol == STAMP else DEFAULT_PORT)
+        self.addresses = resolve(peer.host, port, wanted=spec.path.family)
+        self.label = format_address(peer.host.strip("[]"), port)
         self.index, self.next_ns, self.stopped = 0, 0, False
         self.recorder = None  # type: Optional[Recorder]
         request_sizes(spec, self.family)  # --size against this family's largest datagram: a usage error now
@@ -4238,7 +4553,7 @@ class Measurement:
             KERNEL if all(channel.kernel for channel in channels) else USER,
             next(filter(None, (channel.no_kernel_stamps for channel in channels)), None),
             all(channel.kernel and channel.errors.stamps for channel in channels))
-        recorder_class = SntpRecorder if spec.protocol == NTP else Recorder
+        recorder_class = {NTP: SntpRecorder, STAMP: StampRecorder}.get(spec.protocol, Recorder)
         target.recorder = recorder_class(target.label, address_text(target.address), spec, local, self.events,
                                          target.name)
         self._owners[target.key()] = target
@@ -4493,7 +4808,7 @@ def run_record(recorder: Recorder) -> Dict[str, Any]:
     spec = recorder.spec
     record.update(count=spec.count, interval=spec.interval, timeout=spec.timeout, size=spec.size or None,
                   interleaved=spec.path.interleaved, request_bytes=recorder.request_size,
-                  keyed=recorder.keyed)
+                  keyed=recorder.keyed, protocol=spec.protocol)
     return record
 
 
@@ -4610,6 +4925,8 @@ def _one_way(recorder: Recorder, totals: Totals, local: ClockState, stamps: Mapp
 def _timestamp_summary(recorder: Recorder, totals: Totals) -> Dict[str, Any]:
     stamps = totals.server_stamps
     server = next(iter(stamps)) if len(stamps) == 1 else ("mixed" if stamps else None)
+    if recorder.spec.protocol == STAMP and totals.received:
+        server = UNSTATED  # a STAMP reflector does not say how it takes its stamps
     at_end = recorder.server_transmit_at_end if totals is recorder.totals else 0  # no later reply could
     late = totals.server_transmit_fallbacks - at_end
     transmit = None if server is None else ((KERNEL if not late else "mixed") if totals.server_transmit_kernel
@@ -4680,11 +4997,16 @@ def _path_snapshot(recorder: Recorder) -> Dict[str, Optional[float]]:
             "outages": runs.outages, "outage_seconds": runs.outage_ns / NS_PER_S}
 
 
+UNSTATED = "unstated"
+
+
 def describe_timestamps(client: str, server: Optional[str]) -> str:
     """Which timestamps each end used, in words: "kernel (both ends)", ..."""
     here = "user-space" if client == USER else client
     if server is None:
         return "{} here; the server sends none".format(here)
+    if server == UNSTATED:
+        return "{} here; the reflector's, taken as it takes them (STAMP does not say how)".format(here)
     there = {USER: "user-space", "mixed": "kernel and user-space"}.get(server, server)
     return "{} (both ends)".format(here) if here == there else "{} here, {} at the server".format(here, there)
 
@@ -4953,7 +5275,8 @@ def format_summary(summary: Mapping) -> List[str]:
     rtt = summary["rtt_ms"]
     unit = MILLISECONDS if rtt["min"] is None else time_unit(rtt["max"])  # every time of it, in one unit
     show = unit.show
-    lines = ["", "--- {} udp-timecheck statistics ---".format(summary["target"])] + format_counts(summary)
+    lines = ["", "--- {} {} statistics ---".format(summary["target"], "STAMP" if summary.get(
+        "protocol") == STAMP else "udp-timecheck")] + format_counts(summary)
     lines += format_path(summary, unit)
     if rtt["min"] is None:
         return lines
@@ -5001,7 +5324,8 @@ def format_clock_state(whose: str, state: Mapping, remote: bool = False,
     if state["synchronized"] is None:
         return "{}: unknown (no kernel clock state{})".format(whose, ": the server did not say" if remote
                                                              else " here")
-    words = ["synchronised" if state["synchronized"] else "NOT synchronised (the kernel says so)"]
+    words = ["synchronised" if state["synchronized"] else "NOT synchronised ({} says so)".format(
+        "its S bit" if state["source"] == STAMP_ESTIMATE else "the kernel")]
     words += ["{} {}".format(name, unit.show(state[key])) for name, key in (
         ("max error", "maxerror_ms"), ("estimated error", "esterror_ms")) if state[key] is not None]
     if state["freq_ppm"] is not None:
@@ -5113,6 +5437,11 @@ def _no_valid_reply(measurement: Recorder, timeout: float) -> str:
         return "cannot send to {}: {}".format(target, measurement.last_error)
     waited = "within {:g} s".format(timeout) if totals.lost else "before the deadline ({:.1f} s)".format(
         measurement.duration_ns / NS_PER_S)
+    if measurement.spec.protocol == STAMP:
+        return ("no reply from {} {} (is a STAMP or TWAMP-light reflector running there{}, on that port: {} "
+                "unless given? Is its UDP port open to you?)".format(
+                    target, waited, " in authenticated mode, with the same key" if measurement.keyed else "",
+                    STAMP_PORT))
     return ("no reply from {} {} (is the server running{}, and is its UDP port open to you?{})".format(
         target, waited, " with the same key" if measurement.keyed else "",
         "" if measurement.keyed else " A server started with a key answers only clients with that key"))
@@ -5341,6 +5670,9 @@ def describe_server(server: TimeServer) -> str:
     platform cannot do."""
     access = "key required (HMAC-SHA256)" if server.keyed else "no key: answers anyone"
     stamps = describe_stamps(server.timestamps, server.no_kernel_stamps)
+    if server.spec.stamp:
+        access = "STAMP reflector, {}; {}".format(server.spec.stamp, "authenticated mode (HMAC-SHA-256)"
+                                                  if server.keyed else "unauthenticated mode: answers anyone")
     words = "Server listening at {}; {}; {}".format(format_address(*server.address[:2]), access, stamps)
     if server.address[0] in ("0.0.0.0", "::") and not server.packet_info:
         words += ("; replies from the kernel's choice of source address (this platform cannot say which "
@@ -5359,11 +5691,14 @@ def format_header(recorder: Recorder, source: Optional[str] = None) -> str:
     spec = recorder.spec
     probes = "{} of {} bytes".format(plural(spec.count, "probe"), recorder.request_size) if spec.count \
         else "probes of {} bytes until stopped".format(recorder.request_size)
-    return "UDP-TIMECHECK {}{} ({}): {}, interval {:g} s, timeout {:g} s{}, {}{}".format(
-        "from {} to ".format(source) if source else "", recorder.target, recorder.address, probes,
-        spec.interval, spec.timeout, ", deadline {:g} s".format(spec.deadline) if spec.deadline else "",
+    return "{} {}{} ({}): {}, interval {:g} s, timeout {:g} s{}, {}{}".format(
+        "STAMP" if spec.protocol == STAMP else "UDP-TIMECHECK",
+        "from {} to ".format(source) if source else "",
+        recorder.target, recorder.address, probes, spec.interval, spec.timeout,
+        ", deadline {:g} s".format(spec.deadline) if spec.deadline else "",
         describe_stamps(recorder.timestamps, recorder.local.no_kernel_stamps),
-        ", HMAC-SHA256" if spec.key else "")
+        ("" if not spec.key else ", HMAC-SHA-256 (authenticated mode)" if spec.protocol == STAMP
+         else ", HMAC-SHA256"))
 
 
 def format_report(figures: Mapping, named: bool = False) -> str:
@@ -6388,6 +6723,12 @@ def _add_server_arguments(server: argparse.ArgumentParser, full_help: bool) -> s
                         help="answer with a wrong id with probability P (default %(const)s), "
                              "as the tutorial's FAULTY_SERVER")
     _add_timestamps_option(_Options(server))
+    stamp = server.add_mutually_exclusive_group()
+    stamp.add_argument("--stamp", action="store_const", const=STATEFUL, help=(
+        "be a STAMP Session-Reflector (RFC 8762, RFC 8972), stateful, on port {} unless PORT: it "
+        "answers STAMP only, not our protocol".format(STAMP_PORT)))
+    stamp.add_argument("--stamp-stateless", dest="stamp", action="store_const", const=STATELESS,
+                       help="the same, stateless: its replies copy the sender's seq")
     server.add_argument("--measure_delay", "-measure_delay", type=_truthy, default=False, metavar="BOOL",
                         help="the tutorial's; accepted and ignored")
     return ""
@@ -6404,6 +6745,8 @@ def _add_client_arguments(client: argparse.ArgumentParser, full_help: bool) -> s
     _add_key_option(main)
     main.add("--targets", dest="targets_file", metavar="FILE",
              help="more targets, one a line ([NAME] HOST:PORT; # starts a comment)")
+    main.add("--stamp", action="store_true", help=(
+        "measure STAMP or TWAMP-light reflectors (RFC 8762), on port {} unless given".format(STAMP_PORT)))
     return _add_advanced_options(client, full_help, mesh=False)
 
 
@@ -6419,6 +6762,8 @@ def _add_mesh_arguments(mesh: argparse.ArgumentParser, full_help: bool) -> str:
     _add_key_option(main)
     _add_metrics_option(main)
     _add_max_rate_option(main)
+    main.add("--stamp", action="store_true", help="speak STAMP (RFC 8762): each node reflects it, "
+             "stateful, and measures its peers with it")
     return _add_advanced_options(mesh, full_help, mesh=True)
 
 
@@ -6574,12 +6919,14 @@ def _metrics(listen: Optional[Tuple[str, int]], render: Callable[[], str],
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    host, port = endpoint(args.host, args.port, DEFAULT_PORT, lowest_port=0)
+    host, port = endpoint(args.host, args.port, STAMP_PORT if args.stamp else DEFAULT_PORT, lowest_port=0)
+    if args.stamp and args.faulty:
+        raise TimecheckError("--faulty is the tutorial's protocol's: a STAMP reflector has no request ids")
     output = LineWriter(sys.stdout)  # serving never waits for, or fails with, its output
     server = TimeServer(host, port, faulty=args.faulty, key=_key_for(args),
                         max_rate=args.max_rate, log=None if args.quiet else output.write,
                         log_limit=None if args.verbose else LOG_LINES_PER_SECOND,
-                        timestamps=args.timestamps or KERNEL)
+                        timestamps=args.timestamps or KERNEL, stamp=args.stamp)
     with server, _stop_signals(server.request_stop, restore=args.restore_signals), \
             _metrics(args.metrics, lambda: render_server_metrics(server, output.dropped), output.write):
         output.write(describe_server(server))
@@ -6595,7 +6942,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    targets = client_targets(args.targets, args.targets_file)
+    targets = client_targets(args.targets, args.targets_file, STAMP_PORT if args.stamp else DEFAULT_PORT)
     measuring = is_measurement(args) or len(targets) > 1  # several targets: always a measurement
     try:
         return measure(args, client_spec(args, targets, measuring))
@@ -6620,6 +6967,7 @@ def client_spec(args: argparse.Namespace, targets: Sequence[Peer], measuring: bo
         path=PathOptions(args.interleaved is not False, args.tos, args.ttl, args.source, args.ports or 1,
                          args.family),
         measuring=measuring, source=source, reference=args.reference,
+        protocol=STAMP if getattr(args, "stamp", False) else OURS,
         outputs=Outputs(args.json, args.quiet, args.csv, args.jsonl, args.plot, args.metrics,
                         args.print_time))
 
@@ -6889,7 +7237,7 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     source = me.name or format_address(me.host, port)
     spec = client_spec(args, others, True, source)
     with TimeServer(host, port, key=spec.key, max_rate=args.max_rate, log=None,
-                    timestamps=args.timestamps or KERNEL) as server:
+                    timestamps=args.timestamps or KERNEL, stamp=STATEFUL if args.stamp else None) as server:
         server.start()
         _err("mesh node {}: {}".format(source, describe_server(server)))  # stdout may be --json
         try:

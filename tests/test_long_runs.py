@@ -155,6 +155,7 @@ def test_reports_as_json_lines_then_the_summary(start_server, capsys):
     *reports, summary = lines
     assert len(reports) == 3
     whole_run = {"version", "count", "interval", "timeout", "size", "interleaved", "request_bytes", "keyed",
+                 "protocol",
                  "stopped_because", "interrupted", "reference", "samples", "samples_kept", "samples_cut",
                  # the whole run's: a period's loss split needs the server's count before it
                  "lost_up", "lost_down", "lost_direction_unknown", "tos", "ttl", "local_address", "ports"}
