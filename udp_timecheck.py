@@ -5818,6 +5818,129 @@ def _xml_text(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+HEATMAPS = (  # title, the figure a cell is coloured by, its unit, the scale in words
+    ("RTT p50", "rtt_p50_ms", "ms", "green (the pair with the least) to red (the most), on a log scale"),
+    ("Loss", "loss_pct", "%", "green at 0%, then yellow to red as loss grows to 10% and more"),
+    ("Clock offset against its bound", "offset_ms", "ms",
+     "green: |offset| within its error bound (the clocks agree); red: beyond it, darker the further"))
+
+
+def render_matrix_html(matrix: Mapping) -> str:
+    """matrix (build_matrix's) as one self-contained page: three N x N heatmaps (RTT p50, loss,
+    offset against its bound), each cell's exact figures in its tooltip and data attributes,
+    the measurement's time span and each node's clock.  Rows and columns in order of name."""
+    nodes = sorted(matrix["nodes"])
+    cells = {(cell["source"], cell["target"]): cell for cell in matrix["cells"]}
+    starts = sorted(cell["started_at"] for cell in matrix["cells"] if cell.get("started_at"))
+    seconds = [cell["duration_s"] for cell in matrix["cells"] if cell.get("duration_s") is not None]
+    span = "from {} (UTC), for up to {:.0f} s".format(starts[0], max(seconds)) if starts and seconds \
+        else "at a time the files do not say"
+    small = len(nodes) > 30  # cells shrink, every label kept in the tooltips, one in step shown
+    step = max(1, len(nodes) // 25)
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             "<title>udp-timecheck: {} nodes</title>".format(len(nodes)), "<style>", MATRIX_CSS,
+             "td{{{}}}</style></head><body>".format("width:9px;height:9px;font-size:0" if small else ""),
+             "<h1>udp-timecheck matrix: {} nodes</h1>".format(len(nodes)),
+             "<p>Measured {}. A row is the node that measured, a column the node it measured; both in "
+             "order of name. Hover over a cell for its figures.</p>".format(_xml_text(span))]
+    for title, figure, unit, scale in HEATMAPS:
+        parts += _heatmap(title, figure, unit, scale, nodes, cells, step)
+    parts += _clock_table(nodes, matrix["cells"]) + ["</body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+MATRIX_CSS = ("body{font:14px sans-serif;margin:1em}table{border-collapse:collapse;margin:.5em 0 1.5em}"
+              "td{border:1px solid #fff;text-align:center;min-width:3.5em;padding:2px}"
+              "th{font-weight:normal;padding:2px 4px}th.col{writing-mode:vertical-rl}"
+              "td.self{background:#555}td.none{background:#eee;color:#888}.key span{display:inline-block;"
+              "padding:2px 8px;margin-right:2px}")
+
+
+def _heatmap(title: str, figure: str, unit: str, scale: str, nodes: Sequence[str],
+             cells: Mapping[Tuple[str, str], Mapping], step: int) -> List[str]:
+    """One heatmap: a legend naming its scale, then the table."""
+    values = [cell[figure] for cell in cells.values() if cell.get(figure) is not None]
+    colour = _colour_scale(figure, values)
+    lines = ["<h2>{}</h2>".format(title), '<p class="key">Colour: {}. {}</p>'.format(
+        scale, "".join('<span style="background:{}">{}</span>'.format(colour(value, bound), label)
+                       for value, bound, label in _heat_legend(figure, values)))]
+    head = "".join('<th class="col">{}</th>'.format(_xml_text(name) if index % step == 0 else "")
+                   for index, name in enumerate(nodes))
+    lines.append('<table data-figure="{}"><tr><th></th>{}</tr>'.format(figure, head))
+    for row, source in enumerate(nodes):
+        tds = "".join(_heatmap_cell(source, target, cells.get((source, target)), figure, unit, colour)
+                      for target in nodes)
+        lines.append("<tr><th>{}</th>{}</tr>".format(_xml_text(source) if row % step == 0 else "", tds))
+    return lines + ["</table>"]
+
+
+def _heatmap_cell(source: str, target: str, cell: Optional[Mapping], figure: str, unit: str,
+                  colour: Callable[[float, Optional[float]], str]) -> str:
+    pair = _xml_text("{} to {}".format(source, target)).replace('"', "&quot;")
+    if source == target:
+        return '<td class="self" title="{}: itself">&#8212;</td>'.format(pair)
+    if cell is None or cell.get(figure) is None:
+        return '<td class="none" title="{}: not measured">&#183;</td>'.format(pair)
+    data = " ".join('data-{}="{}"'.format(key.replace("_", "-"), "" if cell.get(key) is None else cell[key])
+                    for key in ("rtt_p50_ms", "rtt_p99_ms", "loss_pct", "lost_up", "lost_down", "offset_ms",
+                                "offset_err_ms", "sent"))
+    shown = "{:.3g}".format(cell[figure])
+    return '<td style="background:{}" title="{}: {}" data-source="{}" data-target="{}" {}>{}</td>'.format(
+        colour(cell[figure], cell.get("offset_err_ms")), pair, _xml_text(_cell_words(cell)),
+        _xml_text(source).replace('"', "&quot;"), _xml_text(target).replace('"', "&quot;"), data, shown)
+
+
+def _cell_words(cell: Mapping) -> str:
+    """A pair's exact figures, as its tooltip says them."""
+    def ms(value: Optional[float]) -> str:
+        return "?" if value is None else "{:g} ms".format(value)
+    split = "" if cell.get("lost_up") is None else " (out {}, back {})".format(cell["lost_up"],
+                                                                                cell["lost_down"])
+    offset = "?" if cell.get("offset_ms") is None else "{:+g} ms ± {}".format(cell["offset_ms"],
+                                                                                  ms(cell["offset_err_ms"]))
+    return "RTT p50 {}, p99 {}; loss {}%{}; offset {}; {} probes".format(
+        ms(cell["rtt_p50_ms"]), ms(cell.get("rtt_p99_ms")), "?" if cell["loss_pct"] is None
+        else "{:g}".format(cell["loss_pct"]), split, offset,
+        "?" if cell.get("sent") is None else cell["sent"])
+
+
+def _colour_scale(figure: str, values: Sequence[float]) -> Callable[[float, Optional[float]], str]:
+    """How a figure's value becomes a cell's colour (an HSL hue from green, 120, to red, 0)."""
+    if figure == "rtt_p50_ms":
+        low = math.log(max(min(values, default=1.0), 1e-6))
+        high = math.log(max(max(values, default=1.0), 1e-6))
+        return lambda value, bound: "hsl({:.0f},70%,55%)".format(120 * (1 - (
+            math.log(max(value, 1e-6)) - low) / (high - low) if high > low else 1))
+    if figure == "loss_pct":
+        return lambda value, bound: "hsl(120,60%,55%)" if value == 0 else "hsl({:.0f},80%,55%)".format(
+            60 * (1 - min(value, 10.0) / 10.0))
+    return lambda value, bound: "hsl(120,60%,55%)" if bound is not None and abs(value) <= bound else \
+        "hsl(0,80%,{:.0f}%)".format(max(30, 65 - 5 * math.log2(1 + abs(value) / max(bound or 0, 1e-6))))
+
+
+def _heat_legend(figure: str, values: Sequence[float]) -> List[Tuple[float, Optional[float], str]]:
+    """A heatmap's legend: (value, bound, label) for each colour it shows."""
+    if figure == "rtt_p50_ms":
+        low, high = min(values, default=0.0), max(values, default=0.0)
+        return [(low, None, "{:g} ms".format(low)), (high, None, "{:g} ms".format(high))]
+    if figure == "loss_pct":
+        return [(0, None, "0%"), (1, None, "1%"), (5, None, "5%"), (10, None, "10%+")]
+    return [(0.0, 1.0, "within its bound"), (2.0, 1.0, "2x its bound"), (100.0, 1.0, "100x")]
+
+
+def _clock_table(nodes: Sequence[str], cells: Sequence[Mapping]) -> List[str]:
+    """Each node's clock, as its kernel said it at the end of its run."""
+    state = {cell["source"]: cell for cell in cells}
+    lines = ["<h2>Each node's clock</h2>",
+             "<table><tr><th>node</th><th>synchronised</th><th>max error</th></tr>"]
+    for node in nodes:
+        cell = state.get(node, {})
+        synced = {True: "yes", False: "NO", None: "unknown"}[cell.get("clock_synchronized")]
+        error = "?" if cell.get("clock_maxerror_ms") is None else "{:g} ms".format(cell["clock_maxerror_ms"])
+        lines.append("<tr><th>{}</th><td>{}</td><td>{}</td></tr>".format(_xml_text(node), synced, error))
+    return lines + ["</table>"]
+
+
 def round_ticks(low: float, high: float, most: int = 6, whole: bool = False) -> List[float]:
     """Ticks at round values (1, 2 or 5 times a power of ten; whole numbers when whole) that
     cover low to high, at most most + 1 of them: the first at or below low, the last at or above high."""
@@ -6126,7 +6249,16 @@ MATRIX_FIGURES = {"rtt_p50_ms": (("rtt_ms", "median"), 0.0, 1e12, True),
                   "loss_pct": (("loss_pct",), 0.0, 100.0, True),
                   "offset_ms": (("offset_ms",), -1e12, 1e12, True),
                   "offset_err_ms": (("offset_err_ms",), 0.0, 1e12, True),
-                  "not_up": (("not_up",), 0, 1e15, False)}  # type: Dict[str, Tuple[Tuple[str, ...], float, float, bool]]
+                  "not_up": (("not_up",), 0, 1e15, False),
+                  # for the page's tooltips: absent from older files, so null when absent
+                  "rtt_p99_ms": (("rtt_ms", "p99"), 0.0, 1e12, True),
+                  "lost_up": (("lost_up",), 0, 1e15, True),
+                  "lost_down": (("lost_down",), 0, 1e15, True), "sent": (("sent",), 0, 1e15, True),
+                  "duration_s": (("duration_s",), 0.0, 1e12, True),
+                  "clock_maxerror_ms": (("clock", "local", "maxerror_ms"), 0.0, 1e15, True)
+                  }  # type: Dict[str, Tuple[Tuple[str, ...], float, float, bool]]
+MATRIX_OPTIONAL = ("rtt_p99_ms", "lost_up", "lost_down", "sent", "duration_s", "clock_maxerror_ms")
+_ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
 
 
 def _matrix_cell(path: str, index: int, summary: object) -> Dict[str, Any]:
@@ -6136,10 +6268,16 @@ def _matrix_cell(path: str, index: int, summary: object) -> Dict[str, Any]:
         raise TimecheckError("{} is not a target's summary (no 'target')".format(where))
     name = summary.get("name") or summary["target"]
     cell = {"target": printable(name if isinstance(name, str) else summary["target"])}  # type: Dict[str, Any]
+    started, clock = summary.get("started_at"), summary.get("clock")
+    cell["started_at"] = started if isinstance(started, str) and _ISO_UTC.fullmatch(started) else None
+    local = clock.get("local") if isinstance(clock, dict) else None
+    synchronized = local.get("synchronized") if isinstance(local, dict) else None
+    cell["clock_synchronized"] = synchronized if isinstance(synchronized, bool) else None
     for figure, (keys, least, most, nullable) in MATRIX_FIGURES.items():
-        value = summary.get(keys[0], 0 if figure == "not_up" else "nothing")  # type: Any
+        missing = None if figure in MATRIX_OPTIONAL else "nothing"
+        value = summary.get(keys[0], 0 if figure == "not_up" else missing)  # type: Any
         for key in keys[1:]:
-            value = value.get(key, "nothing") if isinstance(value, dict) else "nothing"
+            value = value.get(key, missing) if isinstance(value, dict) else missing
         if value is None and nullable:
             cell[figure] = None
         elif type(value) not in (int, float) or not least <= value <= most:  # NaN fails too
@@ -6771,6 +6909,7 @@ def _add_matrix_arguments(matrix: argparse.ArgumentParser, full_help: bool) -> s
     matrix.add_argument("files", nargs="+", metavar="FILE",
                         help="the --json output of a mesh node or a client")
     matrix.add_argument("--json", action="store_true", help="the matrix as one JSON object")
+    matrix.add_argument("--html", metavar="OUT.html", help="also write the matrix as a page: three heatmaps")
     return ""
 
 
@@ -7249,6 +7388,12 @@ def cmd_mesh(args: argparse.Namespace) -> int:
 def cmd_matrix(args: argparse.Namespace) -> int:
     """The N x N tables of a mesh's (or clients') --json outputs: p50 RTT, loss, offset +- error."""
     matrix = build_matrix([load_measurement(path) for path in args.files], args.files)
+    if args.html is not None:
+        if not args.html.endswith((".html", ".htm")):
+            raise TimecheckError("--html writes a page: give a file name that ends in .html")
+        failed = write_whole_file(args.html, render_matrix_html(matrix))
+        if failed is not None:
+            raise TimecheckError("cannot write {}: {}".format(args.html, failed))
     out = Sink(sys.stdout)
     for line in [json.dumps(matrix)] if args.json else format_matrix(matrix):
         out.line(line)

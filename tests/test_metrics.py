@@ -128,16 +128,18 @@ def test_label_values_are_escaped():
     assert utc._labels({"target": 'a"b\\c\nd'}) == '{target="a\\"b\\\\c\\nd"}'
 
 
-def test_the_monitoring_pages_alert_rule_and_scrape_config_are_valid(tmp_path):
+def test_the_monitoring_pages_rules_and_scrape_configs_are_valid(tmp_path):
     require_programs("promtool")
     import re
     page = (MODULE.parent / "docs" / "monitoring.md").read_text()
     blocks = re.findall(r"```yaml\n(.*?)```", page, re.S)
-    rules = tmp_path / "rules.yml"
-    rules.write_text(next(block for block in blocks if block.startswith("groups:")))
-    check = subprocess.run(["promtool", "check", "rules", str(rules)], stdout=subprocess.PIPE,
+    loaded = tmp_path / "loaded.yml"  # the page's prometheus.yml, with the rules we ship
+    loaded.write_text(next(block for block in blocks if block.startswith("rule_files:")).replace(
+        "/etc/prometheus/udp-timecheck.rules.yml", str(MODULE.parent / "contrib" / "prometheus" /
+                                                       "udp-timecheck.rules.yml")))
+    check = subprocess.run(["promtool", "check", "config", str(loaded)], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
-    assert check.returncode == 0 and "SUCCESS: 1 rules found" in check.stdout, check.stdout
+    assert check.returncode == 0 and "SUCCESS: 5 rules found" in check.stdout, check.stdout
     config = tmp_path / "prometheus.yml"
     config.write_text(next(block for block in blocks if block.startswith("scrape_configs:")))
     check = subprocess.run(["promtool", "check", "config", str(config)], stdout=subprocess.PIPE,
