@@ -170,7 +170,9 @@ NTP_PORT = 123
 MAX_ROOT_DISTANCE_NS = 1_500_000_000  # RFC 5905's MAXDIST: a server further from UTC is not synchronised
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text exposition format
 METRICS_CONNECTIONS = 16            # to the metrics endpoint at once: a new one closes the oldest
-METRICS_DEADLINE = 5.0              # seconds for a connection's whole exchange
+METRICS_DEADLINE = 5.0              # seconds for an exchange, from its request's first byte
+METRICS_IDLE = 600.0                # seconds a connection may wait before its request: Prometheus
+                                    # opens one ahead and uses it a scrape later (it closes its own at 5 min)
 METRICS_REQUEST_BYTES = 8192        # a request line and its headers, at most
 ACCEPT_BACKOFF = (0.05, 1.0)        # seconds not listening after accept() fails (EMFILE), doubling
 LOG_EVERY = 10.0                    # seconds between error lines of the metrics endpoint
@@ -3301,7 +3303,8 @@ class MetricsServer:
     """
 
     def __init__(self, host: str, port: int, render: Callable[[MetricsStats], str],
-                 log: Optional[Callable[[str], None]] = None) -> None:
+                 log: Optional[Callable[[str], None]] = None,
+                 page: Optional[Callable[[], str]] = None) -> None:
         family, address = resolve(host, port, passive=True)[0]
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -3315,7 +3318,7 @@ class MetricsServer:
         self.address = self.socket.getsockname()
         import ipaddress  # here, as in _source_address: only these two need it
         self.loopback = ipaddress.ip_address(self.address[0].split("%")[0]).is_loopback
-        self.stats, self._render, self._log = MetricsStats(), render, log
+        self.stats, self._render, self._log, self._page = MetricsStats(), render, log, page
         self._connections = collections.OrderedDict()  # type: collections.OrderedDict[int, _Connection]
         self._selector = selectors.DefaultSelector()
         self._selector.register(self.socket, selectors.EVENT_READ)
@@ -3378,7 +3381,7 @@ class MetricsServer:
             self.stats.evicted += 1
             self._drop(next(iter(self._connections.values())))  # the oldest makes room
         sock.setblocking(False)
-        connection = _Connection(sock, now + METRICS_DEADLINE)
+        connection = _Connection(sock, now + METRICS_IDLE)  # METRICS_DEADLINE from its first byte
         self._connections[sock.fileno()] = connection
         self._selector.register(sock, selectors.EVENT_READ, connection)
 
@@ -3401,6 +3404,8 @@ class MetricsServer:
         if not data:
             self._drop(connection)
             return
+        if not connection.request:
+            connection.deadline = time.monotonic() + METRICS_DEADLINE
         connection.request += data
         self._answer(connection)
 
@@ -3414,23 +3419,27 @@ class MetricsServer:
                 self._selector.modify(connection.sock, selectors.EVENT_WRITE, connection)
             return
         words = bytes(request[:request.find(b"\n")]).split()
-        if len(words) >= 2 and words[0] == b"GET" and words[1].split(b"?")[0] == b"/metrics":
+        path = words[1].split(b"?")[0] if len(words) >= 2 and words[0] == b"GET" else b""
+        if path == b"/metrics":
             connection.reply = self._metrics_reply()
+        elif path in (b"/", b"/matrix") and self._page is not None:
+            connection.reply = self._metrics_reply(self._page, "text/html; charset=utf-8")
         else:
             self.stats.not_found += 1
             connection.reply = _http_reply(404, "Not Found")
         connection.request = bytearray()
         self._selector.modify(connection.sock, selectors.EVENT_WRITE, connection)
 
-    def _metrics_reply(self) -> bytes:
+    def _metrics_reply(self, render: Optional[Callable[[], str]] = None, kind: str = METRICS_TYPE) -> bytes:
+        """The metrics (or, given render, the page) as a whole HTTP reply."""
         try:
-            body = self._render(self.stats).encode("utf-8")
+            body = (render() if render is not None else self._render(self.stats)).encode("utf-8")
         except Exception as exc:  # a bug in rendering must not take the endpoint, nor the program, down
             self.stats.errors += 1
             self._note("the metrics could not be rendered: {!r}".format(exc))
             return _http_reply(500, "Internal Server Error")
         self.stats.served += 1
-        return _http_reply(200, "OK", body, METRICS_TYPE)
+        return _http_reply(200, "OK", body, kind)
 
     def _expire(self, now: float) -> None:
         for connection in list(self._connections.values()):
@@ -4978,10 +4987,13 @@ def snapshot(recorder: Recorder) -> Dict[str, Any]:
     counts["probes_sent"] = recorder.probes_sent
     stats = totals.rtt.stats
     offset_ns, error_ns, drift_ppm = totals.clock_estimate(monotonic_ns())
+    p50_ns, p99_ns = totals.rtt.quantiles((0.5, 0.99)) if stats.count else (None, None)
     return {"counts": counts, "rtt_buckets": list(totals.rtt_buckets), "rtt_count": stats.count,
             "rtt_sum_ns": stats.mean * stats.count, "offset_ns": offset_ns, "offset_err_ns": error_ns,
             "drift_ppm": drift_ppm, "server_clock_state": recorder.server_clock_state,
-            "path": _path_snapshot(recorder)}
+            "path": _path_snapshot(recorder), "rtt_p50_ns": p50_ns, "rtt_p99_ns": p99_ns,
+            "loss_pct": _loss_pct(totals), "started_at": iso_utc(recorder.started_ns), "name": recorder.name,
+            "duration_s": (monotonic_ns() - recorder.started_mono_ns) / NS_PER_S}
 
 
 def _path_snapshot(recorder: Recorder) -> Dict[str, Optional[float]]:
@@ -5574,6 +5586,24 @@ def render_client_metrics(recorders: Union[Recorder, Sequence[Recorder]],
     recorders = [recorders] if isinstance(recorders, Recorder) else recorders
     local = recorders[0].clock_state() if recorders else UNKNOWN_CLOCK
     return render_snapshots(client_snapshots(recorders, source), local)
+
+
+def snapshot_matrix(labelled: Sequence[Tuple[Dict[str, str], Mapping]], source: str,
+                    local: ClockState) -> Dict[str, Any]:
+    """A node's own row of the matrix, live: build_matrix()'s form, from the latest snapshots."""
+    cells = []
+    for labels, taken in labelled:
+        counts, path = taken["counts"], taken["path"]
+        cells.append({"source": source, "target": taken["name"] or labels["target"],
+                      "rtt_p50_ms": _ms(taken["rtt_p50_ns"]),
+                      "rtt_p99_ms": _ms(taken["rtt_p99_ns"]), "loss_pct": taken["loss_pct"],
+                      "offset_ms": _ms(taken["offset_ns"]), "offset_err_ms": _ms(taken["offset_err_ns"]),
+                      "not_up": counts["not_up"], "lost_up": path["lost_up"], "lost_down": path["lost_down"],
+                      "sent": counts["probes_sent"], "duration_s": round(taken["duration_s"], 3),
+                      "started_at": taken["started_at"], "clock_synchronized": local.synchronized,
+                      "clock_maxerror_ms": _ms(local.maxerror_ns)})
+    nodes = [source] + [cell["target"] for cell in cells]
+    return {"nodes": nodes, "cells": cells, "missing": []}
 
 
 def render_snapshots(labelled: Sequence[Tuple[Dict[str, str], Mapping]], local: ClockState) -> str:
@@ -7037,14 +7067,14 @@ def _key_for(args: argparse.Namespace) -> Optional[bytes]:
 
 @contextlib.contextmanager
 def _metrics(listen: Optional[Tuple[str, int]], render: Callable[[], str],
-             log: Callable[[str], None]) -> Iterator[None]:
+             log: Callable[[str], None], page: Optional[Callable[[], str]] = None) -> Iterator[None]:
     """--metrics: an exporter for the while, with a warning when others can reach it; its error
-    lines go to log, which never blocks."""
+    lines go to log, which never blocks.  page: what / serves (a mesh node's row of the matrix)."""
     if listen is None:
         yield
         return
     exporter = MetricsServer(listen[0], listen[1], lambda stats: render() + render_endpoint_metrics(stats),
-                             log).start()
+                             log, page).start()
     where = format_address(*exporter.address[:2])
     _err("metrics at http://{}/metrics".format(where))  # the port, when 0 chose it
     if not exporter.loopback:
@@ -7160,6 +7190,11 @@ class Screen(Events):
             self._rendered = (snapshots, render_snapshots(snapshots, self.spec.clock_state()))
         return self._rendered[1]
 
+    def page(self) -> str:
+        """A mesh node's / : its row of the matrix as a page, from the latest snapshots."""
+        return render_matrix_html(snapshot_matrix(self.snapshots, self.spec.source or "",
+                                                  self.spec.clock_state()))
+
     def _time(self) -> str:
         """-D: the wall-clock time before a line, as ping -D prints it."""
         return "[{:.6f}] ".format(wall_ns() / NS_PER_S) if self.spec.outputs.print_time else ""
@@ -7221,7 +7256,7 @@ def _start_services(spec: RunSpec, screen: Screen, stack: contextlib.ExitStack, 
                     extra_metrics: Callable[[], str]) -> Optional[Reference]:
     """What runs beside the probes for as long as they do: --metrics, and --reference (returned)."""
     stack.enter_context(_metrics(spec.outputs.metrics, lambda: screen.metrics() + extra_metrics(),
-                                 notes.write))
+                                 notes.write, screen.page if spec.source is not None else None))
     if spec.reference is None:
         return None
     return Reference(*spec.reference, timestamps=spec.timestamps).start()

@@ -89,6 +89,22 @@ def test_a_connection_that_never_finishes_is_cut_off_at_the_deadline(monkeypatch
         exporter.close()
 
 
+def test_a_connection_opened_ahead_waits_for_its_request_past_the_deadline(monkeypatch):
+    """Prometheus opens a connection, leaves it idle, and sends its scrape on it later: the
+    deadline counts from the request's first byte, so that connection is still there."""
+    monkeypatch.setattr(utc, "METRICS_DEADLINE", 0.2)
+    exporter = utc.MetricsServer("127.0.0.1", 0, utc.render_endpoint_metrics).start()
+    try:
+        with socket.create_connection(exporter.address[:2], timeout=10) as sock:
+            idle = threading.Event()
+            assert not idle.wait(1.0)  # idle five times the deadline: the behaviour under test
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 200 OK")
+        assert exporter.stats.timed_out == 0
+    finally:
+        exporter.close()
+
+
 @needs_linux_machine("reads CPU time from /proc and limits file descriptors with setrlimit")
 def test_out_of_file_descriptors_the_endpoint_backs_off_instead_of_spinning(processes):
     limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))  # noqa: E731

@@ -3,12 +3,14 @@ real headless Chromium; its cells hold the figures of matrix --json."""
 
 import html.parser
 import json
+import signal
 import struct
 import subprocess
+import urllib.request
 import zlib
 
 import udp_timecheck as utc
-from conftest import cli, free_udp_ports, require_programs, run_cli
+from conftest import cli, free_udp_ports, require_programs, run_cli, wait_for
 
 NAMES = ["alpha", "beta", "gamma<b>"]  # a name with markup in it: it must show as text
 
@@ -104,3 +106,29 @@ def test_a_pair_not_measured_is_marked_so():
               "missing": [["b", "a"]]}
     page = utc.render_matrix_html(matrix)
     assert page.count('title="b to a: not measured"') == 3 and page.count('title="a to a: itself"') == 3
+
+
+def test_a_mesh_nodes_metrics_port_serves_its_row_of_the_matrix_live(processes, tmp_path):
+    ports = free_udp_ports(2)
+    peers = tmp_path / "peers"
+    peers.write_text("".join("{} 127.0.0.1:{}\n".format(name, port) for name, port in zip(NAMES, ports)))
+    nodes = [processes(cli("mesh", "--peers", peers, "--listen", "127.0.0.1:{}".format(port), "-i", "0.05",
+                           "-w", "20", "-q", "--metrics", "127.0.0.1:0")) for port in ports]
+    where = nodes[0].stderr.expect(r"metrics at http://(127\.0\.0\.1:\d+)/metrics").group(1)
+
+    def row():
+        with urllib.request.urlopen("http://{}/".format(where), timeout=10) as response:
+            assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+            parsed = Cells()
+            parsed.feed(response.read().decode("utf-8"))
+            return parsed.cells
+    wait_for(lambda: any(int(cell["data-sent"] or 0) >= 10 and cell["data-rtt-p50-ms"] for cell in row()),
+             timeout=30)
+    cells = row()
+    assert {(cell["data-source"], cell["data-target"]) for cell in cells} == {("alpha", "beta")}
+    assert all(float(cell["data-rtt-p50-ms"]) > 0 and float(cell["data-loss-pct"]) == 0 for cell in cells)
+    with urllib.request.urlopen("http://{}/matrix".format(where), timeout=10) as response:
+        assert b"<h2>Loss</h2>" in response.read()
+    for node in nodes:
+        node.signal(signal.SIGINT)
+        assert node.wait(timeout=15) == 0

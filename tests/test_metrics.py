@@ -92,11 +92,20 @@ def test_a_real_prometheus_scrapes_both_ends(measured, processes, tmp_path):
     server, client, server_metrics, client_metrics, port = measured
     web = "127.0.0.1:{}".format(free_tcp_port())
     config = tmp_path / "prom.yml"
-    config.write_text("global:\n  scrape_interval: 200ms\n  evaluation_interval: 200ms\n"
+    config.write_text("global:\n  scrape_interval: 500ms\n  scrape_timeout: 500ms\n"
                       "scrape_configs:\n  - job_name: udp-timecheck\n    static_configs:\n"
                       "      - targets: ['{}', '{}']\n".format(server_metrics, client_metrics))
     processes(["prometheus", "--config.file={}".format(config),
                "--storage.tsdb.path={}".format(tmp_path / "data"), "--web.listen-address={}".format(web)])
+    # Prometheus opens connections ahead and keeps them idle for a later scrape: none is closed
+    # under it, so up stays 1 (an idle deadline of 5 s made one scrape fail some 5 s in)
+    scrapes = 'count_over_time(up{job="udp-timecheck"}[1m])'
+    wait_for(lambda: len(query(web, scrapes)) == 2 and all(float(series["value"][1]) >= 16
+                                                           for series in query(web, scrapes)), timeout=90)
+    worst = query(web, 'min_over_time(up{job="udp-timecheck"}[1m])')
+    assert [series["value"][1] for series in worst] == ["1", "1"]  # 16 scrapes and more (8 s), each a success
+    for where in (server_metrics, client_metrics):
+        assert 'udp_timecheck_metrics_connections_total{result="timed_out"} 0' in scrape(where)
     wait_for(lambda: query(web, "udp_timecheck_probes_sent_total"), timeout=60)
     wait_for(lambda: query(web, 'udp_timecheck_server_requests_total{result="served"} > 50'), timeout=60)
     p99_query = "histogram_quantile(0.99, rate(udp_timecheck_rtt_seconds_bucket[5s]))"
@@ -111,7 +120,7 @@ def test_a_real_prometheus_scrapes_both_ends(measured, processes, tmp_path):
     wait_for(lambda: query(web, "max_over_time(udp_timecheck_probes_sent_total[5m])"), timeout=10)
     scraped = float(query(web, "max_over_time(udp_timecheck_probes_sent_total[5m])")[0]["value"][1])
     replies = float(query(web, "max_over_time(udp_timecheck_replies_total[5m])")[0]["value"][1])
-    # the last scrape was at most one interval (0.2 s, 20 probes at -i 0.01) before the end
+    # the last scrape was at most one interval (0.5 s, 50 probes at -i 0.01) before the end
     assert 0 <= final["sent"] - scraped <= 150
     assert 0 <= final["received"] - replies <= 150
 

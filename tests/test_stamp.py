@@ -275,7 +275,8 @@ def test_a_stamp_mesh_measures_each_pair_and_its_matrix_reads_it(tmp_path):
     peers = tmp_path / "peers"
     peers.write_text("".join("n{} 127.0.0.1:{}\n".format(index, port) for index, port in enumerate(ports)))
     nodes = [subprocess.Popen(cli("mesh", "--stamp", "--peers", peers, "--listen",
-                                  "127.0.0.1:{}".format(port), "-c", "100", "-i", "0.02", "-W", "2", "--json"),
+                                  "127.0.0.1:{}".format(port), "-c", "100", "-i", "0.02", "-W", "2",
+                                  "--json"),
                               stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, universal_newlines=True) for port in ports]
     for index, node in enumerate(nodes):
@@ -284,7 +285,8 @@ def test_a_stamp_mesh_measures_each_pair_and_its_matrix_reads_it(tmp_path):
         output = json.loads(out)
         (tmp_path / "n{}.json".format(index)).write_text(out)
         for target in output["targets"]:  # a peer not up yet is not lost: it started a moment later
-            assert target["protocol"] == "stamp" and target["lost"] == 0 and target["received"] >= 30
-            assert target["received"] + target["not_up"] == target["sent"] == 100
+            assert target["protocol"] == "stamp" and target["received"] >= 30
+            # STAMP has no goodbye: a probe in flight as its peer stopped (before refusals) is lost
+            assert target["lost"] <= 1 and target["received"] + target["not_up"] + target["lost"] == 100
     matrix = run_cli("matrix", tmp_path / "n0.json", tmp_path / "n1.json", "--json")
     assert len(json.loads(matrix.stdout)["cells"]) == 2
