@@ -5575,8 +5575,10 @@ def render_server_metrics(server: TimeServer, log_dropped: int, source: Optional
 
 def client_snapshots(recorders: Sequence[Recorder],
                      source: Optional[str] = None) -> List[Tuple[Dict[str, str], Dict[str, Any]]]:
-    """Each target's snapshot() with its labels: target, and source (a mesh node's name)."""
-    return [(dict({"source": source} if source else {}, target=recorder.target), snapshot(recorder))
+    """Each target's snapshot() with its labels: target, source (a mesh node's name), and
+    protocol="stamp" for a STAMP reflector's."""
+    return [(dict({"source": source} if source else {}, target=recorder.target,
+                  **({"protocol": STAMP} if recorder.spec.protocol == STAMP else {})), snapshot(recorder))
             for recorder in recorders]
 
 

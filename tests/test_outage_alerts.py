@@ -30,7 +30,8 @@ nodes = [subprocess.Popen([sys.executable, module, "mesh", "--peers", os.path.jo
 with open(os.path.join(work, "rules.yml"), "w") as rules:
     rules.write({rules!r})
 with open(os.path.join(work, "prometheus.yml"), "w") as config:
-    config.write("global:\n  scrape_interval: 500ms\n  evaluation_interval: 500ms\nrule_files:\n  - rules.yml\n"
+    config.write("global:\n  scrape_interval: 500ms\n  evaluation_interval: 500ms\n"
+                 "rule_files:\n  - rules.yml\n"
                  "scrape_configs:\n  - job_name: udp-timecheck\n    static_configs:\n"
                  "      - targets: [{{}}]\n"
                  .format(", ".join("'127.0.0.1:{{}}'".format(where) for where in metrics)))

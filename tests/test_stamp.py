@@ -290,3 +290,13 @@ def test_a_stamp_mesh_measures_each_pair_and_its_matrix_reads_it(tmp_path):
             assert target["lost"] <= 1 and target["received"] + target["not_up"] + target["lost"] == 100
     matrix = run_cli("matrix", tmp_path / "n0.json", tmp_path / "n1.json", "--json")
     assert len(json.loads(matrix.stdout)["cells"]) == 2
+
+
+def test_a_stamp_targets_series_say_protocol_stamp(reflector):
+    server = reflector()
+    prober_spec = utc.RunSpec(targets=(utc.Peer(None, "127.0.0.1", server.address[1]),), count=3,
+                              interval=0.005, protocol=utc.STAMP)
+    recorders = utc.Measurement(prober_spec).run()
+    text = utc.render_client_metrics(recorders)
+    assert 'udp_timecheck_replies_total{{target="127.0.0.1:{}",protocol="stamp"}} 3'.format(
+        server.address[1]) in text
