@@ -1190,16 +1190,21 @@ def _packet_info_option(sock: socket.socket) -> Tuple[int, Optional[int]]:
     return socket.IPPROTO_IP, IP_PKTINFO if IP_PKTINFO is not None else IP_RECVDSTADDR
 
 
-def enable_packet_info(sock: socket.socket) -> bool:
-    """Ask for each datagram's destination address, so that the reply can come from it."""
-    level, option = _packet_info_option(sock)
-    if option is None or not has_message_calls(sock):
+def _set_option(sock: socket.socket, level: int, option: Optional[int]) -> bool:
+    """A boolean socket option turned on; False where the platform or the kernel has none."""
+    if option is None:
         return False
     try:
         sock.setsockopt(level, option, 1)
     except OSError:
         return False
     return True
+
+
+def enable_packet_info(sock: socket.socket) -> bool:
+    """Ask for each datagram's destination address, so that the reply can come from it."""
+    level, option = _packet_info_option(sock)
+    return has_message_calls(sock) and _set_option(sock, level, option)
 
 
 class _Timeval(ctypes.Structure):
@@ -1382,17 +1387,6 @@ class ErrorQueue:
             elif report[1] in SO_EE_ORIGIN_ICMPS and report[0] == errno.ECONNREFUSED:
                 refused.append(address)
         return stamps, refused
-
-
-def _set_option(sock: socket.socket, level: int, option: Optional[int]) -> bool:
-    """A boolean socket option turned on; False where the platform or the kernel has none."""
-    if option is None:
-        return False
-    try:
-        sock.setsockopt(level, option, 1)
-    except OSError:
-        return False
-    return True
 
 
 def arrival_ns(kernel_ns: Optional[int], clock_ns: int, real_ns: int, max_age_ns: int) -> Optional[int]:
