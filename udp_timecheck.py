@@ -887,6 +887,7 @@ TLV_PADDING, TLV_CLASS_OF_SERVICE, TLV_FOLLOW_UP = 1, 4, 7   # IANA's STAMP TLV 
 TLV_UNRECOGNIZED = 0x80             # the U flag: the reflector did not know the TLV
 FOLLOW_UP = struct.Struct("!IQB3x")
 NTP_TIME = struct.Struct("!Q")
+STAMP_ROUNDING = 1 << 12             # 2**-20 s, about 1 us: a reflected timestamp may be rounded by this much
 STAMP_ESTIMATE = "a STAMP error estimate"  # where a reflector's clock state came from
 TIMESTAMP_SW_LOCAL = 2              # RFC 8972's timestamping methods: 1 hardware, 2 software, 3 control plane
 
@@ -4185,7 +4186,7 @@ class StampRecorder(Recorder):
             self.count_event("forged" if self.key is not None else "malformed")
             return
         request_id = reply.sender_seq << 64 | reply.sender_timestamp
-        sample = self.waiting.get(request_id)
+        sample = self.waiting.get(request_id) or self._rounded(reply)
         if sample is None:  # stale, spoofed, late or a duplicate: the probe waits on for its own
             ended = self.ended_probe(request_id)
             self.count_event("mismatched" if ended is None else
@@ -4202,6 +4203,13 @@ class StampRecorder(Recorder):
         self._stamp_of(sample, follow_up)
         self.end_probe(sample, OK)
         self._unasked.clear()  # a reflector stamps its previous reply: nothing to ask for
+
+    def _rounded(self, reply: StampPacket) -> Optional[Sample]:
+        """The waiting probe of the reflection's seq, when the timestamp it reflects is within
+        STAMP_ROUNDING of the one sent: a reflector that converts timestamps may round them."""
+        sample = self._waiting_seq.get(reply.sender_seq)  # seqs below 2**32; above, only an exact match
+        sent = sample.request_id & (1 << 64) - 1 if sample is not None else None
+        return sample if sent is not None and abs(sent - reply.sender_timestamp) <= STAMP_ROUNDING else None
 
     def _record_reflection(self, sample: Sample, reply: StampPacket, size: int,
                            arrival: Arrival) -> Optional[Dict[str, Any]]:

@@ -7,11 +7,14 @@ import json
 import socket
 import struct
 import subprocess
+import threading
+import time
 
 import pytest
 
 import udp_timecheck as utc
-from conftest import KEY, SECOND_NS, cli, free_udp_ports, require_programs, run_cli, write_key_file
+from conftest import (KEY, SECOND_NS, cli, free_udp_ports, require_programs, run_cli, wait_for,
+                      write_key_file)
 
 
 def stamp_seq(datagram):
@@ -70,7 +73,7 @@ def test_our_sender_measures_our_reflector(reflector, capsys, tmp_path, mode, ke
     assert code == 0 and summary["protocol"] == "stamp" and summary["received"] == 20
     assert summary["request_bytes"] == (112 if keyed else 44) + 20  # and the Follow-Up Telemetry TLV
     assert abs(summary["offset_ms"]) <= summary["offset_err_ms"]  # one clock: the truth is 0
-    assert server.stats.served == 20
+    wait_for(lambda: server.stats.served == 20)  # counted just after its send: the last may lag the reply
     if utc.LINUX:  # where the reflector reads a TTL, and the kernel stamps its sends
         assert summary["ttl"]["received_by_server"] == 64
         kernel_t3 = [sample for sample in summary["samples"] if sample["t3_from"] == utc.KERNEL]
@@ -84,7 +87,8 @@ def test_a_wrong_key_is_forged_and_a_reflector_with_a_key_ignores_a_sender_witho
     server = reflector(key=b"the reflector's own key")
     code, summary = measure(capsys, server.address, "-c", 3, "-i", 0.005, "-W", 0.3,
                             "--key-file", write_key_file(tmp_path))
-    assert code == 1 and summary["received"] == 0 and server.stats.unauthenticated == 3
+    assert code == 1 and summary["received"] == 0
+    wait_for(lambda: server.stats.unauthenticated == 3)
     unkeyed = reflector()
     code, summary = measure(capsys, unkeyed.address, "-c", 2, "-i", 0.005, "-W", 0.3,
                             "--key-file", write_key_file(tmp_path))
@@ -101,6 +105,24 @@ def test_the_loss_split_is_exact_against_the_relays_drop_log(reflector, relay, c
     assert (len(hop.dropped_requests), len(hop.dropped_replies)) == (6, 5)
     assert summary["lost"] == 11
     assert (summary["lost_up"], summary["lost_down"], summary["lost_direction_unknown"]) == (6, 5, 0)
+
+
+def shifted(by):
+    """A relay policy that moves the sender timestamp a reflection carries by `by` (2**-32 s)."""
+    def policy(index, data):
+        timestamp = struct.unpack_from("!Q", data, 28)[0]
+        return [(0.0, data[:28] + struct.pack("!Q", timestamp + by) + data[36:])]
+    return policy
+
+
+def test_a_reflected_timestamp_rounded_within_a_microsecond_still_matches(reflector, relay, capsys):
+    server = reflector()
+    rounded = relay(server.address, shifted(3))  # as a reflector that converts timestamps rounds them
+    code, summary = measure(capsys, rounded.address, "-c", 5, "-i", 0.005)
+    assert code == 0 and summary["received"] == 5 and summary["mismatched"] == 0
+    moved = relay(server.address, shifted(utc.STAMP_ROUNDING + 1))  # a forger's guess: not good enough
+    code, summary = measure(capsys, moved.address, "-c", 3, "-i", 0.005, "-W", 0.3)
+    assert code == 1 and summary["received"] == 0 and summary["mismatched"] == 3
 
 
 def test_a_stateless_reflector_gives_no_split(reflector, relay, capsys):
@@ -158,7 +180,8 @@ def test_the_reflector_reflects_no_reflection_nor_anything_short(reflector):
     reflection = utc.encode_stamp(utc.StampPacket(1, 2, 3, 4, 5, 6, 7, 8, 9), True)
     assert sent_to(server, reflection) is None  # another reflector's reply: a loop, never started
     assert sent_to(server, reflection[:43]) is None
-    assert server.stats.malformed == 2 and server.stats.served == 0
+    wait_for(lambda: server.stats.malformed == 2)
+    assert server.stats.served == 0
     assert sent_to(server, utc.encode_stamp(utc.StampPacket(1, 2, 3, 4), False)) is not None
     assert len(sent_to(server, utc.encode_stamp(utc.StampPacket(1, 2, 3, 4), False, size=300))) == 300
 
@@ -253,6 +276,56 @@ def test_scapy_builds_a_sender_packet_our_reflector_answers_and_reads_the_reflec
             reply.err_estimate_sender.multiplier) == (1, 5, 135)
     ours = utc.decode_stamp(data, True)
     assert ours.sender_timestamp == timestamp and 0 < ours.receive <= ours.timestamp  # T2, then T3
+
+
+class ScapyReflector:
+    """A stateful STAMP reflector whose reflections scapy's layers build, from what they parse of
+    the sender's packet: T2 and T3 from this machine's clock, a 244 us error estimate, TTL 64.
+    It never sees the packets whose seq is in lose (lost on the way there)."""
+
+    def __init__(self, stamp, lose=()):
+        self.stamp, self.lose, self.reflected = stamp, set(lose), 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        stamp, ntp = self.stamp, utc.NTP_EPOCH_OFFSET  # scapy's timestamps count seconds from 1900
+        while not self.stop.is_set():
+            try:
+                data, source = self.sock.recvfrom(2048)
+            except socket.timeout:
+                continue
+            received = time.time() + ntp
+            sent = stamp.STAMPSessionSenderTestUnauthenticated(data)
+            if sent.seq in self.lose:
+                continue
+            reply = stamp.STAMPSessionReflectorTestUnauthenticated(
+                seq=self.reflected, err_estimate=stamp.ErrorEstimate(S=0, Z=0, scale=13, multiplier=0x80),
+                ssid=sent.ssid, ts_rx=received, seq_sender=sent.seq, ts_sender=sent.ts,
+                err_estimate_sender=sent.err_estimate, ttl_sender=64, ts=time.time() + ntp)
+            self.reflected += 1
+            self.sock.sendto(bytes(reply)[:len(data)] + bytes(max(0, len(data) - len(reply))), source)
+
+
+def test_our_sender_measures_a_reflector_that_scapy_builds(capsys):
+    stamp = pytest.importorskip("scapy.contrib.stamp", reason="scapy 2.8's STAMP layers need Python 3.7+")
+    other = ScapyReflector(stamp, lose={3})
+    try:
+        code, summary = measure(capsys, other.sock.getsockname(), "-c", 12, "-i", 0.01, "-W", 0.5,
+                                "--no-interleaved")
+    finally:
+        other.stop.set()
+        other.thread.join(5)
+    assert summary["received"] == 11 and summary["lost"] == 1
+    assert (summary["lost_up"], summary["lost_down"]) == (1, 0)  # its own seqs: a stateful reflector
+    assert abs(summary["offset_ms"]) <= summary["offset_err_ms"]  # one clock: the truth is 0
+    assert summary["ttl"]["received_by_server"] == 64
+    server_clock = summary["clock"]["server"]  # 0x80 * 2**13 * 2**-32 s: 2**-12 s, 244.140625 us
+    assert server_clock["synchronized"] is False and server_clock["maxerror_ms"] == 0.244141
 
 
 def test_scapy_reads_our_senders_packets(reflector, relay, capsys):
