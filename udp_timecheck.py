@@ -886,6 +886,7 @@ STAMP_TLV = struct.Struct("!BBH")
 TLV_PADDING, TLV_CLASS_OF_SERVICE, TLV_FOLLOW_UP = 1, 4, 7   # IANA's STAMP TLV types
 TLV_UNRECOGNIZED = 0x80             # the U flag: the reflector did not know the TLV
 FOLLOW_UP = struct.Struct("!IQB3x")
+STAMP_TLVS_MOST = 16                # TLVs read of a packet; what follows them is padding
 NTP_TIME = struct.Struct("!Q")
 STAMP_ROUNDING = 1 << 12             # 2**-20 s, about 1 us: a reflected timestamp may be rounded by this much
 STAMP_ESTIMATE = "a STAMP error estimate"  # where a reflector's clock state came from
@@ -946,9 +947,10 @@ def decode_stamp(data: bytes, reflector: bool, key: Optional[bytes] = None) -> S
 
 
 def decode_stamp_tlvs(data: bytes, offset: int) -> Tuple[Tuple[int, int, bytes], ...]:
-    """The TLVs from offset on, as (flags, type, value), until what follows does not parse as one."""
-    tlvs = []
-    while offset + STAMP_TLV.size <= len(data):
+    """The TLVs from offset on, as (flags, type, value), until what follows does not parse as one;
+    STAMP_TLVS_MOST at most (a 64 KB packet of empty TLVs must not cost 16,000 of them)."""
+    tlvs = []  # type: List[Tuple[int, int, bytes]]
+    while offset + STAMP_TLV.size <= len(data) and len(tlvs) < STAMP_TLVS_MOST:
         flags, kind, length = STAMP_TLV.unpack_from(data, offset)
         if kind == 0 or offset + STAMP_TLV.size + length > len(data):
             break  # type 0 is reserved: padding, as a TWAMP-light reflector's zeros

@@ -170,7 +170,7 @@ def sent_to(server, data, source_port=0):
         sock.settimeout(0.5)
         sock.sendto(data, server.address)
         try:
-            return sock.recv(2048)
+            return sock.recv(65535)
         except socket.timeout:
             return None
 
@@ -190,6 +190,15 @@ def test_the_reflector_marks_a_tlv_it_does_not_know(reflector):
     server = reflector()
     reply = sent_to(server, utc.encode_stamp(utc.StampPacket(1, 2, 3, 4, tlvs=((0, 200, b"abcd"),)), False))
     assert utc.decode_stamp(reply, True).tlvs == ((utc.TLV_UNRECOGNIZED, 200, b"abcd"),)
+
+
+def test_a_packet_of_thousands_of_tlvs_costs_sixteen(reflector):
+    server = reflector()
+    many = utc.encode_stamp(utc.StampPacket(1, 2, 3, 4, tlvs=((0, 200, b""),) * 15000), False)
+    reply = sent_to(server, many)
+    assert len(reply) == len(many) == 44 + 4 * 15000  # as large as it came, no larger
+    tlvs = utc.decode_stamp(reply, True).tlvs
+    assert len(tlvs) == utc.STAMP_TLVS_MOST and all(flags == utc.TLV_UNRECOGNIZED for flags, _, _ in tlvs)
 
 
 # --- an independent dissector: tshark's TWAMP-Test ---------------------------------------------
