@@ -174,6 +174,9 @@ METRICS_DEADLINE = 5.0              # seconds for an exchange, from its request'
 METRICS_IDLE = 600.0                # seconds a connection may wait before its request: Prometheus
                                     # opens one ahead and uses it a scrape later (it closes its own at 5 min)
 METRICS_REQUEST_BYTES = 8192        # a request line and its headers, at most
+PEER_ROWS_EVERY, PEER_ROWS_TIMEOUT = 5.0, 2.0  # seconds between fetches of the other nodes' rows; for each
+MAX_PEER_ROW, MAX_PEER_CELLS = 1 << 20, 1000  # bytes of a node's row, and cells, that a page takes
+PEER_ROWS_QUICK = 10                # rounds a second apart at first, while a peer has not answered yet
 ACCEPT_BACKOFF = (0.05, 1.0)        # seconds not listening after accept() fails (EMFILE), doubling
 LOG_EVERY = 10.0                    # seconds between error lines of the metrics endpoint
 RTT_BUCKETS_S = tuple(10 ** (exponent / 4) for exponent in range(-20, 5))  # 10 us to 10 s, 4 a decade
@@ -3301,7 +3304,7 @@ class MetricsServer:
 
     def __init__(self, host: str, port: int, render: Callable[[MetricsStats], str],
                  log: Optional[Callable[[str], None]] = None,
-                 page: Optional[Callable[[], str]] = None) -> None:
+                 pages: Optional[Mapping[bytes, Tuple[Callable[[], str], str]]] = None) -> None:
         family, address = resolve(host, port, passive=True)[0]
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -3315,7 +3318,7 @@ class MetricsServer:
         self.address = self.socket.getsockname()
         import ipaddress  # here, as in _source_address: only these two need it
         self.loopback = ipaddress.ip_address(self.address[0].split("%")[0]).is_loopback
-        self.stats, self._render, self._log, self._page = MetricsStats(), render, log, page
+        self.stats, self._render, self._log, self._pages = MetricsStats(), render, log, pages or {}
         self._connections = collections.OrderedDict()  # type: collections.OrderedDict[int, _Connection]
         self._selector = selectors.DefaultSelector()
         self._selector.register(self.socket, selectors.EVENT_READ)
@@ -3419,8 +3422,8 @@ class MetricsServer:
         path = words[1].split(b"?")[0] if len(words) >= 2 and words[0] == b"GET" else b""
         if path == b"/metrics":
             connection.reply = self._metrics_reply()
-        elif path in (b"/", b"/matrix") and self._page is not None:
-            connection.reply = self._metrics_reply(self._page, "text/html; charset=utf-8")
+        elif path in self._pages:
+            connection.reply = self._metrics_reply(*self._pages[path])
         else:
             self.stats.not_found += 1
             connection.reply = _http_reply(404, "Not Found")
@@ -6938,6 +6941,9 @@ def _add_mesh_arguments(mesh: argparse.ArgumentParser, full_help: bool) -> str:
     _add_max_rate_option(main)
     main.add("--stamp", action="store_true", help="speak STAMP (RFC 8762): each node reflects it, "
              "stateful, and measures its peers with it")
+    main.add("--peer-metrics", action="append", metavar="HOST:PORT", help=(
+        "another node's --metrics address, as often as there are: its row of the matrix joins this "
+        "node's page at / of --metrics"))
     return _add_advanced_options(mesh, full_help, mesh=True)
 
 
@@ -7071,16 +7077,75 @@ def _key_for(args: argparse.Namespace) -> Optional[bytes]:
     return key
 
 
+class PeerRows:
+    """The other mesh nodes' rows of the matrix, for this node's page: fetched from each one's
+    /matrix.json every PEER_ROWS_EVERY seconds in a thread of their own (so that the page never
+    waits for a peer), each read bounded in time and size, and every cell checked; a peer that
+    does not answer keeps its last row."""
+
+    def __init__(self, addresses: Sequence[str]) -> None:
+        self.urls = ["http://{}/matrix.json".format(address) for address in addresses]
+        self.rows = {}  # type: Dict[str, List[Dict[str, Any]]]
+        self.failures = 0  # fetches that failed or brought no matrix row: counted, the last row kept
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeerRows":
+        self._thread = _thread(self._run, "udp-timecheck-peer-rows")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=PEER_ROWS_TIMEOUT * 2)
+
+    def cells(self) -> List[Dict[str, Any]]:
+        return [cell for row in list(self.rows.values()) for cell in row]
+
+    def _run(self) -> None:
+        import urllib.request  # here: only a page with peers fetches anything
+        for round_number in itertools.count():
+            for url in self.urls:
+                try:
+                    with urllib.request.urlopen(url, timeout=PEER_ROWS_TIMEOUT) as response:
+                        data = response.read(MAX_PEER_ROW + 1)
+                    row = _STRICT_JSON.decode(data[:MAX_PEER_ROW].decode("utf-8"))
+                    self.rows[url] = [cell for cell in map(_row_cell, row if isinstance(row, list) else [])
+                                      if cell is not None][:MAX_PEER_CELLS]
+                except (OSError, ValueError, RecursionError):  # down, slow, or not a row: counted
+                    self.failures += 1
+                if self._stop.is_set():
+                    return
+            starting = round_number < PEER_ROWS_QUICK and len(self.rows) < len(self.urls)  # still starting
+            if self._stop.wait(1.0 if starting else PEER_ROWS_EVERY):
+                return
+
+
+def _row_cell(cell: object) -> Optional[Dict[str, Any]]:
+    """A cell another node served, as this node's own are, or None if any of it is not."""
+    if not isinstance(cell, dict) or not all(isinstance(cell.get(end), str) for end in ("source", "target")):
+        return None
+    checked = {"source": printable(cell["source"][:100]), "target": printable(cell["target"][:100]),
+               "started_at": cell.get("started_at") if isinstance(cell.get("started_at"), str) and
+               _ISO_UTC.fullmatch(cell["started_at"]) else None,
+               "clock_synchronized": cell.get("clock_synchronized")
+               if isinstance(cell.get("clock_synchronized"), bool) else None}
+    for figure, (_, least, most, _) in MATRIX_FIGURES.items():
+        value = cell.get(figure)
+        if value is not None and (type(value) not in (int, float) or not least <= value <= most):
+            return None
+        checked[figure] = value
+    return checked
+
+
 @contextlib.contextmanager
-def _metrics(listen: Optional[Tuple[str, int]], render: Callable[[], str],
-             log: Callable[[str], None], page: Optional[Callable[[], str]] = None) -> Iterator[None]:
+def _metrics(listen: Optional[Tuple[str, int]], render: Callable[[], str], log: Callable[[str], None],
+             pages: Optional[Mapping[bytes, Tuple[Callable[[], str], str]]] = None) -> Iterator[None]:
     """--metrics: an exporter for the while, with a warning when others can reach it; its error
-    lines go to log, which never blocks.  page: what / serves (a mesh node's row of the matrix)."""
+    lines go to log, which never blocks.  pages: what else it serves, by path (a mesh node's page)."""
     if listen is None:
         yield
         return
     exporter = MetricsServer(listen[0], listen[1], lambda stats: render() + render_endpoint_metrics(stats),
-                             log, page).start()
+                             log, pages).start()
     where = format_address(*exporter.address[:2])
     _err("metrics at http://{}/metrics".format(where))  # the port, when 0 chose it
     if not exporter.loopback:
@@ -7159,6 +7224,7 @@ class Screen(Events):
         self.progress = Progress(sys.stderr if outputs.quiet else None, spec.count * len(spec.targets))
         self.snapshots = []  # type: List[Tuple[Dict[str, str], Dict[str, Any]]]  # the latest
         self._rendered = (None, "")  # type: Tuple[object, str]  # the snapshots last rendered, and how
+        self.peer_rows = None  # type: Optional[PeerRows]  # the other nodes' rows, for the page
         self._ended = 0
 
     def started(self, recorder: Recorder) -> None:
@@ -7196,10 +7262,21 @@ class Screen(Events):
             self._rendered = (snapshots, render_snapshots(snapshots, self.spec.clock_state()))
         return self._rendered[1]
 
+    def row(self) -> Dict[str, Any]:
+        """A mesh node's own row of the matrix, from the latest snapshots."""
+        return snapshot_matrix(self.snapshots, self.spec.source or "", self.spec.clock_state())
+
+    def row_json(self) -> str:
+        """/matrix.json: this node's row, for the other nodes' pages."""
+        return json.dumps(self.row()["cells"])
+
     def page(self) -> str:
-        """A mesh node's / : its row of the matrix as a page, from the latest snapshots."""
-        return render_matrix_html(snapshot_matrix(self.snapshots, self.spec.source or "",
-                                                  self.spec.clock_state()))
+        """A mesh node's / : its row of the matrix as a page, and the rows fetched from the other
+        nodes given with --peer-metrics."""
+        cells = self.row()["cells"] + (self.peer_rows.cells() if self.peer_rows is not None else [])
+        nodes = list(dict.fromkeys([self.spec.source or ""] + [name for cell in cells
+                                                             for name in (cell["source"], cell["target"])]))
+        return render_matrix_html({"nodes": nodes, "cells": cells, "missing": []})
 
     def _time(self) -> str:
         """-D: the wall-clock time before a line, as ping -D prints it."""
@@ -7220,7 +7297,8 @@ def measure(args: argparse.Namespace, spec: RunSpec, extra_metrics: Callable[[],
         screen = Screen(spec, text, rows)
         measurement = Measurement(spec, screen)
         stack.enter_context(_stop_signals(measurement.stop, restore=args.restore_signals))
-        reference = _start_services(spec, screen, stack, notes, extra_metrics)
+        reference = _start_services(spec, screen, stack, notes, extra_metrics,
+                                    getattr(args, "peer_metrics", None) or ())
         recorders = measurement.run()  # a signal ends it; after it, nothing
         summaries = [summarize(recorder) for recorder in recorders]
         if spec.fleet:
@@ -7259,10 +7337,18 @@ def _open_rows(outputs: Outputs, stack: contextlib.ExitStack, notes: LineWriter)
 
 
 def _start_services(spec: RunSpec, screen: Screen, stack: contextlib.ExitStack, notes: LineWriter,
-                    extra_metrics: Callable[[], str]) -> Optional[Reference]:
-    """What runs beside the probes for as long as they do: --metrics, and --reference (returned)."""
+                    extra_metrics: Callable[[], str],
+                    peer_metrics: Sequence[str] = ()) -> Optional[Reference]:
+    """What runs beside the probes for as long as they do: --metrics (a mesh node's with its page,
+    and the other nodes' rows it fetches for it), and --reference (returned)."""
+    pages = {}  # type: Dict[bytes, Tuple[Callable[[], str], str]]
+    if spec.source is not None and spec.outputs.metrics is not None:
+        if peer_metrics:
+            screen.peer_rows = stack.enter_context(PeerRows(peer_metrics))
+        page = (screen.page, "text/html; charset=utf-8")
+        pages = {b"/": page, b"/matrix": page, b"/matrix.json": (screen.row_json, "application/json")}
     stack.enter_context(_metrics(spec.outputs.metrics, lambda: screen.metrics() + extra_metrics(),
-                                 notes.write, screen.page if spec.source is not None else None))
+                                 notes.write, pages))
     if spec.reference is None:
         return None
     return Reference(*spec.reference, timestamps=spec.timestamps).start()
@@ -7414,6 +7500,12 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     others = [peer for peer in peers if peer is not me]
     if not others:
         raise TimecheckError("{} names no peer but this node".format(args.peers))
+    if args.peer_metrics and args.metrics is None:
+        raise TimecheckError("--peer-metrics adds the other nodes' rows to the page of --metrics: "
+                             "give --metrics")
+    for address in args.peer_metrics or ():
+        if split_target(address)[1] is None:
+            raise TimecheckError("--peer-metrics {!r}: expected HOST:PORT".format(address))
     source = me.name or format_address(me.host, port)
     spec = client_spec(args, others, True, source)
     with TimeServer(host, port, key=spec.key, max_rate=args.max_rate, log=None,

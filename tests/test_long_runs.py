@@ -82,19 +82,25 @@ def test_too_few_points_give_no_drift():
 # --- a real server whose clock runs fast -----------------------------------------------------
 
 def fast_clock(ppm):
+    """A wall clock ppm fast, since now (its start_ns)."""
     start = utc.wall_ns()
-    return lambda: (lambda now: now + (now - start) * ppm // 1_000_000)(utc.wall_ns())
+    clock = lambda: (lambda now: now + (now - start) * ppm // 1_000_000)(utc.wall_ns())  # noqa: E731
+    clock.start_ns = start
+    return clock
 
 
 def test_a_server_clock_500_ppm_fast_shows_as_500_ppm(start_server):
-    server = start_server(wall_clock=fast_clock(500), log=None)
-    summary = utc.summarize(probe(server.address, count=400, interval=0.005))
+    clock = fast_clock(500)
+    server = start_server(wall_clock=clock, log=None)
+    recorder = probe(server.address, count=400, interval=0.005)
+    summary = utc.summarize(recorder)
     assert summary["received"] >= 390
     assert abs(summary["drift_ppm"] - 500) <= 3 * summary["drift_err_ppm"]
     if summary["timestamps"]["described"] == "kernel (both ends)":  # user-space stamps: a wider bound
         assert summary["drift_err_ppm"] < 25
     assert summary["clock_steps"] == []
-    truth_ms = summary["duration_s"] * 500e-3  # the server's clock, 500 ppm fast since the run began
+    end_ns = recorder.started_ns + recorder.duration_ns  # the run's end, on this machine's clock
+    truth_ms = (end_ns - clock.start_ns) * 500e-6 / 1e6  # the server's clock, 500 ppm fast since its start
     assert abs(summary["offset_end_ms"] - truth_ms) <= summary["offset_end_err_ms"] + 0.01
 
 

@@ -4,13 +4,14 @@ real headless Chromium; its cells hold the figures of matrix --json."""
 import html.parser
 import json
 import signal
+import socket
 import struct
 import subprocess
 import urllib.request
 import zlib
 
 import udp_timecheck as utc
-from conftest import cli, free_udp_ports, require_programs, run_cli, wait_for
+from conftest import cli, free_tcp_port, free_udp_ports, require_programs, run_cli, wait_for
 
 NAMES = ["alpha", "beta", "gamma<b>"]  # a name with markup in it: it must show as text
 
@@ -132,3 +133,42 @@ def test_a_mesh_nodes_metrics_port_serves_its_row_of_the_matrix_live(processes, 
     for node in nodes:
         node.signal(signal.SIGINT)
         assert node.wait(timeout=15) == 0
+
+
+def test_a_nodes_page_joins_the_rows_it_fetches_from_the_other_nodes(processes, tmp_path):
+    ports, metrics = free_udp_ports(2), [free_tcp_port(), free_tcp_port()]
+    peers = tmp_path / "peers"
+    peers.write_text("".join("{} 127.0.0.1:{}\n".format(name, port) for name, port in zip(NAMES, ports)))
+    with socket.socket() as silent:  # a peer that takes the connection and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        nodes = [processes(cli("mesh", "--peers", peers, "--listen", "127.0.0.1:{}".format(port),
+                               "-i", "0.05", "-w", "20", "-q", "--metrics", "127.0.0.1:{}".format(mine),
+                               "--peer-metrics", "127.0.0.1:{}".format(theirs),
+                               "--peer-metrics", "127.0.0.1:{}".format(silent.getsockname()[1])))
+                 for port, mine, theirs in zip(ports, metrics, reversed(metrics))]
+
+        def pairs():
+            with urllib.request.urlopen("http://127.0.0.1:{}/".format(metrics[0]), timeout=10) as response:
+                parsed = Cells()
+                parsed.feed(response.read().decode("utf-8"))
+            return {(cell["data-source"], cell["data-target"]) for cell in parsed.cells}
+        for node in nodes:
+            node.stderr.expect(r"^metrics at http://")
+        wait_for(lambda: pairs() == {("alpha", "beta"), ("beta", "alpha")}, timeout=30)  # its own, and beta's
+        for node in nodes:
+            node.signal(signal.SIGINT)
+            assert node.wait(timeout=15) == 0
+
+
+def test_a_row_from_another_node_is_checked_cell_by_cell():
+    good = {"source": "b", "target": "a<script>", "rtt_p50_ms": 0.5, "loss_pct": 0.0, "offset_ms": None,
+            "offset_err_ms": None, "not_up": 0}
+    assert utc._row_cell(good)["target"] == "a<script>"  # kept as text: the page escapes it
+    assert utc._row_cell(dict(good, loss_pct=250.0)) is None  # out of range
+    assert utc._row_cell(dict(good, rtt_p50_ms="1")) is None  # not a number
+    assert utc._row_cell(dict(good, source=["b"])) is None  # not a name
+    assert utc._row_cell("cell") is None
+    page = utc.render_matrix_html({"nodes": ["b", "a<script>"], "cells": [utc._row_cell(good)],
+                                   "missing": []})
+    assert "<script>" not in page and "a&lt;script&gt;" in page
