@@ -20,8 +20,9 @@ of each carries its number.
    one exception family (TimecheckError; WireError for datagrams), and small
    text helpers (printable, clip, iso_utc).
 2. Wire format: pure encode_*/decode_* functions, ours (requests, replies,
-   their MACs, the clock state) and NTP's; one decoder (decode_message), and
-   the server's own fast way to a Request (parse_request); no I/O.
+   their MACs, the clock state), NTP's and STAMP's (encode_stamp, decode_stamp,
+   the error estimate); one decoder of ours (decode_message), and the server's
+   own fast way to a Request (parse_request); no I/O.
 3. Platform: socket options and ancillary data (kernel timestamps, packet
    info, TOS and TTL), the error queue (ErrorQueue: transmit stamps, refusals),
    the kernel's clock carried over to ours (KernelClock), addresses and key
@@ -31,17 +32,20 @@ of each carries its number.
    buckets: flat memory) with one percentile method (percentile), the drift
    fit and its clock steps, and what a run found (Totals).
 5. Server: TimeServer (start it on port 0, stop it from another thread, use it
-   as a context manager, give it a wall clock: ServerSpec), its guards against
-   loops, floods and replays, and MetricsServer for Prometheus.
+   as a context manager, give it a wall clock: ServerSpec; a STAMP reflector
+   with ServerSpec.stamp), its guards against loops, floods and replays, and
+   MetricsServer for Prometheus (and a mesh node's page).
 6. Client: what a run measures (RunSpec, built once), what it tells as it
    goes (Events, one sink), the probe book of each target (Recorder; for NTP
-   SntpRecorder), the one loop for one target or many (Measurement; Prober is
+   SntpRecorder, for STAMP StampRecorder), the one loop for one target or many (Measurement; Prober is
    a run of one), Reference for --reference, and targets and peers files.
 7. Reports: what a run found as dicts (summarize, period_figures, plot_data,
-   snapshot), as text (format_*), as Prometheus' text (render_*_metrics) and
-   as SVG (render_svg, one target or many).
-8. Command line: the outputs (Sink, the one way lines are written) and the
-   signals, build_parser(), a cmd_<name>(args) per subcommand, and
+   snapshot), as text (format_*), as Prometheus' text (render_*_metrics), as
+   SVG (render_svg, one target or many), and a fleet's matrix as a page
+   (render_matrix_html).
+8. Command line: the outputs (Sink, the one way lines are written), the
+   signals, the other nodes' rows a mesh node's page shows (PeerRows),
+   build_parser(), a cmd_<name>(args) per subcommand, and
    main(argv=None) -> int.  Only here are argparse, stdout and stderr.
 
 Where to start reading: main() and cmd_client() for what a run does, end to
@@ -103,6 +107,7 @@ __all__ = [
     "reply_parts", "ReplyExtra", "encode_reply_extra", "fit_tutorial_reply", "min_request_size", "seal",
     "mac_matches", "mac_of_datagram", "reply_context", "ClockState",
     "encode_clock_state", "decode_clock_state", "NtpReply", "encode_ntp_request", "decode_ntp", "ntp_problem",
+    "StampPacket", "encode_stamp", "decode_stamp", "encode_error_estimate", "decode_error_estimate",
     # 3. the platform
     "resolve", "split_target", "load_key", "read_clock_state", "enable_kernel_timestamps",
     "enable_packet_info", "read_ancillary", "ErrorQueue", "KernelClock", "source_address",
@@ -114,12 +119,12 @@ __all__ = [
     "TimeServer", "ServerSpec", "ServerStats", "RateLimiter", "ReplayGuard", "LoopGuard", "MetricsServer",
     # 6. the client
     "RunSpec", "PathOptions", "Outputs", "Events", "Recorder", "Period", "Measurement", "Prober",
-    "SntpRecorder", "SntpProber", "Reference", "Peer", "read_peers", "find_self",
+    "SntpRecorder", "SntpProber", "StampRecorder", "Reference", "Peer", "read_peers", "find_self",
     # 7. reports
     "summarize", "period_figures", "plot_data", "snapshot", "sample_record", "format_summary",
     "render_svg", "render_client_metrics", "render_snapshots", "client_snapshots",
     "render_server_metrics", "fleet_summary",
-    "load_measurement", "build_matrix", "format_matrix",
+    "load_measurement", "build_matrix", "format_matrix", "render_matrix_html",
     # 8. the command line
     "build_parser", "main",
 ]
