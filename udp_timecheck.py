@@ -7062,9 +7062,9 @@ def _add_advanced_options(command: argparse.ArgumentParser, shown: bool, mesh: b
 
 
 def _add_path_options(path: _Options) -> None:
-    path.add("-s", "--size", type=_ranged(int, MIN_SIZE, 65527, "bytes from {} to 65527".format(MIN_SIZE)),
-             help="pad requests and replies to SIZE bytes, from {} (MTU and fragmentation tests)".format(
-                 MIN_SIZE))
+    path.add("-s", "--size", type=_ranged(int, STAMP_SENDER.size, 65527, "bytes from {} to 65527".format(
+        STAMP_SENDER.size)), help="pad requests and replies to SIZE bytes, from {} (STAMP: from its packet's "
+        "size; MTU and fragmentation tests)".format(MIN_SIZE))
     path.add("-t", "--ttl", type=_ranged(int, 1, 255, "hops from 1 to 255"), metavar="TTL",
              help="send with this TTL (hop limit); the server says what arrived: the hops, and their changes")
     path.add("-Q", "--tos", type=tos_value, metavar="TOS",

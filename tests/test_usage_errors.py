@@ -95,12 +95,14 @@ def test_the_name_in_messages_is_the_one_it_was_run_as():
     assert usage.returncode == 2 and "(see: udp-timecheck client --help)" in usage.stderr
 
 
-@pytest.mark.parametrize("size, message", [
-    ("50", "expected bytes from {} to 65527".format(utc.MIN_SIZE)), ("70000", "argument -s/--size"),
-    ("65520", "--size must be from {} to 65507 bytes (IPv4)".format(utc.MIN_SIZE))])
-def test_size_out_of_range_is_a_usage_error(start_server, size, message, capsys):
+@pytest.mark.parametrize("size, stamp, message", [
+    ("50", False, "--size must be from {} to 65507 bytes (IPv4)".format(utc.MIN_SIZE)),
+    ("70000", False, "argument -s/--size"), ("40", False, "expected bytes from 44 to 65527"),
+    ("65520", False, "--size must be from {} to 65507 bytes (IPv4)".format(utc.MIN_SIZE)),
+    ("50", True, "--size must be from 64 to 65507 bytes for STAMP (IPv4)")])  # 44, and Follow-Up's 20
+def test_size_out_of_range_is_a_usage_error(start_server, size, stamp, message, capsys):
     server = start_server()
-    assert utc.main(["client", *map(str, server.address), "--size", size]) == 2
+    assert utc.main(["client", *["--stamp"] * stamp, *map(str, server.address), "--size", size]) == 2
     assert message in capsys.readouterr().err
     server.shutdown()
     assert server.stats.served == 0
