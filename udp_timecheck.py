@@ -311,6 +311,14 @@ class NotARequest(WireError):
     """A well-formed reply where a request was expected: answering it could start a loop."""
 
 
+def is_number(text: str) -> bool:
+    """Whether text is ASCII digits alone (str.isdigit() takes '²' too, which int() refuses)."""
+    return _ASCII_DIGITS.fullmatch(text) is not None
+
+
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+
+
 def printable(text: str) -> str:
     """Network text made safe for a terminal: control and format characters escaped."""
     if text.isprintable():
@@ -1543,7 +1551,7 @@ def split_target(text: str, lowest_port: int = 0) -> Tuple[str, Optional[int]]:
     (host, port or None).  Anything else is a usage error."""
     host, port = _bracketed(text) if text.startswith("[") else text.split(":") if text.count(":") == 1 \
         else (text, None)
-    if host.isdigit():  # getaddrinfo would take "8080" for the address 0.0.31.144
+    if is_number(host):  # getaddrinfo would take "8080" for the address 0.0.31.144
         raise TimecheckError("{0!r} is not a host; give the host before the port, "
                              "as in: 127.0.0.1 {0}".format(host))
     if not host:
@@ -1561,7 +1569,7 @@ def _bracketed(text: str) -> Tuple[str, Optional[str]]:
 
 def port_number(digits: str, where: str, lowest: int = 0) -> int:
     """A port from lowest to 65535, or a usage error that says where it came from."""
-    if not digits.isdigit() or not lowest <= int(digits) <= 65535:
+    if not is_number(digits) or not lowest <= int(digits) <= 65535:
         raise TimecheckError("{!r}: expected a port number from {} to 65535".format(where, lowest))
     return int(digits)
 
@@ -3512,7 +3520,7 @@ def read_peers(path: str, what: str = "targets file") -> List[Peer]:
 def _peer_of(line: str) -> Optional[Peer]:
     """A peers file's line as a Peer; None for a blank line or a comment."""
     words = line.split("#", 1)[0].split()
-    if len(words) == 2 and words[1].isdigit():  # HOST PORT
+    if len(words) == 2 and is_number(words[1]):  # HOST PORT
         words = ["{}:{}".format(*words) if ":" not in words[0] else "[{}]:{}".format(*words)]
     if len(words) > 2:
         raise TimecheckError("expected [NAME] HOST:PORT, got {!r}".format(line))
@@ -3528,7 +3536,7 @@ def client_targets(tokens: Sequence[str], targets_file: Optional[str] = None,
     HOST, HOST:PORT or [IPV6]:PORT each; a final bare number is the port of every target that
     names none (else port)."""
     tokens = list(tokens)
-    if tokens and tokens[-1].isdigit() and (len(tokens) >= 2 or targets_file):
+    if tokens and is_number(tokens[-1]) and (len(tokens) >= 2 or targets_file):
         port = port_number(tokens[-1], tokens.pop())
     peers = [Peer(None, *split_target(token)) for token in tokens]
     peers += read_peers(targets_file) if targets_file else []
@@ -6727,7 +6735,7 @@ def _host_and_port(text: str) -> Tuple[str, int]:
 def _listen_address(text: str) -> Tuple[str, int]:
     """--metrics [HOST:]PORT: on 127.0.0.1 unless a host is given ([::1]:PORT for IPv6)."""
     try:
-        if text.isdigit():
+        if is_number(text):
             return "127.0.0.1", port_number(text, text, 0)
         host, port = split_target(text, 0)
     except TimecheckError as exc:

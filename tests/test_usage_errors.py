@@ -193,3 +193,13 @@ def test_a_busy_metrics_port_is_a_setup_error(capsys):
         port = taken.getsockname()[1]
         assert utc.main(["server", "127.0.0.1", "0", "--metrics", str(port)]) == 2
     assert "already in use" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port", ["²", "١٢٣", "１０６０"])  # digits to str.isdigit(), not to int() or a user
+def test_a_port_of_other_digits_is_a_usage_error(port, tmp_path, capsys):
+    assert utc.main(["client", "127.0.0.1:" + port, "-c", "1"]) == 2
+    assert "expected a port number from 0 to 65535" in capsys.readouterr().err
+    peers = tmp_path / "peers"
+    peers.write_text("a 127.0.0.1:{}\n".format(port), encoding="utf-8")
+    with pytest.raises(utc.TimecheckError, match="expected a port number"):
+        utc.read_peers(str(peers))
