@@ -7,6 +7,7 @@ and every loop is bounded in count and in time.
 import heapq
 import os
 import queue
+import random
 import re
 import select
 import shutil
@@ -461,17 +462,32 @@ def silent_port():
     return sock
 
 
+# Ports a test names ahead come from below the kernel's ephemeral range (32768 and up on Linux),
+# where no socket bound to port 0 (every client's, in every test running beside) can take one
+# between the choice and the bind; each xdist worker has a slice of its own, used in a random order.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % 8
+_PORTS = iter(random.Random().sample(range(20000 + 1500 * _WORKER, 21500 + 1500 * _WORKER), 1500))
+
+
+def _unused_ports(count, kind):
+    chosen = []
+    for port in _PORTS:
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use: the next
+        chosen.append(port)
+        if len(chosen) == count:
+            return chosen
+    raise RuntimeError("this worker has used all its ports")
+
+
 def free_udp_ports(count):
-    """count distinct UDP ports on 127.0.0.1 with nothing bound to them now: a datagram to one is
-    answered by the kernel's port unreachable, and a test may bind one for a server."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
-    try:
-        for sock in sockets:  # all bound at once, so that no two are the same
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """count distinct UDP ports on 127.0.0.1 with nothing bound to them now, that nothing else will
+    take: a datagram to one is answered by the kernel's port unreachable, and a test may bind one
+    for a server."""
+    return _unused_ports(count, socket.SOCK_DGRAM)
 
 
 def free_udp_port():
@@ -479,10 +495,8 @@ def free_udp_port():
 
 
 def free_tcp_port():
-    """A TCP port on 127.0.0.1 with nothing bound to it now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 with nothing bound to it now, that nothing else will take."""
+    return _unused_ports(1, socket.SOCK_STREAM)[0]
 
 
 SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM}
