@@ -939,13 +939,23 @@ def stamp_hmac(key: bytes, signed: bytes) -> bytes:
 
 def encode_stamp(packet: StampPacket, reflector: bool, key: Optional[bytes] = None, size: int = 0) -> bytes:
     """A STAMP packet, its TLVs after the fixed part (and the HMAC, with a key), zero-padded to size."""
-    base = stamp_base(reflector, key is not None)
-    fields = packet[:4] + (packet[4:9] if reflector else ())
-    data = base.pack(*fields)
-    if key is not None:
-        data += stamp_hmac(key, data)
-    data += b"".join(STAMP_TLV.pack(flags, kind, len(value)) + value for flags, kind, value in packet.tlvs)
+    return sign_stamp(key, reflector, stamp_unsigned(packet, reflector, key is not None, size))
+
+
+def stamp_unsigned(packet: StampPacket, reflector: bool, keyed: bool, size: int = 0) -> bytes:
+    """encode_stamp()'s packet with its HMAC (keyed) still zeros: a field can change before sign_stamp()."""
+    data = stamp_base(reflector, keyed).pack(*packet[:4] + (packet[4:9] if reflector else ()))
+    data += bytes(STAMP_HMAC_BYTES if keyed else 0) + b"".join(
+        STAMP_TLV.pack(flags, kind, len(value)) + value for flags, kind, value in packet.tlvs)
     return data + bytes(max(0, size - len(data)))
+
+
+def sign_stamp(key: Optional[bytes], reflector: bool, data: bytes) -> bytes:
+    """data with its HMAC filled in (none without a key)."""
+    if key is None:
+        return data
+    end = stamp_base(reflector, True).size
+    return data[:end] + stamp_hmac(key, data[:end]) + data[end + STAMP_HMAC_BYTES:]
 
 
 def decode_stamp(data: bytes, reflector: bool, key: Optional[bytes] = None) -> StampPacket:
@@ -2829,7 +2839,8 @@ class TimeServer:
         if stamp is not None:  # a STAMP reflector answers STAMP alone
             self._reply_for, self._log_request = self._reflect, self._log_reflection  # type: ignore[method-assign]
             self._error_second, self._error_estimate = -1, 0
-            self._path_reported = enable_path_marks(self.socket) or True  # every reflection carries the TTL
+            enable_path_marks(self.socket)  # every reflection carries the TTL: asked for at once
+            self._path_reported = True
 
     def __enter__(self) -> "TimeServer":
         return self
@@ -2993,7 +3004,8 @@ class TimeServer:
             self.stats.malformed += 1  # reflected (a loop between reflectors), nor anything but STAMP
             return None
         session = self._known_session((source[0], source[1], packet.ssid))  # SSIDs are 16 bits: with the port
-        if not session.count(packet.seq) and self._key is not None:
+        fresh = session.count(packet.seq)
+        if not fresh and self._key is not None:
             self.stats.replayed += 1
             return None
         if self._key is not None and self._limiter is not None and not self._limiter.allow(
@@ -3005,20 +3017,17 @@ class TimeServer:
             packet.seq if self.spec.stamp == STATELESS else session.received - 1, 0,
             self._stamp_error(server_recv_ns), packet.ssid, ns_to_ntp(server_recv_ns), packet.seq,
             packet.timestamp, packet.error, ttl or 0, self._reflect_tlvs(packet.tlvs, session, tos))
-        if self.transmit_stamps:
-            self._stamped = session.exchanged(server_recv_ns, reflected.seq)
+        if self.transmit_stamps and fresh:  # a duplicate is answered, never named by a Follow-Up: its
+            self._stamped = session.exchanged(server_recv_ns, reflected.seq)  # seq is an earlier one's
             self._send_extra += TRANSMIT_STAMP_REQUEST
         return self._stamped_reflection(reflected, len(data))
 
     def _stamped_reflection(self, reflected: StampPacket, size: int) -> bytes:
-        """The reflection, its T3 read last."""
-        data = encode_stamp(reflected, True, self._key, size)  # its HMAC made again below, with T3
+        """The reflection, its T3 read last, then signed (with a key)."""
+        data = stamp_unsigned(reflected, True, self._key is not None, size)
         at = 16 if self._key is not None else 4
-        data = data[:at] + NTP_TIME.pack(ns_to_ntp(self._wall_clock())) + data[at + NTP_TIME.size:]
-        if self._key is not None:
-            end = STAMP_REFLECTOR_KEYED.size
-            data = data[:end] + stamp_hmac(self._key, data[:end]) + data[end + STAMP_HMAC_BYTES:]
-        return data
+        return sign_stamp(self._key, True, data[:at] + NTP_TIME.pack(ns_to_ntp(self._wall_clock())) +
+                          data[at + NTP_TIME.size:])
 
     def _reflect_tlvs(self, tlvs: Sequence[Tuple[int, int, bytes]], session: "_Session",
                       tos: Optional[int]) -> Tuple[Tuple[int, int, bytes], ...]:
@@ -3592,6 +3601,7 @@ class PathOptions(NamedTuple):
 
 DEFAULT_PATH = PathOptions()
 OURS, NTP, STAMP = "udp-timecheck", "ntp", "stamp"  # the protocols a run can speak
+PROTOCOL_PORTS = {OURS: DEFAULT_PORT, NTP: NTP_PORT, STAMP: STAMP_PORT}  # each one's port, unless given
 
 
 class Outputs(NamedTuple):
@@ -4307,7 +4317,7 @@ class Target:
 
     def __init__(self, peer: Peer, spec: RunSpec) -> None:
         self.peer, self.name = peer, peer.name
-        port = peer.port or (STAMP_PORT if spec.protocol == STAMP else DEFAULT_PORT)
+        port = peer.port or PROTOCOL_PORTS[spec.protocol]
         self.addresses = resolve(peer.host, port, wanted=spec.path.family)
         self.label = format_address(peer.host.strip("[]"), port)
         self.index, self.next_ns, self.stopped = 0, 0, False
@@ -5007,7 +5017,8 @@ def snapshot(recorder: Recorder) -> Dict[str, Any]:
     counts["probes_sent"] = recorder.probes_sent
     stats = totals.rtt.stats
     offset_ns, error_ns, drift_ppm = totals.clock_estimate(monotonic_ns())
-    p50_ns, p99_ns = totals.rtt.quantiles((0.5, 0.99)) if stats.count else (None, None)
+    paged = recorder.spec.source is not None  # a mesh node's page shows them; no scrape needs them
+    p50_ns, p99_ns = totals.rtt.quantiles((0.5, 0.99)) if stats.count and paged else (None, None)
     return {"counts": counts, "rtt_buckets": list(totals.rtt_buckets), "rtt_count": stats.count,
             "rtt_sum_ns": stats.mean * stats.count, "offset_ns": offset_ns, "offset_err_ns": error_ns,
             "drift_ppm": drift_ppm, "server_clock_state": recorder.server_clock_state,
@@ -7172,7 +7183,7 @@ def _metrics(listen: Optional[Tuple[str, int]], render: Callable[[], str], log: 
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    host, port = endpoint(args.host, args.port, STAMP_PORT if args.stamp else DEFAULT_PORT, lowest_port=0)
+    host, port = endpoint(args.host, args.port, PROTOCOL_PORTS[STAMP if args.stamp else OURS], lowest_port=0)
     if args.stamp and args.faulty:
         raise TimecheckError("--faulty is the tutorial's protocol's: a STAMP reflector has no request ids")
     output = LineWriter(sys.stdout)  # serving never waits for, or fails with, its output
@@ -7195,7 +7206,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    targets = client_targets(args.targets, args.targets_file, STAMP_PORT if args.stamp else DEFAULT_PORT)
+    targets = client_targets(args.targets, args.targets_file, PROTOCOL_PORTS[STAMP if args.stamp else OURS])
     measuring = is_measurement(args) or len(targets) > 1  # several targets: always a measurement
     try:
         return measure(args, client_spec(args, targets, measuring))

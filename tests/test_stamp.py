@@ -192,6 +192,26 @@ def test_the_reflector_marks_a_tlv_it_does_not_know(reflector):
     assert utc.decode_stamp(reply, True).tlvs == ((utc.TLV_UNRECOGNIZED, 200, b"abcd"),)
 
 
+@pytest.mark.skipif(not utc.LINUX, reason="needs Linux: the kernel's transmit stamps (Follow-Up Telemetry)")
+def test_a_duplicate_is_answered_but_never_named_by_a_follow_up(reflector):
+    """A packet sent again (the network's copy, or a stranger's from the sender's address) gets the
+    seq of the first reflection: the Follow-Up that comes next still names the first's send."""
+    server = reflector()
+    follow_up = ((0, utc.TLV_FOLLOW_UP, bytes(utc.FOLLOW_UP.size)),)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        first = utc.encode_stamp(utc.StampPacket(0, 11, 0, 7, tlvs=follow_up), False)
+        replies = []
+        for data in (first, first, utc.encode_stamp(utc.StampPacket(1, 12, 0, 7, tlvs=follow_up), False)):
+            sock.sendto(data, server.address)
+            replies.append(utc.decode_stamp(sock.recv(2048), True))
+    original, duplicate, after = replies
+    assert original.seq == duplicate.seq == 0 and after.seq == 1  # the duplicate counted once
+    seq, sent_at, mode = utc.FOLLOW_UP.unpack_from(after.tlvs[0][2])
+    assert (seq, mode) == (0, utc.TIMESTAMP_SW_LOCAL)
+    assert original.receive <= sent_at < duplicate.receive  # the first reflection's send, not the copy's
+
+
 def test_a_packet_of_thousands_of_tlvs_costs_sixteen(reflector):
     server = reflector()
     many = utc.encode_stamp(utc.StampPacket(1, 2, 3, 4, tlvs=((0, 200, b""),) * 15000), False)
