@@ -5906,6 +5906,8 @@ def render_matrix_html(matrix: Mapping) -> str:
              "<h1>udp-timecheck matrix: {} nodes</h1>".format(len(nodes)),
              "<p>Measured {}. A row is the node that measured, a column the node it measured; both in "
              "order of name. Hover over a cell for its figures.</p>".format(_xml_text(span))]
+    if matrix.get("note"):
+        parts.append("<p>{}</p>".format(_xml_text(matrix["note"])))
     for title, figure, unit, scale in HEATMAPS:
         parts += _heatmap(title, figure, unit, scale, nodes, cells, step)
     parts += _clock_table(nodes, matrix["cells"]) + ["</body></html>"]
@@ -6331,11 +6333,10 @@ def _matrix_cell(path: str, index: int, summary: object) -> Dict[str, Any]:
         raise TimecheckError("{} is not a target's summary (no 'target')".format(where))
     name = summary.get("name") or summary["target"]
     cell = {"target": printable(name if isinstance(name, str) else summary["target"])}  # type: Dict[str, Any]
-    started, clock = summary.get("started_at"), summary.get("clock")
-    cell["started_at"] = started if isinstance(started, str) and _ISO_UTC.fullmatch(started) else None
+    clock = summary.get("clock")
     local = clock.get("local") if isinstance(clock, dict) else None
-    synchronized = local.get("synchronized") if isinstance(local, dict) else None
-    cell["clock_synchronized"] = synchronized if isinstance(synchronized, bool) else None
+    cell.update(_cell_marks(summary.get("started_at"), local.get("synchronized") if isinstance(local, dict)
+                            else None))
     for figure, (keys, least, most, nullable) in MATRIX_FIGURES.items():
         missing = None if figure in MATRIX_OPTIONAL else "nothing"
         value = summary.get(keys[0], 0 if figure == "not_up" else missing)  # type: Any
@@ -6343,13 +6344,25 @@ def _matrix_cell(path: str, index: int, summary: object) -> Dict[str, Any]:
             value = value.get(key, missing) if isinstance(value, dict) else missing
         if value is None and nullable:
             cell[figure] = None
-        elif type(value) not in (int, float) or not least <= value <= most:  # NaN fails too
+        elif not _in_range(figure, value):
             raise TimecheckError("{}.{}: expected {} from {:g} to {:g}, got {}".format(
                 where, ".".join(keys), "null or a number" if nullable else "a number", least, most,
                 clip(value if value == "nothing" else json.dumps(value), 40)))
         else:
             cell[figure] = value
     return cell
+
+
+def _in_range(figure: str, value: Any) -> bool:
+    """Whether value is a number (NaN is not) within a matrix figure's range."""
+    least, most = MATRIX_FIGURES[figure][1:3]
+    return type(value) in (int, float) and least <= value <= most
+
+
+def _cell_marks(started: Any, synchronized: Any) -> Dict[str, Any]:
+    """A cell's start time (ISO 8601, UTC) and its node's clock state, each None unless well formed."""
+    return {"started_at": started if isinstance(started, str) and _ISO_UTC.fullmatch(started) else None,
+            "clock_synchronized": synchronized if isinstance(synchronized, bool) else None}
 
 
 def build_matrix(measurements: Sequence[Tuple[str, Sequence[Mapping]]],
@@ -7147,14 +7160,11 @@ def _row_cell(cell: object) -> Optional[Dict[str, Any]]:
     """A cell another node served, as this node's own are, or None if any of it is not."""
     if not isinstance(cell, dict) or not all(isinstance(cell.get(end), str) for end in ("source", "target")):
         return None
-    checked = {"source": printable(cell["source"][:100]), "target": printable(cell["target"][:100]),
-               "started_at": cell.get("started_at") if isinstance(cell.get("started_at"), str) and
-               _ISO_UTC.fullmatch(cell["started_at"]) else None,
-               "clock_synchronized": cell.get("clock_synchronized")
-               if isinstance(cell.get("clock_synchronized"), bool) else None}
-    for figure, (_, least, most, _) in MATRIX_FIGURES.items():
+    checked = dict(_cell_marks(cell.get("started_at"), cell.get("clock_synchronized")),
+                   source=printable(cell["source"][:100]), target=printable(cell["target"][:100]))
+    for figure in MATRIX_FIGURES:
         value = cell.get(figure)
-        if value is not None and (type(value) not in (int, float) or not least <= value <= most):
+        if value is not None and not _in_range(figure, value):
             return None
         checked[figure] = value
     return checked
@@ -7297,10 +7307,13 @@ class Screen(Events):
     def page(self) -> str:
         """A mesh node's / : its row of the matrix as a page, and the rows fetched from the other
         nodes given with --peer-metrics."""
-        cells = self.row()["cells"] + (self.peer_rows.cells() if self.peer_rows is not None else [])
+        peers = self.peer_rows
+        cells = self.row()["cells"] + (peers.cells() if peers is not None else [])
         nodes = list(dict.fromkeys([self.spec.source or ""] + [name for cell in cells
                                                              for name in (cell["source"], cell["target"])]))
-        return render_matrix_html({"nodes": nodes, "cells": cells, "missing": []})
+        note = None if peers is None else "Rows fetched from {} of {} other nodes; {} fetches failed.".format(
+            len(peers.rows), len(peers.urls), peers.failures)
+        return render_matrix_html({"nodes": nodes, "cells": cells, "missing": [], "note": note})
 
     def _time(self) -> str:
         """-D: the wall-clock time before a line, as ping -D prints it."""

@@ -156,6 +156,8 @@ def test_a_nodes_page_joins_the_rows_it_fetches_from_the_other_nodes(processes, 
         for node in nodes:
             node.stderr.expect(r"^metrics at http://")
         wait_for(lambda: pairs() == {("alpha", "beta"), ("beta", "alpha")}, timeout=30)  # its own, and beta's
+        with urllib.request.urlopen("http://127.0.0.1:{}/".format(metrics[0]), timeout=10) as response:
+            assert b"Rows fetched from 1 of 2 other nodes;" in response.read()  # the silent one: none
         for node in nodes:
             node.signal(signal.SIGINT)
             assert node.wait(timeout=15) == 0
