@@ -37,6 +37,21 @@ MS_NS = 1_000_000
 US_NS = 1_000
 
 
+def pytest_configure(config):
+    """Hand tests to xdist's workers one at a time (xdist 3.2 and later), so that the long ones,
+    which come first, start side by side rather than all in the first worker's first batch."""
+    if getattr(config.option, "maxschedchunk", 0) is None:
+        config.option.maxschedchunk = 1
+
+
+def pytest_collection_modifyitems(items):
+    """Start the tests marked long first, longest first, so that no worker begins one near the end."""
+    def seconds(item):
+        long = item.get_closest_marker("long")
+        return long.kwargs["seconds"] if long else 0
+    items.sort(key=seconds, reverse=True)  # a stable sort: the rest keep their order
+
+
 def require_programs(*names):
     """Skip the calling test when a program it starts is missing.
 

@@ -65,6 +65,7 @@ def scraper(where, stop, served):
             pass  # the endpoint closed the oldest connection to make room: scrape again
 
 
+@pytest.mark.long(seconds=3)
 @needs_linux("a wildcard server that answers 200 loopback addresses each from itself")
 def test_scraping_as_hard_as_sixteen_connections_can_changes_no_probe(processes):
     """The server in a process of its own: the scraping threads here take this one's CPU."""
@@ -137,6 +138,7 @@ def test_a_server_clock_that_disagrees_with_its_kernel_is_not_read_as_a_backlog(
 
 # --- peers that come and go -----------------------------------------------------------------------
 
+@pytest.mark.long(seconds=4)
 def test_mesh_peers_that_end_apart_are_not_up_not_lost(tmp_path):
     """Three nodes, each for 2.5 s, started 0.5 s apart: each peer's end (a goodbye, or refusals) and
     start show as not up, never as loss, on a path that loses nothing."""
@@ -161,6 +163,7 @@ def test_mesh_peers_that_end_apart_are_not_up_not_lost(tmp_path):
     assert all(cell["loss_pct"] == 0 for cell in cells) and any(cell["not_up"] for cell in cells)
 
 
+@pytest.mark.long(seconds=3)
 @POSIX_ONLY
 def test_a_server_that_restarts_is_not_up_meanwhile_not_lost(processes, tmp_path):
     port, probes = free_udp_port(), tmp_path / "probes.jsonl"

@@ -10,6 +10,8 @@ import subprocess
 import urllib.request
 import zlib
 
+import pytest
+
 import udp_timecheck as utc
 from conftest import cli, free_tcp_port, free_udp_ports, require_programs, run_cli, wait_for
 
@@ -58,6 +60,7 @@ def png_colours(path):
     return len(set(zlib.decompress(idat)[:400_000]))
 
 
+@pytest.mark.long(seconds=5)
 def test_the_page_of_a_real_mesh_in_a_real_browser_holds_the_matrix_figures(tmp_path):
     require_programs("chromium")
     paths = mesh_outputs(tmp_path)
@@ -135,6 +138,7 @@ def test_a_mesh_nodes_metrics_port_serves_its_row_of_the_matrix_live(processes, 
         assert node.wait(timeout=15) == 0
 
 
+@pytest.mark.long(seconds=5)
 def test_a_nodes_page_joins_the_rows_it_fetches_from_the_other_nodes(processes, tmp_path):
     ports, metrics = free_udp_ports(2), [free_tcp_port(), free_tcp_port()]
     peers = tmp_path / "peers"

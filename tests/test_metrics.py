@@ -86,6 +86,7 @@ def query(prometheus, expression):
         return []
 
 
+@pytest.mark.long(seconds=13)
 @POSIX_ONLY
 def test_a_real_prometheus_scrapes_both_ends(measured, processes, tmp_path):
     require_programs("prometheus")

@@ -11,6 +11,8 @@ import json
 import re
 import sys
 
+import pytest
+
 from conftest import ROOT, needs_linux, require_programs, run
 
 SCRIPT = r"""
@@ -83,6 +85,7 @@ def scaled_rules():
     return re.sub(r"for: (\w+)", lambda match: "for: {}".format(twentieth[match.group(1)]), text)
 
 
+@pytest.mark.long(seconds=14)
 @needs_linux("a network namespace (unshare -rn) and nftables")
 def test_dropping_one_nodes_traffic_fires_its_alerts_and_nothing_before(tmp_path):
     require_programs("unshare", "ip", "nft", "prometheus")
