@@ -1561,9 +1561,9 @@ def split_target(text: str, lowest_port: int = 0) -> Tuple[str, Optional[int]]:
     (host, port or None).  Anything else is a usage error."""
     host, port = _bracketed(text) if text.startswith("[") else text.split(":") if text.count(":") == 1 \
         else (text, None)
-    if is_number(host):  # getaddrinfo would take "8080" for the address 0.0.31.144
-        raise TimecheckError("{0!r} is not a host; give the host before the port, "
-                             "as in: 127.0.0.1 {0}".format(host))
+    if host.isdigit():  # getaddrinfo would take "8080" for the address 0.0.31.144, IDNA "８０８０" too
+        raise TimecheckError("{!r} is not a host; give the host before the port, in ASCII digits, "
+                             "as in: 127.0.0.1 {}".format(host, int(host) if host.isdecimal() else 1060))
     if not host:
         raise TimecheckError("{!r} names no host".format(text))
     return host, None if port is None else port_number(port, text, lowest_port)

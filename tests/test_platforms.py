@@ -187,7 +187,9 @@ def test_split_target(text, expected):
     ("[::1", "expected [IPV6] or [IPV6]:PORT"),
     ("[::1]1060", "expected [IPV6] or [IPV6]:PORT"),
     (":1060", "names no host"),
-    ("8080", "is not a host; give the host before the port"),
+    ("8080", "is not a host; give the host before the port, in ASCII digits, as in: 127.0.0.1 8080"),
+    ("\uff11\uff10\uff16\uff10", "is not a host; .* as in: 127.0.0.1 1060"),  # full-width: IDNA makes it 1060
+    ("\u00b2", "is not a host"),  # a superscript digit
 ])
 def test_split_target_refuses(text, message):
     with pytest.raises(utc.TimecheckError, match=message.replace("[", r"\[").replace("]", r"\]")) as caught:
