@@ -65,6 +65,25 @@ def test_the_two_set_up_commands_come_after_and_ci_runs_the_same_tests():
     assert "-m pip install --quiet -e '.[test]'" in ci and '"$py" -m pytest' in ci
 
 
+# The Debian package of each program a test requires: a new program must be named here, and
+# .ci/run must install its package, or CI (where a missing program fails its test) goes red.
+PACKAGE_OF = {"chronyd": "chrony", "prometheus": "prometheus", "promtool": "prometheus", "ip": "iproute2",
+              "unshare": "util-linux", "setpriv": "util-linux", "nft": "nftables", "tshark": "tshark",
+              "systemd-analyze": "systemd", "chromium": "chromium", "faketime": "faketime"}
+
+
+def test_ci_installs_every_program_a_test_requires():
+    required = set()
+    for path in (ROOT / "tests").glob("*.py"):
+        for call in re.findall(r"require_programs\(([^)*]*)\)", path.read_text()):
+            required.update(re.findall(r'"([^"]+)"', call))
+    assert {"chronyd", "faketime", "tshark"} <= required  # the scan finds the calls
+    ci = (ROOT / ".ci" / "run").read_text()
+    installed = re.search(r"apt-get install -y[^\n]*\\\n([^>]*)>", ci).group(1).split()
+    assert sorted(required - set(PACKAGE_OF)) == [], "name each program's package in PACKAGE_OF"
+    assert sorted(PACKAGE_OF[name] for name in required if PACKAGE_OF[name] not in installed) == []
+
+
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(),
                     reason="needs git, and this checkout to clone")
 def test_the_demo_runs_in_a_fresh_clone(tmp_path):
