@@ -1563,7 +1563,8 @@ def split_target(text: str, lowest_port: int = 0) -> Tuple[str, Optional[int]]:
         else (text, None)
     if host.isdigit():  # getaddrinfo would take "8080" for the address 0.0.31.144, IDNA "８０８０" too
         raise TimecheckError("{!r} is not a host; give the host before the port, in ASCII digits, "
-                             "as in: 127.0.0.1 {}".format(host, int(host) if host.isdecimal() else 1060))
+                             "as in: 127.0.0.1 {}".format(host, int(host) if host.isdecimal()  # not
+                                                          and len(host) <= 5 else 1060))  # 5,000 digits
     if not host:
         raise TimecheckError("{!r} names no host".format(text))
     return host, None if port is None else port_number(port, text, lowest_port)
@@ -1579,7 +1580,7 @@ def _bracketed(text: str) -> Tuple[str, Optional[str]]:
 
 def port_number(digits: str, where: str, lowest: int = 0) -> int:
     """A port from lowest to 65535, or a usage error that says where it came from."""
-    if not is_number(digits) or not lowest <= int(digits) <= 65535:
+    if not is_number(digits) or len(digits.lstrip("0")) > 5 or not lowest <= int(digits) <= 65535:
         raise TimecheckError("{!r}: expected a port number from {} to 65535".format(where, lowest))
     return int(digits)
 

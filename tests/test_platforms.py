@@ -180,6 +180,12 @@ def test_split_target(text, expected):
     assert utc.split_target(text) == expected
 
 
+def test_a_port_may_have_leading_zeros_but_not_thousands_of_digits():
+    assert utc.split_target("127.0.0.1:" + "0" * 9 + "1060") == ("127.0.0.1", 1060)
+    with pytest.raises(utc.TimecheckError, match="expected a port number"):
+        utc.port_number("1" * 5000, "PORT")  # int() refuses past 4,300 digits
+
+
 @pytest.mark.parametrize("text, message", [
     ("127.0.0.1:70000", "expected a port number from 0 to 65535"),
     ("127.0.0.1:", "expected a port number"),

@@ -22,6 +22,9 @@ from conftest import MODULE, run
     (["client", "no-such-host.invalid", "1060"], "cannot resolve host"),
     (["client", "8080"], "give the host before the port"),
     (["client", "127.0.0.1", "\uff11\uff10\uff16\uff10"], "in ASCII digits, as in: 127.0.0.1 1060"),
+    (["client", "1" * 5000], "is not a host"),  # int() refuses past 4,300 digits: no traceback
+    (["client", "127.0.0.1", "1" * 5000], "port number from 0 to 65535"),
+    (["client", "127.0.0.1:" + "1" * 5000], "port number from 0 to 65535"),
     (["client", "--measure_delay", "maybe"], "expected 1/true/yes or 0/false/no"),
     (["client", "--key-file", "/nonexistent/key"], "cannot read key file"),
     (["server", "--faulty", "2"], "probability from 0 to 1"),
