@@ -200,12 +200,12 @@ def test_a_four_node_mesh_and_its_matrix(tmp_path, capsys):
         assert output["source"] == name and sorted(t["name"] for t in output["targets"]) == sorted(
             other for other in names if other != name)
         # before a peer is up, and after it has gone (refused, or it said goodbye), nothing is lost:
-        # each probe was answered or sent while its peer was not up (how many of each, the nodes'
-        # staggered starts decide: a loaded machine starts them a second or more apart)
+        # each probe was answered, sent while its peer was not up, or still out at the deadline (how
+        # many of each, the nodes' staggered starts decide: a loaded machine starts them seconds apart)
         for target in output["targets"]:
             counts = {key: target[key] for key in ("sent", "received", "lost", "not_up", "in_flight")}
-            assert counts["received"] > 0 and counts["lost"] == counts["in_flight"] == 0, (name, counts)
-            assert counts["sent"] == counts["received"] + counts["not_up"], (name, counts)
+            assert counts["received"] > 0 and counts["lost"] == 0, (name, counts)
+            assert counts["sent"] == sum(counts[key] for key in ("received", "not_up", "in_flight")), counts
     files = [str(tmp_path / (name + ".json")) for name in names]
     assert utc.main(["matrix"] + files + ["--json"]) == 0
     matrix = json.loads(capsys.readouterr().out)
