@@ -2072,12 +2072,15 @@ def chrony_weights(points: Sequence[OffsetPoint]) -> List[float]:
     return [1.0 / (1.0 + (point.rtt_ns - delays[0]) / spread) ** 2 for point in points]
 
 
-def fit_line(points: Sequence[OffsetPoint], weights: Sequence[float],
-             segments: Sequence[int] = ()) -> Tuple[float, float, List[float]]:
+def fit_line(points: Sequence[OffsetPoint], weights: Sequence[float], segments: Sequence[int] = (),
+             at_s: float = 0.0) -> Tuple[float, float, List[float], float]:
     """Weighted least squares of offset on time: one slope, an intercept per segment.
 
     segments are the indices where a new segment (after a clock step) starts.
-    Returns (slope in ns per s, its standard error, each segment's intercept).
+    Returns (slope in ns per s, its standard error, each segment's intercept, the bound of
+    the offset the line gives at at_s in the last segment).  That offset is linear in the
+    points' offsets, sum(h * offset); each offset is within half its RTT of the truth, so it
+    is within sum(|h| * RTT / 2) of the truth, whatever the signs of the points' errors.
     """
     bounds = [0] + list(segments) + [len(points)]
     slope_num = slope_den = 0.0
@@ -2089,16 +2092,20 @@ def fit_line(points: Sequence[OffsetPoint], weights: Sequence[float],
         mean_y = sum(w * p.offset_ns for p, w in zip(part, part_weights)) / total
         slope_num += sum(w * (p.at_s - mean_t) * (p.offset_ns - mean_y) for p, w in zip(part, part_weights))
         slope_den += sum(w * (p.at_s - mean_t) ** 2 for p, w in zip(part, part_weights))
-        means.append((mean_t, mean_y))
+        means.append((mean_t, mean_y, total))
     slope = slope_num / slope_den if slope_den else 0.0
-    intercepts = [mean_y - slope * mean_t for mean_t, mean_y in means]
+    intercepts = [mean_y - slope * mean_t for mean_t, mean_y, _ in means]
     segment_of = [index for index, (first, last) in enumerate(zip(bounds, bounds[1:]))
                   for _ in range(first, last)]
     residual = sum(w * (p.offset_ns - intercepts[s] - slope * p.at_s) ** 2
                    for p, w, s in zip(points, weights, segment_of))
     freedom = len(points) - len(means) - 1
     error = math.sqrt(residual / freedom / slope_den) if freedom > 0 and slope_den else float("inf")
-    return slope, error, intercepts
+    last_t, _, last_total = means[-1]
+    tilt = (at_s - last_t) / slope_den if slope_den else 0.0  # how far at_s leans on the slope
+    bound = sum(abs(w * ((s == len(means) - 1) / last_total + tilt * (p.at_s - means[s][0]))) * p.rtt_ns / 2
+                for p, w, s in zip(points, weights, segment_of))
+    return slope, error, intercepts, bound
 
 
 def find_steps(points: Sequence[OffsetPoint], limit: int = 3) -> List[int]:
@@ -2181,14 +2188,15 @@ def fit_drift(points: Sequence[OffsetPoint], end_s: float) -> Optional[DriftFit]
     """The clocks' relative rate and the offset at end_s, after any clock steps; None below
     DRIFT_MIN_POINTS points or without a spread in time.
 
-    Its error is the fit's standard error plus (err_start + err_end) / duration:
+    The rate's error is the fit's standard error plus (err_start + err_end) / duration:
     each offset is known only within its bound (half its RTT), and a path that is
-    a little less symmetric at the end than at the start looks just like a drift.
+    a little less symmetric at the end than at the start looks just like a drift.  The
+    offset's bound is fit_line's: the points' own bounds, as the fit weighs them.
     """
     if len(points) < DRIFT_MIN_POINTS or points[-1].at_s - points[0].at_s <= 0:
         return None
     steps = find_steps(points)
-    slope, error, intercepts = fit_line(points, chrony_weights(points), steps)
+    slope, error, intercepts, end_offset_err = fit_line(points, chrony_weights(points), steps, end_s)
     start_err, end_err = _end_bounds_ns(points)
     error += (start_err + end_err) / (points[-1].at_s - points[0].at_s)
     bounds = [0] + steps + [len(points)]
@@ -2196,7 +2204,6 @@ def fit_drift(points: Sequence[OffsetPoint], end_s: float) -> Optional[DriftFit]
              for index, start in enumerate(steps)]
     segments = [(points[first].at_s, points[last - 1].at_s, intercept)
                 for first, last, intercept in zip(bounds, bounds[1:], intercepts)]
-    end_offset_err = end_err + error * max(0.0, end_s - points[-1].at_s)  # extrapolated past the last
     return DriftFit(slope / 1e3, error / 1e3, intercepts[-1] + slope * end_s, end_offset_err, sizes, segments)
 
 

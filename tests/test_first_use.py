@@ -103,9 +103,11 @@ def test_format_summary_in_milliseconds_with_a_drift():
     assert lines[3:6] == ["rtt min/avg/max/mdev = 1.500/1.500/1.500/0.000 ms",
                           "rtt median/p90/p99 = 1.500/1.500/1.500 ms", "jitter 0.000 ms"]
     # Each offset is known within 0.75 ms, half its RTT: over the 11 s between the first and the
-    # last, that alone leaves 1.5 ms / 11 s = 136.364 ppm open.
+    # last, that alone leaves 1.5 ms / 11 s = 136.364 ppm open.  The line at 3 s (2 ms, 1 ms/s for
+    # 3 s) is the sum of the offsets at 0..11 s weighted 1/12 - 2.5 * (t - 5.5) / 143: the last
+    # weight is -0.0128, the others' sum 1.0128, so the bound is 0.75 ms * 1.0256 = 0.769 ms.
     assert drift == ["clock drift +1000.000 ppm \u00b1 136.364 ppm (the server's clock runs faster than "
-                     "this machine's); offset at the end +5.000 ms \u00b1 0.750 ms"]  # 2 ms, 1 ms/s for 3 s
+                     "this machine's); offset at the end +5.000 ms \u00b1 0.769 ms"]
     assert lines[-1].endswith(" ms |" + "#" * 40 + " 12")
 
 
@@ -126,10 +128,11 @@ def test_every_time_in_a_summary_is_in_the_rtts_unit(rtt_us):
 
 
 def test_a_drift_within_what_the_bounds_leave_open_is_not_claimed():
-    """100 ppm over 11 s is 1.1 ms, well inside 40 ms round trips: no faster, no slower."""
+    """100 ppm over 11 s is 1.1 ms, well inside 40 ms round trips: no faster, no slower.  The offset's
+    bound: 20 ms, half the RTT, times 1.0256 (see the test above)."""
     _, drift = drift_line(40_000, 100)
     assert drift == ["clock drift +100.000 ppm \u00b1 3636.364 ppm (the server's clock runs no faster or "
-                     "slower than this machine's); offset at the end +2.300 ms \u00b1 20.000 ms"]
+                     "slower than this machine's); offset at the end +2.300 ms \u00b1 20.513 ms"]
 
 
 def test_format_counts_in_the_singular_and_when_stopped():

@@ -48,8 +48,28 @@ def test_drift_of_a_clock_that_runs_fast(ppm):
     # ~27 us bounds at each end over 10 s leave ~5 ppm open; the fit's own scatter adds little
     assert bounds_ppm(points) <= fit.drift_err_ppm < bounds_ppm(points) + 0.5
     assert fit.offset_end_ns == pytest.approx(1e6 + ppm * 1e3 * 10, abs=5000)
-    assert fit.offset_end_err_ns == pytest.approx(statistics.median(p.rtt_ns for p in points[-50:]) / 2)
+    assert abs(fit.offset_end_ns - (1e6 + ppm * 1e3 * 10)) <= fit.offset_end_err_ns  # the truth, inside
+    assert fit.offset_end_err_ns < statistics.median(p.rtt_ns for p in points)  # and not vacuous
     assert fit.steps == []
+
+
+def test_the_offset_at_the_end_is_within_the_points_own_bounds_whatever_their_signs():
+    """One clock (the truth: 0), each offset within 0.9 of its own bound (half its RTT), the earlier
+    half leaning one way and the later the other: the line's end lands beyond any one point's bound,
+    and inside the fit's.  That bound is sum(|h| * RTT / 2), h the end's row of the fit's hat
+    matrix, worked out here by numpy from the design matrix; errors with h's signs reach it."""
+    import numpy
+    count, rtt = 200, 4000
+    times = [10.0 * index / (count - 1) for index in range(count)]
+    leaning = [utc.OffsetPoint(at, T0, (-0.9 if index < count // 2 else 0.9) * rtt / 2, rtt)
+               for index, at in enumerate(times)]
+    fit = utc.fit_drift(leaning, 10.0)
+    assert fit.steps == [] and abs(fit.offset_end_ns) > rtt / 2  # the old bound, half the RTT, missed it
+    assert abs(fit.offset_end_ns) <= fit.offset_end_err_ns
+    hat_row = numpy.array([1.0, 10.0]) @ numpy.linalg.pinv(numpy.column_stack([numpy.ones(count), times]))
+    assert fit.offset_end_err_ns == pytest.approx(float(numpy.abs(hat_row).sum()) * rtt / 2, rel=1e-9)
+    worst = [utc.OffsetPoint(at, T0, float(numpy.sign(h)) * rtt / 2, rtt) for at, h in zip(times, hat_row)]
+    assert utc.fit_drift(worst, 10.0).offset_end_ns == pytest.approx(fit.offset_end_err_ns, rel=1e-9)
 
 
 def test_a_clock_step_is_found_with_its_time_and_size():
