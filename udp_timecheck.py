@@ -4415,12 +4415,14 @@ class Measurement:
         report_ns = int(spec.report_every * NS_PER_S) if spec.report_every else None
         next_report, next_tick = started + (report_ns or 0), started + NS_PER_S
         while self._wakes and not self._stopping:
-            if deadline is not None and now >= deadline:
-                return DEADLINE
-            if report_ns is not None and now >= next_report:
-                next_report += report_ns
+            # A report due before the deadline comes, however late a stall makes it, and once
+            # for a stall however long (that period ends when the stall does).
+            if report_ns is not None and now >= next_report and (deadline is None or next_report < deadline):
+                next_report += report_ns * ((now - next_report) // report_ns + 1)
                 for target in self.targets:
                     self.events.period(target.run.next_period())
+            if deadline is not None and now >= deadline:
+                return DEADLINE
             if now >= next_tick:
                 next_tick = now + NS_PER_S
                 self.events.tick([target.run for target in self.targets])

@@ -54,6 +54,27 @@ def test_a_stalled_client_loses_no_reply_that_arrived_in_time(start_server, rela
     assert (summary["received"], summary["lost"], summary["late"]) == (30, 0, 0)
 
 
+@pytest.mark.long(seconds=3)
+@POSIX_ONLY
+def test_a_report_due_before_the_deadline_comes_after_a_stall_past_it(processes, start_server):
+    """Stopped from its first report (1 s) until past its deadline (2.5 s): the report due at 2 s
+    still comes, for the period up to the stall's end; then the summary."""
+    server = start_server(log=None)
+    client = processes(cli("client", *server.address[:2], "-c", "0", "-i", "0.05", "-w", "2.5",
+                           "--report-every", "1", "--json"))
+    client.stdout.expect(r'"period"')
+    client.signal(signal.SIGSTOP)
+    stopped = time.time()
+    time.sleep(2.0)  # the stall itself, which this test is about: from about 1 s to about 3 s
+    client.signal(signal.SIGCONT)
+    assert client.wait() == 0
+    client.rest(client.stdout)  # onto .lines, after the one expect() read
+    *reports, summary = [json.loads(line) for line in client.stdout.lines]
+    assert len(reports) == 2 and "period" not in summary and summary["stopped_because"] == "deadline"
+    resumed = utc.iso_utc(int((stopped + 2.0) * 1e9))  # the second period ends as the stall did
+    assert reports[0]["period"]["end"] < resumed < reports[1]["period"]["end"]
+
+
 # --- scrapes run beside the loop, from snapshots -------------------------------------------------
 
 def scraper(where, stop, served):
