@@ -127,7 +127,9 @@ def probe_until_answered(port, count=50):
 
 
 def port_from_proc(pid):
-    """The UDP port a process listens on, from /proc: for a server whose stdout we cannot read."""
+    """The UDP port a process listens on, from /proc: for a server whose stdout we cannot read.
+    None while it has more than one: starting, it also binds a socket of its own for a moment
+    (KernelClock's look at the kernel's stamps), which a probe would find closed."""
     inodes = set()
     for fd in os.listdir("/proc/{}/fd".format(pid)):
         try:
@@ -136,11 +138,10 @@ def port_from_proc(pid):
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    for line in open("/proc/net/udp").read().splitlines()[1:]:
-        fields = line.split()
-        if fields[9] in inodes:
-            return int(fields[1].split(":")[1], 16)
-    return None
+    with open("/proc/net/udp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    ports = [int(fields[1].split(":")[1], 16) for fields in rows if fields[9] in inodes]
+    return ports[0] if len(ports) == 1 else None
 
 
 def wait_for_port(process):
